@@ -1,0 +1,116 @@
+//! Global packet counters: every fate of a packet the programs see has one, so a drop or a
+//! fallback to the kernel stack is never silent. The datapath adds to `NP_COUNTERS[counter]`
+//! (a per-CPU array); the agent sums the CPUs and exports each under its name.
+
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $name:ident = $idx:literal, $kind:ident, $label:literal;)*) => {
+        /// Index into the `NP_COUNTERS` per-CPU array.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[repr(u32)]
+        pub enum Counter {
+            $($(#[doc = $doc])* $name = $idx,)*
+        }
+
+        impl Counter {
+            /// Every counter, in index order.
+            pub const ALL: &'static [Counter] = &[$(Counter::$name,)*];
+
+            /// Stable snake_case name used in metrics and dumps.
+            pub const fn label(self) -> &'static str {
+                match self { $(Counter::$name => $label,)* }
+            }
+
+            /// What the counter counts.
+            pub const fn kind(self) -> CounterKind {
+                match self { $(Counter::$name => CounterKind::$kind,)* }
+            }
+        }
+    };
+}
+
+/// The family a counter belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CounterKind {
+    /// Translated and sent on without the kernel stack.
+    Forwarded,
+    /// Not nodeport traffic: passed to the kernel untouched.
+    Passed,
+    /// Nodeport traffic that had to go through the kernel stack after translation.
+    Fallback,
+    /// Dropped by the datapath.
+    Dropped,
+}
+
+counters! {
+    /// Translated in XDP and sent back out of the interface it came in on (XDP_TX).
+    ForwardedXdpTx = 0, Forwarded, "xdp_tx";
+    /// Translated in XDP and handed to the TC ingress hook, which redirected it to the egress
+    /// device (a local pod's veth, another interface).
+    ForwardedTcRedirect = 1, Forwarded, "tc_redirect";
+    /// As above, but the neighbour was unknown: redirected with bpf_redirect_neigh.
+    ForwardedTcRedirectNeigh = 2, Forwarded, "tc_redirect_neigh";
+    /// Reply from a local backend, translated on the pod-facing TC hook and redirected out.
+    ForwardedPodReply = 3, Forwarded, "pod_reply_redirect";
+    /// As above, with bpf_redirect_neigh.
+    ForwardedPodReplyNeigh = 4, Forwarded, "pod_reply_redirect_neigh";
+
+    /// Not IPv4 and not IPv6 or ARP (other ethertypes).
+    PassedOtherEthertype = 10, Passed, "other_ethertype";
+    /// ARP.
+    PassedArp = 11, Passed, "arp";
+    /// IPv6 (passed until IPv6 is supported).
+    PassedIpv6 = 12, Passed, "ipv6";
+    /// 802.1Q / 802.1ad tagged frames: attach to the VLAN device instead (docs/datapath.md).
+    PassedVlan = 13, Passed, "vlan";
+    /// IPv4 but neither TCP nor UDP (ICMP, ...).
+    PassedOtherProtocol = 14, Passed, "other_protocol";
+    /// TCP/UDP that matches no frontend and no connection.
+    PassedNoFrontend = 15, Passed, "no_frontend";
+    /// A non-first IPv4 fragment: it carries no ports and is left to the kernel.
+    PassedLaterFragment = 16, Passed, "later_fragment";
+
+    /// The FIB lookup could not decide (no route, not forwarding, ...): the translated packet
+    /// goes to the kernel stack, which will route it or answer with ICMP.
+    FallbackFibLookup = 20, Fallback, "fib_lookup";
+    /// The driver cannot carry XDP metadata to the TC hook: the translated packet is routed by
+    /// the kernel stack.
+    FallbackNoMetadata = 21, Fallback, "no_xdp_metadata";
+    /// The TC hook found a nodeport packet it could not redirect (device gone, ...).
+    FallbackRedirect = 22, Fallback, "redirect_failed";
+
+    /// No backend at all for the service.
+    DroppedNoBackend = 30, Dropped, "no_backend";
+    /// externalTrafficPolicy Local and no backend on this node.
+    DroppedNoLocalEndpoint = 31, Dropped, "no_local_endpoint";
+    /// Client outside the service's loadBalancerSourceRanges.
+    DroppedSourceRange = 32, Dropped, "source_range_denied";
+    /// Truncated or inconsistent headers (the kernel would drop these as well).
+    DroppedMalformed = 33, Dropped, "malformed";
+    /// First fragment of a fragmented datagram aimed at a frontend (docs/datapath.md).
+    DroppedFragment = 34, Dropped, "fragment";
+    /// The connection tracking table refused a new entry.
+    DroppedConntrackFull = 35, Dropped, "conntrack_full";
+    /// No free SNAT source port for this backend.
+    DroppedSnatExhausted = 36, Dropped, "snat_port_exhausted";
+    /// The egress interface for a remote backend has no SNAT address configured.
+    DroppedNoSnatAddress = 37, Dropped, "no_snat_address";
+}
+
+/// Size of the `NP_COUNTERS` array (one more than the highest index).
+pub const COUNTER_SLOTS: u32 = 40;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indexes_fit_and_are_unique() {
+        let mut seen = [false; COUNTER_SLOTS as usize];
+        for c in Counter::ALL {
+            let i = *c as usize;
+            assert!(i < COUNTER_SLOTS as usize, "{c:?}");
+            assert!(!seen[i], "{c:?} reuses index {i}");
+            seen[i] = true;
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! Map names, keys and values shared by the datapath and the agent.
+//!
+//! How a packet uses them (docs/datapath.md has the full picture):
+//! `NP_FRONTENDS` (address or "any node address", port, protocol) gives the service and its
+//! Maglev block; `NP_MAGLEV[block * M + hash % M]` gives a backend id; `NP_BACKENDS[id]` gives
+//! the backend; `NP_CT` remembers the choice per connection in both directions.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Map names as they appear in the object file (the `#[map]` statics carry these names).
+pub mod names {
+    pub const CONFIG: &str = "NP_CONFIG";
+    pub const NODE_ADDRS: &str = "NP_NODE_ADDRS";
+    pub const SNAT_ADDRS: &str = "NP_SNAT_ADDRS";
+    pub const FRONTENDS: &str = "NP_FRONTENDS";
+    pub const BACKENDS: &str = "NP_BACKENDS";
+    pub const MAGLEV: &str = "NP_MAGLEV";
+    pub const SRC_RANGES: &str = "NP_SRC_RANGES";
+    pub const CONNTRACK: &str = "NP_CT";
+    pub const AFFINITY: &str = "NP_AFFINITY";
+    pub const SVC_STATS: &str = "NP_SVC_STATS";
+    pub const COUNTERS: &str = "NP_COUNTERS";
+
+    /// Every map, for pinning and validation.
+    pub const ALL: &[&str] = &[
+        CONFIG, NODE_ADDRS, SNAT_ADDRS, FRONTENDS, BACKENDS, MAGLEV, SRC_RANGES, CONNTRACK,
+        AFFINITY, SVC_STATS, COUNTERS,
+    ];
+}
+
+/// Program names in the object file.
+pub mod programs {
+    /// XDP on the node's external interfaces: frontends, selection, NAT, XDP_TX.
+    pub const XDP_EXTERNAL: &str = "np_xdp_ext";
+    /// TC ingress on the external interfaces: redirects what XDP translated for another device.
+    pub const TC_EXTERNAL: &str = "np_tc_ext";
+    /// TC ingress on pod-facing interfaces: reverse NAT of replies from local backends.
+    pub const TC_POD: &str = "np_tc_pod";
+    /// A bare XDP_PASS program, the baseline of `cargo xtask bench`.
+    pub const XDP_PASS: &str = "np_xdp_pass";
+}
+
+/// Default capacities; the agent sets the real ones at load time from its flags.
+pub mod capacity {
+    pub const FRONTENDS: u32 = 65_536;
+    pub const SERVICES: u32 = 65_536;
+    pub const BACKENDS: u32 = 262_144;
+    pub const MAGLEV_BLOCKS: u32 = 1_024;
+    pub const SRC_RANGES: u32 = 16_384;
+    pub const CONNTRACK: u32 = 262_144;
+    pub const AFFINITY: u32 = 65_536;
+    pub const NODE_ADDRS: u32 = 256;
+    pub const SNAT_ADDRS: u32 = 256;
+}
+
+/// Asserts a shared type has exactly the size both sides were written for.
+macro_rules! assert_size {
+    ($t:ty, $n:expr) => {
+        const _: () = assert!(core::mem::size_of::<$t>() == $n);
+    };
+}
+
+/// The one entry of `NP_CONFIG`. Written by the agent before any frontend; a zero
+/// `maglev_size` means "not configured yet" and the datapath then passes everything.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DatapathConfig {
+    /// M, the number of slots in each service's Maglev table (a prime).
+    pub maglev_size: u32,
+    /// Seed of the flow hash; equal on every node so flows pick the same backend everywhere.
+    pub hash_seed: u32,
+    /// Source ports used when SNATing to a remote backend (host order, inclusive).
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub tcp_syn_timeout_s: u32,
+    pub tcp_established_timeout_s: u32,
+    pub tcp_closing_timeout_s: u32,
+    pub udp_timeout_s: u32,
+    pub _pad: u32,
+}
+assert_size!(DatapathConfig, 32);
+
+/// Value of `NP_NODE_ADDRS` (key: IPv4 address, network order). Presence is what counts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NodeAddr {
+    pub flags: u32,
+}
+assert_size!(NodeAddr, 4);
+
+/// Value of `NP_SNAT_ADDRS` (key: egress ifindex): the address remote-backend traffic leaving
+/// through that interface is SNATed to, as MASQUERADE would pick it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SnatAddr {
+    pub addr_be: u32,
+}
+assert_size!(SnatAddr, 4);
+
+/// `addr_be` of a frontend key that matches a node port on any address in `NP_NODE_ADDRS`.
+pub const ANY_NODE_ADDR: u32 = 0;
+
+/// Key of `NP_FRONTENDS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct FrontendKey {
+    /// The destination address, or [`ANY_NODE_ADDR`] for a node port.
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+assert_size!(FrontendKey, 8);
+
+impl FrontendKey {
+    pub const fn new(addr_be: u32, port: u16, proto: u8) -> Self {
+        Self { addr_be, port_be: port.to_be(), proto, _pad: 0 }
+    }
+}
+
+/// externalTrafficPolicy Local: the Maglev table holds only this node's backends, no SNAT.
+pub const FE_F_LOCAL_ONLY: u16 = 1 << 0;
+/// sessionAffinity ClientIP.
+pub const FE_F_AFFINITY: u16 = 1 << 1;
+/// loadBalancerSourceRanges apply: clients must match `NP_SRC_RANGES`.
+pub const FE_F_SOURCE_RANGES: u16 = 1 << 2;
+
+/// Value of `NP_FRONTENDS`. Replaced whole by the agent (hash map updates are atomic for
+/// readers), so a packet never sees a block of one version with a count of another.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Frontend {
+    /// Service id: index of `NP_SVC_STATS`, owner of the backends it may use.
+    pub svc_id: u32,
+    /// This service's block in `NP_MAGLEV` (slots `block * M .. block * M + M`).
+    pub maglev_block: u32,
+    /// Backends in the table; 0 means there is none and new flows are dropped.
+    pub backend_count: u16,
+    pub flags: u16,
+    /// sessionAffinity timeout.
+    pub affinity_timeout_s: u32,
+}
+assert_size!(Frontend, 16);
+
+/// The backend entry is in use.
+pub const BE_F_PRESENT: u8 = 1 << 0;
+/// The backend runs on this node: no SNAT, replies come back through the pod-facing hook.
+pub const BE_F_LOCAL: u8 = 1 << 1;
+
+/// Value of `NP_BACKENDS`, indexed by backend id. Id 0 is never used, so a zeroed Maglev
+/// slot means "no backend". A backend entry belongs to one service: removing an endpoint from
+/// a service removes its entry, and connections to it are re-selected even if the same pod
+/// still serves another service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Backend {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub flags: u8,
+    pub _pad: u8,
+    pub svc_id: u32,
+}
+assert_size!(Backend, 12);
+
+/// A slot of `NP_MAGLEV`: a backend id.
+pub type MaglevSlot = u32;
+
+/// Data part of an `NP_SRC_RANGES` LPM key; the prefix length covers the 32 bits of the
+/// service id plus the prefix of the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SrcRangeKey {
+    /// Service id in network order, so the trie compares it byte by byte like the address.
+    pub svc_id_be: u32,
+    pub addr_be: u32,
+}
+assert_size!(SrcRangeKey, 8);
+
+/// Prefix length of an `NP_SRC_RANGES` key for a client prefix of `prefix_len` bits.
+pub const fn src_range_prefix_len(prefix_len: u32) -> u32 {
+    32 + prefix_len
+}
+
+pub const CT_DIR_FORWARD: u8 = 0;
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// Key of `NP_CT`: a packet's tuple as it arrives, plus the direction.
+/// Forward entries are keyed by client -> frontend; reply entries by backend -> client
+/// (local backend) or backend -> node address:SNAT port (remote backend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct CtKey {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub _pad: u16,
+}
+assert_size!(CtKey, 16);
+
+/// The forward entry SNATs (remote backend).
+pub const CT_F_SNAT: u16 = 1 << 0;
+/// A packet has been seen in the reply direction.
+pub const CT_F_REPLY_SEEN: u16 = 1 << 1;
+/// FIN or RST seen: the entry expires after the closing timeout.
+pub const CT_F_CLOSING: u16 = 1 << 2;
+/// The backend is on this node.
+pub const CT_F_LOCAL: u16 = 1 << 3;
+
+/// Value of `NP_CT`: the tuple a packet matching the key is rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtEntry {
+    /// Last packet in this direction (bpf_ktime_get_ns, i.e. CLOCK_MONOTONIC).
+    pub last_seen_ns: u64,
+    pub new_saddr_be: u32,
+    pub new_daddr_be: u32,
+    pub new_sport_be: u16,
+    pub new_dport_be: u16,
+    /// The backend chosen for the connection; checked on every packet so a connection whose
+    /// backend is gone is re-selected.
+    pub backend_id: u32,
+    pub svc_id: u32,
+    pub flags: u16,
+    pub _pad: u16,
+}
+assert_size!(CtEntry, 32);
+
+/// Key of `NP_AFFINITY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityKey {
+    pub svc_id: u32,
+    pub client_be: u32,
+}
+assert_size!(AffinityKey, 8);
+
+/// Value of `NP_AFFINITY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AffinityEntry {
+    pub last_seen_ns: u64,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+assert_size!(AffinityEntry, 16);
+
+/// Per-CPU value of `NP_SVC_STATS`, indexed by service id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SvcStats {
+    /// Client -> backend packets and bytes (L3 length).
+    pub packets: u64,
+    pub bytes: u64,
+    /// Backend -> client.
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+}
+assert_size!(SvcStats, 32);
+
+/// What XDP leaves in the packet's metadata area for the TC ingress hook of the same device
+/// when a translated packet must leave through another device.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct XdpMeta {
+    pub magic: u32,
+    pub ifindex: u32,
+    pub flags: u32,
+    pub _pad: u32,
+}
+assert_size!(XdpMeta, 16);
+
+/// `XdpMeta::magic`: "NPM1".
+pub const XDP_META_MAGIC: u32 = 0x4e50_4d31;
+/// The neighbour was unknown to the FIB lookup: use bpf_redirect_neigh.
+pub const XDP_META_F_NEIGH: u32 = 1 << 0;
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)] bytemuck::Pod types: no padding, any bit pattern valid.
+    unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for NodeAddr {}
+    unsafe impl aya::Pod for SnatAddr {}
+    unsafe impl aya::Pod for FrontendKey {}
+    unsafe impl aya::Pod for Frontend {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for SrcRangeKey {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityEntry {}
+    unsafe impl aya::Pod for SvcStats {}
+}
