@@ -53,6 +53,9 @@ counters! {
     ForwardedPodReply = 3, Forwarded, "pod_reply_redirect";
     /// As above, with bpf_redirect_neigh.
     ForwardedPodReplyNeigh = 4, Forwarded, "pod_reply_redirect_neigh";
+    /// Translated in XDP and passed with metadata to the TC hook of the same device, because
+    /// it leaves through another device (counted again there as tc_redirect*).
+    ForwardedToTc = 5, Forwarded, "xdp_to_tc";
 
     /// Not IPv4 and not IPv6 or ARP (other ethertypes).
     PassedOtherEthertype = 10, Passed, "other_ethertype";
@@ -77,6 +80,8 @@ counters! {
     FallbackNoMetadata = 21, Fallback, "no_xdp_metadata";
     /// The TC hook found a nodeport packet it could not redirect (device gone, ...).
     FallbackRedirect = 22, Fallback, "redirect_failed";
+    /// TTL would reach zero: the kernel stack answers with ICMP time exceeded.
+    FallbackTtlExceeded = 23, Fallback, "ttl_exceeded";
 
     /// No backend at all for the service.
     DroppedNoBackend = 30, Dropped, "no_backend";

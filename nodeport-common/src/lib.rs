@@ -13,7 +13,7 @@ pub mod counters;
 pub mod hash;
 pub mod maps;
 
-pub use counters::Counter;
+pub use counters::{COUNTER_SLOTS, Counter};
 pub use maps::*;
 
 /// IP protocol numbers the datapath handles.

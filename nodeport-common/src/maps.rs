@@ -1,8 +1,8 @@
 //! Map names, keys and values shared by the datapath and the agent.
 //!
 //! How a packet uses them (docs/datapath.md has the full picture):
-//! `NP_FRONTENDS` (address or "any node address", port, protocol) gives the service and its
-//! Maglev block; `NP_MAGLEV[block * M + hash % M]` gives a backend id; `NP_BACKENDS[id]` gives
+//! `NP_FRONTENDS` (destination address, port, protocol) gives the service and its Maglev block
+//! (a node port has one entry per node address, so one lookup decides); `NP_MAGLEV[block * M + hash % M]` gives a backend id; `NP_BACKENDS[id]` gives
 //! the backend; `NP_CT` remembers the choice per connection in both directions.
 
 use bytemuck::{Pod, Zeroable};
@@ -10,7 +10,6 @@ use bytemuck::{Pod, Zeroable};
 /// Map names as they appear in the object file (the `#[map]` statics carry these names).
 pub mod names {
     pub const CONFIG: &str = "NP_CONFIG";
-    pub const NODE_ADDRS: &str = "NP_NODE_ADDRS";
     pub const SNAT_ADDRS: &str = "NP_SNAT_ADDRS";
     pub const FRONTENDS: &str = "NP_FRONTENDS";
     pub const BACKENDS: &str = "NP_BACKENDS";
@@ -23,7 +22,7 @@ pub mod names {
 
     /// Every map, for pinning and validation.
     pub const ALL: &[&str] = &[
-        CONFIG, NODE_ADDRS, SNAT_ADDRS, FRONTENDS, BACKENDS, MAGLEV, SRC_RANGES, CONNTRACK,
+        CONFIG, SNAT_ADDRS, FRONTENDS, BACKENDS, MAGLEV, SRC_RANGES, CONNTRACK,
         AFFINITY, SVC_STATS, COUNTERS,
     ];
 }
@@ -40,17 +39,28 @@ pub mod programs {
     pub const XDP_PASS: &str = "np_xdp_pass";
 }
 
-/// Default capacities; the agent sets the real ones at load time from its flags.
+/// Default capacities. The eBPF object declares its maps with these; the agent sets the real
+/// sizes at load time from its flags (docs/operations.md explains how to size them).
 pub mod capacity {
+    /// Frontend entries: a node port counts once per node address.
     pub const FRONTENDS: u32 = 65_536;
-    pub const SERVICES: u32 = 65_536;
-    pub const BACKENDS: u32 = 262_144;
-    pub const MAGLEV_BLOCKS: u32 = 1_024;
+    /// Services in the datapath sense: one per (Service, port, protocol).
+    pub const SERVICES: u32 = 8_192;
+    pub const BACKENDS: u32 = 65_536;
+    /// M, slots of a service's Maglev table: a prime; larger spreads load more evenly over many
+    /// backends, at `M * 4` bytes per service.
+    pub const MAGLEV_SIZE: u32 = 1_021;
     pub const SRC_RANGES: u32 = 16_384;
     pub const CONNTRACK: u32 = 262_144;
     pub const AFFINITY: u32 = 65_536;
-    pub const NODE_ADDRS: u32 = 256;
     pub const SNAT_ADDRS: u32 = 256;
+
+    /// Maglev blocks for `services`: one each plus spares, because a changed table is written
+    /// into a free block before the frontend switches to it.
+    pub const fn maglev_blocks(services: u32) -> u32 {
+        let spare = services / 16;
+        services + if spare < 16 { 16 } else { spare }
+    }
 }
 
 /// Asserts a shared type has exactly the size both sides were written for.
@@ -80,14 +90,6 @@ pub struct DatapathConfig {
 }
 assert_size!(DatapathConfig, 32);
 
-/// Value of `NP_NODE_ADDRS` (key: IPv4 address, network order). Presence is what counts.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct NodeAddr {
-    pub flags: u32,
-}
-assert_size!(NodeAddr, 4);
-
 /// Value of `NP_SNAT_ADDRS` (key: egress ifindex): the address remote-backend traffic leaving
 /// through that interface is SNATed to, as MASQUERADE would pick it.
 #[repr(C)]
@@ -97,14 +99,11 @@ pub struct SnatAddr {
 }
 assert_size!(SnatAddr, 4);
 
-/// `addr_be` of a frontend key that matches a node port on any address in `NP_NODE_ADDRS`.
-pub const ANY_NODE_ADDR: u32 = 0;
-
-/// Key of `NP_FRONTENDS`.
+/// Key of `NP_FRONTENDS`. A node port has one key per node address (the agent follows the
+/// node's addresses), a LoadBalancer ingress IP or externalIP one key per address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct FrontendKey {
-    /// The destination address, or [`ANY_NODE_ADDR`] for a node port.
     pub addr_be: u32,
     pub port_be: u16,
     pub proto: u8,
@@ -261,16 +260,21 @@ pub struct SvcStats {
 assert_size!(SvcStats, 32);
 
 /// What XDP leaves in the packet's metadata area for the TC ingress hook of the same device
-/// when a translated packet must leave through another device.
+/// when a translated packet must leave through another device. XDP does not touch the
+/// Ethernet header in that case (a packet that reached the stack with a foreign destination MAC
+/// would be dropped as PACKET_OTHERHOST); TC writes the MACs found by XDP's FIB lookup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct XdpMeta {
     pub magic: u32,
+    /// Egress device.
     pub ifindex: u32,
     pub flags: u32,
-    pub _pad: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub _pad: [u8; 8],
 }
-assert_size!(XdpMeta, 16);
+assert_size!(XdpMeta, 32);
 
 /// `XdpMeta::magic`: "NPM1".
 pub const XDP_META_MAGIC: u32 = 0x4e50_4d31;
@@ -282,7 +286,6 @@ mod user {
     use super::*;
     // SAFETY: all of these are #[repr(C)] bytemuck::Pod types: no padding, any bit pattern valid.
     unsafe impl aya::Pod for DatapathConfig {}
-    unsafe impl aya::Pod for NodeAddr {}
     unsafe impl aya::Pod for SnatAddr {}
     unsafe impl aya::Pod for FrontendKey {}
     unsafe impl aya::Pod for Frontend {}

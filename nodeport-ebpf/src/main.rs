@@ -1,10 +1,53 @@
+//! The nodeport datapath: one object with the XDP and TC programs (see docs/datapath.md).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+#![cfg_attr(not(target_arch = "bpf"), allow(dead_code, unused_imports))]
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+mod conntrack;
+mod fib;
+mod maps;
+mod nat;
+mod packet;
+mod select;
+mod stats;
+mod tc_ext;
+mod tc_pod;
+mod xdp_ext;
 
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use nodeport_common::counters::CounterKind;
+
+/// XDP on external interfaces. Every packet is counted exactly once here.
 #[xdp]
-pub fn xdp_pass(_ctx: XdpContext) -> u32 {
+pub fn np_xdp_ext(ctx: XdpContext) -> u32 {
+    let (action, counter) = match xdp_ext::process(&ctx) {
+        Ok(verdict) => verdict,
+        Err(counter) if counter.kind() == CounterKind::Dropped => (xdp_action::XDP_DROP, counter),
+        Err(counter) => (xdp_action::XDP_PASS, counter),
+    };
+    stats::count(counter);
+    action
+}
+
+/// TC ingress on external interfaces.
+#[classifier]
+pub fn np_tc_ext(ctx: TcContext) -> i32 {
+    tc_ext::process(&ctx)
+}
+
+/// TC ingress on pod-facing interfaces.
+#[classifier]
+pub fn np_tc_pod(ctx: TcContext) -> i32 {
+    tc_pod::process(&ctx)
+}
+
+/// The baseline of `cargo xtask bench`: what a bare XDP program costs.
+#[xdp]
+pub fn np_xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 

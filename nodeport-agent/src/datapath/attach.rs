@@ -1,0 +1,301 @@
+//! Attaching the programs to interfaces.
+//!
+//! With a pin directory every attachment is a bpf_link pinned at `links/<hook>.<interface>`:
+//! the program stays attached when the agent exits, and a new agent swaps its program into the
+//! existing link atomically (bpf_link_update), so no packet ever meets an interface without
+//! a program. TC uses tcx links (Linux 6.6+); older kernels get a clsact filter, which also
+//! outlives the agent but is replaced by delete-then-add.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+    },
+    util::KernelVersion,
+};
+use nodeport_common::programs;
+
+use super::{Datapath, DatapathError, PinDir, Result};
+
+/// How XDP runs on the external interfaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpAttachMode {
+    /// In the driver, before an skb exists (the fast path; needs driver support).
+    Native,
+    /// In the kernel's generic receive path: works on any interface, slower.
+    Generic,
+}
+
+impl XdpAttachMode {
+    fn aya(self) -> XdpMode {
+        match self {
+            Self::Native => XdpMode::Driver,
+            Self::Generic => XdpMode::Skb,
+        }
+    }
+}
+
+/// What an interface is to the datapath.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum InterfaceRole {
+    /// Faces clients and other nodes: XDP plus the TC ingress hook.
+    External,
+    /// Faces local pods: the TC ingress hook that translates their replies.
+    Pod,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachedInterface {
+    pub name: String,
+    pub role: InterfaceRole,
+}
+
+/// Names of link pins. The hook name comes first so `ls links/` groups them.
+const XDP_EXT: &str = "xdp_ext";
+const TC_EXT: &str = "tc_ext";
+const TC_POD: &str = "tc_pod";
+/// clsact filters (pre-6.6 kernels) have no link to pin; a marker file records them.
+const NETLINK_MARKER: &str = ".netlink";
+
+fn attach_error(interface: &str, message: impl std::fmt::Display) -> DatapathError {
+    DatapathError::Attach { interface: interface.to_owned(), message: message.to_string() }
+}
+
+fn tcx_supported() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+impl Datapath {
+    /// Attaches XDP and the TC ingress hook to an external interface.
+    pub fn attach_external(&mut self, interface: &str, mode: XdpAttachMode) -> Result<()> {
+        self.attach_xdp(interface, mode)?;
+        self.attach_tc(interface, programs::TC_EXTERNAL, TC_EXT)
+    }
+
+    /// Attaches the reply hook to a pod-facing interface.
+    pub fn attach_pod(&mut self, interface: &str) -> Result<()> {
+        self.attach_tc(interface, programs::TC_POD, TC_POD)
+    }
+
+    fn link_pin(&self, hook: &str, interface: &str) -> Option<PathBuf> {
+        self.pins.as_ref().map(|p| p.links().join(format!("{hook}.{interface}")))
+    }
+
+    fn attach_xdp(&mut self, interface: &str, mode: XdpAttachMode) -> Result<()> {
+        let pin = self.link_pin(XDP_EXT, interface);
+        let prog: &mut Xdp = self.program_mut(programs::XDP_EXTERNAL)?;
+        if let Some(pin) = &pin {
+            if let Some(link) = adopt(pin, interface)? {
+                let link = XdpLink::try_from(link).map_err(|e| attach_error(interface, e))?;
+                match prog.attach_to_link(link) {
+                    Ok(id) => {
+                        // The pin keeps the link; our fd can go.
+                        drop(prog.take_link(id));
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        tracing::warn!(interface, error = %e, "pinned XDP link is stale; attaching anew");
+                        remove_pin(pin)?;
+                    }
+                }
+            }
+        }
+        let id = prog.attach(interface, mode.aya()).map_err(|e| {
+            let hint = match mode {
+                XdpAttachMode::Native => {
+                    " (if the driver has no native XDP support, run with --xdp-mode generic)"
+                }
+                XdpAttachMode::Generic => "",
+            };
+            attach_error(interface, format!("XDP in {mode:?} mode: {e}{hint}"))
+        })?;
+        if let Some(pin) = pin {
+            let link = prog.take_link(id).map_err(|e| attach_error(interface, e))?;
+            let link = FdLink::try_from(link).map_err(|e| {
+                attach_error(interface, format!("this kernel has no bpf_link for XDP ({e}); Linux 5.9+ is needed"))
+            })?;
+            link.pin(&pin).map_err(|e| attach_error(interface, format!("pinning {}: {e}", pin.display())))?;
+        }
+        Ok(())
+    }
+
+    fn attach_tc(&mut self, interface: &str, program: &'static str, hook: &str) -> Result<()> {
+        let pin = self.link_pin(hook, interface);
+        let prog: &mut SchedClassifier = self.program_mut(program)?;
+        if !tcx_supported() {
+            return attach_tc_netlink(prog, interface, pin.as_deref());
+        }
+        if let Some(pin) = &pin {
+            if let Some(link) = adopt(pin, interface)? {
+                let link = SchedClassifierLink::try_from(link).map_err(|e| attach_error(interface, e))?;
+                match prog.attach_to_link(link) {
+                    Ok(id) => {
+                        drop(prog.take_link(id));
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        tracing::warn!(interface, error = %e, "pinned TC link is stale; attaching anew");
+                        remove_pin(pin)?;
+                    }
+                }
+            }
+        }
+        let id = prog
+            .attach_with_options(
+                interface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|e| attach_error(interface, format!("tcx ingress: {e}")))?;
+        if let Some(pin) = pin {
+            let link = prog.take_link(id).map_err(|e| attach_error(interface, e))?;
+            let link = FdLink::try_from(link).map_err(|e| attach_error(interface, e))?;
+            link.pin(&pin).map_err(|e| attach_error(interface, format!("pinning {}: {e}", pin.display())))?;
+        }
+        Ok(())
+    }
+
+    /// Detaches whatever this datapath attached to `interface` in `role` (when the interface
+    /// stops being ours; a vanished interface takes its links with it).
+    pub fn detach_interface(&mut self, interface: &str, role: InterfaceRole) -> Result<()> {
+        let Some(pins) = self.pins.clone() else { return Ok(()) };
+        let hooks: &[&str] = match role {
+            InterfaceRole::External => &[XDP_EXT, TC_EXT],
+            InterfaceRole::Pod => &[TC_POD],
+        };
+        for hook in hooks {
+            remove_link(&pins.links().join(format!("{hook}.{interface}")))?;
+        }
+        Ok(())
+    }
+
+    /// Interfaces with a pinned attachment, from the pin directory.
+    pub fn attached_interfaces(&self) -> Result<Vec<AttachedInterface>> {
+        let Some(pins) = &self.pins else { return Ok(Vec::new()) };
+        list_links(pins)
+    }
+}
+
+/// Opens a pinned link for adoption; None when there is none.
+fn adopt(pin: &Path, interface: &str) -> Result<Option<FdLink>> {
+    if !pin.exists() {
+        return Ok(None);
+    }
+    match PinnedLink::from_pin(pin) {
+        Ok(pinned) => Ok(Some(FdLink::from(pinned))),
+        Err(e) => {
+            tracing::warn!(interface, pin = %pin.display(), error = %e, "unreadable link pin; replacing it");
+            remove_pin(pin)?;
+            Ok(None)
+        }
+    }
+}
+
+fn remove_pin(pin: &Path) -> Result<()> {
+    match std::fs::remove_file(pin) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DatapathError::Io { context: format!("removing {}", pin.display()), source }),
+    }
+}
+
+/// Removes a link pin, detaching the program: a bpf_link lives while a pin or an fd holds it.
+/// For a clsact marker, deletes the filter.
+fn remove_link(pin: &Path) -> Result<()> {
+    let name = pin.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    if let Some(stem) = name.strip_suffix(NETLINK_MARKER) {
+        if let Some((hook, interface)) = stem.split_once('.') {
+            let program = if hook == TC_POD { programs::TC_POD } else { programs::TC_EXTERNAL };
+            match tc::qdisc_detach_program(interface, TcAttachType::Ingress, program) {
+                Ok(()) => {}
+                Err(e) => tracing::debug!(interface, error = %e, "clsact filter already gone"),
+            }
+        }
+        return std::fs::remove_dir(pin).map_err(|source| DatapathError::Io {
+            context: format!("removing {}", pin.display()),
+            source,
+        });
+    } else if let Ok(pinned) = PinnedLink::from_pin(pin) {
+        // Unpinning and dropping the last fd destroys the link, which detaches the program.
+        let link = pinned.unpin().map_err(|source| DatapathError::Io {
+            context: format!("unpinning {}", pin.display()),
+            source,
+        })?;
+        drop(link);
+        return Ok(());
+    }
+    remove_pin(pin)
+}
+
+fn list_links(pins: &PinDir) -> Result<Vec<AttachedInterface>> {
+    let dir = pins.links();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(DatapathError::Io { context: format!("reading {}", dir.display()), source }),
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let name = name.strip_suffix(NETLINK_MARKER).unwrap_or(&name);
+        let Some((hook, interface)) = name.split_once('.') else { continue };
+        let role = match hook {
+            XDP_EXT | TC_EXT => InterfaceRole::External,
+            TC_POD => InterfaceRole::Pod,
+            _ => continue,
+        };
+        let item = AttachedInterface { name: interface.to_owned(), role };
+        if !found.contains(&item) {
+            found.push(item);
+        }
+    }
+    found.sort_by(|a, b| (a.role, &a.name).cmp(&(b.role, &b.name)));
+    Ok(found)
+}
+
+/// Removes every link pin under `pins` (used by `detach`).
+pub(super) fn remove_links(pins: &PinDir) -> Result<Vec<String>> {
+    let dir = pins.links();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(DatapathError::Io { context: format!("reading {}", dir.display()), source }),
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        remove_link(&path)?;
+        removed.push(format!("link {}", path.display()));
+    }
+    removed.sort();
+    Ok(removed)
+}
+
+/// clsact fallback for kernels without tcx: replace our filter (delete then add).
+fn attach_tc_netlink(prog: &mut SchedClassifier, interface: &str, pin: Option<&Path>) -> Result<()> {
+    if let Err(e) = tc::qdisc_add_clsact(interface) {
+        // EEXIST: the qdisc is already there, which is fine.
+        tracing::debug!(interface, error = %e, "clsact qdisc not added (probably present)");
+    }
+    let name = prog.info().ok().and_then(|i| i.name_as_str().map(str::to_owned)).unwrap_or_default();
+    let _ = tc::qdisc_detach_program(interface, TcAttachType::Ingress, &name);
+    let id = prog
+        .attach_with_options(interface, TcAttachType::Ingress, TcAttachOptions::Netlink(NlOptions::default()))
+        .map_err(|e| attach_error(interface, format!("clsact ingress: {e}")))?;
+    // The filter outlives the agent by itself; forget the link so dropping it does not detach.
+    std::mem::forget(prog.take_link(id));
+    if let Some(pin) = pin {
+        let marker = PathBuf::from(format!("{}{NETLINK_MARKER}", pin.display()));
+        // A bpffs directory accepts no regular files; record the marker in the name of an
+        // empty directory instead.
+        std::fs::create_dir_all(&marker).map_err(|source| DatapathError::Io {
+            context: format!("recording {}", marker.display()),
+            source,
+        })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,283 @@
+//! The datapath as the agent sees it: the embedded eBPF object loaded with its maps sized and
+//! pinned, the programs attached through pinned links, and typed handles on every map.
+//!
+//! Lifetime (docs/operations.md): maps and links are pinned under one bpffs directory. A new
+//! agent adopts the pinned maps (after checking their layout) and atomically swaps its programs
+//! into the pinned links, so established connections and node ports keep working across
+//! restarts and while no agent runs. `detach` removes links and pins.
+
+mod attach;
+mod bpffs;
+mod maps;
+mod object;
+
+use std::path::{Path, PathBuf};
+
+use aya::{Ebpf, EbpfLoader, VerifierLogLevel};
+use nodeport_common::{capacity, names};
+use thiserror::Error;
+
+pub use attach::{AttachedInterface, InterfaceRole, XdpAttachMode};
+pub use maps::{MapSpec, Maps, map_specs};
+
+/// Map sizes, from the agent's flags.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sizing {
+    pub frontends: u32,
+    pub services: u32,
+    pub backends: u32,
+    pub maglev_size: u32,
+    pub source_ranges: u32,
+    pub conntrack: u32,
+    pub affinity: u32,
+}
+
+impl Default for Sizing {
+    fn default() -> Self {
+        Self {
+            frontends: capacity::FRONTENDS,
+            services: capacity::SERVICES,
+            backends: capacity::BACKENDS,
+            maglev_size: capacity::MAGLEV_SIZE,
+            source_ranges: capacity::SRC_RANGES,
+            conntrack: capacity::CONNTRACK,
+            affinity: capacity::AFFINITY,
+        }
+    }
+}
+
+impl Sizing {
+    pub fn maglev_blocks(&self) -> u32 {
+        capacity::maglev_blocks(self.services)
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum DatapathError {
+    #[error(
+        "this nodeport-agent binary was built without the eBPF datapath; build it with \
+         `cargo xtask build` (plain `cargo build` cannot compile the BPF programs)"
+    )]
+    NoEmbeddedObject,
+    #[error("Maglev table size {0} is not a prime number (Maglev needs a prime, e.g. 1021, 4093, 16381)")]
+    MaglevSizeNotPrime(u32),
+    #[error("Maglev table of {size} slots x {blocks} blocks does not fit in a BPF array")]
+    MaglevTooLarge { size: u32, blocks: u32 },
+    #[error("bpffs: {0}")]
+    Bpffs(String),
+    #[error(
+        "the pinned map {path} does not match this agent: {difference}. It was created by \
+         another version or with other --*-capacity flags. Run `nodeport-agent detach` to remove \
+         the old datapath (this drops established connections), or pick another --bpffs-dir"
+    )]
+    IncompatiblePin { path: PathBuf, difference: String },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("loading program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("attaching to {interface}: {message}")]
+    Attach { interface: String, message: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+/// Where the pins live: `<dir>/maps/<MAP>` and `<dir>/links/<role>.<interface>`.
+#[derive(Clone, Debug)]
+pub struct PinDir {
+    pub root: PathBuf,
+}
+
+impl PinDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    pub fn maps(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps().join(name)
+    }
+    pub fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+}
+
+/// The loaded datapath.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pub maps: Maps,
+    pub sizing: Sizing,
+    pins: Option<PinDir>,
+}
+
+impl Datapath {
+    /// Loads the embedded object. With `pins`, maps are pinned there (adopting compatible
+    /// existing pins); without, everything lives as long as this value (tests, benchmarks).
+    pub fn load(sizing: &Sizing, pins: Option<&Path>) -> Result<Self> {
+        Self::load_object(object::embedded()?, sizing, pins)
+    }
+
+    /// Loads a given object (tests that build their own).
+    pub fn load_object(bytes: &[u8], sizing: &Sizing, pins: Option<&Path>) -> Result<Self> {
+        if !is_prime(sizing.maglev_size) {
+            return Err(DatapathError::MaglevSizeNotPrime(sizing.maglev_size));
+        }
+        if sizing.maglev_size.checked_mul(sizing.maglev_blocks()).is_none() {
+            return Err(DatapathError::MaglevTooLarge {
+                size: sizing.maglev_size,
+                blocks: sizing.maglev_blocks(),
+            });
+        }
+        let specs = map_specs(sizing);
+        let pins = pins.map(PinDir::new);
+        if let Some(pins) = &pins {
+            bpffs::ensure_mounted(&pins.root)?;
+            create_dir(&pins.maps())?;
+            create_dir(&pins.links())?;
+            for spec in &specs {
+                spec.check_pin(&pins.map(spec.name))?;
+            }
+        }
+
+        let mut loader = EbpfLoader::new();
+        loader.verifier_log_level(VerifierLogLevel::DEBUG | VerifierLogLevel::STATS);
+        let pin_paths: Vec<PathBuf> = match &pins {
+            Some(pins) => specs.iter().map(|s| pins.map(s.name)).collect(),
+            None => Vec::new(),
+        };
+        for (i, spec) in specs.iter().enumerate() {
+            loader.map_max_entries(spec.name, spec.max_entries);
+            if let Some(path) = pin_paths.get(i) {
+                loader.map_pin_path(spec.name, path.as_path());
+            }
+        }
+        let mut ebpf = loader.load(bytes)?;
+        let maps = Maps::take(&mut ebpf)?;
+        let mut datapath = Self { ebpf, maps, sizing: sizing.clone(), pins };
+        datapath.load_programs()?;
+        Ok(datapath)
+    }
+
+    fn load_programs(&mut self) -> Result<()> {
+        use aya::programs::{SchedClassifier, Xdp};
+        use nodeport_common::programs as p;
+        for name in [p::XDP_EXTERNAL, p::XDP_PASS] {
+            let prog: &mut Xdp = self.program_mut(name)?;
+            prog.load().map_err(|source| DatapathError::Program { program: name, source })?;
+        }
+        for name in [p::TC_EXTERNAL, p::TC_POD] {
+            let prog: &mut SchedClassifier = self.program_mut(name)?;
+            prog.load().map_err(|source| DatapathError::Program { program: name, source })?;
+        }
+        Ok(())
+    }
+
+    fn program_mut<'a, T>(&'a mut self, name: &'static str) -> Result<&'a mut T>
+    where
+        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    {
+        let program = self.ebpf.program_mut(name).ok_or(DatapathError::Program {
+            program: name,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?;
+        program.try_into().map_err(|source| DatapathError::Program { program: name, source })
+    }
+
+    /// A loaded program, for BPF_PROG_TEST_RUN in tests and benchmarks.
+    pub fn xdp_program(&mut self, name: &'static str) -> Result<&mut aya::programs::Xdp> {
+        self.program_mut(name)
+    }
+
+    /// A loaded TC program, for BPF_PROG_TEST_RUN in tests.
+    pub fn tc_program(
+        &mut self,
+        name: &'static str,
+    ) -> Result<&mut aya::programs::SchedClassifier> {
+        self.program_mut(name)
+    }
+
+    pub fn pin_dir(&self) -> Option<&PinDir> {
+        self.pins.as_ref()
+    }
+}
+
+/// Removes everything pinned under `root`: links first (which detaches the programs from the
+/// interfaces), then the maps. Missing pieces are not an error: detach is idempotent.
+pub fn detach(root: &Path) -> Result<Vec<String>> {
+    let pins = PinDir::new(root);
+    let mut removed = attach::remove_links(&pins)?;
+    for name in names::ALL {
+        let path = pins.map(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed.push(format!("map {}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(DatapathError::Io { context: format!("removing {}", path.display()), source });
+            }
+        }
+    }
+    for dir in [pins.maps(), pins.links(), pins.root.clone()] {
+        // Only empty directories go; anything else someone put there stays.
+        let _ = std::fs::remove_dir(dir);
+    }
+    Ok(removed)
+}
+
+fn create_dir(path: &Path) -> Result<()> {
+    std::fs::create_dir_all(path)
+        .map_err(|source| DatapathError::Io { context: format!("creating {}", path.display()), source })
+}
+
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u32;
+    while d.saturating_mul(d) <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn primes() {
+        assert!(is_prime(1021));
+        assert!(is_prime(16381));
+        assert!(is_prime(65537));
+        assert!(!is_prime(1024));
+        assert!(!is_prime(1));
+        assert!(!is_prime(16383));
+    }
+
+    #[test]
+    fn rejects_a_non_prime_maglev_size_before_touching_the_kernel() {
+        let sizing = Sizing { maglev_size: 1000, ..Sizing::default() };
+        let err = Datapath::load_object(&[], &sizing, None).err().expect("must fail");
+        assert!(matches!(err, DatapathError::MaglevSizeNotPrime(1000)), "{err}");
+    }
+}

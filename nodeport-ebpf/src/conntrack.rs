@@ -1,0 +1,127 @@
+//! Connection tracking in `NP_CT` (an LRU hash): a forward entry per client connection and a
+//! reply entry for the backend's packets, each holding the tuple its packets are rewritten to.
+//! Entries expire by state (SYN sent, established, closing, UDP) as the kernel's conntrack
+//! does; the LRU evicts under pressure.
+
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use nodeport_common::{
+    Backend, BE_F_PRESENT, CT_F_CLOSING, CT_F_REPLY_SEEN, CtEntry, CtKey, DatapathConfig,
+    IPPROTO_TCP,
+};
+
+use crate::{
+    maps::{NP_BACKENDS, NP_CT},
+    packet::{Flow, TCP_FIN, TCP_RST},
+};
+
+const NS_PER_S: u64 = 1_000_000_000;
+
+/// CLOCK_MONOTONIC at jiffy resolution: enough for timeouts, and it throttles `touch` writes.
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+#[inline(always)]
+pub fn key(flow: &Flow, dir: u8) -> CtKey {
+    CtKey {
+        saddr_be: flow.saddr_be,
+        daddr_be: flow.daddr_be,
+        sport_be: flow.sport_be,
+        dport_be: flow.dport_be,
+        proto: flow.proto,
+        dir,
+        _pad: 0,
+    }
+}
+
+/// Key of the entry for the other direction: the rewritten tuple, reversed.
+#[inline(always)]
+pub fn opposite_key(entry: &CtEntry, proto: u8, dir: u8) -> CtKey {
+    CtKey {
+        saddr_be: entry.new_daddr_be,
+        daddr_be: entry.new_saddr_be,
+        sport_be: entry.new_dport_be,
+        dport_be: entry.new_sport_be,
+        proto,
+        dir,
+        _pad: 0,
+    }
+}
+
+#[inline(always)]
+fn timeout_ns(cfg: &DatapathConfig, proto: u8, flags: u16) -> u64 {
+    let seconds = if proto != IPPROTO_TCP {
+        cfg.udp_timeout_s
+    } else if flags & CT_F_CLOSING != 0 {
+        cfg.tcp_closing_timeout_s
+    } else if flags & CT_F_REPLY_SEEN != 0 {
+        cfg.tcp_established_timeout_s
+    } else {
+        cfg.tcp_syn_timeout_s
+    };
+    u64::from(seconds) * NS_PER_S
+}
+
+#[inline(always)]
+pub fn expired(cfg: &DatapathConfig, entry: &CtEntry, proto: u8, now: u64) -> bool {
+    now.saturating_sub(entry.last_seen_ns) > timeout_ns(cfg, proto, entry.flags)
+}
+
+/// Records a packet on `entry`: its time and, for TCP, FIN/RST. Returns the flags that were
+/// newly set, so the caller can mirror them on the other direction's entry.
+#[inline(always)]
+pub fn touch(entry: *mut CtEntry, flow: &Flow, now: u64, extra_flags: u16) -> u16 {
+    let mut add = extra_flags;
+    if flow.is_tcp() && flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        add |= CT_F_CLOSING;
+    }
+    // SAFETY: `entry` points into the map value.
+    unsafe {
+        let new = add & !(*entry).flags;
+        if new != 0 {
+            (*entry).flags |= new;
+        }
+        if (*entry).last_seen_ns != now {
+            (*entry).last_seen_ns = now;
+        }
+        new
+    }
+}
+
+/// Sets `flags` on the entry for the other direction of `entry`.
+#[inline(always)]
+pub fn mark_opposite(entry: &CtEntry, proto: u8, dir: u8, flags: u16) {
+    if let Some(other) = NP_CT.get_ptr_mut(opposite_key(entry, proto, dir)) {
+        // SAFETY: points into the map value.
+        unsafe { (*other).flags |= flags };
+    }
+}
+
+/// The backend `id` if it still exists for service `svc_id`.
+#[inline(always)]
+pub fn live_backend(id: u32, svc_id: u32) -> Option<Backend> {
+    let backend = *NP_BACKENDS.get(id)?;
+    (backend.flags & BE_F_PRESENT != 0 && backend.svc_id == svc_id).then_some(backend)
+}
+
+/// An existing connection can go on: not expired, not a new SYN on a closed connection, and
+/// its backend still there (with the address it was given: backend ids are reused).
+#[inline(always)]
+pub fn still_valid(cfg: &DatapathConfig, entry: &CtEntry, flow: &Flow, svc_id: u32, now: u64) -> bool {
+    if entry.svc_id != svc_id || expired(cfg, entry, flow.proto, now) {
+        return false;
+    }
+    if flow.is_tcp()
+        && entry.flags & CT_F_CLOSING != 0
+        && flow.tcp_flags & crate::packet::TCP_SYN != 0
+        && flow.tcp_flags & crate::packet::TCP_ACK == 0
+    {
+        return false;
+    }
+    match live_backend(entry.backend_id, svc_id) {
+        Some(b) => b.addr_be == entry.new_daddr_be && b.port_be == entry.new_dport_be,
+        None => false,
+    }
+}

@@ -1,0 +1,48 @@
+//! The maps, one static each. Names match `nodeport_common::names`; sizes here are defaults
+//! that the agent overrides at load time (`EbpfLoader::map_max_entries`).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use nodeport_common::{
+    AffinityEntry, AffinityKey, Backend, COUNTER_SLOTS, CtEntry, CtKey, DatapathConfig, Frontend,
+    FrontendKey, MaglevSlot, SnatAddr, SrcRangeKey, SvcStats, capacity,
+};
+
+#[map]
+pub static NP_CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static NP_SNAT_ADDRS: HashMap<u32, SnatAddr> =
+    HashMap::with_max_entries(capacity::SNAT_ADDRS, 0);
+
+#[map]
+pub static NP_FRONTENDS: HashMap<FrontendKey, Frontend> =
+    HashMap::with_max_entries(capacity::FRONTENDS, 0);
+
+#[map]
+pub static NP_BACKENDS: Array<Backend> = Array::with_max_entries(capacity::BACKENDS, 0);
+
+#[map]
+pub static NP_MAGLEV: Array<MaglevSlot> = Array::with_max_entries(
+    capacity::maglev_blocks(capacity::SERVICES) * capacity::MAGLEV_SIZE,
+    0,
+);
+
+#[map]
+pub static NP_SRC_RANGES: LpmTrie<SrcRangeKey, u32> =
+    LpmTrie::with_max_entries(capacity::SRC_RANGES, 0);
+
+#[map]
+pub static NP_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(capacity::CONNTRACK, 0);
+
+#[map]
+pub static NP_AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
+    LruHashMap::with_max_entries(capacity::AFFINITY, 0);
+
+#[map]
+pub static NP_SVC_STATS: PerCpuArray<SvcStats> = PerCpuArray::with_max_entries(capacity::SERVICES, 0);
+
+#[map]
+pub static NP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);

@@ -1,0 +1,85 @@
+//! Backend selection for a new connection: source ranges, session affinity, Maglev.
+
+use aya_ebpf::maps::lpm_trie::Key;
+use nodeport_common::{
+    AffinityEntry, AffinityKey, Backend, Counter, DatapathConfig, FE_F_AFFINITY, FE_F_LOCAL_ONLY,
+    FE_F_SOURCE_RANGES, Frontend, SrcRangeKey, hash, src_range_prefix_len,
+};
+
+use crate::{
+    conntrack::live_backend,
+    maps::{NP_AFFINITY, NP_MAGLEV, NP_SRC_RANGES},
+    packet::Flow,
+};
+
+/// loadBalancerSourceRanges: the client must fall in one of the service's prefixes.
+#[inline(always)]
+pub fn source_allowed(fe: &Frontend, saddr_be: u32) -> bool {
+    if fe.flags & FE_F_SOURCE_RANGES == 0 {
+        return true;
+    }
+    let key = Key::new(
+        src_range_prefix_len(32),
+        SrcRangeKey { svc_id_be: fe.svc_id.to_be(), addr_be: saddr_be },
+    );
+    NP_SRC_RANGES.get(&key).is_some()
+}
+
+#[inline(always)]
+fn maglev_lookup(cfg: &DatapathConfig, fe: &Frontend, hash: u32) -> Option<u32> {
+    let m = cfg.maglev_size;
+    if m == 0 {
+        return None;
+    }
+    let slot = fe.maglev_block.wrapping_mul(m).wrapping_add(hash % m);
+    NP_MAGLEV.get(slot).copied()
+}
+
+/// Picks the backend for a new connection to `fe`.
+#[inline(always)]
+pub fn backend_for_new_flow(
+    cfg: &DatapathConfig,
+    fe: &Frontend,
+    flow: &Flow,
+    now: u64,
+) -> Result<(u32, Backend), Counter> {
+    if fe.backend_count == 0 {
+        return Err(if fe.flags & FE_F_LOCAL_ONLY != 0 {
+            Counter::DroppedNoLocalEndpoint
+        } else {
+            Counter::DroppedNoBackend
+        });
+    }
+    if fe.flags & FE_F_AFFINITY == 0 {
+        let h = hash::flow_hash(flow.saddr_be, flow.sport_be, flow.dport_be, flow.proto, cfg.hash_seed);
+        let id = maglev_lookup(cfg, fe, h).ok_or(Counter::DroppedNoBackend)?;
+        let backend = live_backend(id, fe.svc_id).ok_or(Counter::DroppedNoBackend)?;
+        return Ok((id, backend));
+    }
+
+    // sessionAffinity ClientIP: the last backend of this client while within the timeout
+    // (counted from its last new connection, as kube-proxy's `recent` match does), else the
+    // Maglev slot of the client address, so the choice also agrees across nodes.
+    let akey = AffinityKey { svc_id: fe.svc_id, client_be: flow.saddr_be };
+    let timeout_ns = u64::from(fe.affinity_timeout_s) * 1_000_000_000;
+    let remembered = NP_AFFINITY.get_ptr(&akey).and_then(|entry| {
+        // SAFETY: points into the map value.
+        let entry = unsafe { *entry };
+        if now.saturating_sub(entry.last_seen_ns) > timeout_ns {
+            return None;
+        }
+        live_backend(entry.backend_id, fe.svc_id).map(|b| (entry.backend_id, b))
+    });
+    let (id, backend) = match remembered {
+        Some(found) => found,
+        None => {
+            let h = hash::client_hash(flow.saddr_be, cfg.hash_seed);
+            let id = maglev_lookup(cfg, fe, h).ok_or(Counter::DroppedNoBackend)?;
+            (id, live_backend(id, fe.svc_id).ok_or(Counter::DroppedNoBackend)?)
+        }
+    };
+    let entry = AffinityEntry { last_seen_ns: now, backend_id: id, _pad: 0 };
+    // A failed update only loses stickiness for later connections; this one is fine.
+    let _ = NP_AFFINITY.insert(&akey, &entry, 0);
+    Ok((id, backend))
+}

@@ -1,0 +1,228 @@
+//! Test packets, built and checked with etherparse: an implementation independent of the
+//! datapath's own parsing and checksum code.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use etherparse::{
+    EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv4Options, SlicedPacket,
+    TcpHeader, TransportSlice, UdpHeader,
+};
+
+pub type Mac = [u8; 6];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TcpFlags {
+    pub syn: bool,
+    pub ack: bool,
+    pub fin: bool,
+    pub rst: bool,
+}
+
+pub const SYN: TcpFlags = TcpFlags { syn: true, ack: false, fin: false, rst: false };
+pub const SYN_ACK: TcpFlags = TcpFlags { syn: true, ack: true, fin: false, rst: false };
+pub const ACK: TcpFlags = TcpFlags { syn: false, ack: true, fin: false, rst: false };
+pub const FIN_ACK: TcpFlags = TcpFlags { syn: false, ack: true, fin: true, rst: false };
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum L4 {
+    Tcp { flags: TcpFlags },
+    /// `checksum: false` sends a zero checksum ("none", allowed by RFC 768).
+    Udp { checksum: bool },
+}
+
+/// An Ethernet + IPv4 + TCP/UDP packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pkt {
+    pub eth_src: Mac,
+    pub eth_dst: Mac,
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub ttl: u8,
+    pub l4: L4,
+    pub payload: Vec<u8>,
+    /// IPv4 options (a multiple of 4 bytes).
+    pub ip_options: Vec<u8>,
+    pub ip_id: u16,
+    pub more_fragments: bool,
+    /// In 8-byte units.
+    pub fragment_offset: u16,
+}
+
+impl Pkt {
+    pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: TcpFlags) -> Self {
+        Self::new(src, dst, L4::Tcp { flags })
+    }
+
+    pub fn udp(src: SocketAddrV4, dst: SocketAddrV4) -> Self {
+        Self::new(src, dst, L4::Udp { checksum: true })
+    }
+
+    fn new(src: SocketAddrV4, dst: SocketAddrV4, l4: L4) -> Self {
+        Self {
+            eth_src: [2, 0, 0, 0, 0, 0xee],
+            eth_dst: [2, 0, 0, 0, 0, 0x01],
+            src,
+            dst,
+            ttl: 64,
+            l4,
+            payload: b"nodeport".to_vec(),
+            ip_options: Vec::new(),
+            ip_id: 0x1234,
+            more_fragments: false,
+            fragment_offset: 0,
+        }
+    }
+
+    pub fn macs(mut self, src: Mac, dst: Mac) -> Self {
+        self.eth_src = src;
+        self.eth_dst = dst;
+        self
+    }
+
+    pub fn addrs(mut self, src: SocketAddrV4, dst: SocketAddrV4) -> Self {
+        self.src = src;
+        self.dst = dst;
+        self
+    }
+
+    pub fn ttl(mut self, ttl: u8) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    pub fn payload(mut self, payload: &[u8]) -> Self {
+        self.payload = payload.to_vec();
+        self
+    }
+
+    /// The frame, with every checksum computed by etherparse.
+    pub fn bytes(&self) -> Vec<u8> {
+        let (l4_header_len, proto) = match self.l4 {
+            L4::Tcp { .. } => (20, IpNumber::TCP),
+            L4::Udp { .. } => (8, IpNumber::UDP),
+        };
+        let l4_len = l4_header_len + self.payload.len();
+        let mut ip = Ipv4Header::new(
+            l4_len as u16,
+            self.ttl,
+            proto,
+            self.src.ip().octets(),
+            self.dst.ip().octets(),
+        )
+        .expect("small packet");
+        ip.options = Ipv4Options::try_from(self.ip_options.as_slice()).expect("valid options");
+        ip.total_len = (ip.header_len() + l4_len) as u16;
+        ip.identification = self.ip_id;
+        ip.dont_fragment = !self.more_fragments && self.fragment_offset == 0;
+        ip.more_fragments = self.more_fragments;
+        ip.fragment_offset = IpFragOffset::try_new(self.fragment_offset).expect("offset");
+        ip.header_checksum = ip.calc_header_checksum();
+
+        let mut out = Vec::new();
+        Ethernet2Header { source: self.eth_src, destination: self.eth_dst, ether_type: EtherType::IPV4 }
+            .write(&mut out)
+            .expect("write");
+        ip.write(&mut out).expect("write");
+        match self.l4 {
+            L4::Tcp { flags } => {
+                let mut tcp = TcpHeader::new(self.src.port(), self.dst.port(), 1000, 64_000);
+                tcp.syn = flags.syn;
+                tcp.ack = flags.ack;
+                tcp.fin = flags.fin;
+                tcp.rst = flags.rst;
+                if flags.ack {
+                    tcp.acknowledgment_number = 2000;
+                }
+                tcp.checksum = tcp.calc_checksum_ipv4(&ip, &self.payload).expect("checksum");
+                tcp.write(&mut out).expect("write");
+            }
+            L4::Udp { checksum: true } => {
+                UdpHeader::with_ipv4_checksum(self.src.port(), self.dst.port(), &ip, &self.payload)
+                    .expect("checksum")
+                    .write(&mut out)
+                    .expect("write");
+            }
+            L4::Udp { checksum: false } => {
+                UdpHeader::without_ipv4_checksum(self.src.port(), self.dst.port(), self.payload.len())
+                    .expect("length")
+                    .write(&mut out)
+                    .expect("write");
+            }
+        }
+        out.extend_from_slice(&self.payload);
+        out
+    }
+}
+
+/// What a test reads back from an output frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub eth_src: Mac,
+    pub eth_dst: Mac,
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub ttl: u8,
+}
+
+/// Parses a frame with etherparse and verifies its IPv4 and TCP/UDP checksums from scratch.
+/// A UDP checksum of zero is accepted (no checksum).
+pub fn parse_checked(frame: &[u8]) -> anyhow::Result<Seen> {
+    parse_checked_inner(frame).map_err(anyhow::Error::msg)
+}
+
+fn parse_checked_inner(frame: &[u8]) -> Result<Seen, String> {
+    let sliced = SlicedPacket::from_ethernet(frame).map_err(|e| format!("unparsable frame: {e}"))?;
+    let eth = match sliced.link {
+        Some(etherparse::LinkSlice::Ethernet2(eth)) => eth,
+        other => return Err(format!("not Ethernet II: {other:?}")),
+    };
+    let ip = match &sliced.net {
+        Some(etherparse::NetSlice::Ipv4(ip)) => ip,
+        other => return Err(format!("not IPv4: {other:?}")),
+    };
+    let header = ip.header().to_header();
+    if header.calc_header_checksum() != header.header_checksum {
+        return Err(format!(
+            "bad IPv4 header checksum {:#06x}, expected {:#06x}",
+            header.header_checksum,
+            header.calc_header_checksum()
+        ));
+    }
+    let (sport, dport) = match &sliced.transport {
+        Some(TransportSlice::Tcp(tcp)) => {
+            let expected = tcp
+                .to_header()
+                .calc_checksum_ipv4(&header, tcp.payload())
+                .map_err(|e| e.to_string())?;
+            if expected != tcp.checksum() {
+                return Err(format!("bad TCP checksum {:#06x}, expected {expected:#06x}", tcp.checksum()));
+            }
+            (tcp.source_port(), tcp.destination_port())
+        }
+        Some(TransportSlice::Udp(udp)) => {
+            if udp.checksum() != 0 {
+                let expected = udp
+                    .to_header()
+                    .calc_checksum_ipv4(&header, udp.payload())
+                    .map_err(|e| e.to_string())?;
+                if expected != udp.checksum() {
+                    return Err(format!("bad UDP checksum {:#06x}, expected {expected:#06x}", udp.checksum()));
+                }
+            }
+            (udp.source_port(), udp.destination_port())
+        }
+        other => return Err(format!("no TCP/UDP: {other:?}")),
+    };
+    Ok(Seen {
+        eth_src: eth.source(),
+        eth_dst: eth.destination(),
+        src: SocketAddrV4::new(Ipv4Addr::from(header.source), sport),
+        dst: SocketAddrV4::new(Ipv4Addr::from(header.destination), dport),
+        ttl: header.time_to_live,
+    })
+}
+
+/// `a.b.c.d:port`.
+pub fn sa(s: &str) -> SocketAddrV4 {
+    s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+}

@@ -1,0 +1,627 @@
+//! The datapath's packet behaviour, case by case, through BPF_PROG_TEST_RUN.
+//!
+//! Each case seeds the maps, runs packets through the programs and checks the verdict, the
+//! output frame byte for byte against one built by etherparse (whose checksums are computed
+//! from scratch), and the exact change of every counter.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use anyhow::{Context, Result, bail, ensure};
+use etherparse::PacketBuilder;
+use nodeport_common::{
+    CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, CT_F_REPLY_SEEN, Counter, FE_F_AFFINITY,
+    FE_F_LOCAL_ONLY, FE_F_SOURCE_RANGES, IPPROTO_TCP, IPPROTO_UDP, XDP_META_F_NEIGH,
+};
+use nodeport_tests::{
+    fixture::*,
+    netns::require_root,
+    packet::{ACK, FIN_ACK, L4, Pkt, SYN, SYN_ACK, Seen, parse_checked, sa},
+};
+
+const FRONTEND: &str = "198.18.0.1:30080";
+const CLIENT: &str = "198.18.0.100:40000";
+const POD_A: &str = "198.18.1.10:8080";
+const POD_B: &str = "198.18.1.11:8080";
+const REMOTE_A: &str = "198.18.2.20:8080";
+
+type Case = fn(&mut Fixture, &Topology) -> Result<()>;
+
+const CASES: &[(&str, Case)] = &[
+    ("tcp syn to a local backend is DNATed and handed to TC", tcp_syn_local),
+    ("udp to a local backend", udp_local),
+    ("tcp and udp on one node port are distinct frontends", tcp_and_udp_same_port),
+    ("a zero udp checksum stays zero", udp_zero_checksum),
+    ("an empty udp datagram is forwarded", udp_empty),
+    ("a VIP frontend uses the same machinery", vip_frontend),
+    ("the local pod's reply is reverse-NATed by the pod hook", pod_reply_tcp),
+    ("the local pod's udp reply is reverse-NATed", pod_reply_udp),
+    ("other pod traffic passes the pod hook untouched", pod_other_traffic),
+    ("a remote backend is SNATed and its reply returns to the client", remote_snat_and_return),
+    ("each connection to one remote backend gets its own SNAT port", snat_ports_distinct),
+    ("SNAT port exhaustion drops with a counter", snat_exhaustion),
+    ("an established flow keeps its backend when the Maglev table changes", sticks_after_table_change),
+    ("a flow whose backend is removed is re-selected", reselect_removed_backend),
+    ("an expired flow is re-selected", reselect_expired),
+    ("a new SYN after FIN starts a new selection", syn_after_fin),
+    ("FIN marks both directions closing", fin_marks_closing),
+    ("no backend drops", no_backend),
+    ("externalTrafficPolicy Local without a local backend drops", etp_local_no_endpoint),
+    ("loadBalancerSourceRanges deny and admit", source_ranges),
+    ("sessionAffinity ClientIP sticks, survives a table change, expires", affinity),
+    ("without affinity connections spread over backends", spread_without_affinity),
+    ("a packet to no frontend passes untouched", not_a_service),
+    ("ARP, IPv6, VLAN and ICMP pass untouched", other_traffic),
+    ("malformed packets are dropped, never rewritten", malformed),
+    ("IPv4 options are parsed by IHL", ip_options),
+    ("fragments: first dropped, later passed", fragments),
+    ("TTL 1 goes to the kernel untranslated", ttl_exceeded),
+    ("no route: the kernel routes it (counted)", no_route),
+    ("unknown neighbour: TC resolves it", no_neighbour),
+    ("an unconfigured datapath passes everything", unconfigured),
+];
+
+#[test]
+#[ignore = "needs root and the eBPF datapath: run `cargo xtask test`"]
+fn fixture_table() {
+    require_root();
+    let topo = Topology::new().expect("creating the test namespace");
+    let mut failures = Vec::new();
+    for (name, case) in CASES {
+        let result = Fixture::new(&topo).and_then(|mut fx| case(&mut fx, &topo));
+        match result {
+            Ok(()) => eprintln!("ok   {name}"),
+            Err(e) => {
+                eprintln!("FAIL {name}: {e:#}");
+                failures.push(format!("{name}: {e:#}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), CASES.len(), failures.join("\n"));
+}
+
+// ---- helpers -------------------------------------------------------------------------------
+
+fn from_client(sport: u16, dst: &str, flags: nodeport_tests::packet::TcpFlags) -> Pkt {
+    Pkt::tcp(sa(&format!("198.18.0.100:{sport}")), sa(dst), flags).macs(CLIENT_MAC, EXT_MAC)
+}
+
+/// The output frame must parse, carry valid checksums and equal `expected` byte for byte.
+fn check_frame(actual: &[u8], expected: &Pkt) -> Result<Seen> {
+    let seen = parse_checked(actual).context("output frame")?;
+    let want = expected.bytes();
+    if actual != want.as_slice() {
+        bail!("output differs:\n  got  {seen:?}\n  want {:?}\n  got  {actual:02x?}\n  want {want:02x?}", parse_checked(&want));
+    }
+    Ok(seen)
+}
+
+fn check_unchanged(run: &XdpRun, input: &[u8]) -> Result<()> {
+    ensure!(run.frame == input, "frame was modified: {:02x?}", run.frame);
+    ensure!(run.meta.is_none(), "unexpected metadata {:?}", run.meta);
+    Ok(())
+}
+
+fn check_counters(fx: &Fixture, before: &BTreeMap<Counter, u64>, expected: &[(Counter, u64)]) -> Result<()> {
+    let after = fx.counters()?;
+    let mut delta = BTreeMap::new();
+    for (c, v) in &after {
+        let d = v - before.get(c).copied().unwrap_or(0);
+        if d != 0 {
+            delta.insert(*c, d);
+        }
+    }
+    let want: BTreeMap<Counter, u64> = expected.iter().copied().collect();
+    ensure!(delta == want, "counters changed by {delta:?}, expected {want:?}");
+    Ok(())
+}
+
+fn xdp_action(fx: &mut Fixture, topo: &Topology, pkt: &Pkt, action: u32) -> Result<XdpRun> {
+    let run = fx.xdp(topo, &pkt.bytes())?;
+    ensure!(run.action == action, "XDP action {}, expected {action}", run.action);
+    Ok(run)
+}
+
+fn local_service(id: u32, backends: Vec<BackendSpec>) -> ServiceSpec {
+    ServiceSpec::new(id, FRONTEND, IPPROTO_TCP, backends)
+}
+
+/// The backend a translated frame went to.
+fn backend_of(frame: &[u8]) -> Result<String> {
+    Ok(parse_checked(frame)?.dst.to_string())
+}
+
+fn l3_len(pkt: &Pkt) -> u64 {
+    pkt.bytes().len() as u64 - 14
+}
+
+// ---- cases ---------------------------------------------------------------------------------
+
+fn tcp_syn_local(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
+    let before = fx.counters()?;
+    let input = from_client(40000, FRONTEND, SYN);
+    let run = xdp_action(fx, topo, &input, XDP_PASS)?;
+    // DNAT only (client address kept), TTL decremented; Ethernet left for the TC hook.
+    check_frame(&run.frame, &input.clone().addrs(sa(CLIENT), sa(POD_A)).ttl(63))?;
+    let meta = run.meta.context("no metadata for the TC hook")?;
+    ensure!(meta.ifindex == topo.pod_ifindex, "egress {} != pod0", meta.ifindex);
+    ensure!(meta.smac == POD_HOST_MAC && meta.dmac == POD_MAC && meta.flags == 0, "{meta:?}");
+    check_counters(fx, &before, &[(Counter::ForwardedToTc, 1)])?;
+    let stats = fx.svc_stats(1)?;
+    ensure!(stats.packets == 1 && stats.bytes == l3_len(&input), "{stats:?}");
+    Ok(())
+}
+
+fn udp_local(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&ServiceSpec::new(1, FRONTEND, IPPROTO_UDP, vec![local(1, "198.18.1.10:5353")]))?;
+    let input = Pkt::udp(sa(CLIENT), sa(FRONTEND)).macs(CLIENT_MAC, EXT_MAC);
+    let run = xdp_action(fx, topo, &input, XDP_PASS)?;
+    check_frame(&run.frame, &input.clone().addrs(sa(CLIENT), sa("198.18.1.10:5353")).ttl(63))?;
+    ensure!(run.meta.is_some());
+    Ok(())
+}
+
+fn tcp_and_udp_same_port(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&ServiceSpec::new(1, FRONTEND, IPPROTO_TCP, vec![local(1, POD_A)]))?;
+    fx.add_service(&ServiceSpec::new(2, FRONTEND, IPPROTO_UDP, vec![local(2, "198.18.1.11:5353")]))?;
+    let tcp = xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?;
+    ensure!(backend_of(&tcp.frame)? == POD_A);
+    let udp = Pkt::udp(sa(CLIENT), sa(FRONTEND)).macs(CLIENT_MAC, EXT_MAC);
+    let udp = xdp_action(fx, topo, &udp, XDP_PASS)?;
+    ensure!(backend_of(&udp.frame)? == "198.18.1.11:5353");
+    ensure!(fx.svc_stats(1)?.packets == 1 && fx.svc_stats(2)?.packets == 1);
+    Ok(())
+}
+
+fn udp_zero_checksum(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&ServiceSpec::new(1, FRONTEND, IPPROTO_UDP, vec![local(1, "198.18.1.10:5353")]))?;
+    let mut input = Pkt::udp(sa(CLIENT), sa(FRONTEND)).macs(CLIENT_MAC, EXT_MAC);
+    input.l4 = L4::Udp { checksum: false };
+    let run = xdp_action(fx, topo, &input, XDP_PASS)?;
+    // The expected frame is built without a checksum too: the field must still be zero.
+    check_frame(&run.frame, &input.clone().addrs(sa(CLIENT), sa("198.18.1.10:5353")).ttl(63))?;
+    ensure!(run.frame[14 + 20 + 6..14 + 20 + 8] == [0, 0], "udp checksum no longer zero");
+    Ok(())
+}
+
+fn udp_empty(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&ServiceSpec::new(1, FRONTEND, IPPROTO_UDP, vec![local(1, "198.18.1.10:5353")]))?;
+    let input = Pkt::udp(sa(CLIENT), sa(FRONTEND)).macs(CLIENT_MAC, EXT_MAC).payload(&[]);
+    let run = xdp_action(fx, topo, &input, XDP_PASS)?;
+    check_frame(&run.frame, &input.clone().addrs(sa(CLIENT), sa("198.18.1.10:5353")).ttl(63))?;
+    Ok(())
+}
+
+fn vip_frontend(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&ServiceSpec::new(1, "198.18.3.3:80", IPPROTO_TCP, vec![local(1, POD_A)]))?;
+    let input = from_client(40000, "198.18.3.3:80", SYN);
+    let run = xdp_action(fx, topo, &input, XDP_PASS)?;
+    check_frame(&run.frame, &input.clone().addrs(sa(CLIENT), sa(POD_A)).ttl(63))?;
+    // The pod's reply must come back from the VIP.
+    let reply = Pkt::tcp(sa(POD_A), sa(CLIENT), SYN_ACK).macs(POD_MAC, POD_HOST_MAC);
+    let (ret, out) = fx.tc_pod(topo, &reply.bytes())?;
+    ensure!(ret == TC_ACT_REDIRECT, "tc verdict {ret}");
+    check_frame(&out, &reply.clone().addrs(sa("198.18.3.3:80"), sa(CLIENT)).ttl(63).macs(EXT_MAC, CLIENT_MAC))?;
+    Ok(())
+}
+
+fn pod_reply_tcp(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?;
+    let before = fx.counters()?;
+    let reply = Pkt::tcp(sa(POD_A), sa(CLIENT), SYN_ACK).macs(POD_MAC, POD_HOST_MAC);
+    let (ret, out) = fx.tc_pod(topo, &reply.bytes())?;
+    ensure!(ret == TC_ACT_REDIRECT, "tc verdict {ret}");
+    // Source back to the node port, MACs for the client's link, TTL decremented.
+    check_frame(&out, &reply.clone().addrs(sa(FRONTEND), sa(CLIENT)).ttl(63).macs(EXT_MAC, CLIENT_MAC))?;
+    check_counters(fx, &before, &[(Counter::ForwardedPodReply, 1)])?;
+    let stats = fx.svc_stats(1)?;
+    ensure!(stats.reply_packets == 1 && stats.reply_bytes == l3_len(&reply), "{stats:?}");
+    // Both directions now know the connection is established.
+    let ct = fx.conntrack()?;
+    ensure!(ct.len() == 2 && ct.iter().all(|(_, e)| e.flags & CT_F_REPLY_SEEN != 0), "{ct:?}");
+    Ok(())
+}
+
+fn pod_reply_udp(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&ServiceSpec::new(1, FRONTEND, IPPROTO_UDP, vec![local(1, "198.18.1.10:5353")]))?;
+    xdp_action(fx, topo, &Pkt::udp(sa(CLIENT), sa(FRONTEND)).macs(CLIENT_MAC, EXT_MAC), XDP_PASS)?;
+    let reply = Pkt::udp(sa("198.18.1.10:5353"), sa(CLIENT)).macs(POD_MAC, POD_HOST_MAC).payload(b"answer");
+    let (ret, out) = fx.tc_pod(topo, &reply.bytes())?;
+    ensure!(ret == TC_ACT_REDIRECT, "tc verdict {ret}");
+    check_frame(&out, &reply.clone().addrs(sa(FRONTEND), sa(CLIENT)).ttl(63).macs(EXT_MAC, CLIENT_MAC))?;
+    Ok(())
+}
+
+fn pod_other_traffic(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
+    let before = fx.counters()?;
+    // The pod talks to someone without a nodeport connection.
+    let pkt = Pkt::tcp(sa(POD_A), sa("198.18.0.100:41000"), SYN).macs(POD_MAC, POD_HOST_MAC).bytes();
+    let (ret, out) = fx.tc_pod(topo, &pkt)?;
+    ensure!(ret == TC_ACT_UNSPEC, "tc verdict {ret}: must hand on to the next program / the stack");
+    ensure!(out == pkt, "modified");
+    check_counters(fx, &before, &[])
+}
+
+fn remote_snat_and_return(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![remote(1, REMOTE_A)]))?;
+    let before = fx.counters()?;
+    let syn = from_client(40000, FRONTEND, SYN);
+    let run = xdp_action(fx, topo, &syn, XDP_TX)?;
+    let seen = parse_checked(&run.frame)?;
+    let port = seen.src.port();
+    ensure!((61000..=61999).contains(&port), "SNAT port {port} outside the range");
+    // SNAT to the node, DNAT to the backend, out of ext0 towards node2.
+    check_frame(
+        &run.frame,
+        &syn.clone().addrs(sa(&format!("198.18.0.1:{port}")), sa(REMOTE_A)).ttl(63).macs(EXT_MAC, NODE2_MAC),
+    )?;
+    // The backend answers to the node's SNAT port.
+    let reply = Pkt::tcp(sa(REMOTE_A), sa(&format!("198.18.0.1:{port}")), SYN_ACK).macs(NODE2_MAC, EXT_MAC);
+    let run = xdp_action(fx, topo, &reply, XDP_TX)?;
+    check_frame(&run.frame, &reply.clone().addrs(sa(FRONTEND), sa(CLIENT)).ttl(63).macs(EXT_MAC, CLIENT_MAC))?;
+    check_counters(fx, &before, &[(Counter::ForwardedXdpTx, 2)])?;
+    let stats = fx.svc_stats(1)?;
+    ensure!(stats.packets == 1 && stats.reply_packets == 1, "{stats:?}");
+    Ok(())
+}
+
+fn snat_ports_distinct(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![remote(1, REMOTE_A)]))?;
+    let mut ports = std::collections::BTreeSet::new();
+    for sport in 40000..40010 {
+        let run = xdp_action(fx, topo, &from_client(sport, FRONTEND, SYN), XDP_TX)?;
+        ports.insert(parse_checked(&run.frame)?.src.port());
+    }
+    ensure!(ports.len() == 10, "ports reused: {ports:?}");
+    Ok(())
+}
+
+fn snat_exhaustion(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.set_config(nodeport_common::DatapathConfig { snat_port_min: 61000, snat_port_max: 61001, ..default_config() })?;
+    fx.add_service(&local_service(1, vec![remote(1, REMOTE_A)]))?;
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_TX)?;
+    xdp_action(fx, topo, &from_client(40001, FRONTEND, SYN), XDP_TX)?;
+    let before = fx.counters()?;
+    let third = from_client(40002, FRONTEND, SYN);
+    let run = xdp_action(fx, topo, &third, XDP_DROP)?;
+    check_unchanged(&run, &third.bytes())?;
+    check_counters(fx, &before, &[(Counter::DroppedSnatExhausted, 1)])?;
+    // A retransmitted SYN of an existing connection still gets its own port back.
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_TX)?;
+    Ok(())
+}
+
+fn two_backend_service(fx: &mut Fixture) -> Result<ServiceSpec> {
+    let svc = local_service(1, vec![local(1, POD_A), local(2, POD_B)]);
+    fx.add_service(&svc)?;
+    Ok(svc)
+}
+
+fn other_backend(svc: &ServiceSpec, chosen: &str) -> (u32, u32) {
+    let chosen_id = svc.backends.iter().find(|b| b.addr.to_string() == chosen).map(|b| b.id).expect("known");
+    let other_id = svc.backends.iter().find(|b| b.id != chosen_id).map(|b| b.id).expect("two");
+    (chosen_id, other_id)
+}
+
+fn sticks_after_table_change(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    let svc = two_backend_service(fx)?;
+    let first = backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    let (_, other) = other_backend(&svc, &first);
+    fx.set_table(&svc, &[other])?;
+    let again = backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_PASS)?.frame)?;
+    ensure!(again == first, "established flow moved from {first} to {again}");
+    let new_flow = backend_of(&xdp_action(fx, topo, &from_client(40001, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    ensure!(new_flow != first, "a new flow used {new_flow}, which is no longer in the table");
+    Ok(())
+}
+
+fn reselect_removed_backend(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    let svc = two_backend_service(fx)?;
+    let first = backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    let (chosen, other) = other_backend(&svc, &first);
+    fx.set_table(&svc, &[other])?;
+    fx.remove_backend(chosen)?;
+    let again = backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_PASS)?.frame)?;
+    ensure!(again != first, "flow stayed on removed backend {first}");
+    Ok(())
+}
+
+fn age_entry(fx: &mut Fixture, dir: u8, by_s: u64) -> Result<()> {
+    let entries = fx.conntrack()?;
+    let (key, mut entry) = *entries.iter().find(|(k, _)| k.dir == dir).context("no entry")?;
+    entry.last_seen_ns = monotonic_ns().saturating_sub(by_s * 1_000_000_000);
+    fx.dp.maps.conntrack.insert(key, entry, 0)?;
+    Ok(())
+}
+
+fn reselect_expired(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    let svc = two_backend_service(fx)?;
+    let first = backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    let (_, other) = other_backend(&svc, &first);
+    fx.set_table(&svc, &[other])?;
+    // Only a SYN was seen: the SYN timeout (60 s) applies.
+    age_entry(fx, CT_DIR_FORWARD, 61)?;
+    let again = backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    ensure!(again != first, "expired flow kept {first}");
+    Ok(())
+}
+
+fn syn_after_fin(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    let svc = two_backend_service(fx)?;
+    let first = backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, FIN_ACK), XDP_PASS)?;
+    let (_, other) = other_backend(&svc, &first);
+    fx.set_table(&svc, &[other])?;
+    // The client reuses its port for a new connection.
+    let again = backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    ensure!(again != first, "new connection reused the closed one's backend {first}");
+    Ok(())
+}
+
+fn fin_marks_closing(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?;
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, FIN_ACK), XDP_PASS)?;
+    let ct = fx.conntrack()?;
+    ensure!(ct.len() == 2, "{ct:?}");
+    for (k, e) in &ct {
+        ensure!(e.flags & CT_F_CLOSING != 0, "{k:?} not closing: {e:?}");
+    }
+    ensure!(ct.iter().any(|(k, _)| k.dir == CT_DIR_REPLY));
+    Ok(())
+}
+
+fn no_backend(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![]))?;
+    let before = fx.counters()?;
+    let input = from_client(40000, FRONTEND, SYN);
+    let run = xdp_action(fx, topo, &input, XDP_DROP)?;
+    check_unchanged(&run, &input.bytes())?;
+    check_counters(fx, &before, &[(Counter::DroppedNoBackend, 1)])
+}
+
+fn etp_local_no_endpoint(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    let mut svc = local_service(1, vec![]);
+    svc.flags = FE_F_LOCAL_ONLY;
+    fx.add_service(&svc)?;
+    let before = fx.counters()?;
+    let input = from_client(40000, FRONTEND, SYN);
+    let run = xdp_action(fx, topo, &input, XDP_DROP)?;
+    check_unchanged(&run, &input.bytes())?;
+    check_counters(fx, &before, &[(Counter::DroppedNoLocalEndpoint, 1)])
+}
+
+fn source_ranges(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    let mut svc = local_service(1, vec![local(1, POD_A)]);
+    svc.flags = FE_F_SOURCE_RANGES;
+    fx.add_service(&svc)?;
+    // 198.18.0.128/25 does not hold the client (.100).
+    fx.allow_source(1, Ipv4Addr::new(198, 18, 0, 128), 25)?;
+    let before = fx.counters()?;
+    let input = from_client(40000, FRONTEND, SYN);
+    let run = xdp_action(fx, topo, &input, XDP_DROP)?;
+    check_unchanged(&run, &input.bytes())?;
+    check_counters(fx, &before, &[(Counter::DroppedSourceRange, 1)])?;
+    // Another service's ranges do not count.
+    fx.allow_source(2, Ipv4Addr::new(198, 18, 0, 0), 24)?;
+    xdp_action(fx, topo, &input, XDP_DROP)?;
+    // 198.18.0.64/26 does.
+    fx.allow_source(1, Ipv4Addr::new(198, 18, 0, 64), 26)?;
+    xdp_action(fx, topo, &input, XDP_PASS)?;
+    Ok(())
+}
+
+fn three_backends() -> Vec<BackendSpec> {
+    vec![local(1, POD_A), local(2, POD_B), local(3, "198.18.1.10:8081")]
+}
+
+fn affinity(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    let mut svc = local_service(1, three_backends());
+    svc.flags = FE_F_AFFINITY;
+    // Short, so "past the timeout" exists on the monotonic clock of a freshly booted machine.
+    svc.affinity_timeout_s = 30;
+    fx.add_service(&svc)?;
+    let mut chosen = std::collections::BTreeSet::new();
+    for sport in 40000..40016 {
+        chosen.insert(backend_of(&xdp_action(fx, topo, &from_client(sport, FRONTEND, SYN), XDP_PASS)?.frame)?);
+    }
+    ensure!(chosen.len() == 1, "affinity broken: {chosen:?}");
+    let sticky = chosen.into_iter().next().expect("one");
+    // The table no longer holds the backend, but it exists: the affinity entry keeps the client.
+    let sticky_id = svc.backends.iter().find(|b| b.addr.to_string() == sticky).expect("known").id;
+    let others: Vec<u32> = svc.backends.iter().map(|b| b.id).filter(|id| *id != sticky_id).collect();
+    fx.set_table(&svc, &others)?;
+    let next = backend_of(&xdp_action(fx, topo, &from_client(40100, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    ensure!(next == sticky, "affinity lost on table change: {next} != {sticky}");
+    // Past the timeout the client is placed anew.
+    let (key, mut entry) = fx.dp.maps.affinity.iter().next().context("no affinity entry")??;
+    entry.last_seen_ns = monotonic_ns().saturating_sub(31 * 1_000_000_000);
+    fx.dp.maps.affinity.insert(key, entry, 0)?;
+    let after = backend_of(&xdp_action(fx, topo, &from_client(40200, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    ensure!(after != sticky, "expired affinity still used {sticky}");
+    Ok(())
+}
+
+fn spread_without_affinity(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, three_backends()))?;
+    let mut chosen = std::collections::BTreeSet::new();
+    for sport in 40000..40030 {
+        chosen.insert(backend_of(&xdp_action(fx, topo, &from_client(sport, FRONTEND, SYN), XDP_PASS)?.frame)?);
+    }
+    ensure!(chosen.len() == 3, "30 flows used only {chosen:?}");
+    Ok(())
+}
+
+fn not_a_service(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
+    let before = fx.counters()?;
+    for input in [
+        from_client(40000, "198.18.0.1:22", SYN),
+        // The right port on another address, and a SNAT-range port without a connection.
+        from_client(40000, "198.18.0.7:30080", SYN),
+        from_client(40000, "198.18.0.1:61500", SYN),
+    ] {
+        let run = xdp_action(fx, topo, &input, XDP_PASS)?;
+        check_unchanged(&run, &input.bytes())?;
+    }
+    check_counters(fx, &before, &[(Counter::PassedNoFrontend, 3)])
+}
+
+fn other_traffic(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
+    let node = [198, 18, 0, 1];
+    let client = [198, 18, 0, 100];
+    let mut cases: Vec<(Vec<u8>, Counter)> = Vec::new();
+    // ARP request (Ethernet + 28 bytes).
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&CLIENT_MAC);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&CLIENT_MAC);
+    arp.extend_from_slice(&client);
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&node);
+    cases.push((arp, Counter::PassedArp));
+    // IPv6 UDP to the node port number.
+    let mut v6 = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, EXT_MAC)
+        .ipv6([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2], [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], 64)
+        .udp(40000, 30080)
+        .write(&mut v6, b"v6")?;
+    cases.push((v6, Counter::PassedIpv6));
+    // VLAN-tagged IPv4 TCP to the frontend.
+    let mut vlan = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, EXT_MAC)
+        .single_vlan(etherparse::VlanId::try_new(100)?)
+        .ipv4(client, node, 64)
+        .tcp(40000, 30080, 1, 1000)
+        .syn()
+        .write(&mut vlan, b"")?;
+    cases.push((vlan, Counter::PassedVlan));
+    // ICMP echo to the node.
+    let mut icmp = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, EXT_MAC).ipv4(client, node, 64).icmpv4_echo_request(1, 1).write(&mut icmp, b"ping")?;
+    cases.push((icmp, Counter::PassedOtherProtocol));
+
+    for (frame, counter) in cases {
+        let before = fx.counters()?;
+        let run = fx.xdp(topo, &frame)?;
+        ensure!(run.action == XDP_PASS, "{counter:?}: action {}", run.action);
+        check_unchanged(&run, &frame).with_context(|| format!("{counter:?}"))?;
+        check_counters(fx, &before, &[(counter, 1)])?;
+    }
+    Ok(())
+}
+
+fn malformed(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
+    fx.add_service(&ServiceSpec::new(2, FRONTEND, IPPROTO_UDP, vec![local(2, "198.18.1.10:5353")]))?;
+    let tcp = from_client(40000, FRONTEND, SYN).bytes();
+    let udp = Pkt::udp(sa(CLIENT), sa(FRONTEND)).macs(CLIENT_MAC, EXT_MAC).bytes();
+    let set = |frame: &[u8], at: usize, bytes: &[u8]| {
+        let mut f = frame.to_vec();
+        f[at..at + bytes.len()].copy_from_slice(bytes);
+        f
+    };
+    let ip = 14;
+    let l4 = 14 + 20;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("Ethernet header only", tcp[..14].to_vec()),
+        ("truncated IPv4 header", tcp[..14 + 10].to_vec()),
+        ("IHL below 5", set(&tcp, ip, &[0x44])),
+        ("version 6 under the IPv4 ethertype", set(&tcp, ip, &[0x65])),
+        ("total length beyond the frame", set(&tcp, ip + 2, &500u16.to_be_bytes())),
+        ("total length below the header length", set(&tcp, ip + 2, &10u16.to_be_bytes())),
+        ("truncated TCP header", {
+            let mut f = set(&tcp, ip + 2, &30u16.to_be_bytes());
+            f.truncate(14 + 30);
+            f
+        }),
+        ("TCP data offset below 5", set(&tcp, l4 + 12, &[0x40])),
+        ("UDP length below 8", set(&udp, l4 + 4, &4u16.to_be_bytes())),
+        ("UDP length beyond the datagram", set(&udp, l4 + 4, &200u16.to_be_bytes())),
+    ];
+    for (name, frame) in cases {
+        let before = fx.counters()?;
+        let run = fx.xdp(topo, &frame).with_context(|| name.to_string())?;
+        ensure!(run.action == XDP_DROP, "{name}: action {}", run.action);
+        check_unchanged(&run, &frame).with_context(|| name.to_string())?;
+        check_counters(fx, &before, &[(Counter::DroppedMalformed, 1)]).with_context(|| name.to_string())?;
+    }
+    ensure!(fx.conntrack()?.is_empty(), "a malformed packet created a connection");
+    Ok(())
+}
+
+fn ip_options(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
+    let mut input = from_client(40000, FRONTEND, SYN);
+    input.ip_options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL: IHL 6
+    let run = xdp_action(fx, topo, &input, XDP_PASS)?;
+    let mut expected = input.clone().addrs(sa(CLIENT), sa(POD_A)).ttl(63);
+    expected.ip_options = vec![1, 1, 1, 0];
+    check_frame(&run.frame, &expected)?;
+    Ok(())
+}
+
+fn fragments(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&ServiceSpec::new(1, FRONTEND, IPPROTO_UDP, vec![local(1, "198.18.1.10:5353")]))?;
+    let before = fx.counters()?;
+    let mut first = Pkt::udp(sa(CLIENT), sa(FRONTEND)).macs(CLIENT_MAC, EXT_MAC).payload(&[7; 64]);
+    first.more_fragments = true;
+    let run = xdp_action(fx, topo, &first, XDP_DROP)?;
+    check_unchanged(&run, &first.bytes())?;
+    let mut later = first.clone();
+    later.more_fragments = false;
+    later.fragment_offset = 9;
+    let run = xdp_action(fx, topo, &later, XDP_PASS)?;
+    check_unchanged(&run, &later.bytes())?;
+    check_counters(fx, &before, &[(Counter::DroppedFragment, 1), (Counter::PassedLaterFragment, 1)])
+}
+
+fn ttl_exceeded(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
+    let before = fx.counters()?;
+    let input = from_client(40000, FRONTEND, SYN).ttl(1);
+    let run = xdp_action(fx, topo, &input, XDP_PASS)?;
+    check_unchanged(&run, &input.bytes())?;
+    check_counters(fx, &before, &[(Counter::FallbackTtlExceeded, 1)])
+}
+
+fn no_route(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    // A local backend the node has no route to: translated, then routed by the kernel.
+    fx.add_service(&local_service(1, vec![local(1, "198.18.9.9:8080")]))?;
+    let before = fx.counters()?;
+    let input = from_client(40000, FRONTEND, SYN);
+    let run = xdp_action(fx, topo, &input, XDP_PASS)?;
+    check_frame(&run.frame, &input.clone().addrs(sa(CLIENT), sa("198.18.9.9:8080")))?;
+    ensure!(run.meta.is_none());
+    check_counters(fx, &before, &[(Counter::FallbackFibLookup, 1)])?;
+    // A remote backend without a route cannot be SNATed: the packet goes on untranslated.
+    fx.add_service(&ServiceSpec::new(2, "198.18.0.1:30081", IPPROTO_TCP, vec![remote(2, "198.18.9.9:8080")]))?;
+    let before = fx.counters()?;
+    let input = from_client(40000, "198.18.0.1:30081", SYN);
+    let run = xdp_action(fx, topo, &input, XDP_PASS)?;
+    check_unchanged(&run, &input.bytes())?;
+    check_counters(fx, &before, &[(Counter::FallbackFibLookup, 1)])
+}
+
+fn no_neighbour(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![local(1, "198.18.1.99:8080")]))?;
+    let input = from_client(40000, FRONTEND, SYN);
+    let run = xdp_action(fx, topo, &input, XDP_PASS)?;
+    check_frame(&run.frame, &input.clone().addrs(sa(CLIENT), sa("198.18.1.99:8080")).ttl(63))?;
+    let meta = run.meta.context("no metadata")?;
+    ensure!(meta.flags & XDP_META_F_NEIGH != 0 && meta.ifindex == topo.pod_ifindex, "{meta:?}");
+    Ok(())
+}
+
+fn unconfigured(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
+    fx.set_config(nodeport_common::DatapathConfig::default())?;
+    let before = fx.counters()?;
+    let input = from_client(40000, FRONTEND, SYN);
+    let run = xdp_action(fx, topo, &input, XDP_PASS)?;
+    check_unchanged(&run, &input.bytes())?;
+    check_counters(fx, &before, &[(Counter::PassedNoFrontend, 1)])
+}
