@@ -8,6 +8,7 @@
 //! See docs/datapath.md for how the maps fit together.
 #![no_std]
 
+pub mod bench;
 pub mod checksum;
 pub mod counters;
 pub mod hash;

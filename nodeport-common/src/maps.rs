@@ -10,6 +10,7 @@ use bytemuck::{Pod, Zeroable};
 /// Map names as they appear in the object file (the `#[map]` statics carry these names).
 pub mod names {
     pub const CONFIG: &str = "NP_CONFIG";
+    pub const FRONTEND_PORTS: &str = "NP_FE_PORTS";
     pub const SNAT_ADDRS: &str = "NP_SNAT_ADDRS";
     pub const FRONTENDS: &str = "NP_FRONTENDS";
     pub const BACKENDS: &str = "NP_BACKENDS";
@@ -22,7 +23,7 @@ pub mod names {
 
     /// Every map, for pinning and validation.
     pub const ALL: &[&str] = &[
-        CONFIG, SNAT_ADDRS, FRONTENDS, BACKENDS, MAGLEV, SRC_RANGES, CONNTRACK,
+        CONFIG, FRONTEND_PORTS, SNAT_ADDRS, FRONTENDS, BACKENDS, MAGLEV, SRC_RANGES, CONNTRACK,
         AFFINITY, SVC_STATS, COUNTERS,
     ];
 }
@@ -86,9 +87,21 @@ pub struct DatapathConfig {
     pub tcp_established_timeout_s: u32,
     pub tcp_closing_timeout_s: u32,
     pub udp_timeout_s: u32,
-    pub _pad: u32,
+    /// Kernel ticks per second (CONFIG_HZ): the datapath keeps time in jiffies, the cheapest
+    /// clock it can read (docs/datapath.md), and converts timeouts with this.
+    pub hz: u32,
 }
 assert_size!(DatapathConfig, 32);
+
+/// `NP_FE_PORTS` is a bitmap of the destination ports any frontend uses: word `port / 64`,
+/// bit `port % 64`. One array load tells a packet to a port no frontend uses (most host
+/// traffic) that it is not ours, before any hash lookup.
+pub const FRONTEND_PORT_WORDS: u32 = 65_536 / 64;
+
+#[inline(always)]
+pub const fn frontend_port_bit(port: u16) -> (u32, u64) {
+    ((port / 64) as u32, 1u64 << (port % 64))
+}
 
 /// Value of `NP_SNAT_ADDRS` (key: egress ifindex): the address remote-backend traffic leaving
 /// through that interface is SNATed to, as MASQUERADE would pick it.
@@ -208,12 +221,16 @@ pub const CT_F_CLOSING: u16 = 1 << 2;
 /// The backend is on this node.
 pub const CT_F_LOCAL: u16 = 1 << 3;
 
-/// Value of `NP_CT`: the tuple a packet matching the key is rewritten to.
+/// Value of `NP_CT`: the tuple a packet matching the key is rewritten to, and where it went.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct CtEntry {
-    /// Last packet in this direction (bpf_ktime_get_ns, i.e. CLOCK_MONOTONIC).
-    pub last_seen_ns: u64,
+    /// Last packet in this direction, in jiffies.
+    pub last_seen: u64,
+    /// When (jiffies) the cached next hop below was last confirmed by a FIB lookup; 0: none.
+    /// A FIB lookup costs more than the rest of the path together, so a connection repeats it
+    /// at most once a second (docs/datapath.md).
+    pub route_checked: u64,
     pub new_saddr_be: u32,
     pub new_daddr_be: u32,
     pub new_sport_be: u16,
@@ -222,10 +239,14 @@ pub struct CtEntry {
     /// backend is gone is re-selected.
     pub backend_id: u32,
     pub svc_id: u32,
+    /// Cached next hop: egress device and MACs.
+    pub route_ifindex: u32,
     pub flags: u16,
-    pub _pad: u16,
+    pub route_smac: [u8; 6],
+    pub route_dmac: [u8; 6],
+    pub _pad: [u8; 2],
 }
-assert_size!(CtEntry, 32);
+assert_size!(CtEntry, 56);
 
 /// Key of `NP_AFFINITY`.
 #[repr(C)]
@@ -240,7 +261,8 @@ assert_size!(AffinityKey, 8);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct AffinityEntry {
-    pub last_seen_ns: u64,
+    /// The client's last new connection, in jiffies.
+    pub last_seen: u64,
     pub backend_id: u32,
     pub _pad: u32,
 }

@@ -7,6 +7,7 @@ use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
     helpers::bpf_fib_lookup as fib_lookup_helper,
 };
+use nodeport_common::CtEntry;
 
 const AF_INET: u8 = 2;
 
@@ -48,5 +49,31 @@ pub fn lookup(
         }
         BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeighbour { ifindex: params.ifindex },
         _ => Route::Unresolved,
+    }
+}
+
+/// The next hop for a connection's packets: the one cached in its conntrack entry while it is
+/// younger than `recheck` jiffies, else a FIB lookup, cached when it resolved (an unresolved
+/// neighbour is not cached, so it is asked again until the kernel knows it).
+#[inline(always)]
+pub fn next_hop(entry: *mut CtEntry, now: u64, recheck: u64, lookup: impl FnOnce() -> Route) -> Route {
+    // SAFETY: `entry` points into a conntrack map value.
+    unsafe {
+        let checked = (*entry).route_checked;
+        if checked != 0 && now.wrapping_sub(checked) < recheck {
+            return Route::Resolved {
+                ifindex: (*entry).route_ifindex,
+                smac: (*entry).route_smac,
+                dmac: (*entry).route_dmac,
+            };
+        }
+        let route = lookup();
+        if let Route::Resolved { ifindex, smac, dmac } = route {
+            (*entry).route_ifindex = ifindex;
+            (*entry).route_smac = smac;
+            (*entry).route_dmac = dmac;
+            (*entry).route_checked = now;
+        }
+        route
     }
 }

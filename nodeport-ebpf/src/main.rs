@@ -3,6 +3,8 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 #![cfg_attr(not(target_arch = "bpf"), allow(dead_code, unused_imports))]
 
+#[cfg(feature = "bench")]
+mod bench;
 mod conntrack;
 mod fib;
 mod maps;
@@ -21,10 +23,17 @@ use aya_ebpf::{
 };
 use nodeport_common::counters::CounterKind;
 
-/// XDP on external interfaces. Every packet is counted exactly once here.
+/// XDP on external interfaces.
 #[xdp]
 pub fn np_xdp_ext(ctx: XdpContext) -> u32 {
-    let (action, counter) = match xdp_ext::process(&ctx) {
+    xdp_ext_verdict(&ctx)
+}
+
+/// Runs the external path and counts the packet's fate, exactly once: the one place where an
+/// outcome becomes an action.
+#[inline(always)]
+fn xdp_ext_verdict(ctx: &XdpContext) -> u32 {
+    let (action, counter) = match xdp_ext::process(ctx) {
         Ok(verdict) => verdict,
         Err(counter) if counter.kind() == CounterKind::Dropped => (xdp_action::XDP_DROP, counter),
         Err(counter) => (xdp_action::XDP_PASS, counter),

@@ -6,12 +6,16 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use nodeport_common::{
-    AffinityEntry, AffinityKey, Backend, COUNTER_SLOTS, CtEntry, CtKey, DatapathConfig, Frontend,
-    FrontendKey, MaglevSlot, SnatAddr, SrcRangeKey, SvcStats, capacity,
+    AffinityEntry, AffinityKey, Backend, COUNTER_SLOTS, CtEntry, CtKey, DatapathConfig,
+    FRONTEND_PORT_WORDS, Frontend, FrontendKey, MaglevSlot, SnatAddr, SrcRangeKey, SvcStats,
+    capacity,
 };
 
 #[map]
 pub static NP_CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static NP_FE_PORTS: Array<u64> = Array::with_max_entries(FRONTEND_PORT_WORDS, 0);
 
 #[map]
 pub static NP_SNAT_ADDRS: HashMap<u32, SnatAddr> =

@@ -61,11 +61,11 @@ pub fn backend_for_new_flow(
     // (counted from its last new connection, as kube-proxy's `recent` match does), else the
     // Maglev slot of the client address, so the choice also agrees across nodes.
     let akey = AffinityKey { svc_id: fe.svc_id, client_be: flow.saddr_be };
-    let timeout_ns = u64::from(fe.affinity_timeout_s) * 1_000_000_000;
+    let timeout = u64::from(fe.affinity_timeout_s) * u64::from(cfg.hz);
     let remembered = NP_AFFINITY.get_ptr(&akey).and_then(|entry| {
         // SAFETY: points into the map value.
         let entry = unsafe { *entry };
-        if now.saturating_sub(entry.last_seen_ns) > timeout_ns {
+        if now.saturating_sub(entry.last_seen) > timeout {
             return None;
         }
         live_backend(entry.backend_id, fe.svc_id).map(|b| (entry.backend_id, b))
@@ -78,7 +78,7 @@ pub fn backend_for_new_flow(
             (id, live_backend(id, fe.svc_id).ok_or(Counter::DroppedNoBackend)?)
         }
     };
-    let entry = AffinityEntry { last_seen_ns: now, backend_id: id, _pad: 0 };
+    let entry = AffinityEntry { last_seen: now, backend_id: id, _pad: 0 };
     // A failed update only loses stickiness for later connections; this one is fine.
     let _ = NP_AFFINITY.insert(&akey, &entry, 0);
     Ok((id, backend))

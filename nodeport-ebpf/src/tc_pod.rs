@@ -13,9 +13,9 @@ use aya_ebpf::{
 use nodeport_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_REPLY_SEEN, Counter};
 
 use crate::{
-    conntrack::{self, now_ns},
+    conntrack::{self, now},
     fib::{self, Route},
-    maps::NP_CT,
+    maps::{NP_CONFIG, NP_CT},
     nat::{Tuple, decrement_ttl_skb, rewrite_skb},
     packet::{Flow, parse},
     stats::{self, count},
@@ -47,12 +47,14 @@ pub fn process(ctx: &TcContext) -> i32 {
     if flow.first_fragment {
         return TC_ACT_UNSPEC;
     }
-    let Some(entry) = NP_CT.get_ptr_mut(conntrack::key(&flow, CT_DIR_REPLY)) else {
+    let Some(entry_ptr) = NP_CT.get_ptr_mut(conntrack::key(&flow, CT_DIR_REPLY)) else {
         return TC_ACT_UNSPEC;
     };
-    let added = conntrack::touch(entry, &flow, now_ns(), CT_F_REPLY_SEEN);
+    let now = now();
+    let hz = NP_CONFIG.get(0).map_or(0, |cfg| u64::from(cfg.hz));
+    let added = conntrack::touch(entry_ptr, &flow, now, CT_F_REPLY_SEEN);
     // SAFETY: points into the map value.
-    let entry = unsafe { *entry };
+    let entry = unsafe { *entry_ptr };
     if added != 0 {
         conntrack::mark_opposite(&entry, flow.proto, CT_DIR_FORWARD, added);
     }
@@ -66,14 +68,9 @@ pub fn process(ctx: &TcContext) -> i32 {
     };
     // SAFETY: ctx.skb.skb is the kernel's __sk_buff.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    let route = fib::lookup(
-        ctx.skb.skb as *mut c_void,
-        ingress,
-        flow.proto,
-        0,
-        new.saddr_be,
-        new.daddr_be,
-    );
+    let route = fib::next_hop(entry_ptr, now, hz, || {
+        fib::lookup(ctx.skb.skb as *mut c_void, ingress, flow.proto, 0, new.saddr_be, new.daddr_be)
+    });
     if rewrite_skb(ctx, &flow, &new).is_err() {
         count(Counter::FallbackRedirect);
         return TC_ACT_OK;

@@ -18,13 +18,13 @@ use aya_ebpf::{
 use nodeport_common::{
     BE_F_LOCAL, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, CT_F_LOCAL, CT_F_REPLY_SEEN, CT_F_SNAT,
     Counter, CtEntry, CtKey, DatapathConfig, Frontend, FrontendKey, XDP_META_F_NEIGH,
-    XDP_META_MAGIC, XdpMeta, hash,
+    XDP_META_MAGIC, XdpMeta, frontend_port_bit, hash,
 };
 
 use crate::{
-    conntrack::{self, expired, now_ns},
+    conntrack::{self, expired, now},
     fib::{self, Route},
-    maps::{NP_CONFIG, NP_CT, NP_FRONTENDS, NP_SNAT_ADDRS},
+    maps::{NP_CONFIG, NP_CT, NP_FE_PORTS, NP_FRONTENDS, NP_SNAT_ADDRS},
     nat::{Tuple, decrement_ttl_xdp, rewrite_xdp},
     packet::{EthHdr, Flow, parse, ptr_at},
     select, stats,
@@ -55,96 +55,106 @@ fn rewritten(entry: &CtEntry) -> Tuple {
 }
 
 #[inline(always)]
+fn frontend_port(port: u16) -> bool {
+    let (word, bit) = frontend_port_bit(port);
+    NP_FE_PORTS.get(word).is_some_and(|w| w & bit != 0)
+}
+
+#[inline(always)]
 pub fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
     let cfg = match NP_CONFIG.get(0) {
-        Some(cfg) if cfg.maglev_size != 0 => *cfg,
+        Some(cfg) if cfg.maglev_size != 0 => cfg,
         _ => return Err(Counter::PassedNoFrontend),
     };
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let flow = parse(data, data_end, data_end - data)?;
+    let dport = u16::from_be(flow.dport_be);
 
-    let fe_key = FrontendKey {
-        addr_be: flow.daddr_be,
-        port_be: flow.dport_be,
-        proto: flow.proto,
-        _pad: 0,
-    };
-    if let Some(fe) = NP_FRONTENDS.get_ptr(&fe_key) {
-        // SAFETY: points into the map value; copied out at once.
-        let fe = unsafe { *fe };
-        // Later fragments carry no ports and could not follow the first one's translation.
-        if flow.first_fragment {
-            return Err(Counter::DroppedFragment);
+    if frontend_port(dport) {
+        let now = now();
+        // An established connection needs one lookup; its entry knows its service.
+        if let Some(entry) = NP_CT.get_ptr_mut(conntrack::key(&flow, CT_DIR_FORWARD)) {
+            // SAFETY: points into the map value.
+            if conntrack::still_valid(cfg, unsafe { &*entry }, &flow, now) {
+                // Later fragments carry no ports and could not follow the first one.
+                if flow.first_fragment {
+                    return Err(Counter::DroppedFragment);
+                }
+                return forward_established(ctx, cfg, &flow, entry, now);
+            }
         }
-        return forward(ctx, &cfg, &flow, &fe);
+        let fe_key = FrontendKey {
+            addr_be: flow.daddr_be,
+            port_be: flow.dport_be,
+            proto: flow.proto,
+            _pad: 0,
+        };
+        if let Some(fe) = NP_FRONTENDS.get_ptr(&fe_key) {
+            if flow.first_fragment {
+                return Err(Counter::DroppedFragment);
+            }
+            // SAFETY: points into the map value; copied out at once.
+            let fe = unsafe { *fe };
+            let entry = new_connection(ctx, cfg, &flow, &fe, now)?;
+            stats::service_forward(fe.svc_id, flow.tot_len);
+            return transmit(ctx, cfg, &flow, entry, now);
+        }
     }
 
-    let dport = u16::from_be(flow.dport_be);
     if dport >= cfg.snat_port_min && dport <= cfg.snat_port_max {
         if let Some(entry) = NP_CT.get_ptr_mut(conntrack::key(&flow, CT_DIR_REPLY)) {
             if flow.first_fragment {
                 return Err(Counter::DroppedFragment);
             }
-            return snat_reply(ctx, &flow, entry);
+            return snat_reply(ctx, cfg, &flow, entry);
         }
     }
     Err(Counter::PassedNoFrontend)
 }
 
-/// Client -> frontend.
+/// Client -> frontend on a known connection.
 #[inline(always)]
-fn forward(
+fn forward_established(
     ctx: &XdpContext,
     cfg: &DatapathConfig,
     flow: &Flow,
-    fe: &Frontend,
+    entry: *mut CtEntry,
+    now: u64,
 ) -> Result<Verdict, Counter> {
-    let now = now_ns();
-    let key = conntrack::key(flow, CT_DIR_FORWARD);
-    let existing = NP_CT.get_ptr_mut(key).filter(|entry| {
-        // SAFETY: points into the map value.
-        conntrack::still_valid(cfg, unsafe { &**entry }, flow, fe.svc_id, now)
-    });
-    let entry = match existing {
-        Some(entry) => {
-            let added = conntrack::touch(entry, flow, now, 0);
-            // SAFETY: points into the map value.
-            let entry = unsafe { *entry };
-            if added & CT_F_CLOSING != 0 {
-                conntrack::mark_opposite(&entry, flow.proto, CT_DIR_REPLY, CT_F_CLOSING);
-            }
-            entry
-        }
-        None => new_connection(ctx, cfg, flow, fe, &key, now)?,
-    };
-    stats::service_forward(fe.svc_id, flow.tot_len);
-    transmit(ctx, flow, &rewritten(&entry))
+    let added = conntrack::touch(entry, flow, now, 0);
+    // SAFETY: points into the map value.
+    let svc_id = unsafe { (*entry).svc_id };
+    if added & CT_F_CLOSING != 0 {
+        // SAFETY: as above.
+        conntrack::mark_opposite(unsafe { &*entry }, flow.proto, CT_DIR_REPLY, CT_F_CLOSING);
+    }
+    stats::service_forward(svc_id, flow.tot_len);
+    transmit(ctx, cfg, flow, entry, now)
 }
 
-/// Selects a backend and records both directions of the connection.
+/// Selects a backend and records both directions of the connection. Returns the forward
+/// entry as stored in the map.
 #[inline(always)]
 fn new_connection(
     ctx: &XdpContext,
     cfg: &DatapathConfig,
     flow: &Flow,
     fe: &Frontend,
-    key: &CtKey,
     now: u64,
-) -> Result<CtEntry, Counter> {
+) -> Result<*mut CtEntry, Counter> {
     if !select::source_allowed(fe, flow.saddr_be) {
         return Err(Counter::DroppedSourceRange);
     }
     let (backend_id, backend) = select::backend_for_new_flow(cfg, fe, flow, now)?;
     let mut forward = CtEntry {
-        last_seen_ns: now,
+        last_seen: now,
         new_saddr_be: flow.saddr_be,
         new_daddr_be: backend.addr_be,
         new_sport_be: flow.sport_be,
         new_dport_be: backend.port_be,
         backend_id,
         svc_id: fe.svc_id,
-        flags: 0,
-        _pad: 0,
+        ..CtEntry::default()
     };
     // The backend's replies go back from the frontend to the client.
     let mut reply = CtEntry {
@@ -184,10 +194,11 @@ fn new_connection(
         reply.flags = CT_F_SNAT;
         forward.new_sport_be = claim_snat_port(cfg, flow, &forward, &reply, now)?;
     }
+    let key = conntrack::key(flow, CT_DIR_FORWARD);
     NP_CT
-        .insert(key, &forward, u64::from(BPF_ANY))
+        .insert(&key, &forward, u64::from(BPF_ANY))
         .map_err(|_| Counter::DroppedConntrackFull)?;
-    Ok(forward)
+    NP_CT.get_ptr_mut(&key).ok_or(Counter::DroppedConntrackFull)
 }
 
 /// Finds a source port for the SNATed connection such that the backend's reply tuple is
@@ -251,35 +262,46 @@ fn claim_snat_port(
 
 /// Remote backend -> node address:SNAT port: back to the client, from the frontend.
 #[inline(always)]
-fn snat_reply(ctx: &XdpContext, flow: &Flow, entry: *mut CtEntry) -> Result<Verdict, Counter> {
-    let added = conntrack::touch(entry, flow, now_ns(), CT_F_REPLY_SEEN);
+fn snat_reply(
+    ctx: &XdpContext,
+    cfg: &DatapathConfig,
+    flow: &Flow,
+    entry: *mut CtEntry,
+) -> Result<Verdict, Counter> {
+    let now = now();
+    let added = conntrack::touch(entry, flow, now, CT_F_REPLY_SEEN);
     // SAFETY: points into the map value.
-    let entry = unsafe { *entry };
+    let svc_id = unsafe { (*entry).svc_id };
     if added != 0 {
-        conntrack::mark_opposite(&entry, flow.proto, CT_DIR_FORWARD, added);
+        // SAFETY: as above.
+        conntrack::mark_opposite(unsafe { &*entry }, flow.proto, CT_DIR_FORWARD, added);
     }
-    stats::service_reply(entry.svc_id, flow.tot_len);
-    transmit(ctx, flow, &rewritten(&entry))
+    stats::service_reply(svc_id, flow.tot_len);
+    transmit(ctx, cfg, flow, entry, now)
 }
 
-/// Rewrites the packet to `new` and sends it on its way.
+/// Rewrites the packet as `entry` says and sends it on its way.
 #[inline(always)]
-fn transmit(ctx: &XdpContext, flow: &Flow, new: &Tuple) -> Result<Verdict, Counter> {
+fn transmit(
+    ctx: &XdpContext,
+    cfg: &DatapathConfig,
+    flow: &Flow,
+    entry: *mut CtEntry,
+    now: u64,
+) -> Result<Verdict, Counter> {
     // TTL 1: the kernel answers with ICMP time exceeded, about the packet the client sent.
     // SAFETY: flow.ip is a bounds-checked IPv4 header.
     if unsafe { (*flow.ip).ttl } <= 1 {
         return Ok((xdp_action::XDP_PASS, Counter::FallbackTtlExceeded));
     }
+    // SAFETY: points into the map value.
+    let new = rewritten(unsafe { &*entry });
     let ingress = ingress_ifindex(ctx);
-    let route = fib::lookup(
-        ctx.ctx as *mut c_void,
-        ingress,
-        flow.proto,
-        flow.tot_len,
-        new.saddr_be,
-        new.daddr_be,
-    );
-    rewrite_xdp(flow, new);
+    // Cached next hops are re-checked after a second.
+    let route = fib::next_hop(entry, now, u64::from(cfg.hz), || {
+        fib::lookup(ctx.ctx as *mut c_void, ingress, flow.proto, flow.tot_len, new.saddr_be, new.daddr_be)
+    });
+    rewrite_xdp(flow, &new);
     // The kernel stack routes what the FIB lookup could not decide (and sends any ICMP).
     let (ifindex, flags, smac, dmac) = match route {
         Route::Unresolved => return Ok((xdp_action::XDP_PASS, Counter::FallbackFibLookup)),

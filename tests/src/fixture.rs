@@ -126,6 +126,8 @@ pub struct XdpRun {
     pub action: u32,
     pub meta: Option<XdpMeta>,
     pub frame: Vec<u8>,
+    /// Mean time per repetition, as the kernel measured it.
+    pub duration: std::time::Duration,
 }
 
 pub const XDP_DROP: u32 = 1;
@@ -150,7 +152,7 @@ pub fn default_config() -> DatapathConfig {
         tcp_established_timeout_s: 3600,
         tcp_closing_timeout_s: 10,
         udp_timeout_s: 60,
-        _pad: 0,
+        hz: nodeport_agent::datapath::kernel_hz(),
     }
 }
 
@@ -166,21 +168,22 @@ pub fn sizing() -> Sizing {
     }
 }
 
-/// CLOCK_MONOTONIC in ns, the clock the datapath stamps entries with.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime fills ts.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+/// A time stamp older than any timeout: the datapath's clock (jiffies) starts 2^32 - 300 HZ.
+pub const LONG_AGO: u64 = 1;
 
 impl Fixture {
     /// Loads a fresh datapath (nothing pinned) with the default configuration and the SNAT
     /// address of `ext0`.
     pub fn new(topo: &Topology) -> Result<Self> {
         let dp = Datapath::load(&sizing(), None).context("loading the datapath")?;
-        let mut fx = Self { dp, config: default_config() };
-        fx.set_config(default_config())?;
+        Self::with(dp, topo)
+    }
+
+    /// The same around an already loaded datapath (another object or sizing).
+    pub fn with(dp: Datapath, topo: &Topology) -> Result<Self> {
+        let config = DatapathConfig { maglev_size: dp.sizing.maglev_size, ..default_config() };
+        let mut fx = Self { dp, config };
+        fx.set_config(config)?;
         fx.dp.maps.snat_addrs.insert(topo.ext_ifindex, SnatAddr { addr_be: u32::from(NODE_IP).to_be() }, 0)?;
         Ok(fx)
     }
@@ -249,6 +252,9 @@ impl Fixture {
                 affinity_timeout_s: svc.affinity_timeout_s,
             };
             self.dp.maps.frontends.insert(key, value, 0)?;
+            let (word, bit) = nodeport_common::frontend_port_bit(addr.port());
+            let bits = self.dp.maps.frontend_ports.get(&word, 0)?;
+            self.dp.maps.frontend_ports.set(word, bits | bit, 0)?;
         }
         Ok(())
     }
@@ -351,6 +357,11 @@ pub fn run_xdp(
         let meta = (meta_len == size_of::<XdpMeta>())
             .then(|| bytemuck::pod_read_unaligned::<XdpMeta>(&out[..meta_len]))
             .filter(|m| m.magic == XDP_META_MAGIC);
-        Ok(XdpRun { action: result.return_value, meta, frame: out[meta_len..].to_vec() })
+        Ok(XdpRun {
+            action: result.return_value,
+            meta,
+            frame: out[meta_len..].to_vec(),
+            duration: result.duration,
+        })
     })?
 }

@@ -58,6 +58,7 @@ const CASES: &[(&str, Case)] = &[
     ("no route: the kernel routes it (counted)", no_route),
     ("unknown neighbour: TC resolves it", no_neighbour),
     ("an unconfigured datapath passes everything", unconfigured),
+    ("the next hop is cached per connection and re-checked when stale", next_hop_cache),
 ];
 
 #[test]
@@ -328,10 +329,10 @@ fn reselect_removed_backend(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     Ok(())
 }
 
-fn age_entry(fx: &mut Fixture, dir: u8, by_s: u64) -> Result<()> {
+fn age_entry(fx: &mut Fixture, dir: u8) -> Result<()> {
     let entries = fx.conntrack()?;
     let (key, mut entry) = *entries.iter().find(|(k, _)| k.dir == dir).context("no entry")?;
-    entry.last_seen_ns = monotonic_ns().saturating_sub(by_s * 1_000_000_000);
+    entry.last_seen = LONG_AGO;
     fx.dp.maps.conntrack.insert(key, entry, 0)?;
     Ok(())
 }
@@ -341,8 +342,8 @@ fn reselect_expired(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     let first = backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
     let (_, other) = other_backend(&svc, &first);
     fx.set_table(&svc, &[other])?;
-    // Only a SYN was seen: the SYN timeout (60 s) applies.
-    age_entry(fx, CT_DIR_FORWARD, 61)?;
+    // Only a SYN was seen: the SYN timeout applies.
+    age_entry(fx, CT_DIR_FORWARD)?;
     let again = backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
     ensure!(again != first, "expired flow kept {first}");
     Ok(())
@@ -420,8 +421,7 @@ fn three_backends() -> Vec<BackendSpec> {
 fn affinity(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     let mut svc = local_service(1, three_backends());
     svc.flags = FE_F_AFFINITY;
-    // Short, so "past the timeout" exists on the monotonic clock of a freshly booted machine.
-    svc.affinity_timeout_s = 30;
+    svc.affinity_timeout_s = 10800;
     fx.add_service(&svc)?;
     let mut chosen = std::collections::BTreeSet::new();
     for sport in 40000..40016 {
@@ -437,7 +437,7 @@ fn affinity(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     ensure!(next == sticky, "affinity lost on table change: {next} != {sticky}");
     // Past the timeout the client is placed anew.
     let (key, mut entry) = fx.dp.maps.affinity.iter().next().context("no affinity entry")??;
-    entry.last_seen_ns = monotonic_ns().saturating_sub(31 * 1_000_000_000);
+    entry.last_seen = LONG_AGO;
     fx.dp.maps.affinity.insert(key, entry, 0)?;
     let after = backend_of(&xdp_action(fx, topo, &from_client(40200, FRONTEND, SYN), XDP_PASS)?.frame)?;
     ensure!(after != sticky, "expired affinity still used {sticky}");
@@ -624,4 +624,28 @@ fn unconfigured(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     let run = xdp_action(fx, topo, &input, XDP_PASS)?;
     check_unchanged(&run, &input.bytes())?;
     check_counters(fx, &before, &[(Counter::PassedNoFrontend, 1)])
+}
+
+fn next_hop_cache(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    // A huge tick rate stretches "one second" far past the test, so nothing goes stale by itself.
+    fx.set_config(nodeport_common::DatapathConfig { hz: 1_000_000, ..default_config() })?;
+    fx.add_service(&local_service(1, vec![remote(1, REMOTE_A)]))?;
+    let syn = from_client(40000, FRONTEND, SYN);
+    let first = parse_checked(&xdp_action(fx, topo, &syn, XDP_TX)?.frame)?;
+    ensure!(first.eth_dst == NODE2_MAC);
+    // Plant a marker in the cached next hop: the next packet must use it, not the FIB.
+    let (key, mut entry) =
+        *fx.conntrack()?.iter().find(|(k, _)| k.dir == CT_DIR_FORWARD).context("no forward entry")?;
+    ensure!(entry.route_checked != 0, "the first packet cached no next hop: {entry:?}");
+    let marker = [2, 0, 0, 0, 0, 0x99];
+    entry.route_dmac = marker;
+    fx.dp.maps.conntrack.insert(key, entry, 0)?;
+    let cached = parse_checked(&xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_TX)?.frame)?;
+    ensure!(cached.eth_dst == marker, "cached next hop not used: {cached:?}");
+    // Stale: the FIB is asked again and the cache corrected.
+    entry.route_checked = LONG_AGO;
+    fx.dp.maps.conntrack.insert(key, entry, 0)?;
+    let fresh = parse_checked(&xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_TX)?.frame)?;
+    ensure!(fresh.eth_dst == NODE2_MAC, "stale next hop not re-checked: {fresh:?}");
+    Ok(())
 }

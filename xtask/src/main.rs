@@ -1,1 +1,99 @@
-fn main() {}
+//! `cargo xtask`: the project's tasks. It orchestrates (toolchain, builds, root tests,
+//! namespaces for the demo, benchmarks); product logic lives in the crates.
+
+mod ebpf;
+mod prereqs;
+mod util;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+use util::{cargo, is_root, run, workspace_root};
+
+#[derive(Parser)]
+#[command(about = "nodeport's build, test, benchmark and demo tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install missing prerequisites (as root on Debian/Ubuntu), build the eBPF object and the
+    /// agent with it embedded: target/release/nodeport-agent.
+    Build,
+    /// Everything: formatting, clippy, host tests and the root tests (BPF test runs, network
+    /// namespaces). Needs root, and says so instead of skipping.
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        skip_lint: bool,
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Measure the datapath and the agent (needs root); results go to bench/results/.
+    Bench,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Build => {
+            let agent = build_agent()?;
+            println!("xtask: built {}", agent.display());
+            Ok(())
+        }
+        Task::Test { skip_lint, filter } => test(skip_lint, filter),
+        Task::Bench => bench(),
+    }
+}
+
+/// Builds the eBPF object, then the agent with it embedded. Returns the agent binary.
+fn build_agent() -> Result<std::path::PathBuf> {
+    let toolchain = prereqs::ensure()?;
+    let object = ebpf::build(&toolchain, ebpf::Flavour::Datapath)?;
+    run(cargo()
+        .args(["build", "--release", "--package", "nodeport-agent"])
+        .env("NODEPORT_EBPF_OBJECT", &object))?;
+    Ok(workspace_root().join("target/release/nodeport-agent"))
+}
+
+fn test(skip_lint: bool, filter: Option<String>) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "cargo xtask test runs tests that need root (BPF programs, network namespaces) and \
+             does not skip them: run it as root, e.g. `sudo -E cargo xtask test`"
+        );
+    }
+    let toolchain = prereqs::ensure()?;
+    let object = ebpf::build(&toolchain, ebpf::Flavour::Datapath)?;
+    if !skip_lint {
+        println!("xtask: cargo fmt --check");
+        run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+        println!("xtask: cargo clippy");
+        run(cargo()
+            .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+            .env("NODEPORT_EBPF_OBJECT", &object))?;
+    }
+    println!("xtask: cargo test (host and root tests)");
+    let mut test = cargo();
+    test.args(["test", "--workspace", "--", "--include-ignored"]).env("NODEPORT_EBPF_OBJECT", &object);
+    if let Some(filter) = filter {
+        test.arg(filter);
+    }
+    run(&mut test)?;
+    println!("xtask: all tests passed");
+    Ok(())
+}
+
+fn bench() -> Result<()> {
+    if !is_root() {
+        bail!("cargo xtask bench loads BPF programs and needs root");
+    }
+    let toolchain = prereqs::ensure()?;
+    let datapath = ebpf::build(&toolchain, ebpf::Flavour::Datapath)?;
+    let bench_object = ebpf::build(&toolchain, ebpf::Flavour::Bench)?;
+    run(cargo()
+        .args(["run", "--release", "--package", "nodeport-bench", "--"])
+        .arg(workspace_root().join("bench/results"))
+        .env("NODEPORT_EBPF_OBJECT", &datapath)
+        .env("NODEPORT_BENCH_OBJECT", &bench_object))
+}

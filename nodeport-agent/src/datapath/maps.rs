@@ -7,8 +7,9 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapInfo, MapType, PerCpuArray},
 };
 use nodeport_common::{
-    AffinityEntry, AffinityKey, Backend, COUNTER_SLOTS, CtEntry, CtKey, DatapathConfig, Frontend,
-    FrontendKey, MaglevSlot, SnatAddr, SrcRangeKey, SvcStats, capacity, names,
+    AffinityEntry, AffinityKey, Backend, COUNTER_SLOTS, CtEntry, CtKey, DatapathConfig,
+    FRONTEND_PORT_WORDS, Frontend, FrontendKey, MaglevSlot, SnatAddr, SrcRangeKey, SvcStats,
+    capacity, names,
 };
 
 use super::{DatapathError, Result, Sizing};
@@ -16,6 +17,7 @@ use super::{DatapathError, Result, Sizing};
 /// Every map, typed.
 pub struct Maps {
     pub config: Array<MapData, DatapathConfig>,
+    pub frontend_ports: Array<MapData, u64>,
     pub snat_addrs: HashMap<MapData, u32, SnatAddr>,
     pub frontends: HashMap<MapData, FrontendKey, Frontend>,
     pub backends: Array<MapData, Backend>,
@@ -39,6 +41,7 @@ impl Maps {
     pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self> {
         Ok(Self {
             config: take(ebpf, names::CONFIG)?,
+            frontend_ports: take(ebpf, names::FRONTEND_PORTS)?,
             snat_addrs: take(ebpf, names::SNAT_ADDRS)?,
             frontends: take(ebpf, names::FRONTENDS)?,
             backends: take(ebpf, names::BACKENDS)?,
@@ -76,6 +79,7 @@ pub fn map_specs(sizing: &Sizing) -> Vec<MapSpec> {
     };
     vec![
         spec(names::CONFIG, MapType::Array, 4, size::<DatapathConfig>(), 1),
+        spec(names::FRONTEND_PORTS, MapType::Array, 4, 8, FRONTEND_PORT_WORDS),
         spec(names::SNAT_ADDRS, MapType::Hash, 4, size::<SnatAddr>(), capacity::SNAT_ADDRS),
         spec(
             names::FRONTENDS,

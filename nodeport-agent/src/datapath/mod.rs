@@ -214,6 +214,18 @@ impl Datapath {
         self.program_mut(name)
     }
 
+    /// Loads an XDP program of the object that is not one of the datapath's own (the bench
+    /// build's entry points).
+    pub fn load_extra_xdp(&mut self, name: &'static str) -> Result<()> {
+        let prog: &mut aya::programs::Xdp = self.program_mut(name)?;
+        prog.load().map_err(|source| DatapathError::Program { program: name, source })
+    }
+
+    /// A map of the object that is not one of the datapath's own (the bench build's).
+    pub fn take_extra_map(&mut self, name: &str) -> Option<aya::maps::Map> {
+        self.ebpf.take_map(name)
+    }
+
     pub fn pin_dir(&self) -> Option<&PinDir> {
         self.pins.as_ref()
     }
@@ -246,6 +258,16 @@ fn create_dir(path: &Path) -> Result<()> {
         .map_err(|source| DatapathError::Io { context: format!("creating {}", path.display()), source })
 }
 
+/// Kernel ticks per second (CONFIG_HZ), the unit of the datapath's clock (jiffies): the
+/// resolution of CLOCK_MONOTONIC_COARSE is exactly one tick.
+pub fn kernel_hz() -> u32 {
+    let mut res = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_getres fills `res`.
+    let ok = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } == 0;
+    let tick_ns = res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64;
+    if ok && tick_ns > 0 { (1_000_000_000 / tick_ns) as u32 } else { 250 }
+}
+
 pub fn is_prime(n: u32) -> bool {
     if n < 2 {
         return false;
@@ -263,6 +285,11 @@ pub fn is_prime(n: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_hz_is_a_known_config_hz() {
+        assert!([100, 250, 300, 1000].contains(&kernel_hz()), "{}", kernel_hz());
+    }
 
     #[test]
     fn primes() {

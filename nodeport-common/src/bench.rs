@@ -1,0 +1,30 @@
+//! Shared with the benchmark build of the datapath (`cargo xtask bench`, feature `bench` of
+//! nodeport-ebpf): BPF_PROG_TEST_RUN repeats a program on the same buffer without restoring it,
+//! so a program that rewrites packets would measure its own output from the second repetition
+//! on. The bench entry points first copy this template back into the packet.
+
+use bytemuck::{Pod, Zeroable};
+
+pub const TEMPLATE_MAP: &str = "NP_BENCH";
+/// The benchmark frames are exactly this long.
+pub const FRAME_LEN: usize = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct BenchTemplate {
+    pub frame: [u8; FRAME_LEN],
+    /// Non-zero: give every repetition another client address (a new flow each time).
+    pub vary_client: u32,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: #[repr(C)] bytemuck::Pod.
+unsafe impl aya::Pod for BenchTemplate {}
+
+pub mod programs {
+    /// Template restore, then the production XDP path.
+    pub const XDP_EXTERNAL: &str = "np_bench_ext";
+    /// Template restore, then XDP_PASS: the cost of the restore itself.
+    pub const RESTORE_ONLY: &str = "np_bench_restore";
+}
