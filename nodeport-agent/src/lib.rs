@@ -1,0 +1,3 @@
+pub mod manifests;
+#[cfg(test)]
+mod test_support;
