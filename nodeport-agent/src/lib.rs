@@ -1,3 +1,4 @@
+pub mod ledger;
 pub mod manifests;
 #[cfg(test)]
 mod test_support;
