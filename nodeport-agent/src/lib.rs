@@ -2,4 +2,8 @@
 //! health checks and metrics, and reports on the node port range.
 
 pub mod datapath;
+pub mod ledger;
 pub mod maglev;
+pub mod manifests;
+#[cfg(test)]
+mod test_support;

@@ -1,0 +1,651 @@
+//! Services and EndpointSlices read from a directory of manifest files instead of a cluster.
+//!
+//! Files: every `*.yaml`, `*.yml` and `*.json` file under the directory, walked in name order
+//! (subdirectories included). Entries whose name starts with `.` are skipped: a ConfigMap
+//! mounted as a volume keeps its data behind `..data` and `..<timestamp>` entries next to the
+//! visible symlinks, and reading both would define every object twice. Symlinked directories
+//! are not followed (no loops); symlinked files are.
+//!
+//! Each file holds one or more YAML documents separated by `---` (JSON is YAML too). A document
+//! is a Kubernetes object or a `kind: List` of them. Services (`v1`) and EndpointSlices
+//! (`discovery.k8s.io/v1`) are kept; every other kind is skipped. The returned objects are
+//! normalised the way the API server would store them where the rest of the agent relies on
+//! it: `metadata.namespace` defaults to `default`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// Where an object was read from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub file: PathBuf,
+    /// 1-based position of the YAML document within the file, counted as YAML does: a `---`
+    /// on the first line opens document 1 rather than closing an empty one.
+    pub document: usize,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: document {}", self.file.display(), self.document)
+    }
+}
+
+/// The objects of a manifests directory, in file order.
+#[derive(Clone, Debug, Default)]
+pub struct Manifests {
+    pub services: Vec<(Origin, Service)>,
+    pub endpoint_slices: Vec<(Origin, EndpointSlice)>,
+}
+
+/// Where in a file an object sits, and which object it is when that is known; displayed as
+/// `web.yaml: document 2 (Service default/web)` or, inside a List,
+/// `list.yaml: document 1, items[3] (Service default/web)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectLocation {
+    pub origin: Origin,
+    /// Index in the `items` of a `kind: List` document.
+    pub list_item: Option<usize>,
+    /// `Service default/web`; `None` when the document is not recognisably an object.
+    pub object: Option<String>,
+}
+
+impl ObjectLocation {
+    /// File, document and list item, without the object.
+    pub fn place(&self) -> String {
+        match self.list_item {
+            Some(item) => format!("{}, items[{item}]", self.origin),
+            None => self.origin.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.place())?;
+        if let Some(object) = &self.object {
+            write!(f, " ({object})")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{}: cannot read the manifests directory: {source}", dir.display())]
+    ReadDir { dir: PathBuf, source: io::Error },
+    #[error("{}: cannot read: {source}", file.display())]
+    ReadFile { file: PathBuf, source: io::Error },
+    /// The text is not valid YAML (or JSON); the message carries line and column.
+    #[error("{origin}: {message}")]
+    Syntax { origin: Origin, message: String },
+    #[error("{location}: not a Kubernetes object: {reason}")]
+    NotAnObject {
+        location: ObjectLocation,
+        reason: String,
+    },
+    /// A field has the wrong type or a value the API server would reject. `path` is the field
+    /// path within the object, e.g. `spec.ports[0].nodePort`.
+    #[error("{location}: {path}: {message}")]
+    InvalidField {
+        location: ObjectLocation,
+        path: String,
+        message: String,
+    },
+    /// The same kind, namespace and name twice: the API server would keep only one.
+    #[error("{location}: defined twice, first at {}", first.place())]
+    Duplicate {
+        location: ObjectLocation,
+        /// Boxed to keep the error small (clippy::result_large_err).
+        first: Box<ObjectLocation>,
+    },
+}
+
+/// Loads every Service and EndpointSlice of the manifest files under `dir`.
+pub fn load_dir(dir: &Path) -> Result<Manifests, ManifestError> {
+    let mut files = Vec::new();
+    collect_manifest_files(dir, &mut files)?;
+    let mut loader = Loader::default();
+    for file in files {
+        let text = fs::read_to_string(&file).map_err(|source| ManifestError::ReadFile {
+            file: file.clone(),
+            source,
+        })?;
+        loader.load_text(&file, &text)?;
+    }
+    Ok(loader.manifests)
+}
+
+fn collect_manifest_files(dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), ManifestError> {
+    let read_dir_error = |source| ManifestError::ReadDir {
+        dir: dir.to_owned(),
+        source,
+    };
+    let mut entries = fs::read_dir(dir)
+        .map_err(read_dir_error)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(read_dir_error)?;
+    entries.sort_by_key(|entry| entry.file_name());
+    for entry in entries {
+        let path = entry.path();
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            tracing::debug!(path = %path.display(), "skipping hidden entry");
+            continue;
+        }
+        // DirEntry::file_type does not follow symlinks: a symlinked directory is not entered,
+        // a symlinked file is read like any other.
+        let file_type = entry.file_type().map_err(read_dir_error)?;
+        if file_type.is_dir() {
+            collect_manifest_files(&path, files)?;
+        } else if is_manifest_file(&path) {
+            files.push(path);
+        }
+    }
+    Ok(())
+}
+
+fn is_manifest_file(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|ext| ext.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
+}
+
+enum KeptKind {
+    Service,
+    EndpointSlice,
+}
+
+#[derive(Default)]
+struct Loader {
+    manifests: Manifests,
+    /// (kind, namespace, name) -> where it was first defined.
+    seen: HashMap<(&'static str, String, String), ObjectLocation>,
+}
+
+impl Loader {
+    fn load_text(&mut self, file: &Path, text: &str) -> Result<(), ManifestError> {
+        for (index, document) in serde_norway::Deserializer::from_str(text).enumerate() {
+            let origin = Origin {
+                file: file.to_owned(),
+                document: index + 1,
+            };
+            // A failed parse ends the stream (the deserializer would repeat the error forever).
+            let value: Value =
+                serde::Deserialize::deserialize(document).map_err(|err| ManifestError::Syntax {
+                    origin: origin.clone(),
+                    message: err.to_string(),
+                })?;
+            self.load_document(origin, value)?;
+        }
+        Ok(())
+    }
+
+    fn load_document(&mut self, origin: Origin, value: Value) -> Result<(), ManifestError> {
+        if value.is_null() {
+            return Ok(()); // empty document, or only comments
+        }
+        let location = ObjectLocation {
+            origin,
+            list_item: None,
+            object: None,
+        };
+        // `kubectl get -o yaml` writes `kind: List`; the raw API writes `ServiceList` etc.
+        let (_, kind) = type_meta(&value, &location)?;
+        if kind == "List" || (kind.ends_with("List") && value.get("items").is_some()) {
+            return self.load_list(location, value);
+        }
+        self.load_object(location, value)
+    }
+
+    fn load_list(
+        &mut self,
+        location: ObjectLocation,
+        mut list: Value,
+    ) -> Result<(), ManifestError> {
+        let items = match list.get_mut("items").map(Value::take) {
+            None | Some(Value::Null) => return Ok(()),
+            Some(Value::Array(items)) => items,
+            Some(other) => {
+                return Err(ManifestError::InvalidField {
+                    location,
+                    path: "items".to_owned(),
+                    message: format!(
+                        "expected a sequence of objects, found {}",
+                        json_type(&other)
+                    ),
+                });
+            }
+        };
+        for (index, item) in items.into_iter().enumerate() {
+            let location = ObjectLocation {
+                list_item: Some(index),
+                ..location.clone()
+            };
+            self.load_object(location, item)?;
+        }
+        Ok(())
+    }
+
+    fn load_object(
+        &mut self,
+        mut location: ObjectLocation,
+        value: Value,
+    ) -> Result<(), ManifestError> {
+        let kind = match type_meta(&value, &location)? {
+            ("v1", "Service") => KeptKind::Service,
+            ("discovery.k8s.io/v1", "EndpointSlice") => KeptKind::EndpointSlice,
+            // Other kinds, and other groups' "Service" (Knative's serving.knative.dev/v1).
+            (api_version, kind) => {
+                tracing::debug!(%location, api_version, kind, "skipping object of another kind");
+                return Ok(());
+            }
+        };
+        match kind {
+            KeptKind::Service => {
+                location.object = Some(describe_object("Service", &value));
+                let mut service: Service = deserialize(&location, value)?;
+                let key = identity(&location, &mut service.metadata)?;
+                validate_service(&service, &location)?;
+                self.remember("Service", key, &location)?;
+                self.manifests.services.push((location.origin, service));
+            }
+            KeptKind::EndpointSlice => {
+                location.object = Some(describe_object("EndpointSlice", &value));
+                let mut slice: EndpointSlice = deserialize(&location, value)?;
+                let key = identity(&location, &mut slice.metadata)?;
+                self.remember("EndpointSlice", key, &location)?;
+                self.manifests
+                    .endpoint_slices
+                    .push((location.origin, slice));
+            }
+        }
+        Ok(())
+    }
+
+    fn remember(
+        &mut self,
+        kind: &'static str,
+        (namespace, name): (String, String),
+        location: &ObjectLocation,
+    ) -> Result<(), ManifestError> {
+        match self.seen.entry((kind, namespace, name)) {
+            std::collections::hash_map::Entry::Occupied(first) => Err(ManifestError::Duplicate {
+                location: location.clone(),
+                first: Box::new(first.get().clone()),
+            }),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(location.clone());
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `apiVersion` and `kind` of a document, which every Kubernetes object must have.
+fn type_meta<'a>(
+    value: &'a Value,
+    location: &ObjectLocation,
+) -> Result<(&'a str, &'a str), ManifestError> {
+    let not_an_object = |reason: String| ManifestError::NotAnObject {
+        location: location.clone(),
+        reason,
+    };
+    let Value::Object(map) = value else {
+        return Err(not_an_object(format!(
+            "expected a mapping, found {}",
+            json_type(value)
+        )));
+    };
+    let field = |name: &str| match map.get(name) {
+        Some(Value::String(text)) if !text.is_empty() => Ok(text.as_str()),
+        Some(Value::String(_)) | None => Err(not_an_object(format!("{name} is missing"))),
+        Some(other) => Err(not_an_object(format!(
+            "{name} must be a string, found {}",
+            json_type(other)
+        ))),
+    };
+    Ok((field("apiVersion")?, field("kind")?))
+}
+
+/// `Service default/web` from the raw document, for error messages written before the typed
+/// object exists.
+fn describe_object(kind: &str, value: &Value) -> String {
+    let metadata = value.get("metadata");
+    let text = |field: &str| metadata.and_then(|m| m.get(field)).and_then(Value::as_str);
+    match text("name") {
+        Some(name) => format!("{kind} {}/{name}", text("namespace").unwrap_or("default")),
+        None => kind.to_owned(),
+    }
+}
+
+fn deserialize<T: DeserializeOwned>(
+    location: &ObjectLocation,
+    value: Value,
+) -> Result<T, ManifestError> {
+    serde_path_to_error::deserialize(value).map_err(|err| {
+        let path = err.path().to_string();
+        let message = err.into_inner().to_string();
+        ManifestError::InvalidField {
+            location: location.clone(),
+            // serde_path_to_error writes "." for the object itself.
+            path: if path == "." {
+                "(object)".to_owned()
+            } else {
+                path
+            },
+            message,
+        }
+    })
+}
+
+/// Checks metadata.name and defaults metadata.namespace; returns (namespace, name).
+fn identity(
+    location: &ObjectLocation,
+    metadata: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Result<(String, String), ManifestError> {
+    let Some(name) = metadata.name.clone().filter(|name| !name.is_empty()) else {
+        return Err(ManifestError::InvalidField {
+            location: location.clone(),
+            path: "metadata.name".to_owned(),
+            message: "required (generateName alone is not supported in manifest files)".to_owned(),
+        });
+    };
+    let namespace = metadata
+        .namespace
+        .get_or_insert_with(|| "default".to_owned());
+    if namespace.is_empty() {
+        *namespace = "default".to_owned();
+    }
+    Ok((namespace.clone(), name))
+}
+
+/// What the API server would reject and the agent relies on: known protocols and node ports
+/// that are port numbers (0 means "not set", as in the API).
+fn validate_service(service: &Service, location: &ObjectLocation) -> Result<(), ManifestError> {
+    let invalid = |path: String, message: String| ManifestError::InvalidField {
+        location: location.clone(),
+        path,
+        message,
+    };
+    let Some(spec) = &service.spec else {
+        return Ok(());
+    };
+    for (index, port) in spec.ports.iter().flatten().enumerate() {
+        if let Some(protocol) = &port.protocol
+            && !matches!(protocol.as_str(), "TCP" | "UDP" | "SCTP")
+        {
+            return Err(invalid(
+                format!("spec.ports[{index}].protocol"),
+                format!("unsupported value {protocol:?}: expected \"TCP\", \"UDP\" or \"SCTP\""),
+            ));
+        }
+        if let Some(node_port) = port.node_port
+            && !(0..=65535).contains(&node_port)
+        {
+            return Err(invalid(
+                format!("spec.ports[{index}].nodePort"),
+                format!("{node_port} is not a port number (1-65535, or 0 to have one allocated)"),
+            ));
+        }
+    }
+    if let Some(port) = spec.health_check_node_port
+        && !(0..=65535).contains(&port)
+    {
+        return Err(invalid(
+            "spec.healthCheckNodePort".to_owned(),
+            format!("{port} is not a port number (1-65535, or 0 to have one allocated)"),
+        ));
+    }
+    Ok(())
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a sequence",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::test_support::ScratchDir;
+
+    impl ScratchDir {
+        fn load(&self) -> Result<Manifests, ManifestError> {
+            load_dir(self.path())
+        }
+
+        fn load_err(&self) -> String {
+            let err = self.load().expect_err("loading should fail").to_string();
+            // Paths are shown as found; strip the scratch prefix for readable assertions.
+            err.replace(&format!("{}/", self.path().display()), "")
+        }
+    }
+
+    fn names(manifests: &Manifests) -> Vec<String> {
+        manifests
+            .services
+            .iter()
+            .map(|(origin, svc)| {
+                format!(
+                    "{}#{} {}/{}",
+                    origin.file.file_name().unwrap().to_string_lossy(),
+                    origin.document,
+                    svc.metadata.namespace.as_deref().unwrap(),
+                    svc.metadata.name.as_deref().unwrap()
+                )
+            })
+            .collect()
+    }
+
+    const WEB: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  type: NodePort\n  ports:\n  - port: 80\n    nodePort: 30080\n";
+
+    #[test]
+    fn loads_multi_document_files_in_name_order_and_defaults_the_namespace() {
+        let dir = ScratchDir::new("multi");
+        dir.write(
+            "b.yaml",
+            "---\n# only a comment\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: api\n  namespace: shop\n---\n---\n",
+        )
+        .write("a.yml", WEB)
+        .write("sub/c.json", r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db"}}"#)
+        .write("notes.txt", "not a manifest")
+        .write(".hidden.yaml", "kind: [broken");
+        let manifests = dir.load().unwrap();
+        assert_eq!(
+            names(&manifests),
+            [
+                "a.yml#1 default/web",
+                "b.yaml#2 shop/api",
+                "c.json#1 default/db"
+            ]
+        );
+        let web = &manifests.services[0].1;
+        let port = &web.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
+        assert_eq!(port.node_port, Some(30080));
+    }
+
+    #[test]
+    fn reads_a_mounted_config_map_once() {
+        // The kubelet's layout: files are symlinks into `..data`, itself a symlink to a
+        // timestamped directory.
+        let dir = ScratchDir::new("configmap");
+        dir.write("..2024_01_01_00_00_00.000/web.yaml", WEB);
+        let link = |target: &str, name: &str| {
+            std::os::unix::fs::symlink(target, dir.path().join(name)).unwrap()
+        };
+        link("..2024_01_01_00_00_00.000", "..data");
+        link("..data/web.yaml", "web.yaml");
+        link("..data", "linked-dir");
+        let manifests = dir.load().unwrap();
+        assert_eq!(names(&manifests), ["web.yaml#1 default/web"]);
+    }
+
+    #[test]
+    fn loads_list_items_and_endpoint_slices_and_skips_other_kinds() {
+        let dir = ScratchDir::new("list");
+        dir.write(
+            "all.yaml",
+            r#"apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {name: one}
+- apiVersion: apps/v1
+  kind: Deployment
+  metadata: {name: one}
+  spec: {replicas: "not checked: other kinds are skipped"}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: one-abc, labels: {kubernetes.io/service-name: one}}
+  addressType: IPv4
+  endpoints: [{addresses: [10.0.0.1]}]
+---
+apiVersion: serving.knative.dev/v1
+kind: Service
+metadata: {name: knative-is-not-core}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: cm}
+"#,
+        );
+        let manifests = dir.load().unwrap();
+        assert_eq!(names(&manifests), ["all.yaml#1 default/one"]);
+        assert_eq!(manifests.endpoint_slices.len(), 1);
+        let (origin, slice) = &manifests.endpoint_slices[0];
+        assert_eq!(origin.document, 1);
+        assert_eq!(slice.metadata.namespace.as_deref(), Some("default"));
+        assert_eq!(slice.endpoints.as_ref().unwrap()[0].addresses, ["10.0.0.1"]);
+    }
+
+    #[test]
+    fn wrong_field_type_names_file_document_object_and_field_path() {
+        let dir = ScratchDir::new("badtype");
+        dir.write("web.yaml", &format!(
+            "{WEB}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: web2\n  namespace: shop\nspec:\n  ports:\n  - port: 80\n    nodePort: abc\n"
+        ));
+        assert_eq!(
+            dir.load_err(),
+            "web.yaml: document 2 (Service shop/web2): spec.ports[0].nodePort: invalid type: \
+             string \"abc\", expected i32"
+        );
+    }
+
+    #[test]
+    fn errors_inside_a_list_name_the_item() {
+        let dir = ScratchDir::new("listerr");
+        dir.write(
+            "list.yaml",
+            "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: ok}\n- apiVersion: v1\n  kind: Service\n  metadata: {name: bad}\n  spec: {ports: [{port: 80, protocol: ICMP}]}\n",
+        );
+        assert_eq!(
+            dir.load_err(),
+            "list.yaml: document 1, items[1] (Service default/bad): spec.ports[0].protocol: \
+             unsupported value \"ICMP\": expected \"TCP\", \"UDP\" or \"SCTP\""
+        );
+    }
+
+    #[test]
+    fn rejects_what_the_api_server_would() {
+        let cases = [
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {namespace: x}\n",
+                "a.yaml: document 1 (Service): metadata.name: required (generateName alone is \
+                 not supported in manifest files)",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: big}\nspec: {type: NodePort, ports: [{port: 80, nodePort: 70000}]}\n",
+                "a.yaml: document 1 (Service default/big): spec.ports[0].nodePort: 70000 is not a \
+                 port number (1-65535, or 0 to have one allocated)",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: neg}\nspec: {type: LoadBalancer, healthCheckNodePort: -1}\n",
+                "a.yaml: document 1 (Service default/neg): spec.healthCheckNodePort: -1 is not a \
+                 port number (1-65535, or 0 to have one allocated)",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: {port: 80}}\n",
+                "a.yaml: document 1 (Service default/x): spec.ports: invalid type: map, expected \
+                 a sequence",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: [oops]\n",
+                "a.yaml: document 1 (Service): metadata.name: invalid type: sequence, expected a \
+                 string",
+            ),
+            (
+                "- just\n- a list\n",
+                "a.yaml: document 1: not a Kubernetes object: expected a mapping, found a sequence",
+            ),
+            (
+                "apiVersion: v1\nknd: Service\nmetadata: {name: typo}\n",
+                "a.yaml: document 1: not a Kubernetes object: kind is missing",
+            ),
+            (
+                "apiVersion: v1\nkind: List\nitems: {a: b}\n",
+                "a.yaml: document 1: items: expected a sequence of objects, found a mapping",
+            ),
+        ];
+        for (index, (text, expected)) in cases.into_iter().enumerate() {
+            let dir = ScratchDir::new(&format!("reject{index}"));
+            dir.write("a.yaml", text);
+            assert_eq!(dir.load_err(), expected, "case {index}");
+        }
+    }
+
+    #[test]
+    fn yaml_syntax_errors_name_the_file_and_document() {
+        let dir = ScratchDir::new("syntax");
+        dir.write("bad.yaml", &format!("{WEB}---\nkind: [unclosed\n"));
+        let err = dir.load_err();
+        assert!(err.starts_with("bad.yaml: document 2: "), "{err}");
+        assert!(err.contains("line"), "the YAML position is kept: {err}");
+    }
+
+    #[test]
+    fn duplicate_objects_name_both_origins() {
+        let dir = ScratchDir::new("dup");
+        dir.write("a.yaml", WEB).write(
+            "b.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: web}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n",
+        );
+        assert_eq!(
+            dir.load_err(),
+            "b.yaml: document 2 (Service default/web): defined twice, first at a.yaml: document 1"
+        );
+        // The same name in another namespace, or of another kind, is a different object.
+        let dir = ScratchDir::new("nodup");
+        dir.write("a.yaml", WEB).write(
+            "b.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: other}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web}\naddressType: IPv4\nendpoints: []\n",
+        );
+        assert_eq!(dir.load().unwrap().services.len(), 2);
+    }
+
+    #[test]
+    fn unreadable_directory_is_an_error_naming_it() {
+        let err = load_dir(Path::new("/nonexistent/manifests"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("/nonexistent/manifests: cannot read the manifests directory: "),
+            "{err}"
+        );
+    }
+}
