@@ -6,12 +6,14 @@ use std::{env, fs, path::PathBuf};
 
 fn main() {
     println!("cargo:rerun-if-env-changed=NODEPORT_EBPF_OBJECT");
-    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("nodeport.bpf.o");
+    let out =
+        PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("nodeport.bpf.o");
     match env::var_os("NODEPORT_EBPF_OBJECT") {
         Some(path) => {
             let path = PathBuf::from(path);
             println!("cargo:rerun-if-changed={}", path.display());
-            fs::copy(&path, &out).unwrap_or_else(|e| panic!("copying the eBPF object {}: {e}", path.display()));
+            fs::copy(&path, &out)
+                .unwrap_or_else(|e| panic!("copying the eBPF object {}: {e}", path.display()));
         }
         None => fs::write(&out, []).expect("writing the empty eBPF object placeholder"),
     }

@@ -16,7 +16,10 @@ use nodeport_common::{
     programs,
 };
 use nodeport_tests::{
-    fixture::{CLIENT_MAC, EXT_MAC, Fixture, ServiceSpec, Topology, XDP_PASS, XDP_TX, local, remote, run_xdp},
+    fixture::{
+        CLIENT_MAC, EXT_MAC, Fixture, ServiceSpec, Topology, XDP_PASS, XDP_TX, local, remote,
+        run_xdp,
+    },
     netns::require_root,
     packet::{ACK, Pkt, SYN, sa},
 };
@@ -44,7 +47,9 @@ fn vip(i: u32) -> String {
 
 /// A 64-byte frame from the client to `dst`.
 fn frame(dst: &str, flags: nodeport_tests::packet::TcpFlags) -> Vec<u8> {
-    let pkt = Pkt::tcp(sa("198.18.0.100:40000"), sa(dst), flags).macs(CLIENT_MAC, EXT_MAC).payload(&[0; 10]);
+    let pkt = Pkt::tcp(sa("198.18.0.100:40000"), sa(dst), flags)
+        .macs(CLIENT_MAC, EXT_MAC)
+        .payload(&[0; 10]);
     let bytes = pkt.bytes();
     assert_eq!(bytes.len(), FRAME_LEN);
     bytes
@@ -66,7 +71,11 @@ struct Scenario {
 type Template = aya::maps::Array<aya::maps::MapData, BenchTemplate>;
 
 fn set_template(template: &mut Template, frame: &[u8], vary_client: bool) -> Result<()> {
-    let mut t = BenchTemplate { frame: [0; FRAME_LEN], vary_client: u32::from(vary_client), _pad: 0 };
+    let mut t = BenchTemplate {
+        frame: [0; FRAME_LEN],
+        vary_client: u32::from(vary_client),
+        _pad: 0,
+    };
     t.frame.copy_from_slice(frame);
     template.set(0, t, 0)?;
     Ok(())
@@ -90,7 +99,13 @@ fn measure_all(
             let run = run_xdp(prog, &topo.ns, topo.ext_ifindex, &s.frame, REPEAT)?;
             // NODEPORT_BENCH_ANY_ACTION=1 for experiments that change where packets go.
             if std::env::var_os("NODEPORT_BENCH_ANY_ACTION").is_none() {
-                ensure!(run.action == s.expect, "{}: action {} (expected {})", s.program, run.action, s.expect);
+                ensure!(
+                    run.action == s.expect,
+                    "{}: action {} (expected {})",
+                    s.program,
+                    run.action,
+                    s.expect
+                );
             }
             samples[i].push(run.duration.as_nanos() as f64);
         }
@@ -111,7 +126,9 @@ fn bench_at(object: &[u8], topo: &Topology, n: u32) -> Result<Row> {
     let mut dp = Datapath::load_object(object, &sizing, None)?;
     dp.load_extra_xdp(bench_programs::XDP_EXTERNAL)?;
     dp.load_extra_xdp(bench_programs::RESTORE_ONLY)?;
-    let map = dp.take_extra_map(TEMPLATE_MAP).context("the bench object has no template map")?;
+    let map = dp
+        .take_extra_map(TEMPLATE_MAP)
+        .context("the bench object has no template map")?;
     let mut template = Template::try_from(map)?;
     let mut fx = Fixture::with(dp, topo)?;
     // n services on VIPs, each with a remote backend; service n has a local pod.
@@ -119,7 +136,12 @@ fn bench_at(object: &[u8], topo: &Topology, n: u32) -> Result<Row> {
         let backend = remote(i + 1, &format!("198.18.2.{}:8080", 1 + i % 250));
         fx.add_service(&ServiceSpec::new(i, &vip(i), IPPROTO_TCP, vec![backend]))?;
     }
-    fx.add_service(&ServiceSpec::new(n, &vip(n), IPPROTO_TCP, vec![local(n + 1, "198.18.1.10:8080")]))?;
+    fx.add_service(&ServiceSpec::new(
+        n,
+        &vip(n),
+        IPPROTO_TCP,
+        vec![local(n + 1, "198.18.1.10:8080")],
+    ))?;
 
     // Established: the first packet creates the connection, the repetitions reuse it.
     let remote_frame = frame(&vip(n / 2), ACK);
@@ -129,8 +151,18 @@ fn bench_at(object: &[u8], topo: &Topology, n: u32) -> Result<Row> {
     fx.xdp(topo, &local_frame)?;
     let restored = |f: &Vec<u8>, vary| Some((f.clone(), vary));
     let scenarios = [
-        Scenario { program: programs::XDP_PASS, frame: remote_frame.clone(), template: None, expect: XDP_PASS },
-        Scenario { program: programs::XDP_EXTERNAL, frame: frame("198.18.0.1:22", SYN), template: None, expect: XDP_PASS },
+        Scenario {
+            program: programs::XDP_PASS,
+            frame: remote_frame.clone(),
+            template: None,
+            expect: XDP_PASS,
+        },
+        Scenario {
+            program: programs::XDP_EXTERNAL,
+            frame: frame("198.18.0.1:22", SYN),
+            template: None,
+            expect: XDP_PASS,
+        },
         Scenario {
             program: bench_programs::RESTORE_ONLY,
             frame: remote_frame.clone(),
@@ -175,32 +207,56 @@ fn bench_at(object: &[u8], topo: &Topology, n: u32) -> Result<Row> {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
     // SAFETY: uname fills the struct.
     unsafe { libc::uname(&mut uts) };
-    let field = |f: &[libc::c_char]| unsafe { std::ffi::CStr::from_ptr(f.as_ptr()) }.to_string_lossy().into_owned();
-    format!("{} ({cpu}, {cores} cores), Linux {}", field(&uts.nodename), field(&uts.release))
+    let field = |f: &[libc::c_char]| {
+        unsafe { std::ffi::CStr::from_ptr(f.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    format!(
+        "{} ({cpu}, {cores} cores), Linux {}",
+        field(&uts.nodename),
+        field(&uts.release)
+    )
 }
 
 fn today() -> String {
     let out = std::process::Command::new("date").arg("+%Y-%m-%d").output();
-    out.ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_else(|| "undated".into())
+    out.ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "undated".into())
 }
 
 fn main() -> Result<()> {
     require_root();
-    let out_dir = PathBuf::from(std::env::args().nth(1).context("usage: nodeport-bench <results dir>")?);
-    let object_path = std::env::var("NODEPORT_BENCH_OBJECT").context("NODEPORT_BENCH_OBJECT (set by cargo xtask bench)")?;
+    let out_dir = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .context("usage: nodeport-bench <results dir>")?,
+    );
+    let object_path = std::env::var("NODEPORT_BENCH_OBJECT")
+        .context("NODEPORT_BENCH_OBJECT (set by cargo xtask bench)")?;
     let object = std::fs::read(&object_path).with_context(|| format!("reading {object_path}"))?;
     let topo = Topology::new()?;
 
     let mut rows = Vec::new();
     // NODEPORT_BENCH_SERVICES=1 (say) for a quick look at one size.
     let counts: Vec<u32> = match std::env::var("NODEPORT_BENCH_SERVICES") {
-        Ok(v) => v.split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>()?,
+        Ok(v) => v
+            .split(',')
+            .map(|s| s.trim().parse())
+            .collect::<Result<_, _>>()?,
         Err(_) => SERVICE_COUNTS.to_vec(),
     };
     for n in counts {
@@ -208,7 +264,11 @@ fn main() -> Result<()> {
         let row = bench_at(&object, &topo, n)?;
         eprintln!(
             "bench: {n:>6} services: bare {:.1} ns, established {:.1} ns (remote) {:.1} ns (local), new flow {:.1} ns, no service {:.1} ns",
-            row.bare, row.established_remote, row.established_local, row.new_flow_local, row.no_service
+            row.bare,
+            row.established_remote,
+            row.established_local,
+            row.new_flow_local,
+            row.no_service
         );
         rows.push(row);
     }
@@ -224,13 +284,22 @@ fn main() -> Result<()> {
          entry point that restores the packet first; its overhead (restore minus bare) is taken off. \
          Maglev tables of {MAGLEV_SIZE} slots (per-packet cost does not depend on M).\n"
     )?;
-    writeln!(md, "| services | bare XDP_PASS | no service | established, remote (XDP_TX) | established, local pod (to TC) | new flow, local pod | restore overhead |")?;
+    writeln!(
+        md,
+        "| services | bare XDP_PASS | no service | established, remote (XDP_TX) | established, local pod (to TC) | new flow, local pod | restore overhead |"
+    )?;
     writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|")?;
     for r in &rows {
         writeln!(
             md,
             "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
-            r.services, r.bare, r.no_service, r.established_remote, r.established_local, r.new_flow_local, r.restore - r.bare
+            r.services,
+            r.bare,
+            r.no_service,
+            r.established_remote,
+            r.established_local,
+            r.new_flow_local,
+            r.restore - r.bare
         )?;
     }
     // Target 1, row by row: each row's established paths against its own bare figure.
@@ -245,12 +314,25 @@ fn main() -> Result<()> {
     writeln!(
         md,
         "\nTarget 1, an established-flow packet at most 2 x bare + 40 ns, row by row: {}.",
-        if over.is_empty() { "met in every row".to_owned() } else { format!("NOT met at {}", over.join(", ")) }
+        if over.is_empty() {
+            "met in every row".to_owned()
+        } else {
+            format!("NOT met at {}", over.join(", "))
+        }
     )?;
     let d_remote = drift(first.established_remote, last.established_remote);
     let d_local = drift(first.established_local, last.established_local);
-    writeln!(md, "Target 2, flat within 15% from {} to {} services: remote {d_remote:+.1}%, local {d_local:+.1}%, {}.",
-        first.services, last.services, if d_remote.abs() <= 15.0 && d_local.abs() <= 15.0 { "met" } else { "NOT met" })?;
+    writeln!(
+        md,
+        "Target 2, flat within 15% from {} to {} services: remote {d_remote:+.1}%, local {d_local:+.1}%, {}.",
+        first.services,
+        last.services,
+        if d_remote.abs() <= 15.0 && d_local.abs() <= 15.0 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    )?;
 
     std::fs::create_dir_all(&out_dir)?;
     let path = out_dir.join(format!("{date}-datapath.md"));

@@ -23,14 +23,27 @@ const SKIP_SEED: u32 = 0x6576_3031; // "ev01"
 /// `backends` must be non-empty, sorted and free of duplicates (the caller's job; the order
 /// decides ties, so it must be the same everywhere).
 pub fn table(backends: &[MaglevKey], m: u32) -> Vec<u32> {
-    assert!(!backends.is_empty(), "a Maglev table needs at least one backend");
-    assert!(m as usize >= backends.len(), "Maglev needs M >= the number of backends");
+    assert!(
+        !backends.is_empty(),
+        "a Maglev table needs at least one backend"
+    );
+    assert!(
+        m as usize >= backends.len(),
+        "Maglev needs M >= the number of backends"
+    );
     let n = backends.len();
     let perm: Vec<(u64, u64)> = backends
         .iter()
         .map(|b| {
-            let offset = u64::from(jhash_3words(b.addr_be, u32::from(b.port_be), 0, OFFSET_SEED)) % u64::from(m);
-            let skip = u64::from(jhash_3words(b.addr_be, u32::from(b.port_be), 0, SKIP_SEED)) % (u64::from(m) - 1) + 1;
+            let offset = u64::from(jhash_3words(
+                b.addr_be,
+                u32::from(b.port_be),
+                0,
+                OFFSET_SEED,
+            )) % u64::from(m);
+            let skip = u64::from(jhash_3words(b.addr_be, u32::from(b.port_be), 0, SKIP_SEED))
+                % (u64::from(m) - 1)
+                + 1;
             (offset, skip)
         })
         .collect();
@@ -62,7 +75,11 @@ mod tests {
 
     fn backends(n: u32) -> Vec<MaglevKey> {
         let mut v: Vec<_> = (0..n)
-            .map(|i| MaglevKey { addr_be: u32::from_be_bytes([198, 18, (i / 250) as u8, (i % 250 + 1) as u8]).to_be(), port_be: 8080u16.to_be() })
+            .map(|i| MaglevKey {
+                addr_be: u32::from_be_bytes([198, 18, (i / 250) as u8, (i % 250 + 1) as u8])
+                    .to_be(),
+                port_be: 8080u16.to_be(),
+            })
             .collect();
         v.sort();
         v
@@ -86,7 +103,10 @@ mod tests {
             for (i, &k) in c.iter().enumerate() {
                 // Maglev's guarantee: shares differ by at most a few percent for M >> N.
                 let dev = (k as f64 - ideal).abs() / ideal;
-                assert!(dev < 0.05, "n={n} m={m}: backend {i} has {k} slots, ideal {ideal:.1}");
+                assert!(
+                    dev < 0.05,
+                    "n={n} m={m}: backend {i} has {k} slots, ideal {ideal:.1}"
+                );
             }
         }
     }
@@ -98,7 +118,12 @@ mod tests {
         let all = backends(n);
         let before = table(&all, m);
         let removed = 4usize;
-        let rest: Vec<_> = all.iter().enumerate().filter(|(i, _)| *i != removed).map(|(_, b)| *b).collect();
+        let rest: Vec<_> = all
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != removed)
+            .map(|(_, b)| *b)
+            .collect();
         let after = table(&rest, m);
         // Compare by backend identity, not index.
         let moved = before
@@ -110,7 +135,10 @@ mod tests {
         // The removed backend's slots must move; Maglev moves only a little more than that.
         assert!(moved >= owned_by_removed);
         let fraction = moved as f64 / f64::from(m);
-        assert!(fraction < 1.0 / f64::from(n) * 1.5, "moved {fraction:.3} of the slots");
+        assert!(
+            fraction < 1.0 / f64::from(n) * 1.5,
+            "moved {fraction:.3} of the slots"
+        );
     }
 
     #[test]

@@ -77,7 +77,11 @@ mod tests {
         h[10..12].copy_from_slice(&[0, 0]);
         assert_eq!(updated, compute(&h));
         h[10..12].copy_from_slice(&updated.to_ne_bytes());
-        assert_eq!(compute(&h), 0, "a header with a valid checksum sums to zero");
+        assert_eq!(
+            compute(&h),
+            0,
+            "a header with a valid checksum sums to zero"
+        );
     }
 
     #[test]

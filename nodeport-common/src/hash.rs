@@ -31,7 +31,11 @@ const fn final_mix(mut a: u32, mut b: u32, mut c: u32) -> u32 {
 #[inline(always)]
 pub const fn jhash_3words(a: u32, b: u32, c: u32, initval: u32) -> u32 {
     let init = initval.wrapping_add(JHASH_INITVAL).wrapping_add(3 << 2);
-    final_mix(a.wrapping_add(init), b.wrapping_add(init), c.wrapping_add(init))
+    final_mix(
+        a.wrapping_add(init),
+        b.wrapping_add(init),
+        c.wrapping_add(init),
+    )
 }
 
 /// Hash of a flow for backend selection: client address and port, service port and protocol.

@@ -23,8 +23,17 @@ pub mod names {
 
     /// Every map, for pinning and validation.
     pub const ALL: &[&str] = &[
-        CONFIG, FRONTEND_PORTS, SNAT_ADDRS, FRONTENDS, BACKENDS, MAGLEV, SRC_RANGES, CONNTRACK,
-        AFFINITY, SVC_STATS, COUNTERS,
+        CONFIG,
+        FRONTEND_PORTS,
+        SNAT_ADDRS,
+        FRONTENDS,
+        BACKENDS,
+        MAGLEV,
+        SRC_RANGES,
+        CONNTRACK,
+        AFFINITY,
+        SVC_STATS,
+        COUNTERS,
     ];
 }
 
@@ -126,7 +135,12 @@ assert_size!(FrontendKey, 8);
 
 impl FrontendKey {
     pub const fn new(addr_be: u32, port: u16, proto: u8) -> Self {
-        Self { addr_be, port_be: port.to_be(), proto, _pad: 0 }
+        Self {
+            addr_be,
+            port_be: port.to_be(),
+            proto,
+            _pad: 0,
+        }
     }
 }
 

@@ -31,14 +31,19 @@ fn restore(ctx: &XdpContext) {
     let meta_len = ctx.data() - ctx.metadata();
     // SAFETY: shrinking the metadata back to nothing.
     unsafe { bpf_xdp_adjust_meta(ctx.ctx, meta_len as i32) };
-    let Some(template) = NP_BENCH.get(0) else { return };
-    let Some(frame) = ptr_at::<[u8; FRAME_LEN]>(ctx.data(), ctx.data_end(), 0) else { return };
+    let Some(template) = NP_BENCH.get(0) else {
+        return;
+    };
+    let Some(frame) = ptr_at::<[u8; FRAME_LEN]>(ctx.data(), ctx.data_end(), 0) else {
+        return;
+    };
     // SAFETY: bounds-checked above.
     unsafe { *frame = template.frame };
     if template.vary_client != 0 {
-        if let (Some(seq), Some(saddr)) =
-            (NP_BENCH_SEQ.get_ptr_mut(0), ptr_at::<u32>(ctx.data(), ctx.data_end(), SADDR_OFF))
-        {
+        if let (Some(seq), Some(saddr)) = (
+            NP_BENCH_SEQ.get_ptr_mut(0),
+            ptr_at::<u32>(ctx.data(), ctx.data_end(), SADDR_OFF),
+        ) {
             // SAFETY: a per-CPU slot and a bounds-checked address field.
             unsafe {
                 *seq = (*seq).wrapping_add(1);

@@ -5,7 +5,7 @@
 
 use aya_ebpf::helpers::bpf_jiffies64;
 use nodeport_common::{
-    Backend, BE_F_PRESENT, CT_F_CLOSING, CT_F_REPLY_SEEN, CtEntry, CtKey, DatapathConfig,
+    BE_F_PRESENT, Backend, CT_F_CLOSING, CT_F_REPLY_SEEN, CtEntry, CtKey, DatapathConfig,
     IPPROTO_TCP,
 };
 

@@ -13,7 +13,11 @@ const AF_INET: u8 = 2;
 
 pub enum Route {
     /// Egress device and the MACs to write.
-    Resolved { ifindex: u32, smac: [u8; 6], dmac: [u8; 6] },
+    Resolved {
+        ifindex: u32,
+        smac: [u8; 6],
+        dmac: [u8; 6],
+    },
     /// Egress device known, neighbour not resolved yet: bpf_redirect_neigh resolves it.
     NoNeighbour { ifindex: u32 },
     /// No decision (no route, forwarding off, needs fragmentation, ...): the kernel stack.
@@ -40,14 +44,16 @@ pub fn lookup(
     params.__bindgen_anon_3.ipv4_src = saddr_be;
     params.__bindgen_anon_4.ipv4_dst = daddr_be;
     // SAFETY: params is a valid bpf_fib_lookup of the size passed.
-    let rc = unsafe {
-        fib_lookup_helper(ctx, &mut params, size_of::<bpf_fib_lookup>() as i32, 0)
-    };
+    let rc = unsafe { fib_lookup_helper(ctx, &mut params, size_of::<bpf_fib_lookup>() as i32, 0) };
     match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => {
-            Route::Resolved { ifindex: params.ifindex, smac: params.smac, dmac: params.dmac }
-        }
-        BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeighbour { ifindex: params.ifindex },
+        BPF_FIB_LKUP_RET_SUCCESS => Route::Resolved {
+            ifindex: params.ifindex,
+            smac: params.smac,
+            dmac: params.dmac,
+        },
+        BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeighbour {
+            ifindex: params.ifindex,
+        },
         _ => Route::Unresolved,
     }
 }
@@ -56,7 +62,12 @@ pub fn lookup(
 /// younger than `recheck` jiffies, else a FIB lookup, cached when it resolved (an unresolved
 /// neighbour is not cached, so it is asked again until the kernel knows it).
 #[inline(always)]
-pub fn next_hop(entry: *mut CtEntry, now: u64, recheck: u64, lookup: impl FnOnce() -> Route) -> Route {
+pub fn next_hop(
+    entry: *mut CtEntry,
+    now: u64,
+    recheck: u64,
+    lookup: impl FnOnce() -> Route,
+) -> Route {
     // SAFETY: `entry` points into a conntrack map value.
     unsafe {
         let checked = (*entry).route_checked;
@@ -68,7 +79,12 @@ pub fn next_hop(entry: *mut CtEntry, now: u64, recheck: u64, lookup: impl FnOnce
             };
         }
         let route = lookup();
-        if let Route::Resolved { ifindex, smac, dmac } = route {
+        if let Route::Resolved {
+            ifindex,
+            smac,
+            dmac,
+        } = route
+        {
             (*entry).route_ifindex = ifindex;
             (*entry).route_smac = smac;
             (*entry).route_dmac = dmac;

@@ -46,7 +46,8 @@ pub static NP_AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
     LruHashMap::with_max_entries(capacity::AFFINITY, 0);
 
 #[map]
-pub static NP_SVC_STATS: PerCpuArray<SvcStats> = PerCpuArray::with_max_entries(capacity::SERVICES, 0);
+pub static NP_SVC_STATS: PerCpuArray<SvcStats> =
+    PerCpuArray::with_max_entries(capacity::SERVICES, 0);
 
 #[map]
 pub static NP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);

@@ -8,7 +8,9 @@ use aya_ebpf::{
 };
 use nodeport_common::{IPPROTO_UDP, checksum};
 
-use crate::packet::{ETH_HLEN, Flow, IP_CHECK_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IP_TTL_OFF, Ipv4Hdr};
+use crate::packet::{
+    ETH_HLEN, Flow, IP_CHECK_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IP_TTL_OFF, Ipv4Hdr,
+};
 
 /// Addresses and ports in network order.
 #[derive(Clone, Copy)]
@@ -50,8 +52,11 @@ pub fn rewrite_xdp(flow: &Flow, new: &Tuple) {
         }
         (*ip).check = ip_check;
         if l4_has_check {
-            *flow.check =
-                if flow.proto == IPPROTO_UDP { checksum::udp_fixup(l4_check) } else { l4_check };
+            *flow.check = if flow.proto == IPPROTO_UDP {
+                checksum::udp_fixup(l4_check)
+            } else {
+                l4_check
+            };
         }
     }
 }
@@ -72,7 +77,11 @@ pub fn decrement_ttl_xdp(ip: *mut Ipv4Hdr) {
 /// Rewrites `flow` to `new` in an skb. Invalidates packet pointers.
 #[inline(always)]
 pub fn rewrite_skb(ctx: &TcContext, flow: &Flow, new: &Tuple) -> Result<(), i64> {
-    let mangled0 = if flow.proto == IPPROTO_UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
+    let mangled0 = if flow.proto == IPPROTO_UDP {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
     let pseudo = u64::from(BPF_F_PSEUDO_HDR);
     let ip_check = ETH_HLEN + IP_CHECK_OFF;
     if new.saddr_be != flow.saddr_be {
@@ -109,7 +118,12 @@ pub fn decrement_ttl_skb(ctx: &TcContext) -> Result<bool, i64> {
         return Ok(false);
     }
     let new_word = u16::from_ne_bytes([bytes[0] - 1, bytes[1]]);
-    ctx.l3_csum_replace(ETH_HLEN + IP_CHECK_OFF, u64::from(word), u64::from(new_word), 2)?;
+    ctx.l3_csum_replace(
+        ETH_HLEN + IP_CHECK_OFF,
+        u64::from(word),
+        u64::from(new_word),
+        2,
+    )?;
     ctx.store(ETH_HLEN + IP_TTL_OFF, &new_word, 0)?;
     Ok(true)
 }

@@ -20,7 +20,10 @@ pub fn source_allowed(fe: &Frontend, saddr_be: u32) -> bool {
     }
     let key = Key::new(
         src_range_prefix_len(32),
-        SrcRangeKey { svc_id_be: fe.svc_id.to_be(), addr_be: saddr_be },
+        SrcRangeKey {
+            svc_id_be: fe.svc_id.to_be(),
+            addr_be: saddr_be,
+        },
     );
     NP_SRC_RANGES.get(&key).is_some()
 }
@@ -51,7 +54,13 @@ pub fn backend_for_new_flow(
         });
     }
     if fe.flags & FE_F_AFFINITY == 0 {
-        let h = hash::flow_hash(flow.saddr_be, flow.sport_be, flow.dport_be, flow.proto, cfg.hash_seed);
+        let h = hash::flow_hash(
+            flow.saddr_be,
+            flow.sport_be,
+            flow.dport_be,
+            flow.proto,
+            cfg.hash_seed,
+        );
         let id = maglev_lookup(cfg, fe, h).ok_or(Counter::DroppedNoBackend)?;
         let backend = live_backend(id, fe.svc_id).ok_or(Counter::DroppedNoBackend)?;
         return Ok((id, backend));
@@ -60,9 +69,12 @@ pub fn backend_for_new_flow(
     // sessionAffinity ClientIP: the last backend of this client while within the timeout
     // (counted from its last new connection, as kube-proxy's `recent` match does), else the
     // Maglev slot of the client address, so the choice also agrees across nodes.
-    let akey = AffinityKey { svc_id: fe.svc_id, client_be: flow.saddr_be };
+    let akey = AffinityKey {
+        svc_id: fe.svc_id,
+        client_be: flow.saddr_be,
+    };
     let timeout = u64::from(fe.affinity_timeout_s) * u64::from(cfg.hz);
-    let remembered = NP_AFFINITY.get_ptr(&akey).and_then(|entry| {
+    let remembered = NP_AFFINITY.get_ptr(akey).and_then(|entry| {
         // SAFETY: points into the map value.
         let entry = unsafe { *entry };
         if now.saturating_sub(entry.last_seen) > timeout {
@@ -75,11 +87,18 @@ pub fn backend_for_new_flow(
         None => {
             let h = hash::client_hash(flow.saddr_be, cfg.hash_seed);
             let id = maglev_lookup(cfg, fe, h).ok_or(Counter::DroppedNoBackend)?;
-            (id, live_backend(id, fe.svc_id).ok_or(Counter::DroppedNoBackend)?)
+            (
+                id,
+                live_backend(id, fe.svc_id).ok_or(Counter::DroppedNoBackend)?,
+            )
         }
     };
-    let entry = AffinityEntry { last_seen: now, backend_id: id, _pad: 0 };
+    let entry = AffinityEntry {
+        last_seen: now,
+        backend_id: id,
+        _pad: 0,
+    };
     // A failed update only loses stickiness for later connections; this one is fine.
-    let _ = NP_AFFINITY.insert(&akey, &entry, 0);
+    let _ = NP_AFFINITY.insert(akey, entry, 0);
     Ok((id, backend))
 }

@@ -69,22 +69,37 @@ pub fn process(ctx: &TcContext) -> i32 {
     // SAFETY: ctx.skb.skb is the kernel's __sk_buff.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let route = fib::next_hop(entry_ptr, now, hz, || {
-        fib::lookup(ctx.skb.skb as *mut c_void, ingress, flow.proto, 0, new.saddr_be, new.daddr_be)
+        fib::lookup(
+            ctx.skb.skb as *mut c_void,
+            ingress,
+            flow.proto,
+            0,
+            new.saddr_be,
+            new.daddr_be,
+        )
     });
     if rewrite_skb(ctx, &flow, &new).is_err() {
         count(Counter::FallbackRedirect);
         return TC_ACT_OK;
     }
-    match route {
+    let (ifindex, macs) = match route {
         Route::Unresolved => {
             count(Counter::FallbackFibLookup);
             return TC_ACT_OK;
         }
-        _ if !decrement_ttl_skb(ctx).unwrap_or(false) => {
-            count(Counter::FallbackTtlExceeded);
-            return TC_ACT_OK;
-        }
-        Route::Resolved { ifindex, smac, dmac } => {
+        Route::Resolved {
+            ifindex,
+            smac,
+            dmac,
+        } => (ifindex, Some((smac, dmac))),
+        Route::NoNeighbour { ifindex } => (ifindex, None),
+    };
+    if !decrement_ttl_skb(ctx).unwrap_or(false) {
+        count(Counter::FallbackTtlExceeded);
+        return TC_ACT_OK;
+    }
+    match macs {
+        Some((smac, dmac)) => {
             if ctx.store(0, &dmac, 0).is_err() || ctx.store(6, &smac, 0).is_err() {
                 count(Counter::FallbackRedirect);
                 return TC_ACT_OK;
@@ -93,7 +108,7 @@ pub fn process(ctx: &TcContext) -> i32 {
             // SAFETY: plain helper call.
             unsafe { bpf_redirect(ifindex, 0) as i32 }
         }
-        Route::NoNeighbour { ifindex } => {
+        None => {
             count(Counter::ForwardedPodReplyNeigh);
             // SAFETY: no neighbour parameters: the helper resolves the next hop itself.
             unsafe { bpf_redirect_neigh(ifindex, null_mut(), 0, 0) as i32 }

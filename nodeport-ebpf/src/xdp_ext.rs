@@ -4,6 +4,7 @@
 //!   (and SNATed when the backend is on another node), as recorded in conntrack.
 //! - A reply from a remote backend to a SNAT port is translated back to the client.
 //! - Everything else passes untouched.
+//!
 //! The translated packet leaves through XDP_TX when its route points back out of the same
 //! interface; otherwise it is handed to the TC hook of this interface (`tc_ext`), which
 //! redirects it to the egress device. Neither path enters netfilter.
@@ -89,7 +90,7 @@ pub fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
             proto: flow.proto,
             _pad: 0,
         };
-        if let Some(fe) = NP_FRONTENDS.get_ptr(&fe_key) {
+        if let Some(fe) = NP_FRONTENDS.get_ptr(fe_key) {
             if flow.first_fragment {
                 return Err(Counter::DroppedFragment);
             }
@@ -171,7 +172,7 @@ fn new_connection(
         reply.flags = CT_F_LOCAL;
         let reply_key = conntrack::opposite_key(&forward, flow.proto, CT_DIR_REPLY);
         NP_CT
-            .insert(&reply_key, &reply, u64::from(BPF_ANY))
+            .insert(reply_key, reply, u64::from(BPF_ANY))
             .map_err(|_| Counter::DroppedConntrackFull)?;
     } else {
         // Remote pod: SNAT to this node's address on the way to the backend, so the reply
@@ -187,7 +188,9 @@ fn new_connection(
             Route::Resolved { ifindex, .. } | Route::NoNeighbour { ifindex } => ifindex,
             Route::Unresolved => return Err(Counter::FallbackFibLookup),
         };
-        let snat = NP_SNAT_ADDRS.get_ptr(&egress).ok_or(Counter::DroppedNoSnatAddress)?;
+        let snat = NP_SNAT_ADDRS
+            .get_ptr(egress)
+            .ok_or(Counter::DroppedNoSnatAddress)?;
         // SAFETY: points into the map value.
         forward.new_saddr_be = unsafe { (*snat).addr_be };
         forward.flags = CT_F_SNAT;
@@ -196,9 +199,9 @@ fn new_connection(
     }
     let key = conntrack::key(flow, CT_DIR_FORWARD);
     NP_CT
-        .insert(&key, &forward, u64::from(BPF_ANY))
+        .insert(key, forward, u64::from(BPF_ANY))
         .map_err(|_| Counter::DroppedConntrackFull)?;
-    NP_CT.get_ptr_mut(&key).ok_or(Counter::DroppedConntrackFull)
+    NP_CT.get_ptr_mut(key).ok_or(Counter::DroppedConntrackFull)
 }
 
 /// Finds a source port for the SNATed connection such that the backend's reply tuple is
@@ -236,9 +239,9 @@ fn claim_snat_port(
             dir: CT_DIR_REPLY,
             _pad: 0,
         };
-        let claimable = match NP_CT.get_ptr(&key) {
+        let claimable = match NP_CT.get_ptr(key) {
             None => {
-                if NP_CT.insert(&key, reply, u64::from(BPF_NOEXIST)).is_ok() {
+                if NP_CT.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
                     return Ok(port_be);
                 }
                 false // another CPU took it in between
@@ -253,7 +256,7 @@ fn claim_snat_port(
                 same_connection || expired(cfg, &existing, flow.proto, now)
             }
         };
-        if claimable && NP_CT.insert(&key, reply, u64::from(BPF_ANY)).is_ok() {
+        if claimable && NP_CT.insert(key, reply, u64::from(BPF_ANY)).is_ok() {
             return Ok(port_be);
         }
     }
@@ -299,13 +302,24 @@ fn transmit(
     let ingress = ingress_ifindex(ctx);
     // Cached next hops are re-checked after a second.
     let route = fib::next_hop(entry, now, u64::from(cfg.hz), || {
-        fib::lookup(ctx.ctx as *mut c_void, ingress, flow.proto, flow.tot_len, new.saddr_be, new.daddr_be)
+        fib::lookup(
+            ctx.ctx as *mut c_void,
+            ingress,
+            flow.proto,
+            flow.tot_len,
+            new.saddr_be,
+            new.daddr_be,
+        )
     });
     rewrite_xdp(flow, &new);
     // The kernel stack routes what the FIB lookup could not decide (and sends any ICMP).
     let (ifindex, flags, smac, dmac) = match route {
         Route::Unresolved => return Ok((xdp_action::XDP_PASS, Counter::FallbackFibLookup)),
-        Route::Resolved { ifindex, smac, dmac } => (ifindex, 0, smac, dmac),
+        Route::Resolved {
+            ifindex,
+            smac,
+            dmac,
+        } => (ifindex, 0, smac, dmac),
         Route::NoNeighbour { ifindex } => (ifindex, XDP_META_F_NEIGH, [0; 6], [0; 6]),
     };
     decrement_ttl_xdp(flow.ip);
@@ -332,7 +346,14 @@ fn transmit(
         ptr_at(ctx.metadata(), ctx.data(), 0).ok_or(Counter::FallbackNoMetadata)?;
     // SAFETY: bounds-checked metadata area.
     unsafe {
-        *meta = XdpMeta { magic: XDP_META_MAGIC, ifindex, flags, smac, dmac, _pad: [0; 8] };
+        *meta = XdpMeta {
+            magic: XDP_META_MAGIC,
+            ifindex,
+            flags,
+            smac,
+            dmac,
+            _pad: [0; 8],
+        };
     }
     Ok((xdp_action::XDP_PASS, Counter::ForwardedToTc))
 }

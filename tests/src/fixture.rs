@@ -40,7 +40,10 @@ pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 pub const NODE2_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 
 fn mac_str(m: Mac) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// The namespace the programs run in during a test run.
@@ -71,14 +74,27 @@ impl Topology {
         ns.ip("addr add 198.18.0.1/24 dev ext0")?;
         ns.ip("route add 198.18.1.0/24 dev pod0")?;
         ns.ip("route add 198.18.2.0/24 via 198.18.0.2 dev ext0")?;
-        ns.ip(&format!("neigh add 198.18.0.100 lladdr {} dev ext0 nud permanent", mac_str(CLIENT_MAC)))?;
-        ns.ip(&format!("neigh add 198.18.0.2 lladdr {} dev ext0 nud permanent", mac_str(NODE2_MAC)))?;
+        ns.ip(&format!(
+            "neigh add 198.18.0.100 lladdr {} dev ext0 nud permanent",
+            mac_str(CLIENT_MAC)
+        ))?;
+        ns.ip(&format!(
+            "neigh add 198.18.0.2 lladdr {} dev ext0 nud permanent",
+            mac_str(NODE2_MAC)
+        ))?;
         for pod in ["198.18.1.10", "198.18.1.11"] {
-            ns.ip(&format!("neigh add {pod} lladdr {} dev pod0 nud permanent", mac_str(POD_MAC)))?;
+            ns.ip(&format!(
+                "neigh add {pod} lladdr {} dev pod0 nud permanent",
+                mac_str(POD_MAC)
+            ))?;
         }
         let ext_ifindex = ns.ifindex("ext0")?;
         let pod_ifindex = ns.ifindex("pod0")?;
-        Ok(Self { ns, ext_ifindex, pod_ifindex })
+        Ok(Self {
+            ns,
+            ext_ifindex,
+            pod_ifindex,
+        })
     }
 }
 
@@ -91,11 +107,19 @@ pub struct BackendSpec {
 }
 
 pub fn local(id: u32, addr: &str) -> BackendSpec {
-    BackendSpec { id, addr: crate::packet::sa(addr), local: true }
+    BackendSpec {
+        id,
+        addr: crate::packet::sa(addr),
+        local: true,
+    }
 }
 
 pub fn remote(id: u32, addr: &str) -> BackendSpec {
-    BackendSpec { id, addr: crate::packet::sa(addr), local: false }
+    BackendSpec {
+        id,
+        addr: crate::packet::sa(addr),
+        local: false,
+    }
 }
 
 /// A service to seed: its frontends, backends and Maglev block.
@@ -181,10 +205,19 @@ impl Fixture {
 
     /// The same around an already loaded datapath (another object or sizing).
     pub fn with(dp: Datapath, topo: &Topology) -> Result<Self> {
-        let config = DatapathConfig { maglev_size: dp.sizing.maglev_size, ..default_config() };
+        let config = DatapathConfig {
+            maglev_size: dp.sizing.maglev_size,
+            ..default_config()
+        };
         let mut fx = Self { dp, config };
         fx.set_config(config)?;
-        fx.dp.maps.snat_addrs.insert(topo.ext_ifindex, SnatAddr { addr_be: u32::from(NODE_IP).to_be() }, 0)?;
+        fx.dp.maps.snat_addrs.insert(
+            topo.ext_ifindex,
+            SnatAddr {
+                addr_be: u32::from(NODE_IP).to_be(),
+            },
+            0,
+        )?;
         Ok(fx)
     }
 
@@ -230,7 +263,10 @@ impl Fixture {
             .filter(|b| ids.contains(&b.id))
             .map(|b| {
                 (
-                    MaglevKey { addr_be: u32::from(*b.addr.ip()).to_be(), port_be: b.addr.port().to_be() },
+                    MaglevKey {
+                        addr_be: u32::from(*b.addr.ip()).to_be(),
+                        port_be: b.addr.port().to_be(),
+                    },
                     b.id,
                 )
             })
@@ -239,7 +275,10 @@ impl Fixture {
         if !members.is_empty() {
             let keys: Vec<MaglevKey> = members.iter().map(|(k, _)| *k).collect();
             for (slot, index) in maglev::table(&keys, m).into_iter().enumerate() {
-                self.dp.maps.maglev.set(svc.id * m + slot as u32, members[index as usize].1, 0)?;
+                self.dp
+                    .maps
+                    .maglev
+                    .set(svc.id * m + slot as u32, members[index as usize].1, 0)?;
             }
         }
         for (addr, proto) in &svc.frontends {
@@ -262,7 +301,10 @@ impl Fixture {
     pub fn allow_source(&mut self, svc_id: u32, prefix: Ipv4Addr, len: u32) -> Result<()> {
         let key = aya::maps::lpm_trie::Key::new(
             src_range_prefix_len(len),
-            SrcRangeKey { svc_id_be: svc_id.to_be(), addr_be: u32::from(prefix).to_be() },
+            SrcRangeKey {
+                svc_id_be: svc_id.to_be(),
+                addr_be: u32::from(prefix).to_be(),
+            },
         );
         self.dp.maps.src_ranges.insert(&key, 1, 0)?;
         Ok(())

@@ -15,14 +15,21 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique on this machine for this process: `np<tag><pid>x<n>`.
 pub fn unique_name(tag: &str) -> String {
-    format!("np{tag}{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "np{tag}{}x{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Runs a command, failing with its stderr when it fails.
 pub fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(out)
 }
@@ -52,7 +59,9 @@ impl NetNs {
 
     /// Runs a program inside the namespace (`ip netns exec`).
     pub fn exec(&self, program: &str, args: &[&str]) -> Result<Output> {
-        run(Command::new("ip").args(["netns", "exec", &self.name, program]).args(args))
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args))
     }
 
     /// A `Command` that runs inside the namespace, for callers that manage the child.

@@ -18,16 +18,40 @@ pub struct TcpFlags {
     pub rst: bool,
 }
 
-pub const SYN: TcpFlags = TcpFlags { syn: true, ack: false, fin: false, rst: false };
-pub const SYN_ACK: TcpFlags = TcpFlags { syn: true, ack: true, fin: false, rst: false };
-pub const ACK: TcpFlags = TcpFlags { syn: false, ack: true, fin: false, rst: false };
-pub const FIN_ACK: TcpFlags = TcpFlags { syn: false, ack: true, fin: true, rst: false };
+pub const SYN: TcpFlags = TcpFlags {
+    syn: true,
+    ack: false,
+    fin: false,
+    rst: false,
+};
+pub const SYN_ACK: TcpFlags = TcpFlags {
+    syn: true,
+    ack: true,
+    fin: false,
+    rst: false,
+};
+pub const ACK: TcpFlags = TcpFlags {
+    syn: false,
+    ack: true,
+    fin: false,
+    rst: false,
+};
+pub const FIN_ACK: TcpFlags = TcpFlags {
+    syn: false,
+    ack: true,
+    fin: true,
+    rst: false,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum L4 {
-    Tcp { flags: TcpFlags },
+    Tcp {
+        flags: TcpFlags,
+    },
     /// `checksum: false` sends a zero checksum ("none", allowed by RFC 768).
-    Udp { checksum: bool },
+    Udp {
+        checksum: bool,
+    },
 }
 
 /// An Ethernet + IPv4 + TCP/UDP packet.
@@ -119,9 +143,13 @@ impl Pkt {
         ip.header_checksum = ip.calc_header_checksum();
 
         let mut out = Vec::new();
-        Ethernet2Header { source: self.eth_src, destination: self.eth_dst, ether_type: EtherType::IPV4 }
-            .write(&mut out)
-            .expect("write");
+        Ethernet2Header {
+            source: self.eth_src,
+            destination: self.eth_dst,
+            ether_type: EtherType::IPV4,
+        }
+        .write(&mut out)
+        .expect("write");
         ip.write(&mut out).expect("write");
         match self.l4 {
             L4::Tcp { flags } => {
@@ -133,7 +161,9 @@ impl Pkt {
                 if flags.ack {
                     tcp.acknowledgment_number = 2000;
                 }
-                tcp.checksum = tcp.calc_checksum_ipv4(&ip, &self.payload).expect("checksum");
+                tcp.checksum = tcp
+                    .calc_checksum_ipv4(&ip, &self.payload)
+                    .expect("checksum");
                 tcp.write(&mut out).expect("write");
             }
             L4::Udp { checksum: true } => {
@@ -143,10 +173,14 @@ impl Pkt {
                     .expect("write");
             }
             L4::Udp { checksum: false } => {
-                UdpHeader::without_ipv4_checksum(self.src.port(), self.dst.port(), self.payload.len())
-                    .expect("length")
-                    .write(&mut out)
-                    .expect("write");
+                UdpHeader::without_ipv4_checksum(
+                    self.src.port(),
+                    self.dst.port(),
+                    self.payload.len(),
+                )
+                .expect("length")
+                .write(&mut out)
+                .expect("write");
             }
         }
         out.extend_from_slice(&self.payload);
@@ -171,7 +205,8 @@ pub fn parse_checked(frame: &[u8]) -> anyhow::Result<Seen> {
 }
 
 fn parse_checked_inner(frame: &[u8]) -> Result<Seen, String> {
-    let sliced = SlicedPacket::from_ethernet(frame).map_err(|e| format!("unparsable frame: {e}"))?;
+    let sliced =
+        SlicedPacket::from_ethernet(frame).map_err(|e| format!("unparsable frame: {e}"))?;
     let eth = match sliced.link {
         Some(etherparse::LinkSlice::Ethernet2(eth)) => eth,
         other => return Err(format!("not Ethernet II: {other:?}")),
@@ -195,7 +230,10 @@ fn parse_checked_inner(frame: &[u8]) -> Result<Seen, String> {
                 .calc_checksum_ipv4(&header, tcp.payload())
                 .map_err(|e| e.to_string())?;
             if expected != tcp.checksum() {
-                return Err(format!("bad TCP checksum {:#06x}, expected {expected:#06x}", tcp.checksum()));
+                return Err(format!(
+                    "bad TCP checksum {:#06x}, expected {expected:#06x}",
+                    tcp.checksum()
+                ));
             }
             (tcp.source_port(), tcp.destination_port())
         }
@@ -206,7 +244,10 @@ fn parse_checked_inner(frame: &[u8]) -> Result<Seen, String> {
                     .calc_checksum_ipv4(&header, udp.payload())
                     .map_err(|e| e.to_string())?;
                 if expected != udp.checksum() {
-                    return Err(format!("bad UDP checksum {:#06x}, expected {expected:#06x}", udp.checksum()));
+                    return Err(format!(
+                        "bad UDP checksum {:#06x}, expected {expected:#06x}",
+                        udp.checksum()
+                    ));
                 }
             }
             (udp.source_port(), udp.destination_port())

@@ -27,28 +27,61 @@ const REMOTE_A: &str = "198.18.2.20:8080";
 type Case = fn(&mut Fixture, &Topology) -> Result<()>;
 
 const CASES: &[(&str, Case)] = &[
-    ("tcp syn to a local backend is DNATed and handed to TC", tcp_syn_local),
+    (
+        "tcp syn to a local backend is DNATed and handed to TC",
+        tcp_syn_local,
+    ),
     ("udp to a local backend", udp_local),
-    ("tcp and udp on one node port are distinct frontends", tcp_and_udp_same_port),
+    (
+        "tcp and udp on one node port are distinct frontends",
+        tcp_and_udp_same_port,
+    ),
     ("a zero udp checksum stays zero", udp_zero_checksum),
     ("an empty udp datagram is forwarded", udp_empty),
     ("a VIP frontend uses the same machinery", vip_frontend),
-    ("the local pod's reply is reverse-NATed by the pod hook", pod_reply_tcp),
+    (
+        "the local pod's reply is reverse-NATed by the pod hook",
+        pod_reply_tcp,
+    ),
     ("the local pod's udp reply is reverse-NATed", pod_reply_udp),
-    ("other pod traffic passes the pod hook untouched", pod_other_traffic),
-    ("a remote backend is SNATed and its reply returns to the client", remote_snat_and_return),
-    ("each connection to one remote backend gets its own SNAT port", snat_ports_distinct),
+    (
+        "other pod traffic passes the pod hook untouched",
+        pod_other_traffic,
+    ),
+    (
+        "a remote backend is SNATed and its reply returns to the client",
+        remote_snat_and_return,
+    ),
+    (
+        "each connection to one remote backend gets its own SNAT port",
+        snat_ports_distinct,
+    ),
     ("SNAT port exhaustion drops with a counter", snat_exhaustion),
-    ("an established flow keeps its backend when the Maglev table changes", sticks_after_table_change),
-    ("a flow whose backend is removed is re-selected", reselect_removed_backend),
+    (
+        "an established flow keeps its backend when the Maglev table changes",
+        sticks_after_table_change,
+    ),
+    (
+        "a flow whose backend is removed is re-selected",
+        reselect_removed_backend,
+    ),
     ("an expired flow is re-selected", reselect_expired),
     ("a new SYN after FIN starts a new selection", syn_after_fin),
     ("FIN marks both directions closing", fin_marks_closing),
     ("no backend drops", no_backend),
-    ("externalTrafficPolicy Local without a local backend drops", etp_local_no_endpoint),
+    (
+        "externalTrafficPolicy Local without a local backend drops",
+        etp_local_no_endpoint,
+    ),
     ("loadBalancerSourceRanges deny and admit", source_ranges),
-    ("sessionAffinity ClientIP sticks, survives a table change, expires", affinity),
-    ("without affinity connections spread over backends", spread_without_affinity),
+    (
+        "sessionAffinity ClientIP sticks, survives a table change, expires",
+        affinity,
+    ),
+    (
+        "without affinity connections spread over backends",
+        spread_without_affinity,
+    ),
     ("a packet to no frontend passes untouched", not_a_service),
     ("ARP, IPv6, VLAN and ICMP pass untouched", other_traffic),
     ("malformed packets are dropped, never rewritten", malformed),
@@ -58,7 +91,10 @@ const CASES: &[(&str, Case)] = &[
     ("no route: the kernel routes it (counted)", no_route),
     ("unknown neighbour: TC resolves it", no_neighbour),
     ("an unconfigured datapath passes everything", unconfigured),
-    ("the next hop is cached per connection and re-checked when stale", next_hop_cache),
+    (
+        "the next hop is cached per connection and re-checked when stale",
+        next_hop_cache,
+    ),
 ];
 
 #[test]
@@ -77,7 +113,13 @@ fn fixture_table() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), CASES.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        CASES.len(),
+        failures.join("\n")
+    );
 }
 
 // ---- helpers -------------------------------------------------------------------------------
@@ -91,7 +133,10 @@ fn check_frame(actual: &[u8], expected: &Pkt) -> Result<Seen> {
     let seen = parse_checked(actual).context("output frame")?;
     let want = expected.bytes();
     if actual != want.as_slice() {
-        bail!("output differs:\n  got  {seen:?}\n  want {:?}\n  got  {actual:02x?}\n  want {want:02x?}", parse_checked(&want));
+        bail!(
+            "output differs:\n  got  {seen:?}\n  want {:?}\n  got  {actual:02x?}\n  want {want:02x?}",
+            parse_checked(&want)
+        );
     }
     Ok(seen)
 }
@@ -102,7 +147,11 @@ fn check_unchanged(run: &XdpRun, input: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn check_counters(fx: &Fixture, before: &BTreeMap<Counter, u64>, expected: &[(Counter, u64)]) -> Result<()> {
+fn check_counters(
+    fx: &Fixture,
+    before: &BTreeMap<Counter, u64>,
+    expected: &[(Counter, u64)],
+) -> Result<()> {
     let after = fx.counters()?;
     let mut delta = BTreeMap::new();
     for (c, v) in &after {
@@ -112,13 +161,20 @@ fn check_counters(fx: &Fixture, before: &BTreeMap<Counter, u64>, expected: &[(Co
         }
     }
     let want: BTreeMap<Counter, u64> = expected.iter().copied().collect();
-    ensure!(delta == want, "counters changed by {delta:?}, expected {want:?}");
+    ensure!(
+        delta == want,
+        "counters changed by {delta:?}, expected {want:?}"
+    );
     Ok(())
 }
 
 fn xdp_action(fx: &mut Fixture, topo: &Topology, pkt: &Pkt, action: u32) -> Result<XdpRun> {
     let run = fx.xdp(topo, &pkt.bytes())?;
-    ensure!(run.action == action, "XDP action {}, expected {action}", run.action);
+    ensure!(
+        run.action == action,
+        "XDP action {}, expected {action}",
+        run.action
+    );
     Ok(run)
 }
 
@@ -143,28 +199,62 @@ fn tcp_syn_local(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     let input = from_client(40000, FRONTEND, SYN);
     let run = xdp_action(fx, topo, &input, XDP_PASS)?;
     // DNAT only (client address kept), TTL decremented; Ethernet left for the TC hook.
-    check_frame(&run.frame, &input.clone().addrs(sa(CLIENT), sa(POD_A)).ttl(63))?;
+    check_frame(
+        &run.frame,
+        &input.clone().addrs(sa(CLIENT), sa(POD_A)).ttl(63),
+    )?;
     let meta = run.meta.context("no metadata for the TC hook")?;
-    ensure!(meta.ifindex == topo.pod_ifindex, "egress {} != pod0", meta.ifindex);
-    ensure!(meta.smac == POD_HOST_MAC && meta.dmac == POD_MAC && meta.flags == 0, "{meta:?}");
+    ensure!(
+        meta.ifindex == topo.pod_ifindex,
+        "egress {} != pod0",
+        meta.ifindex
+    );
+    ensure!(
+        meta.smac == POD_HOST_MAC && meta.dmac == POD_MAC && meta.flags == 0,
+        "{meta:?}"
+    );
     check_counters(fx, &before, &[(Counter::ForwardedToTc, 1)])?;
     let stats = fx.svc_stats(1)?;
-    ensure!(stats.packets == 1 && stats.bytes == l3_len(&input), "{stats:?}");
+    ensure!(
+        stats.packets == 1 && stats.bytes == l3_len(&input),
+        "{stats:?}"
+    );
     Ok(())
 }
 
 fn udp_local(fx: &mut Fixture, topo: &Topology) -> Result<()> {
-    fx.add_service(&ServiceSpec::new(1, FRONTEND, IPPROTO_UDP, vec![local(1, "198.18.1.10:5353")]))?;
+    fx.add_service(&ServiceSpec::new(
+        1,
+        FRONTEND,
+        IPPROTO_UDP,
+        vec![local(1, "198.18.1.10:5353")],
+    ))?;
     let input = Pkt::udp(sa(CLIENT), sa(FRONTEND)).macs(CLIENT_MAC, EXT_MAC);
     let run = xdp_action(fx, topo, &input, XDP_PASS)?;
-    check_frame(&run.frame, &input.clone().addrs(sa(CLIENT), sa("198.18.1.10:5353")).ttl(63))?;
+    check_frame(
+        &run.frame,
+        &input
+            .clone()
+            .addrs(sa(CLIENT), sa("198.18.1.10:5353"))
+            .ttl(63),
+    )?;
     ensure!(run.meta.is_some());
     Ok(())
 }
 
 fn tcp_and_udp_same_port(fx: &mut Fixture, topo: &Topology) -> Result<()> {
-    fx.add_service(&ServiceSpec::new(1, FRONTEND, IPPROTO_TCP, vec![local(1, POD_A)]))?;
-    fx.add_service(&ServiceSpec::new(2, FRONTEND, IPPROTO_UDP, vec![local(2, "198.18.1.11:5353")]))?;
+    fx.add_service(&ServiceSpec::new(
+        1,
+        FRONTEND,
+        IPPROTO_TCP,
+        vec![local(1, POD_A)],
+    ))?;
+    fx.add_service(&ServiceSpec::new(
+        2,
+        FRONTEND,
+        IPPROTO_UDP,
+        vec![local(2, "198.18.1.11:5353")],
+    ))?;
     let tcp = xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?;
     ensure!(backend_of(&tcp.frame)? == POD_A);
     let udp = Pkt::udp(sa(CLIENT), sa(FRONTEND)).macs(CLIENT_MAC, EXT_MAC);
@@ -175,34 +265,76 @@ fn tcp_and_udp_same_port(fx: &mut Fixture, topo: &Topology) -> Result<()> {
 }
 
 fn udp_zero_checksum(fx: &mut Fixture, topo: &Topology) -> Result<()> {
-    fx.add_service(&ServiceSpec::new(1, FRONTEND, IPPROTO_UDP, vec![local(1, "198.18.1.10:5353")]))?;
+    fx.add_service(&ServiceSpec::new(
+        1,
+        FRONTEND,
+        IPPROTO_UDP,
+        vec![local(1, "198.18.1.10:5353")],
+    ))?;
     let mut input = Pkt::udp(sa(CLIENT), sa(FRONTEND)).macs(CLIENT_MAC, EXT_MAC);
     input.l4 = L4::Udp { checksum: false };
     let run = xdp_action(fx, topo, &input, XDP_PASS)?;
     // The expected frame is built without a checksum too: the field must still be zero.
-    check_frame(&run.frame, &input.clone().addrs(sa(CLIENT), sa("198.18.1.10:5353")).ttl(63))?;
-    ensure!(run.frame[14 + 20 + 6..14 + 20 + 8] == [0, 0], "udp checksum no longer zero");
+    check_frame(
+        &run.frame,
+        &input
+            .clone()
+            .addrs(sa(CLIENT), sa("198.18.1.10:5353"))
+            .ttl(63),
+    )?;
+    ensure!(
+        run.frame[14 + 20 + 6..14 + 20 + 8] == [0, 0],
+        "udp checksum no longer zero"
+    );
     Ok(())
 }
 
 fn udp_empty(fx: &mut Fixture, topo: &Topology) -> Result<()> {
-    fx.add_service(&ServiceSpec::new(1, FRONTEND, IPPROTO_UDP, vec![local(1, "198.18.1.10:5353")]))?;
-    let input = Pkt::udp(sa(CLIENT), sa(FRONTEND)).macs(CLIENT_MAC, EXT_MAC).payload(&[]);
+    fx.add_service(&ServiceSpec::new(
+        1,
+        FRONTEND,
+        IPPROTO_UDP,
+        vec![local(1, "198.18.1.10:5353")],
+    ))?;
+    let input = Pkt::udp(sa(CLIENT), sa(FRONTEND))
+        .macs(CLIENT_MAC, EXT_MAC)
+        .payload(&[]);
     let run = xdp_action(fx, topo, &input, XDP_PASS)?;
-    check_frame(&run.frame, &input.clone().addrs(sa(CLIENT), sa("198.18.1.10:5353")).ttl(63))?;
+    check_frame(
+        &run.frame,
+        &input
+            .clone()
+            .addrs(sa(CLIENT), sa("198.18.1.10:5353"))
+            .ttl(63),
+    )?;
     Ok(())
 }
 
 fn vip_frontend(fx: &mut Fixture, topo: &Topology) -> Result<()> {
-    fx.add_service(&ServiceSpec::new(1, "198.18.3.3:80", IPPROTO_TCP, vec![local(1, POD_A)]))?;
+    fx.add_service(&ServiceSpec::new(
+        1,
+        "198.18.3.3:80",
+        IPPROTO_TCP,
+        vec![local(1, POD_A)],
+    ))?;
     let input = from_client(40000, "198.18.3.3:80", SYN);
     let run = xdp_action(fx, topo, &input, XDP_PASS)?;
-    check_frame(&run.frame, &input.clone().addrs(sa(CLIENT), sa(POD_A)).ttl(63))?;
+    check_frame(
+        &run.frame,
+        &input.clone().addrs(sa(CLIENT), sa(POD_A)).ttl(63),
+    )?;
     // The pod's reply must come back from the VIP.
     let reply = Pkt::tcp(sa(POD_A), sa(CLIENT), SYN_ACK).macs(POD_MAC, POD_HOST_MAC);
     let (ret, out) = fx.tc_pod(topo, &reply.bytes())?;
     ensure!(ret == TC_ACT_REDIRECT, "tc verdict {ret}");
-    check_frame(&out, &reply.clone().addrs(sa("198.18.3.3:80"), sa(CLIENT)).ttl(63).macs(EXT_MAC, CLIENT_MAC))?;
+    check_frame(
+        &out,
+        &reply
+            .clone()
+            .addrs(sa("198.18.3.3:80"), sa(CLIENT))
+            .ttl(63)
+            .macs(EXT_MAC, CLIENT_MAC),
+    )?;
     Ok(())
 }
 
@@ -214,23 +346,55 @@ fn pod_reply_tcp(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     let (ret, out) = fx.tc_pod(topo, &reply.bytes())?;
     ensure!(ret == TC_ACT_REDIRECT, "tc verdict {ret}");
     // Source back to the node port, MACs for the client's link, TTL decremented.
-    check_frame(&out, &reply.clone().addrs(sa(FRONTEND), sa(CLIENT)).ttl(63).macs(EXT_MAC, CLIENT_MAC))?;
+    check_frame(
+        &out,
+        &reply
+            .clone()
+            .addrs(sa(FRONTEND), sa(CLIENT))
+            .ttl(63)
+            .macs(EXT_MAC, CLIENT_MAC),
+    )?;
     check_counters(fx, &before, &[(Counter::ForwardedPodReply, 1)])?;
     let stats = fx.svc_stats(1)?;
-    ensure!(stats.reply_packets == 1 && stats.reply_bytes == l3_len(&reply), "{stats:?}");
+    ensure!(
+        stats.reply_packets == 1 && stats.reply_bytes == l3_len(&reply),
+        "{stats:?}"
+    );
     // Both directions now know the connection is established.
     let ct = fx.conntrack()?;
-    ensure!(ct.len() == 2 && ct.iter().all(|(_, e)| e.flags & CT_F_REPLY_SEEN != 0), "{ct:?}");
+    ensure!(
+        ct.len() == 2 && ct.iter().all(|(_, e)| e.flags & CT_F_REPLY_SEEN != 0),
+        "{ct:?}"
+    );
     Ok(())
 }
 
 fn pod_reply_udp(fx: &mut Fixture, topo: &Topology) -> Result<()> {
-    fx.add_service(&ServiceSpec::new(1, FRONTEND, IPPROTO_UDP, vec![local(1, "198.18.1.10:5353")]))?;
-    xdp_action(fx, topo, &Pkt::udp(sa(CLIENT), sa(FRONTEND)).macs(CLIENT_MAC, EXT_MAC), XDP_PASS)?;
-    let reply = Pkt::udp(sa("198.18.1.10:5353"), sa(CLIENT)).macs(POD_MAC, POD_HOST_MAC).payload(b"answer");
+    fx.add_service(&ServiceSpec::new(
+        1,
+        FRONTEND,
+        IPPROTO_UDP,
+        vec![local(1, "198.18.1.10:5353")],
+    ))?;
+    xdp_action(
+        fx,
+        topo,
+        &Pkt::udp(sa(CLIENT), sa(FRONTEND)).macs(CLIENT_MAC, EXT_MAC),
+        XDP_PASS,
+    )?;
+    let reply = Pkt::udp(sa("198.18.1.10:5353"), sa(CLIENT))
+        .macs(POD_MAC, POD_HOST_MAC)
+        .payload(b"answer");
     let (ret, out) = fx.tc_pod(topo, &reply.bytes())?;
     ensure!(ret == TC_ACT_REDIRECT, "tc verdict {ret}");
-    check_frame(&out, &reply.clone().addrs(sa(FRONTEND), sa(CLIENT)).ttl(63).macs(EXT_MAC, CLIENT_MAC))?;
+    check_frame(
+        &out,
+        &reply
+            .clone()
+            .addrs(sa(FRONTEND), sa(CLIENT))
+            .ttl(63)
+            .macs(EXT_MAC, CLIENT_MAC),
+    )?;
     Ok(())
 }
 
@@ -238,9 +402,14 @@ fn pod_other_traffic(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
     let before = fx.counters()?;
     // The pod talks to someone without a nodeport connection.
-    let pkt = Pkt::tcp(sa(POD_A), sa("198.18.0.100:41000"), SYN).macs(POD_MAC, POD_HOST_MAC).bytes();
+    let pkt = Pkt::tcp(sa(POD_A), sa("198.18.0.100:41000"), SYN)
+        .macs(POD_MAC, POD_HOST_MAC)
+        .bytes();
     let (ret, out) = fx.tc_pod(topo, &pkt)?;
-    ensure!(ret == TC_ACT_UNSPEC, "tc verdict {ret}: must hand on to the next program / the stack");
+    ensure!(
+        ret == TC_ACT_UNSPEC,
+        "tc verdict {ret}: must hand on to the next program / the stack"
+    );
     ensure!(out == pkt, "modified");
     check_counters(fx, &before, &[])
 }
@@ -252,16 +421,30 @@ fn remote_snat_and_return(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     let run = xdp_action(fx, topo, &syn, XDP_TX)?;
     let seen = parse_checked(&run.frame)?;
     let port = seen.src.port();
-    ensure!((61000..=61999).contains(&port), "SNAT port {port} outside the range");
+    ensure!(
+        (61000..=61999).contains(&port),
+        "SNAT port {port} outside the range"
+    );
     // SNAT to the node, DNAT to the backend, out of ext0 towards node2.
     check_frame(
         &run.frame,
-        &syn.clone().addrs(sa(&format!("198.18.0.1:{port}")), sa(REMOTE_A)).ttl(63).macs(EXT_MAC, NODE2_MAC),
+        &syn.clone()
+            .addrs(sa(&format!("198.18.0.1:{port}")), sa(REMOTE_A))
+            .ttl(63)
+            .macs(EXT_MAC, NODE2_MAC),
     )?;
     // The backend answers to the node's SNAT port.
-    let reply = Pkt::tcp(sa(REMOTE_A), sa(&format!("198.18.0.1:{port}")), SYN_ACK).macs(NODE2_MAC, EXT_MAC);
+    let reply =
+        Pkt::tcp(sa(REMOTE_A), sa(&format!("198.18.0.1:{port}")), SYN_ACK).macs(NODE2_MAC, EXT_MAC);
     let run = xdp_action(fx, topo, &reply, XDP_TX)?;
-    check_frame(&run.frame, &reply.clone().addrs(sa(FRONTEND), sa(CLIENT)).ttl(63).macs(EXT_MAC, CLIENT_MAC))?;
+    check_frame(
+        &run.frame,
+        &reply
+            .clone()
+            .addrs(sa(FRONTEND), sa(CLIENT))
+            .ttl(63)
+            .macs(EXT_MAC, CLIENT_MAC),
+    )?;
     check_counters(fx, &before, &[(Counter::ForwardedXdpTx, 2)])?;
     let stats = fx.svc_stats(1)?;
     ensure!(stats.packets == 1 && stats.reply_packets == 1, "{stats:?}");
@@ -280,7 +463,11 @@ fn snat_ports_distinct(fx: &mut Fixture, topo: &Topology) -> Result<()> {
 }
 
 fn snat_exhaustion(fx: &mut Fixture, topo: &Topology) -> Result<()> {
-    fx.set_config(nodeport_common::DatapathConfig { snat_port_min: 61000, snat_port_max: 61001, ..default_config() })?;
+    fx.set_config(nodeport_common::DatapathConfig {
+        snat_port_min: 61000,
+        snat_port_max: 61001,
+        ..default_config()
+    })?;
     fx.add_service(&local_service(1, vec![remote(1, REMOTE_A)]))?;
     xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_TX)?;
     xdp_action(fx, topo, &from_client(40001, FRONTEND, SYN), XDP_TX)?;
@@ -301,37 +488,61 @@ fn two_backend_service(fx: &mut Fixture) -> Result<ServiceSpec> {
 }
 
 fn other_backend(svc: &ServiceSpec, chosen: &str) -> (u32, u32) {
-    let chosen_id = svc.backends.iter().find(|b| b.addr.to_string() == chosen).map(|b| b.id).expect("known");
-    let other_id = svc.backends.iter().find(|b| b.id != chosen_id).map(|b| b.id).expect("two");
+    let chosen_id = svc
+        .backends
+        .iter()
+        .find(|b| b.addr.to_string() == chosen)
+        .map(|b| b.id)
+        .expect("known");
+    let other_id = svc
+        .backends
+        .iter()
+        .find(|b| b.id != chosen_id)
+        .map(|b| b.id)
+        .expect("two");
     (chosen_id, other_id)
 }
 
 fn sticks_after_table_change(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     let svc = two_backend_service(fx)?;
-    let first = backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    let first =
+        backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
     let (_, other) = other_backend(&svc, &first);
     fx.set_table(&svc, &[other])?;
-    let again = backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_PASS)?.frame)?;
-    ensure!(again == first, "established flow moved from {first} to {again}");
-    let new_flow = backend_of(&xdp_action(fx, topo, &from_client(40001, FRONTEND, SYN), XDP_PASS)?.frame)?;
-    ensure!(new_flow != first, "a new flow used {new_flow}, which is no longer in the table");
+    let again =
+        backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_PASS)?.frame)?;
+    ensure!(
+        again == first,
+        "established flow moved from {first} to {again}"
+    );
+    let new_flow =
+        backend_of(&xdp_action(fx, topo, &from_client(40001, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    ensure!(
+        new_flow != first,
+        "a new flow used {new_flow}, which is no longer in the table"
+    );
     Ok(())
 }
 
 fn reselect_removed_backend(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     let svc = two_backend_service(fx)?;
-    let first = backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    let first =
+        backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
     let (chosen, other) = other_backend(&svc, &first);
     fx.set_table(&svc, &[other])?;
     fx.remove_backend(chosen)?;
-    let again = backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_PASS)?.frame)?;
+    let again =
+        backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_PASS)?.frame)?;
     ensure!(again != first, "flow stayed on removed backend {first}");
     Ok(())
 }
 
 fn age_entry(fx: &mut Fixture, dir: u8) -> Result<()> {
     let entries = fx.conntrack()?;
-    let (key, mut entry) = *entries.iter().find(|(k, _)| k.dir == dir).context("no entry")?;
+    let (key, mut entry) = *entries
+        .iter()
+        .find(|(k, _)| k.dir == dir)
+        .context("no entry")?;
     entry.last_seen = LONG_AGO;
     fx.dp.maps.conntrack.insert(key, entry, 0)?;
     Ok(())
@@ -339,25 +550,32 @@ fn age_entry(fx: &mut Fixture, dir: u8) -> Result<()> {
 
 fn reselect_expired(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     let svc = two_backend_service(fx)?;
-    let first = backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    let first =
+        backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
     let (_, other) = other_backend(&svc, &first);
     fx.set_table(&svc, &[other])?;
     // Only a SYN was seen: the SYN timeout applies.
     age_entry(fx, CT_DIR_FORWARD)?;
-    let again = backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    let again =
+        backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
     ensure!(again != first, "expired flow kept {first}");
     Ok(())
 }
 
 fn syn_after_fin(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     let svc = two_backend_service(fx)?;
-    let first = backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    let first =
+        backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
     xdp_action(fx, topo, &from_client(40000, FRONTEND, FIN_ACK), XDP_PASS)?;
     let (_, other) = other_backend(&svc, &first);
     fx.set_table(&svc, &[other])?;
     // The client reuses its port for a new connection.
-    let again = backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
-    ensure!(again != first, "new connection reused the closed one's backend {first}");
+    let again =
+        backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    ensure!(
+        again != first,
+        "new connection reused the closed one's backend {first}"
+    );
     Ok(())
 }
 
@@ -415,7 +633,11 @@ fn source_ranges(fx: &mut Fixture, topo: &Topology) -> Result<()> {
 }
 
 fn three_backends() -> Vec<BackendSpec> {
-    vec![local(1, POD_A), local(2, POD_B), local(3, "198.18.1.10:8081")]
+    vec![
+        local(1, POD_A),
+        local(2, POD_B),
+        local(3, "198.18.1.10:8081"),
+    ]
 }
 
 fn affinity(fx: &mut Fixture, topo: &Topology) -> Result<()> {
@@ -425,21 +647,44 @@ fn affinity(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     fx.add_service(&svc)?;
     let mut chosen = std::collections::BTreeSet::new();
     for sport in 40000..40016 {
-        chosen.insert(backend_of(&xdp_action(fx, topo, &from_client(sport, FRONTEND, SYN), XDP_PASS)?.frame)?);
+        chosen.insert(backend_of(
+            &xdp_action(fx, topo, &from_client(sport, FRONTEND, SYN), XDP_PASS)?.frame,
+        )?);
     }
     ensure!(chosen.len() == 1, "affinity broken: {chosen:?}");
     let sticky = chosen.into_iter().next().expect("one");
     // The table no longer holds the backend, but it exists: the affinity entry keeps the client.
-    let sticky_id = svc.backends.iter().find(|b| b.addr.to_string() == sticky).expect("known").id;
-    let others: Vec<u32> = svc.backends.iter().map(|b| b.id).filter(|id| *id != sticky_id).collect();
+    let sticky_id = svc
+        .backends
+        .iter()
+        .find(|b| b.addr.to_string() == sticky)
+        .expect("known")
+        .id;
+    let others: Vec<u32> = svc
+        .backends
+        .iter()
+        .map(|b| b.id)
+        .filter(|id| *id != sticky_id)
+        .collect();
     fx.set_table(&svc, &others)?;
-    let next = backend_of(&xdp_action(fx, topo, &from_client(40100, FRONTEND, SYN), XDP_PASS)?.frame)?;
-    ensure!(next == sticky, "affinity lost on table change: {next} != {sticky}");
+    let next =
+        backend_of(&xdp_action(fx, topo, &from_client(40100, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    ensure!(
+        next == sticky,
+        "affinity lost on table change: {next} != {sticky}"
+    );
     // Past the timeout the client is placed anew.
-    let (key, mut entry) = fx.dp.maps.affinity.iter().next().context("no affinity entry")??;
+    let (key, mut entry) = fx
+        .dp
+        .maps
+        .affinity
+        .iter()
+        .next()
+        .context("no affinity entry")??;
     entry.last_seen = LONG_AGO;
     fx.dp.maps.affinity.insert(key, entry, 0)?;
-    let after = backend_of(&xdp_action(fx, topo, &from_client(40200, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    let after =
+        backend_of(&xdp_action(fx, topo, &from_client(40200, FRONTEND, SYN), XDP_PASS)?.frame)?;
     ensure!(after != sticky, "expired affinity still used {sticky}");
     Ok(())
 }
@@ -448,7 +693,9 @@ fn spread_without_affinity(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     fx.add_service(&local_service(1, three_backends()))?;
     let mut chosen = std::collections::BTreeSet::new();
     for sport in 40000..40030 {
-        chosen.insert(backend_of(&xdp_action(fx, topo, &from_client(sport, FRONTEND, SYN), XDP_PASS)?.frame)?);
+        chosen.insert(backend_of(
+            &xdp_action(fx, topo, &from_client(sport, FRONTEND, SYN), XDP_PASS)?.frame,
+        )?);
     }
     ensure!(chosen.len() == 3, "30 flows used only {chosen:?}");
     Ok(())
@@ -486,7 +733,11 @@ fn other_traffic(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     // IPv6 UDP to the node port number.
     let mut v6 = Vec::new();
     PacketBuilder::ethernet2(CLIENT_MAC, EXT_MAC)
-        .ipv6([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2], [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], 64)
+        .ipv6(
+            [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            64,
+        )
         .udp(40000, 30080)
         .write(&mut v6, b"v6")?;
     cases.push((v6, Counter::PassedIpv6));
@@ -501,7 +752,10 @@ fn other_traffic(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     cases.push((vlan, Counter::PassedVlan));
     // ICMP echo to the node.
     let mut icmp = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, EXT_MAC).ipv4(client, node, 64).icmpv4_echo_request(1, 1).write(&mut icmp, b"ping")?;
+    PacketBuilder::ethernet2(CLIENT_MAC, EXT_MAC)
+        .ipv4(client, node, 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut icmp, b"ping")?;
     cases.push((icmp, Counter::PassedOtherProtocol));
 
     for (frame, counter) in cases {
@@ -516,9 +770,16 @@ fn other_traffic(fx: &mut Fixture, topo: &Topology) -> Result<()> {
 
 fn malformed(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
-    fx.add_service(&ServiceSpec::new(2, FRONTEND, IPPROTO_UDP, vec![local(2, "198.18.1.10:5353")]))?;
+    fx.add_service(&ServiceSpec::new(
+        2,
+        FRONTEND,
+        IPPROTO_UDP,
+        vec![local(2, "198.18.1.10:5353")],
+    ))?;
     let tcp = from_client(40000, FRONTEND, SYN).bytes();
-    let udp = Pkt::udp(sa(CLIENT), sa(FRONTEND)).macs(CLIENT_MAC, EXT_MAC).bytes();
+    let udp = Pkt::udp(sa(CLIENT), sa(FRONTEND))
+        .macs(CLIENT_MAC, EXT_MAC)
+        .bytes();
     let set = |frame: &[u8], at: usize, bytes: &[u8]| {
         let mut f = frame.to_vec();
         f[at..at + bytes.len()].copy_from_slice(bytes);
@@ -531,8 +792,14 @@ fn malformed(fx: &mut Fixture, topo: &Topology) -> Result<()> {
         ("truncated IPv4 header", tcp[..14 + 10].to_vec()),
         ("IHL below 5", set(&tcp, ip, &[0x44])),
         ("version 6 under the IPv4 ethertype", set(&tcp, ip, &[0x65])),
-        ("total length beyond the frame", set(&tcp, ip + 2, &500u16.to_be_bytes())),
-        ("total length below the header length", set(&tcp, ip + 2, &10u16.to_be_bytes())),
+        (
+            "total length beyond the frame",
+            set(&tcp, ip + 2, &500u16.to_be_bytes()),
+        ),
+        (
+            "total length below the header length",
+            set(&tcp, ip + 2, &10u16.to_be_bytes()),
+        ),
         ("truncated TCP header", {
             let mut f = set(&tcp, ip + 2, &30u16.to_be_bytes());
             f.truncate(14 + 30);
@@ -540,16 +807,23 @@ fn malformed(fx: &mut Fixture, topo: &Topology) -> Result<()> {
         }),
         ("TCP data offset below 5", set(&tcp, l4 + 12, &[0x40])),
         ("UDP length below 8", set(&udp, l4 + 4, &4u16.to_be_bytes())),
-        ("UDP length beyond the datagram", set(&udp, l4 + 4, &200u16.to_be_bytes())),
+        (
+            "UDP length beyond the datagram",
+            set(&udp, l4 + 4, &200u16.to_be_bytes()),
+        ),
     ];
     for (name, frame) in cases {
         let before = fx.counters()?;
         let run = fx.xdp(topo, &frame).with_context(|| name.to_string())?;
         ensure!(run.action == XDP_DROP, "{name}: action {}", run.action);
         check_unchanged(&run, &frame).with_context(|| name.to_string())?;
-        check_counters(fx, &before, &[(Counter::DroppedMalformed, 1)]).with_context(|| name.to_string())?;
+        check_counters(fx, &before, &[(Counter::DroppedMalformed, 1)])
+            .with_context(|| name.to_string())?;
     }
-    ensure!(fx.conntrack()?.is_empty(), "a malformed packet created a connection");
+    ensure!(
+        fx.conntrack()?.is_empty(),
+        "a malformed packet created a connection"
+    );
     Ok(())
 }
 
@@ -565,9 +839,16 @@ fn ip_options(fx: &mut Fixture, topo: &Topology) -> Result<()> {
 }
 
 fn fragments(fx: &mut Fixture, topo: &Topology) -> Result<()> {
-    fx.add_service(&ServiceSpec::new(1, FRONTEND, IPPROTO_UDP, vec![local(1, "198.18.1.10:5353")]))?;
+    fx.add_service(&ServiceSpec::new(
+        1,
+        FRONTEND,
+        IPPROTO_UDP,
+        vec![local(1, "198.18.1.10:5353")],
+    ))?;
     let before = fx.counters()?;
-    let mut first = Pkt::udp(sa(CLIENT), sa(FRONTEND)).macs(CLIENT_MAC, EXT_MAC).payload(&[7; 64]);
+    let mut first = Pkt::udp(sa(CLIENT), sa(FRONTEND))
+        .macs(CLIENT_MAC, EXT_MAC)
+        .payload(&[7; 64]);
     first.more_fragments = true;
     let run = xdp_action(fx, topo, &first, XDP_DROP)?;
     check_unchanged(&run, &first.bytes())?;
@@ -576,7 +857,14 @@ fn fragments(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     later.fragment_offset = 9;
     let run = xdp_action(fx, topo, &later, XDP_PASS)?;
     check_unchanged(&run, &later.bytes())?;
-    check_counters(fx, &before, &[(Counter::DroppedFragment, 1), (Counter::PassedLaterFragment, 1)])
+    check_counters(
+        fx,
+        &before,
+        &[
+            (Counter::DroppedFragment, 1),
+            (Counter::PassedLaterFragment, 1),
+        ],
+    )
 }
 
 fn ttl_exceeded(fx: &mut Fixture, topo: &Topology) -> Result<()> {
@@ -594,11 +882,19 @@ fn no_route(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     let before = fx.counters()?;
     let input = from_client(40000, FRONTEND, SYN);
     let run = xdp_action(fx, topo, &input, XDP_PASS)?;
-    check_frame(&run.frame, &input.clone().addrs(sa(CLIENT), sa("198.18.9.9:8080")))?;
+    check_frame(
+        &run.frame,
+        &input.clone().addrs(sa(CLIENT), sa("198.18.9.9:8080")),
+    )?;
     ensure!(run.meta.is_none());
     check_counters(fx, &before, &[(Counter::FallbackFibLookup, 1)])?;
     // A remote backend without a route cannot be SNATed: the packet goes on untranslated.
-    fx.add_service(&ServiceSpec::new(2, "198.18.0.1:30081", IPPROTO_TCP, vec![remote(2, "198.18.9.9:8080")]))?;
+    fx.add_service(&ServiceSpec::new(
+        2,
+        "198.18.0.1:30081",
+        IPPROTO_TCP,
+        vec![remote(2, "198.18.9.9:8080")],
+    ))?;
     let before = fx.counters()?;
     let input = from_client(40000, "198.18.0.1:30081", SYN);
     let run = xdp_action(fx, topo, &input, XDP_PASS)?;
@@ -610,9 +906,18 @@ fn no_neighbour(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     fx.add_service(&local_service(1, vec![local(1, "198.18.1.99:8080")]))?;
     let input = from_client(40000, FRONTEND, SYN);
     let run = xdp_action(fx, topo, &input, XDP_PASS)?;
-    check_frame(&run.frame, &input.clone().addrs(sa(CLIENT), sa("198.18.1.99:8080")).ttl(63))?;
+    check_frame(
+        &run.frame,
+        &input
+            .clone()
+            .addrs(sa(CLIENT), sa("198.18.1.99:8080"))
+            .ttl(63),
+    )?;
     let meta = run.meta.context("no metadata")?;
-    ensure!(meta.flags & XDP_META_F_NEIGH != 0 && meta.ifindex == topo.pod_ifindex, "{meta:?}");
+    ensure!(
+        meta.flags & XDP_META_F_NEIGH != 0 && meta.ifindex == topo.pod_ifindex,
+        "{meta:?}"
+    );
     Ok(())
 }
 
@@ -628,24 +933,41 @@ fn unconfigured(fx: &mut Fixture, topo: &Topology) -> Result<()> {
 
 fn next_hop_cache(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     // A huge tick rate stretches "one second" far past the test, so nothing goes stale by itself.
-    fx.set_config(nodeport_common::DatapathConfig { hz: 1_000_000, ..default_config() })?;
+    fx.set_config(nodeport_common::DatapathConfig {
+        hz: 1_000_000,
+        ..default_config()
+    })?;
     fx.add_service(&local_service(1, vec![remote(1, REMOTE_A)]))?;
     let syn = from_client(40000, FRONTEND, SYN);
     let first = parse_checked(&xdp_action(fx, topo, &syn, XDP_TX)?.frame)?;
     ensure!(first.eth_dst == NODE2_MAC);
     // Plant a marker in the cached next hop: the next packet must use it, not the FIB.
-    let (key, mut entry) =
-        *fx.conntrack()?.iter().find(|(k, _)| k.dir == CT_DIR_FORWARD).context("no forward entry")?;
-    ensure!(entry.route_checked != 0, "the first packet cached no next hop: {entry:?}");
+    let (key, mut entry) = *fx
+        .conntrack()?
+        .iter()
+        .find(|(k, _)| k.dir == CT_DIR_FORWARD)
+        .context("no forward entry")?;
+    ensure!(
+        entry.route_checked != 0,
+        "the first packet cached no next hop: {entry:?}"
+    );
     let marker = [2, 0, 0, 0, 0, 0x99];
     entry.route_dmac = marker;
     fx.dp.maps.conntrack.insert(key, entry, 0)?;
-    let cached = parse_checked(&xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_TX)?.frame)?;
-    ensure!(cached.eth_dst == marker, "cached next hop not used: {cached:?}");
+    let cached =
+        parse_checked(&xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_TX)?.frame)?;
+    ensure!(
+        cached.eth_dst == marker,
+        "cached next hop not used: {cached:?}"
+    );
     // Stale: the FIB is asked again and the cache corrected.
     entry.route_checked = LONG_AGO;
     fx.dp.maps.conntrack.insert(key, entry, 0)?;
-    let fresh = parse_checked(&xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_TX)?.frame)?;
-    ensure!(fresh.eth_dst == NODE2_MAC, "stale next hop not re-checked: {fresh:?}");
+    let fresh =
+        parse_checked(&xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_TX)?.frame)?;
+    ensure!(
+        fresh.eth_dst == NODE2_MAC,
+        "stale next hop not re-checked: {fresh:?}"
+    );
     Ok(())
 }

@@ -31,7 +31,9 @@ pub fn build(toolchain: &BpfToolchain, flavour: Flavour) -> Result<PathBuf> {
         BpfToolchain::Debian => {
             // RUSTC_BOOTSTRAP only for aya-ebpf, which needs asm_experimental_arch; a global
             // RUSTC_BOOTSTRAP=1 would make the build ask for build-std and rust-src.
-            build.env("RUSTC", "/usr/bin/rustc").env("RUSTC_BOOTSTRAP", "aya_ebpf");
+            build
+                .env("RUSTC", "/usr/bin/rustc")
+                .env("RUSTC_BOOTSTRAP", "aya_ebpf");
             build.arg("build");
         }
         BpfToolchain::Nightly => {
@@ -40,12 +42,21 @@ pub fn build(toolchain: &BpfToolchain, flavour: Flavour) -> Result<PathBuf> {
             build.args(["run", "nightly", "cargo", "build", "-Z", "build-std=core"]);
         }
     }
-    build.args(["--package", "nodeport-ebpf", "--release", "--target", TARGET]);
+    build.args([
+        "--package",
+        "nodeport-ebpf",
+        "--release",
+        "--target",
+        TARGET,
+    ]);
     if let Some(features) = features {
         build.args(["--features", features]);
     }
     build.env("CARGO_TARGET_DIR", workspace_root().join(target_dir));
     println!("xtask: building the eBPF object ({target_dir})");
     run(&mut build).context("building the eBPF programs")?;
-    Ok(workspace_root().join(target_dir).join(TARGET).join("release/nodeport"))
+    Ok(workspace_root()
+        .join(target_dir)
+        .join(TARGET)
+        .join("release/nodeport"))
 }

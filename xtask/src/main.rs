@@ -70,12 +70,20 @@ fn test(skip_lint: bool, filter: Option<String>) -> Result<()> {
         run(cargo().args(["fmt", "--all", "--", "--check"]))?;
         println!("xtask: cargo clippy");
         run(cargo()
-            .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+            .args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])
             .env("NODEPORT_EBPF_OBJECT", &object))?;
     }
     println!("xtask: cargo test (host and root tests)");
     let mut test = cargo();
-    test.args(["test", "--workspace", "--", "--include-ignored"]).env("NODEPORT_EBPF_OBJECT", &object);
+    test.args(["test", "--workspace", "--", "--include-ignored"])
+        .env("NODEPORT_EBPF_OBJECT", &object);
     if let Some(filter) = filter {
         test.arg(filter);
     }

@@ -37,13 +37,17 @@ fn llvm_major(rustc: &str) -> Result<u32> {
         .find_map(|l| l.strip_prefix("LLVM version: "))
         .with_context(|| format!("{rustc} -vV does not say its LLVM version"))?;
     let major = version.split('.').next().unwrap_or_default();
-    major.parse().with_context(|| format!("LLVM version {version:?}"))
+    major
+        .parse()
+        .with_context(|| format!("LLVM version {version:?}"))
 }
 
 fn cargo_home() -> PathBuf {
     std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo"))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo")
+        })
 }
 
 /// The LLVM feature the installed bpf-linker was built with, from cargo's install records.
@@ -51,14 +55,21 @@ fn bpf_linker_llvm() -> Option<u32> {
     let records = std::fs::read_to_string(cargo_home().join(".crates2.json")).ok()?;
     let json: serde_json::Value = serde_json::from_str(&records).ok()?;
     let installs = json.get("installs")?.as_object()?;
-    let (_, entry) = installs.iter().find(|(k, _)| k.starts_with("bpf-linker "))?;
-    entry.get("features")?.as_array()?.iter().find_map(|f| {
-        f.as_str()?.strip_prefix("llvm-")?.parse().ok()
-    })
+    let (_, entry) = installs
+        .iter()
+        .find(|(k, _)| k.starts_with("bpf-linker "))?;
+    entry
+        .get("features")?
+        .as_array()?
+        .iter()
+        .find_map(|f| f.as_str()?.strip_prefix("llvm-")?.parse().ok())
 }
 
 fn have(program: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {program}")]).output().is_ok_and(|o| o.status.success())
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn is_debian_like() -> bool {
@@ -95,7 +106,10 @@ fn manual_steps(llvm: Option<u32>) -> String {
 pub fn ensure() -> Result<BpfToolchain> {
     if std::env::var("NODEPORT_BPF_TOOLCHAIN").as_deref() == Ok("nightly") {
         if !have("bpf-linker") {
-            bail!("NODEPORT_BPF_TOOLCHAIN=nightly but bpf-linker is not installed.\n{}", manual_steps(None));
+            bail!(
+                "NODEPORT_BPF_TOOLCHAIN=nightly but bpf-linker is not installed.\n{}",
+                manual_steps(None)
+            );
         }
         return Ok(BpfToolchain::Nightly);
     }
@@ -140,8 +154,19 @@ fn ensure_debian_toolchain() -> Result<()> {
         "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm} (a few minutes, once)"
     );
     run(cmd("cargo")
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force"])
-        .args(["--no-default-features", "--features", &format!("llvm-{llvm}")])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--force",
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{llvm}"),
+        ])
         .env("LLVM_PREFIX", &prefix))
     .with_context(|| {
         format!(

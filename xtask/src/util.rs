@@ -13,7 +13,10 @@ pub fn cmd(program: &str) -> Command {
 
 /// The workspace root (xtask lives one level below it).
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent")
+        .to_path_buf()
 }
 
 /// `cargo` as the one running us, so the same toolchain builds everything else.
@@ -25,7 +28,9 @@ pub fn cargo() -> Command {
 
 /// Runs a command with inherited output; fails if it fails.
 pub fn run(command: &mut Command) -> Result<()> {
-    let status = command.status().with_context(|| format!("starting {command:?}"))?;
+    let status = command
+        .status()
+        .with_context(|| format!("starting {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed ({status})");
     }
@@ -34,7 +39,10 @@ pub fn run(command: &mut Command) -> Result<()> {
 
 /// Runs a command and returns its stdout.
 pub fn stdout_of(command: &mut Command) -> Result<String> {
-    let out = command.stderr(Stdio::inherit()).output().with_context(|| format!("starting {command:?}"))?;
+    let out = command
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("starting {command:?}"))?;
     if !out.status.success() {
         bail!("{command:?} failed ({})", out.status);
     }

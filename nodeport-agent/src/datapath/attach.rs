@@ -62,7 +62,10 @@ const TC_POD: &str = "tc_pod";
 const NETLINK_MARKER: &str = ".netlink";
 
 fn attach_error(interface: &str, message: impl std::fmt::Display) -> DatapathError {
-    DatapathError::Attach { interface: interface.to_owned(), message: message.to_string() }
+    DatapathError::Attach {
+        interface: interface.to_owned(),
+        message: message.to_string(),
+    }
 }
 
 fn tcx_supported() -> bool {
@@ -82,25 +85,27 @@ impl Datapath {
     }
 
     fn link_pin(&self, hook: &str, interface: &str) -> Option<PathBuf> {
-        self.pins.as_ref().map(|p| p.links().join(format!("{hook}.{interface}")))
+        self.pins
+            .as_ref()
+            .map(|p| p.links().join(format!("{hook}.{interface}")))
     }
 
     fn attach_xdp(&mut self, interface: &str, mode: XdpAttachMode) -> Result<()> {
         let pin = self.link_pin(XDP_EXT, interface);
         let prog: &mut Xdp = self.program_mut(programs::XDP_EXTERNAL)?;
-        if let Some(pin) = &pin {
-            if let Some(link) = adopt(pin, interface)? {
-                let link = XdpLink::try_from(link).map_err(|e| attach_error(interface, e))?;
-                match prog.attach_to_link(link) {
-                    Ok(id) => {
-                        // The pin keeps the link; our fd can go.
-                        drop(prog.take_link(id));
-                        return Ok(());
-                    }
-                    Err(e) => {
-                        tracing::warn!(interface, error = %e, "pinned XDP link is stale; attaching anew");
-                        remove_pin(pin)?;
-                    }
+        if let Some(pin) = &pin
+            && let Some(link) = adopt(pin, interface)?
+        {
+            let link = XdpLink::try_from(link).map_err(|e| attach_error(interface, e))?;
+            match prog.attach_to_link(link) {
+                Ok(id) => {
+                    // The pin keeps the link; our fd can go.
+                    drop(prog.take_link(id));
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(interface, error = %e, "pinned XDP link is stale; attaching anew");
+                    remove_pin(pin)?;
                 }
             }
         }
@@ -116,9 +121,13 @@ impl Datapath {
         if let Some(pin) = pin {
             let link = prog.take_link(id).map_err(|e| attach_error(interface, e))?;
             let link = FdLink::try_from(link).map_err(|e| {
-                attach_error(interface, format!("this kernel has no bpf_link for XDP ({e}); Linux 5.9+ is needed"))
+                attach_error(
+                    interface,
+                    format!("this kernel has no bpf_link for XDP ({e}); Linux 5.9+ is needed"),
+                )
             })?;
-            link.pin(&pin).map_err(|e| attach_error(interface, format!("pinning {}: {e}", pin.display())))?;
+            link.pin(&pin)
+                .map_err(|e| attach_error(interface, format!("pinning {}: {e}", pin.display())))?;
         }
         Ok(())
     }
@@ -129,18 +138,19 @@ impl Datapath {
         if !tcx_supported() {
             return attach_tc_netlink(prog, interface, pin.as_deref());
         }
-        if let Some(pin) = &pin {
-            if let Some(link) = adopt(pin, interface)? {
-                let link = SchedClassifierLink::try_from(link).map_err(|e| attach_error(interface, e))?;
-                match prog.attach_to_link(link) {
-                    Ok(id) => {
-                        drop(prog.take_link(id));
-                        return Ok(());
-                    }
-                    Err(e) => {
-                        tracing::warn!(interface, error = %e, "pinned TC link is stale; attaching anew");
-                        remove_pin(pin)?;
-                    }
+        if let Some(pin) = &pin
+            && let Some(link) = adopt(pin, interface)?
+        {
+            let link =
+                SchedClassifierLink::try_from(link).map_err(|e| attach_error(interface, e))?;
+            match prog.attach_to_link(link) {
+                Ok(id) => {
+                    drop(prog.take_link(id));
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(interface, error = %e, "pinned TC link is stale; attaching anew");
+                    remove_pin(pin)?;
                 }
             }
         }
@@ -154,7 +164,8 @@ impl Datapath {
         if let Some(pin) = pin {
             let link = prog.take_link(id).map_err(|e| attach_error(interface, e))?;
             let link = FdLink::try_from(link).map_err(|e| attach_error(interface, e))?;
-            link.pin(&pin).map_err(|e| attach_error(interface, format!("pinning {}: {e}", pin.display())))?;
+            link.pin(&pin)
+                .map_err(|e| attach_error(interface, format!("pinning {}: {e}", pin.display())))?;
         }
         Ok(())
     }
@@ -162,7 +173,9 @@ impl Datapath {
     /// Detaches whatever this datapath attached to `interface` in `role` (when the interface
     /// stops being ours; a vanished interface takes its links with it).
     pub fn detach_interface(&mut self, interface: &str, role: InterfaceRole) -> Result<()> {
-        let Some(pins) = self.pins.clone() else { return Ok(()) };
+        let Some(pins) = self.pins.clone() else {
+            return Ok(());
+        };
         let hooks: &[&str] = match role {
             InterfaceRole::External => &[XDP_EXT, TC_EXT],
             InterfaceRole::Pod => &[TC_POD],
@@ -175,7 +188,9 @@ impl Datapath {
 
     /// Interfaces with a pinned attachment, from the pin directory.
     pub fn attached_interfaces(&self) -> Result<Vec<AttachedInterface>> {
-        let Some(pins) = &self.pins else { return Ok(Vec::new()) };
+        let Some(pins) = &self.pins else {
+            return Ok(Vec::new());
+        };
         list_links(pins)
     }
 }
@@ -199,7 +214,10 @@ fn remove_pin(pin: &Path) -> Result<()> {
     match std::fs::remove_file(pin) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(DatapathError::Io { context: format!("removing {}", pin.display()), source }),
+        Err(source) => Err(DatapathError::Io {
+            context: format!("removing {}", pin.display()),
+            source,
+        }),
     }
 }
 
@@ -209,7 +227,11 @@ fn remove_link(pin: &Path) -> Result<()> {
     let name = pin.file_name().and_then(|n| n.to_str()).unwrap_or_default();
     if let Some(stem) = name.strip_suffix(NETLINK_MARKER) {
         if let Some((hook, interface)) = stem.split_once('.') {
-            let program = if hook == TC_POD { programs::TC_POD } else { programs::TC_EXTERNAL };
+            let program = if hook == TC_POD {
+                programs::TC_POD
+            } else {
+                programs::TC_EXTERNAL
+            };
             match tc::qdisc_detach_program(interface, TcAttachType::Ingress, program) {
                 Ok(()) => {}
                 Err(e) => tracing::debug!(interface, error = %e, "clsact filter already gone"),
@@ -236,19 +258,29 @@ fn list_links(pins: &PinDir) -> Result<Vec<AttachedInterface>> {
     let entries = match std::fs::read_dir(&dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(DatapathError::Io { context: format!("reading {}", dir.display()), source }),
+        Err(source) => {
+            return Err(DatapathError::Io {
+                context: format!("reading {}", dir.display()),
+                source,
+            });
+        }
     };
     let mut found = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let name = name.strip_suffix(NETLINK_MARKER).unwrap_or(&name);
-        let Some((hook, interface)) = name.split_once('.') else { continue };
+        let Some((hook, interface)) = name.split_once('.') else {
+            continue;
+        };
         let role = match hook {
             XDP_EXT | TC_EXT => InterfaceRole::External,
             TC_POD => InterfaceRole::Pod,
             _ => continue,
         };
-        let item = AttachedInterface { name: interface.to_owned(), role };
+        let item = AttachedInterface {
+            name: interface.to_owned(),
+            role,
+        };
         if !found.contains(&item) {
             found.push(item);
         }
@@ -263,7 +295,12 @@ pub(super) fn remove_links(pins: &PinDir) -> Result<Vec<String>> {
     let entries = match std::fs::read_dir(&dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(DatapathError::Io { context: format!("reading {}", dir.display()), source }),
+        Err(source) => {
+            return Err(DatapathError::Io {
+                context: format!("reading {}", dir.display()),
+                source,
+            });
+        }
     };
     let mut removed = Vec::new();
     for entry in entries.flatten() {
@@ -276,15 +313,27 @@ pub(super) fn remove_links(pins: &PinDir) -> Result<Vec<String>> {
 }
 
 /// clsact fallback for kernels without tcx: replace our filter (delete then add).
-fn attach_tc_netlink(prog: &mut SchedClassifier, interface: &str, pin: Option<&Path>) -> Result<()> {
+fn attach_tc_netlink(
+    prog: &mut SchedClassifier,
+    interface: &str,
+    pin: Option<&Path>,
+) -> Result<()> {
     if let Err(e) = tc::qdisc_add_clsact(interface) {
         // EEXIST: the qdisc is already there, which is fine.
         tracing::debug!(interface, error = %e, "clsact qdisc not added (probably present)");
     }
-    let name = prog.info().ok().and_then(|i| i.name_as_str().map(str::to_owned)).unwrap_or_default();
+    let name = prog
+        .info()
+        .ok()
+        .and_then(|i| i.name_as_str().map(str::to_owned))
+        .unwrap_or_default();
     let _ = tc::qdisc_detach_program(interface, TcAttachType::Ingress, &name);
     let id = prog
-        .attach_with_options(interface, TcAttachType::Ingress, TcAttachOptions::Netlink(NlOptions::default()))
+        .attach_with_options(
+            interface,
+            TcAttachType::Ingress,
+            TcAttachOptions::Netlink(NlOptions::default()),
+        )
         .map_err(|e| attach_error(interface, format!("clsact ingress: {e}")))?;
     // The filter outlives the agent by itself; forget the link so dropping it does not detach.
     std::mem::forget(prog.take_link(id));

@@ -50,12 +50,19 @@ pub fn ensure_mounted(pin_root: &Path) -> Result<()> {
         return Ok(());
     }
     tracing::info!("mounting bpffs at {DEFAULT_MOUNT}");
-    std::fs::create_dir_all(default).map_err(|e| DatapathError::Bpffs(format!("creating {DEFAULT_MOUNT}: {e}")))?;
+    std::fs::create_dir_all(default)
+        .map_err(|e| DatapathError::Bpffs(format!("creating {DEFAULT_MOUNT}: {e}")))?;
     let target = CString::new(DEFAULT_MOUNT).expect("no NUL");
     let fstype = CString::new("bpf").expect("no NUL");
     // SAFETY: valid NUL-terminated strings, no data argument.
     let rc = unsafe {
-        libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
         return Err(DatapathError::Bpffs(format!(

@@ -33,7 +33,9 @@ fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
 where
     T: TryFrom<Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap { name })?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DatapathError::MissingMap { name })?;
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
@@ -78,9 +80,27 @@ pub fn map_specs(sizing: &Sizing) -> Vec<MapSpec> {
         max_entries,
     };
     vec![
-        spec(names::CONFIG, MapType::Array, 4, size::<DatapathConfig>(), 1),
-        spec(names::FRONTEND_PORTS, MapType::Array, 4, 8, FRONTEND_PORT_WORDS),
-        spec(names::SNAT_ADDRS, MapType::Hash, 4, size::<SnatAddr>(), capacity::SNAT_ADDRS),
+        spec(
+            names::CONFIG,
+            MapType::Array,
+            4,
+            size::<DatapathConfig>(),
+            1,
+        ),
+        spec(
+            names::FRONTEND_PORTS,
+            MapType::Array,
+            4,
+            8,
+            FRONTEND_PORT_WORDS,
+        ),
+        spec(
+            names::SNAT_ADDRS,
+            MapType::Hash,
+            4,
+            size::<SnatAddr>(),
+            capacity::SNAT_ADDRS,
+        ),
         spec(
             names::FRONTENDS,
             MapType::Hash,
@@ -88,7 +108,13 @@ pub fn map_specs(sizing: &Sizing) -> Vec<MapSpec> {
             size::<Frontend>(),
             sizing.frontends,
         ),
-        spec(names::BACKENDS, MapType::Array, 4, size::<Backend>(), sizing.backends),
+        spec(
+            names::BACKENDS,
+            MapType::Array,
+            4,
+            size::<Backend>(),
+            sizing.backends,
+        ),
         spec(
             names::MAGLEV,
             MapType::Array,
@@ -104,7 +130,13 @@ pub fn map_specs(sizing: &Sizing) -> Vec<MapSpec> {
             4,
             sizing.source_ranges,
         ),
-        spec(names::CONNTRACK, MapType::LruHash, size::<CtKey>(), size::<CtEntry>(), sizing.conntrack),
+        spec(
+            names::CONNTRACK,
+            MapType::LruHash,
+            size::<CtKey>(),
+            size::<CtEntry>(),
+            sizing.conntrack,
+        ),
         spec(
             names::AFFINITY,
             MapType::LruHash,
@@ -112,7 +144,13 @@ pub fn map_specs(sizing: &Sizing) -> Vec<MapSpec> {
             size::<AffinityEntry>(),
             sizing.affinity,
         ),
-        spec(names::SVC_STATS, MapType::PerCpuArray, 4, size::<SvcStats>(), sizing.services),
+        spec(
+            names::SVC_STATS,
+            MapType::PerCpuArray,
+            4,
+            size::<SvcStats>(),
+            sizing.services,
+        ),
         spec(names::COUNTERS, MapType::PerCpuArray, 4, 8, COUNTER_SLOTS),
     ]
 }
@@ -124,7 +162,10 @@ impl MapSpec {
         if !path.exists() {
             return Ok(());
         }
-        let info = MapInfo::from_pin(path).map_err(|source| DatapathError::Map { name: self.name, source })?;
+        let info = MapInfo::from_pin(path).map_err(|source| DatapathError::Map {
+            name: self.name,
+            source,
+        })?;
         let mut differences = Vec::new();
         match info.map_type() {
             Ok(t) if t == self.map_type => {}

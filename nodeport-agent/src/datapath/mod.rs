@@ -59,7 +59,9 @@ pub enum DatapathError {
          `cargo xtask build` (plain `cargo build` cannot compile the BPF programs)"
     )]
     NoEmbeddedObject,
-    #[error("Maglev table size {0} is not a prime number (Maglev needs a prime, e.g. 1021, 4093, 16381)")]
+    #[error(
+        "Maglev table size {0} is not a prime number (Maglev needs a prime, e.g. 1021, 4093, 16381)"
+    )]
     MaglevSizeNotPrime(u32),
     #[error("Maglev table of {size} slots x {blocks} blocks does not fit in a BPF array")]
     MaglevTooLarge { size: u32, blocks: u32 },
@@ -140,7 +142,11 @@ impl Datapath {
         if !is_prime(sizing.maglev_size) {
             return Err(DatapathError::MaglevSizeNotPrime(sizing.maglev_size));
         }
-        if sizing.maglev_size.checked_mul(sizing.maglev_blocks()).is_none() {
+        if sizing
+            .maglev_size
+            .checked_mul(sizing.maglev_blocks())
+            .is_none()
+        {
             return Err(DatapathError::MaglevTooLarge {
                 size: sizing.maglev_size,
                 blocks: sizing.maglev_blocks(),
@@ -171,7 +177,12 @@ impl Datapath {
         }
         let mut ebpf = loader.load(bytes)?;
         let maps = Maps::take(&mut ebpf)?;
-        let mut datapath = Self { ebpf, maps, sizing: sizing.clone(), pins };
+        let mut datapath = Self {
+            ebpf,
+            maps,
+            sizing: sizing.clone(),
+            pins,
+        };
         datapath.load_programs()?;
         Ok(datapath)
     }
@@ -181,11 +192,17 @@ impl Datapath {
         use nodeport_common::programs as p;
         for name in [p::XDP_EXTERNAL, p::XDP_PASS] {
             let prog: &mut Xdp = self.program_mut(name)?;
-            prog.load().map_err(|source| DatapathError::Program { program: name, source })?;
+            prog.load().map_err(|source| DatapathError::Program {
+                program: name,
+                source,
+            })?;
         }
         for name in [p::TC_EXTERNAL, p::TC_POD] {
             let prog: &mut SchedClassifier = self.program_mut(name)?;
-            prog.load().map_err(|source| DatapathError::Program { program: name, source })?;
+            prog.load().map_err(|source| DatapathError::Program {
+                program: name,
+                source,
+            })?;
         }
         Ok(())
     }
@@ -198,7 +215,10 @@ impl Datapath {
             program: name,
             source: aya::programs::ProgramError::NotLoaded,
         })?;
-        program.try_into().map_err(|source| DatapathError::Program { program: name, source })
+        program.try_into().map_err(|source| DatapathError::Program {
+            program: name,
+            source,
+        })
     }
 
     /// A loaded program, for BPF_PROG_TEST_RUN in tests and benchmarks.
@@ -218,7 +238,10 @@ impl Datapath {
     /// build's entry points).
     pub fn load_extra_xdp(&mut self, name: &'static str) -> Result<()> {
         let prog: &mut aya::programs::Xdp = self.program_mut(name)?;
-        prog.load().map_err(|source| DatapathError::Program { program: name, source })
+        prog.load().map_err(|source| DatapathError::Program {
+            program: name,
+            source,
+        })
     }
 
     /// A map of the object that is not one of the datapath's own (the bench build's).
@@ -242,7 +265,10 @@ pub fn detach(root: &Path) -> Result<Vec<String>> {
             Ok(()) => removed.push(format!("map {}", path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => {
-                return Err(DatapathError::Io { context: format!("removing {}", path.display()), source });
+                return Err(DatapathError::Io {
+                    context: format!("removing {}", path.display()),
+                    source,
+                });
             }
         }
     }
@@ -254,18 +280,27 @@ pub fn detach(root: &Path) -> Result<Vec<String>> {
 }
 
 fn create_dir(path: &Path) -> Result<()> {
-    std::fs::create_dir_all(path)
-        .map_err(|source| DatapathError::Io { context: format!("creating {}", path.display()), source })
+    std::fs::create_dir_all(path).map_err(|source| DatapathError::Io {
+        context: format!("creating {}", path.display()),
+        source,
+    })
 }
 
 /// Kernel ticks per second (CONFIG_HZ), the unit of the datapath's clock (jiffies): the
 /// resolution of CLOCK_MONOTONIC_COARSE is exactly one tick.
 pub fn kernel_hz() -> u32 {
-    let mut res = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_getres fills `res`.
     let ok = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } == 0;
     let tick_ns = res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64;
-    if ok && tick_ns > 0 { (1_000_000_000 / tick_ns) as u32 } else { 250 }
+    if ok && tick_ns > 0 {
+        (1_000_000_000 / tick_ns) as u32
+    } else {
+        250
+    }
 }
 
 pub fn is_prime(n: u32) -> bool {
@@ -274,7 +309,7 @@ pub fn is_prime(n: u32) -> bool {
     }
     let mut d = 2u32;
     while d.saturating_mul(d) <= n {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;
@@ -288,7 +323,11 @@ mod tests {
 
     #[test]
     fn kernel_hz_is_a_known_config_hz() {
-        assert!([100, 250, 300, 1000].contains(&kernel_hz()), "{}", kernel_hz());
+        assert!(
+            [100, 250, 300, 1000].contains(&kernel_hz()),
+            "{}",
+            kernel_hz()
+        );
     }
 
     #[test]
@@ -303,8 +342,16 @@ mod tests {
 
     #[test]
     fn rejects_a_non_prime_maglev_size_before_touching_the_kernel() {
-        let sizing = Sizing { maglev_size: 1000, ..Sizing::default() };
-        let err = Datapath::load_object(&[], &sizing, None).err().expect("must fail");
-        assert!(matches!(err, DatapathError::MaglevSizeNotPrime(1000)), "{err}");
+        let sizing = Sizing {
+            maglev_size: 1000,
+            ..Sizing::default()
+        };
+        let err = Datapath::load_object(&[], &sizing, None)
+            .err()
+            .expect("must fail");
+        assert!(
+            matches!(err, DatapathError::MaglevSizeNotPrime(1000)),
+            "{err}"
+        );
     }
 }

@@ -6,7 +6,11 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/no
 
 /// The embedded object, or an error telling how to build a binary that has one.
 pub fn embedded() -> Result<&'static [u8]> {
-    if OBJECT.is_empty() { Err(DatapathError::NoEmbeddedObject) } else { Ok(OBJECT) }
+    if OBJECT.is_empty() {
+        Err(DatapathError::NoEmbeddedObject)
+    } else {
+        Ok(OBJECT)
+    }
 }
 
 /// Whether this binary carries the datapath.
