@@ -5,5 +5,6 @@ pub mod datapath;
 pub mod ledger;
 pub mod maglev;
 pub mod manifests;
+pub mod source;
 #[cfg(test)]
 mod test_support;

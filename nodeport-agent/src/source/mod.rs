@@ -1,0 +1,29 @@
+//! Where the agent's view of the cluster comes from: the Kubernetes API (`kube`) or a directory
+//! of manifest files (`files`). Either publishes complete snapshots on a watch channel; the
+//! agent recomputes the desired state from the latest one (a watch channel keeps only the
+//! newest value, so bursts of changes coalesce).
+
+use std::{net::IpAddr, sync::Arc};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+/// Everything the agent mirrors, as last seen from a source.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+    /// The node's addresses as its Node object reports them (InternalIP, ExternalIP), when the
+    /// source knows the node (Kubernetes with a node name). The agent merges them with the
+    /// addresses of the node's interfaces.
+    pub node_addresses: Option<Vec<IpAddr>>,
+}
+
+/// The channel a source publishes on. `None` until the first complete list of both
+/// Services and EndpointSlices has arrived: nothing is programmed before that (kube-proxy
+/// waits too), so a restarting agent never removes services it simply has not heard of yet.
+pub type SnapshotSender = tokio::sync::watch::Sender<Option<Arc<Snapshot>>>;
+pub type SnapshotReceiver = tokio::sync::watch::Receiver<Option<Arc<Snapshot>>>;
+
+pub fn channel() -> (SnapshotSender, SnapshotReceiver) {
+    tokio::sync::watch::channel(None)
+}
