@@ -2,9 +2,11 @@
 //! health checks and metrics, and reports on the node port range.
 
 pub mod datapath;
+pub mod desired;
 pub mod ledger;
 pub mod maglev;
 pub mod manifests;
+pub mod model;
 pub mod source;
 #[cfg(test)]
 mod test_support;

@@ -20,6 +20,7 @@ pub mod names {
     pub const AFFINITY: &str = "NP_AFFINITY";
     pub const SVC_STATS: &str = "NP_SVC_STATS";
     pub const COUNTERS: &str = "NP_COUNTERS";
+    pub const SVC_NAMES: &str = "NP_SVC_NAMES";
 
     /// Every map, for pinning and validation.
     pub const ALL: &[&str] = &[
@@ -282,6 +283,31 @@ pub struct AffinityEntry {
 }
 assert_size!(AffinityEntry, 16);
 
+/// Value of `NP_SVC_NAMES` (key: service id): which Service port a service id is. The
+/// programs never read it; it is pinned with the other maps so that a restarted agent, and
+/// `nodeport-agent dump` with no agent running, can name what the maps hold.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct SvcName {
+    /// NUL-padded UTF-8 (Kubernetes limits: 63, 63 and 15 characters).
+    pub namespace: [u8; 64],
+    pub name: [u8; 64],
+    pub port_name: [u8; 16],
+    pub protocol: u8,
+    pub _pad: [u8; 7],
+}
+assert_size!(SvcName, 152);
+
+impl Default for SvcName {
+    fn default() -> Self {
+        Self::zeroed()
+    }
+}
+
+/// Array maps userspace writes through a memory mapping (BPF_F_MMAPABLE): a Maglev table is a
+/// memory copy rather than one syscall per slot. Each element takes `round_up(size, 8)` bytes.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
 /// Per-CPU value of `NP_SVC_STATS`, indexed by service id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -332,4 +358,5 @@ mod user {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for SvcStats {}
+    unsafe impl aya::Pod for SvcName {}
 }

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use nodeport_common::{
-    AffinityEntry, AffinityKey, Backend, COUNTER_SLOTS, CtEntry, CtKey, DatapathConfig,
-    FRONTEND_PORT_WORDS, Frontend, FrontendKey, MaglevSlot, SnatAddr, SrcRangeKey, SvcStats,
-    capacity,
+    AffinityEntry, AffinityKey, BPF_F_MMAPABLE, Backend, COUNTER_SLOTS, CtEntry, CtKey,
+    DatapathConfig, FRONTEND_PORT_WORDS, Frontend, FrontendKey, MaglevSlot, SnatAddr, SrcRangeKey,
+    SvcName, SvcStats, capacity,
 };
 
 #[map]
@@ -26,12 +26,13 @@ pub static NP_FRONTENDS: HashMap<FrontendKey, Frontend> =
     HashMap::with_max_entries(capacity::FRONTENDS, 0);
 
 #[map]
-pub static NP_BACKENDS: Array<Backend> = Array::with_max_entries(capacity::BACKENDS, 0);
+pub static NP_BACKENDS: Array<Backend> =
+    Array::with_max_entries(capacity::BACKENDS, BPF_F_MMAPABLE);
 
 #[map]
 pub static NP_MAGLEV: Array<MaglevSlot> = Array::with_max_entries(
     capacity::maglev_blocks(capacity::SERVICES) * capacity::MAGLEV_SIZE,
-    0,
+    BPF_F_MMAPABLE,
 );
 
 #[map]
@@ -51,3 +52,7 @@ pub static NP_SVC_STATS: PerCpuArray<SvcStats> =
 
 #[map]
 pub static NP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// Read by the agent only (see nodeport_common::SvcName).
+#[map]
+pub static NP_SVC_NAMES: HashMap<u32, SvcName> = HashMap::with_max_entries(capacity::SERVICES, 0);

@@ -244,12 +244,12 @@ impl Fixture {
             _pad: 0,
             svc_id,
         };
-        self.dp.maps.backends.set(b.id, value, 0)?;
+        self.dp.maps.backends.set(b.id, value)?;
         Ok(())
     }
 
     pub fn remove_backend(&mut self, id: u32) -> Result<()> {
-        self.dp.maps.backends.set(id, Backend::default(), 0)?;
+        self.dp.maps.backends.set(id, Backend::default())?;
         Ok(())
     }
 
@@ -278,7 +278,7 @@ impl Fixture {
                 self.dp
                     .maps
                     .maglev
-                    .set(svc.id * m + slot as u32, members[index as usize].1, 0)?;
+                    .set(svc.id * m + slot as u32, members[index as usize].1)?;
             }
         }
         for (addr, proto) in &svc.frontends {

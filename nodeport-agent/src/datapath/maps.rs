@@ -7,12 +7,15 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapInfo, MapType, PerCpuArray},
 };
 use nodeport_common::{
-    AffinityEntry, AffinityKey, Backend, COUNTER_SLOTS, CtEntry, CtKey, DatapathConfig,
-    FRONTEND_PORT_WORDS, Frontend, FrontendKey, MaglevSlot, SnatAddr, SrcRangeKey, SvcStats,
-    capacity, names,
+    AffinityEntry, AffinityKey, BPF_F_MMAPABLE, Backend, COUNTER_SLOTS, CtEntry, CtKey,
+    DatapathConfig, FRONTEND_PORT_WORDS, Frontend, FrontendKey, MaglevSlot, SnatAddr, SrcRangeKey,
+    SvcName, SvcStats, capacity, names,
 };
 
-use super::{DatapathError, Result, Sizing};
+use super::{DatapathError, Result, Sizing, mmap::MmapArray};
+
+/// BPF_F_NO_PREALLOC, required for LPM tries.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Every map, typed.
 pub struct Maps {
@@ -20,13 +23,14 @@ pub struct Maps {
     pub frontend_ports: Array<MapData, u64>,
     pub snat_addrs: HashMap<MapData, u32, SnatAddr>,
     pub frontends: HashMap<MapData, FrontendKey, Frontend>,
-    pub backends: Array<MapData, Backend>,
-    pub maglev: Array<MapData, MaglevSlot>,
+    pub backends: MmapArray<Backend>,
+    pub maglev: MmapArray<MaglevSlot>,
     pub src_ranges: LpmTrie<MapData, SrcRangeKey, u32>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     pub svc_stats: PerCpuArray<MapData, SvcStats>,
     pub counters: PerCpuArray<MapData, u64>,
+    pub svc_names: HashMap<MapData, u32, SvcName>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
@@ -39,20 +43,48 @@ where
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
+fn mapped<T: bytemuck::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    entries: u32,
+) -> Result<MmapArray<T>> {
+    let data = match ebpf
+        .take_map(name)
+        .ok_or(DatapathError::MissingMap { name })?
+    {
+        Map::Array(data) => data,
+        _ => {
+            return Err(DatapathError::Io {
+                context: format!("{name} is not an array map"),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            });
+        }
+    };
+    MmapArray::new(data, entries).map_err(|source| DatapathError::Io {
+        context: format!("mapping {name} into memory"),
+        source,
+    })
+}
+
 impl Maps {
-    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self> {
+    pub(super) fn take(ebpf: &mut Ebpf, sizing: &Sizing) -> Result<Self> {
         Ok(Self {
             config: take(ebpf, names::CONFIG)?,
             frontend_ports: take(ebpf, names::FRONTEND_PORTS)?,
             snat_addrs: take(ebpf, names::SNAT_ADDRS)?,
             frontends: take(ebpf, names::FRONTENDS)?,
-            backends: take(ebpf, names::BACKENDS)?,
-            maglev: take(ebpf, names::MAGLEV)?,
+            backends: mapped(ebpf, names::BACKENDS, sizing.backends)?,
+            maglev: mapped(
+                ebpf,
+                names::MAGLEV,
+                sizing.maglev_size * sizing.maglev_blocks(),
+            )?,
             src_ranges: take(ebpf, names::SRC_RANGES)?,
             conntrack: take(ebpf, names::CONNTRACK)?,
             affinity: take(ebpf, names::AFFINITY)?,
             svc_stats: take(ebpf, names::SVC_STATS)?,
             counters: take(ebpf, names::COUNTERS)?,
+            svc_names: take(ebpf, names::SVC_NAMES)?,
         })
     }
 }
@@ -65,6 +97,7 @@ pub struct MapSpec {
     pub key_size: u32,
     pub value_size: u32,
     pub max_entries: u32,
+    pub flags: u32,
 }
 
 const fn size<T>() -> u32 {
@@ -72,87 +105,39 @@ const fn size<T>() -> u32 {
 }
 
 pub fn map_specs(sizing: &Sizing) -> Vec<MapSpec> {
-    let spec = |name, map_type, key_size, value_size, max_entries| MapSpec {
-        name,
-        map_type,
-        key_size,
-        value_size,
-        max_entries,
-    };
-    vec![
-        spec(
-            names::CONFIG,
-            MapType::Array,
-            4,
-            size::<DatapathConfig>(),
-            1,
-        ),
-        spec(
-            names::FRONTEND_PORTS,
-            MapType::Array,
-            4,
-            8,
-            FRONTEND_PORT_WORDS,
-        ),
-        spec(
-            names::SNAT_ADDRS,
-            MapType::Hash,
-            4,
-            size::<SnatAddr>(),
-            capacity::SNAT_ADDRS,
-        ),
-        spec(
-            names::FRONTENDS,
-            MapType::Hash,
-            size::<FrontendKey>(),
-            size::<Frontend>(),
-            sizing.frontends,
-        ),
-        spec(
-            names::BACKENDS,
-            MapType::Array,
-            4,
-            size::<Backend>(),
-            sizing.backends,
-        ),
-        spec(
-            names::MAGLEV,
-            MapType::Array,
-            4,
-            size::<MaglevSlot>(),
-            sizing.maglev_size * sizing.maglev_blocks(),
-        ),
-        // An LPM key is a u32 prefix length followed by the data.
-        spec(
-            names::SRC_RANGES,
-            MapType::LpmTrie,
-            4 + size::<SrcRangeKey>(),
-            4,
-            sizing.source_ranges,
-        ),
-        spec(
-            names::CONNTRACK,
-            MapType::LruHash,
-            size::<CtKey>(),
-            size::<CtEntry>(),
-            sizing.conntrack,
-        ),
-        spec(
-            names::AFFINITY,
-            MapType::LruHash,
-            size::<AffinityKey>(),
-            size::<AffinityEntry>(),
-            sizing.affinity,
-        ),
-        spec(
-            names::SVC_STATS,
-            MapType::PerCpuArray,
-            4,
-            size::<SvcStats>(),
-            sizing.services,
-        ),
-        spec(names::COUNTERS, MapType::PerCpuArray, 4, 8, COUNTER_SLOTS),
-    ]
+    use MapType::{Array, Hash, LpmTrie, LruHash, PerCpuArray};
+    let maglev_slots = sizing.maglev_size * sizing.maglev_blocks();
+    // An LPM key is a u32 prefix length followed by the data.
+    let lpm_key = 4 + size::<SrcRangeKey>();
+    #[rustfmt::skip]
+    let table: [(&'static str, MapType, u32, u32, u32, u32); 12] = [
+        // name                  type         key size              value size               max entries            flags
+        (names::CONFIG,          Array,       4,                    size::<DatapathConfig>(), 1,                     0),
+        (names::FRONTEND_PORTS,  Array,       4,                    8,                       FRONTEND_PORT_WORDS,   0),
+        (names::SNAT_ADDRS,      Hash,        4,                    size::<SnatAddr>(),      capacity::SNAT_ADDRS,  0),
+        (names::FRONTENDS,       Hash,        size::<FrontendKey>(), size::<Frontend>(),     sizing.frontends,      0),
+        (names::BACKENDS,        Array,       4,                    size::<Backend>(),       sizing.backends,       BPF_F_MMAPABLE),
+        (names::MAGLEV,          Array,       4,                    size::<MaglevSlot>(),    maglev_slots,          BPF_F_MMAPABLE),
+        (names::SRC_RANGES,      LpmTrie,     lpm_key,              4,                       sizing.source_ranges,  BPF_F_NO_PREALLOC),
+        (names::CONNTRACK,       LruHash,     size::<CtKey>(),      size::<CtEntry>(),       sizing.conntrack,      0),
+        (names::AFFINITY,        LruHash,     size::<AffinityKey>(), size::<AffinityEntry>(), sizing.affinity,      0),
+        (names::SVC_STATS,       PerCpuArray, 4,                    size::<SvcStats>(),      sizing.services,       0),
+        (names::COUNTERS,        PerCpuArray, 4,                    8,                       COUNTER_SLOTS,         0),
+        (names::SVC_NAMES,       Hash,        4,                    size::<SvcName>(),       sizing.services,       0),
+    ];
+    table
+        .into_iter()
+        .map(
+            |(name, map_type, key_size, value_size, max_entries, flags)| MapSpec {
+                name,
+                map_type,
+                key_size,
+                value_size,
+                max_entries,
+                flags,
+            },
+        )
+        .collect()
 }
 
 impl MapSpec {
@@ -180,6 +165,7 @@ impl MapSpec {
         compare("key size", info.key_size(), self.key_size);
         compare("value size", info.value_size(), self.value_size);
         compare("max entries", info.max_entries(), self.max_entries);
+        compare("flags", info.map_flags(), self.flags);
         if differences.is_empty() {
             Ok(())
         } else {

@@ -9,6 +9,7 @@
 mod attach;
 mod bpffs;
 mod maps;
+mod mmap;
 mod object;
 
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use thiserror::Error;
 
 pub use attach::{AttachedInterface, InterfaceRole, XdpAttachMode};
 pub use maps::{MapSpec, Maps, map_specs};
+pub use mmap::MmapArray;
 
 /// Map sizes, from the agent's flags.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -176,7 +178,7 @@ impl Datapath {
             }
         }
         let mut ebpf = loader.load(bytes)?;
-        let maps = Maps::take(&mut ebpf)?;
+        let maps = Maps::take(&mut ebpf, sizing)?;
         let mut datapath = Self {
             ebpf,
             maps,

@@ -1,0 +1,444 @@
+//! From Services and EndpointSlices to the desired datapath: a pure function with kube-proxy's
+//! semantics (docs/semantics.md lists them with the kube-proxy behaviour each follows).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort},
+    discovery::v1::{Endpoint, EndpointSlice},
+};
+
+use crate::model::{
+    BackendState, Desired, DesiredService, Frontend, FrontendKind, HealthCheck, Ipv4Prefix, Notice,
+    NoticeKind, Protocol, ServicePortKey,
+};
+
+/// The label that names a Service's proxy; kube-proxy leaves such Services to that proxy.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// The label joining an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// sessionAffinityConfig.clientIP.timeoutSeconds when unset.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+
+/// What the computation needs to know about this node.
+#[derive(Clone, Debug, Default)]
+pub struct NodeContext {
+    /// Matched against endpoints' nodeName to tell local backends.
+    pub node_name: String,
+    /// Node ports answer on each of these.
+    pub node_addresses: Vec<Ipv4Addr>,
+    /// With a name, Services labelled with it are ours too (like another proxy's name).
+    pub proxy_name: Option<String>,
+}
+
+fn namespace(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
+    meta.namespace.as_deref().unwrap_or("default")
+}
+
+/// Whether this proxy should handle the Service at all.
+fn is_ours(svc: &Service, node: &NodeContext) -> bool {
+    let Some(spec) = &svc.spec else { return false };
+    if spec.type_.as_deref() == Some("ExternalName") || spec.cluster_ip.as_deref() == Some("None") {
+        return false;
+    }
+    match svc
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))
+    {
+        None => true,
+        Some(name) => node.proxy_name.as_deref() == Some(name.as_str()),
+    }
+}
+
+fn protocol(value: Option<&str>) -> Option<Protocol> {
+    match value.unwrap_or("TCP") {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        _ => None,
+    }
+}
+
+fn port_u16(value: i32) -> Option<u16> {
+    u16::try_from(value).ok().filter(|p| *p != 0)
+}
+
+/// Parses an IPv4 CIDR of loadBalancerSourceRanges ("10.0.0.0/8", or a bare address as /32).
+fn parse_prefix(s: &str) -> Option<Ipv4Prefix> {
+    let s = s.trim();
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, l.parse::<u8>().ok()?),
+        None => (s, 32),
+    };
+    let addr: Ipv4Addr = addr.parse().ok()?;
+    if len > 32 {
+        return None;
+    }
+    let mask = if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len))
+    };
+    Some(Ipv4Prefix {
+        addr: Ipv4Addr::from(u32::from(addr) & mask),
+        len,
+    })
+}
+
+/// The conditions of an endpoint with the API's defaults: ready unset means ready, serving
+/// unset means "as ready", terminating unset means not terminating.
+#[derive(Clone, Copy)]
+struct Conditions {
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+}
+
+fn conditions(ep: &Endpoint) -> Conditions {
+    let c = ep.conditions.as_ref();
+    let ready = c.and_then(|c| c.ready).unwrap_or(true);
+    Conditions {
+        ready,
+        serving: c.and_then(|c| c.serving).unwrap_or(ready),
+        terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+    }
+}
+
+struct Candidate {
+    addr: SocketAddrV4,
+    local: bool,
+    cond: Conditions,
+}
+
+/// Endpoints of one Service port from its slices: the slice port with the Service port's name
+/// and protocol gives the target port (a named targetPort is resolved per slice).
+fn candidates(
+    key: &ServicePortKey,
+    slices: &[&EndpointSlice],
+    node: &NodeContext,
+    notices: &mut BTreeSet<Notice>,
+) -> Vec<Candidate> {
+    let mut out = Vec::new();
+    let mut ipv6 = 0usize;
+    for slice in slices {
+        let Some(port) = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or("") == key.port_name
+                && protocol(p.protocol.as_deref()) == Some(key.protocol)
+        }) else {
+            continue;
+        };
+        let Some(target) = port.port.and_then(port_u16) else {
+            continue;
+        };
+        match slice.address_type.as_str() {
+            "IPv4" => {}
+            "IPv6" => {
+                ipv6 += slice.endpoints.iter().flatten().count();
+                continue;
+            }
+            _ => continue, // FQDN: nothing to route to
+        }
+        for ep in slice.endpoints.iter().flatten() {
+            let local = ep.node_name.as_deref() == Some(node.node_name.as_str());
+            for address in &ep.addresses {
+                let Ok(ip) = address.parse::<Ipv4Addr>() else {
+                    continue;
+                };
+                out.push(Candidate {
+                    addr: SocketAddrV4::new(ip, target),
+                    local,
+                    cond: conditions(ep),
+                });
+            }
+        }
+    }
+    if ipv6 > 0 {
+        notices.insert(Notice {
+            kind: NoticeKind::Ipv6Skipped,
+            object: key.to_string(),
+            detail: format!("{ipv6} IPv6 endpoint(s) skipped: IPv6 is not supported yet"),
+        });
+    }
+    out
+}
+
+/// Backends of a service: every endpoint that still exists (so established connections can
+/// finish), with those that take new connections marked. New connections go to ready
+/// endpoints; when none is ready, to serving-and-terminating ones (KEP-1669); never to
+/// endpoints that are not serving. With externalTrafficPolicy Local, only this node's.
+fn backends(candidates: Vec<Candidate>, local_only: bool) -> BTreeMap<SocketAddrV4, BackendState> {
+    let usable: Vec<Candidate> = candidates
+        .into_iter()
+        .filter(|c| c.local || !local_only)
+        .collect();
+    let any_ready = usable.iter().any(|c| c.cond.ready);
+    let mut out = BTreeMap::new();
+    for c in usable {
+        let in_table = if any_ready {
+            c.cond.ready
+        } else {
+            c.cond.serving && c.cond.terminating
+        };
+        let state = BackendState {
+            local: c.local,
+            in_table,
+        };
+        // The same address twice (two slices during a rollout): in the table if either says so.
+        out.entry(c.addr)
+            .and_modify(|s: &mut BackendState| s.in_table |= in_table)
+            .or_insert(state);
+    }
+    out
+}
+
+fn frontends(
+    svc: &Service,
+    port: &ServicePort,
+    key: &ServicePortKey,
+    node: &NodeContext,
+    has_source_ranges: bool,
+    notices: &mut BTreeSet<Notice>,
+) -> BTreeSet<Frontend> {
+    let spec = svc.spec.as_ref().expect("checked by is_ours");
+    let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let mut out = BTreeSet::new();
+    let mut ipv6 = Vec::new();
+    if matches!(ty, "NodePort" | "LoadBalancer") {
+        if let Some(node_port) = port.node_port.and_then(port_u16) {
+            for addr in &node.node_addresses {
+                out.insert(Frontend {
+                    addr: SocketAddrV4::new(*addr, node_port),
+                    kind: FrontendKind::NodePort,
+                    source_ranges: has_source_ranges,
+                });
+            }
+        }
+    }
+    let Some(service_port) = port_u16(port.port) else {
+        return out;
+    };
+    if ty == "LoadBalancer" {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for ing in ingress.into_iter().flatten() {
+            // ipMode Proxy: the load balancer proxies to the nodes; the VIP is not ours (KEP-1860).
+            if ing.ip_mode.as_deref() == Some("Proxy") {
+                continue;
+            }
+            match ing.ip.as_deref().map(str::parse::<IpAddr>) {
+                Some(Ok(IpAddr::V4(ip))) => {
+                    out.insert(Frontend {
+                        addr: SocketAddrV4::new(ip, service_port),
+                        kind: FrontendKind::LoadBalancer,
+                        source_ranges: has_source_ranges,
+                    });
+                }
+                Some(Ok(IpAddr::V6(ip))) => ipv6.push(ip.to_string()),
+                _ => {}
+            }
+        }
+    }
+    for ip in spec.external_ips.iter().flatten() {
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) => {
+                out.insert(Frontend {
+                    addr: SocketAddrV4::new(ip, service_port),
+                    kind: FrontendKind::ExternalIp,
+                    source_ranges: false,
+                });
+            }
+            Ok(IpAddr::V6(ip)) => ipv6.push(ip.to_string()),
+            Err(_) => {}
+        }
+    }
+    if !ipv6.is_empty() {
+        notices.insert(Notice {
+            kind: NoticeKind::Ipv6Skipped,
+            object: key.to_string(),
+            detail: format!(
+                "IPv6 frontend(s) {} skipped: IPv6 is not supported yet",
+                ipv6.join(", ")
+            ),
+        });
+    }
+    out
+}
+
+/// Computes what the datapath should hold. Pure: the same input gives the same output.
+pub fn desired_state(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: &NodeContext,
+) -> Desired {
+    let mut desired = Desired::default();
+    let mut slices_by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for slice in slices {
+        if let Some(name) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        {
+            slices_by_service
+                .entry((namespace(&slice.metadata), name.as_str()))
+                .or_default()
+                .push(slice);
+        }
+    }
+
+    // Oldest first, so the older Service keeps a frontend two claim (as the API server's
+    // allocators favour the first holder); ties by namespace/name.
+    let mut ordered: Vec<&Service> = services.iter().filter(|s| is_ours(s, node)).collect();
+    ordered.sort_by(|a, b| {
+        let created = |s: &Service| s.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        created(a)
+            .cmp(&created(b))
+            .then_with(|| namespace(&a.metadata).cmp(namespace(&b.metadata)))
+            .then_with(|| a.metadata.name.cmp(&b.metadata.name))
+    });
+
+    let mut claimed: HashMap<(SocketAddrV4, Protocol), ServicePortKey> = HashMap::new();
+    for svc in ordered {
+        let spec = svc.spec.as_ref().expect("is_ours checked the spec");
+        let ns = namespace(&svc.metadata);
+        let name = svc.metadata.name.as_deref().unwrap_or_default();
+        let local_only = spec.external_traffic_policy.as_deref() == Some("Local");
+        let affinity_timeout_s =
+            (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+                spec.session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds)
+                    .and_then(|t| u32::try_from(t).ok())
+                    .filter(|t| *t > 0)
+                    .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
+            });
+        let mut source_ranges = BTreeSet::new();
+        for range in spec.load_balancer_source_ranges.iter().flatten() {
+            match parse_prefix(range) {
+                Some(p) => {
+                    source_ranges.insert(p);
+                }
+                None => {
+                    let ipv6 = range.contains(':');
+                    desired.notices.insert(Notice {
+                        kind: if ipv6 {
+                            NoticeKind::Ipv6Skipped
+                        } else {
+                            NoticeKind::InvalidSourceRange
+                        },
+                        object: format!("{ns}/{name}"),
+                        detail: format!(
+                            "loadBalancerSourceRanges entry {range:?} is not an IPv4 CIDR; ignored"
+                        ),
+                    });
+                }
+            }
+        }
+        let slices = slices_by_service
+            .get(&(ns, name))
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+
+        for port in spec.ports.iter().flatten() {
+            let port_name = port.name.clone().unwrap_or_default();
+            let Some(protocol) = protocol(port.protocol.as_deref()) else {
+                desired.notices.insert(Notice {
+                    kind: NoticeKind::SctpSkipped,
+                    object: format!("{ns}/{name}:{port_name}"),
+                    detail: format!(
+                        "protocol {} is not supported yet",
+                        port.protocol.as_deref().unwrap_or("?")
+                    ),
+                });
+                continue;
+            };
+            let key = ServicePortKey {
+                namespace: ns.to_owned(),
+                name: name.to_owned(),
+                port_name,
+                protocol,
+            };
+            let mut fronts = frontends(
+                svc,
+                port,
+                &key,
+                node,
+                !source_ranges.is_empty(),
+                &mut desired.notices,
+            );
+            fronts.retain(|f| match claimed.get(&(f.addr, protocol)) {
+                Some(owner) if *owner != key => {
+                    desired.notices.insert(Notice {
+                        kind: NoticeKind::FrontendConflict,
+                        object: key.to_string(),
+                        detail: format!("{} {protocol} is already served by {owner}", f.addr),
+                    });
+                    false
+                }
+                _ => true,
+            });
+            if fronts.is_empty() {
+                continue;
+            }
+            for f in &fronts {
+                claimed.insert((f.addr, protocol), key.clone());
+            }
+            let backends = backends(
+                candidates(&key, slices, node, &mut desired.notices),
+                local_only,
+            );
+            desired.services.insert(
+                key,
+                DesiredService {
+                    frontends: fronts,
+                    backends,
+                    local_only,
+                    affinity_timeout_s,
+                    source_ranges: source_ranges.clone(),
+                },
+            );
+        }
+
+        if local_only && spec.type_.as_deref() == Some("LoadBalancer") {
+            if let Some(hc_port) = spec.health_check_node_port.and_then(port_u16) {
+                desired.health_checks.insert(
+                    hc_port,
+                    HealthCheck {
+                        namespace: ns.to_owned(),
+                        name: name.to_owned(),
+                        local_endpoints: local_ready_endpoints(slices, node),
+                    },
+                );
+            }
+        }
+    }
+    desired
+}
+
+/// kube-proxy's count for health checks: distinct ready addresses on this node, over all the
+/// Service's slices (terminating endpoints do not count, so a node whose only endpoints are
+/// terminating fails the check and the load balancer drains it).
+fn local_ready_endpoints(slices: &[&EndpointSlice], node: &NodeContext) -> usize {
+    let mut addrs = BTreeSet::new();
+    // IPv4 only: that is what this node serves.
+    for slice in slices.iter().filter(|s| s.address_type == "IPv4") {
+        for ep in slice.endpoints.iter().flatten() {
+            if ep.node_name.as_deref() == Some(node.node_name.as_str()) && conditions(ep).ready {
+                addrs.extend(ep.addresses.iter().cloned());
+            }
+        }
+    }
+    addrs.len()
+}
+
+#[cfg(test)]
+#[path = "desired_tests.rs"]
+mod tests;

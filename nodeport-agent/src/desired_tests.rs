@@ -1,0 +1,627 @@
+//! The desired-state function, case by case: Services and EndpointSlices written as the
+//! manifests users write, and what the datapath must then hold.
+
+use std::{collections::BTreeMap, net::SocketAddrV4};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use super::*;
+
+const NODE: &str = "node-a";
+
+fn node() -> NodeContext {
+    NodeContext {
+        node_name: NODE.into(),
+        node_addresses: vec!["198.18.0.1".parse().unwrap(), "198.18.0.5".parse().unwrap()],
+        proxy_name: None,
+    }
+}
+
+/// Parses a multi-document YAML string into Services and EndpointSlices.
+fn objects(yaml: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
+    let mut services = Vec::new();
+    let mut slices = Vec::new();
+    for doc in serde_norway::Deserializer::from_str(yaml) {
+        let value = serde_norway::Value::deserialize(doc).expect("valid YAML");
+        match value.get("kind").and_then(|k| k.as_str()) {
+            Some("Service") => services.push(serde_norway::from_value(value).expect("a Service")),
+            Some("EndpointSlice") => {
+                slices.push(serde_norway::from_value(value).expect("an EndpointSlice"))
+            }
+            other => panic!("unexpected kind {other:?}"),
+        }
+    }
+    (services, slices)
+}
+
+use serde::Deserialize as _;
+
+fn compute(yaml: &str) -> Desired {
+    compute_on(yaml, &node())
+}
+
+fn compute_on(yaml: &str, node: &NodeContext) -> Desired {
+    let (services, slices) = objects(yaml);
+    desired_state(&services, &slices, node)
+}
+
+fn key(ns: &str, name: &str, port: &str, protocol: Protocol) -> ServicePortKey {
+    ServicePortKey {
+        namespace: ns.into(),
+        name: name.into(),
+        port_name: port.into(),
+        protocol,
+    }
+}
+
+fn sa(s: &str) -> SocketAddrV4 {
+    s.parse().unwrap()
+}
+
+fn frontend_addrs(svc: &DesiredService) -> Vec<(String, FrontendKind)> {
+    svc.frontends
+        .iter()
+        .map(|f| (f.addr.to_string(), f.kind))
+        .collect()
+}
+
+/// Backends as `addr -> (local, in_table)`.
+fn backend_view(svc: &DesiredService) -> BTreeMap<String, (bool, bool)> {
+    svc.backends
+        .iter()
+        .map(|(a, b)| (a.to_string(), (b.local, b.in_table)))
+        .collect()
+}
+
+const WEB: &str = r#"
+kind: Service
+apiVersion: v1
+metadata: { name: web, namespace: shop }
+spec:
+  type: NodePort
+  ports:
+  - { name: http, port: 80, targetPort: http, nodePort: 30080 }
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: { name: web-abc, namespace: shop, labels: { kubernetes.io/service-name: web } }
+addressType: IPv4
+ports: [ { name: http, port: 8080, protocol: TCP } ]
+endpoints:
+- { addresses: [10.0.1.1], nodeName: node-a, conditions: { ready: true } }
+- { addresses: [10.0.2.1], nodeName: node-b, conditions: { ready: true } }
+"#;
+
+#[test]
+fn node_port_service_answers_on_every_node_address() {
+    let d = compute(WEB);
+    let svc = &d.services[&key("shop", "web", "http", Protocol::Tcp)];
+    assert_eq!(
+        frontend_addrs(svc),
+        vec![
+            ("198.18.0.1:30080".into(), FrontendKind::NodePort),
+            ("198.18.0.5:30080".into(), FrontendKind::NodePort)
+        ]
+    );
+    assert_eq!(
+        backend_view(svc),
+        BTreeMap::from([
+            ("10.0.1.1:8080".into(), (true, true)),
+            ("10.0.2.1:8080".into(), (false, true))
+        ])
+    );
+    assert!(!svc.local_only && svc.affinity_timeout_s.is_none() && svc.source_ranges.is_empty());
+    assert!(d.health_checks.is_empty() && d.notices.is_empty());
+}
+
+#[test]
+fn tcp_and_udp_on_one_port_are_two_services() {
+    let d = compute(
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: dns, namespace: default }
+spec:
+  type: NodePort
+  ports:
+  - { name: dns-tcp, port: 53, protocol: TCP, nodePort: 30053 }
+  - { name: dns-udp, port: 53, protocol: UDP, nodePort: 30053 }
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: { name: dns-1, namespace: default, labels: { kubernetes.io/service-name: dns } }
+addressType: IPv4
+ports: [ { name: dns-tcp, port: 5353, protocol: TCP }, { name: dns-udp, port: 5354, protocol: UDP } ]
+endpoints: [ { addresses: [10.0.1.9], nodeName: node-a } ]
+"#,
+    );
+    let tcp = &d.services[&key("default", "dns", "dns-tcp", Protocol::Tcp)];
+    let udp = &d.services[&key("default", "dns", "dns-udp", Protocol::Udp)];
+    assert_eq!(
+        tcp.backends.keys().collect::<Vec<_>>(),
+        [&sa("10.0.1.9:5353")]
+    );
+    assert_eq!(
+        udp.backends.keys().collect::<Vec<_>>(),
+        [&sa("10.0.1.9:5354")]
+    );
+    assert_eq!(tcp.frontends.iter().next().unwrap().addr.port(), 30053);
+    assert_eq!(udp.frontends.iter().next().unwrap().addr.port(), 30053);
+}
+
+#[test]
+fn load_balancer_gets_node_ports_and_ingress_ips_but_not_proxy_mode_or_hostnames() {
+    let d = compute(
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: lb, namespace: default }
+spec:
+  type: LoadBalancer
+  ports: [ { port: 443, nodePort: 31443 } ]
+status:
+  loadBalancer:
+    ingress:
+    - { ip: 203.0.113.10 }
+    - { ip: 203.0.113.11, ipMode: Proxy }
+    - { hostname: lb.example.com }
+    - { ip: "2001:db8::1" }
+"#,
+    );
+    let svc = &d.services[&key("default", "lb", "", Protocol::Tcp)];
+    assert_eq!(
+        frontend_addrs(svc),
+        vec![
+            ("198.18.0.1:31443".into(), FrontendKind::NodePort),
+            ("198.18.0.5:31443".into(), FrontendKind::NodePort),
+            ("203.0.113.10:443".into(), FrontendKind::LoadBalancer),
+        ]
+    );
+    assert!(
+        d.notices.iter().any(|n| n.kind == NoticeKind::Ipv6Skipped),
+        "{:?}",
+        d.notices
+    );
+}
+
+#[test]
+fn load_balancer_without_node_ports_has_only_its_ingress_ips() {
+    let d = compute(
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: lb, namespace: default }
+spec:
+  type: LoadBalancer
+  allocateLoadBalancerNodePorts: false
+  ports: [ { port: 443 } ]
+status: { loadBalancer: { ingress: [ { ip: 203.0.113.10 } ] } }
+"#,
+    );
+    let svc = &d.services[&key("default", "lb", "", Protocol::Tcp)];
+    assert_eq!(
+        frontend_addrs(svc),
+        vec![("203.0.113.10:443".into(), FrontendKind::LoadBalancer)]
+    );
+}
+
+#[test]
+fn external_ips_work_for_any_type_and_cluster_ip_alone_is_not_ours() {
+    let d = compute(
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: ext, namespace: default }
+spec:
+  type: ClusterIP
+  externalIPs: [198.51.100.7]
+  ports: [ { port: 8443, protocol: TCP } ]
+---
+kind: Service
+apiVersion: v1
+metadata: { name: internal, namespace: default }
+spec:
+  ports: [ { port: 80 } ]
+"#,
+    );
+    assert_eq!(d.services.len(), 1, "{:?}", d.services.keys());
+    let svc = &d.services[&key("default", "ext", "", Protocol::Tcp)];
+    assert_eq!(
+        frontend_addrs(svc),
+        vec![("198.51.100.7:8443".into(), FrontendKind::ExternalIp)]
+    );
+}
+
+#[test]
+fn external_name_headless_and_other_proxies_are_ignored() {
+    let d = compute(
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: alias, namespace: default }
+spec: { type: ExternalName, externalName: example.com, externalIPs: [198.51.100.1], ports: [ { port: 80 } ] }
+---
+kind: Service
+apiVersion: v1
+metadata: { name: headless, namespace: default }
+spec: { clusterIP: None, externalIPs: [198.51.100.2], ports: [ { port: 80 } ] }
+---
+kind: Service
+apiVersion: v1
+metadata:
+  name: theirs
+  namespace: default
+  labels: { service.kubernetes.io/service-proxy-name: other-proxy }
+spec: { type: NodePort, ports: [ { port: 80, nodePort: 30001 } ] }
+"#,
+    );
+    assert!(d.services.is_empty(), "{:?}", d.services.keys());
+}
+
+#[test]
+fn a_service_labelled_with_our_proxy_name_is_ours() {
+    let yaml = r#"
+kind: Service
+apiVersion: v1
+metadata:
+  name: mine
+  namespace: default
+  labels: { service.kubernetes.io/service-proxy-name: nodeport }
+spec: { type: NodePort, ports: [ { port: 80, nodePort: 30001 } ] }
+"#;
+    let ours = NodeContext {
+        proxy_name: Some("nodeport".into()),
+        ..node()
+    };
+    assert_eq!(compute_on(yaml, &ours).services.len(), 1);
+    assert!(compute(yaml).services.is_empty());
+}
+
+#[test]
+fn sctp_ports_and_ipv6_endpoints_are_skipped_with_a_notice() {
+    let d = compute(
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: mixed, namespace: default }
+spec:
+  type: NodePort
+  ports:
+  - { name: sig, port: 3868, protocol: SCTP, nodePort: 30868 }
+  - { name: web, port: 80, nodePort: 30080 }
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: { name: mixed-v6, namespace: default, labels: { kubernetes.io/service-name: mixed } }
+addressType: IPv6
+ports: [ { name: web, port: 8080 } ]
+endpoints: [ { addresses: ["fd00::1"], nodeName: node-a } ]
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: { name: mixed-v4, namespace: default, labels: { kubernetes.io/service-name: mixed } }
+addressType: IPv4
+ports: [ { name: web, port: 8080 } ]
+endpoints: [ { addresses: [10.0.1.1], nodeName: node-a } ]
+"#,
+    );
+    assert_eq!(d.services.len(), 1);
+    let svc = &d.services[&key("default", "mixed", "web", Protocol::Tcp)];
+    assert_eq!(
+        svc.backends.keys().collect::<Vec<_>>(),
+        [&sa("10.0.1.1:8080")]
+    );
+    let kinds: Vec<NoticeKind> = d.notices.iter().map(|n| n.kind).collect();
+    assert!(
+        kinds.contains(&NoticeKind::SctpSkipped) && kinds.contains(&NoticeKind::Ipv6Skipped),
+        "{kinds:?}"
+    );
+}
+
+#[test]
+fn a_named_target_port_is_resolved_per_slice() {
+    // During a rollout old pods serve "http" on 8080 and new ones on 9090.
+    let d = compute(
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: web, namespace: default }
+spec: { type: NodePort, ports: [ { name: http, port: 80, targetPort: http, nodePort: 30080 } ] }
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: { name: web-old, namespace: default, labels: { kubernetes.io/service-name: web } }
+addressType: IPv4
+ports: [ { name: http, port: 8080 } ]
+endpoints: [ { addresses: [10.0.1.1] } ]
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: { name: web-new, namespace: default, labels: { kubernetes.io/service-name: web } }
+addressType: IPv4
+ports: [ { name: http, port: 9090 } ]
+endpoints: [ { addresses: [10.0.1.2] } ]
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: { name: other, namespace: default, labels: { kubernetes.io/service-name: other } }
+addressType: IPv4
+ports: [ { name: http, port: 7070 } ]
+endpoints: [ { addresses: [10.0.9.9] } ]
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: { name: web-elsewhere, namespace: other-ns, labels: { kubernetes.io/service-name: web } }
+addressType: IPv4
+ports: [ { name: http, port: 6060 } ]
+endpoints: [ { addresses: [10.0.8.8] } ]
+"#,
+    );
+    let svc = &d.services[&key("default", "web", "http", Protocol::Tcp)];
+    assert_eq!(
+        svc.backends.keys().collect::<Vec<_>>(),
+        [&sa("10.0.1.1:8080"), &sa("10.0.1.2:9090")]
+    );
+}
+
+const CONDITIONS: &str = r#"
+kind: Service
+apiVersion: v1
+metadata: { name: web, namespace: default }
+spec: { type: NodePort, ports: [ { port: 80, nodePort: 30080 } ] }
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: { name: web-1, namespace: default, labels: { kubernetes.io/service-name: web } }
+addressType: IPv4
+ports: [ { port: 8080 } ]
+endpoints:
+- { addresses: [10.0.1.1], nodeName: node-a, conditions: { ready: true } }
+- { addresses: [10.0.1.2], nodeName: node-a }
+- { addresses: [10.0.1.3], nodeName: node-a, conditions: { ready: false, serving: true, terminating: true } }
+- { addresses: [10.0.1.4], nodeName: node-b, conditions: { ready: false, serving: false, terminating: true } }
+- { addresses: [10.0.1.5], nodeName: node-b, conditions: { ready: false, serving: false } }
+"#;
+
+#[test]
+fn ready_endpoints_take_new_connections_and_the_others_only_finish_theirs() {
+    let d = compute(CONDITIONS);
+    let svc = &d.services[&key("default", "web", "", Protocol::Tcp)];
+    // Unset conditions mean ready. Terminating and not-serving ones stay for their connections.
+    assert_eq!(
+        backend_view(svc),
+        BTreeMap::from([
+            ("10.0.1.1:8080".into(), (true, true)),
+            ("10.0.1.2:8080".into(), (true, true)),
+            ("10.0.1.3:8080".into(), (true, false)),
+            ("10.0.1.4:8080".into(), (false, false)),
+            ("10.0.1.5:8080".into(), (false, false)),
+        ])
+    );
+}
+
+#[test]
+fn without_ready_endpoints_serving_terminating_ones_take_over_but_never_not_serving_ones() {
+    let yaml = CONDITIONS
+        .replace(
+            "- { addresses: [10.0.1.1], nodeName: node-a, conditions: { ready: true } }\n",
+            "",
+        )
+        .replace("- { addresses: [10.0.1.2], nodeName: node-a }\n", "");
+    let d = compute(&yaml);
+    let svc = &d.services[&key("default", "web", "", Protocol::Tcp)];
+    assert_eq!(
+        backend_view(svc),
+        BTreeMap::from([
+            ("10.0.1.3:8080".into(), (true, true)),
+            ("10.0.1.4:8080".into(), (false, false)),
+            ("10.0.1.5:8080".into(), (false, false)),
+        ])
+    );
+}
+
+const LOCAL_LB: &str = r#"
+kind: Service
+apiVersion: v1
+metadata: { name: web, namespace: default }
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  ports: [ { port: 80, nodePort: 30080 }, { name: alt, port: 81, nodePort: 30081 } ]
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: { name: web-1, namespace: default, labels: { kubernetes.io/service-name: web } }
+addressType: IPv4
+ports: [ { port: 8080 }, { name: alt, port: 8081 } ]
+endpoints:
+- { addresses: [10.0.1.1], nodeName: node-a }
+- { addresses: [10.0.1.2], nodeName: node-a, conditions: { ready: false, serving: true, terminating: true } }
+- { addresses: [10.0.2.1], nodeName: node-b }
+"#;
+
+#[test]
+fn external_traffic_policy_local_uses_local_endpoints_only_and_serves_a_health_check() {
+    let d = compute(LOCAL_LB);
+    let svc = &d.services[&key("default", "web", "", Protocol::Tcp)];
+    assert!(svc.local_only);
+    assert_eq!(
+        backend_view(svc),
+        BTreeMap::from([
+            ("10.0.1.1:8080".into(), (true, true)),
+            ("10.0.1.2:8080".into(), (true, false))
+        ])
+    );
+    // One ready local address, counted once over the Service's two ports.
+    assert_eq!(
+        d.health_checks,
+        BTreeMap::from([(
+            32000,
+            HealthCheck {
+                namespace: "default".into(),
+                name: "web".into(),
+                local_endpoints: 1
+            }
+        )])
+    );
+}
+
+#[test]
+fn only_terminating_local_endpoints_fail_the_health_check_but_still_serve() {
+    let d = compute(&LOCAL_LB.replace("- { addresses: [10.0.1.1], nodeName: node-a }\n", ""));
+    assert_eq!(d.health_checks[&32000].local_endpoints, 0);
+    let svc = &d.services[&key("default", "web", "", Protocol::Tcp)];
+    // No ready endpoint anywhere it may use: the serving-terminating one takes over.
+    assert_eq!(
+        backend_view(svc),
+        BTreeMap::from([("10.0.1.2:8080".into(), (true, true))])
+    );
+}
+
+#[test]
+fn a_node_without_local_endpoints_gets_an_empty_local_service() {
+    let other = NodeContext {
+        node_name: "node-c".into(),
+        ..node()
+    };
+    let d = compute_on(LOCAL_LB, &other);
+    let svc = &d.services[&key("default", "web", "", Protocol::Tcp)];
+    assert!(svc.backends.is_empty() && svc.local_only);
+    assert_eq!(d.health_checks[&32000].local_endpoints, 0);
+}
+
+#[test]
+fn health_checks_only_for_local_load_balancers() {
+    let d = compute(&LOCAL_LB.replace(
+        "externalTrafficPolicy: Local",
+        "externalTrafficPolicy: Cluster",
+    ));
+    assert!(d.health_checks.is_empty());
+}
+
+#[test]
+fn session_affinity_client_ip_with_default_and_explicit_timeout() {
+    let base = r#"
+kind: Service
+apiVersion: v1
+metadata: { name: web, namespace: default }
+spec:
+  type: NodePort
+  sessionAffinity: ClientIP
+  ports: [ { port: 80, nodePort: 30080 } ]
+"#;
+    let d = compute(base);
+    assert_eq!(
+        d.services[&key("default", "web", "", Protocol::Tcp)].affinity_timeout_s,
+        Some(10_800)
+    );
+    let explicit = base.replace(
+        "sessionAffinity: ClientIP",
+        "sessionAffinity: ClientIP\n  sessionAffinityConfig: { clientIP: { timeoutSeconds: 60 } }",
+    );
+    assert_eq!(
+        compute(&explicit).services[&key("default", "web", "", Protocol::Tcp)].affinity_timeout_s,
+        Some(60)
+    );
+    let none = base.replace("sessionAffinity: ClientIP", "sessionAffinity: None");
+    assert_eq!(
+        compute(&none).services[&key("default", "web", "", Protocol::Tcp)].affinity_timeout_s,
+        None
+    );
+}
+
+#[test]
+fn source_ranges_apply_to_node_ports_and_load_balancer_ips_not_external_ips() {
+    let d = compute(
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: web, namespace: default }
+spec:
+  type: LoadBalancer
+  externalIPs: [198.51.100.7]
+  loadBalancerSourceRanges: [10.1.2.3/8, 192.0.2.9, "2001:db8::/32", not-a-cidr]
+  ports: [ { port: 80, nodePort: 30080 } ]
+status: { loadBalancer: { ingress: [ { ip: 203.0.113.10 } ] } }
+"#,
+    );
+    let svc = &d.services[&key("default", "web", "", Protocol::Tcp)];
+    let ranges: Vec<String> = svc.source_ranges.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        ranges,
+        ["10.0.0.0/8", "192.0.2.9/32"],
+        "masked to the prefix"
+    );
+    for f in &svc.frontends {
+        assert_eq!(f.source_ranges, f.kind != FrontendKind::ExternalIp, "{f:?}");
+    }
+    let kinds: Vec<NoticeKind> = d.notices.iter().map(|n| n.kind).collect();
+    assert_eq!(
+        kinds,
+        [NoticeKind::Ipv6Skipped, NoticeKind::InvalidSourceRange]
+    );
+}
+
+#[test]
+fn the_older_service_keeps_a_contested_frontend() {
+    let d = compute(
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: newer, namespace: default, creationTimestamp: "2026-01-02T00:00:00Z" }
+spec: { externalIPs: [198.51.100.7], ports: [ { port: 80 } ] }
+---
+kind: Service
+apiVersion: v1
+metadata: { name: older, namespace: default, creationTimestamp: "2026-01-01T00:00:00Z" }
+spec: { externalIPs: [198.51.100.7], ports: [ { port: 80 } ] }
+"#,
+    );
+    assert_eq!(
+        d.services
+            .keys()
+            .map(|k| k.name.as_str())
+            .collect::<Vec<_>>(),
+        ["older"]
+    );
+    let notice = d
+        .notices
+        .iter()
+        .find(|n| n.kind == NoticeKind::FrontendConflict)
+        .expect("a conflict notice");
+    assert!(
+        notice.object.contains("newer") && notice.detail.contains("older"),
+        "{notice:?}"
+    );
+}
+
+#[test]
+fn a_service_without_endpoints_keeps_its_frontends() {
+    let d = compute(
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: lonely }
+spec: { type: NodePort, ports: [ { port: 80, nodePort: 30099 } ] }
+"#,
+    );
+    let svc = &d.services[&key("default", "lonely", "", Protocol::Tcp)];
+    assert_eq!(svc.frontends.len(), 2);
+    assert!(svc.backends.is_empty());
+}
+
+#[test]
+fn the_same_input_in_any_order_gives_the_same_state() {
+    let (mut services, mut slices) = objects(&format!(
+        "{WEB}---{}",
+        CONDITIONS
+            .replace("name: web,", "name: web2,")
+            .replace("service-name: web", "service-name: web2")
+            .replace("30080", "30082")
+    ));
+    let a = desired_state(&services, &slices, &node());
+    services.reverse();
+    slices.reverse();
+    assert_eq!(a, desired_state(&services, &slices, &node()));
+}

@@ -1,0 +1,173 @@
+//! The desired state of the datapath, as plain data: what `desired::desired_state` computes
+//! from Services and EndpointSlices, and what `sync` programs into the maps.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Protocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => nodeport_common::IPPROTO_TCP,
+            Self::Udp => nodeport_common::IPPROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+        })
+    }
+}
+
+/// One service of the datapath: a port of a Kubernetes Service. TCP and UDP on one port
+/// number are two of them.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServicePortKey {
+    pub namespace: String,
+    pub name: String,
+    /// The Service port's name ("" when unnamed).
+    pub port_name: String,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServicePortKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port_name.is_empty() {
+            write!(f, ":{}", self.port_name)?;
+        }
+        write!(f, "/{}", self.protocol)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FrontendKind {
+    NodePort,
+    LoadBalancer,
+    ExternalIp,
+}
+
+/// An address and port a service answers on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Frontend {
+    pub addr: SocketAddrV4,
+    pub kind: FrontendKind,
+    /// loadBalancerSourceRanges apply to this frontend.
+    pub source_ranges: bool,
+}
+
+/// A backend of a service and what it may be used for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct BackendState {
+    /// Runs on this node.
+    pub local: bool,
+    /// Takes new connections (it is in the Maglev table). Endpoints that still exist but must
+    /// not take new connections (terminating while others are ready, not serving) are kept
+    /// only so that their established connections finish (KEP-1669).
+    pub in_table: bool,
+}
+
+/// An IPv4 prefix of loadBalancerSourceRanges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Ipv4Prefix {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl fmt::Display for Ipv4Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DesiredService {
+    pub frontends: BTreeSet<Frontend>,
+    pub backends: BTreeMap<SocketAddrV4, BackendState>,
+    /// externalTrafficPolicy Local: only local backends, client address kept.
+    pub local_only: bool,
+    /// sessionAffinity ClientIP timeout, when set.
+    pub affinity_timeout_s: Option<u32>,
+    pub source_ranges: BTreeSet<Ipv4Prefix>,
+}
+
+impl DesiredService {
+    /// Backends taking new connections.
+    pub fn table_backends(&self) -> impl Iterator<Item = (&SocketAddrV4, &BackendState)> {
+        self.backends.iter().filter(|(_, b)| b.in_table)
+    }
+}
+
+/// A health-check node port to serve (externalTrafficPolicy Local).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Ready endpoints on this node (distinct addresses), as kube-proxy counts them.
+    pub local_endpoints: usize,
+}
+
+/// Something in the input the agent did not program, and why.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Notice {
+    pub kind: NoticeKind,
+    /// `namespace/name` (and port) of the object concerned.
+    pub object: String,
+    pub detail: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoticeKind {
+    /// SCTP ports are not supported yet.
+    SctpSkipped,
+    /// IPv6 frontends or endpoints are not supported yet.
+    Ipv6Skipped,
+    /// A loadBalancerSourceRanges entry that is not an IPv4 CIDR.
+    InvalidSourceRange,
+    /// Two services claim the same frontend; the older one keeps it.
+    FrontendConflict,
+}
+
+impl NoticeKind {
+    pub const ALL: [NoticeKind; 4] = [
+        Self::SctpSkipped,
+        Self::Ipv6Skipped,
+        Self::InvalidSourceRange,
+        Self::FrontendConflict,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::SctpSkipped => "sctp_skipped",
+            Self::Ipv6Skipped => "ipv6_skipped",
+            Self::InvalidSourceRange => "invalid_source_range",
+            Self::FrontendConflict => "frontend_conflict",
+        }
+    }
+}
+
+/// Everything the datapath should hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Desired {
+    pub services: BTreeMap<ServicePortKey, DesiredService>,
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+    pub notices: BTreeSet<Notice>,
+}
