@@ -3,10 +3,12 @@
 
 pub mod datapath;
 pub mod desired;
+pub mod dump;
 pub mod ledger;
 pub mod maglev;
 pub mod manifests;
 pub mod model;
 pub mod source;
+pub mod sync;
 #[cfg(test)]
 mod test_support;

@@ -2,6 +2,7 @@
 //! are in `tests/`; those that need root are `#[ignore]`d under plain `cargo test` and run by
 //! `cargo xtask test`, which fails loudly when not root.
 
+pub mod agent;
 pub mod fixture;
 pub mod netns;
 pub mod packet;

@@ -1,0 +1,67 @@
+//! Helpers for tests of the agent's pieces: manifests to desired state, pinned datapaths that
+//! clean up after themselves.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use nodeport_agent::{
+    desired::{NodeContext, desired_state},
+    model::Desired,
+};
+use serde::Deserialize as _;
+
+/// Services and EndpointSlices from a multi-document YAML string.
+pub fn objects(yaml: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
+    let mut services = Vec::new();
+    let mut slices = Vec::new();
+    for doc in serde_norway::Deserializer::from_str(yaml) {
+        let value = serde_norway::Value::deserialize(doc).expect("valid YAML");
+        match value.get("kind").and_then(|k| k.as_str()) {
+            Some("Service") => services.push(serde_norway::from_value(value).expect("a Service")),
+            Some("EndpointSlice") => {
+                slices.push(serde_norway::from_value(value).expect("an EndpointSlice"))
+            }
+            None => {}
+            other => panic!("unexpected kind {other:?}"),
+        }
+    }
+    (services, slices)
+}
+
+pub fn desired(yaml: &str, node_name: &str, node_addresses: &[Ipv4Addr]) -> Desired {
+    let (services, slices) = objects(yaml);
+    let node = NodeContext {
+        node_name: node_name.into(),
+        node_addresses: node_addresses.to_vec(),
+        proxy_name: None,
+    };
+    desired_state(&services, &slices, &node)
+}
+
+/// A unique pin directory under /sys/fs/bpf, detached and removed on drop (also on panic).
+pub struct PinDirGuard {
+    pub path: PathBuf,
+}
+
+impl PinDirGuard {
+    pub fn new(tag: &str) -> Self {
+        Self {
+            path: PathBuf::from("/sys/fs/bpf").join(crate::netns::unique_name(tag)),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for PinDirGuard {
+    fn drop(&mut self) {
+        if let Err(e) = nodeport_agent::datapath::detach(&self.path) {
+            eprintln!("warning: cleaning {}: {e}", self.path.display());
+        }
+    }
+}
