@@ -207,15 +207,15 @@ fn frontends(
     let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
     let mut out = BTreeSet::new();
     let mut ipv6 = Vec::new();
-    if matches!(ty, "NodePort" | "LoadBalancer") {
-        if let Some(node_port) = port.node_port.and_then(port_u16) {
-            for addr in &node.node_addresses {
-                out.insert(Frontend {
-                    addr: SocketAddrV4::new(*addr, node_port),
-                    kind: FrontendKind::NodePort,
-                    source_ranges: has_source_ranges,
-                });
-            }
+    if matches!(ty, "NodePort" | "LoadBalancer")
+        && let Some(node_port) = port.node_port.and_then(port_u16)
+    {
+        for addr in &node.node_addresses {
+            out.insert(Frontend {
+                addr: SocketAddrV4::new(*addr, node_port),
+                kind: FrontendKind::NodePort,
+                source_ranges: has_source_ranges,
+            });
         }
     }
     let Some(service_port) = port_u16(port.port) else {
@@ -407,17 +407,18 @@ pub fn desired_state(
             );
         }
 
-        if local_only && spec.type_.as_deref() == Some("LoadBalancer") {
-            if let Some(hc_port) = spec.health_check_node_port.and_then(port_u16) {
-                desired.health_checks.insert(
-                    hc_port,
-                    HealthCheck {
-                        namespace: ns.to_owned(),
-                        name: name.to_owned(),
-                        local_endpoints: local_ready_endpoints(slices, node),
-                    },
-                );
-            }
+        if local_only
+            && spec.type_.as_deref() == Some("LoadBalancer")
+            && let Some(hc_port) = spec.health_check_node_port.and_then(port_u16)
+        {
+            desired.health_checks.insert(
+                hc_port,
+                HealthCheck {
+                    namespace: ns.to_owned(),
+                    name: name.to_owned(),
+                    local_endpoints: local_ready_endpoints(slices, node),
+                },
+            );
         }
     }
     desired
