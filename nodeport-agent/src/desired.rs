@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
@@ -271,156 +272,402 @@ fn frontends(
     out
 }
 
-/// Computes what the datapath should hold. Pure: the same input gives the same output.
+/// What one Service contributes, before frontend conflicts between Services are settled.
+#[derive(Clone, Debug, PartialEq)]
+struct ServiceOutput {
+    order: ClaimOrder,
+    ports: Vec<(ServicePortKey, DesiredService)>,
+    health: Option<(u16, HealthCheck)>,
+    notices: Vec<Notice>,
+}
+
+/// Who keeps a contested frontend: the older Service (as the API server's allocators favour
+/// the first holder), then namespace/name.
+type ClaimOrder = (Option<k8s_openapi::jiff::Timestamp>, String, String);
+
+fn compute_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -> ServiceOutput {
+    let spec = svc.spec.as_ref().expect("is_ours checked the spec");
+    let ns = namespace(&svc.metadata);
+    let name = svc.metadata.name.as_deref().unwrap_or_default();
+    let order = (
+        svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        ns.to_owned(),
+        name.to_owned(),
+    );
+    let mut notices = BTreeSet::new();
+    let local_only = spec.external_traffic_policy.as_deref() == Some("Local");
+    let affinity_timeout_s = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u32::try_from(t).ok())
+            .filter(|t| *t > 0)
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
+    });
+    let mut source_ranges = BTreeSet::new();
+    for range in spec.load_balancer_source_ranges.iter().flatten() {
+        match parse_prefix(range) {
+            Some(p) => {
+                source_ranges.insert(p);
+            }
+            None => {
+                let ipv6 = range.contains(':');
+                notices.insert(Notice {
+                    kind: if ipv6 {
+                        NoticeKind::Ipv6Skipped
+                    } else {
+                        NoticeKind::InvalidSourceRange
+                    },
+                    object: format!("{ns}/{name}"),
+                    detail: format!(
+                        "loadBalancerSourceRanges entry {range:?} is not an IPv4 CIDR; ignored"
+                    ),
+                });
+            }
+        }
+    }
+
+    let mut ports = Vec::new();
+    for port in spec.ports.iter().flatten() {
+        let port_name = port.name.clone().unwrap_or_default();
+        let Some(protocol) = protocol(port.protocol.as_deref()) else {
+            notices.insert(Notice {
+                kind: NoticeKind::SctpSkipped,
+                object: format!("{ns}/{name}:{port_name}"),
+                detail: format!(
+                    "protocol {} is not supported yet",
+                    port.protocol.as_deref().unwrap_or("?")
+                ),
+            });
+            continue;
+        };
+        let key = ServicePortKey {
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+            port_name,
+            protocol,
+        };
+        let fronts = frontends(
+            svc,
+            port,
+            &key,
+            node,
+            !source_ranges.is_empty(),
+            &mut notices,
+        );
+        if fronts.is_empty() {
+            continue;
+        }
+        let backends = backends(candidates(&key, slices, node, &mut notices), local_only);
+        ports.push((
+            key,
+            DesiredService {
+                frontends: fronts,
+                backends,
+                local_only,
+                affinity_timeout_s,
+                source_ranges: source_ranges.clone(),
+            },
+        ));
+    }
+
+    let health = (local_only && spec.type_.as_deref() == Some("LoadBalancer"))
+        .then(|| spec.health_check_node_port.and_then(port_u16))
+        .flatten()
+        .map(|hc_port| {
+            let check = HealthCheck {
+                namespace: ns.to_owned(),
+                name: name.to_owned(),
+                local_endpoints: local_ready_endpoints(slices, node),
+            };
+            (hc_port, check)
+        });
+    ServiceOutput {
+        order,
+        ports,
+        health,
+        notices: notices.into_iter().collect(),
+    }
+}
+
+/// A Service as last computed, and the objects it was computed from.
+struct Cached {
+    service: Arc<Service>,
+    /// Its slices, ordered by address so the same set compares equal.
+    slices: Vec<Arc<EndpointSlice>>,
+    output: ServiceOutput,
+}
+
+/// What an update changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Service ports whose desired state changed, appeared or went.
+    pub services: BTreeSet<ServicePortKey>,
+    pub health_checks: bool,
+    pub notices: bool,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && !self.health_checks && !self.notices
+    }
+}
+
+/// Keeps the desired state up to date as Services and EndpointSlices change, recomputing only
+/// the Services whose objects changed (an unchanged object is the same `Arc`).
+pub struct Reconciler {
+    node: NodeContext,
+    cache: HashMap<(String, String), Cached>,
+    /// Every Service port that wants a frontend, best claim first.
+    claims: HashMap<(SocketAddrV4, Protocol), BTreeSet<(ClaimOrder, ServicePortKey)>>,
+    desired: Desired,
+}
+
+impl Reconciler {
+    pub fn new(node: NodeContext) -> Self {
+        Self {
+            node,
+            cache: HashMap::new(),
+            claims: HashMap::new(),
+            desired: Desired::default(),
+        }
+    }
+
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    pub fn node(&self) -> &NodeContext {
+        &self.node
+    }
+
+    /// A new node context (addresses changed, say): everything is recomputed.
+    pub fn set_node(&mut self, node: NodeContext) -> Changes {
+        if node.node_name == self.node.node_name
+            && node.node_addresses == self.node.node_addresses
+            && node.proxy_name == self.node.proxy_name
+        {
+            return Changes::default();
+        }
+        self.node = node;
+        let cached: Vec<((String, String), Cached)> = self.cache.drain().collect();
+        let mut changes = Changes::default();
+        for (key, c) in &cached {
+            self.replace(key, None, &mut changes);
+            let slices: Vec<&EndpointSlice> = c.slices.iter().map(|s| s.as_ref()).collect();
+            let output = compute_service(&c.service, &slices, &self.node);
+            let new = Cached {
+                service: c.service.clone(),
+                slices: c.slices.clone(),
+                output,
+            };
+            self.replace(key, Some(new), &mut changes);
+        }
+        changes
+    }
+
+    /// Brings the desired state to these objects. Returns what changed.
+    pub fn update(&mut self, services: &[Arc<Service>], slices: &[Arc<EndpointSlice>]) -> Changes {
+        let mut by_service: HashMap<(String, String), Vec<Arc<EndpointSlice>>> = HashMap::new();
+        for slice in slices {
+            if let Some(name) = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            {
+                let key = (namespace(&slice.metadata).to_owned(), name.clone());
+                by_service.entry(key).or_default().push(slice.clone());
+            }
+        }
+        let mut changes = Changes::default();
+        let mut seen = std::collections::HashSet::new();
+        for svc in services {
+            if !is_ours(svc, &self.node) {
+                continue;
+            }
+            let key = (
+                namespace(&svc.metadata).to_owned(),
+                svc.metadata.name.clone().unwrap_or_default(),
+            );
+            let mut mine = by_service.remove(&key).unwrap_or_default();
+            mine.sort_by_key(|s| Arc::as_ptr(s) as usize);
+            seen.insert(key.clone());
+            if let Some(c) = self.cache.get(&key) {
+                let same = Arc::ptr_eq(&c.service, svc)
+                    && c.slices.len() == mine.len()
+                    && c.slices.iter().zip(&mine).all(|(a, b)| Arc::ptr_eq(a, b));
+                if same {
+                    continue;
+                }
+            }
+            let refs: Vec<&EndpointSlice> = mine.iter().map(|s| s.as_ref()).collect();
+            let output = compute_service(svc, &refs, &self.node);
+            self.replace(
+                &key,
+                Some(Cached {
+                    service: svc.clone(),
+                    slices: mine,
+                    output,
+                }),
+                &mut changes,
+            );
+        }
+        let gone: Vec<(String, String)> = self
+            .cache
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.replace(&key, None, &mut changes);
+        }
+        changes
+    }
+
+    /// Swaps one Service's contribution and settles the frontends it touches.
+    fn replace(&mut self, key: &(String, String), new: Option<Cached>, changes: &mut Changes) {
+        let old = self.cache.remove(key);
+        if old.as_ref().map(|c| &c.output) == new.as_ref().map(|c| &c.output) {
+            if let Some(new) = new {
+                self.cache.insert(key.clone(), new);
+            }
+            return;
+        }
+        let mut touched: BTreeSet<(SocketAddrV4, Protocol)> = BTreeSet::new();
+        let mut reassemble: BTreeSet<ServicePortKey> = BTreeSet::new();
+        if let Some(old) = &old {
+            for (pkey, ds) in &old.output.ports {
+                for f in &ds.frontends {
+                    let claim = (f.addr, pkey.protocol);
+                    if let Some(set) = self.claims.get_mut(&claim) {
+                        set.remove(&(old.output.order.clone(), pkey.clone()));
+                        if set.is_empty() {
+                            self.claims.remove(&claim);
+                        }
+                    }
+                    touched.insert(claim);
+                }
+                reassemble.insert(pkey.clone());
+            }
+            if let Some((port, _)) = &old.output.health {
+                self.desired.health_checks.remove(port);
+                changes.health_checks = true;
+            }
+            changes.notices |= !old.output.notices.is_empty();
+        }
+        if let Some(new) = new {
+            for (pkey, ds) in &new.output.ports {
+                for f in &ds.frontends {
+                    let claim = (f.addr, pkey.protocol);
+                    self.claims
+                        .entry(claim)
+                        .or_default()
+                        .insert((new.output.order.clone(), pkey.clone()));
+                    touched.insert(claim);
+                }
+                reassemble.insert(pkey.clone());
+            }
+            if let Some((port, check)) = &new.output.health {
+                self.desired.health_checks.insert(*port, check.clone());
+                changes.health_checks = true;
+            }
+            changes.notices |= !new.output.notices.is_empty();
+            self.cache.insert(key.clone(), new);
+        }
+        // Whoever claims a touched frontend may have won or lost it.
+        for claim in &touched {
+            for (_, pkey) in self.claims.get(claim).into_iter().flatten() {
+                reassemble.insert(pkey.clone());
+            }
+        }
+        for pkey in reassemble {
+            self.reassemble(&pkey, changes);
+        }
+    }
+
+    /// Recomputes one service port's entry of the desired state from its Service's output,
+    /// keeping only the frontends it wins.
+    fn reassemble(&mut self, pkey: &ServicePortKey, changes: &mut Changes) {
+        let owner = self.cache.get(&(pkey.namespace.clone(), pkey.name.clone()));
+        let wanted = owner.and_then(|c| {
+            c.output
+                .ports
+                .iter()
+                .find(|(k, _)| k == pkey)
+                .map(|(_, ds)| ds)
+        });
+        let assembled = wanted.and_then(|ds| {
+            let mut ds = ds.clone();
+            ds.frontends.retain(|f| {
+                self.claims
+                    .get(&(f.addr, pkey.protocol))
+                    .and_then(|set| set.iter().next())
+                    .is_some_and(|(_, winner)| winner == pkey)
+            });
+            (!ds.frontends.is_empty()).then_some(ds)
+        });
+        let conflicts = wanted.is_some_and(|ds| {
+            ds.frontends.iter().any(|f| {
+                self.claims
+                    .get(&(f.addr, pkey.protocol))
+                    .and_then(|s| s.iter().next())
+                    .is_some_and(|(_, w)| w != pkey)
+            })
+        });
+        if conflicts {
+            changes.notices = true;
+        }
+        let current = self.desired.services.get(pkey);
+        if current != assembled.as_ref() {
+            match assembled {
+                Some(ds) => self.desired.services.insert(pkey.clone(), ds),
+                None => self.desired.services.remove(pkey),
+            };
+            changes.services.insert(pkey.clone());
+        }
+    }
+
+    /// Everything skipped, and frontends lost to an older Service. Built on demand (it walks
+    /// every Service); call it when `Changes::notices` says something changed.
+    pub fn notices(&self) -> BTreeSet<Notice> {
+        let mut out: BTreeSet<Notice> = self
+            .cache
+            .values()
+            .flat_map(|c| c.output.notices.iter().cloned())
+            .collect();
+        for (claim, set) in &self.claims {
+            let mut it = set.iter();
+            let Some((_, winner)) = it.next() else {
+                continue;
+            };
+            for (_, loser) in it {
+                out.insert(Notice {
+                    kind: NoticeKind::FrontendConflict,
+                    object: loser.to_string(),
+                    detail: format!("{} {} is already served by {winner}", claim.0, claim.1),
+                });
+            }
+        }
+        out
+    }
+}
+
+/// Computes what the datapath should hold from scratch. Pure: the same input gives the same
+/// output (the agent keeps a `Reconciler` instead and updates it).
 pub fn desired_state(
     services: &[Service],
     slices: &[EndpointSlice],
     node: &NodeContext,
 ) -> Desired {
-    let mut desired = Desired::default();
-    let mut slices_by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
-    for slice in slices {
-        if let Some(name) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        {
-            slices_by_service
-                .entry((namespace(&slice.metadata), name.as_str()))
-                .or_default()
-                .push(slice);
-        }
-    }
-
-    // Oldest first, so the older Service keeps a frontend two claim (as the API server's
-    // allocators favour the first holder); ties by namespace/name.
-    let mut ordered: Vec<&Service> = services.iter().filter(|s| is_ours(s, node)).collect();
-    ordered.sort_by(|a, b| {
-        let created = |s: &Service| s.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        created(a)
-            .cmp(&created(b))
-            .then_with(|| namespace(&a.metadata).cmp(namespace(&b.metadata)))
-            .then_with(|| a.metadata.name.cmp(&b.metadata.name))
-    });
-
-    let mut claimed: HashMap<(SocketAddrV4, Protocol), ServicePortKey> = HashMap::new();
-    for svc in ordered {
-        let spec = svc.spec.as_ref().expect("is_ours checked the spec");
-        let ns = namespace(&svc.metadata);
-        let name = svc.metadata.name.as_deref().unwrap_or_default();
-        let local_only = spec.external_traffic_policy.as_deref() == Some("Local");
-        let affinity_timeout_s =
-            (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-                spec.session_affinity_config
-                    .as_ref()
-                    .and_then(|c| c.client_ip.as_ref())
-                    .and_then(|c| c.timeout_seconds)
-                    .and_then(|t| u32::try_from(t).ok())
-                    .filter(|t| *t > 0)
-                    .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
-            });
-        let mut source_ranges = BTreeSet::new();
-        for range in spec.load_balancer_source_ranges.iter().flatten() {
-            match parse_prefix(range) {
-                Some(p) => {
-                    source_ranges.insert(p);
-                }
-                None => {
-                    let ipv6 = range.contains(':');
-                    desired.notices.insert(Notice {
-                        kind: if ipv6 {
-                            NoticeKind::Ipv6Skipped
-                        } else {
-                            NoticeKind::InvalidSourceRange
-                        },
-                        object: format!("{ns}/{name}"),
-                        detail: format!(
-                            "loadBalancerSourceRanges entry {range:?} is not an IPv4 CIDR; ignored"
-                        ),
-                    });
-                }
-            }
-        }
-        let slices = slices_by_service
-            .get(&(ns, name))
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
-
-        for port in spec.ports.iter().flatten() {
-            let port_name = port.name.clone().unwrap_or_default();
-            let Some(protocol) = protocol(port.protocol.as_deref()) else {
-                desired.notices.insert(Notice {
-                    kind: NoticeKind::SctpSkipped,
-                    object: format!("{ns}/{name}:{port_name}"),
-                    detail: format!(
-                        "protocol {} is not supported yet",
-                        port.protocol.as_deref().unwrap_or("?")
-                    ),
-                });
-                continue;
-            };
-            let key = ServicePortKey {
-                namespace: ns.to_owned(),
-                name: name.to_owned(),
-                port_name,
-                protocol,
-            };
-            let mut fronts = frontends(
-                svc,
-                port,
-                &key,
-                node,
-                !source_ranges.is_empty(),
-                &mut desired.notices,
-            );
-            fronts.retain(|f| match claimed.get(&(f.addr, protocol)) {
-                Some(owner) if *owner != key => {
-                    desired.notices.insert(Notice {
-                        kind: NoticeKind::FrontendConflict,
-                        object: key.to_string(),
-                        detail: format!("{} {protocol} is already served by {owner}", f.addr),
-                    });
-                    false
-                }
-                _ => true,
-            });
-            if fronts.is_empty() {
-                continue;
-            }
-            for f in &fronts {
-                claimed.insert((f.addr, protocol), key.clone());
-            }
-            let backends = backends(
-                candidates(&key, slices, node, &mut desired.notices),
-                local_only,
-            );
-            desired.services.insert(
-                key,
-                DesiredService {
-                    frontends: fronts,
-                    backends,
-                    local_only,
-                    affinity_timeout_s,
-                    source_ranges: source_ranges.clone(),
-                },
-            );
-        }
-
-        if local_only
-            && spec.type_.as_deref() == Some("LoadBalancer")
-            && let Some(hc_port) = spec.health_check_node_port.and_then(port_u16)
-        {
-            desired.health_checks.insert(
-                hc_port,
-                HealthCheck {
-                    namespace: ns.to_owned(),
-                    name: name.to_owned(),
-                    local_endpoints: local_ready_endpoints(slices, node),
-                },
-            );
-        }
-    }
+    let mut reconciler = Reconciler::new(node.clone());
+    let services: Vec<Arc<Service>> = services.iter().cloned().map(Arc::new).collect();
+    let slices: Vec<Arc<EndpointSlice>> = slices.iter().cloned().map(Arc::new).collect();
+    reconciler.update(&services, &slices);
+    let notices = reconciler.notices();
+    let mut desired = reconciler.desired;
+    desired.notices = notices;
     desired
 }
 

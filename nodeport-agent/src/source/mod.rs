@@ -7,11 +7,13 @@ use std::{net::IpAddr, sync::Arc};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-/// Everything the agent mirrors, as last seen from a source.
+/// Everything the agent mirrors, as last seen from a source. Objects are shared: a source
+/// hands out the same `Arc` for an object that did not change, which is how the agent tells
+/// what changed without comparing objects (kube's reflector stores work that way).
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     /// The node's addresses as its Node object reports them (InternalIP, ExternalIP), when the
     /// source knows the node (Kubernetes with a node name). The agent merges them with the
     /// addresses of the node's interfaces.
