@@ -2,6 +2,7 @@
 //! health checks and metrics, and reports on the node port range.
 
 pub mod datapath;
+pub mod health;
 pub mod ledger;
 pub mod maglev;
 pub mod manifests;
