@@ -88,27 +88,26 @@ impl Default for HealthConfig {
     }
 }
 
-/// A listener that could not be started.
+/// A listener that could not be started. The message names the port and the cause (the cause
+/// is part of the message, not a separate `source`, so a log line or `{:#}` shows it once).
 #[derive(Debug, thiserror::Error)]
 pub enum HealthError {
     #[error(
-        "cannot listen on {addr} for the health check node port {port} of service {service}: {source}"
+        "cannot listen on {addr} for the health check node port {port} of service {service}: {cause}"
     )]
     ServicePort {
         port: u16,
         addr: SocketAddr,
         service: String,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
     #[error("service {service} has health check node port 0")]
     ZeroPort { service: String },
-    #[error("cannot listen on {addr} for the node healthz port {port}: {source}")]
+    #[error("cannot listen on {addr} for the node healthz port {port}: {cause}")]
     NodeHealthz {
         port: u16,
         addr: SocketAddr,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
@@ -264,7 +263,7 @@ impl HealthServer {
                 .await
                 .and_then(|socket| Ok((socket.local_addr()?, socket)));
             let (local, socket) =
-                socket.map_err(|source| HealthError::NodeHealthz { port, addr, source })?;
+                socket.map_err(|cause| HealthError::NodeHealthz { port, addr, cause })?;
             info!(addr = %local, "serving node /healthz and /livez");
             healthz_addr = Some(local);
             let handler_state = shared.clone();
@@ -351,12 +350,12 @@ impl HealthServer {
                         .services
                         .insert(port, ServiceListener { listener, service });
                 }
-                Err(source) => {
+                Err(cause) => {
                     let err = HealthError::ServicePort {
                         port,
                         addr,
                         service: service.to_string(),
-                        source,
+                        cause,
                     };
                     warn!(error = %err, "health check node port not served, retrying on the next update");
                     errors.push(err);
@@ -925,8 +924,8 @@ mod tests {
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].port(), busy);
         assert!(
-            matches!(&errors[0], HealthError::ServicePort { service, source, .. }
-                if service == "default/web" && source.kind() == io::ErrorKind::AddrInUse),
+            matches!(&errors[0], HealthError::ServicePort { service, cause, .. }
+                if service == "default/web" && cause.kind() == io::ErrorKind::AddrInUse),
             "{:?}",
             errors[0]
         );
