@@ -4,6 +4,7 @@
 pub mod datapath;
 pub mod desired;
 pub mod dump;
+pub mod health;
 pub mod ledger;
 pub mod maglev;
 pub mod manifests;

@@ -1,0 +1,1212 @@
+//! kube-proxy compatible health checking: the per-Service health check node ports and the
+//! node's `/healthz` and `/livez` server.
+//!
+//! - **Service health check node ports.** A Service with `externalTrafficPolicy: Local` has a
+//!   `spec.healthCheckNodePort`; the cloud load balancer probes `http://<node>:<port>/` (any
+//!   path, any method) and sends traffic only to nodes answering 200. The answer is 200 when
+//!   this node has at least one local serving endpoint for the Service and the proxy is
+//!   healthy, 503 otherwise, with kube-proxy's headers and body byte for byte
+//!   (`pkg/proxy/healthcheck/service_health.go`).
+//! - **Node health** (kube-proxy's `--healthz-bind-address`, port 10256): `/healthz` and
+//!   `/livez` (`pkg/proxy/healthcheck/proxier_health.go`). The proxy is healthy while starting
+//!   up (before the first [`HealthServer::updated`]), when everything queued has been applied,
+//!   or when the oldest change not yet applied is younger than the health timeout. `/healthz`
+//!   also needs the node to be eligible (not being deleted, no `ToBeDeletedByClusterAutoscaler`
+//!   taint), which the agent reports with [`HealthServer::set_node_eligible`].
+//!
+//! Every listener is its own task owning its socket and its connections: removing a Service
+//! closes its listener and its open connections at once (kube-proxy calls `http.Server.Close`),
+//! and [`HealthServer::set_services`] returns only once every removed port is free and every
+//! new one is bound. Ports that stay keep their listener; only the reported counts change.
+//!
+//! See `docs/health.md` for the exact formats and the differences from kube-proxy.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::http::{HeaderValue, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::{debug, info, warn};
+
+/// kube-proxy's default `--healthz-bind-address` port.
+pub const DEFAULT_HEALTHZ_PORT: u16 = 10256;
+
+/// kube-proxy's default health timeout: twice its default 30 s sync period.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What one Service's health check node port reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceHealth {
+    pub namespace: String,
+    pub name: String,
+    /// Serving endpoints of the Service on this node.
+    pub local_endpoints: usize,
+}
+
+impl fmt::Display for ServiceHealth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Where and how the health servers listen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Address of every listener, the health check node ports and the node healthz port.
+    /// `0.0.0.0` (the default) listens on every IPv4 address of the node; `::` listens on
+    /// every address of both families on Linux with the default `net.ipv6.bindv6only=0`.
+    pub bind: IpAddr,
+    /// Port of the node `/healthz` and `/livez` server; `None` disables it, `Some(0)` picks a
+    /// free port (see [`HealthServer::local_addr_of_healthz`]).
+    pub node_healthz_port: Option<u16>,
+    /// How long a queued change may stay unapplied before the proxy counts as unhealthy.
+    pub health_timeout: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            node_healthz_port: Some(DEFAULT_HEALTHZ_PORT),
+            health_timeout: DEFAULT_HEALTH_TIMEOUT,
+        }
+    }
+}
+
+/// A listener that could not be started. The message names the port and the cause (the cause
+/// is part of the message, not a separate `source`, so a log line or `{:#}` shows it once).
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    #[error(
+        "cannot listen on {addr} for the health check node port {port} of service {service}: {cause}"
+    )]
+    ServicePort {
+        port: u16,
+        addr: SocketAddr,
+        service: String,
+        cause: io::Error,
+    },
+    #[error("service {service} has health check node port 0")]
+    ZeroPort { service: String },
+    #[error("cannot listen on {addr} for the node healthz port {port}: {cause}")]
+    NodeHealthz {
+        port: u16,
+        addr: SocketAddr,
+        cause: io::Error,
+    },
+}
+
+impl HealthError {
+    /// The port that could not be listened on.
+    pub fn port(&self) -> u16 {
+        match self {
+            Self::ServicePort { port, .. } | Self::NodeHealthz { port, .. } => *port,
+            Self::ZeroPort { .. } => 0,
+        }
+    }
+}
+
+/// The time source of the proxy health state; tests substitute a clock they move by hand.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> SystemTime;
+}
+
+/// Wall-clock time that never goes backwards: the wall time at creation plus the monotonic
+/// time since, so a wall clock step cannot make the proxy look late (or on time).
+#[derive(Clone, Copy, Debug)]
+pub struct SystemClock {
+    wall: SystemTime,
+    mono: Instant,
+}
+
+impl SystemClock {
+    pub fn new() -> Self {
+        Self {
+            wall: SystemTime::now(),
+            mono: Instant::now(),
+        }
+    }
+}
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        self.wall + self.mono.elapsed()
+    }
+}
+
+/// The health servers of one node. Clones share everything: any clone can update the state,
+/// and [`HealthServer::shutdown`] on one stops the listeners of all of them. Dropping the last
+/// clone stops every listener too (without waiting for it).
+#[derive(Clone)]
+pub struct HealthServer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    bind: IpAddr,
+    healthz_addr: Option<SocketAddr>,
+    listeners: tokio::sync::Mutex<Listeners>,
+}
+
+#[derive(Default)]
+struct Listeners {
+    healthz: Option<Listener>,
+    services: BTreeMap<u16, ServiceListener>,
+    closed: bool,
+}
+
+struct ServiceListener {
+    listener: Listener,
+    service: Arc<Mutex<ServiceHealth>>,
+}
+
+/// A running listener task; dropping `stop` (or sending on it) ends it.
+struct Listener {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl Listener {
+    /// Stops accepting, closes every open connection, and returns once the socket is closed.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        if let Err(err) = self.task.await {
+            warn!(error = %err, "health check listener task failed");
+        }
+    }
+}
+
+/// State the request handlers read.
+struct Shared {
+    clock: Arc<dyn Clock>,
+    health_timeout: Duration,
+    proxy: Mutex<ProxyState>,
+    responses: Family<ResponseLabels, Counter>,
+}
+
+struct ProxyState {
+    /// The last [`HealthServer::updated`]; `None` while starting up.
+    last_updated: Option<SystemTime>,
+    /// The first [`HealthServer::queued_update`] since the last `updated`.
+    oldest_pending: Option<SystemTime>,
+    node_eligible: bool,
+}
+
+/// The proxy health at one instant.
+struct ProxyHealth {
+    healthy: bool,
+    last_updated: Option<SystemTime>,
+    now: SystemTime,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResponseLabels {
+    /// `healthz`, `livez` or `service`.
+    endpoint: &'static str,
+    code: &'static str,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl HealthServer {
+    /// Starts the node healthz server (if configured) with the system clock. Fails if its port
+    /// cannot be bound.
+    pub async fn start(config: HealthConfig) -> Result<Self, HealthError> {
+        Self::start_with_clock(config, Arc::new(SystemClock::new())).await
+    }
+
+    /// [`HealthServer::start`] with another time source for the proxy health.
+    pub async fn start_with_clock(
+        config: HealthConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, HealthError> {
+        let shared = Arc::new(Shared {
+            clock,
+            health_timeout: config.health_timeout,
+            proxy: Mutex::new(ProxyState {
+                last_updated: None,
+                oldest_pending: None,
+                // Eligible until the agent learns otherwise, as kube-proxy.
+                node_eligible: true,
+            }),
+            responses: Family::default(),
+        });
+        let mut listeners = Listeners::default();
+        let mut healthz_addr = None;
+        if let Some(port) = config.node_healthz_port {
+            let addr = SocketAddr::new(config.bind, port);
+            let socket = TcpListener::bind(addr)
+                .await
+                .and_then(|socket| Ok((socket.local_addr()?, socket)));
+            let (local, socket) =
+                socket.map_err(|cause| HealthError::NodeHealthz { port, addr, cause })?;
+            info!(addr = %local, "serving node /healthz and /livez");
+            healthz_addr = Some(local);
+            let handler_state = shared.clone();
+            listeners.healthz = Some(spawn_listener(socket, move |req| {
+                node_response(&handler_state, req)
+            }));
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                shared,
+                bind: config.bind,
+                healthz_addr,
+                listeners: tokio::sync::Mutex::new(listeners),
+            }),
+        })
+    }
+
+    /// Registers `nodeport_health_responses_total{endpoint="healthz|livez|service",code}`,
+    /// the responses served (kube-proxy's `kubeproxy_healthz_total` and `kubeproxy_livez_total`
+    /// plus the Service probes).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "nodeport_health_responses",
+            "Health check responses served, by endpoint and HTTP status code",
+            self.inner.shared.responses.clone(),
+        );
+    }
+
+    /// Makes `services` (health check node port → what it reports) the whole set of Service
+    /// health checks: starts listeners for new ports, updates the reports of kept ports without
+    /// touching their listener, and stops the listeners of removed ports, closing their
+    /// connections. Returns once every removed port is free and every new one is bound, with
+    /// the ports that could not be bound; those are logged and tried again on the next call.
+    /// Does nothing after [`HealthServer::shutdown`].
+    pub async fn set_services(&self, services: BTreeMap<u16, ServiceHealth>) -> Vec<HealthError> {
+        let mut listeners = self.inner.listeners.lock().await;
+        if listeners.closed {
+            debug!("health server shut down: ignoring the services");
+            return Vec::new();
+        }
+        let removed: Vec<u16> = listeners
+            .services
+            .keys()
+            .filter(|port| !services.contains_key(port))
+            .copied()
+            .collect();
+        for port in removed {
+            if let Some(old) = listeners.services.remove(&port) {
+                let service = lock(&old.service).to_string();
+                old.listener.stop().await;
+                info!(port, %service, "stopped health check node port");
+            }
+        }
+        let mut errors = Vec::new();
+        for (port, service) in services {
+            if let Some(existing) = listeners.services.get(&port) {
+                let mut current = lock(&existing.service);
+                if *current != service {
+                    debug!(port, %service, local_endpoints = service.local_endpoints,
+                        "health check node port updated");
+                    *current = service;
+                }
+                continue;
+            }
+            if port == 0 {
+                let err = HealthError::ZeroPort {
+                    service: service.to_string(),
+                };
+                warn!(error = %err, "not serving a health check node port");
+                errors.push(err);
+                continue;
+            }
+            let addr = SocketAddr::new(self.inner.bind, port);
+            match TcpListener::bind(addr).await {
+                Ok(socket) => {
+                    info!(port, %service, local_endpoints = service.local_endpoints,
+                        "serving health check node port");
+                    let service = Arc::new(Mutex::new(service));
+                    let (shared, reported) = (self.inner.shared.clone(), service.clone());
+                    let listener = spawn_listener(socket, move |_req| {
+                        service_response(&shared, &lock(&reported))
+                    });
+                    listeners
+                        .services
+                        .insert(port, ServiceListener { listener, service });
+                }
+                Err(cause) => {
+                    let err = HealthError::ServicePort {
+                        port,
+                        addr,
+                        service: service.to_string(),
+                        cause,
+                    };
+                    warn!(error = %err, "health check node port not served, retrying on the next update");
+                    errors.push(err);
+                }
+            }
+        }
+        errors
+    }
+
+    /// A change is waiting to be applied to the datapath (kube-proxy's `QueuedUpdate`). Only
+    /// the first call since the last [`HealthServer::updated`] starts the health timeout.
+    pub fn queued_update(&self) {
+        let now = self.inner.shared.clock.now();
+        lock(&self.inner.shared.proxy)
+            .oldest_pending
+            .get_or_insert(now);
+    }
+
+    /// The datapath now reflects every queued change (kube-proxy's `Updated`).
+    pub fn updated(&self) {
+        let now = self.inner.shared.clock.now();
+        let mut proxy = lock(&self.inner.shared.proxy);
+        proxy.oldest_pending = None;
+        proxy.last_updated = Some(now);
+    }
+
+    /// Whether the node may receive load balancer traffic: false while it is being deleted or
+    /// carries the `ToBeDeletedByClusterAutoscaler` taint. Only `/healthz` reports it.
+    pub fn set_node_eligible(&self, eligible: bool) {
+        lock(&self.inner.shared.proxy).node_eligible = eligible;
+    }
+
+    /// The proxy health, without the node eligibility: what `/livez` and the Service probes'
+    /// `serviceProxyHealthy` report.
+    pub fn is_healthy(&self) -> bool {
+        self.inner.shared.proxy_health().healthy
+    }
+
+    /// The address of the node healthz server, if it runs (its port when configured as 0).
+    pub fn local_addr_of_healthz(&self) -> Option<SocketAddr> {
+        self.inner.healthz_addr
+    }
+
+    /// Stops every listener of every clone, closing their connections, and returns once all
+    /// their ports are free. Later [`HealthServer::set_services`] calls do nothing.
+    pub async fn shutdown(self) {
+        let mut listeners = self.inner.listeners.lock().await;
+        listeners.closed = true;
+        if let Some(healthz) = listeners.healthz.take() {
+            healthz.stop().await;
+        }
+        for (_, service) in std::mem::take(&mut listeners.services) {
+            service.listener.stop().await;
+        }
+        info!("health servers stopped");
+    }
+}
+
+impl Shared {
+    /// kube-proxy's `isHealthy`: healthy before the first update, when nothing is pending, or
+    /// when the oldest pending change is younger than the timeout.
+    fn proxy_health(&self) -> ProxyHealth {
+        let now = self.clock.now();
+        let proxy = lock(&self.proxy);
+        let healthy = match (proxy.last_updated, proxy.oldest_pending) {
+            (None, _) | (Some(_), None) => true,
+            // A clock that went backwards counts as no time elapsed.
+            (Some(_), Some(oldest)) => {
+                now.duration_since(oldest).unwrap_or_default() < self.health_timeout
+            }
+        };
+        ProxyHealth {
+            healthy,
+            last_updated: proxy.last_updated,
+            now,
+        }
+    }
+
+    fn node_eligible(&self) -> bool {
+        lock(&self.proxy).node_eligible
+    }
+
+    fn count(&self, endpoint: &'static str, status: StatusCode) {
+        let code = match status {
+            StatusCode::OK => "200",
+            StatusCode::SERVICE_UNAVAILABLE => "503",
+            StatusCode::NOT_FOUND => "404",
+            _ => "other",
+        };
+        self.responses
+            .get_or_create(&ResponseLabels { endpoint, code })
+            .inc();
+    }
+}
+
+/// Accepts connections on `socket` until stopped, serving each with `handler`. On stop the
+/// socket is closed first, then every connection, then the task ends.
+fn spawn_listener<F>(socket: TcpListener, handler: F) -> Listener
+where
+    F: Fn(&Request<Incoming>) -> Response<Body> + Clone + Send + Sync + 'static,
+{
+    let (stop, mut stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let addr = socket.local_addr().ok();
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                biased;
+                // A send or a dropped sender: either way, stop.
+                _ = &mut stopped => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                accepted = socket.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let handler = handler.clone();
+                        connections.spawn(async move {
+                            let service = service_fn(move |req: Request<Incoming>| {
+                                let response = handler(&req);
+                                async move { Ok::<_, Infallible>(response) }
+                            });
+                            let served = hyper::server::conn::http1::Builder::new()
+                                // Go's net/http spells header names this way.
+                                .title_case_headers(true)
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                            if let Err(err) = served {
+                                debug!(%peer, error = %err, "health check connection failed");
+                            }
+                        });
+                    }
+                    Err(err) => {
+                        // Out of file descriptors, say: keep listening without spinning.
+                        warn!(?addr, error = %err, "health check listener cannot accept");
+                        tokio::select! {
+                            _ = &mut stopped => break,
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        }
+                    }
+                },
+            }
+        }
+        drop(socket);
+        connections.shutdown().await;
+        debug!(?addr, "health check listener closed");
+    });
+    Listener { stop, task }
+}
+
+fn json_response(status: StatusCode, body: String) -> Response<Body> {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
+}
+
+/// kube-proxy's `hcHandler`: the same answer for every path and method.
+fn service_response(shared: &Shared, service: &ServiceHealth) -> Response<Body> {
+    let healthy = shared.proxy_health().healthy;
+    let count = service.local_endpoints;
+    let status = if count != 0 && healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    shared.count("service", status);
+    let mut response = json_response(status, service_body(service, healthy));
+    response
+        .headers_mut()
+        .insert("x-load-balancing-endpoint-weight", HeaderValue::from(count));
+    response
+}
+
+/// The Service probe body: kube-proxy's dedented template, tab indented, no final newline.
+fn service_body(service: &ServiceHealth, proxy_healthy: bool) -> String {
+    format!(
+        "{{\n\t\"service\": {{\n\t\t\"namespace\": {},\n\t\t\"name\": {}\n\t}},\n\t\"localEndpoints\": {},\n\t\"serviceProxyHealthy\": {}\n}}",
+        quote(&service.namespace),
+        quote(&service.name),
+        service.local_endpoints,
+        proxy_healthy,
+    )
+}
+
+/// A JSON string. kube-proxy uses Go's `%q`, which is the same for Kubernetes names (DNS
+/// labels); this stays valid JSON for anything else.
+fn quote(text: &str) -> String {
+    serde_json::Value::from(text).to_string()
+}
+
+/// kube-proxy's healthz mux: `/healthz` and `/livez`, any method; Go's 404 otherwise.
+fn node_response(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
+    match req.uri().path() {
+        "/healthz" => {
+            let health = shared.proxy_health();
+            let eligible = shared.node_eligible();
+            let (status, last_updated) = node_status(&health, health.healthy && eligible);
+            shared.count("healthz", status);
+            json_response(
+                status,
+                format!(
+                    r#"{{"lastUpdated": "{}","currentTime": "{}", "nodeEligible": {eligible}}}"#,
+                    format_time(last_updated),
+                    format_time(Some(health.now)),
+                ),
+            )
+        }
+        "/livez" => {
+            let health = shared.proxy_health();
+            let (status, last_updated) = node_status(&health, health.healthy);
+            shared.count("livez", status);
+            json_response(
+                status,
+                format!(
+                    r#"{{"lastUpdated": "{}","currentTime": "{}"}}"#,
+                    format_time(last_updated),
+                    format_time(Some(health.now)),
+                ),
+            )
+        }
+        _ => {
+            let mut response = Response::new(Body::from("404 page not found\n"));
+            *response.status_mut() = StatusCode::NOT_FOUND;
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            headers.insert(
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            );
+            response
+        }
+    }
+}
+
+/// The status and the reported `lastUpdated`: kube-proxy reports the current time as the last
+/// update whenever it answers 200, as its older releases did.
+fn node_status(health: &ProxyHealth, healthy: bool) -> (StatusCode, Option<SystemTime>) {
+    if healthy {
+        (StatusCode::OK, Some(health.now))
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, health.last_updated)
+    }
+}
+
+/// RFC 3339 in UTC with nanoseconds; `None` is Go's zero time, which kube-proxy prints for a
+/// proxy never updated.
+fn format_time(time: Option<SystemTime>) -> String {
+    const GO_ZERO_TIME: &str = "0001-01-01T00:00:00.000000000Z";
+    let Some(time) = time else {
+        return GO_ZERO_TIME.to_owned();
+    };
+    let nanos = match time.duration_since(UNIX_EPOCH) {
+        Ok(after) => after.as_nanos() as i128,
+        Err(before) => -(before.duration().as_nanos() as i128),
+    };
+    match k8s_openapi::jiff::Timestamp::from_nanosecond(nanos) {
+        Ok(timestamp) => format!("{timestamp:.9}"),
+        Err(_) => GO_ZERO_TIME.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener as StdListener;
+
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    /// A clock the test moves by hand.
+    struct ManualClock(Mutex<SystemTime>);
+
+    impl ManualClock {
+        fn new() -> Arc<Self> {
+            // 2024-05-01T10:00:00.5Z
+            Arc::new(Self(Mutex::new(
+                UNIX_EPOCH + Duration::new(1_714_557_600, 500_000_000),
+            )))
+        }
+
+        fn advance(&self, by: Duration) {
+            *lock(&self.0) += by;
+        }
+    }
+
+    impl Clock for ManualClock {
+        fn now(&self) -> SystemTime {
+            *lock(&self.0)
+        }
+    }
+
+    const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    fn config() -> HealthConfig {
+        HealthConfig {
+            bind: LOCALHOST,
+            node_healthz_port: Some(0),
+            health_timeout: Duration::from_secs(60),
+        }
+    }
+
+    async fn start(clock: &Arc<ManualClock>) -> HealthServer {
+        HealthServer::start_with_clock(config(), clock.clone())
+            .await
+            .unwrap()
+    }
+
+    /// A port that was free a moment ago: bound on 127.0.0.1:0, then released.
+    fn free_port() -> u16 {
+        StdListener::bind((LOCALHOST, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn web(local_endpoints: usize) -> ServiceHealth {
+        ServiceHealth {
+            namespace: "default".into(),
+            name: "web".into(),
+            local_endpoints,
+        }
+    }
+
+    fn services(entries: &[(u16, ServiceHealth)]) -> BTreeMap<u16, ServiceHealth> {
+        entries.iter().cloned().collect()
+    }
+
+    #[derive(Debug)]
+    struct Reply {
+        status: u16,
+        /// Names as sent on the wire.
+        headers: Vec<(String, String)>,
+        body: String,
+    }
+
+    impl Reply {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        }
+
+        fn json(&self) -> serde_json::Value {
+            serde_json::from_str(&self.body).unwrap()
+        }
+    }
+
+    /// A minimal HTTP/1.1 client on one keep-alive connection.
+    struct Client(BufReader<TcpStream>);
+
+    impl Client {
+        async fn connect(port: u16) -> io::Result<Self> {
+            Ok(Self(BufReader::new(
+                TcpStream::connect((LOCALHOST, port)).await?,
+            )))
+        }
+
+        async fn get(&mut self, path: &str) -> io::Result<Reply> {
+            let request = format!("GET {path} HTTP/1.1\r\nHost: node\r\n\r\n");
+            self.0.get_mut().write_all(request.as_bytes()).await?;
+            let mut line = String::new();
+            if self.0.read_line(&mut line).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let status = line.split(' ').nth(1).unwrap().parse().unwrap();
+            let mut headers = Vec::new();
+            loop {
+                line.clear();
+                self.0.read_line(&mut line).await?;
+                let line = line.trim_end_matches("\r\n");
+                if line.is_empty() {
+                    break;
+                }
+                let (name, value) = line.split_once(": ").unwrap();
+                headers.push((name.to_owned(), value.to_owned()));
+            }
+            let length: usize = headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+                .expect("content-length")
+                .1
+                .parse()
+                .unwrap();
+            let mut body = vec![0; length];
+            self.0.read_exact(&mut body).await?;
+            Ok(Reply {
+                status,
+                headers,
+                body: String::from_utf8(body).unwrap(),
+            })
+        }
+    }
+
+    /// One request on a fresh connection.
+    async fn get(port: u16, path: &str) -> Reply {
+        Client::connect(port)
+            .await
+            .unwrap()
+            .get(path)
+            .await
+            .unwrap()
+    }
+
+    fn healthz_port(server: &HealthServer) -> u16 {
+        server.local_addr_of_healthz().unwrap().port()
+    }
+
+    fn assert_port_free(port: u16) {
+        if let Err(err) = StdListener::bind((LOCALHOST, port)) {
+            panic!("port {port} still in use: {err}");
+        }
+    }
+
+    const WEB_OK: &str = "{\n\t\"service\": {\n\t\t\"namespace\": \"default\",\n\t\t\"name\": \"web\"\n\t},\n\t\"localEndpoints\": 1,\n\t\"serviceProxyHealthy\": true\n}";
+
+    #[tokio::test]
+    async fn service_with_a_local_endpoint_is_200_with_kube_proxy_body_and_headers() {
+        let server = start(&ManualClock::new()).await;
+        let port = free_port();
+        assert!(
+            server
+                .set_services(services(&[(port, web(1))]))
+                .await
+                .is_empty()
+        );
+
+        for path in ["/", "/healthz", "/any/path?x=1"] {
+            let reply = get(port, path).await;
+            assert_eq!(reply.status, 200, "{path}");
+            assert_eq!(reply.body, WEB_OK);
+            assert_eq!(reply.body.len(), 114);
+            let names: Vec<&str> = reply.headers.iter().map(|(n, _)| n.as_str()).collect();
+            for (name, value) in [
+                ("Content-Type", "application/json"),
+                ("X-Content-Type-Options", "nosniff"),
+                ("X-Load-Balancing-Endpoint-Weight", "1"),
+                ("Content-Length", "114"),
+            ] {
+                assert!(
+                    names.contains(&name),
+                    "{name} spelled as Go does: {names:?}"
+                );
+                assert_eq!(reply.header(name), Some(value));
+            }
+        }
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn service_without_local_endpoints_is_503() {
+        let server = start(&ManualClock::new()).await;
+        let port = free_port();
+        assert!(
+            server
+                .set_services(services(&[(port, web(0))]))
+                .await
+                .is_empty()
+        );
+
+        let reply = get(port, "/").await;
+        assert_eq!(reply.status, 503);
+        assert_eq!(reply.header("X-Load-Balancing-Endpoint-Weight"), Some("0"));
+        assert_eq!(
+            reply.body,
+            WEB_OK.replace("\"localEndpoints\": 1", "\"localEndpoints\": 0")
+        );
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn updates_keep_the_listener_and_its_connections() {
+        let server = start(&ManualClock::new()).await;
+        let port = free_port();
+        assert!(
+            server
+                .set_services(services(&[(port, web(0))]))
+                .await
+                .is_empty()
+        );
+        let mut held = Client::connect(port).await.unwrap();
+        assert_eq!(held.get("/").await.unwrap().status, 503);
+
+        for count in [3, 0, 1, 2] {
+            assert!(
+                server
+                    .set_services(services(&[(port, web(count))]))
+                    .await
+                    .is_empty()
+            );
+            // The connection opened before the update still works: the listener and its
+            // connections were not restarted (stopping a listener closes its connections).
+            let reply = held.get("/").await.unwrap();
+            assert_eq!(reply.status, if count == 0 { 503 } else { 200 });
+            assert_eq!(reply.json()["localEndpoints"], count);
+            assert_eq!(
+                reply.header("X-Load-Balancing-Endpoint-Weight"),
+                Some(count.to_string().as_str())
+            );
+            // And a new connection is accepted right after the update.
+            assert_eq!(get(port, "/").await.json()["localEndpoints"], count);
+        }
+
+        // A new name for the same port is reported without a restart either.
+        let renamed = ServiceHealth {
+            name: "api".into(),
+            ..web(1)
+        };
+        assert!(
+            server
+                .set_services(services(&[(port, renamed)]))
+                .await
+                .is_empty()
+        );
+        assert_eq!(
+            held.get("/").await.unwrap().json()["service"]["name"],
+            "api"
+        );
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn removing_a_service_frees_its_port_and_closes_its_connections() {
+        let server = start(&ManualClock::new()).await;
+        let (kept, removed) = (free_port(), free_port());
+        let both = services(&[(kept, web(1)), (removed, web(2))]);
+        assert!(server.set_services(both).await.is_empty());
+        let mut held = Client::connect(removed).await.unwrap();
+        assert_eq!(held.get("/").await.unwrap().status, 200);
+
+        assert!(
+            server
+                .set_services(services(&[(kept, web(1))]))
+                .await
+                .is_empty()
+        );
+
+        assert_port_free(removed);
+        let refused = TcpStream::connect((LOCALHOST, removed)).await.unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+        assert!(held.get("/").await.is_err(), "connections closed too");
+        assert_eq!(get(kept, "/").await.status, 200);
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_busy_port_fails_alone_and_is_retried_on_the_next_update() {
+        let server = start(&ManualClock::new()).await;
+        let blocker = StdListener::bind((LOCALHOST, 0)).unwrap();
+        let busy = blocker.local_addr().unwrap().port();
+        let other = free_port();
+        let wanted = services(&[(busy, web(1)), (other, web(1))]);
+
+        let errors = server.set_services(wanted.clone()).await;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].port(), busy);
+        assert!(
+            matches!(&errors[0], HealthError::ServicePort { service, cause, .. }
+                if service == "default/web" && cause.kind() == io::ErrorKind::AddrInUse),
+            "{:?}",
+            errors[0]
+        );
+        assert!(errors[0].to_string().contains(&busy.to_string()));
+        assert_eq!(get(other, "/").await.status, 200);
+
+        // Still busy: still reported.
+        assert_eq!(server.set_services(wanted.clone()).await.len(), 1);
+        drop(blocker);
+        assert!(server.set_services(wanted).await.is_empty());
+        assert_eq!(get(busy, "/").await.body, WEB_OK);
+        assert_eq!(get(other, "/").await.status, 200);
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn port_zero_is_an_error() {
+        let server = start(&ManualClock::new()).await;
+        let errors = server.set_services(services(&[(0, web(1))])).await;
+        assert!(matches!(errors.as_slice(), [HealthError::ZeroPort { .. }]));
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn node_health_follows_queued_and_applied_updates() {
+        let clock = ManualClock::new();
+        let server = start(&clock).await;
+        let port = healthz_port(&server);
+        let start_time = "2024-05-01T10:00:00.500000000Z";
+
+        for path in ["/healthz", "/livez"] {
+            let reply = get(port, path).await;
+            assert_eq!(reply.status, 200, "{path}");
+            assert_eq!(reply.header("Content-Type"), Some("application/json"));
+            assert_eq!(reply.header("X-Content-Type-Options"), Some("nosniff"));
+        }
+        assert_eq!(
+            get(port, "/healthz").await.body,
+            format!(
+                r#"{{"lastUpdated": "{start_time}","currentTime": "{start_time}", "nodeEligible": true}}"#
+            )
+        );
+        assert_eq!(
+            get(port, "/livez").await.body,
+            format!(r#"{{"lastUpdated": "{start_time}","currentTime": "{start_time}"}}"#)
+        );
+
+        server.updated();
+        server.queued_update();
+        clock.advance(Duration::from_secs(30));
+        // A later change does not restart the timeout.
+        server.queued_update();
+        clock.advance(Duration::from_secs(29));
+        assert!(server.is_healthy());
+        assert_eq!(get(port, "/healthz").await.status, 200);
+
+        clock.advance(Duration::from_secs(1));
+        assert!(!server.is_healthy());
+        let now = "2024-05-01T10:01:00.500000000Z";
+        let healthz = get(port, "/healthz").await;
+        assert_eq!(healthz.status, 503);
+        assert_eq!(
+            healthz.body,
+            format!(
+                r#"{{"lastUpdated": "{start_time}","currentTime": "{now}", "nodeEligible": true}}"#
+            )
+        );
+        let livez = get(port, "/livez").await;
+        assert_eq!(livez.status, 503);
+        assert_eq!(
+            livez.body,
+            format!(r#"{{"lastUpdated": "{start_time}","currentTime": "{now}"}}"#)
+        );
+
+        server.updated();
+        assert!(server.is_healthy());
+        let healthz = get(port, "/healthz").await;
+        assert_eq!(healthz.status, 200);
+        assert_eq!(healthz.json()["lastUpdated"], now);
+        assert_eq!(get(port, "/livez").await.status, 200);
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn node_is_healthy_while_starting_up_however_long_the_first_sync() {
+        // kube-proxy: before the first Updated there is no proxier to be late.
+        let clock = ManualClock::new();
+        let server = start(&clock).await;
+        server.queued_update();
+        clock.advance(Duration::from_secs(3600));
+        assert!(server.is_healthy());
+        assert_eq!(get(healthz_port(&server), "/healthz").await.status, 200);
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn an_ineligible_node_fails_healthz_only() {
+        let server = start(&ManualClock::new()).await;
+        let port = healthz_port(&server);
+        let service_port = free_port();
+        assert!(
+            server
+                .set_services(services(&[(service_port, web(1))]))
+                .await
+                .is_empty()
+        );
+
+        server.set_node_eligible(false);
+        let healthz = get(port, "/healthz").await;
+        assert_eq!(healthz.status, 503);
+        assert_eq!(healthz.json()["nodeEligible"], false);
+        // Never updated: Go's zero time.
+        assert_eq!(
+            healthz.json()["lastUpdated"],
+            "0001-01-01T00:00:00.000000000Z"
+        );
+        assert_eq!(get(port, "/livez").await.status, 200);
+        // serviceProxyHealthy leaves the node out, as kube-proxy.
+        assert!(server.is_healthy());
+        assert_eq!(get(service_port, "/").await.body, WEB_OK);
+
+        server.set_node_eligible(true);
+        let healthz = get(port, "/healthz").await;
+        assert_eq!(healthz.status, 200);
+        assert_eq!(healthz.json()["nodeEligible"], true);
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn an_unhealthy_proxy_fails_service_probes_with_local_endpoints() {
+        let clock = ManualClock::new();
+        let server = start(&clock).await;
+        let port = free_port();
+        assert!(
+            server
+                .set_services(services(&[(port, web(1))]))
+                .await
+                .is_empty()
+        );
+        server.updated();
+        server.queued_update();
+        clock.advance(Duration::from_secs(61));
+
+        let reply = get(port, "/").await;
+        assert_eq!(reply.status, 503);
+        assert_eq!(reply.header("X-Load-Balancing-Endpoint-Weight"), Some("1"));
+        assert_eq!(
+            reply.body,
+            WEB_OK.replace(
+                "\"serviceProxyHealthy\": true",
+                "\"serviceProxyHealthy\": false"
+            )
+        );
+
+        server.updated();
+        assert_eq!(get(port, "/").await.body, WEB_OK);
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn other_healthz_paths_are_go_404s() {
+        let server = start(&ManualClock::new()).await;
+        let reply = get(healthz_port(&server), "/healthz/").await;
+        assert_eq!(reply.status, 404);
+        assert_eq!(reply.body, "404 page not found\n");
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_releases_every_port() {
+        let server = start(&ManualClock::new()).await;
+        let healthz = healthz_port(&server);
+        let (a, b) = (free_port(), free_port());
+        assert!(
+            server
+                .set_services(services(&[(a, web(1)), (b, web(0))]))
+                .await
+                .is_empty()
+        );
+        let mut held = Client::connect(a).await.unwrap();
+        assert_eq!(held.get("/").await.unwrap().status, 200);
+        let clone = server.clone();
+
+        server.shutdown().await;
+
+        for port in [healthz, a, b] {
+            assert_port_free(port);
+        }
+        assert!(held.get("/").await.is_err(), "connections closed too");
+        // The clone is shut down too.
+        assert!(
+            clone
+                .set_services(services(&[(a, web(1))]))
+                .await
+                .is_empty()
+        );
+        assert_port_free(a);
+    }
+
+    #[tokio::test]
+    async fn a_busy_healthz_port_fails_start() {
+        let blocker = StdListener::bind((LOCALHOST, 0)).unwrap();
+        let port = blocker.local_addr().unwrap().port();
+        let config = HealthConfig {
+            node_healthz_port: Some(port),
+            ..config()
+        };
+        match HealthServer::start(config).await {
+            Err(err @ HealthError::NodeHealthz { .. }) => assert_eq!(err.port(), port),
+            Err(err) => panic!("unexpected error {err}"),
+            Ok(_) => panic!("started on a busy port"),
+        }
+    }
+
+    #[tokio::test]
+    async fn healthz_can_be_disabled() {
+        let config = HealthConfig {
+            node_healthz_port: None,
+            ..config()
+        };
+        let server = HealthServer::start(config).await.unwrap();
+        assert_eq!(server.local_addr_of_healthz(), None);
+        let port = free_port();
+        assert!(
+            server
+                .set_services(services(&[(port, web(1))]))
+                .await
+                .is_empty()
+        );
+        assert_eq!(get(port, "/").await.status, 200);
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn responses_are_counted() {
+        let clock = ManualClock::new();
+        let server = start(&clock).await;
+        let mut registry = Registry::default();
+        server.register(&mut registry);
+        let port = free_port();
+        assert!(
+            server
+                .set_services(services(&[(port, web(0))]))
+                .await
+                .is_empty()
+        );
+        get(port, "/").await;
+        get(healthz_port(&server), "/healthz").await;
+        get(healthz_port(&server), "/livez").await;
+        get(healthz_port(&server), "/livez").await;
+
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            r#"nodeport_health_responses_total{endpoint="service",code="503"} 1"#,
+            r#"nodeport_health_responses_total{endpoint="healthz",code="200"} 1"#,
+            r#"nodeport_health_responses_total{endpoint="livez",code="200"} 2"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        server.shutdown().await;
+    }
+
+    #[test]
+    fn times_are_rfc3339_utc_with_nanoseconds() {
+        let time = UNIX_EPOCH + Duration::new(1_714_557_600, 123_456_789);
+        assert_eq!(format_time(Some(time)), "2024-05-01T10:00:00.123456789Z");
+        assert_eq!(
+            format_time(Some(UNIX_EPOCH)),
+            "1970-01-01T00:00:00.000000000Z"
+        );
+        assert_eq!(format_time(None), "0001-01-01T00:00:00.000000000Z");
+    }
+
+    #[test]
+    fn system_clock_follows_the_wall_clock() {
+        let clock = SystemClock::new();
+        let (before, now) = (SystemTime::now(), clock.now());
+        let gap = now
+            .duration_since(before)
+            .unwrap_or_else(|err| err.duration());
+        assert!(gap < Duration::from_secs(5), "{gap:?}");
+    }
+}
