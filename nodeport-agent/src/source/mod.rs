@@ -3,6 +3,8 @@
 //! agent recomputes the desired state from the latest one (a watch channel keeps only the
 //! newest value, so bursts of changes coalesce).
 
+pub mod kube;
+
 use std::{net::IpAddr, sync::Arc};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
