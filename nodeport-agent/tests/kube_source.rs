@@ -122,7 +122,7 @@ fn node(name: &str, addresses: &[(&str, &str)]) -> Value {
     json!({"metadata": {"name": name}, "status": {"addresses": addresses}})
 }
 
-fn names<K: ResourceExt>(objects: &[K]) -> Vec<String> {
+fn names<K: ResourceExt>(objects: &[std::sync::Arc<K>]) -> Vec<String> {
     objects
         .iter()
         .map(|o| format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()))

@@ -47,7 +47,6 @@
 //! dropped.
 
 use std::{
-    collections::BTreeMap,
     fmt,
     net::IpAddr,
     sync::{
@@ -518,15 +517,19 @@ where
 }
 
 /// The store's objects, sorted by namespace and name.
-fn sorted<K>(store: &Store<K>) -> Vec<K>
+/// The store's objects, shared (an unchanged object keeps its `Arc`, which is how the agent
+/// tells what changed), sorted by namespace and name without copying them.
+fn sorted<K>(store: &Store<K>) -> Vec<Arc<K>>
 where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
-    let mut objects: BTreeMap<(String, String), Arc<K>> = BTreeMap::new();
-    for obj in store.state() {
-        objects.insert(key(obj.as_ref()), obj);
-    }
-    objects.into_values().map(|obj| (*obj).clone()).collect()
+    let mut objects = store.state();
+    objects.sort_by(|a, b| {
+        let (a, b) = (a.meta(), b.meta());
+        (a.namespace.as_deref(), a.name.as_deref())
+            .cmp(&(b.namespace.as_deref(), b.name.as_deref()))
+    });
+    objects
 }
 
 /// The node's InternalIP and ExternalIP addresses, in the order the Node lists them, without
