@@ -28,6 +28,7 @@ fn objects(yaml: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
             Some("EndpointSlice") => {
                 slices.push(serde_norway::from_value(value).expect("an EndpointSlice"))
             }
+            None if value.is_null() => {}
             other => panic!("unexpected kind {other:?}"),
         }
     }
@@ -624,4 +625,112 @@ fn the_same_input_in_any_order_gives_the_same_state() {
     services.reverse();
     slices.reverse();
     assert_eq!(a, desired_state(&services, &slices, &node()));
+}
+
+/// The incremental path must agree with a computation from scratch after every step,
+/// including a contested frontend passing to the younger Service when the older one goes.
+#[test]
+fn incremental_updates_equal_a_full_recomputation() {
+    use std::sync::Arc;
+    let contested = r#"
+kind: Service
+apiVersion: v1
+metadata: { name: older, namespace: default, creationTimestamp: "2026-01-01T00:00:00Z" }
+spec: { externalIPs: [198.51.100.7], ports: [ { port: 80 } ] }
+---
+kind: Service
+apiVersion: v1
+metadata: { name: newer, namespace: default, creationTimestamp: "2026-01-02T00:00:00Z" }
+spec: { externalIPs: [198.51.100.7], ports: [ { port: 80 } ] }
+"#;
+    let steps = [
+        format!("{WEB}---{contested}"),
+        // An endpoint of web changes; the rest stays the same object.
+        format!("{}---{contested}", WEB.replace("10.0.2.1", "10.0.2.9")),
+        // The older contender goes: the newer one takes the frontend.
+        format!(
+            "{}---{}",
+            WEB.replace("10.0.2.1", "10.0.2.9"),
+            contested.split("---").nth(1).unwrap()
+        ),
+        // web goes entirely.
+        contested.split("---").nth(1).unwrap().to_string(),
+        String::new(),
+    ];
+    let mut reconciler = Reconciler::new(node());
+    // Objects are shared across steps when unchanged, as a source would hand them out.
+    let mut pool: Vec<Arc<Service>> = Vec::new();
+    let mut slice_pool: Vec<Arc<EndpointSlice>> = Vec::new();
+    for (i, yaml) in steps.iter().enumerate() {
+        let (services, slices) = objects(yaml);
+        let services: Vec<Arc<Service>> = services
+            .into_iter()
+            .map(|s| {
+                pool.iter()
+                    .find(|p| ***p == s)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(s))
+            })
+            .collect();
+        let slices: Vec<Arc<EndpointSlice>> = slices
+            .into_iter()
+            .map(|s| {
+                slice_pool
+                    .iter()
+                    .find(|p| ***p == s)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(s))
+            })
+            .collect();
+        let changes = reconciler.update(&services, &slices);
+        let full = desired_state(
+            &services.iter().map(|s| (**s).clone()).collect::<Vec<_>>(),
+            &slices.iter().map(|s| (**s).clone()).collect::<Vec<_>>(),
+            &node(),
+        );
+        assert_eq!(reconciler.desired().services, full.services, "step {i}");
+        assert_eq!(
+            reconciler.desired().health_checks,
+            full.health_checks,
+            "step {i}"
+        );
+        assert_eq!(reconciler.notices(), full.notices, "step {i}");
+        if i == 2 {
+            let newer = key("default", "newer", "", Protocol::Tcp);
+            assert!(
+                changes.services.contains(&newer),
+                "the newer Service gained the frontend: {changes:?}"
+            );
+            assert!(
+                !changes.services.iter().any(|k| k.name == "web"),
+                "web did not change: {changes:?}"
+            );
+        }
+        pool = services;
+        slice_pool = slices;
+    }
+    assert!(reconciler.desired().services.is_empty());
+}
+
+#[test]
+fn an_unchanged_update_changes_nothing() {
+    use std::sync::Arc;
+    let (services, slices) = objects(WEB);
+    let services: Vec<Arc<Service>> = services.into_iter().map(Arc::new).collect();
+    let slices: Vec<Arc<EndpointSlice>> = slices.into_iter().map(Arc::new).collect();
+    let mut reconciler = Reconciler::new(node());
+    assert!(!reconciler.update(&services, &slices).is_empty());
+    assert!(reconciler.update(&services, &slices).is_empty());
+    // New node addresses recompute every node port.
+    let moved = NodeContext {
+        node_addresses: vec!["198.18.0.9".parse().unwrap()],
+        ..node()
+    };
+    let changes = reconciler.set_node(moved);
+    assert_eq!(changes.services.len(), 1);
+    let svc = &reconciler.desired().services[&key("shop", "web", "http", Protocol::Tcp)];
+    assert_eq!(
+        frontend_addrs(svc),
+        vec![("198.18.0.9:30080".into(), FrontendKind::NodePort)]
+    );
 }

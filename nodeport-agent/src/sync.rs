@@ -157,7 +157,9 @@ pub struct Programmed {
     pub services: BTreeMap<ServicePortKey, ProgrammedService>,
     frontend_owner: BTreeMap<FrontendKey, ServicePortKey>,
     settings: Option<GlobalSettings>,
-    /// The frontend port bitmap as written (None until read from the map).
+    /// Frontends per destination port, and the port bitmap as written (read from the map
+    /// once): a port's bit is set before its first frontend and cleared after its last.
+    port_refs: BTreeMap<u16, u32>,
     port_words: Option<Vec<u64>>,
     svc_ids: IdPool,
     backend_ids: IdPool,
@@ -247,6 +249,7 @@ enum Undo {
     Name(u32),
     Range(u32, Ipv4Prefix),
     Frontend(FrontendKey, Option<FrontendValue>),
+    PortRef(u16),
 }
 
 pub struct Syncer<'a> {
@@ -261,6 +264,7 @@ impl Programmed {
             services: BTreeMap::new(),
             frontend_owner: BTreeMap::new(),
             settings: None,
+            port_refs: BTreeMap::new(),
             port_words: None,
             svc_ids: IdPool::new(1, sizing.services),
             backend_ids: IdPool::new(1, sizing.backends),
@@ -384,6 +388,7 @@ impl Programmed {
             services: BTreeMap::new(),
             frontend_owner: BTreeMap::new(),
             settings: None,
+            port_refs: BTreeMap::new(),
             port_words: None,
             svc_ids: IdPool::with_used(1, sizing.services, &used_svc),
             backend_ids: IdPool::with_used(1, sizing.backends, &used_backends),
@@ -392,6 +397,10 @@ impl Programmed {
         for (_, (key, svc)) in services {
             for fe in svc.frontends.keys() {
                 programmed.frontend_owner.insert(*fe, key.clone());
+                *programmed
+                    .port_refs
+                    .entry(u16::from_be(fe.port_be))
+                    .or_default() += 1;
             }
             programmed.services.insert(key, svc);
         }
@@ -437,11 +446,29 @@ impl Syncer<'_> {
         n
     }
 
-    /// Makes the maps hold `desired`.
+    /// Makes the maps hold `desired`, examining every service.
     pub fn apply(
         &mut self,
         programmed: &mut Programmed,
         desired: &Desired,
+        settings: &GlobalSettings,
+    ) -> SyncReport {
+        let keys: BTreeSet<ServicePortKey> = desired
+            .services
+            .keys()
+            .chain(programmed.services.keys())
+            .cloned()
+            .collect();
+        self.apply_changes(programmed, desired, &keys, settings)
+    }
+
+    /// Makes the maps hold `desired` for the services in `keys` (those that may have changed:
+    /// the rest are known to match already).
+    pub fn apply_changes(
+        &mut self,
+        programmed: &mut Programmed,
+        desired: &Desired,
+        keys: &BTreeSet<ServicePortKey>,
         settings: &GlobalSettings,
     ) -> SyncReport {
         let mut report = SyncReport::default();
@@ -458,11 +485,17 @@ impl Syncer<'_> {
             ));
             return report;
         }
-        // Ports first: a frontend whose port bit is missing would be unreachable.
-        if let Err(e) = self.set_port_bits(desired, programmed, true) {
-            tracing::warn!(error = %e, "setting frontend port bits");
+        if let Err(e) = self.sync_port_bits(programmed) {
+            tracing::warn!(error = %e, "frontend port bits");
         }
-        for (key, want) in &desired.services {
+        let mut gone = Vec::new();
+        for key in keys {
+            let Some(want) = desired.services.get(key) else {
+                if programmed.services.contains_key(key) {
+                    gone.push(key.clone());
+                }
+                continue;
+            };
             let current = programmed.services.get(key);
             if current.is_some_and(|c| c.desired.as_ref() == Some(want)) {
                 report.unchanged += 1;
@@ -480,18 +513,10 @@ impl Syncer<'_> {
                 Err(e) => report.failed.push((key.clone(), e)),
             }
         }
-        let gone: Vec<ServicePortKey> = programmed
-            .services
-            .keys()
-            .filter(|k| !desired.services.contains_key(*k))
-            .cloned()
-            .collect();
+        // Removals last, so a frontend that moved to another service was overwritten first.
         for key in gone {
             self.remove_service(programmed, &key);
             report.removed.push(key);
-        }
-        if let Err(e) = self.set_port_bits(desired, programmed, false) {
-            tracing::warn!(error = %e, "clearing frontend port bits");
         }
         report
     }
@@ -535,44 +560,56 @@ impl Syncer<'_> {
         Ok(())
     }
 
-    /// Sets (`grow`) or trims the port bitmap: before updates every port a desired frontend
-    /// uses is set; after removals only ports of remaining frontends stay set.
-    fn set_port_bits(
-        &mut self,
-        desired: &Desired,
-        programmed: &mut Programmed,
-        grow: bool,
-    ) -> Result<(), SyncError> {
-        let mut words = vec![0u64; FRONTEND_PORT_WORDS as usize];
-        let mut mark = |port: u16| {
-            let (w, bit) = frontend_port_bit(port);
-            words[w as usize] |= bit;
+    /// Makes the bitmap word of `port` match whether any frontend uses it.
+    fn write_port_bit(&mut self, programmed: &mut Programmed, port: u16) -> Result<(), SyncError> {
+        let used = programmed.port_refs.get(&port).is_some_and(|n| *n > 0);
+        let words = programmed
+            .port_words
+            .get_or_insert_with(|| vec![0; FRONTEND_PORT_WORDS as usize]);
+        let (w, bit) = frontend_port_bit(port);
+        let new = if used {
+            words[w as usize] | bit
+        } else {
+            words[w as usize] & !bit
         };
-        for svc in desired.services.values() {
-            svc.frontends.iter().for_each(|f| mark(f.addr.port()));
+        if new != words[w as usize] {
+            self.maps
+                .frontend_ports
+                .set(w, new, 0)
+                .map_err(SyncError::map("frontend ports", ""))?;
+            words[w as usize] = new;
         }
-        for key in programmed.frontend_owner.keys() {
-            mark(u16::from_be(key.port_be));
+        Ok(())
+    }
+
+    /// The first time: read the bitmap and correct it to the frontends the maps hold (after
+    /// adoption it may be off if a previous agent stopped half-way).
+    fn sync_port_bits(&mut self, programmed: &mut Programmed) -> Result<(), SyncError> {
+        if programmed.port_words.is_some() {
+            return Ok(());
         }
-        let mut have = match programmed.port_words.take() {
-            Some(have) => have,
-            None => (0..FRONTEND_PORT_WORDS)
-                .map(|w| self.maps.frontend_ports.get(&w, 0))
-                .collect::<Result<_, _>>()
-                .map_err(SyncError::map("frontend ports", ""))?,
-        };
-        let mut result = Ok(());
-        for (w, want) in words.into_iter().enumerate() {
-            let new = if grow { have[w] | want } else { want };
-            if new != have[w] {
-                match self.maps.frontend_ports.set(w as u32, new, 0) {
-                    Ok(()) => have[w] = new,
-                    Err(e) => result = Err(SyncError::map("frontend ports", "")(e)),
-                }
+        let mut have: Vec<u64> = (0..FRONTEND_PORT_WORDS)
+            .map(|w| self.maps.frontend_ports.get(&w, 0))
+            .collect::<Result<_, _>>()
+            .map_err(SyncError::map("frontend ports", ""))?;
+        let mut want = vec![0u64; FRONTEND_PORT_WORDS as usize];
+        for (port, n) in &programmed.port_refs {
+            if *n > 0 {
+                let (w, bit) = frontend_port_bit(*port);
+                want[w as usize] |= bit;
+            }
+        }
+        for w in 0..want.len() {
+            if want[w] != have[w] {
+                self.maps
+                    .frontend_ports
+                    .set(w as u32, want[w], 0)
+                    .map_err(SyncError::map("frontend ports", ""))?;
+                have[w] = want[w];
             }
         }
         programmed.port_words = Some(have);
-        result
+        Ok(())
     }
 
     /// Programs one service. Returns it as programmed, and whether anything was written.
@@ -750,6 +787,13 @@ impl Syncer<'_> {
                 None => None,
             };
             if previous != Some(value) {
+                if !programmed.frontend_owner.contains_key(&fkey) {
+                    // A new frontend: count its port first, so its bit is set before it exists.
+                    let port = f.addr.port();
+                    *programmed.port_refs.entry(port).or_default() += 1;
+                    undo.push(Undo::PortRef(port));
+                    self.write_port_bit(programmed, port)?;
+                }
                 self.maps
                     .frontends
                     .insert(fkey, value, 0)
@@ -819,6 +863,13 @@ impl Syncer<'_> {
                     tracing::warn!(service = %key, error = %e, "removing a frontend");
                 }
                 programmed.frontend_owner.remove(&fkey);
+                let port = u16::from_be(fkey.port_be);
+                if let Some(n) = programmed.port_refs.get_mut(&port) {
+                    *n = n.saturating_sub(1);
+                }
+                if let Err(e) = self.write_port_bit(programmed, port) {
+                    tracing::warn!(service = %key, error = %e, "clearing a frontend port");
+                }
             }
         }
         let id = programmed.services.get(key).map(|s| s.id);
@@ -871,6 +922,13 @@ impl Syncer<'_> {
                     .map_err(|e| e.to_string()),
                 Undo::Frontend(fkey, None) => {
                     self.maps.frontends.remove(&fkey).map_err(|e| e.to_string())
+                }
+                Undo::PortRef(port) => {
+                    if let Some(n) = programmed.port_refs.get_mut(&port) {
+                        *n = n.saturating_sub(1);
+                    }
+                    self.write_port_bit(programmed, port)
+                        .map_err(|e| e.to_string())
                 }
             };
             if let Err(e) = result {
