@@ -5,6 +5,7 @@ pub mod datapath;
 pub mod desired;
 pub mod dump;
 pub mod health;
+pub mod interfaces;
 pub mod ledger;
 pub mod maglev;
 pub mod manifests;

@@ -3,6 +3,7 @@
 //! agent recomputes the desired state from the latest one (a watch channel keeps only the
 //! newest value, so bursts of changes coalesce).
 
+pub mod files;
 pub mod kube;
 
 use std::{net::IpAddr, sync::Arc};
