@@ -1,6 +1,7 @@
 //! The nodeport agent: loads the datapath, mirrors Kubernetes state into its maps, serves
 //! health checks and metrics, and reports on the node port range.
 
+pub mod agent;
 pub mod datapath;
 pub mod desired;
 pub mod dump;
@@ -8,6 +9,7 @@ pub mod health;
 pub mod interfaces;
 pub mod ledger;
 pub mod maglev;
+pub mod metrics;
 pub mod manifests;
 pub mod model;
 pub mod source;

@@ -54,12 +54,25 @@ pub struct AttachedInterface {
     pub role: InterfaceRole,
 }
 
-/// Names of link pins. The hook name comes first so `ls links/` groups them.
+/// Names of link pins: `<hook>:<interface>`, the hook first so `ls links/` groups them.
+/// bpffs refuses dots in names (reserved by the kernel) and interface names may hold dots
+/// (`eth0.100`) but never `:`, so dots and `%` are %-escaped and `:` separates.
 const XDP_EXT: &str = "xdp_ext";
 const TC_EXT: &str = "tc_ext";
 const TC_POD: &str = "tc_pod";
-/// clsact filters (pre-6.6 kernels) have no link to pin; a marker file records them.
-const NETLINK_MARKER: &str = ".netlink";
+/// clsact filters (pre-6.6 kernels) have no link to pin; a marker directory records them.
+const NETLINK_MARKER: &str = ":netlink";
+
+fn pin_name(hook: &str, interface: &str) -> String {
+    format!("{hook}:{}", interface.replace('%', "%25").replace('.', "%2E"))
+}
+
+/// `(hook, interface)` of a pin name.
+fn parse_pin_name(name: &str) -> Option<(&str, String)> {
+    let name = name.strip_suffix(NETLINK_MARKER).unwrap_or(name);
+    let (hook, iface) = name.split_once(':')?;
+    Some((hook, iface.replace("%2E", ".").replace("%25", "%")))
+}
 
 fn attach_error(interface: &str, message: impl std::fmt::Display) -> DatapathError {
     DatapathError::Attach {
@@ -87,7 +100,7 @@ impl Datapath {
     fn link_pin(&self, hook: &str, interface: &str) -> Option<PathBuf> {
         self.pins
             .as_ref()
-            .map(|p| p.links().join(format!("{hook}.{interface}")))
+            .map(|p| p.links().join(pin_name(hook, interface)))
     }
 
     fn attach_xdp(&mut self, interface: &str, mode: XdpAttachMode) -> Result<()> {
@@ -181,7 +194,7 @@ impl Datapath {
             InterfaceRole::Pod => &[TC_POD],
         };
         for hook in hooks {
-            remove_link(&pins.links().join(format!("{hook}.{interface}")))?;
+            remove_link(&pins.links().join(pin_name(hook, interface)))?;
         }
         Ok(())
     }
@@ -225,14 +238,14 @@ fn remove_pin(pin: &Path) -> Result<()> {
 /// For a clsact marker, deletes the filter.
 fn remove_link(pin: &Path) -> Result<()> {
     let name = pin.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-    if let Some(stem) = name.strip_suffix(NETLINK_MARKER) {
-        if let Some((hook, interface)) = stem.split_once('.') {
+    if name.ends_with(NETLINK_MARKER) {
+        if let Some((hook, interface)) = parse_pin_name(name) {
             let program = if hook == TC_POD {
                 programs::TC_POD
             } else {
                 programs::TC_EXTERNAL
             };
-            match tc::qdisc_detach_program(interface, TcAttachType::Ingress, program) {
+            match tc::qdisc_detach_program(&interface, TcAttachType::Ingress, program) {
                 Ok(()) => {}
                 Err(e) => tracing::debug!(interface, error = %e, "clsact filter already gone"),
             }
@@ -268,8 +281,7 @@ fn list_links(pins: &PinDir) -> Result<Vec<AttachedInterface>> {
     let mut found = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let name = name.strip_suffix(NETLINK_MARKER).unwrap_or(&name);
-        let Some((hook, interface)) = name.split_once('.') else {
+        let Some((hook, interface)) = parse_pin_name(&name) else {
             continue;
         };
         let role = match hook {
@@ -277,10 +289,7 @@ fn list_links(pins: &PinDir) -> Result<Vec<AttachedInterface>> {
             TC_POD => InterfaceRole::Pod,
             _ => continue,
         };
-        let item = AttachedInterface {
-            name: interface.to_owned(),
-            role,
-        };
+        let item = AttachedInterface { name: interface, role };
         if !found.contains(&item) {
             found.push(item);
         }
@@ -347,4 +356,20 @@ fn attach_tc_netlink(
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_names_have_no_dots_and_round_trip() {
+        for iface in ["eth0", "eth0.100", "weird%name", "a.b.c"] {
+            let name = pin_name(TC_POD, iface);
+            assert!(!name.contains('.'), "{name}");
+            assert_eq!(parse_pin_name(&name), Some((TC_POD, iface.to_owned())));
+            let marker = format!("{name}{NETLINK_MARKER}");
+            assert_eq!(parse_pin_name(&marker), Some((TC_POD, iface.to_owned())));
+        }
+    }
 }

@@ -33,32 +33,19 @@ pub struct Maps {
     pub svc_names: HashMap<MapData, u32, SvcName>,
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
+fn typed<T>(map: Map, name: &'static str) -> Result<T>
 where
     T: TryFrom<Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf
-        .take_map(name)
-        .ok_or(DatapathError::MissingMap { name })?;
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
-fn mapped<T: bytemuck::Pod>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    entries: u32,
-) -> Result<MmapArray<T>> {
-    let data = match ebpf
-        .take_map(name)
-        .ok_or(DatapathError::MissingMap { name })?
-    {
-        Map::Array(data) => data,
-        _ => {
-            return Err(DatapathError::Io {
-                context: format!("{name} is not an array map"),
-                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
-            });
-        }
+fn mapped<T: bytemuck::Pod>(map: Map, name: &'static str, entries: u32) -> Result<MmapArray<T>> {
+    let Map::Array(data) = map else {
+        return Err(DatapathError::Io {
+            context: format!("{name} is not an array map"),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        });
     };
     MmapArray::new(data, entries).map_err(|source| DatapathError::Io {
         context: format!("mapping {name} into memory"),
@@ -67,25 +54,69 @@ fn mapped<T: bytemuck::Pod>(
 }
 
 impl Maps {
-    pub(super) fn take(ebpf: &mut Ebpf, sizing: &Sizing) -> Result<Self> {
+    /// Builds the handles from maps found by name (`get` hands each one over).
+    fn build(mut get: impl FnMut(&'static str) -> Result<Map>, sizing: &Sizing) -> Result<Self> {
+        let maglev_slots = sizing.maglev_size * sizing.maglev_blocks();
         Ok(Self {
-            config: take(ebpf, names::CONFIG)?,
-            frontend_ports: take(ebpf, names::FRONTEND_PORTS)?,
-            snat_addrs: take(ebpf, names::SNAT_ADDRS)?,
-            frontends: take(ebpf, names::FRONTENDS)?,
-            backends: mapped(ebpf, names::BACKENDS, sizing.backends)?,
-            maglev: mapped(
-                ebpf,
-                names::MAGLEV,
-                sizing.maglev_size * sizing.maglev_blocks(),
-            )?,
-            src_ranges: take(ebpf, names::SRC_RANGES)?,
-            conntrack: take(ebpf, names::CONNTRACK)?,
-            affinity: take(ebpf, names::AFFINITY)?,
-            svc_stats: take(ebpf, names::SVC_STATS)?,
-            counters: take(ebpf, names::COUNTERS)?,
-            svc_names: take(ebpf, names::SVC_NAMES)?,
+            config: typed(get(names::CONFIG)?, names::CONFIG)?,
+            frontend_ports: typed(get(names::FRONTEND_PORTS)?, names::FRONTEND_PORTS)?,
+            snat_addrs: typed(get(names::SNAT_ADDRS)?, names::SNAT_ADDRS)?,
+            frontends: typed(get(names::FRONTENDS)?, names::FRONTENDS)?,
+            backends: mapped(get(names::BACKENDS)?, names::BACKENDS, sizing.backends)?,
+            maglev: mapped(get(names::MAGLEV)?, names::MAGLEV, maglev_slots)?,
+            src_ranges: typed(get(names::SRC_RANGES)?, names::SRC_RANGES)?,
+            conntrack: typed(get(names::CONNTRACK)?, names::CONNTRACK)?,
+            affinity: typed(get(names::AFFINITY)?, names::AFFINITY)?,
+            svc_stats: typed(get(names::SVC_STATS)?, names::SVC_STATS)?,
+            counters: typed(get(names::COUNTERS)?, names::COUNTERS)?,
+            svc_names: typed(get(names::SVC_NAMES)?, names::SVC_NAMES)?,
         })
+    }
+
+    /// Takes the maps out of a loaded object.
+    pub(super) fn take(ebpf: &mut Ebpf, sizing: &Sizing) -> Result<Self> {
+        Self::build(|name| ebpf.take_map(name).ok_or(DatapathError::MissingMap { name }), sizing)
+    }
+
+    /// Opens the maps a datapath pinned under `pins` without loading any program (for
+    /// `dump`, which works whether an agent runs or not). The sizing is read off the maps.
+    pub fn open_pinned(pins: &super::PinDir) -> Result<(Self, Sizing)> {
+        let open = |name: &'static str| -> Result<Map> {
+            let data = MapData::from_pin(pins.map(name)).map_err(|source| DatapathError::Map { name, source })?;
+            Map::from_map_data(data).map_err(|source| DatapathError::Map { name, source })
+        };
+        let entries = |name: &'static str| -> Result<u32> {
+            MapInfo::from_pin(pins.map(name))
+                .map(|i| i.max_entries())
+                .map_err(|source| DatapathError::Map { name, source })
+        };
+        let config: Array<MapData, DatapathConfig> = typed(open(names::CONFIG)?, names::CONFIG)?;
+        let maglev_size = config.get(&0, 0).map(|c| c.maglev_size).unwrap_or(0);
+        let maglev_slots = entries(names::MAGLEV)?;
+        if maglev_size == 0 {
+            return Err(DatapathError::Io {
+                context: format!("{}: the datapath there was never configured", pins.root.display()),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+            });
+        }
+        let services = entries(names::SVC_STATS)?;
+        let sizing = Sizing {
+            frontends: entries(names::FRONTENDS)?,
+            services,
+            backends: entries(names::BACKENDS)?,
+            maglev_size,
+            source_ranges: entries(names::SRC_RANGES)?,
+            conntrack: entries(names::CONNTRACK)?,
+            affinity: entries(names::AFFINITY)?,
+        };
+        if sizing.maglev_blocks() * maglev_size != maglev_slots {
+            return Err(DatapathError::IncompatiblePin {
+                path: pins.map(names::MAGLEV),
+                difference: format!("{maglev_slots} slots do not fit {services} services of {maglev_size}"),
+            });
+        }
+        let maps = Self::build(open, &sizing)?;
+        Ok((maps, sizing))
     }
 }
 

@@ -25,12 +25,12 @@ const RANGE_FULL_ERROR: &str = "failed to allocate a nodePort: range is full";
 /// `net.ipv4.ip_local_port_range`, when known. Pure and deterministic.
 pub fn analyze(
     range: &NodePortRange,
-    services: &[Service],
+    services: &[impl std::borrow::Borrow<Service>],
     local_port_range: Option<(u16, u16)>,
 ) -> Ledger {
     let mut collector = Collector::default();
     for service in services {
-        collector.collect(range, service);
+        collector.collect(range, service.borrow());
     }
     let Collector {
         mut consumers,

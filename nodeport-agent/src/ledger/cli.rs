@@ -11,7 +11,7 @@ use super::{NodePortRange, RangeError, Severity, analyze};
 use crate::manifests;
 
 /// Where the node's ephemeral port range is read by `--local-port-range auto`.
-const IP_LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+pub(crate) const IP_LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 
 /// Exit code when `--fail-on` matched a finding (errors exit with 1, usage errors with 2).
 const EXIT_FINDINGS: u8 = 3;
@@ -135,7 +135,7 @@ async fn list_cluster_services() -> anyhow::Result<Vec<Service>> {
 
 /// The ephemeral port range from `path` ("32768\t60999"); `None`, logged, when the file is
 /// missing (not Linux) or unreadable.
-fn read_local_port_range(path: &Path) -> Option<(u16, u16)> {
+pub(crate) fn read_local_port_range(path: &Path) -> Option<(u16, u16)> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {

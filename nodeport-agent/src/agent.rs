@@ -1,0 +1,654 @@
+//! `nodeport-agent run`: load (or adopt) the datapath, attach it, follow the cluster state and
+//! the node's interfaces, and keep the maps, health checks and metrics up to date.
+//!
+//! The loop reacts to three things: a new snapshot from the source, a change of the node's
+//! links or addresses, and signals. Services that could not be programmed (a full map) are
+//! retried on every later round and every 30 seconds.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    str::FromStr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use nodeport_common::{DatapathConfig, capacity};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    datapath::{self, Datapath, InterfaceRole, Sizing, XdpAttachMode},
+    desired::{NodeContext, Reconciler},
+    health::{HealthConfig, HealthServer, ServiceHealth},
+    interfaces::{self, ChangeWatcher, Layout, Selection},
+    ledger::{self, NodePortRange},
+    metrics::{self, Metrics},
+    model::{Ipv4Prefix, NoticeKind, ServicePortKey},
+    source::{self, Snapshot, SnapshotReceiver},
+    sync::{GlobalSettings, Programmed, Syncer},
+};
+
+/// The flow-hash seed when none is given; equal on every node, so a flow picks the same
+/// backend whichever node it reaches.
+pub const DEFAULT_HASH_SEED: u32 = 0x6e70_6f72; // "npor"
+
+/// A port range "A-B".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?}: expected FIRST-LAST, e.g. 61000-65535"))?;
+        let first: u16 = a.trim().parse().map_err(|_| format!("{s:?}: {a:?} is not a port"))?;
+        let last: u16 = b.trim().parse().map_err(|_| format!("{s:?}: {b:?} is not a port"))?;
+        if first == 0 || last < first {
+            return Err(format!("{s:?}: expected 1 <= FIRST <= LAST"));
+        }
+        Ok(Self { first, last })
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+fn overlap(a: (u16, u16), b: (u16, u16)) -> Option<(u16, u16)> {
+    let lo = a.0.max(b.0);
+    let hi = a.1.min(b.1);
+    (lo <= hi).then_some((lo, hi))
+}
+
+/// `off` or an address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+impl FromStr for OptionalAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.is_empty() || s == "off" {
+            return Ok(Self(None));
+        }
+        s.parse().map(|a| Self(Some(a))).map_err(|e| format!("{s:?}: {e} (an address:port, or \"off\")"))
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Read Services and EndpointSlices from YAML files in this directory (reloaded when they
+    /// change) instead of the Kubernetes API.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: Option<PathBuf>,
+    /// This node's name, to tell its own endpoints; a DaemonSet passes it from the downward
+    /// API. Defaults to the host name.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// An interface facing clients and other nodes (XDP runs there). Repeat for several.
+    /// Default: the interfaces carrying a default route.
+    #[arg(long = "external-interface", value_name = "IFACE")]
+    pub external_interfaces: Vec<String>,
+    /// Interfaces facing local pods (their replies are translated there), as globs such as
+    /// `veth*,cali*,lxc*`. Default: every other interface that is up.
+    #[arg(long, value_delimiter = ',', value_name = "GLOB")]
+    pub pod_interfaces: Vec<String>,
+    /// Node ports answer only on node addresses inside these CIDRs (kube-proxy's flag).
+    /// Default: every address of the node but loopback.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    pub nodeport_addresses: Vec<String>,
+    /// How XDP runs: native (in the driver; the fast path) or generic (any interface).
+    #[arg(long, value_enum, default_value = "native")]
+    pub xdp_mode: XdpAttachMode,
+    /// Where maps and links are pinned (on a BPF filesystem; mounted at /sys/fs/bpf if needed).
+    #[arg(long, default_value = "/sys/fs/bpf/nodeport")]
+    pub bpffs_dir: PathBuf,
+    /// The node health server (/healthz, /livez), or "off".
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: OptionalAddr,
+    /// Address the health-check node ports of externalTrafficPolicy Local Services listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub health_check_bind_address: IpAddr,
+    /// The Prometheus metrics endpoint (/metrics), or "off".
+    #[arg(long, default_value = "0.0.0.0:9480")]
+    pub metrics_bind_address: OptionalAddr,
+    /// The cluster's node port range (kube-apiserver --service-node-port-range): checked
+    /// against the SNAT range, and reported on by the range metrics.
+    #[arg(long, default_value = "30000-32767")]
+    pub service_node_port_range: NodePortRange,
+    /// Source ports for connections SNATed to backends on other nodes. Must not overlap the
+    /// node port range or net.ipv4.ip_local_port_range.
+    #[arg(long, default_value = "61000-65535")]
+    pub snat_port_range: PortRange,
+    /// Slots of each service's Maglev table (a prime; more spreads many backends more evenly).
+    #[arg(long, default_value_t = capacity::MAGLEV_SIZE)]
+    pub maglev_table_size: u32,
+    /// Service ports the datapath can hold (each costs a Maglev table).
+    #[arg(long, default_value_t = capacity::SERVICES)]
+    pub max_services: u32,
+    #[arg(long, default_value_t = capacity::BACKENDS)]
+    pub max_backends: u32,
+    /// Frontends: each node port counts once per node address.
+    #[arg(long, default_value_t = capacity::FRONTENDS)]
+    pub max_frontends: u32,
+    #[arg(long, default_value_t = capacity::SRC_RANGES)]
+    pub max_source_ranges: u32,
+    /// Connection tracking entries (two per connection).
+    #[arg(long, default_value_t = capacity::CONNTRACK)]
+    pub conntrack_size: u32,
+    #[arg(long, default_value_t = capacity::AFFINITY)]
+    pub affinity_size: u32,
+    #[arg(long, default_value_t = 60)]
+    pub conntrack_tcp_syn_timeout: u32,
+    #[arg(long, default_value_t = 21_600)]
+    pub conntrack_tcp_established_timeout: u32,
+    #[arg(long, default_value_t = 10)]
+    pub conntrack_tcp_closing_timeout: u32,
+    #[arg(long, default_value_t = 60)]
+    pub conntrack_udp_timeout: u32,
+    /// Seed of the flow hash; set the same on every node.
+    #[arg(long, default_value_t = DEFAULT_HASH_SEED)]
+    pub hash_seed: u32,
+    /// Also handle Services labelled service.kubernetes.io/service-proxy-name=<this>.
+    #[arg(long)]
+    pub service_proxy_name: Option<String>,
+    /// On SIGTERM, remove the datapath (programs, links, maps). By default it stays and keeps
+    /// forwarding until the next agent adopts it.
+    #[arg(long)]
+    pub detach_on_exit: bool,
+}
+
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    Some(String::from_utf8_lossy(&buf[..end]).into_owned()).filter(|h| !h.is_empty())
+}
+
+fn parse_prefix(s: &str) -> Result<Ipv4Prefix> {
+    let (addr, len) = s.split_once('/').with_context(|| format!("{s:?}: expected an IPv4 CIDR like 10.0.0.0/8"))?;
+    let addr: Ipv4Addr = addr.parse().with_context(|| format!("{s:?}: not an IPv4 address"))?;
+    let len: u8 = len.parse().ok().filter(|l| *l <= 32).with_context(|| format!("{s:?}: bad prefix length"))?;
+    Ok(Ipv4Prefix { addr, len })
+}
+
+impl RunArgs {
+    fn sizing(&self) -> Sizing {
+        Sizing {
+            frontends: self.max_frontends,
+            services: self.max_services,
+            backends: self.max_backends,
+            maglev_size: self.maglev_table_size,
+            source_ranges: self.max_source_ranges,
+            conntrack: self.conntrack_size,
+            affinity: self.affinity_size,
+        }
+    }
+
+    fn datapath_config(&self) -> DatapathConfig {
+        DatapathConfig {
+            maglev_size: self.maglev_table_size,
+            hash_seed: self.hash_seed,
+            snat_port_min: self.snat_port_range.first,
+            snat_port_max: self.snat_port_range.last,
+            tcp_syn_timeout_s: self.conntrack_tcp_syn_timeout,
+            tcp_established_timeout_s: self.conntrack_tcp_established_timeout,
+            tcp_closing_timeout_s: self.conntrack_tcp_closing_timeout,
+            udp_timeout_s: self.conntrack_udp_timeout,
+            hz: datapath::kernel_hz(),
+        }
+    }
+
+    /// Refuses settings that would break traffic, before touching anything.
+    fn validate(&self) -> Result<()> {
+        let snat = (self.snat_port_range.first, self.snat_port_range.last);
+        let np = (self.service_node_port_range.first, self.service_node_port_range.last);
+        if let Some((a, b)) = overlap(snat, np) {
+            bail!(
+                "--snat-port-range {} overlaps the node port range {} on {a}-{b}: a SNATed \
+                 connection's reply would look like node port traffic; pick a range outside it",
+                self.snat_port_range,
+                self.service_node_port_range
+            );
+        }
+        if let Some(local) = ledger::read_local_port_range(std::path::Path::new(ledger::IP_LOCAL_PORT_RANGE)) {
+            if let Some((a, b)) = overlap(snat, local) {
+                bail!(
+                    "--snat-port-range {} overlaps net.ipv4.ip_local_port_range {}-{} on {a}-{b}: the \
+                     node's own connections could take the same source ports as SNATed ones. Pick \
+                     a range outside it, or shrink ip_local_port_range, or reserve the range with \
+                     net.ipv4.ip_local_reserved_ports",
+                    self.snat_port_range,
+                    local.0,
+                    local.1
+                );
+            }
+        }
+        if !datapath::is_prime(self.maglev_table_size) {
+            bail!("--maglev-table-size {} is not a prime (try 1021, 4093 or 16381)", self.maglev_table_size);
+        }
+        Ok(())
+    }
+
+    fn selection(&self) -> Result<Selection> {
+        Ok(Selection {
+            external: self.external_interfaces.clone(),
+            pod_patterns: self.pod_interfaces.clone(),
+            nodeport_prefixes: self.nodeport_addresses.iter().map(|s| parse_prefix(s)).collect::<Result<_>>()?,
+        })
+    }
+}
+
+/// What is attached where (by name, with the ifindex it had).
+type Attached = BTreeMap<(String, InterfaceRole), u32>;
+
+struct Agent {
+    args: RunArgs,
+    node_name: String,
+    dp: Datapath,
+    programmed: Programmed,
+    reconciler: Reconciler,
+    selection: Selection,
+    layout: Layout,
+    attached: Attached,
+    health: HealthServer,
+    metrics: Metrics,
+    ledger_metrics: ledger::metrics::LedgerMetrics,
+    /// Services that failed to program, retried on every round.
+    retry: BTreeSet<ServicePortKey>,
+    notices: BTreeSet<crate::model::Notice>,
+    snapshot: Arc<Snapshot>,
+    ledger_dirty: bool,
+}
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    args.validate()?;
+    let node_name = args.node_name.clone().or_else(hostname).context("no --node-name and no host name")?;
+    let selection = args.selection()?;
+
+    // The datapath: adopt what a previous agent pinned, if anything.
+    let mut dp = Datapath::load(&args.sizing(), Some(&args.bpffs_dir)).context("loading the datapath")?;
+    let (programmed, orphans) = Programmed::adopt(&dp.maps, &dp.sizing).context("reading the pinned maps")?;
+    if !programmed.services.is_empty() {
+        tracing::info!(services = programmed.services.len(), dir = %args.bpffs_dir.display(), "adopted the pinned datapath");
+    }
+    if !orphans.is_empty() {
+        let sizing = dp.sizing.clone();
+        let n = Syncer { maps: &mut dp.maps, sizing: &sizing }.remove_orphans(orphans);
+        tracing::info!(entries = n, "removed leftovers of an interrupted run");
+    }
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let ledger_metrics = ledger::metrics::LedgerMetrics::register(&mut registry);
+    let health = HealthServer::start(HealthConfig {
+        bind: args.health_check_bind_address,
+        node_healthz_port: None,
+        health_timeout: crate::health::DEFAULT_HEALTH_TIMEOUT,
+    })
+    .await
+    .context("starting the health-check servers")?;
+    health.register(&mut registry);
+    let node_health = match args.healthz_bind_address.0 {
+        Some(addr) => Some(
+            HealthServer::start(HealthConfig {
+                bind: addr.ip(),
+                node_healthz_port: Some(addr.port()),
+                health_timeout: crate::health::DEFAULT_HEALTH_TIMEOUT,
+            })
+            .await
+            .with_context(|| format!("starting the node health server on {addr}"))?,
+        ),
+        None => None,
+    };
+    let registry = Arc::new(registry);
+    if let Some(addr) = args.metrics_bind_address.0 {
+        let registry = registry.clone();
+        let listener_check = std::net::TcpListener::bind(addr).with_context(|| format!("metrics on {addr}"))?;
+        drop(listener_check);
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, registry).await {
+                tracing::error!(%addr, error = %e, "the metrics server stopped");
+            }
+        });
+    }
+
+    // The source of cluster state.
+    let (tx, mut rx) = source::channel();
+    match &args.manifests {
+        Some(dir) => {
+            let dir = dir.clone();
+            let stats = source::files::FilesSourceStats::new();
+            tokio::spawn(async move {
+                if let Err(e) = source::files::run(dir, tx, stats).await {
+                    tracing::error!(error = %e, "watching the manifests directory failed");
+                }
+            });
+        }
+        None => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
+            let config = source::kube::KubeSourceConfig { node_name: Some(node_name.clone()), ..Default::default() };
+            tokio::spawn(async move {
+                if let Err(e) = source::kube::run(client, config, tx).await {
+                    tracing::error!(error = %e, "the Kubernetes source stopped");
+                }
+            });
+        }
+    }
+
+    let mut agent = Agent {
+        reconciler: Reconciler::new(NodeContext::default()),
+        node_name,
+        dp,
+        programmed,
+        selection,
+        layout: Layout::default(),
+        attached: Attached::new(),
+        health,
+        metrics,
+        ledger_metrics,
+        retry: BTreeSet::new(),
+        notices: BTreeSet::new(),
+        snapshot: Arc::new(Snapshot::default()),
+        ledger_dirty: false,
+        args,
+    };
+    agent.rescan_interfaces().context("attaching the datapath")?;
+    let watcher = ChangeWatcher::new().context("subscribing to link and address changes")?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+
+    tracing::info!(
+        node = %agent.node_name,
+        external = ?agent.layout.external.keys().collect::<Vec<_>>(),
+        "waiting for the first complete list of Services and EndpointSlices"
+    );
+    let first = tokio::select! {
+        first = wait_first(&mut rx) => first?,
+        _ = sigterm.recv() => return agent.shutdown(node_health).await,
+        _ = sigint.recv() => return agent.shutdown(node_health).await,
+    };
+    agent.snapshot = first;
+    agent.reconcile();
+
+    let mut sample = tokio::time::interval(Duration::from_secs(5));
+    let mut periodic = tokio::time::interval(Duration::from_secs(30));
+    periodic.tick().await;
+    loop {
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    bail!("the source of cluster state stopped");
+                }
+                if let Some(s) = rx.borrow_and_update().clone() {
+                    agent.snapshot = s;
+                }
+                agent.health.queued_update();
+                if let Some(h) = &node_health { h.queued_update(); }
+                agent.reconcile();
+                if let Some(h) = &node_health { h.updated(); }
+            }
+            changed = watcher.changed() => {
+                if let Err(e) = changed {
+                    tracing::warn!(error = %e, "link change notifications");
+                }
+                if let Err(e) = agent.rescan_interfaces() {
+                    tracing::error!(error = format!("{e:#}"), "following the node's interfaces");
+                }
+                agent.reconcile();
+            }
+            _ = periodic.tick() => {
+                if let Err(e) = agent.rescan_interfaces() {
+                    tracing::error!(error = format!("{e:#}"), "following the node's interfaces");
+                }
+                agent.reconcile();
+            }
+            _ = sample.tick() => agent.sample(),
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    agent.shutdown(node_health).await
+}
+
+async fn wait_first(rx: &mut SnapshotReceiver) -> Result<Arc<Snapshot>> {
+    loop {
+        if let Some(s) = rx.borrow_and_update().clone() {
+            return Ok(s);
+        }
+        rx.changed().await.map_err(|_| anyhow::anyhow!("the source of cluster state stopped before its first list"))?;
+    }
+}
+
+impl Agent {
+    /// Re-reads the interfaces; attaches to new ones, detaches from gone ones.
+    fn rescan_interfaces(&mut self) -> Result<()> {
+        let all = interfaces::scan().context("listing interfaces")?;
+        let default_route = if self.selection.external.is_empty() {
+            interfaces::default_route_interfaces().context("reading /proc/net/route")?
+        } else {
+            BTreeSet::new()
+        };
+        let layout = self.selection.layout(&all, &default_route);
+        if layout.external.is_empty() {
+            bail!(
+                "no external interface: none named with --external-interface, and none carries a \
+                 default route"
+            );
+        }
+        for name in &self.selection.external {
+            if !all.contains_key(name) {
+                bail!("--external-interface {name}: no such interface");
+            }
+        }
+        let mut wanted: Attached = Attached::new();
+        for (name, iface) in &layout.external {
+            wanted.insert((name.clone(), InterfaceRole::External), iface.ifindex);
+        }
+        for (name, iface) in &layout.pod_facing {
+            wanted.insert((name.clone(), InterfaceRole::Pod), iface.ifindex);
+        }
+        // Pins of an earlier run for interfaces that are gone or changed role.
+        if self.attached.is_empty() {
+            for a in self.dp.attached_interfaces()? {
+                if !wanted.contains_key(&(a.name.clone(), a.role)) {
+                    tracing::info!(interface = a.name, role = ?a.role, "removing a stale attachment");
+                    self.dp.detach_interface(&a.name, a.role)?;
+                }
+            }
+        }
+        for ((name, role), ifindex) in &wanted {
+            if self.attached.get(&(name.clone(), *role)) == Some(ifindex) {
+                continue;
+            }
+            let result = match role {
+                InterfaceRole::External => self.dp.attach_external(name, self.args.xdp_mode),
+                InterfaceRole::Pod => self.dp.attach_pod(name),
+            };
+            match (result, role) {
+                (Ok(()), _) => {
+                    tracing::info!(interface = %name, role = ?role, "attached");
+                    self.attached.insert((name.clone(), *role), *ifindex);
+                }
+                (Err(e), InterfaceRole::External) => return Err(e).context("attaching to an external interface"),
+                // A pod's veth can vanish between the scan and the attach.
+                (Err(e), InterfaceRole::Pod) => tracing::warn!(interface = %name, error = %e, "attaching the pod hook"),
+            }
+        }
+        let gone: Vec<(String, InterfaceRole)> =
+            self.attached.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+        for (name, role) in gone {
+            self.attached.remove(&(name.clone(), role));
+            if let Err(e) = self.dp.detach_interface(&name, role) {
+                tracing::warn!(interface = %name, error = %e, "detaching");
+            }
+        }
+        self.layout = layout;
+        Ok(())
+    }
+
+    fn node_context(&self) -> NodeContext {
+        let mut addrs: BTreeSet<Ipv4Addr> = self.layout.node_addresses.clone();
+        // Addresses the Node object reports (a cloud's external IP, say), within
+        // --nodeport-addresses when given.
+        for ip in self.snapshot.node_addresses.iter().flatten() {
+            if let IpAddr::V4(v4) = ip {
+                let inside = self.selection.nodeport_prefixes.is_empty()
+                    || self.selection.nodeport_prefixes.iter().any(|p| {
+                        let mask = if p.len == 0 { 0 } else { u32::MAX << (32 - u32::from(p.len)) };
+                        u32::from(*v4) & mask == u32::from(p.addr) & mask
+                    });
+                if inside && !v4.is_loopback() {
+                    addrs.insert(*v4);
+                }
+            }
+        }
+        NodeContext {
+            node_name: self.node_name.clone(),
+            node_addresses: addrs.into_iter().collect(),
+            proxy_name: self.args.service_proxy_name.clone(),
+        }
+    }
+
+    /// Brings desired state, maps, health checks and notices up to date.
+    fn reconcile(&mut self) {
+        let started = Instant::now();
+        let mut changes = self.reconciler.set_node(self.node_context());
+        let more = self.reconciler.update(&self.snapshot.services, &self.snapshot.endpoint_slices);
+        changes.services.extend(more.services);
+        changes.health_checks |= more.health_checks;
+        changes.notices |= more.notices;
+        self.ledger_dirty = true;
+
+        let mut keys = changes.services.clone();
+        keys.extend(std::mem::take(&mut self.retry));
+        let settings = GlobalSettings { config: self.args.datapath_config(), snat_addrs: self.layout.snat_addresses.clone() };
+        let sizing = self.dp.sizing.clone();
+        let report = Syncer { maps: &mut self.dp.maps, sizing: &sizing }.apply_changes(
+            &mut self.programmed,
+            self.reconciler.desired(),
+            &keys,
+            &settings,
+        );
+        self.metrics.record_sync(&report, started.elapsed().as_secs_f64());
+        for (key, e) in &report.failed {
+            tracing::error!(service = %key, error = %e, "could not program the service; it keeps its previous state");
+            self.retry.insert(key.clone());
+        }
+        if !report.applied.is_empty() || !report.removed.is_empty() {
+            tracing::info!(
+                applied = report.applied.len(),
+                removed = report.removed.len(),
+                unchanged = report.unchanged,
+                micros = started.elapsed().as_micros() as u64,
+                "datapath updated"
+            );
+            for key in &report.applied {
+                tracing::debug!(service = %key, "programmed");
+            }
+            for key in &report.removed {
+                tracing::debug!(service = %key, "removed");
+            }
+        }
+
+        if changes.health_checks {
+            let services: BTreeMap<u16, ServiceHealth> = self
+                .reconciler
+                .desired()
+                .health_checks
+                .iter()
+                .map(|(port, hc)| {
+                    let health = ServiceHealth {
+                        namespace: hc.namespace.clone(),
+                        name: hc.name.clone(),
+                        local_endpoints: hc.local_endpoints,
+                    };
+                    (*port, health)
+                })
+                .collect();
+            self.metrics.health_checks.set(services.len() as i64);
+            let health = self.health.clone();
+            tokio::spawn(async move {
+                for e in health.set_services(services).await {
+                    tracing::error!(error = %e, "health-check node port");
+                }
+            });
+        }
+        if changes.notices {
+            let notices = self.reconciler.notices();
+            for n in notices.difference(&self.notices) {
+                tracing::warn!(object = %n.object, kind = n.kind.label(), "{}", n.detail);
+            }
+            let mut counts: BTreeMap<NoticeKind, usize> = BTreeMap::new();
+            for n in &notices {
+                *counts.entry(n.kind).or_default() += 1;
+            }
+            self.metrics.set_notices(&counts);
+            self.notices = notices;
+        }
+        self.metrics.services.set(self.programmed.services.len() as i64);
+        self.metrics.backends.set(self.programmed.services.values().map(|s| s.backends.len() as i64).sum());
+        self.health.updated();
+    }
+
+    fn sample(&mut self) {
+        let ids: BTreeMap<ServicePortKey, u32> =
+            self.programmed.services.iter().map(|(k, s)| (k.clone(), s.id)).collect();
+        self.metrics.sample(&self.dp.maps, &ids);
+        if std::mem::take(&mut self.ledger_dirty) {
+            let local = ledger::read_local_port_range(std::path::Path::new(ledger::IP_LOCAL_PORT_RANGE));
+            let report = ledger::analyze(&self.args.service_node_port_range, &self.snapshot.services, local);
+            self.ledger_metrics.update(&report);
+        }
+    }
+
+    async fn shutdown(self, node_health: Option<HealthServer>) -> Result<()> {
+        tracing::info!("shutting down");
+        self.health.shutdown().await;
+        if let Some(h) = node_health {
+            h.shutdown().await;
+        }
+        let dir = self.args.bpffs_dir.clone();
+        let detach = self.args.detach_on_exit;
+        drop(self.dp);
+        if detach {
+            let removed = datapath::detach(&dir).context("removing the datapath")?;
+            tracing::info!(removed = removed.len(), "datapath removed (--detach-on-exit)");
+        } else {
+            tracing::info!(dir = %dir.display(), "the datapath stays attached and keeps forwarding");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!("61000-65535".parse::<PortRange>(), Ok(PortRange { first: 61000, last: 65535 }));
+        assert!("65535-61000".parse::<PortRange>().is_err());
+        assert!("0-10".parse::<PortRange>().is_err());
+        assert!("61000".parse::<PortRange>().is_err());
+        assert_eq!(overlap((61000, 65535), (32768, 60999)), None);
+        assert_eq!(overlap((30000, 40000), (32768, 60999)), Some((32768, 40000)));
+    }
+
+    #[test]
+    fn optional_addresses() {
+        assert_eq!("off".parse::<OptionalAddr>(), Ok(OptionalAddr(None)));
+        assert_eq!("127.0.0.1:9480".parse::<OptionalAddr>(), Ok(OptionalAddr(Some("127.0.0.1:9480".parse().unwrap()))));
+        assert!("9480".parse::<OptionalAddr>().is_err());
+    }
+}
