@@ -35,6 +35,7 @@ pub mod names {
         AFFINITY,
         SVC_STATS,
         COUNTERS,
+        SVC_NAMES,
     ];
 }
 

@@ -265,6 +265,11 @@ fn sync_sequence_restart_and_deletes_while_down() -> Result<()> {
         "{report:?}"
     );
     golden("5-deleted-while-down", &dump_of(&dp)?)?;
+
+    // detach removes every pin and the directory.
+    drop(dp);
+    nodeport_agent::datapath::detach(pins.path())?;
+    ensure!(!pins.path().exists(), "detach left {}", pins.path().display());
     Ok(())
 }
 

@@ -324,6 +324,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_map_is_specified_and_named_once() {
+        let mut specified: Vec<&str> = map_specs(&Sizing::default()).iter().map(|s| s.name).collect();
+        let mut named: Vec<&str> = names::ALL.to_vec();
+        specified.sort();
+        named.sort();
+        assert_eq!(specified, named, "names::ALL (used by detach) and map_specs (used by load) differ");
+    }
+
+    #[test]
     fn kernel_hz_is_a_known_config_hz() {
         assert!(
             [100, 250, 300, 1000].contains(&kernel_hz()),
