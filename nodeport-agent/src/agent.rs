@@ -44,9 +44,17 @@ pub struct PortRange {
 impl FromStr for PortRange {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?}: expected FIRST-LAST, e.g. 61000-65535"))?;
-        let first: u16 = a.trim().parse().map_err(|_| format!("{s:?}: {a:?} is not a port"))?;
-        let last: u16 = b.trim().parse().map_err(|_| format!("{s:?}: {b:?} is not a port"))?;
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?}: expected FIRST-LAST, e.g. 61000-65535"))?;
+        let first: u16 = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: {a:?} is not a port"))?;
+        let last: u16 = b
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: {b:?} is not a port"))?;
         if first == 0 || last < first {
             return Err(format!("{s:?}: expected 1 <= FIRST <= LAST"));
         }
@@ -76,7 +84,9 @@ impl FromStr for OptionalAddr {
         if s.is_empty() || s == "off" {
             return Ok(Self(None));
         }
-        s.parse().map(|a| Self(Some(a))).map_err(|e| format!("{s:?}: {e} (an address:port, or \"off\")"))
+        s.parse()
+            .map(|a| Self(Some(a)))
+            .map_err(|e| format!("{s:?}: {e} (an address:port, or \"off\")"))
     }
 }
 
@@ -174,9 +184,17 @@ fn hostname() -> Option<String> {
 }
 
 fn parse_prefix(s: &str) -> Result<Ipv4Prefix> {
-    let (addr, len) = s.split_once('/').with_context(|| format!("{s:?}: expected an IPv4 CIDR like 10.0.0.0/8"))?;
-    let addr: Ipv4Addr = addr.parse().with_context(|| format!("{s:?}: not an IPv4 address"))?;
-    let len: u8 = len.parse().ok().filter(|l| *l <= 32).with_context(|| format!("{s:?}: bad prefix length"))?;
+    let (addr, len) = s
+        .split_once('/')
+        .with_context(|| format!("{s:?}: expected an IPv4 CIDR like 10.0.0.0/8"))?;
+    let addr: Ipv4Addr = addr
+        .parse()
+        .with_context(|| format!("{s:?}: not an IPv4 address"))?;
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| *l <= 32)
+        .with_context(|| format!("{s:?}: bad prefix length"))?;
     Ok(Ipv4Prefix { addr, len })
 }
 
@@ -210,7 +228,10 @@ impl RunArgs {
     /// Refuses settings that would break traffic, before touching anything.
     fn validate(&self) -> Result<()> {
         let snat = (self.snat_port_range.first, self.snat_port_range.last);
-        let np = (self.service_node_port_range.first, self.service_node_port_range.last);
+        let np = (
+            self.service_node_port_range.first,
+            self.service_node_port_range.last,
+        );
         if let Some((a, b)) = overlap(snat, np) {
             bail!(
                 "--snat-port-range {} overlaps the node port range {} on {a}-{b}: a SNATed \
@@ -219,7 +240,9 @@ impl RunArgs {
                 self.service_node_port_range
             );
         }
-        if let Some(local) = ledger::read_local_port_range(std::path::Path::new(ledger::IP_LOCAL_PORT_RANGE)) {
+        if let Some(local) =
+            ledger::read_local_port_range(std::path::Path::new(ledger::IP_LOCAL_PORT_RANGE))
+        {
             if let Some((a, b)) = overlap(snat, local) {
                 bail!(
                     "--snat-port-range {} overlaps net.ipv4.ip_local_port_range {}-{} on {a}-{b}: the \
@@ -233,7 +256,10 @@ impl RunArgs {
             }
         }
         if !datapath::is_prime(self.maglev_table_size) {
-            bail!("--maglev-table-size {} is not a prime (try 1021, 4093 or 16381)", self.maglev_table_size);
+            bail!(
+                "--maglev-table-size {} is not a prime (try 1021, 4093 or 16381)",
+                self.maglev_table_size
+            );
         }
         Ok(())
     }
@@ -242,7 +268,11 @@ impl RunArgs {
         Ok(Selection {
             external: self.external_interfaces.clone(),
             pod_patterns: self.pod_interfaces.clone(),
-            nodeport_prefixes: self.nodeport_addresses.iter().map(|s| parse_prefix(s)).collect::<Result<_>>()?,
+            nodeport_prefixes: self
+                .nodeport_addresses
+                .iter()
+                .map(|s| parse_prefix(s))
+                .collect::<Result<_>>()?,
         })
     }
 }
@@ -271,18 +301,28 @@ struct Agent {
 
 pub async fn run(args: RunArgs) -> Result<()> {
     args.validate()?;
-    let node_name = args.node_name.clone().or_else(hostname).context("no --node-name and no host name")?;
+    let node_name = args
+        .node_name
+        .clone()
+        .or_else(hostname)
+        .context("no --node-name and no host name")?;
     let selection = args.selection()?;
 
     // The datapath: adopt what a previous agent pinned, if anything.
-    let mut dp = Datapath::load(&args.sizing(), Some(&args.bpffs_dir)).context("loading the datapath")?;
-    let (programmed, orphans) = Programmed::adopt(&dp.maps, &dp.sizing).context("reading the pinned maps")?;
+    let mut dp =
+        Datapath::load(&args.sizing(), Some(&args.bpffs_dir)).context("loading the datapath")?;
+    let (programmed, orphans) =
+        Programmed::adopt(&dp.maps, &dp.sizing).context("reading the pinned maps")?;
     if !programmed.services.is_empty() {
         tracing::info!(services = programmed.services.len(), dir = %args.bpffs_dir.display(), "adopted the pinned datapath");
     }
     if !orphans.is_empty() {
         let sizing = dp.sizing.clone();
-        let n = Syncer { maps: &mut dp.maps, sizing: &sizing }.remove_orphans(orphans);
+        let n = Syncer {
+            maps: &mut dp.maps,
+            sizing: &sizing,
+        }
+        .remove_orphans(orphans);
         tracing::info!(entries = n, "removed leftovers of an interrupted run");
     }
 
@@ -312,7 +352,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let registry = Arc::new(registry);
     if let Some(addr) = args.metrics_bind_address.0 {
         let registry = registry.clone();
-        let listener_check = std::net::TcpListener::bind(addr).with_context(|| format!("metrics on {addr}"))?;
+        let listener_check =
+            std::net::TcpListener::bind(addr).with_context(|| format!("metrics on {addr}"))?;
         drop(listener_check);
         tokio::spawn(async move {
             if let Err(e) = metrics::serve(addr, registry).await {
@@ -337,7 +378,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
-            let config = source::kube::KubeSourceConfig { node_name: Some(node_name.clone()), ..Default::default() };
+            let config = source::kube::KubeSourceConfig {
+                node_name: Some(node_name.clone()),
+                ..Default::default()
+            };
             tokio::spawn(async move {
                 if let Err(e) = source::kube::run(client, config, tx).await {
                     tracing::error!(error = %e, "the Kubernetes source stopped");
@@ -363,7 +407,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         ledger_dirty: false,
         args,
     };
-    agent.rescan_interfaces().context("attaching the datapath")?;
+    agent
+        .rescan_interfaces()
+        .context("attaching the datapath")?;
     let watcher = ChangeWatcher::new().context("subscribing to link and address changes")?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -426,7 +472,9 @@ async fn wait_first(rx: &mut SnapshotReceiver) -> Result<Arc<Snapshot>> {
         if let Some(s) = rx.borrow_and_update().clone() {
             return Ok(s);
         }
-        rx.changed().await.map_err(|_| anyhow::anyhow!("the source of cluster state stopped before its first list"))?;
+        rx.changed().await.map_err(|_| {
+            anyhow::anyhow!("the source of cluster state stopped before its first list")
+        })?;
     }
 }
 
@@ -480,13 +528,21 @@ impl Agent {
                     tracing::info!(interface = %name, role = ?role, "attached");
                     self.attached.insert((name.clone(), *role), *ifindex);
                 }
-                (Err(e), InterfaceRole::External) => return Err(e).context("attaching to an external interface"),
+                (Err(e), InterfaceRole::External) => {
+                    return Err(e).context("attaching to an external interface");
+                }
                 // A pod's veth can vanish between the scan and the attach.
-                (Err(e), InterfaceRole::Pod) => tracing::warn!(interface = %name, error = %e, "attaching the pod hook"),
+                (Err(e), InterfaceRole::Pod) => {
+                    tracing::warn!(interface = %name, error = %e, "attaching the pod hook")
+                }
             }
         }
-        let gone: Vec<(String, InterfaceRole)> =
-            self.attached.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+        let gone: Vec<(String, InterfaceRole)> = self
+            .attached
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect();
         for (name, role) in gone {
             self.attached.remove(&(name.clone(), role));
             if let Err(e) = self.dp.detach_interface(&name, role) {
@@ -505,7 +561,11 @@ impl Agent {
             if let IpAddr::V4(v4) = ip {
                 let inside = self.selection.nodeport_prefixes.is_empty()
                     || self.selection.nodeport_prefixes.iter().any(|p| {
-                        let mask = if p.len == 0 { 0 } else { u32::MAX << (32 - u32::from(p.len)) };
+                        let mask = if p.len == 0 {
+                            0
+                        } else {
+                            u32::MAX << (32 - u32::from(p.len))
+                        };
                         u32::from(*v4) & mask == u32::from(p.addr) & mask
                     });
                 if inside && !v4.is_loopback() {
@@ -524,7 +584,9 @@ impl Agent {
     fn reconcile(&mut self) {
         let started = Instant::now();
         let mut changes = self.reconciler.set_node(self.node_context());
-        let more = self.reconciler.update(&self.snapshot.services, &self.snapshot.endpoint_slices);
+        let more = self
+            .reconciler
+            .update(&self.snapshot.services, &self.snapshot.endpoint_slices);
         changes.services.extend(more.services);
         changes.health_checks |= more.health_checks;
         changes.notices |= more.notices;
@@ -532,15 +594,23 @@ impl Agent {
 
         let mut keys = changes.services.clone();
         keys.extend(std::mem::take(&mut self.retry));
-        let settings = GlobalSettings { config: self.args.datapath_config(), snat_addrs: self.layout.snat_addresses.clone() };
+        let settings = GlobalSettings {
+            config: self.args.datapath_config(),
+            snat_addrs: self.layout.snat_addresses.clone(),
+        };
         let sizing = self.dp.sizing.clone();
-        let report = Syncer { maps: &mut self.dp.maps, sizing: &sizing }.apply_changes(
+        let report = Syncer {
+            maps: &mut self.dp.maps,
+            sizing: &sizing,
+        }
+        .apply_changes(
             &mut self.programmed,
             self.reconciler.desired(),
             &keys,
             &settings,
         );
-        self.metrics.record_sync(&report, started.elapsed().as_secs_f64());
+        self.metrics
+            .record_sync(&report, started.elapsed().as_secs_f64());
         for (key, e) in &report.failed {
             tracing::error!(service = %key, error = %e, "could not program the service; it keeps its previous state");
             self.retry.insert(key.clone());
@@ -596,18 +666,36 @@ impl Agent {
             self.metrics.set_notices(&counts);
             self.notices = notices;
         }
-        self.metrics.services.set(self.programmed.services.len() as i64);
-        self.metrics.backends.set(self.programmed.services.values().map(|s| s.backends.len() as i64).sum());
+        tracing::debug!(revision = self.snapshot.revision, "reconciled");
+        self.metrics
+            .services
+            .set(self.programmed.services.len() as i64);
+        self.metrics.backends.set(
+            self.programmed
+                .services
+                .values()
+                .map(|s| s.backends.len() as i64)
+                .sum(),
+        );
         self.health.updated();
     }
 
     fn sample(&mut self) {
-        let ids: BTreeMap<ServicePortKey, u32> =
-            self.programmed.services.iter().map(|(k, s)| (k.clone(), s.id)).collect();
+        let ids: BTreeMap<ServicePortKey, u32> = self
+            .programmed
+            .services
+            .iter()
+            .map(|(k, s)| (k.clone(), s.id))
+            .collect();
         self.metrics.sample(&self.dp.maps, &ids);
         if std::mem::take(&mut self.ledger_dirty) {
-            let local = ledger::read_local_port_range(std::path::Path::new(ledger::IP_LOCAL_PORT_RANGE));
-            let report = ledger::analyze(&self.args.service_node_port_range, &self.snapshot.services, local);
+            let local =
+                ledger::read_local_port_range(std::path::Path::new(ledger::IP_LOCAL_PORT_RANGE));
+            let report = ledger::analyze(
+                &self.args.service_node_port_range,
+                &self.snapshot.services,
+                local,
+            );
             self.ledger_metrics.update(&report);
         }
     }
@@ -623,7 +711,10 @@ impl Agent {
         drop(self.dp);
         if detach {
             let removed = datapath::detach(&dir).context("removing the datapath")?;
-            tracing::info!(removed = removed.len(), "datapath removed (--detach-on-exit)");
+            tracing::info!(
+                removed = removed.len(),
+                "datapath removed (--detach-on-exit)"
+            );
         } else {
             tracing::info!(dir = %dir.display(), "the datapath stays attached and keeps forwarding");
         }
@@ -637,18 +728,30 @@ mod tests {
 
     #[test]
     fn port_ranges() {
-        assert_eq!("61000-65535".parse::<PortRange>(), Ok(PortRange { first: 61000, last: 65535 }));
+        assert_eq!(
+            "61000-65535".parse::<PortRange>(),
+            Ok(PortRange {
+                first: 61000,
+                last: 65535
+            })
+        );
         assert!("65535-61000".parse::<PortRange>().is_err());
         assert!("0-10".parse::<PortRange>().is_err());
         assert!("61000".parse::<PortRange>().is_err());
         assert_eq!(overlap((61000, 65535), (32768, 60999)), None);
-        assert_eq!(overlap((30000, 40000), (32768, 60999)), Some((32768, 40000)));
+        assert_eq!(
+            overlap((30000, 40000), (32768, 60999)),
+            Some((32768, 40000))
+        );
     }
 
     #[test]
     fn optional_addresses() {
         assert_eq!("off".parse::<OptionalAddr>(), Ok(OptionalAddr(None)));
-        assert_eq!("127.0.0.1:9480".parse::<OptionalAddr>(), Ok(OptionalAddr(Some("127.0.0.1:9480".parse().unwrap()))));
+        assert_eq!(
+            "127.0.0.1:9480".parse::<OptionalAddr>(),
+            Ok(OptionalAddr(Some("127.0.0.1:9480".parse().unwrap())))
+        );
         assert!("9480".parse::<OptionalAddr>().is_err());
     }
 }

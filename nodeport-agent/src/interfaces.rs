@@ -40,7 +40,9 @@ pub fn scan() -> io::Result<BTreeMap<String, Interface>> {
         let ifa = unsafe { &*cur };
         cur = ifa.ifa_next;
         // SAFETY: ifa_name is a NUL-terminated string.
-        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
+        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
         let flags = ifa.ifa_flags;
         let entry = out.entry(name.clone()).or_insert_with(|| {
             let cname = std::ffi::CString::new(name.clone()).unwrap_or_default();
@@ -61,7 +63,9 @@ pub fn scan() -> io::Result<BTreeMap<String, Interface>> {
             if family == libc::AF_INET {
                 // SAFETY: AF_INET means sockaddr_in.
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                entry.addresses.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+                entry
+                    .addresses
+                    .push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
             }
         }
     }
@@ -125,13 +129,21 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 }
 
 fn in_prefix(addr: Ipv4Addr, p: &Ipv4Prefix) -> bool {
-    let mask = if p.len == 0 { 0 } else { u32::MAX << (32 - u32::from(p.len)) };
+    let mask = if p.len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(p.len))
+    };
     u32::from(addr) & mask == u32::from(p.addr) & mask
 }
 
 impl Selection {
     /// Sorts the interfaces into roles. Pure, so it is tested without a machine to scan.
-    pub fn layout(&self, interfaces: &BTreeMap<String, Interface>, default_route: &BTreeSet<String>) -> Layout {
+    pub fn layout(
+        &self,
+        interfaces: &BTreeMap<String, Interface>,
+        default_route: &BTreeSet<String>,
+    ) -> Layout {
         let external_names: BTreeSet<&str> = if self.external.is_empty() {
             default_route.iter().map(String::as_str).collect()
         } else {
@@ -146,7 +158,8 @@ impl Selection {
                 layout.external.insert(iface.name.clone(), iface.clone());
             } else if iface.up
                 && !iface.loopback
-                && (self.pod_patterns.is_empty() || self.pod_patterns.iter().any(|p| glob_match(p, &iface.name)))
+                && (self.pod_patterns.is_empty()
+                    || self.pod_patterns.iter().any(|p| glob_match(p, &iface.name)))
             {
                 layout.pod_facing.insert(iface.name.clone(), iface.clone());
             }
@@ -174,7 +187,11 @@ impl ChangeWatcher {
     pub fn new() -> io::Result<Self> {
         // SAFETY: plain socket(2).
         let raw = unsafe {
-            libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE)
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
         };
         if raw < 0 {
             return Err(io::Error::last_os_error());
@@ -210,7 +227,9 @@ impl ChangeWatcher {
             let mut got = false;
             loop {
                 // SAFETY: reading into our buffer.
-                let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                let n = unsafe {
+                    libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+                };
                 if n > 0 {
                     got = true;
                     continue;
@@ -255,7 +274,10 @@ mod tests {
             iface("eth1", 3, &["10.1.0.5"]),
             iface("cali123", 4, &[]),
             iface("vethab", 5, &[]),
-            Interface { up: false, ..iface("veth-down", 6, &[]) },
+            Interface {
+                up: false,
+                ..iface("veth-down", 6, &[])
+            },
         ]
         .into_iter()
         .map(|i| (i.name.clone(), i))
@@ -266,10 +288,24 @@ mod tests {
     fn defaults_external_from_the_default_route_and_pods_everything_else() {
         let layout = Selection::default().layout(&machine(), &BTreeSet::from(["eth0".to_owned()]));
         assert_eq!(layout.external.keys().collect::<Vec<_>>(), ["eth0"]);
-        assert_eq!(layout.pod_facing.keys().collect::<Vec<_>>(), ["cali123", "eth1", "vethab"]);
-        assert_eq!(layout.snat_addresses, BTreeMap::from([(2, "198.18.0.1".parse().unwrap())]));
-        let addrs: Vec<String> = layout.node_addresses.iter().map(ToString::to_string).collect();
-        assert_eq!(addrs, ["10.1.0.5", "198.18.0.1", "198.18.0.9"], "every address but loopback");
+        assert_eq!(
+            layout.pod_facing.keys().collect::<Vec<_>>(),
+            ["cali123", "eth1", "vethab"]
+        );
+        assert_eq!(
+            layout.snat_addresses,
+            BTreeMap::from([(2, "198.18.0.1".parse().unwrap())])
+        );
+        let addrs: Vec<String> = layout
+            .node_addresses
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            addrs,
+            ["10.1.0.5", "198.18.0.1", "198.18.0.9"],
+            "every address but loopback"
+        );
     }
 
     #[test]
@@ -277,7 +313,10 @@ mod tests {
         let sel = Selection {
             external: vec!["eth0".into(), "eth1".into()],
             pod_patterns: vec!["cali*".into()],
-            nodeport_prefixes: vec![Ipv4Prefix { addr: "198.18.0.0".parse().unwrap(), len: 24 }],
+            nodeport_prefixes: vec![Ipv4Prefix {
+                addr: "198.18.0.0".parse().unwrap(),
+                len: 24,
+            }],
         };
         let layout = sel.layout(&machine(), &BTreeSet::new());
         assert_eq!(layout.external.keys().collect::<Vec<_>>(), ["eth0", "eth1"]);
@@ -298,6 +337,10 @@ mod tests {
     #[test]
     fn this_machine_has_a_loopback() {
         let all = scan().unwrap();
-        assert!(all.values().any(|i| i.loopback && i.addresses.contains(&Ipv4Addr::LOCALHOST)), "{all:?}");
+        assert!(
+            all.values()
+                .any(|i| i.loopback && i.addresses.contains(&Ipv4Addr::LOCALHOST)),
+            "{all:?}"
+        );
     }
 }

@@ -14,7 +14,11 @@ use nodeport_agent::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "nodeport-agent", version, about = "eBPF load balancer for Kubernetes NodePort traffic")]
+#[command(
+    name = "nodeport-agent",
+    version,
+    about = "eBPF load balancer for Kubernetes NodePort traffic"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -56,8 +60,8 @@ enum Command {
 
 fn dump_maps(bpffs_dir: PathBuf, output: OutputFormat, stats: bool) -> anyhow::Result<ExitCode> {
     let pins = PinDir::new(&bpffs_dir);
-    let (maps, sizing) =
-        Maps::open_pinned(&pins).with_context(|| format!("no nodeport datapath pinned at {}", bpffs_dir.display()))?;
+    let (maps, sizing) = Maps::open_pinned(&pins)
+        .with_context(|| format!("no nodeport datapath pinned at {}", bpffs_dir.display()))?;
     let view = dump::read(&maps, &sizing, stats)?;
     match output {
         OutputFormat::Table => print!("{}", view.render()),
@@ -71,7 +75,9 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let subscriber = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
     match cli.log_format {
         LogFormat::Text => subscriber.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => subscriber.json().init(),
@@ -89,7 +95,11 @@ async fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
             .map_err(Into::into),
-        Command::Dump { bpffs_dir, output, stats } => dump_maps(bpffs_dir, output, stats),
+        Command::Dump {
+            bpffs_dir,
+            output,
+            stats,
+        } => dump_maps(bpffs_dir, output, stats),
         Command::Ports(args) => run_ports(args).await,
     };
     result.unwrap_or_else(|err| {

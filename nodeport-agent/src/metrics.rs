@@ -89,21 +89,61 @@ impl Metrics {
             last: Arc::default(),
         };
         let r = registry.sub_registry_with_prefix("nodeport");
-        r.register("sync_duration_seconds", "Time to bring the maps to a new desired state", m.sync_seconds.clone());
+        r.register(
+            "sync_duration_seconds",
+            "Time to bring the maps to a new desired state",
+            m.sync_seconds.clone(),
+        );
         r.register(
             "sync_failures",
             "Services that could not be programmed, by reason (map_full: a map is at capacity)",
             m.sync_failures.clone(),
         );
-        r.register("services", "Service ports programmed in the datapath", m.services.clone());
-        r.register("backends", "Backends programmed in the datapath", m.backends.clone());
-        r.register("health_check_ports", "Health-check node ports served", m.health_checks.clone());
-        r.register("skipped", "Things in the cluster state not programmed, by kind", m.notices.clone());
-        r.register("datapath_packets", "Packets seen by the datapath, by what happened to them", m.datapath_packets.clone());
-        r.register("service_packets", "Packets per service port and direction", m.service_packets.clone());
-        r.register("service_bytes", "Bytes (IP length) per service port and direction", m.service_bytes.clone());
-        r.register("conntrack_entries", "Connection tracking entries (both directions)", m.conntrack_entries.clone());
-        r.register("source_errors", "Errors reading the cluster state (watch errors, invalid manifests)", m.source_errors.clone());
+        r.register(
+            "services",
+            "Service ports programmed in the datapath",
+            m.services.clone(),
+        );
+        r.register(
+            "backends",
+            "Backends programmed in the datapath",
+            m.backends.clone(),
+        );
+        r.register(
+            "health_check_ports",
+            "Health-check node ports served",
+            m.health_checks.clone(),
+        );
+        r.register(
+            "skipped",
+            "Things in the cluster state not programmed, by kind",
+            m.notices.clone(),
+        );
+        r.register(
+            "datapath_packets",
+            "Packets seen by the datapath, by what happened to them",
+            m.datapath_packets.clone(),
+        );
+        r.register(
+            "service_packets",
+            "Packets per service port and direction",
+            m.service_packets.clone(),
+        );
+        r.register(
+            "service_bytes",
+            "Bytes (IP length) per service port and direction",
+            m.service_bytes.clone(),
+        );
+        r.register(
+            "conntrack_entries",
+            "Connection tracking entries (both directions)",
+            m.conntrack_entries.clone(),
+        );
+        r.register(
+            "source_errors",
+            "Errors reading the cluster state (watch errors, invalid manifests)",
+            m.source_errors.clone(),
+        );
         m
     }
 
@@ -111,14 +151,22 @@ impl Metrics {
         self.sync_seconds.observe(seconds);
         for (_, e) in &report.failed {
             let reason = if e.is_full() { "map_full" } else { "error" };
-            self.sync_failures.get_or_create(&ReasonLabels { reason: reason.into() }).inc();
+            self.sync_failures
+                .get_or_create(&ReasonLabels {
+                    reason: reason.into(),
+                })
+                .inc();
         }
     }
 
     pub fn set_notices(&self, counts: &BTreeMap<NoticeKind, usize>) {
         for kind in NoticeKind::ALL {
             let n = counts.get(&kind).copied().unwrap_or(0);
-            self.notices.get_or_create(&KindLabels { kind: kind.label().into() }).set(n as i64);
+            self.notices
+                .get_or_create(&KindLabels {
+                    kind: kind.label().into(),
+                })
+                .set(n as i64);
         }
     }
 
@@ -126,7 +174,11 @@ impl Metrics {
         let mut last = self.last.lock().expect("not poisoned");
         let previous = last.insert(key, total).unwrap_or(0);
         // A total below the last sample means the maps were recreated: count from zero.
-        counter.inc_by(if total >= previous { total - previous } else { total });
+        counter.inc_by(if total >= previous {
+            total - previous
+        } else {
+            total
+        });
     }
 
     /// Samples the datapath's counters into the exported ones.
@@ -138,11 +190,20 @@ impl Metrics {
                 nodeport_common::counters::CounterKind::Fallback => "fallback",
                 nodeport_common::counters::CounterKind::Dropped => "dropped",
             };
-            let labels = PathLabels { path: counter.label().into(), kind: kind.into() };
-            self.add(format!("c/{}", counter.label()), total, &self.datapath_packets.get_or_create(&labels));
+            let labels = PathLabels {
+                path: counter.label().into(),
+                kind: kind.into(),
+            };
+            self.add(
+                format!("c/{}", counter.label()),
+                total,
+                &self.datapath_packets.get_or_create(&labels),
+            );
         }
         for (key, id) in services {
-            let Ok(per_cpu) = maps.svc_stats.get(id, 0) else { continue };
+            let Ok(per_cpu) = maps.svc_stats.get(id, 0) else {
+                continue;
+            };
             let (mut p, mut b, mut rp, mut rb) = (0, 0, 0, 0);
             for s in per_cpu.iter() {
                 p += s.packets;
@@ -158,11 +219,20 @@ impl Metrics {
                     protocol: key.protocol.to_string(),
                     direction: direction.into(),
                 };
-                self.add(format!("sp/{key}/{direction}"), packets, &self.service_packets.get_or_create(&labels));
-                self.add(format!("sb/{key}/{direction}"), bytes, &self.service_bytes.get_or_create(&labels));
+                self.add(
+                    format!("sp/{key}/{direction}"),
+                    packets,
+                    &self.service_packets.get_or_create(&labels),
+                );
+                self.add(
+                    format!("sb/{key}/{direction}"),
+                    bytes,
+                    &self.service_bytes.get_or_create(&labels),
+                );
             }
         }
-        self.conntrack_entries.set(maps.conntrack.keys().count() as i64);
+        self.conntrack_entries
+            .set(maps.conntrack.keys().count() as i64);
     }
 }
 
@@ -177,7 +247,13 @@ pub async fn serve(addr: SocketAddr, registry: Arc<Registry>) -> std::io::Result
             async move {
                 let mut body = String::new();
                 let _ = encode(&mut body, &registry);
-                ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    body,
+                )
                     .into_response()
             }
         }),

@@ -269,7 +269,11 @@ fn sync_sequence_restart_and_deletes_while_down() -> Result<()> {
     // detach removes every pin and the directory.
     drop(dp);
     nodeport_agent::datapath::detach(pins.path())?;
-    ensure!(!pins.path().exists(), "detach left {}", pins.path().display());
+    ensure!(
+        !pins.path().exists(),
+        "detach left {}",
+        pins.path().display()
+    );
     Ok(())
 }
 

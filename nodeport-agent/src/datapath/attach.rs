@@ -64,7 +64,10 @@ const TC_POD: &str = "tc_pod";
 const NETLINK_MARKER: &str = ":netlink";
 
 fn pin_name(hook: &str, interface: &str) -> String {
-    format!("{hook}:{}", interface.replace('%', "%25").replace('.', "%2E"))
+    format!(
+        "{hook}:{}",
+        interface.replace('%', "%25").replace('.', "%2E")
+    )
 }
 
 /// `(hook, interface)` of a pin name.
@@ -289,7 +292,10 @@ fn list_links(pins: &PinDir) -> Result<Vec<AttachedInterface>> {
             TC_POD => InterfaceRole::Pod,
             _ => continue,
         };
-        let item = AttachedInterface { name: interface, role };
+        let item = AttachedInterface {
+            name: interface,
+            role,
+        };
         if !found.contains(&item) {
             found.push(item);
         }

@@ -75,14 +75,21 @@ impl Maps {
 
     /// Takes the maps out of a loaded object.
     pub(super) fn take(ebpf: &mut Ebpf, sizing: &Sizing) -> Result<Self> {
-        Self::build(|name| ebpf.take_map(name).ok_or(DatapathError::MissingMap { name }), sizing)
+        Self::build(
+            |name| {
+                ebpf.take_map(name)
+                    .ok_or(DatapathError::MissingMap { name })
+            },
+            sizing,
+        )
     }
 
     /// Opens the maps a datapath pinned under `pins` without loading any program (for
     /// `dump`, which works whether an agent runs or not). The sizing is read off the maps.
     pub fn open_pinned(pins: &super::PinDir) -> Result<(Self, Sizing)> {
         let open = |name: &'static str| -> Result<Map> {
-            let data = MapData::from_pin(pins.map(name)).map_err(|source| DatapathError::Map { name, source })?;
+            let data = MapData::from_pin(pins.map(name))
+                .map_err(|source| DatapathError::Map { name, source })?;
             Map::from_map_data(data).map_err(|source| DatapathError::Map { name, source })
         };
         let entries = |name: &'static str| -> Result<u32> {
@@ -95,7 +102,10 @@ impl Maps {
         let maglev_slots = entries(names::MAGLEV)?;
         if maglev_size == 0 {
             return Err(DatapathError::Io {
-                context: format!("{}: the datapath there was never configured", pins.root.display()),
+                context: format!(
+                    "{}: the datapath there was never configured",
+                    pins.root.display()
+                ),
                 source: std::io::Error::from(std::io::ErrorKind::InvalidData),
             });
         }
@@ -112,7 +122,9 @@ impl Maps {
         if sizing.maglev_blocks() * maglev_size != maglev_slots {
             return Err(DatapathError::IncompatiblePin {
                 path: pins.map(names::MAGLEV),
-                difference: format!("{maglev_slots} slots do not fit {services} services of {maglev_size}"),
+                difference: format!(
+                    "{maglev_slots} slots do not fit {services} services of {maglev_size}"
+                ),
             });
         }
         let maps = Self::build(open, &sizing)?;

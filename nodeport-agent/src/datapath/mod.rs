@@ -325,11 +325,17 @@ mod tests {
 
     #[test]
     fn every_map_is_specified_and_named_once() {
-        let mut specified: Vec<&str> = map_specs(&Sizing::default()).iter().map(|s| s.name).collect();
+        let mut specified: Vec<&str> = map_specs(&Sizing::default())
+            .iter()
+            .map(|s| s.name)
+            .collect();
         let mut named: Vec<&str> = names::ALL.to_vec();
         specified.sort();
         named.sort();
-        assert_eq!(specified, named, "names::ALL (used by detach) and map_specs (used by load) differ");
+        assert_eq!(
+            specified, named,
+            "names::ALL (used by detach) and map_specs (used by load) differ"
+        );
     }
 
     #[test]

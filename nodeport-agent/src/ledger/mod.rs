@@ -16,8 +16,8 @@ mod tests;
 use serde::Serialize;
 
 pub use analysis::analyze;
-pub use cli::{LocalPortRangeArg, OutputFormat, PortsArgs, run_ports};
 pub(crate) use cli::{IP_LOCAL_PORT_RANGE, read_local_port_range};
+pub use cli::{LocalPortRangeArg, OutputFormat, PortsArgs, run_ports};
 pub use range::{BandName, NodePortRange, RangeError};
 
 /// The report of one analysis; `--output json` prints it as is.

@@ -72,8 +72,13 @@ struct Interner {
     slices: HashMap<(String, String), Arc<EndpointSlice>>,
 }
 
-fn object_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
-    (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+fn object_key(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
 }
 
 fn intern<K: PartialEq>(
@@ -103,12 +108,22 @@ impl Interner {
         let mut changed = false;
         let mut snapshot = Snapshot::default();
         for (_, svc) in loaded.services {
-            let (arc, new) = intern(&self.services, &mut services, object_key(&svc.metadata), svc);
+            let (arc, new) = intern(
+                &self.services,
+                &mut services,
+                object_key(&svc.metadata),
+                svc,
+            );
             changed |= new;
             snapshot.services.push(arc);
         }
         for (_, slice) in loaded.endpoint_slices {
-            let (arc, new) = intern(&self.slices, &mut slices, object_key(&slice.metadata), slice);
+            let (arc, new) = intern(
+                &self.slices,
+                &mut slices,
+                object_key(&slice.metadata),
+                slice,
+            );
             changed |= new;
             snapshot.endpoint_slices.push(arc);
         }
@@ -122,11 +137,17 @@ impl Interner {
 /// Loads `dir` on a blocking thread (it reads files).
 async fn load(dir: &Path) -> Result<manifests::Manifests, ManifestError> {
     let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || manifests::load_dir(&dir)).await.expect("the loader does not panic")
+    tokio::task::spawn_blocking(move || manifests::load_dir(&dir))
+        .await
+        .expect("the loader does not panic")
 }
 
 /// Runs until every receiver is gone.
-pub async fn run(dir: PathBuf, tx: SnapshotSender, stats: Arc<FilesSourceStats>) -> Result<(), notify::Error> {
+pub async fn run(
+    dir: PathBuf,
+    tx: SnapshotSender,
+    stats: Arc<FilesSourceStats>,
+) -> Result<(), notify::Error> {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Any event means "look again"; errors too (the reload will say what is wrong).
@@ -136,14 +157,18 @@ pub async fn run(dir: PathBuf, tx: SnapshotSender, stats: Arc<FilesSourceStats>)
 
     let mut interner = Interner::default();
     let mut published = false;
+    let mut revision = 0u64;
     loop {
         match load(&dir).await {
             Ok(loaded) => {
                 stats.loads.fetch_add(1, Ordering::Relaxed);
                 *stats.last_error.lock().expect("not poisoned") = None;
-                let (snapshot, changed) = interner.snapshot(loaded);
+                let (mut snapshot, changed) = interner.snapshot(loaded);
                 if changed || !published {
+                    revision += 1;
+                    snapshot.revision = revision;
                     tracing::info!(
+                        revision,
                         dir = %dir.display(),
                         services = snapshot.services.len(),
                         endpoint_slices = snapshot.endpoint_slices.len(),
@@ -199,7 +224,10 @@ mod tests {
     const GUARD: Duration = Duration::from_secs(20);
 
     async fn next(rx: &mut source::SnapshotReceiver) -> Arc<Snapshot> {
-        tokio::time::timeout(GUARD, rx.changed()).await.expect("a snapshot in time").expect("source alive");
+        tokio::time::timeout(GUARD, rx.changed())
+            .await
+            .expect("a snapshot in time")
+            .expect("source alive");
         rx.borrow_and_update().clone().expect("published")
     }
 
@@ -216,14 +244,27 @@ mod tests {
 
         dir.write("slice.yaml", &SLICE.replace("10.0.0.1", "10.0.0.2"));
         let second = next(&mut rx).await;
-        assert_eq!(second.endpoint_slices[0].endpoints.as_ref().unwrap()[0].addresses, ["10.0.0.2"]);
-        assert!(Arc::ptr_eq(&first.services[0], &second.services[0]), "the unchanged Service kept its Arc");
-        assert!(!Arc::ptr_eq(&first.endpoint_slices[0], &second.endpoint_slices[0]));
+        assert_eq!(
+            second.endpoint_slices[0].endpoints.as_ref().unwrap()[0].addresses,
+            ["10.0.0.2"]
+        );
+        assert!(
+            Arc::ptr_eq(&first.services[0], &second.services[0]),
+            "the unchanged Service kept its Arc"
+        );
+        assert!(!Arc::ptr_eq(
+            &first.endpoint_slices[0],
+            &second.endpoint_slices[0]
+        ));
 
         drop(rx);
         // With no receiver the source stops at its next wake-up.
         dir.write("svc.yaml", SVC);
-        tokio::time::timeout(GUARD, task).await.expect("stops").expect("no panic").expect("ok");
+        tokio::time::timeout(GUARD, task)
+            .await
+            .expect("stops")
+            .expect("no panic")
+            .expect("ok");
     }
 
     #[tokio::test]
@@ -237,26 +278,53 @@ mod tests {
         let attempts = stats.attempts();
 
         dir.write("svc.yaml", &SVC.replace("nodePort: 30080", "nodePort: abc"));
-        tokio::time::timeout(GUARD, stats.wait_for_attempts(attempts + 1)).await.expect("a reload");
+        tokio::time::timeout(GUARD, stats.wait_for_attempts(attempts + 1))
+            .await
+            .expect("a reload");
         let error = stats.last_error().expect("the reload failed");
-        assert!(error.contains("svc.yaml") && error.contains("spec.ports[0].nodePort"), "{error}");
-        assert!(!rx.has_changed().unwrap(), "nothing published for an invalid file");
-        assert_eq!(rx.borrow().as_ref().unwrap().services.len(), 1, "the last good state stands");
+        assert!(
+            error.contains("svc.yaml") && error.contains("spec.ports[0].nodePort"),
+            "{error}"
+        );
+        assert!(
+            !rx.has_changed().unwrap(),
+            "nothing published for an invalid file"
+        );
+        assert_eq!(
+            rx.borrow().as_ref().unwrap().services.len(),
+            1,
+            "the last good state stands"
+        );
 
         dir.write("svc.yaml", &SVC.replace("30080", "30081"));
         let fixed = next(&mut rx).await;
-        assert_eq!(fixed.services[0].spec.as_ref().unwrap().ports.as_ref().unwrap()[0].node_port, Some(30081));
+        assert_eq!(
+            fixed.services[0]
+                .spec
+                .as_ref()
+                .unwrap()
+                .ports
+                .as_ref()
+                .unwrap()[0]
+                .node_port,
+            Some(30081)
+        );
         assert!(stats.last_error().is_none());
     }
 
     #[tokio::test]
     async fn nothing_is_published_until_the_directory_loads() {
         let dir = ScratchDir::new("files-initial-invalid");
-        dir.write("svc.yaml", "kind: Service\napiVersion: v1\nmetadata: { namespace: default }\n");
+        dir.write(
+            "svc.yaml",
+            "kind: Service\napiVersion: v1\nmetadata: { namespace: default }\n",
+        );
         let (tx, mut rx) = source::channel();
         let stats = FilesSourceStats::new();
         let _task = tokio::spawn(run(dir.path().to_path_buf(), tx, stats.clone()));
-        tokio::time::timeout(GUARD, stats.wait_for_attempts(1)).await.expect("a first attempt");
+        tokio::time::timeout(GUARD, stats.wait_for_attempts(1))
+            .await
+            .expect("a first attempt");
         assert!(rx.borrow().is_none() && stats.errors() == 1);
         dir.write("svc.yaml", SVC);
         assert_eq!(next(&mut rx).await.services.len(), 1);

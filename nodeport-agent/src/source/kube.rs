@@ -300,7 +300,8 @@ pub async fn run(
             debug!("no change since the last snapshot");
             continue;
         }
-        let snapshot = stores.snapshot(&fingerprint);
+        let mut snapshot = stores.snapshot(&fingerprint);
+        snapshot.revision = stats.snapshots_published() + 1;
         if published.is_none() {
             info!(
                 services = snapshot.services.len(),
@@ -312,6 +313,7 @@ pub async fn run(
             debug!(
                 services = snapshot.services.len(),
                 endpoint_slices = snapshot.endpoint_slices.len(),
+                revision = snapshot.revision,
                 "publishing a snapshot"
             );
         }
@@ -486,6 +488,7 @@ impl Stores {
             services: sorted(&self.services),
             endpoint_slices: sorted(&self.slices),
             node_addresses: fingerprint.node_addresses.clone(),
+            revision: 0,
         }
     }
 
