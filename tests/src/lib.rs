@@ -4,5 +4,6 @@
 
 pub mod agent;
 pub mod fixture;
+pub mod lab;
 pub mod netns;
 pub mod packet;

@@ -90,7 +90,7 @@ fn manual_steps(llvm: Option<u32>) -> String {
     format!(
         "The eBPF programs need a compiler for bpfel-unknown-none and bpf-linker.\n\
          Either (Debian/Ubuntu with the bookworm-security rustc-web, as root):\n\
-         \x20   apt-get install rustc-web libstd-rust-web-dev-bpf llvm-{llvm}-dev iproute2\n\
+         \x20   apt-get install rustc-web libstd-rust-web-dev-bpf llvm-{llvm}-dev iproute2 ethtool\n\
          \x20   LLVM_PREFIX=/usr/lib/llvm-{llvm} cargo install bpf-linker --version {BPF_LINKER_VERSION} \
          --locked --no-default-features --features llvm-{llvm}\n\
          \x20   (where {llvm} is the LLVM major of `/usr/bin/rustc -vV`; `cargo xtask` does all this \
@@ -127,6 +127,10 @@ fn ensure_debian_toolchain() -> Result<()> {
     }
     if !have("ip") {
         missing.push("iproute2");
+    }
+    // The test and demo namespaces set veth offloads with it.
+    if !have("ethtool") {
+        missing.push("ethtool");
     }
     if !missing.is_empty() {
         if !(is_root() && is_debian_like()) {

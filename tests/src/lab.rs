@@ -1,0 +1,906 @@
+//! A small cluster in network namespaces, for the end-to-end tests and the demo.
+//!
+//! ```text
+//!   client (198.18.0.100, .101) ──┐
+//!                                 ├── lan: bridge br0 ── node-1 ext0 198.18.0.1   pods 198.18.1.x
+//!                                 └────────────────────── node-2 ext0 198.18.0.2   pods 198.18.2.x
+//! ```
+//! Pods hang off their node on routed veths (a /32 route per pod, the node side answering as
+//! 198.18.N.1, as Calico and Cilium do). node-1 routes 198.18.2.0/24 via node-2. The agent runs
+//! in node-1's network namespace as the real binary, with `--manifests`; the harness follows
+//! its JSON log to know when a change is applied.
+//!
+//! Veths that send towards node-1's XDP have checksum offload off (frames from a wire carry
+//! full checksums; veths otherwise pass partial ones); the bridge port behind node-1's ext0
+//! runs a bare XDP_PASS program, without which the veth driver does not deliver XDP_TX frames
+//! promptly (see `Lab::wire`); the bridge does not call netfilter.
+//!
+//! Everything is removed on drop, also when a test fails: the agent is killed, the pins are
+//! removed, the namespaces deleted.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::{BufRead, BufReader, Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Condvar, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::{agent::PinDirGuard, netns::NetNs};
+
+pub const NODE1: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const NODE2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+/// A second client address, outside 198.18.0.96/30 (used by source range tests).
+pub const CLIENT2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 101);
+/// The port every pod server listens on (TCP and UDP).
+pub const POD_PORT: u16 = 8080;
+/// How long to wait for anything before failing (a guard, never a synchronisation).
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Where the agent binary is: NODEPORT_AGENT_BIN, or the workspace's debug build (which
+/// `cargo xtask test` builds with the datapath embedded).
+pub fn agent_binary() -> Result<PathBuf> {
+    let path = match std::env::var_os("NODEPORT_AGENT_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/nodeport-agent"),
+    };
+    ensure!(
+        path.exists(),
+        "{} not found: build it with the datapath (`cargo xtask test` does) or set NODEPORT_AGENT_BIN",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// A pod: its namespace, address and the server in it.
+pub struct Pod {
+    pub name: String,
+    pub node: usize,
+    pub addr: Ipv4Addr,
+    server: Option<PodServer>,
+    pub ns: NetNs,
+}
+
+impl Pod {
+    pub fn endpoint(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(self.addr, POD_PORT)
+    }
+}
+
+/// A TCP and UDP server in a pod's namespace that answers every line or datagram with
+/// "<pod name> <client address as the pod sees it>".
+struct PodServer {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PodServer {
+    fn start(ns: &NetNs, name: &str) -> Result<Self> {
+        let path = format!("/var/run/netns/{}", ns.name);
+        let netns = File::open(&path).with_context(|| format!("opening {path}"))?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let name = name.to_owned();
+        let thread = std::thread::spawn(move || {
+            // SAFETY: setns on a namespace fd for this thread only.
+            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                let _ = ready_tx.send(Err(format!("setns: {}", std::io::Error::last_os_error())));
+                return;
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            rt.block_on(serve(name, ready_tx, stop_rx));
+        });
+        match ready_rx.recv_timeout(PATIENCE) {
+            Ok(Ok(())) => Ok(Self {
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => bail!("pod server: {e}"),
+            Err(_) => bail!("pod server did not start"),
+        }
+    }
+}
+
+async fn serve(
+    name: String,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let bind = SocketAddr::from((Ipv4Addr::UNSPECIFIED, POD_PORT));
+    let (tcp, udp) = match (
+        tokio::net::TcpListener::bind(bind).await,
+        tokio::net::UdpSocket::bind(bind).await,
+    ) {
+        (Ok(t), Ok(u)) => (t, u),
+        (t, u) => {
+            let _ = ready.send(Err(format!("bind: {:?} {:?}", t.err(), u.err())));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    let name = Arc::new(name);
+    let tcp_name = name.clone();
+    let tcp_task = async move {
+        loop {
+            let Ok((stream, peer)) = tcp.accept().await else {
+                continue;
+            };
+            let name = tcp_name.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = tokio::io::BufReader::new(read).lines();
+                while let Ok(Some(_)) = lines.next_line().await {
+                    if write
+                        .write_all(format!("{name} {peer}\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+        }
+    };
+    let udp_task = async move {
+        let mut buf = [0u8; 2048];
+        loop {
+            if let Ok((_, peer)) = udp.recv_from(&mut buf).await {
+                let _ = udp
+                    .send_to(format!("{name} {peer}\n").as_bytes(), peer)
+                    .await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tcp_task => {}
+        _ = udp_task => {}
+        _ = stop => {}
+    }
+}
+
+impl Drop for PodServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What a pod answered: its name and the client address it saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub pod: String,
+    pub seen: SocketAddrV4,
+}
+
+fn parse_answer(line: &str) -> Result<Answer> {
+    let mut parts = line.split_whitespace();
+    let (Some(pod), Some(seen)) = (parts.next(), parts.next()) else {
+        bail!("odd answer {line:?}")
+    };
+    Ok(Answer {
+        pod: pod.to_owned(),
+        seen: seen
+            .parse()
+            .with_context(|| format!("odd answer {line:?}"))?,
+    })
+}
+
+/// An open TCP connection from the client namespace.
+pub struct Conn {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Conn {
+    /// One request and its answer on this connection.
+    pub fn ask(&mut self) -> Result<Answer> {
+        self.stream.write_all(b"hello\n").context("sending")?;
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .context("reading the answer")?;
+        ensure!(n > 0, "the connection was closed");
+        parse_answer(&line)
+    }
+}
+
+/// The agent as a process in node-1's network namespace, with its log.
+pub struct AgentProcess {
+    child: Child,
+    log: Arc<(Mutex<Vec<serde_json::Value>>, Condvar)>,
+    /// How far `wait_log` callers have consumed (each search starts after what they saw).
+    pub cursor: usize,
+}
+
+impl AgentProcess {
+    fn spawn(ns: &NetNs, args: &[String]) -> Result<Self> {
+        let path = format!("/var/run/netns/{}", ns.name);
+        let netns = File::open(&path).with_context(|| format!("opening {path}"))?;
+        let fd = netns.as_raw_fd();
+        let mut cmd = Command::new(agent_binary()?);
+        cmd.arg("--log-format").arg("json").arg("run").args(args);
+        cmd.env("RUST_LOG", "info,nodeport_agent::agent=debug");
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
+        // SAFETY: only setns (a syscall) between fork and exec. Network namespace only: the
+        // mount namespace stays the host's, so pins land on the host's bpffs and outlive the
+        // process (unlike under `ip netns exec`, which remounts /sys).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().context("starting nodeport-agent")?;
+        drop(netns);
+        let stderr = child.stderr.take().expect("piped");
+        let log: Arc<(Mutex<Vec<serde_json::Value>>, Condvar)> = Arc::default();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({ "raw": line }));
+                if std::env::var_os("NODEPORT_TEST_AGENT_LOG").is_some() {
+                    eprintln!("agent: {line}");
+                }
+                let (lock, cv) = &*sink;
+                lock.lock().expect("not poisoned").push(value);
+                cv.notify_all();
+            }
+            let (_, cv) = &*sink;
+            cv.notify_all();
+        });
+        Ok(Self {
+            child,
+            log,
+            cursor: 0,
+        })
+    }
+
+    /// Waits for a log entry after the cursor that satisfies `pred`; moves the cursor past it.
+    pub fn wait_log(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + PATIENCE;
+        let (lock, cv) = &*self.log;
+        let mut entries = lock.lock().expect("not poisoned");
+        loop {
+            if let Some(i) = entries[self.cursor..].iter().position(&pred) {
+                self.cursor += i + 1;
+                return Ok(entries[self.cursor - 1].clone());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!(
+                    "the agent exited ({status}) while waiting for {what}; log:\n{}",
+                    tail(&entries)
+                );
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!(
+                    "no {what} from the agent in {PATIENCE:?}; log:\n{}",
+                    tail(&entries)
+                );
+            }
+            entries = cv.wait_timeout(entries, left).expect("not poisoned").0;
+        }
+    }
+
+    /// The whole log so far, for messages.
+    pub fn log_text(&self) -> String {
+        tail(&self.log.0.lock().expect("not poisoned"))
+    }
+
+    /// SIGKILL: no chance to clean anything up.
+    pub fn kill9(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM and wait: the agent's clean shutdown.
+    pub fn terminate(mut self) -> Result<std::process::ExitStatus> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        Ok(self.child.wait()?)
+    }
+}
+
+fn tail(entries: &[serde_json::Value]) -> String {
+    let start = entries.len().saturating_sub(40);
+    entries[start..]
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn message_is(entry: &serde_json::Value, message: &str) -> bool {
+    entry.pointer("/fields/message").and_then(|m| m.as_str()) == Some(message)
+}
+
+fn field_u64(entry: &serde_json::Value, field: &str) -> Option<u64> {
+    entry
+        .pointer(&format!("/fields/{field}"))
+        .and_then(|v| v.as_u64())
+}
+
+/// The lab. Fields drop in order: agent, pins, pods, the peer program, nodes, client, lan.
+pub struct Lab {
+    pub agent: Option<AgentProcess>,
+    pub pins: PinDirGuard,
+    pub pods: Vec<Pod>,
+    /// A bare XDP_PASS program on the bridge port behind node-1's ext0 (see `wire`).
+    peer_xdp: Option<nodeport_agent::datapath::Datapath>,
+    pub node1: NetNs,
+    pub node2: NetNs,
+    pub client: NetNs,
+    pub lan: NetNs,
+    pub manifests: PathBuf,
+    /// The last manifests revision the agent applied.
+    applied: u64,
+    extra_agent_args: Vec<String>,
+}
+
+fn ethtool(ns: &NetNs, dev: &str, args: &[&str]) -> Result<()> {
+    let mut all = vec!["-K", dev];
+    all.extend_from_slice(args);
+    ns.exec("ethtool", &all).map(drop)
+}
+
+impl Lab {
+    /// Builds the namespaces (no pods, no agent yet).
+    pub fn new(tag: &str) -> Result<Self> {
+        crate::netns::require_root();
+        let lan = NetNs::new(&format!("{tag}l"))?;
+        let client = NetNs::new(&format!("{tag}c"))?;
+        let node1 = NetNs::new(&format!("{tag}a"))?;
+        let node2 = NetNs::new(&format!("{tag}b"))?;
+        let manifests = std::env::temp_dir().join(crate::netns::unique_name(&format!("{tag}m")));
+        std::fs::create_dir_all(&manifests)?;
+        let mut lab = Self {
+            agent: None,
+            pins: PinDirGuard::new(&format!("{tag}p")),
+            pods: Vec::new(),
+            peer_xdp: None,
+            node1,
+            node2,
+            client,
+            lan,
+            manifests,
+            applied: 0,
+            extra_agent_args: Vec::new(),
+        };
+        lab.wire()?;
+        Ok(lab)
+    }
+
+    fn wire(&mut self) -> Result<()> {
+        let lan = &self.lan;
+        // A plain switch: new namespaces get br_netfilter on, which would run the lab's
+        // frames through netfilter and drop malformed ones before they reach the node.
+        for table in ["iptables", "ip6tables", "arptables"] {
+            lan.sysctl(&format!("net.bridge.bridge-nf-call-{table}=0"))?;
+        }
+        lan.ip("link add br0 type bridge")?;
+        lan.ip("link set br0 up")?;
+        for (ns, dev, port) in [
+            (&self.client, "eth0", "lc"),
+            (&self.node1, "ext0", "l1"),
+            (&self.node2, "ext0", "l2"),
+        ] {
+            ns.ip(&format!(
+                "link add {dev} type veth peer name {port} netns {}",
+                lan.name
+            ))?;
+            lan.ip(&format!("link set {port} master br0 up"))?;
+            ns.ip(&format!("link set {dev} up"))?;
+        }
+        self.client.ip("addr add 198.18.0.100/24 dev eth0")?;
+        self.client.ip("addr add 198.18.0.101/24 dev eth0")?;
+        self.node1.ip("addr add 198.18.0.1/24 dev ext0")?;
+        self.node2.ip("addr add 198.18.0.2/24 dev ext0")?;
+        for node in [&self.node1, &self.node2] {
+            node.sysctl("net.ipv4.ip_forward=1")?;
+            node.sysctl("net.ipv4.conf.all.rp_filter=0")?;
+            node.sysctl("net.ipv4.conf.default.rp_filter=0")?;
+        }
+        self.node1
+            .ip("route add 198.18.2.0/24 via 198.18.0.2 dev ext0")?;
+        // Full checksums into node-1's XDP (see the module doc).
+        ethtool(&self.client, "eth0", &["tx", "off"])?;
+        ethtool(&self.node2, "ext0", &["tx", "off"])?;
+        // XDP_TX out of a veth lands in its peer's XDP ring, and the veth driver schedules the
+        // peer to read that ring only when the peer has an XDP program (veth_xdp_flush):
+        // without one, frames wait for unrelated traffic. A bare XDP_PASS on the bridge port
+        // stands in for a NIC's transmit queue. Real NICs need nothing of the kind.
+        let mut dp = nodeport_agent::datapath::Datapath::load(&crate::fixture::sizing(), None)
+            .context("loading the XDP_PASS program for the bridge port")?;
+        let prog = dp.xdp_program(nodeport_common::programs::XDP_PASS)?;
+        self.lan
+            .run(|| prog.attach("l1", aya::programs::XdpMode::Driver).map(drop))??;
+        self.peer_xdp = Some(dp);
+        Ok(())
+    }
+
+    /// Adds a pod on node 1 or 2 with the last address byte `host`.
+    pub fn add_pod(&mut self, name: &str, node: usize, host: u8) -> Result<&Pod> {
+        let node_ns = if node == 1 { &self.node1 } else { &self.node2 };
+        let ns = NetNs::new("pd")?;
+        let addr = Ipv4Addr::new(198, 18, node as u8, host);
+        let gw = Ipv4Addr::new(198, 18, node as u8, 1);
+        let dev = format!("p-{name}");
+        ensure!(
+            dev.len() <= 15,
+            "pod name {name} too long for an interface name"
+        );
+        node_ns.ip(&format!(
+            "link add {dev} type veth peer name eth0 netns {}",
+            ns.name
+        ))?;
+        node_ns.ip(&format!("addr add {gw}/32 dev {dev}"))?;
+        node_ns.ip(&format!("link set {dev} up"))?;
+        node_ns.ip(&format!("route add {addr}/32 dev {dev}"))?;
+        ns.ip(&format!("addr add {addr}/32 dev eth0"))?;
+        ns.ip("link set eth0 up")?;
+        ns.ip(&format!("route add {gw} dev eth0"))?;
+        ns.ip(&format!("route add default via {gw}"))?;
+        let server = PodServer::start(&ns, name)?;
+        self.pods.push(Pod {
+            name: name.to_owned(),
+            node,
+            addr,
+            server: Some(server),
+            ns,
+        });
+        Ok(self.pods.last().expect("just pushed"))
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// Stops a pod's server (its namespace and address stay).
+    pub fn stop_pod_server(&mut self, name: &str) {
+        if let Some(p) = self.pods.iter_mut().find(|p| p.name == name) {
+            p.server.take();
+        }
+    }
+
+    /// Extra flags for the agent (before it starts).
+    pub fn agent_args(&mut self, args: &[&str]) {
+        self.extra_agent_args
+            .extend(args.iter().map(|s| s.to_string()));
+    }
+
+    /// Writes the manifests (one file, replaced atomically).
+    fn write_manifests(&self, yaml: &str) -> Result<()> {
+        let tmp = self.manifests.join(".all.yaml.tmp");
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.manifests.join("all.yaml"))?;
+        Ok(())
+    }
+
+    /// Starts the agent on the current manifests and waits until it has programmed them.
+    pub fn start_agent(&mut self, yaml: &str) -> Result<()> {
+        if self.agent.is_none() {
+            self.write_manifests(yaml)?;
+        }
+        let mut args = vec![
+            "--manifests".to_owned(),
+            self.manifests.display().to_string(),
+            "--node-name".into(),
+            "node-1".into(),
+            "--external-interface".into(),
+            "ext0".into(),
+            "--pod-interfaces".into(),
+            "p-*".into(),
+            "--bpffs-dir".into(),
+            self.pins.path().display().to_string(),
+            "--healthz-bind-address".into(),
+            format!("{NODE1}:10256"),
+            "--metrics-bind-address".into(),
+            "off".into(),
+        ];
+        args.extend(self.extra_agent_args.iter().cloned());
+        let mut agent = AgentProcess::spawn(&self.node1, &args)?;
+        let loaded = agent.wait_log("the first manifests load", |e| {
+            message_is(e, "manifests loaded")
+        })?;
+        let revision = field_u64(&loaded, "revision").context("revision in the log")?;
+        agent.wait_log("the first reconcile", |e| {
+            message_is(e, "reconciled") && field_u64(e, "revision").is_some_and(|r| r >= revision)
+        })?;
+        self.applied = revision;
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    /// Replaces the manifests and waits until the agent has applied them.
+    pub fn apply(&mut self, yaml: &str) -> Result<()> {
+        let after = self.applied;
+        self.write_manifests(yaml)?;
+        let agent = self.agent.as_mut().context("no agent running")?;
+        let loaded = agent.wait_log("the manifests reload", |e| {
+            message_is(e, "manifests loaded") && field_u64(e, "revision").is_some_and(|r| r > after)
+        })?;
+        let revision = field_u64(&loaded, "revision").context("revision in the log")?;
+        agent.wait_log("the reconcile of the new manifests", |e| {
+            message_is(e, "reconciled") && field_u64(e, "revision").is_some_and(|r| r >= revision)
+        })?;
+        self.applied = revision;
+        Ok(())
+    }
+
+    /// The agent, taken out (to kill it).
+    pub fn take_agent(&mut self) -> Result<AgentProcess> {
+        self.agent.take().context("no agent running")
+    }
+
+    /// `nodeport-agent dump --stats --output json` of the lab's pins.
+    pub fn dump(&self) -> Result<serde_json::Value> {
+        let out = Command::new(agent_binary()?)
+            .args(["dump", "--stats", "--output", "json", "--bpffs-dir"])
+            .arg(self.pins.path())
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "dump failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// A datapath counter's value from the dump (0 when absent).
+    pub fn counter(&self, name: &str) -> Result<u64> {
+        let dump = self.dump()?;
+        let counters = dump["counters"].as_array().cloned().unwrap_or_default();
+        Ok(counters
+            .iter()
+            .find(|c| c[0] == name)
+            .and_then(|c| c[1].as_u64())
+            .unwrap_or(0))
+    }
+
+    /// A new TCP connection from the client (from `from`, default the client's first address).
+    pub fn connect(&self, to: SocketAddrV4, from: Option<Ipv4Addr>) -> Result<Conn> {
+        self.client.run(|| -> Result<Conn> {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            if let Some(from) = from {
+                socket.bind(&SocketAddr::from((from, 0)).into())?;
+            }
+            socket.connect_timeout(&SocketAddr::V4(to).into(), Duration::from_secs(3))?;
+            let stream: TcpStream = socket.into();
+            stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let reader = BufReader::new(stream.try_clone()?);
+            Ok(Conn { stream, reader })
+        })?
+    }
+
+    /// One new TCP connection, one answer.
+    pub fn ask_tcp(&self, to: SocketAddrV4) -> Result<Answer> {
+        self.connect(to, None)?.ask()
+    }
+
+    /// One UDP datagram, one answer.
+    pub fn ask_udp(&self, to: SocketAddrV4) -> Result<Answer> {
+        self.client.run(|| -> Result<Answer> {
+            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+            socket.send_to(b"hello\n", to)?;
+            let mut buf = [0u8; 512];
+            let (n, _) = socket.recv_from(&mut buf).context("no UDP answer")?;
+            parse_answer(std::str::from_utf8(&buf[..n])?)
+        })?
+    }
+
+    /// An HTTP GET from the client; (status, body).
+    pub fn http_get(&self, to: SocketAddrV4, path: &str) -> Result<(u16, String)> {
+        self.client.run(|| -> Result<(u16, String)> {
+            let mut s = TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            let status = text
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .context("no status")?;
+            let body = text
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_owned())
+                .unwrap_or_default();
+            Ok((status, body))
+        })?
+    }
+
+    /// Answers of `n` new TCP connections, counted per pod.
+    pub fn spread(&self, to: SocketAddrV4, n: usize) -> Result<BTreeMap<String, usize>> {
+        let mut counts = BTreeMap::new();
+        for _ in 0..n {
+            *counts.entry(self.ask_tcp(to)?.pod).or_insert(0) += 1;
+        }
+        Ok(counts)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.manifests);
+    }
+}
+
+/// Manifests for the lab, as YAML.
+pub mod manifests {
+    use std::fmt::Write as _;
+
+    /// An endpoint: pod address, node name, conditions (ready, serving, terminating).
+    #[derive(Clone, Copy)]
+    pub struct Ep<'a> {
+        pub addr: &'a str,
+        pub node: &'a str,
+        pub ready: bool,
+        pub serving: bool,
+        pub terminating: bool,
+    }
+
+    pub fn ready<'a>(addr: &'a str, node: &'a str) -> Ep<'a> {
+        Ep {
+            addr,
+            node,
+            ready: true,
+            serving: true,
+            terminating: false,
+        }
+    }
+
+    pub fn terminating<'a>(addr: &'a str, node: &'a str) -> Ep<'a> {
+        Ep {
+            addr,
+            node,
+            ready: false,
+            serving: true,
+            terminating: true,
+        }
+    }
+
+    /// A NodePort Service `name` on `node_port` (TCP and/or UDP) with `spec_extra` lines
+    /// appended to its spec, and one EndpointSlice of `endpoints` on port 8080.
+    pub fn service(
+        name: &str,
+        node_port: u16,
+        protocols: &[&str],
+        spec_extra: &str,
+        endpoints: &[Ep],
+    ) -> String {
+        let mut y = String::new();
+        let _ = writeln!(
+            y,
+            "kind: Service\napiVersion: v1\nmetadata: {{ name: {name}, namespace: default }}\nspec:"
+        );
+        let _ = writeln!(y, "  type: NodePort");
+        for line in spec_extra.lines().filter(|l| !l.trim().is_empty()) {
+            let _ = writeln!(y, "  {}", line.trim());
+        }
+        let _ = writeln!(y, "  ports:");
+        for p in protocols {
+            let pname = p.to_lowercase();
+            let _ = writeln!(
+                y,
+                "  - {{ name: {pname}, port: 80, protocol: {p}, targetPort: 8080, nodePort: {node_port} }}"
+            );
+        }
+        let _ = writeln!(
+            y,
+            "---\nkind: EndpointSlice\napiVersion: discovery.k8s.io/v1"
+        );
+        let _ = writeln!(
+            y,
+            "metadata: {{ name: {name}-1, namespace: default, labels: {{ kubernetes.io/service-name: {name} }} }}"
+        );
+        let _ = writeln!(y, "addressType: IPv4\nports:");
+        for p in protocols {
+            let _ = writeln!(
+                y,
+                "- {{ name: {}, port: 8080, protocol: {p} }}",
+                p.to_lowercase()
+            );
+        }
+        let _ = writeln!(
+            y,
+            "endpoints:{}",
+            if endpoints.is_empty() { " []" } else { "" }
+        );
+        for e in endpoints {
+            let _ = writeln!(
+                y,
+                "- {{ addresses: [{}], nodeName: {}, conditions: {{ ready: {}, serving: {}, terminating: {} }} }}",
+                e.addr, e.node, e.ready, e.serving, e.terminating
+            );
+        }
+        y
+    }
+
+    /// Several documents in one file.
+    pub fn join(parts: &[String]) -> String {
+        parts.join("---\n")
+    }
+}
+
+/// The MAC address of `dev` in `ns`.
+fn mac_of(ns: &NetNs, dev: &str) -> Result<[u8; 6]> {
+    let out = ns.ip(&format!("-j link show dev {dev}"))?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let text = json[0]["address"].as_str().context("no address")?;
+    let mut mac = [0u8; 6];
+    for (i, part) in text.split(':').enumerate().take(6) {
+        mac[i] = u8::from_str_radix(part, 16)?;
+    }
+    Ok(mac)
+}
+
+/// Sends frames from the client's eth0 that are not ordinary node port traffic: an ARP
+/// request, IPv6, ICMP, the first fragment of a TCP segment aimed at the node port, a later
+/// fragment, and an IPv4 header with IHL 4.
+pub fn send_odd_frames(lab: &Lab, node_port: u16) -> Result<()> {
+    use etherparse::PacketBuilder;
+    let node_mac = mac_of(&lab.node1, "ext0")?;
+    let client_mac = mac_of(&lab.client, "eth0")?;
+    let (client, node) = (CLIENT.octets(), NODE1.octets());
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&client_mac);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&client_mac);
+    arp.extend_from_slice(&client);
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&node);
+    frames.push(arp);
+
+    let mut v6 = Vec::new();
+    PacketBuilder::ethernet2(client_mac, node_mac)
+        .ipv6(
+            [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            64,
+        )
+        .udp(40000, node_port)
+        .write(&mut v6, b"v6")?;
+    frames.push(v6);
+
+    let mut icmp = Vec::new();
+    PacketBuilder::ethernet2(client_mac, node_mac)
+        .ipv4(client, node, 64)
+        .icmpv4_echo_request(7, 1)
+        .write(&mut icmp, b"ping")?;
+    frames.push(icmp);
+
+    // A TCP SYN to the node port with "more fragments" set: the datapath drops it.
+    let mut first = Vec::new();
+    PacketBuilder::ethernet2(client_mac, node_mac)
+        .ipv4(client, node, 64)
+        .tcp(45000, node_port, 1, 1000)
+        .syn()
+        .write(&mut first, b"")?;
+    first[14 + 6] = 0x20; // flags: MF, offset 0
+    let c = checksum_ipv4(&first[14..34]);
+    first[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    frames.push(first);
+
+    // A later fragment (offset 800 bytes): passed to the kernel, which discards it.
+    let mut later = Vec::new();
+    PacketBuilder::ethernet2(client_mac, node_mac)
+        .ipv4(client, node, 64)
+        .udp(45001, node_port)
+        .write(&mut later, b"tail")?;
+    later[14 + 6..14 + 8].copy_from_slice(&100u16.to_be_bytes());
+    let c = checksum_ipv4(&later[14..34]);
+    later[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    frames.push(later);
+
+    // IHL 4: malformed, dropped.
+    let mut bad = Vec::new();
+    PacketBuilder::ethernet2(client_mac, node_mac)
+        .ipv4(client, node, 64)
+        .tcp(45002, node_port, 1, 1000)
+        .syn()
+        .write(&mut bad, b"")?;
+    bad[14] = 0x44;
+    frames.push(bad);
+
+    let ifindex = lab.client.ifindex("eth0")?;
+    lab.client.run(move || -> Result<()> {
+        // SAFETY: plain socket(2); closed below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                (libc::ETH_P_ALL as u16).to_be() as i32,
+            )
+        };
+        ensure!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        for frame in &frames {
+            // SAFETY: sockaddr_ll is plain data.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = ifindex as i32;
+            addr.sll_halen = 6;
+            addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+            // SAFETY: sending our buffer to a valid address.
+            let n = unsafe {
+                libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    std::ptr::from_ref(&addr).cast(),
+                    size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            ensure!(
+                n == frame.len() as isize,
+                "sendto: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        // SAFETY: closing our fd.
+        unsafe { libc::close(fd) };
+        Ok(())
+    })??;
+    Ok(())
+}
+
+/// The IPv4 header checksum of `header` (its checksum field counted as zero).
+fn checksum_ipv4(header: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for (i, pair) in header.chunks(2).enumerate() {
+        if i != 5 {
+            sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}

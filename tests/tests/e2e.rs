@@ -1,0 +1,439 @@
+//! The whole system with real traffic: the agent binary in node-1's namespace, pods on two
+//! nodes, TCP connections and UDP datagrams from a client namespace (tests/src/lab.rs).
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+};
+
+use anyhow::{Context, Result, ensure};
+use nodeport_tests::lab::{
+    CLIENT, CLIENT2, Lab, NODE1,
+    manifests::{self, Ep, ready, terminating},
+};
+
+fn np(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(NODE1, port)
+}
+
+const POD_A: &str = "198.18.1.10";
+const POD_B: &str = "198.18.1.11";
+const POD_C: &str = "198.18.2.10";
+const POD_D: &str = "198.18.1.13";
+
+/// Pods a, b on node-1 and c on node-2.
+fn lab_with_pods(tag: &str) -> Result<Lab> {
+    let mut lab = Lab::new(tag)?;
+    lab.add_pod("a", 1, 10)?;
+    lab.add_pod("b", 1, 11)?;
+    lab.add_pod("c", 2, 10)?;
+    Ok(lab)
+}
+
+fn web(node_port: u16, extra: &str, eps: &[Ep]) -> String {
+    manifests::service("web", node_port, &["TCP"], extra, eps)
+}
+
+/// Case 1: TCP and UDP on one node port reach their own backends; 300 connections spread.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn tcp_and_udp_on_one_node_port_and_spread() -> Result<()> {
+    let mut lab = lab_with_pods("e1")?;
+    // One Service, TCP served by a, b and c, UDP by c only (two slices).
+    let yaml = format!(
+        "kind: Service\napiVersion: v1\nmetadata: {{ name: mixed, namespace: default }}\nspec:\n  type: NodePort\n  ports:\n  - {{ name: tcp, port: 80, protocol: TCP, nodePort: 30080 }}\n  - {{ name: udp, port: 80, protocol: UDP, nodePort: 30080 }}\n---\n\
+         kind: EndpointSlice\napiVersion: discovery.k8s.io/v1\nmetadata: {{ name: mixed-tcp, namespace: default, labels: {{ kubernetes.io/service-name: mixed }} }}\naddressType: IPv4\nports: [ {{ name: tcp, port: 8080, protocol: TCP }} ]\nendpoints: [ {{ addresses: [{POD_A}], nodeName: node-1 }}, {{ addresses: [{POD_B}], nodeName: node-1 }}, {{ addresses: [{POD_C}], nodeName: node-2 }} ]\n---\n\
+         kind: EndpointSlice\napiVersion: discovery.k8s.io/v1\nmetadata: {{ name: mixed-udp, namespace: default, labels: {{ kubernetes.io/service-name: mixed }} }}\naddressType: IPv4\nports: [ {{ name: udp, port: 8080, protocol: UDP }} ]\nendpoints: [ {{ addresses: [{POD_C}], nodeName: node-2 }} ]\n"
+    );
+    lab.start_agent(&yaml)?;
+
+    for _ in 0..5 {
+        ensure!(
+            lab.ask_udp(np(30080))?.pod == "c",
+            "UDP went elsewhere than its only backend"
+        );
+    }
+    let counts = lab.spread(np(30080), 300)?;
+    eprintln!("300 TCP connections: {counts:?}");
+    ensure!(counts.len() == 3, "not every backend was used: {counts:?}");
+    for (pod, n) in &counts {
+        ensure!(
+            *n >= 60,
+            "pod {pod} got {n} of 300 connections, expected a fair share: {counts:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Case 2: externalTrafficPolicy Local: client address kept, local pods only, drop and a
+/// failing health check without one.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn external_traffic_policy_local() -> Result<()> {
+    let mut lab = lab_with_pods("e2")?;
+    let svc = |eps: &[Ep]| {
+        manifests::service("local", 30081, &["TCP"], "", eps).replacen(
+            "  type: NodePort\n",
+            "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
+            1,
+        )
+    };
+    lab.start_agent(&svc(&[ready(POD_A, "node-1"), ready(POD_C, "node-2")]))?;
+
+    for _ in 0..20 {
+        let answer = lab.ask_tcp(np(30081))?;
+        ensure!(
+            answer.pod == "a",
+            "a remote pod was used under Local: {answer:?}"
+        );
+        ensure!(
+            *answer.seen.ip() == CLIENT,
+            "the pod saw {} instead of the client",
+            answer.seen
+        );
+    }
+    let (status, body) = lab.http_get(np(32000), "/")?;
+    ensure!(
+        status == 200 && body.contains("\"localEndpoints\": 1"),
+        "{status} {body}"
+    );
+
+    lab.apply(&svc(&[ready(POD_C, "node-2")]))?;
+    let dropped = lab.counter("no_local_endpoint")?;
+    ensure!(
+        lab.connect(np(30081), None).is_err(),
+        "a connection succeeded without a local endpoint"
+    );
+    ensure!(
+        lab.counter("no_local_endpoint")? > dropped,
+        "the drop was not counted"
+    );
+    let (status, body) = lab.http_get(np(32000), "/")?;
+    ensure!(
+        status == 503 && body.contains("\"localEndpoints\": 0"),
+        "{status} {body}"
+    );
+    Ok(())
+}
+
+/// Case 3: externalTrafficPolicy Cluster with a remote backend: SNAT, and back through node-1.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn remote_backend_through_snat() -> Result<()> {
+    let mut lab = lab_with_pods("e3")?;
+    lab.start_agent(&web(30082, "", &[ready(POD_C, "node-2")]))?;
+    for _ in 0..10 {
+        let answer = lab.ask_tcp(np(30082))?;
+        ensure!(answer.pod == "c");
+        ensure!(
+            *answer.seen.ip() == NODE1,
+            "the remote pod saw {}, not node-1's SNAT address",
+            answer.seen
+        );
+        ensure!(
+            (61000..=65535).contains(&answer.seen.port()),
+            "SNAT port {} outside the range",
+            answer.seen.port()
+        );
+    }
+    let answer = lab.ask_udp(np(30082)).err();
+    ensure!(
+        answer.is_some(),
+        "UDP is not a port of this Service and must not be answered"
+    );
+    ensure!(
+        lab.counter("xdp_tx")? >= 20,
+        "forward and reply both go through XDP_TX"
+    );
+    Ok(())
+}
+
+/// Case 4: endpoint churn: connections to surviving backends live on; new ones avoid the
+/// removed backend and use the added one.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn endpoint_churn_keeps_established_connections() -> Result<()> {
+    let mut lab = lab_with_pods("e4")?;
+    lab.add_pod("d", 1, 13)?;
+    lab.start_agent(&web(
+        30083,
+        "",
+        &[
+            ready(POD_A, "node-1"),
+            ready(POD_B, "node-1"),
+            ready(POD_C, "node-2"),
+        ],
+    ))?;
+
+    let mut conns = Vec::new();
+    for _ in 0..30 {
+        let mut c = lab.connect(np(30083), None)?;
+        let pod = c.ask()?.pod;
+        conns.push((c, pod));
+    }
+    // b goes, d comes.
+    lab.apply(&web(
+        30083,
+        "",
+        &[
+            ready(POD_A, "node-1"),
+            ready(POD_D, "node-1"),
+            ready(POD_C, "node-2"),
+        ],
+    ))?;
+
+    let mut survivors = 0;
+    for (c, pod) in conns.iter_mut().filter(|(_, pod)| pod != "b") {
+        let again = c
+            .ask()
+            .with_context(|| format!("a connection to surviving pod {pod} broke"))?;
+        ensure!(
+            again.pod == *pod,
+            "a connection to {pod} moved to {}",
+            again.pod
+        );
+        survivors += 1;
+    }
+    ensure!(survivors > 0);
+    let counts = lab.spread(np(30083), 100)?;
+    ensure!(
+        !counts.contains_key("b"),
+        "a new connection went to the removed backend: {counts:?}"
+    );
+    ensure!(
+        counts.contains_key("d"),
+        "the added backend got nothing: {counts:?}"
+    );
+    Ok(())
+}
+
+/// Case 5: a terminating-but-serving endpoint takes new connections only when no ready one
+/// is left.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn terminating_endpoints_only_as_a_last_resort() -> Result<()> {
+    let mut lab = lab_with_pods("e5")?;
+    lab.start_agent(&web(
+        30084,
+        "",
+        &[ready(POD_A, "node-1"), terminating(POD_B, "node-1")],
+    ))?;
+    let counts = lab.spread(np(30084), 60)?;
+    ensure!(counts.keys().collect::<Vec<_>>() == ["a"], "{counts:?}");
+    lab.apply(&web(30084, "", &[terminating(POD_B, "node-1")]))?;
+    let counts = lab.spread(np(30084), 20)?;
+    ensure!(counts.keys().collect::<Vec<_>>() == ["b"], "{counts:?}");
+    Ok(())
+}
+
+/// Case 6: SIGKILL the agent during a long-lived connection and a stream of new ones; both
+/// go on while it is down and after it is back.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn agent_restart_is_hitless() -> Result<()> {
+    let mut lab = lab_with_pods("e6")?;
+    let yaml = web(30085, "", &[ready(POD_A, "node-1"), ready(POD_C, "node-2")]);
+    lab.start_agent(&yaml)?;
+    let mut long = lab.connect(np(30085), None)?;
+    let pod = long.ask()?.pod;
+    let before = lab.dump()?["services"].clone();
+
+    let lab = Arc::new(std::sync::Mutex::new(lab));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let stream = {
+        let (lab, stop, ok, failed) = (lab.clone(), stop.clone(), ok.clone(), failed.clone());
+        // A stream of new connections; the lab lock is only held to reach the client.
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let result = lab.lock().expect("lab").ask_tcp(np(30085));
+                match result {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("new connection failed: {e:#}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        })
+    };
+    let wait_for_new_connections = |n: usize| {
+        let target = ok.load(Ordering::Relaxed) + n;
+        while ok.load(Ordering::Relaxed) < target && failed.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+    };
+
+    wait_for_new_connections(20);
+    let agent = lab.lock().expect("lab").take_agent()?;
+    agent.kill9()?;
+    // No agent: the pinned datapath keeps forwarding.
+    wait_for_new_connections(20);
+    ensure!(
+        long.ask()?.pod == pod,
+        "the long-lived connection moved while the agent was down"
+    );
+
+    lab.lock().expect("lab").start_agent(&yaml)?;
+    wait_for_new_connections(20);
+    stop.store(true, Ordering::Relaxed);
+    stream.join().expect("the stream thread");
+    ensure!(
+        failed.load(Ordering::Relaxed) == 0,
+        "{} new connections failed",
+        failed.load(Ordering::Relaxed)
+    );
+    ensure!(
+        long.ask()?.pod == pod,
+        "the long-lived connection did not survive the restart"
+    );
+    let after = lab.lock().expect("lab").dump()?["services"].clone();
+    let strip = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        for s in v.as_array_mut().into_iter().flatten() {
+            s["stats"] = serde_json::Value::Null;
+        }
+        v
+    };
+    ensure!(
+        strip(&before) == strip(&after),
+        "the restart changed the programmed services"
+    );
+    eprintln!(
+        "new connections during the restart: {}",
+        ok.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+/// Case 7: a deleted Service stops forwarding; the host's own listener answers throughout.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn deleted_service_stops_and_host_services_keep_working() -> Result<()> {
+    let mut lab = lab_with_pods("e7")?;
+    // A host service on node-1, on a port no Service uses, answering like the pods do.
+    let host = lab
+        .node1
+        .run(|| std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, 31000)))??;
+    std::thread::spawn(move || {
+        for stream in host.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::{BufRead as _, Write as _};
+                let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone"));
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    let _ = (&stream).write_all(b"host 0.0.0.0:0\n");
+                    line.clear();
+                }
+            });
+        }
+    });
+    let host_answers = |lab: &Lab| -> Result<()> {
+        ensure!(
+            lab.ask_tcp(np(31000))?.pod == "host",
+            "the host listener did not answer"
+        );
+        Ok(())
+    };
+    lab.start_agent(&web(30086, "", &[ready(POD_A, "node-1")]))?;
+    host_answers(&lab)?;
+    ensure!(lab.ask_tcp(np(30086))?.pod == "a");
+    lab.apply("")?;
+    host_answers(&lab)?;
+    ensure!(
+        lab.ask_tcp(np(30086)).is_err(),
+        "the deleted Service still answers"
+    );
+    host_answers(&lab)?;
+    Ok(())
+}
+
+/// Case 8: sessionAffinity ClientIP sticks; loadBalancerSourceRanges admits and refuses.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn affinity_and_source_ranges() -> Result<()> {
+    let mut lab = lab_with_pods("e8")?;
+    let sticky = web(
+        30087,
+        "sessionAffinity: ClientIP",
+        &[
+            ready(POD_A, "node-1"),
+            ready(POD_B, "node-1"),
+            ready(POD_C, "node-2"),
+        ],
+    );
+    let ranged = manifests::service(
+        "ranged",
+        30088,
+        &["TCP"],
+        "loadBalancerSourceRanges: [198.18.0.100/32]",
+        &[ready(POD_A, "node-1")],
+    );
+    lab.start_agent(&manifests::join(&[sticky, ranged]))?;
+
+    let counts = lab.spread(np(30087), 30)?;
+    ensure!(counts.len() == 1, "affinity broken: {counts:?}");
+
+    ensure!(
+        lab.connect(np(30088), Some(CLIENT))?.ask()?.pod == "a",
+        "an admitted client was refused"
+    );
+    let denied = lab.counter("source_range_denied")?;
+    ensure!(
+        lab.connect(np(30088), Some(CLIENT2)).is_err(),
+        "a client outside the ranges got through"
+    );
+    ensure!(
+        lab.counter("source_range_denied")? > denied,
+        "the refusal was not counted"
+    );
+    Ok(())
+}
+
+/// Case 9: ARP, IPv6, ICMP, fragments and malformed packets at the node do not disturb an
+/// established connection.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn odd_traffic_does_not_disturb_established_flows() -> Result<()> {
+    let mut lab = lab_with_pods("e9")?;
+    lab.start_agent(&web(
+        30089,
+        "",
+        &[ready(POD_A, "node-1"), ready(POD_C, "node-2")],
+    ))?;
+    let mut long = lab.connect(np(30089), None)?;
+    let pod = long.ask()?.pod;
+
+    let before: BTreeMap<&str, u64> = [
+        "arp",
+        "ipv6",
+        "other_protocol",
+        "fragment",
+        "later_fragment",
+        "malformed",
+    ]
+    .into_iter()
+    .map(|c| (c, lab.counter(c).unwrap_or(0)))
+    .collect();
+    nodeport_tests::lab::send_odd_frames(&lab, 30089)?;
+    ensure!(
+        long.ask()?.pod == pod,
+        "the established connection was disturbed"
+    );
+    ensure!(
+        lab.ask_tcp(np(30089)).is_ok(),
+        "new connections were disturbed"
+    );
+    for (name, was) in before {
+        let now = lab.counter(name)?;
+        ensure!(
+            now > was,
+            "counter {name} did not move ({was} -> {now}): the frames never reached XDP"
+        );
+    }
+    Ok(())
+}
