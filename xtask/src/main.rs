@@ -7,7 +7,7 @@ mod util;
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
-use util::{cargo, is_root, run, workspace_root};
+use util::{cargo, is_root, run, target_dir, workspace_root};
 
 #[derive(Parser)]
 #[command(about = "nodeport's build, test, benchmark and demo tasks")]
@@ -32,6 +32,9 @@ enum Task {
     },
     /// Measure the datapath and the agent (needs root); results go to bench/results/.
     Bench,
+    /// Show nodeport at work: a little cluster in network namespaces, the agent on
+    /// examples/, real traffic, a live endpoint change and an agent restart (needs root).
+    Demo,
 }
 
 fn main() -> Result<()> {
@@ -43,6 +46,7 @@ fn main() -> Result<()> {
         }
         Task::Test { skip_lint, filter } => test(skip_lint, filter),
         Task::Bench => bench(),
+        Task::Demo => demo(),
     }
 }
 
@@ -83,7 +87,12 @@ fn test(skip_lint: bool, filter: Option<String>) -> Result<()> {
     println!("xtask: cargo test (host and root tests)");
     let mut test = cargo();
     test.args(["test", "--workspace", "--", "--include-ignored"])
-        .env("NODEPORT_EBPF_OBJECT", &object);
+        .env("NODEPORT_EBPF_OBJECT", &object)
+        // The end-to-end tests run the agent binary this build produces.
+        .env(
+            "NODEPORT_AGENT_BIN",
+            target_dir().join("debug/nodeport-agent"),
+        );
     if let Some(filter) = filter {
         test.arg(filter);
     }
@@ -104,4 +113,32 @@ fn bench() -> Result<()> {
         .arg(workspace_root().join("bench/results"))
         .env("NODEPORT_EBPF_OBJECT", &datapath)
         .env("NODEPORT_BENCH_OBJECT", &bench_object))
+}
+
+fn demo() -> Result<()> {
+    if !is_root() {
+        bail!(
+            "cargo xtask demo creates network namespaces and loads BPF programs: run it as root, \
+             e.g. `sudo -E cargo xtask demo`"
+        );
+    }
+    let toolchain = prereqs::ensure()?;
+    let object = ebpf::build(&toolchain, ebpf::Flavour::Datapath)?;
+    println!("xtask: building the agent and the demo");
+    run(cargo()
+        .args([
+            "build",
+            "--package",
+            "nodeport-agent",
+            "--package",
+            "nodeport-tests",
+        ])
+        .args(["--bin", "nodeport-agent", "--bin", "nodeport-demo"])
+        .env("NODEPORT_EBPF_OBJECT", &object))?;
+    run(
+        std::process::Command::new(target_dir().join("debug/nodeport-demo")).env(
+            "NODEPORT_AGENT_BIN",
+            target_dir().join("debug/nodeport-agent"),
+        ),
+    )
 }
