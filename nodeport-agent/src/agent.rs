@@ -68,6 +68,24 @@ impl std::fmt::Display for PortRange {
     }
 }
 
+/// Ports in net.ipv4.ip_local_reserved_ports ("8080,61000-65535"): the kernel never picks
+/// them as ephemeral ports.
+fn reserved_ports(text: &str) -> Vec<(u16, u16)> {
+    text.trim()
+        .split(',')
+        .filter_map(|part| {
+            let part = part.trim();
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Whether every port of `range` is in one of `reserved`.
+fn all_reserved(range: (u16, u16), reserved: &[(u16, u16)]) -> bool {
+    (range.0..=range.1).all(|p| reserved.iter().any(|(a, b)| (*a..=*b).contains(&p)))
+}
+
 fn overlap(a: (u16, u16), b: (u16, u16)) -> Option<(u16, u16)> {
     let lo = a.0.max(b.0);
     let hi = a.1.min(b.1);
@@ -240,9 +258,12 @@ impl RunArgs {
                 self.service_node_port_range
             );
         }
+        let reserved = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports")
+            .map(|t| reserved_ports(&t))
+            .unwrap_or_default();
         if let Some(local) =
             ledger::read_local_port_range(std::path::Path::new(ledger::IP_LOCAL_PORT_RANGE))
-            && let Some((a, b)) = overlap(snat, local)
+            && let Some((a, b)) = overlap(snat, local).filter(|o| !all_reserved(*o, &reserved))
         {
             bail!(
                 "--snat-port-range {} overlaps net.ipv4.ip_local_port_range {}-{} on {a}-{b}: the \
@@ -279,6 +300,78 @@ impl RunArgs {
 /// What is attached where (by name, with the ifindex it had).
 type Attached = BTreeMap<(String, InterfaceRole), u32>;
 
+/// The health servers: one when the node health server and the health-check node ports share
+/// an address (the usual case), two otherwise.
+struct Health {
+    services: HealthServer,
+    node: Option<HealthServer>,
+}
+
+impl Health {
+    fn all(&self) -> impl Iterator<Item = &HealthServer> {
+        std::iter::once(&self.services).chain(self.node.as_ref())
+    }
+    fn queued_update(&self) {
+        self.all().for_each(HealthServer::queued_update);
+    }
+    fn updated(&self) {
+        self.all().for_each(HealthServer::updated);
+    }
+    fn set_node_eligible(&self, eligible: bool) {
+        self.all().for_each(|h| h.set_node_eligible(eligible));
+    }
+    async fn shutdown(self) {
+        self.services.shutdown().await;
+        if let Some(h) = self.node {
+            h.shutdown().await;
+        }
+    }
+}
+
+async fn start_health(
+    args: &RunArgs,
+    registry: &mut prometheus_client::registry::Registry,
+) -> Result<Health> {
+    let config = |bind, port| HealthConfig {
+        bind,
+        node_healthz_port: port,
+        health_timeout: crate::health::DEFAULT_HEALTH_TIMEOUT,
+    };
+    let healthz = args.healthz_bind_address.0;
+    let shared = healthz
+        .filter(|a| a.ip() == args.health_check_bind_address)
+        .map(|a| a.port());
+    let services = HealthServer::start(config(args.health_check_bind_address, shared))
+        .await
+        .context("starting the health servers")?;
+    services.register(registry);
+    let node = match healthz.filter(|_| shared.is_none()) {
+        Some(addr) => Some(
+            HealthServer::start(config(addr.ip(), Some(addr.port())))
+                .await
+                .with_context(|| format!("starting the node health server on {addr}"))?,
+        ),
+        None => None,
+    };
+    Ok(Health { services, node })
+}
+
+/// What the source reports about itself, for metrics.
+enum SourceStats {
+    Files(Arc<source::files::FilesSourceStats>),
+    Kube(Arc<source::kube::KubeSourceStats>),
+}
+
+impl SourceStats {
+    /// (errors, snapshots published)
+    fn totals(&self) -> (u64, u64) {
+        match self {
+            Self::Files(s) => (s.errors(), s.loads()),
+            Self::Kube(s) => (s.watch_errors(), s.snapshots_published()),
+        }
+    }
+}
+
 struct Agent {
     args: RunArgs,
     node_name: String,
@@ -288,9 +381,12 @@ struct Agent {
     selection: Selection,
     layout: Layout,
     attached: Attached,
-    health: HealthServer,
+    health: Health,
+    /// A health-check port failed to start: retried on the next rounds.
+    health_retry: bool,
     metrics: Metrics,
     ledger_metrics: ledger::metrics::LedgerMetrics,
+    source_stats: SourceStats,
     /// Services that failed to program, retried on every round.
     retry: BTreeSet<ServicePortKey>,
     notices: BTreeSet<crate::model::Notice>,
@@ -328,34 +424,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::register(&mut registry);
     let ledger_metrics = ledger::metrics::LedgerMetrics::register(&mut registry);
-    let health = HealthServer::start(HealthConfig {
-        bind: args.health_check_bind_address,
-        node_healthz_port: None,
-        health_timeout: crate::health::DEFAULT_HEALTH_TIMEOUT,
-    })
-    .await
-    .context("starting the health-check servers")?;
-    health.register(&mut registry);
-    let node_health = match args.healthz_bind_address.0 {
-        Some(addr) => Some(
-            HealthServer::start(HealthConfig {
-                bind: addr.ip(),
-                node_healthz_port: Some(addr.port()),
-                health_timeout: crate::health::DEFAULT_HEALTH_TIMEOUT,
-            })
-            .await
-            .with_context(|| format!("starting the node health server on {addr}"))?,
-        ),
-        None => None,
-    };
+    let health = start_health(&args, &mut registry).await?;
     let registry = Arc::new(registry);
     if let Some(addr) = args.metrics_bind_address.0 {
+        // Bind now, so a taken port is an error at start rather than a log line later.
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics on {addr}"))?;
         let registry = registry.clone();
-        let listener_check =
-            std::net::TcpListener::bind(addr).with_context(|| format!("metrics on {addr}"))?;
-        drop(listener_check);
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, registry).await {
+            if let Err(e) = metrics::serve(listener, registry).await {
                 tracing::error!(%addr, error = %e, "the metrics server stopped");
             }
         });
@@ -363,22 +441,26 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     // The source of cluster state.
     let (tx, mut rx) = source::channel();
-    match &args.manifests {
+    let source_stats = match &args.manifests {
         Some(dir) => {
             let dir = dir.clone();
             let stats = source::files::FilesSourceStats::new();
+            let task_stats = stats.clone();
             tokio::spawn(async move {
-                if let Err(e) = source::files::run(dir, tx, stats).await {
+                if let Err(e) = source::files::run(dir, tx, task_stats).await {
                     tracing::error!(error = %e, "watching the manifests directory failed");
                 }
             });
+            SourceStats::Files(stats)
         }
         None => {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
+            let stats = source::kube::KubeSourceStats::new();
             let config = source::kube::KubeSourceConfig {
                 node_name: Some(node_name.clone()),
+                stats: stats.clone(),
                 ..Default::default()
             };
             tokio::spawn(async move {
@@ -386,8 +468,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     tracing::error!(error = %e, "the Kubernetes source stopped");
                 }
             });
+            SourceStats::Kube(stats)
         }
-    }
+    };
 
     let mut agent = Agent {
         reconciler: Reconciler::new(NodeContext::default()),
@@ -398,8 +481,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         layout: Layout::default(),
         attached: Attached::new(),
         health,
+        health_retry: false,
         metrics,
         ledger_metrics,
+        source_stats,
         retry: BTreeSet::new(),
         notices: BTreeSet::new(),
         snapshot: Arc::new(Snapshot::default()),
@@ -420,11 +505,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     );
     let first = tokio::select! {
         first = wait_first(&mut rx) => first?,
-        _ = sigterm.recv() => return agent.shutdown(node_health).await,
-        _ = sigint.recv() => return agent.shutdown(node_health).await,
+        _ = sigterm.recv() => return agent.shutdown().await,
+        _ = sigint.recv() => return agent.shutdown().await,
     };
     agent.snapshot = first;
-    agent.reconcile();
+    agent.reconcile().await;
 
     let mut sample = tokio::time::interval(Duration::from_secs(5));
     let mut periodic = tokio::time::interval(Duration::from_secs(30));
@@ -438,10 +523,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 if let Some(s) = rx.borrow_and_update().clone() {
                     agent.snapshot = s;
                 }
-                agent.health.queued_update();
-                if let Some(h) = &node_health { h.queued_update(); }
-                agent.reconcile();
-                if let Some(h) = &node_health { h.updated(); }
+                agent.reconcile().await;
             }
             changed = watcher.changed() => {
                 if let Err(e) = changed {
@@ -450,20 +532,20 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 if let Err(e) = agent.rescan_interfaces() {
                     tracing::error!(error = format!("{e:#}"), "following the node's interfaces");
                 }
-                agent.reconcile();
+                agent.reconcile().await;
             }
             _ = periodic.tick() => {
                 if let Err(e) = agent.rescan_interfaces() {
                     tracing::error!(error = format!("{e:#}"), "following the node's interfaces");
                 }
-                agent.reconcile();
+                agent.reconcile().await;
             }
             _ = sample.tick() => agent.sample(),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
     }
-    agent.shutdown(node_health).await
+    agent.shutdown().await
 }
 
 async fn wait_first(rx: &mut SnapshotReceiver) -> Result<Arc<Snapshot>> {
@@ -580,8 +662,12 @@ impl Agent {
     }
 
     /// Brings desired state, maps, health checks and notices up to date.
-    fn reconcile(&mut self) {
+    async fn reconcile(&mut self) {
         let started = Instant::now();
+        self.health.queued_update();
+        if let Some(eligible) = self.snapshot.node_eligible {
+            self.health.set_node_eligible(eligible);
+        }
         let mut changes = self.reconciler.set_node(self.node_context());
         let more = self
             .reconciler
@@ -630,7 +716,7 @@ impl Agent {
             }
         }
 
-        if changes.health_checks {
+        if changes.health_checks || self.health_retry {
             let services: BTreeMap<u16, ServiceHealth> = self
                 .reconciler
                 .desired()
@@ -646,12 +732,13 @@ impl Agent {
                 })
                 .collect();
             self.metrics.health_checks.set(services.len() as i64);
-            let health = self.health.clone();
-            tokio::spawn(async move {
-                for e in health.set_services(services).await {
-                    tracing::error!(error = %e, "health-check node port");
-                }
-            });
+            // In the loop, not a task: updates apply in order, and a port that could not be
+            // bound is known before the next round retries it.
+            let errors = self.health.services.set_services(services).await;
+            for e in &errors {
+                tracing::error!(error = %e, "health-check node port (retried)");
+            }
+            self.health_retry = !errors.is_empty();
         }
         if changes.notices {
             let notices = self.reconciler.notices();
@@ -665,7 +752,6 @@ impl Agent {
             self.metrics.set_notices(&counts);
             self.notices = notices;
         }
-        tracing::debug!(revision = self.snapshot.revision, "reconciled");
         self.metrics
             .services
             .set(self.programmed.services.len() as i64);
@@ -676,7 +762,12 @@ impl Agent {
                 .map(|s| s.backends.len() as i64)
                 .sum(),
         );
-        self.health.updated();
+        // As kube-proxy: healthy means everything queued was applied; services that keep
+        // failing make /healthz fail after the health timeout, so load balancers drain the node.
+        if report.failed.is_empty() {
+            self.health.updated();
+        }
+        tracing::debug!(revision = self.snapshot.revision, "reconciled");
     }
 
     fn sample(&mut self) {
@@ -686,7 +777,8 @@ impl Agent {
             .iter()
             .map(|(k, s)| (k.clone(), s.id))
             .collect();
-        self.metrics.sample(&self.dp.maps, &ids);
+        self.metrics
+            .sample(&self.dp.maps, &ids, self.source_stats.totals());
         if std::mem::take(&mut self.ledger_dirty) {
             let local =
                 ledger::read_local_port_range(std::path::Path::new(ledger::IP_LOCAL_PORT_RANGE));
@@ -699,12 +791,9 @@ impl Agent {
         }
     }
 
-    async fn shutdown(self, node_health: Option<HealthServer>) -> Result<()> {
+    async fn shutdown(self) -> Result<()> {
         tracing::info!("shutting down");
         self.health.shutdown().await;
-        if let Some(h) = node_health {
-            h.shutdown().await;
-        }
         let dir = self.args.bpffs_dir.clone();
         let detach = self.args.detach_on_exit;
         drop(self.dp);
@@ -742,6 +831,15 @@ mod tests {
             overlap((30000, 40000), (32768, 60999)),
             Some((32768, 40000))
         );
+    }
+
+    #[test]
+    fn reserved_ports_cover_an_overlap() {
+        let reserved = reserved_ports("8080,60000-60999\n");
+        assert_eq!(reserved, [(8080, 8080), (60000, 60999)]);
+        assert!(all_reserved((60500, 60999), &reserved));
+        assert!(!all_reserved((59999, 60999), &reserved));
+        assert!(reserved_ports("\n").is_empty());
     }
 
     #[test]

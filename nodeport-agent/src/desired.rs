@@ -90,8 +90,8 @@ fn parse_prefix(s: &str) -> Option<Ipv4Prefix> {
     })
 }
 
-/// The conditions of an endpoint with the API's defaults: ready unset means ready, serving
-/// unset means "as ready", terminating unset means not terminating.
+/// The conditions of an endpoint with kube-proxy's defaults (pkg/proxy/endpointslicecache.go):
+/// ready and serving unset mean true, terminating unset means false.
 #[derive(Clone, Copy)]
 struct Conditions {
     ready: bool,
@@ -104,7 +104,7 @@ fn conditions(ep: &Endpoint) -> Conditions {
     let ready = c.and_then(|c| c.ready).unwrap_or(true);
     Conditions {
         ready,
-        serving: c.and_then(|c| c.serving).unwrap_or(ready),
+        serving: c.and_then(|c| c.serving).unwrap_or(true),
         terminating: c.and_then(|c| c.terminating).unwrap_or(false),
     }
 }

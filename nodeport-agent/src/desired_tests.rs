@@ -402,6 +402,32 @@ fn ready_endpoints_take_new_connections_and_the_others_only_finish_theirs() {
 }
 
 #[test]
+fn an_unset_serving_condition_counts_as_serving_like_kube_proxy() {
+    // Not ready, terminating, serving unset: kube-proxy treats it as serving, so with no ready
+    // endpoint it takes new connections.
+    let d = compute(
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: web, namespace: default }
+spec: { type: NodePort, ports: [ { port: 80, nodePort: 30080 } ] }
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: { name: web-1, namespace: default, labels: { kubernetes.io/service-name: web } }
+addressType: IPv4
+ports: [ { port: 8080 } ]
+endpoints: [ { addresses: [10.0.1.3], nodeName: node-a, conditions: { ready: false, terminating: true } } ]
+"#,
+    );
+    let svc = &d.services[&key("default", "web", "", Protocol::Tcp)];
+    assert_eq!(
+        backend_view(svc),
+        BTreeMap::from([("10.0.1.3:8080".into(), (true, true))])
+    );
+}
+
+#[test]
 fn without_ready_endpoints_serving_terminating_ones_take_over_but_never_not_serving_ones() {
     let yaml = CONDITIONS
         .replace(

@@ -110,7 +110,10 @@ pub struct Layout {
     pub pod_facing: BTreeMap<String, Interface>,
     /// Addresses node ports answer on.
     pub node_addresses: BTreeSet<Ipv4Addr>,
-    /// External ifindex -> its primary address, the SNAT address of traffic leaving there.
+    /// Ifindex -> its primary address: the SNAT address of traffic to a remote backend that
+    /// leaves there. Every interface with an address has one, not only external ones: with an
+    /// overlay (flannel.1, vxlan.calico, WireGuard) the route to another node's pods leaves
+    /// through the overlay device, and replies come back through it to the pod-facing hook.
     pub snat_addresses: BTreeMap<u32, Ipv4Addr>,
 }
 
@@ -151,10 +154,12 @@ impl Selection {
         };
         let mut layout = Layout::default();
         for iface in interfaces.values() {
+            if !iface.loopback
+                && let Some(primary) = iface.addresses.first()
+            {
+                layout.snat_addresses.insert(iface.ifindex, *primary);
+            }
             if external_names.contains(iface.name.as_str()) {
-                if let Some(primary) = iface.addresses.first() {
-                    layout.snat_addresses.insert(iface.ifindex, *primary);
-                }
                 layout.external.insert(iface.name.clone(), iface.clone());
             } else if iface.up
                 && !iface.loopback
@@ -292,9 +297,13 @@ mod tests {
             layout.pod_facing.keys().collect::<Vec<_>>(),
             ["cali123", "eth1", "vethab"]
         );
+        let snat = BTreeMap::from([
+            (2, "198.18.0.1".parse().unwrap()),
+            (3, "10.1.0.5".parse().unwrap()),
+        ]);
         assert_eq!(
-            layout.snat_addresses,
-            BTreeMap::from([(2, "198.18.0.1".parse().unwrap())])
+            layout.snat_addresses, snat,
+            "every interface with an address, loopback aside"
         );
         let addrs: Vec<String> = layout
             .node_addresses
@@ -322,7 +331,11 @@ mod tests {
         assert_eq!(layout.external.keys().collect::<Vec<_>>(), ["eth0", "eth1"]);
         assert_eq!(layout.pod_facing.keys().collect::<Vec<_>>(), ["cali123"]);
         assert_eq!(layout.node_addresses.len(), 2);
-        assert_eq!(layout.snat_addresses.len(), 2);
+        assert_eq!(
+            layout.snat_addresses.len(),
+            2,
+            "eth0 and eth1: the only ones with addresses"
+        );
     }
 
     #[test]

@@ -4,8 +4,7 @@
 //! the increase to its own counters, so the exported series are ordinary monotonic counters.
 
 use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
+    collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex},
 };
 
@@ -66,10 +65,12 @@ pub struct Metrics {
     pub datapath_packets: Family<PathLabels, Counter>,
     pub service_packets: Family<ServiceLabels, Counter>,
     pub service_bytes: Family<ServiceLabels, Counter>,
-    pub conntrack_entries: Gauge,
     pub source_errors: Counter,
+    pub source_snapshots: Counter,
     /// Last sampled values, to turn map totals into counter increments.
     last: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// Services whose series are exported, to drop the series of deleted ones.
+    exported: Arc<Mutex<BTreeSet<ServicePortKey>>>,
 }
 
 impl Metrics {
@@ -84,9 +85,10 @@ impl Metrics {
             datapath_packets: Family::default(),
             service_packets: Family::default(),
             service_bytes: Family::default(),
-            conntrack_entries: Gauge::default(),
             source_errors: Counter::default(),
+            source_snapshots: Counter::default(),
             last: Arc::default(),
+            exported: Arc::default(),
         };
         let r = registry.sub_registry_with_prefix("nodeport");
         r.register(
@@ -135,14 +137,14 @@ impl Metrics {
             m.service_bytes.clone(),
         );
         r.register(
-            "conntrack_entries",
-            "Connection tracking entries (both directions)",
-            m.conntrack_entries.clone(),
-        );
-        r.register(
             "source_errors",
             "Errors reading the cluster state (watch errors, invalid manifests)",
             m.source_errors.clone(),
+        );
+        r.register(
+            "source_snapshots",
+            "Consistent views of the cluster state received from the source",
+            m.source_snapshots.clone(),
         );
         m
     }
@@ -182,7 +184,17 @@ impl Metrics {
     }
 
     /// Samples the datapath's counters into the exported ones.
-    pub fn sample(&self, maps: &Maps, services: &BTreeMap<ServicePortKey, u32>) {
+    ///
+    /// `services` maps each programmed service port to its id; `source` is the source's
+    /// running totals (errors, snapshots). The connection table is not counted here: walking
+    /// a map of hundreds of thousands of entries every few seconds costs more than the
+    /// number is worth (`nodeport dump --stats` counts it on demand).
+    pub fn sample(
+        &self,
+        maps: &Maps,
+        services: &BTreeMap<ServicePortKey, u32>,
+        source: (u64, u64),
+    ) {
         for (counter, total) in dump::counter_values(maps) {
             let kind = match counter.kind() {
                 nodeport_common::counters::CounterKind::Forwarded => "forwarded",
@@ -212,13 +224,7 @@ impl Metrics {
                 rb += s.reply_bytes;
             }
             for (direction, packets, bytes) in [("in", p, b), ("out", rp, rb)] {
-                let labels = ServiceLabels {
-                    namespace: key.namespace.clone(),
-                    service: key.name.clone(),
-                    port: key.port_name.clone(),
-                    protocol: key.protocol.to_string(),
-                    direction: direction.into(),
-                };
+                let labels = service_labels(key, direction);
                 self.add(
                     format!("sp/{key}/{direction}"),
                     packets,
@@ -231,15 +237,46 @@ impl Metrics {
                 );
             }
         }
-        self.conntrack_entries
-            .set(maps.conntrack.keys().count() as i64);
+        self.forget_deleted(services);
+        let (errors, snapshots) = source;
+        self.add("src/errors".into(), errors, &self.source_errors);
+        self.add("src/snapshots".into(), snapshots, &self.source_snapshots);
+    }
+
+    /// Drops the series of services no longer programmed, so a cluster with churning
+    /// services does not grow the scrape without bound.
+    fn forget_deleted(&self, services: &BTreeMap<ServicePortKey, u32>) {
+        let mut exported = self.exported.lock().expect("not poisoned");
+        let mut last = self.last.lock().expect("not poisoned");
+        for key in exported.iter().filter(|k| !services.contains_key(*k)) {
+            for direction in ["in", "out"] {
+                let labels = service_labels(key, direction);
+                self.service_packets.remove(&labels);
+                self.service_bytes.remove(&labels);
+                last.remove(&format!("sp/{key}/{direction}"));
+                last.remove(&format!("sb/{key}/{direction}"));
+            }
+        }
+        *exported = services.keys().cloned().collect();
     }
 }
 
-/// Serves `/metrics` (and `/` with a pointer to it) until the task is dropped.
-pub async fn serve(addr: SocketAddr, registry: Arc<Registry>) -> std::io::Result<()> {
+fn service_labels(key: &ServicePortKey, direction: &str) -> ServiceLabels {
+    ServiceLabels {
+        namespace: key.namespace.clone(),
+        service: key.name.clone(),
+        port: key.port_name.clone(),
+        protocol: key.protocol.to_string(),
+        direction: direction.into(),
+    }
+}
+
+/// Serves `/metrics` until the task is dropped.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    registry: Arc<Registry>,
+) -> std::io::Result<()> {
     use axum::{Router, http::header, response::IntoResponse, routing::get};
-    let listener = tokio::net::TcpListener::bind(addr).await?;
     let app = Router::new().route(
         "/metrics",
         get(move || {

@@ -23,9 +23,9 @@ use std::{
 
 use aya::maps::{MapError, lpm_trie::Key as LpmKey};
 use nodeport_common::{
-    BE_F_LOCAL, BE_F_PRESENT, Backend, DatapathConfig, FE_F_AFFINITY, FE_F_LOCAL_ONLY,
-    FE_F_SOURCE_RANGES, FRONTEND_PORT_WORDS, Frontend as FrontendValue, FrontendKey, SnatAddr,
-    SrcRangeKey, SvcName, frontend_port_bit, src_range_prefix_len,
+    BE_F_DRAINING, BE_F_LOCAL, BE_F_PRESENT, Backend, DatapathConfig, FE_F_AFFINITY,
+    FE_F_LOCAL_ONLY, FE_F_SOURCE_RANGES, FRONTEND_PORT_WORDS, Frontend as FrontendValue,
+    FrontendKey, SnatAddr, SrcRangeKey, SvcName, frontend_port_bit, src_range_prefix_len,
 };
 use thiserror::Error;
 
@@ -37,6 +37,11 @@ use crate::{
 
 #[derive(Debug, Error)]
 pub enum SyncError {
+    #[error(
+        "{backends} backends take new connections but a Maglev table has {slots} slots: raise \
+         --maglev-table-size to a prime well above the backend count (e.g. 16381)"
+    )]
+    TooManyBackends { backends: usize, slots: u32 },
     #[error("{what}: the map is full (raise {flag})")]
     Full {
         what: &'static str,
@@ -215,6 +220,24 @@ pub fn key_of(name: &SvcName) -> Option<ServicePortKey> {
     })
 }
 
+/// What `NP_BACKENDS` holds for a backend in this state.
+fn backend_value(addr: &SocketAddrV4, state: &BackendState, svc_id: u32) -> Backend {
+    let mut flags = BE_F_PRESENT;
+    if state.local {
+        flags |= BE_F_LOCAL;
+    }
+    if !state.in_table {
+        flags |= BE_F_DRAINING;
+    }
+    Backend {
+        addr_be: u32::from(*addr.ip()).to_be(),
+        port_be: addr.port().to_be(),
+        flags,
+        _pad: 0,
+        svc_id,
+    }
+}
+
 fn maglev_key(addr: &SocketAddrV4) -> MaglevKey {
     MaglevKey {
         addr_be: u32::from(*addr.ip()).to_be(),
@@ -243,6 +266,7 @@ fn range_key(svc_id: u32, p: &Ipv4Prefix) -> LpmKey<SrcRangeKey> {
 /// A write to undo if the service's transaction fails.
 enum Undo {
     Backend(u32),
+    BackendValue(u32, Backend),
     BackendId(u32),
     Block(u32),
     SvcId(u32),
@@ -266,8 +290,8 @@ impl Programmed {
             settings: None,
             port_refs: BTreeMap::new(),
             port_words: None,
-            svc_ids: IdPool::new(1, sizing.services),
-            backend_ids: IdPool::new(1, sizing.backends),
+            svc_ids: IdPool::new(0, sizing.services),
+            backend_ids: IdPool::new(1, sizing.backends + 1),
             blocks: IdPool::new(0, sizing.maglev_blocks()),
         }
     }
@@ -321,7 +345,7 @@ impl Programmed {
                 Some((_, svc)) => {
                     let state = BackendState {
                         local: b.flags & BE_F_LOCAL != 0,
-                        in_table: false,
+                        in_table: b.flags & BE_F_DRAINING == 0,
                     };
                     svc.backends.insert(addr, (id, state));
                     by_id.insert(id, addr);
@@ -369,11 +393,6 @@ impl Programmed {
             }
             let mut table: Vec<SocketAddrV4> = members.into_iter().collect();
             table.sort_by_key(maglev_key);
-            for addr in &table {
-                if let Some((_, state)) = svc.backends.get_mut(addr) {
-                    state.in_table = true;
-                }
-            }
             svc.block = Some(block);
             svc.table = table;
         }
@@ -390,8 +409,8 @@ impl Programmed {
             settings: None,
             port_refs: BTreeMap::new(),
             port_words: None,
-            svc_ids: IdPool::with_used(1, sizing.services, &used_svc),
-            backend_ids: IdPool::with_used(1, sizing.backends, &used_backends),
+            svc_ids: IdPool::with_used(0, sizing.services, &used_svc),
+            backend_ids: IdPool::with_used(1, sizing.backends + 1, &used_backends),
             blocks: IdPool::with_used(0, sizing.maglev_blocks(), &used_blocks),
         };
         for (_, (key, svc)) in services {
@@ -428,6 +447,24 @@ impl Orphans {
 }
 
 impl Syncer<'_> {
+    /// Zeroes a service id's packet counters.
+    fn zero_stats(&mut self, id: u32) -> Result<(), SyncError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| SyncError::Io {
+            what: "counting CPUs",
+            source: e,
+        })?;
+        let zeros =
+            aya::maps::PerCpuValues::try_from(vec![nodeport_common::SvcStats::default(); cpus])
+                .map_err(|e| SyncError::Io {
+                    what: "zeroing service counters",
+                    source: e,
+                })?;
+        self.maps
+            .svc_stats
+            .set(id, zeros, 0)
+            .map_err(SyncError::map("service counters", "--max-services"))
+    }
+
     /// Removes orphaned entries (after adoption).
     pub fn remove_orphans(&mut self, orphans: Orphans) -> usize {
         let n = orphans.len();
@@ -649,6 +686,8 @@ impl Syncer<'_> {
                     flag: "--max-services",
                 })?;
                 undo.push(Undo::SvcId(id));
+                // A reused id must not inherit the counters of the service that had it.
+                self.zero_stats(id)?;
                 id
             }
         };
@@ -676,25 +715,29 @@ impl Syncer<'_> {
                 .as_ref()
                 .and_then(|c| c.backends.get(addr))
                 .filter(|(_, old)| old.local == state.local)
-                .map(|(bid, _)| *bid);
+                .copied();
             let bid = match reuse {
-                Some(bid) => bid,
+                Some((bid, old)) => {
+                    if old != *state {
+                        // Started or stopped draining: the datapath reads the flag.
+                        let previous = backend_value(addr, &old, id);
+                        self.maps
+                            .backends
+                            .set(bid, backend_value(addr, state, id))
+                            .map_err(SyncError::io("writing a backend"))?;
+                        undo.push(Undo::BackendValue(bid, previous));
+                    }
+                    bid
+                }
                 None => {
                     let bid = programmed
                         .backend_ids
                         .alloc()
                         .expect("availability checked");
                     undo.push(Undo::BackendId(bid));
-                    let value = Backend {
-                        addr_be: u32::from(*addr.ip()).to_be(),
-                        port_be: addr.port().to_be(),
-                        flags: BE_F_PRESENT | if state.local { BE_F_LOCAL } else { 0 },
-                        _pad: 0,
-                        svc_id: id,
-                    };
                     self.maps
                         .backends
-                        .set(bid, value)
+                        .set(bid, backend_value(addr, state, id))
                         .map_err(SyncError::io("writing a backend"))?;
                     undo.push(Undo::Backend(bid));
                     bid
@@ -705,6 +748,12 @@ impl Syncer<'_> {
 
         // 2. The Maglev table, into a fresh block when its members changed.
         let mut table: Vec<SocketAddrV4> = want.table_backends().map(|(a, _)| *a).collect();
+        if table.len() > self.sizing.maglev_size as usize {
+            return Err(SyncError::TooManyBackends {
+                backends: table.len(),
+                slots: self.sizing.maglev_size,
+            });
+        }
         table.sort_by_key(maglev_key);
         let same_table = current.as_ref().is_some_and(|c| {
             c.table == table
@@ -896,6 +945,11 @@ impl Syncer<'_> {
                     .maps
                     .backends
                     .set(bid, Backend::default())
+                    .map_err(|e| e.to_string()),
+                Undo::BackendValue(bid, previous) => self
+                    .maps
+                    .backends
+                    .set(bid, previous)
                     .map_err(|e| e.to_string()),
                 Undo::BackendId(bid) => {
                     programmed.backend_ids.free(bid);

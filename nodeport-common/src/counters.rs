@@ -72,8 +72,9 @@ counters! {
     /// A non-first IPv4 fragment: it carries no ports and is left to the kernel.
     PassedLaterFragment = 16, Passed, "later_fragment";
 
-    /// The FIB lookup could not decide (no route, not forwarding, ...): the translated packet
-    /// goes to the kernel stack, which will route it or answer with ICMP.
+    /// The FIB lookup could not decide (no route, not forwarding, ...): the packet goes to the
+    /// kernel stack, which will route it or answer with ICMP. Translated, except the first
+    /// packet to a remote backend, which cannot be SNATed without a route and goes untranslated.
     FallbackFibLookup = 20, Fallback, "fib_lookup";
     /// The driver cannot carry XDP metadata to the TC hook: the translated packet is routed by
     /// the kernel stack.

@@ -57,10 +57,10 @@ pub mod capacity {
     /// Frontend entries: a node port counts once per node address.
     pub const FRONTENDS: u32 = 65_536;
     /// Services in the datapath sense: one per (Service, port, protocol).
-    pub const SERVICES: u32 = 8_192;
+    pub const SERVICES: u32 = 4_096;
     pub const BACKENDS: u32 = 65_536;
     /// M, slots of a service's Maglev table: a prime; larger spreads load more evenly over many
-    /// backends, at `M * 4` bytes per service.
+    /// backends, at `M * 8` bytes per service (array elements are 8-byte aligned).
     pub const MAGLEV_SIZE: u32 = 1_021;
     pub const SRC_RANGES: u32 = 16_384;
     pub const CONNTRACK: u32 = 262_144;
@@ -174,6 +174,10 @@ assert_size!(Frontend, 16);
 pub const BE_F_PRESENT: u8 = 1 << 0;
 /// The backend runs on this node: no SNAT, replies come back through the pod-facing hook.
 pub const BE_F_LOCAL: u8 = 1 << 1;
+/// The backend takes no new connections (terminating, not serving): it is out of the Maglev
+/// table and session affinity does not send new connections to it; established TCP
+/// connections finish, UDP flows move to another backend (they have nothing to finish).
+pub const BE_F_DRAINING: u8 = 1 << 2;
 
 /// Value of `NP_BACKENDS`, indexed by backend id. Id 0 is never used, so a zeroed Maglev
 /// slot means "no backend". A backend entry belongs to one service: removing an endpoint from

@@ -5,8 +5,8 @@
 
 use aya_ebpf::helpers::bpf_jiffies64;
 use nodeport_common::{
-    BE_F_PRESENT, Backend, CT_F_CLOSING, CT_F_REPLY_SEEN, CtEntry, CtKey, DatapathConfig,
-    IPPROTO_TCP,
+    BE_F_DRAINING, BE_F_PRESENT, Backend, CT_F_CLOSING, CT_F_REPLY_SEEN, CtEntry, CtKey,
+    DatapathConfig, IPPROTO_TCP,
 };
 
 use crate::{
@@ -121,7 +121,14 @@ pub fn still_valid(cfg: &DatapathConfig, entry: &CtEntry, flow: &Flow, now: u64)
         return false;
     }
     match live_backend(entry.backend_id, entry.svc_id) {
-        Some(b) => b.addr_be == entry.new_daddr_be && b.port_be == entry.new_dport_be,
+        // A draining backend keeps its TCP connections; UDP has none to finish and moves on,
+        // so datagrams are not sent to a pod that is going away (kube-proxy clears such UDP
+        // conntrack entries).
+        Some(b) => {
+            b.addr_be == entry.new_daddr_be
+                && b.port_be == entry.new_dport_be
+                && (flow.is_tcp() || b.flags & BE_F_DRAINING == 0)
+        }
         None => false,
     }
 }

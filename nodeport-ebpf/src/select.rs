@@ -2,8 +2,8 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use nodeport_common::{
-    AffinityEntry, AffinityKey, Backend, Counter, DatapathConfig, FE_F_AFFINITY, FE_F_LOCAL_ONLY,
-    FE_F_SOURCE_RANGES, Frontend, SrcRangeKey, hash, src_range_prefix_len,
+    AffinityEntry, AffinityKey, BE_F_DRAINING, Backend, Counter, DatapathConfig, FE_F_AFFINITY,
+    FE_F_LOCAL_ONLY, FE_F_SOURCE_RANGES, Frontend, SrcRangeKey, hash, src_range_prefix_len,
 };
 
 use crate::{
@@ -80,7 +80,10 @@ pub fn backend_for_new_flow(
         if now.saturating_sub(entry.last_seen) > timeout {
             return None;
         }
-        live_backend(entry.backend_id, fe.svc_id).map(|b| (entry.backend_id, b))
+        // A draining backend takes no new connections, remembered client or not.
+        live_backend(entry.backend_id, fe.svc_id)
+            .filter(|b| b.flags & BE_F_DRAINING == 0)
+            .map(|b| (entry.backend_id, b))
     });
     let (id, backend) = match remembered {
         Some(found) => found,

@@ -248,6 +248,15 @@ impl Fixture {
         Ok(())
     }
 
+    /// Marks a seeded backend as draining (no new connections), as the agent does for a
+    /// terminating endpoint.
+    pub fn set_draining(&mut self, id: u32) -> Result<()> {
+        let mut b = self.dp.maps.backends.get(id)?;
+        b.flags |= nodeport_common::BE_F_DRAINING;
+        self.dp.maps.backends.set(id, b)?;
+        Ok(())
+    }
+
     pub fn remove_backend(&mut self, id: u32) -> Result<()> {
         self.dp.maps.backends.set(id, Backend::default())?;
         Ok(())

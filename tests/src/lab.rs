@@ -583,6 +583,17 @@ impl Lab {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
+    /// The id of the XDP program on node-1's ext0, as the kernel reports it.
+    pub fn node1_xdp_program(&self) -> Result<Option<u64>> {
+        let out = self.node1.ip("-j -d link show dev ext0")?;
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let xdp = &links[0]["xdp"];
+        // iproute2 reports one program as xdp.prog, several (multi-mode) as xdp.attached[].
+        Ok(xdp["prog"]["id"]
+            .as_u64()
+            .or_else(|| xdp["attached"][0]["prog"]["id"].as_u64()))
+    }
+
     /// A datapath counter's value from the dump (0 when absent).
     pub fn counter(&self, name: &str) -> Result<u64> {
         let dump = self.dump()?;

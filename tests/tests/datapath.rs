@@ -95,6 +95,14 @@ const CASES: &[(&str, Case)] = &[
         "the next hop is cached per connection and re-checked when stale",
         next_hop_cache,
     ),
+    (
+        "affinity sends no new connection to a draining backend",
+        affinity_skips_draining,
+    ),
+    (
+        "a draining backend keeps TCP connections, UDP flows move",
+        draining_tcp_stays_udp_moves,
+    ),
 ];
 
 #[test]
@@ -969,5 +977,70 @@ fn next_hop_cache(fx: &mut Fixture, topo: &Topology) -> Result<()> {
         fresh.eth_dst == NODE2_MAC,
         "stale next hop not re-checked: {fresh:?}"
     );
+    Ok(())
+}
+
+fn affinity_skips_draining(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    let mut svc = local_service(1, three_backends());
+    svc.flags = FE_F_AFFINITY;
+    svc.affinity_timeout_s = 10800;
+    fx.add_service(&svc)?;
+    let sticky =
+        backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    let sticky_id = svc
+        .backends
+        .iter()
+        .find(|b| b.addr.to_string() == sticky)
+        .expect("known")
+        .id;
+    // The backend starts terminating: out of the table and draining, as the agent writes it.
+    let others: Vec<u32> = svc
+        .backends
+        .iter()
+        .map(|b| b.id)
+        .filter(|id| *id != sticky_id)
+        .collect();
+    fx.set_table(&svc, &others)?;
+    fx.set_draining(sticky_id)?;
+    let next =
+        backend_of(&xdp_action(fx, topo, &from_client(40001, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    ensure!(
+        next != sticky,
+        "affinity sent a new connection to draining {sticky}"
+    );
+    // The client's first connection is established and stays.
+    let same =
+        backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_PASS)?.frame)?;
+    ensure!(same == sticky, "the established connection moved to {same}");
+    Ok(())
+}
+
+fn draining_tcp_stays_udp_moves(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    let tcp = local_service(1, vec![local(1, POD_A), local(2, POD_B)]);
+    fx.add_service(&tcp)?;
+    let udp = ServiceSpec::new(
+        2,
+        FRONTEND,
+        IPPROTO_UDP,
+        vec![local(3, "198.18.1.10:5353"), local(4, "198.18.1.11:5353")],
+    );
+    fx.add_service(&udp)?;
+    let t = backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    let datagram = Pkt::udp(sa(CLIENT), sa(FRONTEND)).macs(CLIENT_MAC, EXT_MAC);
+    let u = backend_of(&xdp_action(fx, topo, &datagram, XDP_PASS)?.frame)?;
+    let (t_id, t_other) = other_backend(&tcp, &t);
+    let (u_id, u_other) = other_backend(&udp, &u);
+    fx.set_table(&tcp, &[t_other])?;
+    fx.set_draining(t_id)?;
+    fx.set_table(&udp, &[u_other])?;
+    fx.set_draining(u_id)?;
+    let t_again =
+        backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_PASS)?.frame)?;
+    ensure!(
+        t_again == t,
+        "the TCP connection left its draining backend for {t_again}"
+    );
+    let u_again = backend_of(&xdp_action(fx, topo, &datagram, XDP_PASS)?.frame)?;
+    ensure!(u_again != u, "the UDP flow stayed on draining {u}");
     Ok(())
 }

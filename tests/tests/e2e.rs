@@ -241,6 +241,7 @@ fn agent_restart_is_hitless() -> Result<()> {
     let mut long = lab.connect(np(30085), None)?;
     let pod = long.ask()?.pod;
     let before = lab.dump()?["services"].clone();
+    let program_before = lab.node1_xdp_program()?.context("no XDP program on ext0")?;
 
     let lab = Arc::new(std::sync::Mutex::new(lab));
     let stop = Arc::new(AtomicBool::new(false));
@@ -302,6 +303,13 @@ fn agent_restart_is_hitless() -> Result<()> {
     ensure!(
         strip(&before) == strip(&after),
         "the restart changed the programmed services"
+    );
+    // The new agent's program took over the pinned link (how an upgrade takes effect),
+    // without a moment where the interface had none: the stream above saw no failure.
+    let program_after = lab.lock().expect("lab").node1_xdp_program()?;
+    ensure!(
+        program_after.is_some_and(|id| id != program_before),
+        "the restarted agent did not swap its program in: {program_before} -> {program_after:?}"
     );
     eprintln!(
         "new connections during the restart: {}",

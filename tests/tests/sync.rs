@@ -322,6 +322,45 @@ fn a_full_map_leaves_no_service_half_programmed() -> Result<()> {
 
 #[test]
 #[ignore = "needs root and the eBPF datapath: run `cargo xtask test`"]
+fn more_backends_than_maglev_slots_is_refused_not_a_crash() -> Result<()> {
+    require_root();
+    let topo = Topology::new()?;
+    let pins = PinDirGuard::new("mx");
+    let mut dp = load(&pins)?;
+    let mut programmed = Programmed::empty(&dp.sizing);
+    let sizing = dp.sizing.clone();
+    // 40 ready endpoints, a table of 31 slots.
+    let endpoints: String = (1..=40)
+        .map(|i| format!("- {{ addresses: [198.18.1.{i}], nodeName: node-a }}\n"))
+        .collect();
+    let big = WEB.replace(
+        "endpoints:\n- { addresses: [198.18.1.10], nodeName: node-a }\n- { addresses: [198.18.2.20], nodeName: node-b }\n",
+        &format!("endpoints:\n{endpoints}"),
+    );
+    ensure!(big != WEB, "the fixture edit did not apply");
+    let report = Syncer {
+        maps: &mut dp.maps,
+        sizing: &sizing,
+    }
+    .apply(&mut programmed, &state(&big), &settings(topo.ext_ifindex));
+    let (failed, err) = report
+        .failed
+        .first()
+        .context("40 backends should not fit 31 slots")?;
+    ensure!(
+        failed.name == "web" && err.to_string().contains("--maglev-table-size"),
+        "{failed}: {err}"
+    );
+    ensure!(
+        dump_of(&dp)? == "no services\n",
+        "a refused service left a trace:\n{}",
+        dump_of(&dp)?
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and the eBPF datapath: run `cargo xtask test`"]
 fn leftovers_of_an_interrupted_run_are_removed() -> Result<()> {
     require_root();
     let topo = Topology::new()?;

@@ -31,6 +31,20 @@ pub enum XdpAttachMode {
 }
 
 impl XdpAttachMode {
+    fn hook(self) -> &'static str {
+        match self {
+            Self::Native => XDP_NATIVE,
+            Self::Generic => XDP_GENERIC,
+        }
+    }
+
+    fn other(self) -> Self {
+        match self {
+            Self::Native => Self::Generic,
+            Self::Generic => Self::Native,
+        }
+    }
+
     fn aya(self) -> XdpMode {
         match self {
             Self::Native => XdpMode::Driver,
@@ -57,7 +71,10 @@ pub struct AttachedInterface {
 /// Names of link pins: `<hook>:<interface>`, the hook first so `ls links/` groups them.
 /// bpffs refuses dots in names (reserved by the kernel) and interface names may hold dots
 /// (`eth0.100`) but never `:`, so dots and `%` are %-escaped and `:` separates.
-const XDP_EXT: &str = "xdp_ext";
+/// The XDP mode is part of the name: a link keeps the mode it was created with, so a new mode
+/// means a new link.
+const XDP_NATIVE: &str = "xdp_native";
+const XDP_GENERIC: &str = "xdp_generic";
 const TC_EXT: &str = "tc_ext";
 const TC_POD: &str = "tc_pod";
 /// clsact filters (pre-6.6 kernels) have no link to pin; a marker directory records them.
@@ -107,7 +124,19 @@ impl Datapath {
     }
 
     fn attach_xdp(&mut self, interface: &str, mode: XdpAttachMode) -> Result<()> {
-        let pin = self.link_pin(XDP_EXT, interface);
+        if let Some(old) = self
+            .link_pin(mode.other().hook(), interface)
+            .filter(|p| p.exists())
+        {
+            tracing::warn!(
+                interface,
+                from = ?mode.other(),
+                to = ?mode,
+                "the XDP mode changed: re-attaching (packets pass to the kernel for a moment)"
+            );
+            remove_link(&old)?;
+        }
+        let pin = self.link_pin(mode.hook(), interface);
         let prog: &mut Xdp = self.program_mut(programs::XDP_EXTERNAL)?;
         if let Some(pin) = &pin
             && let Some(link) = adopt(pin, interface)?
@@ -193,7 +222,7 @@ impl Datapath {
             return Ok(());
         };
         let hooks: &[&str] = match role {
-            InterfaceRole::External => &[XDP_EXT, TC_EXT],
+            InterfaceRole::External => &[XDP_NATIVE, XDP_GENERIC, TC_EXT],
             InterfaceRole::Pod => &[TC_POD],
         };
         for hook in hooks {
@@ -288,7 +317,7 @@ fn list_links(pins: &PinDir) -> Result<Vec<AttachedInterface>> {
             continue;
         };
         let role = match hook {
-            XDP_EXT | TC_EXT => InterfaceRole::External,
+            XDP_NATIVE | XDP_GENERIC | TC_EXT => InterfaceRole::External,
             TC_POD => InterfaceRole::Pod,
             _ => continue,
         };

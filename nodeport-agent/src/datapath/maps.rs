@@ -62,7 +62,7 @@ impl Maps {
             frontend_ports: typed(get(names::FRONTEND_PORTS)?, names::FRONTEND_PORTS)?,
             snat_addrs: typed(get(names::SNAT_ADDRS)?, names::SNAT_ADDRS)?,
             frontends: typed(get(names::FRONTENDS)?, names::FRONTENDS)?,
-            backends: mapped(get(names::BACKENDS)?, names::BACKENDS, sizing.backends)?,
+            backends: mapped(get(names::BACKENDS)?, names::BACKENDS, sizing.backends + 1)?,
             maglev: mapped(get(names::MAGLEV)?, names::MAGLEV, maglev_slots)?,
             src_ranges: typed(get(names::SRC_RANGES)?, names::SRC_RANGES)?,
             conntrack: typed(get(names::CONNTRACK)?, names::CONNTRACK)?,
@@ -113,7 +113,8 @@ impl Maps {
         let sizing = Sizing {
             frontends: entries(names::FRONTENDS)?,
             services,
-            backends: entries(names::BACKENDS)?,
+            // Backend id 0 is never used (an empty Maglev slot), so the array has one more.
+            backends: entries(names::BACKENDS)?.saturating_sub(1),
             maglev_size,
             source_ranges: entries(names::SRC_RANGES)?,
             conntrack: entries(names::CONNTRACK)?,
@@ -159,7 +160,7 @@ pub fn map_specs(sizing: &Sizing) -> Vec<MapSpec> {
         (names::FRONTEND_PORTS,  Array,       4,                    8,                       FRONTEND_PORT_WORDS,   0),
         (names::SNAT_ADDRS,      Hash,        4,                    size::<SnatAddr>(),      capacity::SNAT_ADDRS,  0),
         (names::FRONTENDS,       Hash,        size::<FrontendKey>(), size::<Frontend>(),     sizing.frontends,      0),
-        (names::BACKENDS,        Array,       4,                    size::<Backend>(),       sizing.backends,       BPF_F_MMAPABLE),
+        (names::BACKENDS,        Array,       4,                    size::<Backend>(),       sizing.backends + 1,   BPF_F_MMAPABLE),
         (names::MAGLEV,          Array,       4,                    size::<MaglevSlot>(),    maglev_slots,          BPF_F_MMAPABLE),
         (names::SRC_RANGES,      LpmTrie,     lpm_key,              4,                       sizing.source_ranges,  BPF_F_NO_PREALLOC),
         (names::CONNTRACK,       LruHash,     size::<CtKey>(),      size::<CtEntry>(),       sizing.conntrack,      0),

@@ -70,9 +70,11 @@ pub enum DatapathError {
     #[error("bpffs: {0}")]
     Bpffs(String),
     #[error(
-        "the pinned map {path} does not match this agent: {difference}. It was created by \
-         another version or with other --*-capacity flags. Run `nodeport-agent detach` to remove \
-         the old datapath (this drops established connections), or pick another --bpffs-dir"
+        "the pinned map {path} does not match this agent: {difference}. It was created by another \
+         version or with other sizing flags (--max-services, --max-backends, --max-frontends, \
+         --max-source-ranges, --conntrack-size, --affinity-size, --maglev-table-size): start with \
+         the sizing it was created with, or run `nodeport-agent detach` to remove the old datapath \
+         (this drops established connections)"
     )]
     IncompatiblePin { path: PathBuf, difference: String },
     #[error("loading the eBPF object: {0}")]
@@ -141,6 +143,7 @@ impl Datapath {
 
     /// Loads a given object (tests that build their own).
     pub fn load_object(bytes: &[u8], sizing: &Sizing, pins: Option<&Path>) -> Result<Self> {
+        raise_memlock_limit();
         if !is_prime(sizing.maglev_size) {
             return Err(DatapathError::MaglevSizeNotPrime(sizing.maglev_size));
         }
@@ -253,6 +256,19 @@ impl Datapath {
 
     pub fn pin_dir(&self) -> Option<&PinDir> {
         self.pins.as_ref()
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (later ones to the memory cgroup);
+/// lift it as libbpf does. Best effort: without permission the map creation error says more.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "could not lift RLIMIT_MEMLOCK");
     }
 }
 

@@ -470,6 +470,7 @@ struct Fingerprint {
     services: Vec<ObjectVersion>,
     slices: Vec<ObjectVersion>,
     node_addresses: Option<Vec<IpAddr>>,
+    node_eligible: Option<bool>,
 }
 
 type ObjectVersion = (String, String, Option<String>);
@@ -480,6 +481,7 @@ impl Stores {
             services: versions(&self.services),
             slices: versions(&self.slices),
             node_addresses: self.node_addresses(),
+            node_eligible: self.node_eligible(),
         }
     }
 
@@ -488,6 +490,7 @@ impl Stores {
             services: sorted(&self.services),
             endpoint_slices: sorted(&self.slices),
             node_addresses: fingerprint.node_addresses.clone(),
+            node_eligible: fingerprint.node_eligible,
             revision: 0,
         }
     }
@@ -496,6 +499,20 @@ impl Stores {
         let (name, store) = self.node.as_ref()?;
         let node = store.find(|node| node.metadata.name.as_deref() == Some(name))?;
         Some(node_addresses(&node))
+    }
+
+    /// kube-proxy's node eligibility (pkg/proxy/healthcheck): not while the Node is being
+    /// deleted or the cluster autoscaler has tainted it for deletion.
+    fn node_eligible(&self) -> Option<bool> {
+        let (name, store) = self.node.as_ref()?;
+        let node = store.find(|node| node.metadata.name.as_deref() == Some(name))?;
+        let deleting = node.metadata.deletion_timestamp.is_some();
+        let tainted = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| t.key == "ToBeDeletedByClusterAutoscaler"));
+        Some(!deleting && !tainted)
     }
 }
 

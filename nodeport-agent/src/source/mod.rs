@@ -21,6 +21,9 @@ pub struct Snapshot {
     /// source knows the node (Kubernetes with a node name). The agent merges them with the
     /// addresses of the node's interfaces.
     pub node_addresses: Option<Vec<IpAddr>>,
+    /// Whether the node may receive load-balanced traffic (not being deleted, not tainted
+    /// for deletion), when the source knows the node: the node /healthz reports it.
+    pub node_eligible: Option<bool>,
     /// Counts the snapshots a source published (1, 2, ...): logged by the source and by the
     /// agent once applied, so a change can be followed through.
     pub revision: u64,
