@@ -661,7 +661,8 @@ fn affinity(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     }
     ensure!(chosen.len() == 1, "affinity broken: {chosen:?}");
     let sticky = chosen.into_iter().next().expect("one");
-    // The table no longer holds the backend, but it exists: the affinity entry keeps the client.
+    // A new table without the backend (not flagged draining): the affinity entry, not the
+    // table, places the client, so it stays.
     let sticky_id = svc
         .backends
         .iter()

@@ -501,19 +501,26 @@ impl Stores {
         Some(node_addresses(&node))
     }
 
-    /// kube-proxy's node eligibility (pkg/proxy/healthcheck): not while the Node is being
-    /// deleted or the cluster autoscaler has tainted it for deletion.
     fn node_eligible(&self) -> Option<bool> {
         let (name, store) = self.node.as_ref()?;
         let node = store.find(|node| node.metadata.name.as_deref() == Some(name))?;
-        let deleting = node.metadata.deletion_timestamp.is_some();
-        let tainted = node
-            .spec
-            .as_ref()
-            .and_then(|s| s.taints.as_ref())
-            .is_some_and(|t| t.iter().any(|t| t.key == "ToBeDeletedByClusterAutoscaler"));
-        Some(!deleting && !tainted)
+        Some(node_eligible(&node))
     }
+}
+
+/// The cluster autoscaler's taint on a node it is about to delete.
+const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// kube-proxy's node eligibility (pkg/proxy/healthcheck): not while the Node is being
+/// deleted or the cluster autoscaler has tainted it for deletion.
+fn node_eligible(node: &Node) -> bool {
+    let deleting = node.metadata.deletion_timestamp.is_some();
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+    !deleting && !tainted
 }
 
 fn key<K: ResourceExt>(obj: &K) -> (String, String) {
@@ -609,6 +616,37 @@ mod tests {
             .collect();
         assert_eq!(node_addresses(&node), expected);
         assert_eq!(node_addresses(&Node::default()), Vec::<IpAddr>::new());
+    }
+
+    #[test]
+    fn a_node_being_deleted_or_tainted_for_deletion_is_not_eligible() {
+        use k8s_openapi::{
+            api::core::v1::{NodeSpec, Taint},
+            apimachinery::pkg::apis::meta::v1::Time,
+        };
+        let taint = |key: &str| Taint {
+            key: key.into(),
+            effect: "NoSchedule".into(),
+            ..Taint::default()
+        };
+        let with_taints = |taints: Vec<Taint>| Node {
+            spec: Some(NodeSpec {
+                taints: Some(taints),
+                ..NodeSpec::default()
+            }),
+            ..Node::default()
+        };
+        assert!(node_eligible(&Node::default()));
+        assert!(node_eligible(&with_taints(vec![taint(
+            "node.kubernetes.io/unschedulable"
+        )])));
+        assert!(!node_eligible(&with_taints(vec![
+            taint("node.kubernetes.io/unschedulable"),
+            taint(TO_BE_DELETED_TAINT),
+        ])));
+        let mut deleting = Node::default();
+        deleting.metadata.deletion_timestamp = Some(Time(Default::default()));
+        assert!(!node_eligible(&deleting));
     }
 
     #[test]
