@@ -262,6 +262,25 @@ impl Fixture {
         Ok(())
     }
 
+    /// Takes the backend at `addr` out of the service's Maglev table (it stays in
+    /// `NP_BACKENDS`) and returns its id.
+    pub fn take_out_of_table(&mut self, svc: &ServiceSpec, addr: &str) -> Result<u32> {
+        let id = svc
+            .backends
+            .iter()
+            .find(|b| b.addr.to_string() == addr)
+            .with_context(|| format!("{addr} is not a backend of the service"))?
+            .id;
+        let others: Vec<u32> = svc
+            .backends
+            .iter()
+            .map(|b| b.id)
+            .filter(|b| *b != id)
+            .collect();
+        self.set_table(svc, &others)?;
+        Ok(id)
+    }
+
     /// Rewrites the service's Maglev table over the backends `ids` (which must be seeded) and
     /// its frontends' backend count. An empty list leaves the table empty.
     pub fn set_table(&mut self, svc: &ServiceSpec, ids: &[u32]) -> Result<()> {

@@ -663,19 +663,7 @@ fn affinity(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     let sticky = chosen.into_iter().next().expect("one");
     // A new table without the backend (not flagged draining): the affinity entry, not the
     // table, places the client, so it stays.
-    let sticky_id = svc
-        .backends
-        .iter()
-        .find(|b| b.addr.to_string() == sticky)
-        .expect("known")
-        .id;
-    let others: Vec<u32> = svc
-        .backends
-        .iter()
-        .map(|b| b.id)
-        .filter(|id| *id != sticky_id)
-        .collect();
-    fx.set_table(&svc, &others)?;
+    fx.take_out_of_table(&svc, &sticky)?;
     let next =
         backend_of(&xdp_action(fx, topo, &from_client(40100, FRONTEND, SYN), XDP_PASS)?.frame)?;
     ensure!(
@@ -988,20 +976,8 @@ fn affinity_skips_draining(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     fx.add_service(&svc)?;
     let sticky =
         backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
-    let sticky_id = svc
-        .backends
-        .iter()
-        .find(|b| b.addr.to_string() == sticky)
-        .expect("known")
-        .id;
     // The backend starts terminating: out of the table and draining, as the agent writes it.
-    let others: Vec<u32> = svc
-        .backends
-        .iter()
-        .map(|b| b.id)
-        .filter(|id| *id != sticky_id)
-        .collect();
-    fx.set_table(&svc, &others)?;
+    let sticky_id = fx.take_out_of_table(&svc, &sticky)?;
     fx.set_draining(sticky_id)?;
     let next =
         backend_of(&xdp_action(fx, topo, &from_client(40001, FRONTEND, SYN), XDP_PASS)?.frame)?;

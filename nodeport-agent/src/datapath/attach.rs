@@ -298,20 +298,22 @@ fn remove_link(pin: &Path) -> Result<()> {
     remove_pin(pin)
 }
 
-fn list_links(pins: &PinDir) -> Result<Vec<AttachedInterface>> {
+/// The entries of the links directory (none when it does not exist yet).
+fn link_pins(pins: &PinDir) -> Result<Vec<std::fs::DirEntry>> {
     let dir = pins.links();
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(DatapathError::Io {
-                context: format!("reading {}", dir.display()),
-                source,
-            });
-        }
-    };
+    match std::fs::read_dir(&dir) {
+        Ok(entries) => Ok(entries.flatten().collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(source) => Err(DatapathError::Io {
+            context: format!("reading {}", dir.display()),
+            source,
+        }),
+    }
+}
+
+fn list_links(pins: &PinDir) -> Result<Vec<AttachedInterface>> {
     let mut found = Vec::new();
-    for entry in entries.flatten() {
+    for entry in link_pins(pins)? {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some((hook, interface)) = parse_pin_name(&name) else {
             continue;
@@ -335,19 +337,8 @@ fn list_links(pins: &PinDir) -> Result<Vec<AttachedInterface>> {
 
 /// Removes every link pin under `pins` (used by `detach`).
 pub(super) fn remove_links(pins: &PinDir) -> Result<Vec<String>> {
-    let dir = pins.links();
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(DatapathError::Io {
-                context: format!("reading {}", dir.display()),
-                source,
-            });
-        }
-    };
     let mut removed = Vec::new();
-    for entry in entries.flatten() {
+    for entry in link_pins(pins)? {
         let path = entry.path();
         remove_link(&path)?;
         removed.push(format!("link {}", path.display()));
