@@ -242,18 +242,17 @@ impl RunArgs {
         }
         if let Some(local) =
             ledger::read_local_port_range(std::path::Path::new(ledger::IP_LOCAL_PORT_RANGE))
+            && let Some((a, b)) = overlap(snat, local)
         {
-            if let Some((a, b)) = overlap(snat, local) {
-                bail!(
-                    "--snat-port-range {} overlaps net.ipv4.ip_local_port_range {}-{} on {a}-{b}: the \
+            bail!(
+                "--snat-port-range {} overlaps net.ipv4.ip_local_port_range {}-{} on {a}-{b}: the \
                      node's own connections could take the same source ports as SNATed ones. Pick \
                      a range outside it, or shrink ip_local_port_range, or reserve the range with \
                      net.ipv4.ip_local_reserved_ports",
-                    self.snat_port_range,
-                    local.0,
-                    local.1
-                );
-            }
+                self.snat_port_range,
+                local.0,
+                local.1
+            );
         }
         if !datapath::is_prime(self.maglev_table_size) {
             bail!(
