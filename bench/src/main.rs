@@ -1,10 +1,25 @@
-//! `cargo xtask bench`: nanoseconds per packet through the datapath with BPF_PROG_TEST_RUN.
+//! `cargo xtask bench`: the datapath, nanoseconds per packet with BPF_PROG_TEST_RUN, and the
+//! agent, how long programming services and applying an EndpointSlice change take.
 //!
-//! Every figure is the kernel's own mean over `repeat = 1,000,000` runs, the median of
-//! several such runs. Paths that rewrite the packet run through the bench build's entry point,
-//! which restores the packet from a template first (BPF_PROG_TEST_RUN does not restore it
+//! Datapath: every figure is the kernel's own mean over `repeat = 1,000,000` runs, the median
+//! of several such runs. Paths that rewrite the packet run through the bench build's entry
+//! point, which restores the packet from a template first (BPF_PROG_TEST_RUN does not restore it
 //! between repetitions); the restore's own cost is measured and taken off (see
-//! nodeport_common::bench). Results go to `<out dir>/<date>-<host>.md`.
+//! nodeport_common::bench). Results go to `<out dir>/<date>-datapath.md`.
+//!
+//! Agent (module `agent`): 10,000 NodePort Services programmed into empty maps, then 1,000
+//! EndpointSlice changes, through the agent's own reconciler and syncer against a loaded
+//! datapath. Results go to `<out dir>/<date>-agent.md`.
+//!
+//! Environment (xtask sets the first two):
+//! - `NODEPORT_BENCH_OBJECT`: the bench build of the eBPF object (datapath part);
+//! - `NODEPORT_EBPF_OBJECT`: the plain eBPF object (agent part);
+//! - `NODEPORT_BENCH_ONLY=agent` or `=datapath`: run only that part (default: both), e.g.
+//!   `NODEPORT_BENCH_ONLY=agent cargo xtask bench`;
+//! - `NODEPORT_BENCH_SERVICES=1,1000`: the datapath part at these service counts only;
+//! - `NODEPORT_BENCH_ANY_ACTION=1`: the datapath part does not check the XDP verdicts.
+
+mod agent;
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf};
 
@@ -238,6 +253,14 @@ fn today() -> String {
         .unwrap_or_else(|| "undated".into())
 }
 
+/// Which parts to run (NODEPORT_BENCH_ONLY).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Parts {
+    Both,
+    Datapath,
+    Agent,
+}
+
 fn main() -> Result<()> {
     require_root();
     let out_dir = PathBuf::from(
@@ -245,6 +268,41 @@ fn main() -> Result<()> {
             .nth(1)
             .context("usage: nodeport-bench <results dir>")?,
     );
+    let parts = match std::env::var("NODEPORT_BENCH_ONLY").as_deref() {
+        Err(_) | Ok("") => Parts::Both,
+        Ok("datapath") => Parts::Datapath,
+        Ok("agent") => Parts::Agent,
+        Ok(other) => anyhow::bail!("NODEPORT_BENCH_ONLY={other}: expected agent or datapath"),
+    };
+    let date = today();
+    std::fs::create_dir_all(&out_dir)?;
+    if parts != Parts::Agent {
+        let md = datapath(&date)?;
+        write_results(&out_dir, &format!("{date}-datapath.md"), &md)?;
+    }
+    if parts != Parts::Datapath {
+        let object_path = std::env::var("NODEPORT_EBPF_OBJECT")
+            .context("NODEPORT_EBPF_OBJECT (set by cargo xtask bench)")?;
+        let object =
+            std::fs::read(&object_path).with_context(|| format!("reading {object_path}"))?;
+        let results = agent::run(&object)?;
+        eprintln!("bench: agent: {}", agent::summary(&results));
+        let md = agent::render(&results, &date, &machine())?;
+        write_results(&out_dir, &format!("{date}-agent.md"), &md)?;
+    }
+    Ok(())
+}
+
+fn write_results(out_dir: &std::path::Path, name: &str, md: &str) -> Result<()> {
+    let path = out_dir.join(name);
+    std::fs::write(&path, md)?;
+    println!("{md}");
+    println!("bench: results written to {}", path.display());
+    Ok(())
+}
+
+/// The datapath part; returns its results page.
+fn datapath(date: &str) -> Result<String> {
     let object_path = std::env::var("NODEPORT_BENCH_OBJECT")
         .context("NODEPORT_BENCH_OBJECT (set by cargo xtask bench)")?;
     let object = std::fs::read(&object_path).with_context(|| format!("reading {object_path}"))?;
@@ -274,7 +332,6 @@ fn main() -> Result<()> {
     }
 
     let mut md = String::new();
-    let date = today();
     writeln!(md, "# Datapath benchmark, {date}\n")?;
     writeln!(md, "Machine: {}\n", machine())?;
     writeln!(
@@ -334,10 +391,5 @@ fn main() -> Result<()> {
         }
     )?;
 
-    std::fs::create_dir_all(&out_dir)?;
-    let path = out_dir.join(format!("{date}-datapath.md"));
-    std::fs::write(&path, &md)?;
-    println!("{md}");
-    println!("bench: results written to {}", path.display());
-    Ok(())
+    Ok(md)
 }

@@ -760,3 +760,171 @@ fn an_unchanged_update_changes_nothing() {
         vec![("198.18.0.9:30080".into(), FrontendKind::NodePort)]
     );
 }
+
+/// The incremental path finds changes by identity (`diff`); it must agree with a computation
+/// from scratch whatever a source hands it: objects replaced in place, added, removed,
+/// relabelled to another Service, re-sent as equal copies, reordered, two Services of one
+/// name, Services of another proxy, a node change. Every Service port whose desired state
+/// changed must be among the reported changes (the syncer looks at no other).
+#[test]
+fn identity_diffs_agree_with_a_full_recomputation_over_random_edits() {
+    use std::sync::Arc;
+
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (self.0 >> 33) % n
+        }
+    }
+    fn service(rng: &mut Rng) -> Service {
+        let name = format!("svc-{}", rng.below(8));
+        let mut labels = serde_json::Map::new();
+        if rng.below(6) == 0 {
+            labels.insert(SERVICE_PROXY_NAME_LABEL.into(), "other".into());
+        }
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": name,
+                "namespace": "ns",
+                "creationTimestamp": format!("2026-01-01T00:00:{:02}Z", rng.below(60)),
+                "labels": labels,
+            },
+            "spec": {
+                "type": "NodePort",
+                // Few node ports, so Services contest them.
+                "ports": [ { "port": 80, "nodePort": 30000 + rng.below(5) } ],
+            },
+        }))
+        .unwrap()
+    }
+    fn slice(rng: &mut Rng) -> EndpointSlice {
+        let mut labels = serde_json::Map::new();
+        if rng.below(8) != 0 {
+            labels.insert(
+                SERVICE_NAME_LABEL.into(),
+                format!("svc-{}", rng.below(9)).into(),
+            );
+        }
+        let endpoints: Vec<_> = (0..rng.below(4))
+            .map(|_| {
+                // An address is always on the same node: the same address on two nodes (in
+                // two slices) makes `local` depend on the slices' order, from scratch too.
+                let host = 1 + rng.below(6);
+                serde_json::json!({
+                    "addresses": [format!("10.0.0.{host}")],
+                    "nodeName": if host.is_multiple_of(2) { "node-a" } else { "node-b" },
+                    "conditions": { "ready": rng.below(3) != 0 },
+                })
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": format!("slice-{}", rng.below(12)), "namespace": "ns", "labels": labels },
+            "addressType": "IPv4",
+            "ports": [ { "port": 8080 } ],
+            "endpoints": endpoints,
+        }))
+        .unwrap()
+    }
+    fn sort<
+        T: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+    >(
+        v: &mut [Arc<T>],
+    ) {
+        v.sort_by(|a, b| a.metadata().name.cmp(&b.metadata().name));
+    }
+    fn edit<T: Clone>(rng: &mut Rng, v: &mut Vec<Arc<T>>, new: impl Fn(&mut Rng) -> T) {
+        match rng.below(10) {
+            // Replace one in place.
+            0..=3 if !v.is_empty() => {
+                let at = rng.below(v.len() as u64) as usize;
+                v[at] = Arc::new(new(rng));
+            }
+            // An equal copy: a new object with the same content.
+            4 if !v.is_empty() => {
+                let at = rng.below(v.len() as u64) as usize;
+                v[at] = Arc::new((*v[at]).clone());
+            }
+            5 | 6 if !v.is_empty() => {
+                v.remove(rng.below(v.len() as u64) as usize);
+            }
+            // Out of order.
+            7 if v.len() > 1 => {
+                let a = rng.below(v.len() as u64) as usize;
+                let b = rng.below(v.len() as u64) as usize;
+                v.swap(a, b);
+            }
+            _ => {
+                let at = rng.below(v.len() as u64 + 1) as usize;
+                v.insert(at, Arc::new(new(rng)));
+            }
+        }
+    }
+
+    let mut fast_updates = 0;
+    for seed in 0..40 {
+        let mut rng = Rng(seed);
+        let mut node = node();
+        let mut reconciler = Reconciler::new(node.clone());
+        let mut services: Vec<Arc<Service>> = Vec::new();
+        let mut slices: Vec<Arc<EndpointSlice>> = Vec::new();
+        for step in 0..60 {
+            let before = reconciler.desired().services.clone();
+            let mut changes = Changes::default();
+            if rng.below(20) == 0 {
+                node.proxy_name = if node.proxy_name.is_some() {
+                    None
+                } else {
+                    Some("other".into())
+                };
+                changes = reconciler.set_node(node.clone());
+            }
+            for _ in 0..1 + rng.below(3) {
+                if rng.below(2) == 0 {
+                    edit(&mut rng, &mut services, service);
+                } else {
+                    edit(&mut rng, &mut slices, slice);
+                }
+            }
+            // Mostly sorted, as sources hand them out; now and then not.
+            if rng.below(4) != 0 {
+                sort(&mut services);
+                sort(&mut slices);
+            }
+            let fast = !reconciler.full_next && !reconciler.inputs.duplicates;
+            let more = reconciler.update(&services, &slices);
+            if fast && !reconciler.inputs.duplicates {
+                fast_updates += 1;
+            }
+            changes.services.extend(more.services);
+            let owned = |v: &[Arc<Service>]| v.iter().map(|s| (**s).clone()).collect::<Vec<_>>();
+            let full = desired_state(
+                &owned(&services),
+                &slices.iter().map(|s| (**s).clone()).collect::<Vec<_>>(),
+                &node,
+            );
+            let at = format!("seed {seed} step {step}");
+            let got = &reconciler.desired().services;
+            assert_eq!(got, &full.services, "{at}");
+            assert_eq!(
+                reconciler.desired().health_checks,
+                full.health_checks,
+                "{at}"
+            );
+            assert_eq!(reconciler.notices(), full.notices, "{at}");
+            for key in before.keys().chain(got.keys()) {
+                if before.get(key) != got.get(key) {
+                    assert!(changes.services.contains(key), "{at}: {key} not reported");
+                }
+            }
+        }
+    }
+    // Both paths ran: the identity diff and, with duplicate names or a node change, the full.
+    assert!(
+        (600..2000).contains(&fast_updates),
+        "{fast_updates} of 2400 updates took the identity diff"
+    );
+}

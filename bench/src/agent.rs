@@ -1,0 +1,1008 @@
+//! The agent benchmark: how long the agent takes to program 10,000 NodePort Services into empty
+//! maps, and how long an EndpointSlice change takes to reach the maps.
+//!
+//! Everything runs in this process against a real datapath (maps created by the kernel, nothing
+//! attached, no network traffic): the agent's own `Reconciler` (desired state) and `Syncer`
+//! (map writes) are driven exactly as `Agent::reconcile` drives them.
+//!
+//! * Objects are built in code as k8s-openapi values (no YAML: parsing would dominate) and put
+//!   in kube-runtime reflector stores, the same stores the kube source keeps, so the snapshots
+//!   the agent sees share unchanged objects' `Arc`s as they do in production.
+//! * Node ports are 20000 + i, beyond the default 30000-32767 range: the agent does not check
+//!   the range (the API server does), and only the datapath maps are exercised here.
+//! * Endpoint addresses are in 198.18.0.0/15 (benchmarking addresses); they are map contents
+//!   only, no packet is sent.
+//!
+//! Timings of a change ("agent"): from handing the snapshot to `Reconciler::update` until
+//! `Syncer::apply_changes` returns, when the maps hold the new state. The source's share
+//! ("snapshot build") is measured separately for the same change: applying the watch event to
+//! the reflector store, the fingerprint of both stores (sorted resourceVersions) and the sorted
+//! snapshot, as `source::kube::run` does per batch of events; so is the agent releasing its
+//! previous snapshot. None of it includes the API server, the watch delivery or JSON decoding.
+//! A second series applies changes back to back, without the source's work in between.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+use kube::{
+    Resource, ResourceExt,
+    runtime::{
+        reflector::{Store, store::Writer},
+        watcher::Event,
+    },
+};
+use nodeport_agent::{
+    datapath::{Datapath, Sizing},
+    desired::{NodeContext, Reconciler, SERVICE_NAME_LABEL},
+    maglev::{self, MaglevKey},
+    model::{Protocol, ServicePortKey},
+    sync::{GlobalSettings, Programmed, SyncReport, Syncer},
+};
+use nodeport_common::{FrontendKey, IPPROTO_TCP, capacity, frontend_port_bit};
+
+/// NodePort Services to program.
+const SERVICES: u32 = 10_000;
+/// Ready endpoints per Service (one EndpointSlice each).
+const ENDPOINTS: u32 = 3;
+/// EndpointSlice changes measured.
+const CHANGES: usize = 1_000;
+/// Repetitions of the initial programming, each into a freshly loaded datapath.
+const PROGRAM_ROUNDS: usize = 5;
+/// The agent's default Maglev table size.
+const MAGLEV_SIZE: u32 = capacity::MAGLEV_SIZE;
+const FIRST_NODE_PORT: u32 = 20_000;
+const BACKEND_PORT: u16 = 8080;
+const NODE_NAME: &str = "node-0";
+/// Endpoints are spread over this many nodes; those on `NODE_NAME` are local backends.
+const NODES: u32 = 20;
+const NAMESPACES: u32 = 50;
+
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+
+/// Targets from the issue.
+const PROGRAM_TARGET: Duration = Duration::from_millis(500);
+const CHANGE_P99_TARGET: Duration = Duration::from_millis(10);
+
+fn sizing() -> Sizing {
+    let defaults = Sizing::default();
+    Sizing {
+        services: SERVICES + 16,
+        // One frontend per Service and node address (one address here).
+        frontends: SERVICES + 16,
+        backends: SERVICES * ENDPOINTS + 16,
+        maglev_size: MAGLEV_SIZE,
+        ..defaults
+    }
+}
+
+fn node() -> NodeContext {
+    NodeContext {
+        node_name: NODE_NAME.into(),
+        node_addresses: vec![NODE_IP],
+        proxy_name: None,
+    }
+}
+
+fn settings() -> GlobalSettings {
+    GlobalSettings {
+        config: nodeport_tests::fixture::default_config(),
+        snat_addrs: [(1, NODE_IP)].into(),
+    }
+}
+
+fn namespace(i: u32) -> String {
+    format!("team-{:02}", i % NAMESPACES)
+}
+
+fn service_name(i: u32) -> String {
+    format!("svc-{i:05}")
+}
+
+fn node_port(i: u32) -> u16 {
+    u16::try_from(FIRST_NODE_PORT + i).expect("node ports fit in u16")
+}
+
+/// The i-th endpoint address of the benchmark, from 198.18.1.0 on (198.18.0.0/24 holds the
+/// node's address).
+fn endpoint_addr(n: u32) -> Ipv4Addr {
+    let ip = u32::from(Ipv4Addr::new(198, 18, 1, 0)) + n;
+    assert!(
+        ip <= u32::from(Ipv4Addr::new(198, 19, 255, 255)),
+        "out of 198.18.0.0/15"
+    );
+    Ipv4Addr::from(ip)
+}
+
+fn meta(namespace: String, name: String, version: u64) -> ObjectMeta {
+    ObjectMeta {
+        namespace: Some(namespace),
+        name: Some(name),
+        resource_version: Some(version.to_string()),
+        ..ObjectMeta::default()
+    }
+}
+
+fn service(i: u32) -> Service {
+    Service {
+        metadata: meta(namespace(i), service_name(i), u64::from(i) + 1),
+        spec: Some(ServiceSpec {
+            type_: Some("NodePort".into()),
+            cluster_ip: Some(format!("10.96.{}.{}", i / 250, i % 250 + 1)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                protocol: Some("TCP".into()),
+                port: 80,
+                target_port: Some(IntOrString::Int(i32::from(BACKEND_PORT))),
+                node_port: Some(i32::from(node_port(i))),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+fn endpoint(addr: Ipv4Addr, node: u32, ready: bool) -> Endpoint {
+    Endpoint {
+        addresses: vec![addr.to_string()],
+        conditions: Some(EndpointConditions {
+            ready: Some(ready),
+            serving: Some(ready),
+            terminating: Some(false),
+        }),
+        node_name: Some(format!("node-{node}")),
+        ..Endpoint::default()
+    }
+}
+
+fn slice(i: u32) -> EndpointSlice {
+    let endpoints = (0..ENDPOINTS)
+        .map(|k| {
+            let n = i * ENDPOINTS + k;
+            endpoint(endpoint_addr(n), n % NODES, true)
+        })
+        .collect();
+    let mut metadata = meta(
+        namespace(i),
+        format!("{}-x7k2p", service_name(i)),
+        u64::from(SERVICES + i) + 1,
+    );
+    metadata.labels = Some([(SERVICE_NAME_LABEL.to_owned(), service_name(i))].into());
+    EndpointSlice {
+        metadata,
+        address_type: "IPv4".into(),
+        endpoints: Some(endpoints),
+        ports: Some(vec![EndpointPort {
+            name: Some("http".into()),
+            protocol: Some("TCP".into()),
+            port: Some(i32::from(BACKEND_PORT)),
+            ..EndpointPort::default()
+        }]),
+    }
+}
+
+fn port_key(i: u32) -> ServicePortKey {
+    ServicePortKey {
+        namespace: namespace(i),
+        name: service_name(i),
+        port_name: "http".into(),
+        protocol: Protocol::Tcp,
+    }
+}
+
+/// The backends a slice should put in the Maglev table: its ready endpoints (none of the
+/// benchmark's endpoints is terminating, so there is no fallback to consider).
+fn expected_table(slice: &EndpointSlice) -> BTreeSet<SocketAddrV4> {
+    slice
+        .endpoints
+        .iter()
+        .flatten()
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        .flat_map(|e| &e.addresses)
+        .map(|a| SocketAddrV4::new(a.parse().expect("an IPv4 address"), BACKEND_PORT))
+        .collect()
+}
+
+/// The kube source's stores: reflector stores fed with watch events, as kube-runtime's
+/// reflector writes them.
+struct Stores {
+    services: Writer<Service>,
+    slices: Writer<EndpointSlice>,
+}
+
+/// What `source::kube` compares to decide whether to publish: every object's
+/// namespace/name/resourceVersion, sorted (a copy of its `versions`).
+type Fingerprint = (Vec<ObjectVersion>, Vec<ObjectVersion>);
+type ObjectVersion = (String, String, Option<String>);
+
+fn versions<K: Resource<DynamicType = ()> + Clone + 'static>(
+    store: &Store<K>,
+) -> Vec<ObjectVersion> {
+    let mut versions: Vec<_> = store
+        .state()
+        .iter()
+        .map(|obj| {
+            let obj = obj.as_ref();
+            (
+                obj.namespace().unwrap_or_default(),
+                obj.name_any(),
+                obj.resource_version(),
+            )
+        })
+        .collect();
+    versions.sort();
+    versions
+}
+
+/// The store's objects sorted by namespace and name (a copy of the source's `sorted`).
+fn sorted<K: Resource<DynamicType = ()> + Clone + 'static>(store: &Store<K>) -> Vec<Arc<K>> {
+    let mut objects = store.state();
+    objects.sort_by(|a, b| {
+        let (a, b) = (a.meta(), b.meta());
+        (a.namespace.as_deref(), a.name.as_deref())
+            .cmp(&(b.namespace.as_deref(), b.name.as_deref()))
+    });
+    objects
+}
+
+struct Snapshot {
+    services: Vec<Arc<Service>>,
+    slices: Vec<Arc<EndpointSlice>>,
+}
+
+impl Stores {
+    fn new(services: &[Service], slices: &[EndpointSlice]) -> Self {
+        let mut stores = Self {
+            services: Writer::default(),
+            slices: Writer::default(),
+        };
+        stores.services.apply_watcher_event(&Event::Init);
+        for s in services {
+            stores
+                .services
+                .apply_watcher_event(&Event::InitApply(s.clone()));
+        }
+        stores.services.apply_watcher_event(&Event::InitDone);
+        stores.slices.apply_watcher_event(&Event::Init);
+        for s in slices {
+            stores
+                .slices
+                .apply_watcher_event(&Event::InitApply(s.clone()));
+        }
+        stores.slices.apply_watcher_event(&Event::InitDone);
+        stores
+    }
+
+    fn fingerprint(&self) -> Fingerprint {
+        (
+            versions(&self.services.as_reader()),
+            versions(&self.slices.as_reader()),
+        )
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            services: sorted(&self.services.as_reader()),
+            slices: sorted(&self.slices.as_reader()),
+        }
+    }
+}
+
+/// Memory the kernel charges for the loaded maps (`memlock` of every BPF map fd this process
+/// holds), and that of the Maglev array alone.
+struct MapMemory {
+    total: u64,
+    maglev: u64,
+}
+
+fn map_memory(maglev_entries: u32) -> Result<MapMemory> {
+    let mut memory = MapMemory {
+        total: 0,
+        maglev: 0,
+    };
+    for entry in std::fs::read_dir("/proc/self/fdinfo")? {
+        let Ok(text) = std::fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if field("map_type:").is_none() {
+            continue;
+        }
+        let memlock = field("memlock:").unwrap_or(0);
+        memory.total += memlock;
+        if field("max_entries:") == Some(u64::from(maglev_entries)) {
+            memory.maglev += memlock;
+        }
+    }
+    Ok(memory)
+}
+
+/// Checks one service in the maps themselves (not the agent's picture of them): its frontend,
+/// its port bit, and a Maglev table whose every slot names one of `expected`, all of them.
+fn check_in_maps(dp: &Datapath, i: u32, expected: &BTreeSet<SocketAddrV4>) -> Result<()> {
+    let port = node_port(i);
+    let key = FrontendKey::new(u32::from(NODE_IP).to_be(), port, IPPROTO_TCP);
+    let fe = dp
+        .maps
+        .frontends
+        .get(&key, 0)
+        .with_context(|| format!("service {i}: no frontend for port {port}"))?;
+    ensure!(
+        usize::from(fe.backend_count) == expected.len(),
+        "service {i}: backend_count {} (expected {})",
+        fe.backend_count,
+        expected.len()
+    );
+    let (word, bit) = frontend_port_bit(port);
+    ensure!(
+        dp.maps.frontend_ports.get(&word, 0)? & bit != 0,
+        "service {i}: port bit of {port} not set"
+    );
+    if expected.is_empty() {
+        return Ok(());
+    }
+    let m = dp.sizing.maglev_size;
+    let mut seen = BTreeSet::new();
+    for slot in 0..m {
+        let id = dp.maps.maglev.get(fe.maglev_block * m + slot)?;
+        let b = dp.maps.backends.get(id)?;
+        ensure!(
+            b.svc_id == fe.svc_id,
+            "service {i}: slot {slot} holds backend {id} of service id {} (expected {})",
+            b.svc_id,
+            fe.svc_id
+        );
+        seen.insert(SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(b.addr_be)),
+            u16::from_be(b.port_be),
+        ));
+    }
+    ensure!(
+        &seen == expected,
+        "service {i}: the Maglev table holds {seen:?}, expected {expected:?}"
+    );
+    Ok(())
+}
+
+/// Checks the agent's picture of one service against the expected table.
+fn check_programmed(
+    programmed: &Programmed,
+    i: u32,
+    expected: &BTreeSet<SocketAddrV4>,
+) -> Result<()> {
+    let key = port_key(i);
+    let svc = programmed
+        .services
+        .get(&key)
+        .with_context(|| format!("{key} is not programmed"))?;
+    let table: BTreeSet<SocketAddrV4> = svc.table.iter().copied().collect();
+    ensure!(
+        table.len() == svc.table.len() && &table == expected,
+        "{key}: programmed table {:?}, expected {expected:?}",
+        svc.table
+    );
+    Ok(())
+}
+
+fn check_report(report: &SyncReport, applied: usize) -> Result<()> {
+    if let Some((key, e)) = report.failed.first() {
+        bail!(
+            "{} service(s) failed, first {key}: {e}",
+            report.failed.len()
+        );
+    }
+    ensure!(
+        report.applied.len() == applied && report.removed.is_empty(),
+        "applied {} (expected {applied}), removed {}",
+        report.applied.len(),
+        report.removed.len()
+    );
+    Ok(())
+}
+
+/// One programming of every service into an empty datapath.
+struct ProgramRun {
+    load: Duration,
+    reconcile: Duration,
+    sync: Duration,
+}
+
+impl ProgramRun {
+    fn total(&self) -> Duration {
+        self.reconcile + self.sync
+    }
+}
+
+/// Timings of one change.
+struct ChangeRun {
+    /// The source's work: store, fingerprint, snapshot.
+    source: Duration,
+    /// The agent releasing the previous snapshot as it stores the new one.
+    release: Duration,
+    reconcile: Duration,
+    sync: Duration,
+}
+
+impl ChangeRun {
+    /// What the issue's target is about: `Reconciler::update` and `Syncer::apply_changes`.
+    fn agent(&self) -> Duration {
+        self.reconcile + self.sync
+    }
+
+    /// Everything from the watch event on, in this process.
+    fn total(&self) -> Duration {
+        self.source + self.release + self.reconcile + self.sync
+    }
+}
+
+/// Where the time of the initial programming goes, measured apart from it.
+struct Breakdown {
+    /// `maglev::table` for every service's backends.
+    maglev_tables: Duration,
+    /// Writing every table into the mmap'ed array.
+    maglev_writes: Duration,
+}
+
+pub struct Results {
+    sizing: Sizing,
+    memory: MapMemory,
+    program: Vec<ProgramRun>,
+    breakdown: Breakdown,
+    changes: Vec<ChangeRun>,
+    direct: Vec<ChangeRun>,
+    toggles: usize,
+    moves: usize,
+}
+
+/// The nearest-rank percentile `q` (0..=1) of sorted durations.
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+fn sorted_by<T>(runs: &[T], f: impl Fn(&T) -> Duration) -> Vec<Duration> {
+    let mut v: Vec<Duration> = runs.iter().map(f).collect();
+    v.sort();
+    v
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1e3)
+}
+
+/// A small deterministic generator, so every run changes the same services the same way.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, bound: u32) -> u32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((self.0 >> 33) % u64::from(bound)) as u32
+    }
+}
+
+/// Times `maglev::table` and the table writes for the benchmark's services, to tell how much of
+/// the sync they are.
+fn breakdown(dp: &mut Datapath) -> Result<Breakdown> {
+    let m = dp.sizing.maglev_size;
+    let tables: Vec<Vec<MaglevKey>> = (0..SERVICES)
+        .map(|i| {
+            let mut keys: Vec<MaglevKey> = (0..ENDPOINTS)
+                .map(|k| MaglevKey {
+                    addr_be: u32::from(endpoint_addr(i * ENDPOINTS + k)).to_be(),
+                    port_be: BACKEND_PORT.to_be(),
+                })
+                .collect();
+            keys.sort();
+            keys
+        })
+        .collect();
+    let started = Instant::now();
+    let computed: Vec<Vec<u32>> = tables.iter().map(|keys| maglev::table(keys, m)).collect();
+    let maglev_tables = started.elapsed();
+    let started = Instant::now();
+    for (block, table) in computed.iter().enumerate() {
+        dp.maps.maglev.set_range(block as u32 * m, table)?;
+    }
+    let maglev_writes = started.elapsed();
+    Ok(Breakdown {
+        maglev_tables,
+        maglev_writes,
+    })
+}
+
+pub fn run(object: &[u8]) -> Result<Results> {
+    let sizing = sizing();
+    let settings = settings();
+    eprintln!("bench: agent: building {SERVICES} Services and EndpointSlices ...");
+    let services: Vec<Service> = (0..SERVICES).map(service).collect();
+    let slices: Vec<EndpointSlice> = (0..SERVICES).map(slice).collect();
+    let stores = Stores::new(&services, &slices);
+    let published = stores.fingerprint();
+    let snapshot = stores.snapshot();
+    ensure!(snapshot.services.len() == SERVICES as usize);
+    ensure!(snapshot.slices.len() == SERVICES as usize);
+
+    // 1. Programming everything into empty maps, a fresh datapath each round.
+    let mut program = Vec::new();
+    let mut last = None;
+    let mut memory = None;
+    for round in 0..PROGRAM_ROUNDS {
+        drop(last.take());
+        let started = Instant::now();
+        let mut dp =
+            Datapath::load_object(object, &sizing, None).context("loading the datapath")?;
+        let load = started.elapsed();
+        if memory.is_none() {
+            memory = Some(map_memory(sizing.maglev_size * sizing.maglev_blocks())?);
+        }
+        let mut reconciler = Reconciler::new(node());
+        let mut programmed = Programmed::empty(&dp.sizing);
+
+        let started = Instant::now();
+        let changes = reconciler.update(&snapshot.services, &snapshot.slices);
+        let reconciled = Instant::now();
+        let report = Syncer {
+            maps: &mut dp.maps,
+            sizing: &sizing,
+        }
+        .apply_changes(
+            &mut programmed,
+            reconciler.desired(),
+            &changes.services,
+            &settings,
+        );
+        let synced = Instant::now();
+        let run = ProgramRun {
+            load,
+            reconcile: reconciled - started,
+            sync: synced - reconciled,
+        };
+
+        // Correctness, every round: all services in the agent's picture and in the maps.
+        ensure!(
+            changes.services.len() == SERVICES as usize,
+            "{} services changed (expected {SERVICES})",
+            changes.services.len()
+        );
+        check_report(&report, SERVICES as usize)?;
+        ensure!(programmed.services.len() == SERVICES as usize);
+        let frontends = dp.maps.frontends.keys().count();
+        ensure!(
+            frontends == SERVICES as usize,
+            "{frontends} frontends in the map"
+        );
+        for i in 0..SERVICES {
+            let want = expected_table(&slices[i as usize]);
+            check_programmed(&programmed, i, &want)?;
+            check_in_maps(&dp, i, &want)?;
+        }
+        eprintln!(
+            "bench: agent: round {round}: programmed {SERVICES} services in {} ms (reconcile {} ms, sync {} ms; datapath load {} ms); verified",
+            ms(run.total()),
+            ms(run.reconcile),
+            ms(run.sync),
+            ms(run.load)
+        );
+        program.push(run);
+        last = Some((dp, reconciler, programmed));
+    }
+    let (dp, reconciler, programmed) = last.expect("at least one round");
+
+    // 2. Changes, first as the kube source feeds them, then back to back.
+    let positions = snapshot
+        .slices
+        .iter()
+        .enumerate()
+        .map(|(at, s)| {
+            let name = s.metadata.name.as_deref().unwrap_or_default();
+            let i: u32 = name[4..9].parse().context("a benchmark slice name")?;
+            Ok((i, at))
+        })
+        .collect::<Result<_>>()?;
+    let mut bench = Changes {
+        dp,
+        reconciler,
+        programmed,
+        sizing: sizing.clone(),
+        settings,
+        stores,
+        published,
+        held: snapshot,
+        positions,
+        slices,
+        rng: Lcg(0x6e6f_6465_706f_7274),
+        next_addr: SERVICES * ENDPOINTS,
+        next_version: u64::from(2 * SERVICES) + 1,
+        toggles: 0,
+        moves: 0,
+    };
+    let changes = bench.run(Feed::Source)?;
+    let direct = bench.run(Feed::Direct)?;
+    eprintln!("bench: agent: {} changes applied and verified", 2 * CHANGES);
+    // Nothing else moved: every service still as its slice says.
+    for i in 0..SERVICES {
+        check_programmed(
+            &bench.programmed,
+            i,
+            &expected_table(&bench.slices[i as usize]),
+        )?;
+        check_in_maps(&bench.dp, i, &expected_table(&bench.slices[i as usize]))?;
+    }
+
+    let breakdown = breakdown(&mut bench.dp)?;
+    Ok(Results {
+        sizing,
+        memory: memory.expect("measured in the first round"),
+        program,
+        breakdown,
+        changes,
+        direct,
+        toggles: bench.toggles,
+        moves: bench.moves,
+    })
+}
+
+/// How a change reaches the agent.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Feed {
+    /// Through the reflector store and a snapshot built as the kube source builds it, on this
+    /// thread just before (so the agent's figures include the caches and allocator state that
+    /// work leaves: pessimistic, since in the agent the source runs as another task).
+    Source,
+    /// The snapshot edited in place, changes back to back: the agent's own cost alone.
+    Direct,
+}
+
+/// The change phase: everything programmed, and what changes are made of.
+struct Changes {
+    dp: Datapath,
+    reconciler: Reconciler,
+    programmed: Programmed,
+    sizing: Sizing,
+    settings: GlobalSettings,
+    stores: Stores,
+    published: Fingerprint,
+    /// The snapshot the agent holds.
+    held: Snapshot,
+    /// Service index -> position of its slice in the (sorted) snapshot.
+    positions: BTreeMap<u32, usize>,
+    /// Every slice as it now is.
+    slices: Vec<EndpointSlice>,
+    rng: Lcg,
+    next_addr: u32,
+    next_version: u64,
+    toggles: usize,
+    moves: usize,
+}
+
+impl Changes {
+    /// CHANGES changes, each replacing one EndpointSlice: toggling an endpoint's readiness or
+    /// moving an endpoint to a new address, so that the service's Maglev table changes. Each
+    /// is verified in the agent's picture and in the maps (not timed).
+    fn run(&mut self, feed: Feed) -> Result<Vec<ChangeRun>> {
+        let mut runs = Vec::with_capacity(CHANGES);
+        for n in 0..CHANGES {
+            let i = self.rng.next(SERVICES);
+            let k = self.rng.next(ENDPOINTS) as usize;
+            let mut new = self.slices[i as usize].clone();
+            let ep = &mut new.endpoints.as_mut().expect("endpoints")[k];
+            if n % 2 == 0 {
+                let c = ep.conditions.as_mut().expect("conditions");
+                let ready = !c.ready.unwrap_or(true);
+                c.ready = Some(ready);
+                c.serving = Some(ready);
+                self.toggles += 1;
+            } else {
+                ep.addresses = vec![endpoint_addr(self.next_addr).to_string()];
+                self.next_addr += 1;
+                self.moves += 1;
+            }
+            new.metadata.resource_version = Some(self.next_version.to_string());
+            self.next_version += 1;
+            let want = expected_table(&new);
+            self.slices[i as usize] = new.clone();
+
+            let started = Instant::now();
+            let (built, received) = match feed {
+                Feed::Source => {
+                    // The source: the store takes the event, the fingerprint says something
+                    // changed, the snapshot is built, the fingerprint kept (freeing the
+                    // previous one).
+                    let event = Event::Apply(new);
+                    self.stores.slices.apply_watcher_event(&event);
+                    let fingerprint = self.stores.fingerprint();
+                    let publish = fingerprint != self.published;
+                    let snapshot = self.stores.snapshot();
+                    self.published = fingerprint;
+                    let built = Instant::now();
+                    // The agent keeps the new snapshot, releasing the previous one
+                    // (`agent.snapshot = s`).
+                    self.held = snapshot;
+                    let received = Instant::now();
+                    ensure!(publish, "change {n}: the fingerprint did not change");
+                    (built, received)
+                }
+                Feed::Direct => {
+                    self.held.slices[self.positions[&i]] = Arc::new(new);
+                    (started, Instant::now())
+                }
+            };
+            let changes = self
+                .reconciler
+                .update(&self.held.services, &self.held.slices);
+            let reconciled = Instant::now();
+            let report = Syncer {
+                maps: &mut self.dp.maps,
+                sizing: &self.sizing,
+            }
+            .apply_changes(
+                &mut self.programmed,
+                self.reconciler.desired(),
+                &changes.services,
+                &self.settings,
+            );
+            let synced = Instant::now();
+            runs.push(ChangeRun {
+                source: built - started,
+                release: received - built,
+                reconcile: reconciled - received,
+                sync: synced - reconciled,
+            });
+
+            let at = || format!("change {n}");
+            ensure!(
+                changes.services == BTreeSet::from([port_key(i)]),
+                "{}: the reconciler reported {:?}",
+                at(),
+                changes.services
+            );
+            check_report(&report, 1).with_context(at)?;
+            check_programmed(&self.programmed, i, &want).with_context(at)?;
+            check_in_maps(&self.dp, i, &want).with_context(at)?;
+        }
+        Ok(runs)
+    }
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "NOT met" }
+}
+
+pub fn render(r: &Results, date: &str, machine: &str) -> Result<String> {
+    let mut md = String::new();
+    let s = &r.sizing;
+    writeln!(md, "# Agent benchmark, {date}\n")?;
+    writeln!(md, "Machine: {machine}\n")?;
+    writeln!(
+        md,
+        "{SERVICES} NodePort Services (one TCP port each, node ports {FIRST_NODE_PORT}-{}: beyond \
+         the default range, which the agent does not check; only the maps are exercised), each \
+         with one EndpointSlice of {ENDPOINTS} ready endpoints; one node address ({NODE_IP}). \
+         Objects are built in code and held in kube-runtime reflector stores as the kube source \
+         holds them. The agent's `Reconciler` and `Syncer` write into a real datapath loaded \
+         with maps sized services {}, frontends {}, backends {}, Maglev M = {} ({} blocks), \
+         conntrack {}; nothing attached, no packet sent.\n",
+        u32::from(node_port(SERVICES - 1)),
+        s.services,
+        s.frontends,
+        s.backends,
+        s.maglev_size,
+        s.maglev_blocks(),
+        s.conntrack
+    )?;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    writeln!(
+        md,
+        "Map memory (the kernel's memlock of the loaded maps): {:.1} MiB in all, of which the \
+         Maglev array {:.1} MiB ({} blocks x {} slots x 8 bytes: the kernel lays 4-byte array \
+         values 8 bytes apart). It loads without trouble on this machine.\n",
+        mib(r.memory.total),
+        mib(r.memory.maglev),
+        s.maglev_blocks(),
+        s.maglev_size
+    )?;
+
+    writeln!(md, "## Programming {SERVICES} services into empty maps\n")?;
+    writeln!(
+        md,
+        "From `Reconciler::update` with every object (a fresh reconciler) until \
+         `Syncer::apply_changes` returns; a freshly loaded datapath each round (its load, \
+         verifier included, is not counted). {} rounds; every round verified in the agent's \
+         picture and in the maps (every frontend, port bit and Maglev table).\n",
+        r.program.len()
+    )?;
+    writeln!(md, "| | median | max |")?;
+    writeln!(md, "|---|---:|---:|")?;
+    type Column = fn(&ProgramRun) -> Duration;
+    let rows: [(&str, Column); 4] = [
+        ("desired state (`Reconciler::update`), ms", |p| p.reconcile),
+        ("map writes (`Syncer::apply_changes`), ms", |p| p.sync),
+        ("**total**, ms", ProgramRun::total),
+        ("(datapath load, not counted), ms", |p| p.load),
+    ];
+    for (label, f) in rows {
+        let v = sorted_by(&r.program, f);
+        writeln!(
+            md,
+            "| {label} | {} | {} |",
+            ms(percentile(&v, 0.5)),
+            ms(*v.last().expect("rounds"))
+        )?;
+    }
+    let b = &r.breakdown;
+    writeln!(
+        md,
+        "\nMeasured apart, for the same {SERVICES} backend sets: `maglev::table` {} ms, writing \
+         the tables into the mmap'ed array {} ms. The rest of the sync is the per-service \
+         bookkeeping and one syscall each for the frontend, the service name and the frontend \
+         port's bitmap word.\n",
+        ms(b.maglev_tables),
+        ms(b.maglev_writes)
+    )?;
+
+    writeln!(
+        md,
+        "## From an EndpointSlice change to the maps\n\n{SERVICES} services programmed; each \
+         change replaces one EndpointSlice (a new object) of a service drawn at random (fixed \
+         seed): half toggle an endpoint's readiness, half move an endpoint to a new address \
+         ({} and {} over both runs below); either changes the service's Maglev table. After \
+         each change the service is checked in the agent's picture and in the maps (not \
+         timed).\n",
+        r.toggles, r.moves
+    )?;
+    writeln!(
+        md,
+        "{CHANGES} changes fed as the kube source feeds them. *agent*: from handing the \
+         snapshot to `Reconciler::update` until `Syncer::apply_changes` returns, when the maps \
+         hold the new table: the agent's processing of a snapshot. *snapshot build*: what the \
+         kube source does per event in this design (the reflector store takes the event, the \
+         fingerprint of both stores' sorted resourceVersions, the sorted snapshot, the \
+         previous fingerprint freed). *release*: the agent dropping its previous snapshot as it \
+         stores the new one. *with snapshot build*: all of these. Not included: the API \
+         server, the watch delivery and JSON decoding, the channel hop to the agent's task. \
+         The source's work runs on the same thread just before the agent's, so the agent's \
+         figures include the cache and allocator state it leaves (in the agent it is another \
+         task).\n"
+    )?;
+    writeln!(
+        md,
+        "| ms | reconcile | sync | **agent** | snapshot build | release | **with snapshot build** |"
+    )?;
+    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|")?;
+    let cols: [Vec<Duration>; 6] = [
+        sorted_by(&r.changes, |c| c.reconcile),
+        sorted_by(&r.changes, |c| c.sync),
+        sorted_by(&r.changes, ChangeRun::agent),
+        sorted_by(&r.changes, |c| c.source),
+        sorted_by(&r.changes, |c| c.release),
+        sorted_by(&r.changes, ChangeRun::total),
+    ];
+    let quantiles = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)];
+    for (label, q) in quantiles {
+        let cells: Vec<String> = cols.iter().map(|c| ms(percentile(c, q))).collect();
+        writeln!(md, "| {label} | {} |", cells.join(" | "))?;
+    }
+    writeln!(
+        md,
+        "\n{CHANGES} more changes back to back, the agent's snapshot edited in place (no source \
+         work in between): the agent's own cost.\n"
+    )?;
+    writeln!(md, "| ms | reconcile | sync | **agent** |")?;
+    writeln!(md, "|---|---:|---:|---:|")?;
+    let direct: [Vec<Duration>; 3] = [
+        sorted_by(&r.direct, |c| c.reconcile),
+        sorted_by(&r.direct, |c| c.sync),
+        sorted_by(&r.direct, ChangeRun::agent),
+    ];
+    for (label, q) in quantiles {
+        let cells: Vec<String> = direct.iter().map(|c| ms(percentile(c, q))).collect();
+        writeln!(md, "| {label} | {} |", cells.join(" | "))?;
+    }
+
+    let program = sorted_by(&r.program, ProgramRun::total);
+    let program_median = percentile(&program, 0.5);
+    let agent_p99 = percentile(&cols[2], 0.99);
+    let total_p99 = percentile(&cols[5], 0.99);
+    writeln!(md, "\n## Targets\n")?;
+    writeln!(
+        md,
+        "Target 1, {SERVICES} services in under {} ms (iptables-restore of the equivalent \
+         kube-proxy rules: about 4.7 s here): median {} ms (max {} ms), {}.",
+        PROGRAM_TARGET.as_millis(),
+        ms(program_median),
+        ms(*program.last().expect("rounds")),
+        verdict(program_median < PROGRAM_TARGET)
+    )?;
+    writeln!(
+        md,
+        "Target 2, p99 change latency under {} ms (the agent's processing, fed by the source): \
+         {} ms, {}. With the source's snapshot build and the release: {} ms ({} the target).",
+        CHANGE_P99_TARGET.as_millis(),
+        ms(agent_p99),
+        verdict(agent_p99 < CHANGE_P99_TARGET),
+        ms(total_p99),
+        if total_p99 < CHANGE_P99_TARGET {
+            "also under"
+        } else {
+            "over"
+        }
+    )?;
+    Ok(md)
+}
+
+/// Quick figures for the console.
+pub fn summary(r: &Results) -> String {
+    let program = sorted_by(&r.program, ProgramRun::total);
+    let agent = sorted_by(&r.changes, ChangeRun::agent);
+    let total = sorted_by(&r.changes, ChangeRun::total);
+    let direct = sorted_by(&r.direct, ChangeRun::agent);
+    format!(
+        "program {SERVICES}: median {} ms; change p50/p99: agent {}/{} ms, with snapshot build {}/{} ms, back to back {}/{} ms",
+        ms(percentile(&program, 0.5)),
+        ms(percentile(&agent, 0.5)),
+        ms(percentile(&agent, 0.99)),
+        ms(percentile(&total, 0.5)),
+        ms(percentile(&total, 0.99)),
+        ms(percentile(&direct, 0.5)),
+        ms(percentile(&direct, 0.99)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&v, 0.5), Duration::from_millis(50));
+        assert_eq!(percentile(&v, 0.99), Duration::from_millis(99));
+        assert_eq!(percentile(&v, 1.0), Duration::from_millis(100));
+        assert_eq!(percentile(&v[..1], 0.99), Duration::from_millis(1));
+    }
+
+    #[test]
+    fn objects_meet_in_the_desired_state() {
+        let services: Vec<Arc<Service>> = (0..3).map(|i| Arc::new(service(i))).collect();
+        let slices: Vec<Arc<EndpointSlice>> = (0..3).map(|i| Arc::new(slice(i))).collect();
+        let mut reconciler = Reconciler::new(node());
+        reconciler.update(&services, &slices);
+        let desired = reconciler.desired();
+        assert_eq!(desired.services.len(), 3);
+        let ds = &desired.services[&port_key(1)];
+        let table: BTreeSet<SocketAddrV4> = ds.table_backends().map(|(a, _)| *a).collect();
+        assert_eq!(table, expected_table(&slices[1]));
+        assert_eq!(table.len(), ENDPOINTS as usize);
+        assert_eq!(
+            ds.frontends.iter().next().map(|f| f.addr),
+            Some(SocketAddrV4::new(NODE_IP, 20_001))
+        );
+        // Node 0's endpoints are local.
+        assert!(
+            desired.services[&port_key(0)]
+                .backends
+                .values()
+                .any(|b| b.local)
+        );
+    }
+}
