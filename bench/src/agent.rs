@@ -6,8 +6,8 @@
 //! (map writes) are driven exactly as `Agent::reconcile` drives them.
 //!
 //! * Objects are built in code as k8s-openapi values (no YAML: parsing would dominate) and put
-//!   in kube-runtime reflector stores, the same stores the kube source keeps, so the snapshots
-//!   the agent sees share unchanged objects' `Arc`s as they do in production.
+//!   in the kube source's own mirrors (`source::kube::Mirror`), so the snapshots the agent sees
+//!   share unchanged objects' `Arc`s as they do in production.
 //! * Node ports are 20000 + i, beyond the default 30000-32767 range: the agent does not check
 //!   the range (the API server does), and only the datapath maps are exercised here.
 //! * Endpoint addresses are in 198.18.0.0/15 (benchmarking addresses); they are map contents
@@ -16,8 +16,8 @@
 //! Timings of a change ("agent"): from handing the snapshot to `Reconciler::update` until
 //! `Syncer::apply_changes` returns, when the maps hold the new state. The source's share
 //! ("snapshot build") is measured separately for the same change: applying the watch event to
-//! the reflector store, the fingerprint of both stores (sorted resourceVersions) and the sorted
-//! snapshot, as `source::kube::run` does per batch of events; so is the agent releasing its
+//! the mirror and building the snapshot from both mirrors, as `source::kube::run` does per
+//! batch of events; so is the agent releasing its
 //! previous snapshot. None of it includes the API server, the watch delivery or JSON decoding.
 //! A second series applies changes back to back, without the source's work in between.
 
@@ -37,18 +37,13 @@ use k8s_openapi::{
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
-use kube::{
-    Resource, ResourceExt,
-    runtime::{
-        reflector::{Store, store::Writer},
-        watcher::Event,
-    },
-};
+use kube::runtime::watcher::Event;
 use nodeport_agent::{
     datapath::{Datapath, Sizing},
     desired::{NodeContext, Reconciler, SERVICE_NAME_LABEL},
     maglev::{self, MaglevKey},
     model::{Protocol, ServicePortKey},
+    source::kube::Mirror,
     sync::{GlobalSettings, Programmed, SyncReport, Syncer},
 };
 use nodeport_common::{FrontendKey, IPPROTO_TCP, capacity, frontend_port_bit};
@@ -216,46 +211,11 @@ fn expected_table(slice: &EndpointSlice) -> BTreeSet<SocketAddrV4> {
         .collect()
 }
 
-/// The kube source's stores: reflector stores fed with watch events, as kube-runtime's
-/// reflector writes them.
+/// The kube source's mirrors (`source::kube::Mirror`), fed with watch events as the source
+/// feeds them.
 struct Stores {
-    services: Writer<Service>,
-    slices: Writer<EndpointSlice>,
-}
-
-/// What `source::kube` compares to decide whether to publish: every object's
-/// namespace/name/resourceVersion, sorted (a copy of its `versions`).
-type Fingerprint = (Vec<ObjectVersion>, Vec<ObjectVersion>);
-type ObjectVersion = (String, String, Option<String>);
-
-fn versions<K: Resource<DynamicType = ()> + Clone + 'static>(
-    store: &Store<K>,
-) -> Vec<ObjectVersion> {
-    let mut versions: Vec<_> = store
-        .state()
-        .iter()
-        .map(|obj| {
-            let obj = obj.as_ref();
-            (
-                obj.namespace().unwrap_or_default(),
-                obj.name_any(),
-                obj.resource_version(),
-            )
-        })
-        .collect();
-    versions.sort();
-    versions
-}
-
-/// The store's objects sorted by namespace and name (a copy of the source's `sorted`).
-fn sorted<K: Resource<DynamicType = ()> + Clone + 'static>(store: &Store<K>) -> Vec<Arc<K>> {
-    let mut objects = store.state();
-    objects.sort_by(|a, b| {
-        let (a, b) = (a.meta(), b.meta());
-        (a.namespace.as_deref(), a.name.as_deref())
-            .cmp(&(b.namespace.as_deref(), b.name.as_deref()))
-    });
-    objects
+    services: Mirror<Service>,
+    slices: Mirror<EndpointSlice>,
 }
 
 struct Snapshot {
@@ -263,40 +223,29 @@ struct Snapshot {
     slices: Vec<Arc<EndpointSlice>>,
 }
 
+fn listed<K: kube::ResourceExt + Clone>(objects: &[K]) -> Mirror<K> {
+    let mut mirror = Mirror::default();
+    mirror.apply(Event::Init);
+    for obj in objects {
+        mirror.apply(Event::InitApply(obj.clone()));
+    }
+    mirror.apply(Event::InitDone);
+    mirror
+}
+
 impl Stores {
     fn new(services: &[Service], slices: &[EndpointSlice]) -> Self {
-        let mut stores = Self {
-            services: Writer::default(),
-            slices: Writer::default(),
-        };
-        stores.services.apply_watcher_event(&Event::Init);
-        for s in services {
-            stores
-                .services
-                .apply_watcher_event(&Event::InitApply(s.clone()));
+        Self {
+            services: listed(services),
+            slices: listed(slices),
         }
-        stores.services.apply_watcher_event(&Event::InitDone);
-        stores.slices.apply_watcher_event(&Event::Init);
-        for s in slices {
-            stores
-                .slices
-                .apply_watcher_event(&Event::InitApply(s.clone()));
-        }
-        stores.slices.apply_watcher_event(&Event::InitDone);
-        stores
     }
 
-    fn fingerprint(&self) -> Fingerprint {
-        (
-            versions(&self.services.as_reader()),
-            versions(&self.slices.as_reader()),
-        )
-    }
-
+    /// The snapshot as the source builds it (`Mirrors::snapshot`).
     fn snapshot(&self) -> Snapshot {
         Snapshot {
-            services: sorted(&self.services.as_reader()),
-            slices: sorted(&self.slices.as_reader()),
+            services: self.services.objects(),
+            slices: self.slices.objects(),
         }
     }
 }
@@ -432,7 +381,7 @@ impl ProgramRun {
 
 /// Timings of one change.
 struct ChangeRun {
-    /// The source's work: store, fingerprint, snapshot.
+    /// The source's work: the mirror takes the event, the snapshot is built.
     source: Duration,
     /// The agent releasing the previous snapshot as it stores the new one.
     release: Duration,
@@ -537,7 +486,6 @@ pub fn run(object: &[u8]) -> Result<Results> {
     let services: Vec<Service> = (0..SERVICES).map(service).collect();
     let slices: Vec<EndpointSlice> = (0..SERVICES).map(slice).collect();
     let stores = Stores::new(&services, &slices);
-    let published = stores.fingerprint();
     let snapshot = stores.snapshot();
     ensure!(snapshot.services.len() == SERVICES as usize);
     ensure!(snapshot.slices.len() == SERVICES as usize);
@@ -626,7 +574,6 @@ pub fn run(object: &[u8]) -> Result<Results> {
         sizing: sizing.clone(),
         settings,
         stores,
-        published,
         held: snapshot,
         positions,
         slices,
@@ -665,7 +612,7 @@ pub fn run(object: &[u8]) -> Result<Results> {
 /// How a change reaches the agent.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Feed {
-    /// Through the reflector store and a snapshot built as the kube source builds it, on this
+    /// Through the source's mirror and a snapshot built as the kube source builds it, on this
     /// thread just before (so the agent's figures include the caches and allocator state that
     /// work leaves: pessimistic, since in the agent the source runs as another task).
     Source,
@@ -681,7 +628,6 @@ struct Changes {
     sizing: Sizing,
     settings: GlobalSettings,
     stores: Stores,
-    published: Fingerprint,
     /// The snapshot the agent holds.
     held: Snapshot,
     /// Service index -> position of its slice in the (sorted) snapshot.
@@ -725,21 +671,16 @@ impl Changes {
             let started = Instant::now();
             let (built, received) = match feed {
                 Feed::Source => {
-                    // The source: the store takes the event, the fingerprint says something
-                    // changed, the snapshot is built, the fingerprint kept (freeing the
-                    // previous one).
-                    let event = Event::Apply(new);
-                    self.stores.slices.apply_watcher_event(&event);
-                    let fingerprint = self.stores.fingerprint();
-                    let publish = fingerprint != self.published;
+                    // The source: the mirror takes the event and says it changed, the
+                    // snapshot is built.
+                    let publish = self.stores.slices.apply(Event::Apply(new));
                     let snapshot = self.stores.snapshot();
-                    self.published = fingerprint;
                     let built = Instant::now();
                     // The agent keeps the new snapshot, releasing the previous one
                     // (`agent.snapshot = s`).
                     self.held = snapshot;
                     let received = Instant::now();
-                    ensure!(publish, "change {n}: the fingerprint did not change");
+                    ensure!(publish, "change {n}: the mirror saw no change");
                     (built, received)
                 }
                 Feed::Direct => {
@@ -798,8 +739,8 @@ pub fn render(r: &Results, date: &str, machine: &str) -> Result<String> {
         "{SERVICES} NodePort Services (one TCP port each, node ports {FIRST_NODE_PORT}-{}: beyond \
          the default range, which the agent does not check; only the maps are exercised), each \
          with one EndpointSlice of {ENDPOINTS} ready endpoints; one node address ({NODE_IP}). \
-         Objects are built in code and held in kube-runtime reflector stores as the kube source \
-         holds them. The agent's `Reconciler` and `Syncer` write into a real datapath loaded \
+         Objects are built in code and held in the kube source's mirrors \
+         (`source::kube::Mirror`). The agent's `Reconciler` and `Syncer` write into a real datapath loaded \
          with maps sized services {}, frontends {}, backends {}, Maglev M = {} ({} blocks), \
          conntrack {}; nothing attached, no packet sent.\n",
         u32::from(node_port(SERVICES - 1)),
@@ -875,9 +816,8 @@ pub fn render(r: &Results, date: &str, machine: &str) -> Result<String> {
         "{CHANGES} changes fed as the kube source feeds them. *agent*: from handing the \
          snapshot to `Reconciler::update` until `Syncer::apply_changes` returns, when the maps \
          hold the new table: the agent's processing of a snapshot. *snapshot build*: what the \
-         kube source does per event in this design (the reflector store takes the event, the \
-         fingerprint of both stores' sorted resourceVersions, the sorted snapshot, the \
-         previous fingerprint freed). *release*: the agent dropping its previous snapshot as it \
+         kube source does per batch of events (the mirror takes the event and reports the \
+         change, the snapshot copies both mirrors' `Arc`s in order). *release*: the agent dropping its previous snapshot as it \
          stores the new one. *with snapshot build*: all of these. Not included: the API \
          server, the watch delivery and JSON decoding, the channel hop to the agent's task. \
          The source's work runs on the same thread just before the agent's, so the agent's \

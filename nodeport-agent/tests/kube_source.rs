@@ -1,5 +1,5 @@
 //! The Kubernetes source against an in-process fake API server (see `fake_api`), with the
-//! real kube-rs client, watcher and reflector.
+//! real kube-rs client and watcher.
 //!
 //! No test sleeps to synchronise. Each awaits either the snapshot channel or a request
 //! arriving at the fake server, with a generous timeout as a failure guard only. The tests run

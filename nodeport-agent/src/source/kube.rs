@@ -3,12 +3,14 @@
 //!
 //! # Design
 //!
-//! Each kind is watched by a kube-rs [`watcher`] feeding a [`reflector`] store, all namespaces,
-//! with a retry backoff in front ([`RetryBackoff`]; kube's `DefaultBackoff` by default: 0.8 s
-//! doubling to 30 s, with jitter). The watcher does the list-then-watch dance, resumes a
-//! dropped watch from the last resourceVersion it saw and relists when the server answers 410
-//! Gone; the store is the authoritative in-memory copy. This module only decides *when* to
-//! publish: a snapshot is a sorted copy of the stores.
+//! Each kind is watched by a kube-rs [`watcher`], all namespaces, with a retry backoff in front
+//! ([`RetryBackoff`]; kube's `DefaultBackoff` by default: 0.8 s doubling to 30 s, with jitter).
+//! The watcher does the list-then-watch dance, resumes a dropped watch from the last
+//! resourceVersion it saw and relists when the server answers 410 Gone. Its events feed a
+//! [`Mirror`] per kind: the objects sorted by namespace and name, each behind an `Arc` that
+//! changes only when the object does. A snapshot is a copy of the mirrors' `Arc`s, built in
+//! one pass (no sorting, no copying of objects), so publishing after a change costs little
+//! however large the cluster is, and the agent tells what changed by `Arc` identity.
 //!
 //! * **Nothing before both lists.** The channel stays `None` until the Service *and* the
 //!   EndpointSlice watchers have each delivered `InitDone` once. A snapshot with Services but
@@ -17,23 +19,22 @@
 //!   exist, or RBAC may forbid reading it): `node_addresses` is `None` until it arrives, and
 //!   `None` again if the Node object disappears.
 //! * **Relists are atomic.** After a 410 Gone (or a failed list) the watcher starts over with
-//!   `Init`, `InitApply` per listed object, then `InitDone`. The reflector's writer
-//!   (`Writer::apply_watcher_event` in kube-runtime `src/reflector/store.rs`) buffers the
-//!   `InitApply` objects in a side map and swaps that map into the store only at `InitDone`;
-//!   `Init` clears only the buffer. So the store never holds an empty or partial list: objects
-//!   that exist throughout a relist never disappear from it, and objects deleted while the
-//!   watch was down vanish exactly at `InitDone`. This module publishes only after `Apply`,
-//!   `Delete` and `InitDone` (never after `Init`/`InitApply`, which leave the store unchanged).
+//!   `Init`, `InitApply` per listed object, then `InitDone`. The mirror buffers the listed
+//!   objects and swaps them in only at `InitDone` (as kube-runtime's reflector does), so it
+//!   never holds an empty or partial list: objects that exist throughout a relist never
+//!   disappear, and objects deleted while the watch was down vanish exactly at `InitDone`. An
+//!   object the relist finds at the resourceVersion already held keeps its `Arc`, so a relist
+//!   costs the agent only what really changed.
 //! * **Resumes, not relists, on dropped connections.** A watch stream that ends (server timeout,
 //!   connection closed; kube-client maps a truncated chunked body to end-of-stream in
 //!   `Client::request_events`, `src/client/mod.rs`) puts the watcher back in `InitListed` and it
 //!   re-watches from the last resourceVersion it saw (`step_trampolined` in kube-runtime
 //!   `src/watcher.rs`, `State::Watching` → `None` arm). Bookmarks only advance that
-//!   resourceVersion: the watcher swallows them (no event reaches the reflector or this module).
+//!   resourceVersion: the watcher swallows them (no event reaches this module).
 //! * **No spurious publishes.** Events that are ready together are applied as one batch and
-//!   published once; a snapshot is published only if some object's resourceVersion (or the
-//!   node's address list) differs from the last published one, so a relist that finds nothing
-//!   new, or a replayed event, publishes nothing.
+//!   published once; a snapshot is published only if a mirror changed (an object added,
+//!   deleted, or at a new resourceVersion) or the node's addresses or eligibility did, so a
+//!   relist that finds nothing new, or a replayed event, publishes nothing.
 //! * **Gentle on the API server.** Every node runs this, so lists use `resourceVersion=0`
 //!   (`ListSemantic::Any`, unpaginated), which the API server answers from its watch cache
 //!   instead of a quorum read from etcd, like client-go informers (kube-proxy) do. kube-core's
@@ -47,6 +48,7 @@
 //! dropped.
 
 use std::{
+    collections::BTreeMap,
     fmt,
     net::IpAddr,
     sync::{
@@ -57,12 +59,11 @@ use std::{
 };
 
 use ::kube::{
-    Api, Client, Resource, ResourceExt,
+    Api, Client, ResourceExt,
     runtime::{
-        WatchStreamExt, reflector,
-        reflector::Store,
+        WatchStreamExt,
         utils::Backoff,
-        watcher::{self, DefaultBackoff},
+        watcher::{self, DefaultBackoff, Event},
     },
 };
 use futures::{FutureExt as _, Stream, StreamExt as _, stream::BoxStream};
@@ -181,21 +182,15 @@ impl fmt::Display for Kind {
     }
 }
 
-/// What a watcher event did to its store, without the object.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Step {
-    /// A (re)list starts; the store is unchanged.
-    Init,
-    /// A listed object was buffered; the store is unchanged.
-    InitApply,
-    /// The listed objects replaced the store.
-    InitDone,
-    /// A watch event (added, modified or deleted) changed the store.
-    Applied,
+/// A watcher event of any of the watched kinds (boxed: the kinds differ much in size).
+enum Update {
+    Service(Box<Event<Service>>),
+    EndpointSlice(Box<Event<EndpointSlice>>),
+    Node(Box<Event<Node>>),
 }
 
 /// A watcher's item tagged with its kind; `None` when the watcher's stream ended.
-type Tagged = (Kind, Option<Result<Step, watcher::Error>>);
+type Tagged = (Kind, Option<Result<Update, watcher::Error>>);
 
 /// Watches the cluster and publishes snapshots on `tx` until every receiver is dropped.
 ///
@@ -223,45 +218,38 @@ pub async fn run(
     let mut watcher_config = watcher::Config::default().any_semantic();
     watcher_config.page_size = None;
 
-    let (services, services_writer) = reflector::store::<Service>();
-    let (slices, slices_writer) = reflector::store::<EndpointSlice>();
     let mut streams = vec![
-        reflected(
+        watched(
             Kind::Service,
-            reflector(
-                services_writer,
-                watcher::watcher(Api::all(client.clone()), watcher_config.clone()),
-            ),
+            watcher::watcher(Api::all(client.clone()), watcher_config.clone()),
             backoff,
+            |event| Update::Service(Box::new(event)),
         ),
-        reflected(
+        watched(
             Kind::EndpointSlice,
-            reflector(
-                slices_writer,
-                watcher::watcher(Api::all(client.clone()), watcher_config.clone()),
-            ),
+            watcher::watcher(Api::all(client.clone()), watcher_config.clone()),
             backoff,
+            |event| Update::EndpointSlice(Box::new(event)),
         ),
     ];
-    let node = node_name.map(|name| {
-        let (store, writer) = reflector::store::<Node>();
+    if let Some(name) = &node_name {
         let config = watcher_config.fields(&format!("metadata.name={name}"));
-        streams.push(reflected(
+        streams.push(watched(
             Kind::Node,
-            reflector(writer, watcher::watcher(Api::all(client.clone()), config)),
+            watcher::watcher(Api::all(client.clone()), config),
             backoff,
+            |event| Update::Node(Box::new(event)),
         ));
-        (name, store)
-    });
+    }
     let mut events = futures::stream::select_all(streams);
 
-    let stores = Stores {
-        services,
-        slices,
-        node,
+    let mut mirrors = Mirrors {
+        services: Mirror::default(),
+        slices: Mirror::default(),
+        node: node_name.map(|name| (name, Mirror::default())),
     };
-    let mut synced = Synced::default();
-    let mut published: Option<Fingerprint> = None;
+    let mut published_node: Option<NodeState> = None;
+    let mut dirty = false;
     loop {
         let mut item = tokio::select! {
             biased;
@@ -272,7 +260,6 @@ pub async fn run(
             item = events.next() => item,
         };
         // Apply everything that is ready now (up to MAX_BATCH events), then publish once.
-        let mut dirty = false;
         let mut applied = 0;
         loop {
             // Every stream ends with a `None` item, so select_all itself never ends first.
@@ -280,7 +267,7 @@ pub async fn run(
                 let kind = item.map_or(Kind::Service, |(kind, _)| kind);
                 return Err(KubeSourceError::StreamEnded(kind));
             };
-            dirty |= synced.note(kind, result, &stats);
+            dirty |= mirrors.apply(kind, result, &stats);
             applied += 1;
             if applied == MAX_BATCH {
                 break;
@@ -290,19 +277,17 @@ pub async fn run(
                 None => break,
             }
         }
-        if !dirty || !synced.services || !synced.slices {
+        if !mirrors.services.listed() || !mirrors.slices.listed() {
             continue;
         }
-        // The reflectors write to the stores only while `events` is polled, so the fingerprint
-        // and the snapshot below see the same contents.
-        let fingerprint = stores.fingerprint();
-        if published.as_ref() == Some(&fingerprint) {
-            debug!("no change since the last snapshot");
+        let node = mirrors.node_state();
+        let first = published_node.is_none();
+        if !dirty && published_node.as_ref() == Some(&node) {
             continue;
         }
-        let mut snapshot = stores.snapshot(&fingerprint);
+        let mut snapshot = mirrors.snapshot(&node);
         snapshot.revision = stats.snapshots_published() + 1;
-        if published.is_none() {
+        if first {
             info!(
                 services = snapshot.services.len(),
                 endpoint_slices = snapshot.endpoint_slices.len(),
@@ -326,7 +311,8 @@ pub async fn run(
             return Ok(());
         }
         stats.snapshots_published.fetch_add(1, Ordering::Relaxed);
-        published = Some(fingerprint);
+        published_node = Some(node);
+        dirty = false;
     }
 }
 
@@ -342,13 +328,14 @@ fn valid_node_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
-/// Wraps a reflector stream with the retry backoff and reduces its events to [`Step`]s (the
-/// objects are in the store by then), logging each. The watcher never ends (and neither
-/// backoff gives up); should it anyway, a final `None` says so.
-fn reflected<K>(
+/// Wraps a watcher stream with the retry backoff and tags its events with their kind, logging
+/// each. The watcher never ends (and neither backoff gives up); should it anyway, a final
+/// `None` says so.
+fn watched<K>(
     kind: Kind,
-    stream: impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
+    stream: impl Stream<Item = watcher::Result<Event<K>>> + Send + 'static,
     backoff: RetryBackoff,
+    wrap: fn(Event<K>) -> Update,
 ) -> BoxStream<'static, Tagged>
 where
     K: ResourceExt + Send + 'static,
@@ -356,27 +343,20 @@ where
     stream
         .backoff(backoff.build())
         .map(move |result| {
-            let step = result.map(|event| {
+            let update = result.map(|event| {
                 debug!(kind = %kind, event = %event, rv = ?resource_version(&event), "watch event");
-                match event {
-                    watcher::Event::Init => Step::Init,
-                    watcher::Event::InitApply(_) => Step::InitApply,
-                    watcher::Event::InitDone => Step::InitDone,
-                    watcher::Event::Apply(_) | watcher::Event::Delete(_) => Step::Applied,
-                }
+                wrap(event)
             });
-            (kind, Some(step))
+            (kind, Some(update))
         })
         .chain(futures::stream::once(async move { (kind, None) }))
         .boxed()
 }
 
-fn resource_version<K: ResourceExt>(event: &watcher::Event<K>) -> Option<String> {
+fn resource_version<K: ResourceExt>(event: &Event<K>) -> Option<String> {
     match event {
-        watcher::Event::Apply(obj)
-        | watcher::Event::Delete(obj)
-        | watcher::Event::InitApply(obj) => obj.resource_version(),
-        watcher::Event::Init | watcher::Event::InitDone => None,
+        Event::Apply(obj) | Event::Delete(obj) | Event::InitApply(obj) => obj.resource_version(),
+        Event::Init | Event::InitDone => None,
     }
 }
 
@@ -403,24 +383,128 @@ impl Backoff for FixedBackoff {
     fn reset(&mut self) {}
 }
 
-/// Which kinds have completed a list, and the bookkeeping that goes with each event.
-#[derive(Default)]
-struct Synced {
-    services: bool,
-    slices: bool,
-    node: bool,
+/// The source's copy of one kind of object, sorted by namespace and name.
+///
+/// Public for the agent benchmark, which feeds it as the source does.
+pub struct Mirror<K> {
+    objects: BTreeMap<ObjectKey, Arc<K>>,
+    /// The objects of a list under way (between `Init` and `InitDone`).
+    listing: Option<BTreeMap<ObjectKey, Arc<K>>>,
+    /// Lists completed.
+    lists: u64,
 }
 
-impl Synced {
-    /// Records one watcher item; returns whether the store may have changed.
-    fn note(
+/// Namespace (empty for cluster-scoped objects) and name.
+type ObjectKey = (String, String);
+
+impl<K> Default for Mirror<K> {
+    fn default() -> Self {
+        Self {
+            objects: BTreeMap::new(),
+            listing: None,
+            lists: 0,
+        }
+    }
+}
+
+impl<K: ResourceExt> Mirror<K> {
+    /// Applies one watcher event; returns whether the objects changed.
+    pub fn apply(&mut self, event: Event<K>) -> bool {
+        match event {
+            Event::Init => {
+                self.listing = Some(BTreeMap::new());
+                false
+            }
+            Event::InitApply(obj) => {
+                self.listing
+                    .get_or_insert_default()
+                    .insert(key(&obj), Arc::new(obj));
+                false
+            }
+            Event::InitDone => {
+                self.lists += 1;
+                let listed = self.listing.take().unwrap_or_default();
+                let mut changed = listed.len() != self.objects.len();
+                let objects = listed
+                    .into_iter()
+                    .map(|(key, obj)| match self.objects.get(&key) {
+                        // Unchanged: keep the Arc the agent already knows.
+                        Some(held) if same_version(held.as_ref(), obj.as_ref()) => {
+                            (key, Arc::clone(held))
+                        }
+                        _ => {
+                            changed = true;
+                            (key, obj)
+                        }
+                    })
+                    .collect();
+                self.objects = objects;
+                changed
+            }
+            Event::Apply(obj) => {
+                let key = key(&obj);
+                if self
+                    .objects
+                    .get(&key)
+                    .is_some_and(|held| same_version(held.as_ref(), &obj))
+                {
+                    return false;
+                }
+                self.objects.insert(key, Arc::new(obj));
+                true
+            }
+            Event::Delete(obj) => self.objects.remove(&key(&obj)).is_some(),
+        }
+    }
+
+    /// Whether a first list has completed.
+    pub fn listed(&self) -> bool {
+        self.lists > 0
+    }
+
+    /// The objects, sorted by namespace and name.
+    pub fn objects(&self) -> Vec<Arc<K>> {
+        self.objects.values().cloned().collect()
+    }
+
+    fn get(&self, namespace: &str, name: &str) -> Option<&Arc<K>> {
+        self.objects.get(&(namespace.to_string(), name.to_string()))
+    }
+}
+
+fn key<K: ResourceExt>(obj: &K) -> ObjectKey {
+    (obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+fn same_version<K: ResourceExt>(a: &K, b: &K) -> bool {
+    let version = a.resource_version();
+    version.is_some() && version == b.resource_version()
+}
+
+struct Mirrors {
+    services: Mirror<Service>,
+    slices: Mirror<EndpointSlice>,
+    node: Option<(String, Mirror<Node>)>,
+}
+
+/// What the snapshot says about this node.
+#[derive(Debug, PartialEq, Eq)]
+struct NodeState {
+    addresses: Option<Vec<IpAddr>>,
+    eligible: Option<bool>,
+}
+
+impl Mirrors {
+    /// Applies one watcher item, logging and counting it; returns whether the Services or
+    /// EndpointSlices changed (the node is compared separately, by what a snapshot says of it).
+    fn apply(
         &mut self,
         kind: Kind,
-        result: Result<Step, watcher::Error>,
+        result: Result<Update, watcher::Error>,
         stats: &KubeSourceStats,
     ) -> bool {
-        let step = match result {
-            Ok(step) => step,
+        let update = match result {
+            Ok(update) => update,
             Err(err) => {
                 stats.watch_errors.fetch_add(1, Ordering::Relaxed);
                 let relist =
@@ -429,83 +513,65 @@ impl Synced {
                 return false;
             }
         };
-        match step {
-            Step::Init => {
-                debug!(kind = %kind, "listing");
-                false
-            }
-            Step::InitApply => false,
-            Step::InitDone => {
-                let flag = match kind {
-                    Kind::Service => &mut self.services,
-                    Kind::EndpointSlice => &mut self.slices,
-                    Kind::Node => &mut self.node,
-                };
-                if std::mem::replace(flag, true) {
-                    stats.relists.fetch_add(1, Ordering::Relaxed);
-                    info!(kind = %kind, "relist complete");
-                } else {
-                    debug!(kind = %kind, "initial list complete");
+        let (changed, lists_before, lists_after) = match update {
+            Update::Service(event) => note(&mut self.services, *event, stats),
+            Update::EndpointSlice(event) => note(&mut self.slices, *event, stats),
+            Update::Node(event) => match &mut self.node {
+                Some((_, mirror)) => {
+                    let (_, before, after) = note(mirror, *event, stats);
+                    (false, before, after)
                 }
-                true
-            }
-            Step::Applied => {
-                stats.events_applied.fetch_add(1, Ordering::Relaxed);
-                true
+                None => (false, 0, 0),
+            },
+        };
+        if lists_after > lists_before {
+            if lists_before > 0 {
+                stats.relists.fetch_add(1, Ordering::Relaxed);
+                info!(kind = %kind, "relist complete");
+            } else {
+                debug!(kind = %kind, "initial list complete");
             }
         }
+        changed
     }
-}
 
-struct Stores {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    node: Option<(String, Store<Node>)>,
-}
-
-/// What a published snapshot contained: every object's identity and resourceVersion (which
-/// changes with every write), and the node's addresses.
-#[derive(Debug, PartialEq, Eq)]
-struct Fingerprint {
-    services: Vec<ObjectVersion>,
-    slices: Vec<ObjectVersion>,
-    node_addresses: Option<Vec<IpAddr>>,
-    node_eligible: Option<bool>,
-}
-
-type ObjectVersion = (String, String, Option<String>);
-
-impl Stores {
-    fn fingerprint(&self) -> Fingerprint {
-        Fingerprint {
-            services: versions(&self.services),
-            slices: versions(&self.slices),
-            node_addresses: self.node_addresses(),
-            node_eligible: self.node_eligible(),
+    fn node_state(&self) -> NodeState {
+        let node = self
+            .node
+            .as_ref()
+            .and_then(|(name, mirror)| mirror.get("", name));
+        NodeState {
+            addresses: node.map(|n| node_addresses(n)),
+            eligible: node.map(|n| node_eligible(n)),
         }
     }
 
-    fn snapshot(&self, fingerprint: &Fingerprint) -> Snapshot {
+    fn snapshot(&self, node: &NodeState) -> Snapshot {
         Snapshot {
-            services: sorted(&self.services),
-            endpoint_slices: sorted(&self.slices),
-            node_addresses: fingerprint.node_addresses.clone(),
-            node_eligible: fingerprint.node_eligible,
+            services: self.services.objects(),
+            endpoint_slices: self.slices.objects(),
+            node_addresses: node.addresses.clone(),
+            node_eligible: node.eligible,
             revision: 0,
         }
     }
+}
 
-    fn node_addresses(&self) -> Option<Vec<IpAddr>> {
-        let (name, store) = self.node.as_ref()?;
-        let node = store.find(|node| node.metadata.name.as_deref() == Some(name))?;
-        Some(node_addresses(&node))
+/// Applies `event` to `mirror`, counting watch events; returns (changed, lists before, after).
+fn note<K: ResourceExt>(
+    mirror: &mut Mirror<K>,
+    event: Event<K>,
+    stats: &KubeSourceStats,
+) -> (bool, u64, u64) {
+    if matches!(event, Event::Apply(_) | Event::Delete(_)) {
+        stats.events_applied.fetch_add(1, Ordering::Relaxed);
     }
-
-    fn node_eligible(&self) -> Option<bool> {
-        let (name, store) = self.node.as_ref()?;
-        let node = store.find(|node| node.metadata.name.as_deref() == Some(name))?;
-        Some(node_eligible(&node))
+    if matches!(event, Event::Init) {
+        debug!("listing");
     }
+    let before = mirror.lists;
+    let changed = mirror.apply(event);
+    (changed, before, mirror.lists)
 }
 
 /// The cluster autoscaler's taint on a node it is about to delete.
@@ -521,42 +587,6 @@ fn node_eligible(node: &Node) -> bool {
         .and_then(|s| s.taints.as_ref())
         .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
     !deleting && !tainted
-}
-
-fn key<K: ResourceExt>(obj: &K) -> (String, String) {
-    (obj.namespace().unwrap_or_default(), obj.name_any())
-}
-
-fn versions<K>(store: &Store<K>) -> Vec<ObjectVersion>
-where
-    K: Resource<DynamicType = ()> + Clone + 'static,
-{
-    let mut versions: Vec<_> = store
-        .state()
-        .iter()
-        .map(|obj| {
-            let (namespace, name) = key(obj.as_ref());
-            (namespace, name, ResourceExt::resource_version(obj.as_ref()))
-        })
-        .collect();
-    versions.sort();
-    versions
-}
-
-/// The store's objects, sorted by namespace and name.
-/// The store's objects, shared (an unchanged object keeps its `Arc`, which is how the agent
-/// tells what changed), sorted by namespace and name without copying them.
-fn sorted<K>(store: &Store<K>) -> Vec<Arc<K>>
-where
-    K: Resource<DynamicType = ()> + Clone + 'static,
-{
-    let mut objects = store.state();
-    objects.sort_by(|a, b| {
-        let (a, b) = (a.meta(), b.meta());
-        (a.namespace.as_deref(), a.name.as_deref())
-            .cmp(&(b.namespace.as_deref(), b.name.as_deref()))
-    });
-    objects
 }
 
 /// The node's InternalIP and ExternalIP addresses, in the order the Node lists them, without
@@ -616,6 +646,90 @@ mod tests {
             .collect();
         assert_eq!(node_addresses(&node), expected);
         assert_eq!(node_addresses(&Node::default()), Vec::<IpAddr>::new());
+    }
+
+    fn svc(name: &str, version: &str) -> Service {
+        let mut s = Service::default();
+        s.metadata.namespace = Some("default".into());
+        s.metadata.name = Some(name.into());
+        s.metadata.resource_version = Some(version.into());
+        s
+    }
+
+    fn names(mirror: &Mirror<Service>) -> Vec<String> {
+        mirror.objects().iter().map(|s| s.name_any()).collect()
+    }
+
+    #[test]
+    fn a_mirror_changes_only_when_an_object_does() {
+        let mut m = Mirror::default();
+        assert!(!m.apply(Event::Init));
+        assert!(!m.apply(Event::InitApply(svc("b", "1"))));
+        assert!(!m.apply(Event::InitApply(svc("a", "1"))));
+        assert!(!m.listed(), "listed before InitDone");
+        assert!(m.objects().is_empty(), "a list shows before InitDone");
+        assert!(m.apply(Event::InitDone));
+        assert!(m.listed());
+        assert_eq!(names(&m), ["a", "b"], "sorted by name");
+
+        // A replayed event changes nothing; a new version does.
+        assert!(!m.apply(Event::Apply(svc("a", "1"))));
+        assert!(m.apply(Event::Apply(svc("a", "2"))));
+        assert!(m.apply(Event::Delete(svc("b", "1"))));
+        assert!(!m.apply(Event::Delete(svc("b", "1"))));
+        assert_eq!(names(&m), ["a"]);
+    }
+
+    #[test]
+    fn a_relist_swaps_in_at_once_and_keeps_unchanged_objects_shared() {
+        let mut m = Mirror::default();
+        for event in [
+            Event::Init,
+            Event::InitApply(svc("keep", "1")),
+            Event::InitApply(svc("change", "1")),
+            Event::InitApply(svc("gone", "1")),
+            Event::InitDone,
+        ] {
+            m.apply(event);
+        }
+        let before = m.objects();
+
+        // The same list again: nothing changed, nothing to publish.
+        for event in [
+            Event::Init,
+            Event::InitApply(svc("gone", "1")),
+            Event::InitApply(svc("change", "1")),
+            Event::InitApply(svc("keep", "1")),
+        ] {
+            assert!(!m.apply(event));
+        }
+        assert!(!m.apply(Event::InitDone), "an unchanged relist is a change");
+
+        // A relist after changes: the old state stays whole until InitDone.
+        for event in [
+            Event::Init,
+            Event::InitApply(svc("keep", "1")),
+            Event::InitApply(svc("change", "2")),
+            Event::InitApply(svc("new", "3")),
+        ] {
+            m.apply(event);
+            assert_eq!(names(&m), ["change", "gone", "keep"]);
+        }
+        assert!(m.apply(Event::InitDone));
+        assert_eq!(names(&m), ["change", "keep", "new"]);
+        let after = m.objects();
+        let find = |v: &[Arc<Service>], name: &str| {
+            Arc::clone(v.iter().find(|s| s.name_any() == name).expect("present"))
+        };
+        assert!(Arc::ptr_eq(&find(&before, "keep"), &find(&after, "keep")));
+        assert!(!Arc::ptr_eq(
+            &find(&before, "change"),
+            &find(&after, "change")
+        ));
+        assert_eq!(
+            find(&after, "change").resource_version().as_deref(),
+            Some("2")
+        );
     }
 
     #[test]
