@@ -12,7 +12,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 /// Everything the agent mirrors, as last seen from a source. Objects are shared: a source
 /// hands out the same `Arc` for an object that did not change, which is how the agent tells
-/// what changed without comparing objects (kube's reflector stores work that way).
+/// what changed without comparing objects.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub services: Vec<Arc<Service>>,
