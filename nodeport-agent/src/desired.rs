@@ -188,9 +188,13 @@ fn backends(candidates: Vec<Candidate>, local_only: bool) -> BTreeMap<SocketAddr
             local: c.local,
             in_table,
         };
-        // The same address twice (two slices during a rollout): in the table if either says so.
+        // The same address twice (two slices during a rollout, or a stale one): in the table
+        // if either says so, local if either does, whatever the order of the slices.
         out.entry(c.addr)
-            .and_modify(|s: &mut BackendState| s.in_table |= in_table)
+            .and_modify(|s: &mut BackendState| {
+                s.in_table |= in_table;
+                s.local |= c.local;
+            })
             .or_insert(state);
     }
     out

@@ -928,3 +928,40 @@ fn identity_diffs_agree_with_a_full_recomputation_over_random_edits() {
         "{fast_updates} of 2400 updates took the identity diff"
     );
 }
+
+#[test]
+fn an_address_in_two_slices_is_one_backend_whatever_the_order_of_the_slices() {
+    let slice = |name: &str, node: &str, ready: bool| {
+        format!(
+            r#"
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: {{ name: {name}, namespace: default, labels: {{ kubernetes.io/service-name: web }} }}
+addressType: IPv4
+ports: [ {{ port: 8080 }} ]
+endpoints: [ {{ addresses: [10.0.1.3], nodeName: {node}, conditions: {{ ready: {ready} }} }} ]
+"#
+        )
+    };
+    let service = r#"
+kind: Service
+apiVersion: v1
+metadata: { name: web, namespace: default }
+spec: { type: NodePort, ports: [ { port: 80, nodePort: 30080 } ] }
+"#;
+    let here = slice("web-a", NODE, false);
+    let there = slice("web-b", "node-z", true);
+    for yaml in [
+        format!("{service}{here}{there}"),
+        format!("{service}{there}{here}"),
+    ] {
+        let d = compute(&yaml);
+        let svc = &d.services[&key("default", "web", "", Protocol::Tcp)];
+        assert_eq!(
+            backend_view(svc),
+            BTreeMap::from([("10.0.1.3:8080".into(), (true, true))]),
+            "{yaml}"
+        );
+    }
+}
