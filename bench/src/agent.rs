@@ -39,14 +39,17 @@ use k8s_openapi::{
 };
 use kube::runtime::watcher::Event;
 use nodeport_agent::{
-    datapath::{Datapath, Sizing},
+    datapath::{Datapath, Maps, Sizing},
     desired::{NodeContext, Reconciler, SERVICE_NAME_LABEL},
     maglev::{self, MaglevKey},
     model::{Protocol, ServicePortKey},
     source::kube::Mirror,
     sync::{GlobalSettings, Programmed, SyncReport, Syncer},
 };
-use nodeport_common::{FrontendKey, IPPROTO_TCP, capacity, frontend_port_bit};
+use nodeport_common::{
+    CT_F_REPLY_SEEN, CT_F_SNAT, CtEntry, CtKey, FrontendKey, IPPROTO_TCP, capacity,
+    frontend_port_bit,
+};
 
 /// NodePort Services to program.
 const SERVICES: u32 = 10_000;
@@ -414,6 +417,7 @@ pub struct Results {
     memory: MapMemory,
     program: Vec<ProgramRun>,
     breakdown: Breakdown,
+    scrape: ScrapeCost,
     changes: Vec<ChangeRun>,
     direct: Vec<ChangeRun>,
     toggles: usize,
@@ -447,6 +451,127 @@ impl Lcg {
             .wrapping_add(1_442_695_040_888_963_407);
         ((self.0 >> 33) % u64::from(bound)) as u32
     }
+}
+
+/// What a scrape of `/metrics` costs the agent with every service programmed and a full
+/// connection table.
+struct ScrapeCost {
+    /// Entries in the connection table when sampled.
+    conntrack_entries: u64,
+    /// The first sample, which also computes the node port range gauges.
+    first: Duration,
+    /// The following samples (the range gauges are kept: the cluster state did not change).
+    samples: Vec<Duration>,
+    /// Encoding the registry into the response, after a sample.
+    encode: Duration,
+}
+
+/// Times `metrics::Sampler::sample` (what each scrape runs, on a blocking thread) on a pinned
+/// datapath holding the benchmark's services and a connection table filled to capacity.
+fn scrape_cost(
+    object: &[u8],
+    sizing: &Sizing,
+    settings: &GlobalSettings,
+    services: &[Service],
+    slices: &[EndpointSlice],
+) -> Result<ScrapeCost> {
+    let pins = nodeport_tests::agent::PinDirGuard::new("npbs");
+    let mut dp = Datapath::load_object(object, sizing, Some(pins.path()))
+        .context("loading a pinned datapath")?;
+    let services: Vec<Arc<Service>> = services.iter().cloned().map(Arc::new).collect();
+    let slices: Vec<Arc<EndpointSlice>> = slices.iter().cloned().map(Arc::new).collect();
+    let mut reconciler = Reconciler::new(node());
+    let mut programmed = Programmed::empty(&dp.sizing);
+    let changes = reconciler.update(&services, &slices);
+    let report = Syncer {
+        maps: &mut dp.maps,
+        sizing,
+    }
+    .apply_changes(
+        &mut programmed,
+        reconciler.desired(),
+        &changes.services,
+        settings,
+    );
+    check_report(&report, SERVICES as usize)?;
+
+    // Live connections, half of them SNATed, spread over the services.
+    let now = nodeport_agent::datapath::jiffies_now(settings.config.hz);
+    for n in 0..sizing.conntrack {
+        let key = CtKey {
+            saddr_be: u32::from(Ipv4Addr::new(198, 19, (n >> 8) as u8, n as u8)).to_be(),
+            daddr_be: u32::from(NODE_IP).to_be(),
+            sport_be: (10_000 + (n >> 16) as u16).to_be(),
+            dport_be: node_port(n % SERVICES).to_be(),
+            proto: IPPROTO_TCP,
+            dir: (n % 2) as u8,
+            _pad: 0,
+        };
+        let entry = CtEntry {
+            last_seen: now,
+            flags: CT_F_REPLY_SEEN | if n % 4 == 0 { CT_F_SNAT } else { 0 },
+            svc_id: n % SERVICES,
+            ..CtEntry::default()
+        };
+        dp.maps.conntrack.insert(key, entry, 0)?;
+    }
+    let conntrack_entries = dp.maps.conntrack.keys().count() as u64;
+
+    let (tx, rx) = nodeport_agent::source::channel();
+    tx.send(Some(Arc::new(nodeport_agent::source::Snapshot {
+        services: services.clone(),
+        endpoint_slices: slices.clone(),
+        revision: 1,
+        ..Default::default()
+    })))?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let pin_dir = dp.pin_dir().context("pinned")?.clone();
+    let mut sampler = nodeport_agent::metrics::Sampler::register(
+        &mut registry,
+        Maps::open_pinned_sized(&pin_dir, &dp.sizing)?,
+        settings.config,
+        nodeport_agent::source::SourceStats::Files(
+            nodeport_agent::source::files::FilesSourceStats::new(),
+        ),
+        rx,
+        "30000-32767".parse().map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    let timed = |sampler: &mut nodeport_agent::metrics::Sampler| {
+        let started = Instant::now();
+        sampler.sample();
+        started.elapsed()
+    };
+    let first = timed(&mut sampler);
+    let samples: Vec<Duration> = (0..5).map(|_| timed(&mut sampler)).collect();
+    let started = Instant::now();
+    let mut body = String::new();
+    prometheus_client::encoding::text::encode(&mut body, &registry)?;
+    let encode = started.elapsed();
+    // What was read is what was written.
+    let connections = body
+        .lines()
+        .find_map(|l| l.strip_prefix("nodeport_conntrack_connections "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    ensure!(
+        connections.is_some_and(|c| c > 0 && c <= conntrack_entries),
+        "the scrape read {connections:?} connections of {conntrack_entries} entries"
+    );
+    ensure!(
+        body.matches("nodeport_service_packets_total{").count() == 2 * SERVICES as usize,
+        "per-service series"
+    );
+    eprintln!(
+        "bench: agent: a scrape with {SERVICES} services and {conntrack_entries} conntrack entries: {} ms (first {} ms), encoding {} ms",
+        ms(samples[samples.len() / 2]),
+        ms(first),
+        ms(encode)
+    );
+    Ok(ScrapeCost {
+        conntrack_entries,
+        first,
+        samples,
+        encode,
+    })
 }
 
 /// Times `maglev::table` and the table writes for the benchmark's services, to tell how much of
@@ -597,15 +722,27 @@ pub fn run(object: &[u8]) -> Result<Results> {
     }
 
     let breakdown = breakdown(&mut bench.dp)?;
+    let Changes {
+        dp,
+        settings,
+        slices,
+        toggles,
+        moves,
+        ..
+    } = bench;
+    // Its maps go before the scrape measurement loads another datapath.
+    drop(dp);
+    let scrape = scrape_cost(object, &sizing, &settings, &services, &slices)?;
     Ok(Results {
         sizing,
         memory: memory.expect("measured in the first round"),
         program,
         breakdown,
+        scrape,
         changes,
         direct,
-        toggles: bench.toggles,
-        moves: bench.moves,
+        toggles,
+        moves,
     })
 }
 
@@ -863,6 +1000,26 @@ pub fn render(r: &Results, date: &str, machine: &str) -> Result<String> {
     let program_median = percentile(&program, 0.5);
     let agent_p99 = percentile(&cols[2], 0.99);
     let total_p99 = percentile(&cols[5], 0.99);
+    let sc = &r.scrape;
+    let mut samples = sc.samples.clone();
+    samples.sort();
+    writeln!(md, "\n## A scrape of /metrics\n")?;
+    writeln!(
+        md,
+        "What each scrape runs (`metrics::Sampler::sample`, on a blocking thread beside the \
+         agent's loop) with the {SERVICES} services programmed and the connection table filled \
+         to capacity ({} entries, all live): the datapath counters, per-service packets and \
+         bytes ({} series), the fill level of every map and the connection census. Median of \
+         {} samples {} ms (max {} ms); the first, which also computes the node port range \
+         gauges, {} ms; encoding the response {} ms.",
+        sc.conntrack_entries,
+        4 * SERVICES,
+        samples.len(),
+        ms(samples[samples.len() / 2]),
+        ms(*samples.last().expect("samples")),
+        ms(sc.first),
+        ms(sc.encode)
+    )?;
     writeln!(md, "\n## Targets\n")?;
     writeln!(
         md,

@@ -15,18 +15,18 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use nodeport_common::{DatapathConfig, capacity};
+use nodeport_common::{AgentState, DatapathConfig, capacity};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    datapath::{self, Datapath, InterfaceRole, Sizing, XdpAttachMode},
+    datapath::{self, Datapath, InterfaceRole, Maps, Sizing, XdpAttachMode},
     desired::{NodeContext, Reconciler},
     health::{HealthConfig, HealthServer, ServiceHealth},
     interfaces::{self, ChangeWatcher, Layout, Selection},
     ledger::{self, NodePortRange},
-    metrics::{self, Metrics},
+    metrics::{self, Metrics, Sampler},
     model::{Ipv4Prefix, NoticeKind, ServicePortKey},
-    source::{self, Snapshot, SnapshotReceiver},
+    source::{self, Snapshot, SnapshotReceiver, SourceStats},
     sync::{GlobalSettings, Programmed, Syncer},
 };
 
@@ -142,8 +142,10 @@ pub struct RunArgs {
     /// Address the health-check node ports of externalTrafficPolicy Local Services listen on.
     #[arg(long, default_value = "0.0.0.0")]
     pub health_check_bind_address: IpAddr,
-    /// The Prometheus metrics endpoint (/metrics), or "off".
-    #[arg(long, default_value = "0.0.0.0:9480")]
+    /// The Prometheus metrics endpoint (/metrics), or "off". Local only by default; a
+    /// DaemonSet scraped by Prometheus sets 0.0.0.0:9480 (kube-proxy's flag name; alias
+    /// --metrics-addr).
+    #[arg(long, alias = "metrics-addr", default_value = "127.0.0.1:9480")]
     pub metrics_bind_address: OptionalAddr,
     /// The cluster's node port range (kube-apiserver --service-node-port-range): checked
     /// against the SNAT range, and reported on by the range metrics.
@@ -199,21 +201,6 @@ fn hostname() -> Option<String> {
     }
     let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
     Some(String::from_utf8_lossy(&buf[..end]).into_owned()).filter(|h| !h.is_empty())
-}
-
-fn parse_prefix(s: &str) -> Result<Ipv4Prefix> {
-    let (addr, len) = s
-        .split_once('/')
-        .with_context(|| format!("{s:?}: expected an IPv4 CIDR like 10.0.0.0/8"))?;
-    let addr: Ipv4Addr = addr
-        .parse()
-        .with_context(|| format!("{s:?}: not an IPv4 address"))?;
-    let len: u8 = len
-        .parse()
-        .ok()
-        .filter(|l| *l <= 32)
-        .with_context(|| format!("{s:?}: bad prefix length"))?;
-    Ok(Ipv4Prefix { addr, len })
 }
 
 impl RunArgs {
@@ -291,10 +278,26 @@ impl RunArgs {
             nodeport_prefixes: self
                 .nodeport_addresses
                 .iter()
-                .map(|s| parse_prefix(s))
-                .collect::<Result<_>>()?,
+                .map(|s| s.parse::<Ipv4Prefix>().map_err(anyhow::Error::msg))
+                .collect::<Result<_>>()
+                .context("--nodeport-addresses")?,
         })
     }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// This agent's version for `NP_AGENT`, NUL-padded.
+fn version_bytes() -> [u8; 32] {
+    let mut bytes = [0u8; 32];
+    let version = env!("CARGO_PKG_VERSION").as_bytes();
+    let n = version.len().min(bytes.len());
+    bytes[..n].copy_from_slice(&version[..n]);
+    bytes
 }
 
 /// What is attached where (by name, with the ifindex it had).
@@ -356,22 +359,6 @@ async fn start_health(
     Ok(Health { services, node })
 }
 
-/// What the source reports about itself, for metrics.
-enum SourceStats {
-    Files(Arc<source::files::FilesSourceStats>),
-    Kube(Arc<source::kube::KubeSourceStats>),
-}
-
-impl SourceStats {
-    /// (errors, snapshots published)
-    fn totals(&self) -> (u64, u64) {
-        match self {
-            Self::Files(s) => (s.errors(), s.loads()),
-            Self::Kube(s) => (s.watch_errors(), s.snapshots_published()),
-        }
-    }
-}
-
 struct Agent {
     args: RunArgs,
     node_name: String,
@@ -385,13 +372,12 @@ struct Agent {
     /// A health-check port failed to start: retried on the next rounds.
     health_retry: bool,
     metrics: Metrics,
-    ledger_metrics: ledger::metrics::LedgerMetrics,
-    source_stats: SourceStats,
+    /// What the last agent state written to `NP_AGENT` holds (for `status`).
+    state: AgentState,
     /// Services that failed to program, retried on every round.
     retry: BTreeSet<ServicePortKey>,
     notices: BTreeSet<crate::model::Notice>,
     snapshot: Arc<Snapshot>,
-    ledger_dirty: bool,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -423,21 +409,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::register(&mut registry);
-    let ledger_metrics = ledger::metrics::LedgerMetrics::register(&mut registry);
     let health = start_health(&args, &mut registry).await?;
-    let registry = Arc::new(registry);
-    if let Some(addr) = args.metrics_bind_address.0 {
-        // Bind now, so a taken port is an error at start rather than a log line later.
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("metrics on {addr}"))?;
-        let registry = registry.clone();
-        tokio::spawn(async move {
-            if let Err(e) = metrics::serve(listener, registry).await {
-                tracing::error!(%addr, error = %e, "the metrics server stopped");
-            }
-        });
-    }
+    // Bind now, so a taken port is an error at start rather than a log line later.
+    let metrics_listener = match args.metrics_bind_address.0 {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics on {addr}"))?,
+        ),
+        None => None,
+    };
 
     // The source of cluster state.
     let (tx, mut rx) = source::channel();
@@ -472,6 +453,29 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     };
 
+    if let Some(listener) = metrics_listener {
+        // The sampler reads the maps at scrape time through handles of its own.
+        let pins = dp.pin_dir().context("the datapath is not pinned")?;
+        let maps =
+            Maps::open_pinned_sized(pins, &dp.sizing).context("opening the maps for metrics")?;
+        let sampler = Sampler::register(
+            &mut registry,
+            maps,
+            args.datapath_config(),
+            source_stats,
+            rx.clone(),
+            args.service_node_port_range,
+        );
+        let registry = Arc::new(registry);
+        let sampler = Arc::new(metrics::Sampling::new(sampler));
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(listener, registry, sampler).await {
+                tracing::error!(%addr, error = %e, "the metrics server stopped");
+            }
+        });
+    }
+
     let mut agent = Agent {
         reconciler: Reconciler::new(NodeContext::default()),
         node_name,
@@ -483,12 +487,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
         health,
         health_retry: false,
         metrics,
-        ledger_metrics,
-        source_stats,
+        state: AgentState {
+            started_unix_ms: unix_ms(),
+            pid: std::process::id(),
+            version: version_bytes(),
+            ..AgentState::default()
+        },
         retry: BTreeSet::new(),
         notices: BTreeSet::new(),
         snapshot: Arc::new(Snapshot::default()),
-        ledger_dirty: false,
         args,
     };
     agent
@@ -511,7 +518,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
     agent.snapshot = first;
     agent.reconcile().await;
 
-    let mut sample = tokio::time::interval(Duration::from_secs(5));
     let mut periodic = tokio::time::interval(Duration::from_secs(30));
     periodic.tick().await;
     loop {
@@ -540,7 +546,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 }
                 agent.reconcile().await;
             }
-            _ = sample.tick() => agent.sample(),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -641,14 +646,11 @@ impl Agent {
         for ip in self.snapshot.node_addresses.iter().flatten() {
             if let IpAddr::V4(v4) = ip {
                 let inside = self.selection.nodeport_prefixes.is_empty()
-                    || self.selection.nodeport_prefixes.iter().any(|p| {
-                        let mask = if p.len == 0 {
-                            0
-                        } else {
-                            u32::MAX << (32 - u32::from(p.len))
-                        };
-                        u32::from(*v4) & mask == u32::from(p.addr) & mask
-                    });
+                    || self
+                        .selection
+                        .nodeport_prefixes
+                        .iter()
+                        .any(|p| p.contains(*v4));
                 if inside && !v4.is_loopback() {
                     addrs.insert(*v4);
                 }
@@ -675,7 +677,6 @@ impl Agent {
         changes.services.extend(more.services);
         changes.health_checks |= more.health_checks;
         changes.notices |= more.notices;
-        self.ledger_dirty = true;
 
         let mut keys = changes.services.clone();
         keys.extend(std::mem::take(&mut self.retry));
@@ -767,27 +768,28 @@ impl Agent {
         if report.failed.is_empty() {
             self.health.updated();
         }
+        self.record_state(report.failed.is_empty());
         tracing::debug!(revision = self.snapshot.revision, "reconciled");
     }
 
-    fn sample(&mut self) {
-        let ids: BTreeMap<ServicePortKey, u32> = self
+    /// Writes what this round did to `NP_AGENT`, for `nodeport-agent status`.
+    fn record_state(&mut self, everything_applied: bool) {
+        let now = unix_ms();
+        self.state.last_attempt_unix_ms = now;
+        if everything_applied {
+            self.state.last_sync_unix_ms = now;
+        }
+        self.state.revision = self.snapshot.revision;
+        self.state.services = self.programmed.services.len() as u32;
+        self.state.backends = self
             .programmed
             .services
-            .iter()
-            .map(|(k, s)| (k.clone(), s.id))
-            .collect();
-        self.metrics
-            .sample(&self.dp.maps, &ids, self.source_stats.totals());
-        if std::mem::take(&mut self.ledger_dirty) {
-            let local =
-                ledger::read_local_port_range(std::path::Path::new(ledger::IP_LOCAL_PORT_RANGE));
-            let report = ledger::analyze(
-                &self.args.service_node_port_range,
-                &self.snapshot.services,
-                local,
-            );
-            self.ledger_metrics.update(&report);
+            .values()
+            .map(|s| s.backends.len() as u32)
+            .sum();
+        self.state.failing = self.retry.len() as u32;
+        if let Err(e) = self.dp.maps.agent.set(0, self.state, 0) {
+            tracing::warn!(error = %e, "recording the agent's state for `status`");
         }
     }
 

@@ -68,28 +68,6 @@ fn port_u16(value: i32) -> Option<u16> {
     u16::try_from(value).ok().filter(|p| *p != 0)
 }
 
-/// Parses an IPv4 CIDR of loadBalancerSourceRanges ("10.0.0.0/8", or a bare address as /32).
-fn parse_prefix(s: &str) -> Option<Ipv4Prefix> {
-    let s = s.trim();
-    let (addr, len) = match s.split_once('/') {
-        Some((a, l)) => (a, l.parse::<u8>().ok()?),
-        None => (s, 32),
-    };
-    let addr: Ipv4Addr = addr.parse().ok()?;
-    if len > 32 {
-        return None;
-    }
-    let mask = if len == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(len))
-    };
-    Some(Ipv4Prefix {
-        addr: Ipv4Addr::from(u32::from(addr) & mask),
-        len,
-    })
-}
-
 /// The conditions of an endpoint with kube-proxy's defaults (pkg/proxy/endpointslicecache.go):
 /// ready and serving unset mean true, terminating unset means false.
 #[derive(Clone, Copy)]
@@ -311,7 +289,7 @@ fn compute_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext)
     });
     let mut source_ranges = BTreeSet::new();
     for range in spec.load_balancer_source_ranges.iter().flatten() {
-        match parse_prefix(range) {
+        match Ipv4Prefix::parse(range) {
             Some(p) => {
                 source_ranges.insert(p);
             }

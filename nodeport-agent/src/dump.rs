@@ -1,15 +1,72 @@
 //! What the maps hold, for people: `nodeport-agent dump` (which works from the pins alone,
 //! with or without a running agent) and the golden files of the map tests.
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
-use nodeport_common::{Counter, FE_F_AFFINITY, FE_F_LOCAL_ONLY, FE_F_SOURCE_RANGES, SvcStats};
+use aya::maps::IterableMap as _;
+use nodeport_common::{
+    CT_DIR_FORWARD, CT_F_CLOSING, CT_F_REPLY_SEEN, CT_F_SNAT, Counter, CtEntry, CtKey,
+    DatapathConfig, FE_F_AFFINITY, FE_F_LOCAL_ONLY, FE_F_SOURCE_RANGES, IPPROTO_TCP, SvcStats,
+};
 use serde::Serialize;
 
 use crate::{
-    datapath::{Maps, Sizing},
+    datapath::{self, ConntrackCensus, Maps, Sizing, census},
+    model::{Ipv4Prefix, ServicePortKey},
     sync::{Programmed, SyncError},
 };
+
+/// What `dump` shows beyond the services.
+#[derive(Clone, Debug, Default)]
+pub struct DumpOptions {
+    /// Packet counters per service and globally, and the connection table's census.
+    pub stats: bool,
+    /// The connections in the connection table.
+    pub conntrack: bool,
+    /// Only this Service (services and connections).
+    pub service: Option<ServiceFilter>,
+    /// Only connections from clients in this prefix.
+    pub client: Option<Ipv4Prefix>,
+}
+
+/// `NAMESPACE/NAME` or `NAMESPACE/NAME:PORT` (the Service port's name).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceFilter {
+    pub namespace: String,
+    pub name: String,
+    pub port: Option<String>,
+}
+
+impl std::str::FromStr for ServiceFilter {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (namespace, rest) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?}: expected NAMESPACE/NAME or NAMESPACE/NAME:PORT"))?;
+        let (name, port) = match rest.split_once(':') {
+            Some((name, port)) => (name, Some(port.to_owned())),
+            None => (rest, None),
+        };
+        if namespace.is_empty() || name.is_empty() {
+            return Err(format!(
+                "{s:?}: expected NAMESPACE/NAME or NAMESPACE/NAME:PORT"
+            ));
+        }
+        Ok(Self {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            port,
+        })
+    }
+}
+
+impl ServiceFilter {
+    pub fn matches(&self, key: &ServicePortKey) -> bool {
+        key.namespace == self.namespace
+            && key.name == self.name
+            && self.port.as_ref().is_none_or(|p| *p == key.port_name)
+    }
+}
 
 #[derive(Debug, Serialize)]
 pub struct DumpService {
@@ -52,17 +109,48 @@ pub struct DumpStats {
 #[derive(Debug, Serialize)]
 pub struct Dump {
     pub services: Vec<DumpService>,
-    /// Global packet counters by name (non-zero ones), when asked for.
+    /// Global packet counters by name (non-zero ones), with `stats`.
     pub counters: Vec<(String, u64)>,
-    pub conntrack_entries: Option<usize>,
+    /// The connection table's census, with `stats`.
+    pub conntrack: Option<DumpCensus>,
+    /// Connections, with `conntrack`.
+    pub connections: Option<Vec<DumpConnection>>,
 }
 
-/// Reads the maps. With `stats`, also counters and per-service packets (they change with
-/// traffic, so golden files leave them out).
-pub fn read(maps: &Maps, sizing: &Sizing, stats: bool) -> Result<Dump, SyncError> {
+#[derive(Debug, Serialize)]
+pub struct DumpCensus {
+    /// Entries, both directions, expired ones included.
+    pub entries: u64,
+    pub live: u64,
+    pub connections: u64,
+    pub snat_ports: u64,
+}
+
+/// One connection (its forward entry).
+#[derive(Debug, Serialize)]
+pub struct DumpConnection {
+    pub protocol: String,
+    pub client: String,
+    pub frontend: String,
+    pub backend: String,
+    /// The service, when its id is still programmed.
+    pub service: Option<String>,
+    /// The node address and port the connection is SNATed to (remote backends).
+    pub snat: Option<String>,
+    /// `syn_sent`, `established`, `closing` or `udp`.
+    pub state: &'static str,
+    /// Seconds since the last packet from the client.
+    pub idle_s: u64,
+    /// Seconds until it expires without packets; `None`: expired, waiting to be reused.
+    pub expires_in_s: Option<u64>,
+}
+
+/// Reads the maps. `stats` and `conntrack` change with traffic, so golden files leave them out.
+pub fn read(maps: &Maps, sizing: &Sizing, options: &DumpOptions) -> Result<Dump, SyncError> {
     let (programmed, _) = Programmed::adopt(maps, sizing)?;
     let mut services = Vec::new();
-    for (key, svc) in &programmed.services {
+    let wanted = |key: &ServicePortKey| options.service.as_ref().is_none_or(|f| f.matches(key));
+    for (key, svc) in programmed.services.iter().filter(|(k, _)| wanted(k)) {
         let protocol = key.protocol.to_string();
         let frontends = svc
             .frontends
@@ -90,7 +178,7 @@ pub fn read(maps: &Maps, sizing: &Sizing, stats: bool) -> Result<Dump, SyncError
                 in_table: state.in_table,
             })
             .collect();
-        let stats = if stats {
+        let stats = if options.stats {
             Some(service_stats(maps, svc.id))
         } else {
             None
@@ -105,21 +193,103 @@ pub fn read(maps: &Maps, sizing: &Sizing, stats: bool) -> Result<Dump, SyncError
             stats,
         });
     }
-    let (counters, conntrack_entries) = if stats {
-        let counters = counter_values(maps)
+    let cfg: DatapathConfig = maps.config.get(&0, 0).unwrap_or_default();
+    let now = datapath::jiffies_now(cfg.hz);
+    let mut census = ConntrackCensus::default();
+    let mut connections = Vec::new();
+    if options.stats || options.conntrack {
+        let names: BTreeMap<u32, &ServicePortKey> =
+            programmed.services.iter().map(|(k, s)| (s.id, k)).collect();
+        census::for_each_entry::<CtKey, CtEntry>(maps.conntrack.map(), |key, entry| {
+            census.add(&cfg, key, entry, now);
+            if options.conntrack && key.dir == CT_DIR_FORWARD {
+                let service = names.get(&entry.svc_id).copied();
+                let client = Ipv4Addr::from(u32::from_be(key.saddr_be));
+                let service_ok = match (&options.service, service) {
+                    (None, _) => true,
+                    (Some(f), Some(k)) => f.matches(k),
+                    (Some(_), None) => false,
+                };
+                let client_ok = options.client.as_ref().is_none_or(|p| p.contains(client));
+                if service_ok && client_ok {
+                    connections.push(connection(&cfg, key, entry, service, now));
+                }
+            }
+        })
+        .map_err(|source| SyncError::Io {
+            what: "reading the connection table",
+            source,
+        })?;
+    }
+    connections.sort_by(|a: &DumpConnection, b| {
+        (&a.service, &a.client, &a.frontend).cmp(&(&b.service, &b.client, &b.frontend))
+    });
+    let counters = if options.stats {
+        counter_values(maps)
             .into_iter()
             .filter(|(_, v)| *v != 0)
             .map(|(c, v)| (c.label().to_owned(), v))
-            .collect();
-        (counters, Some(maps.conntrack.keys().count()))
+            .collect()
     } else {
-        (Vec::new(), None)
+        Vec::new()
     };
     Ok(Dump {
         services,
         counters,
-        conntrack_entries,
+        conntrack: options.stats.then_some(DumpCensus {
+            entries: census.entries,
+            live: census.live,
+            connections: census.connections,
+            snat_ports: census.snat_ports,
+        }),
+        connections: options.conntrack.then_some(connections),
     })
+}
+
+fn addr_port(addr_be: u32, port_be: u16) -> String {
+    format!(
+        "{}:{}",
+        Ipv4Addr::from(u32::from_be(addr_be)),
+        u16::from_be(port_be)
+    )
+}
+
+fn connection(
+    cfg: &DatapathConfig,
+    key: &CtKey,
+    entry: &CtEntry,
+    service: Option<&ServicePortKey>,
+    now: u64,
+) -> DumpConnection {
+    let hz = u64::from(cfg.hz.max(1));
+    let idle = now.saturating_sub(entry.last_seen);
+    let timeout = cfg.ct_timeout(key.proto, entry.flags);
+    let state = if key.proto != IPPROTO_TCP {
+        "udp"
+    } else if entry.flags & CT_F_CLOSING != 0 {
+        "closing"
+    } else if entry.flags & CT_F_REPLY_SEEN != 0 {
+        "established"
+    } else {
+        "syn_sent"
+    };
+    DumpConnection {
+        protocol: if key.proto == IPPROTO_TCP {
+            "TCP"
+        } else {
+            "UDP"
+        }
+        .to_owned(),
+        client: addr_port(key.saddr_be, key.sport_be),
+        frontend: addr_port(key.daddr_be, key.dport_be),
+        backend: addr_port(entry.new_daddr_be, entry.new_dport_be),
+        service: service.map(ToString::to_string),
+        snat: (entry.flags & CT_F_SNAT != 0)
+            .then(|| addr_port(entry.new_saddr_be, entry.new_sport_be)),
+        state,
+        idle_s: idle / hz,
+        expires_in_s: (idle <= timeout).then(|| (timeout - idle) / hz),
+    }
 }
 
 fn service_stats(maps: &Maps, id: u32) -> DumpStats {
@@ -208,8 +378,35 @@ impl Dump {
                 );
             }
         }
-        if let Some(n) = self.conntrack_entries {
-            let _ = writeln!(out, "conntrack entries {n}");
+        if let Some(c) = &self.conntrack {
+            let _ = writeln!(
+                out,
+                "conntrack {} connections, {} SNAT ports in use; {} entries ({} live)",
+                c.connections, c.snat_ports, c.entries, c.live
+            );
+        }
+        if let Some(connections) = &self.connections {
+            let _ = writeln!(out, "connections ({})", connections.len());
+            for c in connections {
+                let snat = c
+                    .snat
+                    .as_ref()
+                    .map_or(String::new(), |s| format!(" via {s}"));
+                let expiry = c
+                    .expires_in_s
+                    .map_or("expired".to_owned(), |s| format!("expires in {s} s"));
+                let _ = writeln!(
+                    out,
+                    "  {} {} -> {} -> {}{snat}  {} {}, idle {} s, {expiry}",
+                    c.protocol,
+                    c.client,
+                    c.frontend,
+                    c.backend,
+                    c.service.as_deref().unwrap_or("(service gone)"),
+                    c.state,
+                    c.idle_s
+                );
+            }
         }
         if !self.counters.is_empty() {
             out.push_str("counters\n");

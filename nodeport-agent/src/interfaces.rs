@@ -131,15 +131,6 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     go(pattern.as_bytes(), name.as_bytes())
 }
 
-fn in_prefix(addr: Ipv4Addr, p: &Ipv4Prefix) -> bool {
-    let mask = if p.len == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(p.len))
-    };
-    u32::from(addr) & mask == u32::from(p.addr) & mask
-}
-
 impl Selection {
     /// Sorts the interfaces into roles. Pure, so it is tested without a machine to scan.
     pub fn layout(
@@ -172,7 +163,7 @@ impl Selection {
                 let wanted = if self.nodeport_prefixes.is_empty() {
                     !addr.is_loopback()
                 } else {
-                    self.nodeport_prefixes.iter().any(|p| in_prefix(*addr, p))
+                    self.nodeport_prefixes.iter().any(|p| p.contains(*addr))
                 };
                 if wanted {
                     layout.node_addresses.insert(*addr);

@@ -13,6 +13,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod model;
 pub mod source;
+pub mod status;
 pub mod sync;
 #[cfg(test)]
 mod test_support;

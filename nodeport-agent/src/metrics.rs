@@ -1,13 +1,23 @@
 //! The agent's Prometheus metrics (served on --metrics-bind-address, `/metrics`).
 //!
-//! Datapath counters live in per-CPU maps; the agent samples them every few seconds and adds
-//! the increase to its own counters, so the exported series are ordinary monotonic counters.
+//! Two kinds of series: those the agent's loop sets as it works (sync durations and failures,
+//! what is programmed), and those read from the maps **at scrape time** by a [`Sampler`] on a
+//! blocking thread with its own map handles, so a scrape always sees the datapath as it is and
+//! never holds up the agent's loop. Datapath counters live in per-CPU maps; the sampler adds
+//! their increase since the last scrape to its own counters, so the exported series are
+//! ordinary monotonic counters (a map that restarts from zero is counted from zero).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::{Arc, Mutex},
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::SystemTime,
 };
 
+use aya::maps::IterableMap as _;
+use nodeport_common::{DatapathConfig, SvcName, SvcStats, counters::CounterKind};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{
@@ -20,10 +30,11 @@ use prometheus_client::{
 };
 
 use crate::{
-    datapath::Maps,
-    dump,
+    datapath::{self, Maps, census},
+    dump, ledger,
     model::{NoticeKind, ServicePortKey},
-    sync::SyncReport,
+    source::{SnapshotReceiver, SourceStats},
+    sync::{self, SyncReport},
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -53,24 +64,31 @@ pub struct KindLabels {
     pub kind: String,
 }
 
-/// Metric handles the agent updates. Cheap to clone.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: String,
+}
+
+/// Series the agent's loop sets as it works. Cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
     pub sync_seconds: Histogram,
     pub sync_failures: Family<ReasonLabels, Counter>,
+    pub last_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub services: Gauge,
     pub backends: Gauge,
     pub health_checks: Gauge,
     pub notices: Family<KindLabels, Gauge>,
-    pub datapath_packets: Family<PathLabels, Counter>,
-    pub service_packets: Family<ServiceLabels, Counter>,
-    pub service_bytes: Family<ServiceLabels, Counter>,
-    pub source_errors: Counter,
-    pub source_snapshots: Counter,
-    /// Last sampled values, to turn map totals into counter increments.
-    last: Arc<Mutex<BTreeMap<String, u64>>>,
-    /// Services whose series are exported, to drop the series of deleted ones.
-    exported: Arc<Mutex<BTreeSet<ServicePortKey>>>,
 }
 
 impl Metrics {
@@ -78,19 +96,20 @@ impl Metrics {
         let m = Self {
             sync_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             sync_failures: Family::default(),
+            last_sync: Gauge::default(),
             services: Gauge::default(),
             backends: Gauge::default(),
             health_checks: Gauge::default(),
             notices: Family::default(),
-            datapath_packets: Family::default(),
-            service_packets: Family::default(),
-            service_bytes: Family::default(),
-            source_errors: Counter::default(),
-            source_snapshots: Counter::default(),
-            last: Arc::default(),
-            exported: Arc::default(),
         };
         let r = registry.sub_registry_with_prefix("nodeport");
+        let build_info = Family::<VersionLabels, Gauge>::default();
+        build_info
+            .get_or_create(&VersionLabels {
+                version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .set(1);
+        r.register("build_info", "The agent's version (always 1)", build_info);
         r.register(
             "sync_duration_seconds",
             "Time to bring the maps to a new desired state",
@@ -98,8 +117,14 @@ impl Metrics {
         );
         r.register(
             "sync_failures",
-            "Services that could not be programmed, by reason (map_full: a map is at capacity)",
+            "Map updates that failed, per service port and attempt, by reason (map_full: a map \
+             is at capacity); the service keeps its previous state and is retried",
             m.sync_failures.clone(),
+        );
+        r.register(
+            "last_sync_timestamp_seconds",
+            "When the agent last programmed everything it was given (Unix time)",
+            m.last_sync.clone(),
         );
         r.register(
             "services",
@@ -121,31 +146,6 @@ impl Metrics {
             "Things in the cluster state not programmed, by kind",
             m.notices.clone(),
         );
-        r.register(
-            "datapath_packets",
-            "Packets seen by the datapath, by what happened to them",
-            m.datapath_packets.clone(),
-        );
-        r.register(
-            "service_packets",
-            "Packets per service port and direction",
-            m.service_packets.clone(),
-        );
-        r.register(
-            "service_bytes",
-            "Bytes (IP length) per service port and direction",
-            m.service_bytes.clone(),
-        );
-        r.register(
-            "source_errors",
-            "Errors reading the cluster state (watch errors, invalid manifests)",
-            m.source_errors.clone(),
-        );
-        r.register(
-            "source_snapshots",
-            "Consistent views of the cluster state received from the source",
-            m.source_snapshots.clone(),
-        );
         m
     }
 
@@ -159,6 +159,12 @@ impl Metrics {
                 })
                 .inc();
         }
+        if report.failed.is_empty() {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.last_sync.set(now);
+        }
     }
 
     pub fn set_notices(&self, counts: &BTreeMap<NoticeKind, usize>) {
@@ -171,93 +177,357 @@ impl Metrics {
                 .set(n as i64);
         }
     }
+}
 
-    fn add(&self, key: String, total: u64, counter: &Counter) {
-        let mut last = self.last.lock().expect("not poisoned");
-        let previous = last.insert(key, total).unwrap_or(0);
-        // A total below the last sample means the maps were recreated: count from zero.
-        counter.inc_by(if total >= previous {
-            total - previous
-        } else {
-            total
-        });
+/// Series read at scrape time.
+#[derive(Clone, Default)]
+struct Sampled {
+    datapath_packets: Family<PathLabels, Counter>,
+    service_packets: Family<ServiceLabels, Counter>,
+    service_bytes: Family<ServiceLabels, Counter>,
+    conntrack_entries: Family<StateLabels, Gauge>,
+    conntrack_connections: Gauge,
+    snat_ports: Gauge,
+    map_entries: Family<MapLabels, Gauge>,
+    map_capacity: Family<MapLabels, Gauge>,
+    map_memory: Family<MapLabels, Gauge>,
+    source_errors: Counter,
+    source_snapshots: Counter,
+    source_relists: Counter,
+}
+
+impl Sampled {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix("nodeport");
+        r.register(
+            "datapath_packets",
+            "Packets seen by the datapath, by what happened to them (kind=\"dropped\": drops by \
+             reason)",
+            m.datapath_packets.clone(),
+        );
+        r.register(
+            "service_packets",
+            "Packets per service port and direction",
+            m.service_packets.clone(),
+        );
+        r.register(
+            "service_bytes",
+            "Bytes (IP length) per service port and direction",
+            m.service_bytes.clone(),
+        );
+        r.register(
+            "conntrack_entries",
+            "Connection tracking entries (both directions) by state: live, or expired and \
+             waiting for the LRU to reuse them",
+            m.conntrack_entries.clone(),
+        );
+        r.register(
+            "conntrack_connections",
+            "Live connections in the connection table",
+            m.conntrack_connections.clone(),
+        );
+        r.register(
+            "snat_ports_in_use",
+            "SNAT source ports held by live connections to remote backends",
+            m.snat_ports.clone(),
+        );
+        r.register(
+            "map_entries",
+            "Entries in use per map (maps whose use follows the services are left out)",
+            m.map_entries.clone(),
+        );
+        r.register(
+            "map_capacity",
+            "Entries each map can hold (its sizing flag)",
+            m.map_capacity.clone(),
+        );
+        r.register(
+            "map_memory_bytes",
+            "Kernel memory charged for each map",
+            m.map_memory.clone(),
+        );
+        r.register(
+            "source_errors",
+            "Errors reading the cluster state (watch errors, manifests that do not load)",
+            m.source_errors.clone(),
+        );
+        r.register(
+            "source_snapshots",
+            "Consistent views of the cluster state received from the source",
+            m.source_snapshots.clone(),
+        );
+        r.register(
+            "source_relists",
+            "Full relists of a watched kind after the first (watch restarts after 410 Gone or \
+             a failed list)",
+            m.source_relists.clone(),
+        );
+        m
+    }
+}
+
+/// Reads the maps into the scrape-time series. Owns its own handles on the pinned maps, so it
+/// runs on a blocking thread beside the agent's loop.
+pub struct Sampler {
+    maps: Maps,
+    config: DatapathConfig,
+    source: SourceStats,
+    snapshots: SnapshotReceiver,
+    node_port_range: ledger::NodePortRange,
+    series: Sampled,
+    ledger: ledger::metrics::LedgerMetrics,
+    /// Last sampled totals of the global counters, to turn map totals into increments.
+    last: BTreeMap<&'static str, u64>,
+    /// The series of each exported service and the totals last added to them.
+    exported: HashMap<ServicePortKey, ServiceSeries>,
+    /// The snapshot revision the range gauges were computed from.
+    ledger_revision: Option<u64>,
+}
+
+impl Sampler {
+    /// Registers the scrape-time series. `maps` are handles of their own on the datapath's
+    /// maps (`Maps::open_pinned`).
+    pub fn register(
+        registry: &mut Registry,
+        maps: Maps,
+        config: DatapathConfig,
+        source: SourceStats,
+        snapshots: SnapshotReceiver,
+        node_port_range: ledger::NodePortRange,
+    ) -> Self {
+        Self {
+            maps,
+            config,
+            source,
+            snapshots,
+            node_port_range,
+            series: Sampled::register(registry),
+            ledger: ledger::metrics::LedgerMetrics::register(registry),
+            last: BTreeMap::new(),
+            exported: HashMap::new(),
+            ledger_revision: None,
+        }
     }
 
-    /// Samples the datapath's counters into the exported ones.
-    ///
-    /// `services` maps each programmed service port to its id; `source` is the source's
-    /// running totals (errors, snapshots). The connection table is not counted here: walking
-    /// a map of hundreds of thousands of entries every few seconds costs more than the
-    /// number is worth (`nodeport dump --stats` counts it on demand).
-    pub fn sample(
-        &self,
-        maps: &Maps,
-        services: &BTreeMap<ServicePortKey, u32>,
-        source: (u64, u64),
-    ) {
-        for (counter, total) in dump::counter_values(maps) {
+    fn add(&mut self, key: &'static str, total: u64, counter: &Counter) {
+        let previous = self.last.insert(key, total).unwrap_or(0);
+        counter.inc_by(increase(previous, total));
+    }
+
+    /// Reads everything the scrape-time series show. Errors reading one map leave its series
+    /// as they were (and are logged); the rest is still read.
+    pub fn sample(&mut self) {
+        let series = self.series.clone();
+        for (counter, total) in dump::counter_values(&self.maps) {
             let kind = match counter.kind() {
-                nodeport_common::counters::CounterKind::Forwarded => "forwarded",
-                nodeport_common::counters::CounterKind::Passed => "passed",
-                nodeport_common::counters::CounterKind::Fallback => "fallback",
-                nodeport_common::counters::CounterKind::Dropped => "dropped",
+                CounterKind::Forwarded => "forwarded",
+                CounterKind::Passed => "passed",
+                CounterKind::Fallback => "fallback",
+                CounterKind::Dropped => "dropped",
             };
             let labels = PathLabels {
                 path: counter.label().into(),
                 kind: kind.into(),
             };
             self.add(
-                format!("c/{}", counter.label()),
+                counter.label(),
                 total,
-                &self.datapath_packets.get_or_create(&labels),
+                &series.datapath_packets.get_or_create(&labels),
             );
         }
-        for (key, id) in services {
-            let Ok(per_cpu) = maps.svc_stats.get(id, 0) else {
-                continue;
-            };
-            let (mut p, mut b, mut rp, mut rb) = (0, 0, 0, 0);
-            for s in per_cpu.iter() {
-                p += s.packets;
-                b += s.bytes;
-                rp += s.reply_packets;
-                rb += s.reply_bytes;
-            }
-            for (direction, packets, bytes) in [("in", p, b), ("out", rp, rb)] {
-                let labels = service_labels(key, direction);
-                self.add(
-                    format!("sp/{key}/{direction}"),
-                    packets,
-                    &self.service_packets.get_or_create(&labels),
-                );
-                self.add(
-                    format!("sb/{key}/{direction}"),
-                    bytes,
-                    &self.service_bytes.get_or_create(&labels),
-                );
-            }
-        }
-        self.forget_deleted(services);
-        let (errors, snapshots) = source;
-        self.add("src/errors".into(), errors, &self.source_errors);
-        self.add("src/snapshots".into(), snapshots, &self.source_snapshots);
+        self.sample_services(&series);
+        self.sample_fill(&series);
+        let totals = self.source.totals();
+        self.add("source errors", totals.errors, &series.source_errors);
+        self.add(
+            "source snapshots",
+            totals.snapshots,
+            &series.source_snapshots,
+        );
+        self.add("source relists", totals.relists, &series.source_relists);
+        self.sample_ledger();
     }
 
-    /// Drops the series of services no longer programmed, so a cluster with churning
-    /// services does not grow the scrape without bound.
-    fn forget_deleted(&self, services: &BTreeMap<ServicePortKey, u32>) {
-        let mut exported = self.exported.lock().expect("not poisoned");
-        let mut last = self.last.lock().expect("not poisoned");
-        for key in exported.iter().filter(|k| !services.contains_key(*k)) {
-            for direction in ["in", "out"] {
-                let labels = service_labels(key, direction);
-                self.service_packets.remove(&labels);
-                self.service_bytes.remove(&labels);
-                last.remove(&format!("sp/{key}/{direction}"));
-                last.remove(&format!("sb/{key}/{direction}"));
+    fn sample_services(&mut self, series: &Sampled) {
+        let mut services: BTreeMap<ServicePortKey, u32> = BTreeMap::new();
+        let read = census::for_each_entry::<u32, SvcName>(self.maps.svc_names.map(), |id, name| {
+            if let Some(key) = sync::key_of(name) {
+                services.insert(key, *id);
+            }
+        });
+        if let Err(e) = read {
+            tracing::warn!(error = %e, "metrics: reading the service names");
+            return;
+        }
+        // Every service's statistics in a few syscalls rather than one per service.
+        let mut stats: HashMap<u32, [u64; 4]> = HashMap::with_capacity(services.len());
+        let read =
+            census::for_each_per_cpu::<u32, SvcStats>(self.maps.svc_stats.map(), |id, per_cpu| {
+                let mut totals = [0u64; 4];
+                for s in per_cpu {
+                    totals[0] += s.packets;
+                    totals[1] += s.bytes;
+                    totals[2] += s.reply_packets;
+                    totals[3] += s.reply_bytes;
+                }
+                stats.insert(*id, totals);
+            });
+        if let Err(e) = read {
+            tracing::warn!(error = %e, "metrics: reading the per-service statistics");
+            return;
+        }
+        for (key, id) in &services {
+            let Some(totals) = stats.get(id).copied() else {
+                continue;
+            };
+            let exported = self
+                .exported
+                .entry(key.clone())
+                .or_insert_with(|| ServiceSeries::new(series, key));
+            exported.add(totals);
+        }
+        // Deleted services' series go, so a cluster with churning services does not grow the
+        // scrape without bound.
+        self.exported.retain(|key, exported| {
+            let keep = services.contains_key(key);
+            if !keep {
+                exported.remove(series, key);
+            }
+            keep
+        });
+    }
+
+    fn sample_fill(&mut self, series: &Sampled) {
+        let now = datapath::jiffies_now(self.config.hz);
+        let fill = match census::fill(&self.maps, &self.config, now) {
+            Ok(fill) => fill,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: reading the maps' fill levels");
+                return;
+            }
+        };
+        let ct = fill.conntrack;
+        let state = |s: &str| StateLabels { state: s.into() };
+        series
+            .conntrack_entries
+            .get_or_create(&state("live"))
+            .set(ct.live as i64);
+        series
+            .conntrack_entries
+            .get_or_create(&state("expired"))
+            .set((ct.entries - ct.live) as i64);
+        series.conntrack_connections.set(ct.connections as i64);
+        series.snat_ports.set(ct.snat_ports as i64);
+        for m in &fill.maps {
+            let labels = MapLabels { map: m.name.into() };
+            series
+                .map_capacity
+                .get_or_create(&labels)
+                .set(m.capacity as i64);
+            if let Some(used) = m.used {
+                series.map_entries.get_or_create(&labels).set(used as i64);
+            }
+            if let Some(bytes) = m.memory_bytes {
+                series.map_memory.get_or_create(&labels).set(bytes as i64);
             }
         }
-        *exported = services.keys().cloned().collect();
+    }
+
+    /// The range gauges, recomputed when the cluster state changed.
+    fn sample_ledger(&mut self) {
+        let Some(snapshot) = self.snapshots.borrow().clone() else {
+            return;
+        };
+        if self.ledger_revision == Some(snapshot.revision) {
+            return;
+        }
+        let local =
+            ledger::read_local_port_range(std::path::Path::new(ledger::IP_LOCAL_PORT_RANGE));
+        let report = ledger::analyze(&self.node_port_range, &snapshot.services, local);
+        self.ledger.update(&report);
+        self.ledger_revision = Some(snapshot.revision);
+    }
+}
+
+/// A [`Sampler`] shared by concurrent scrapes.
+pub struct Sampling {
+    sampler: Mutex<Sampler>,
+    /// Samples completed.
+    completed: AtomicU64,
+}
+
+impl Sampling {
+    pub fn new(sampler: Sampler) -> Self {
+        Self {
+            sampler: Mutex::new(sampler),
+            completed: AtomicU64::new(0),
+        }
+    }
+
+    /// Samples, unless another scrape's sample completed while this one waited for it.
+    pub fn sample_once(&self) {
+        let seen = self.completed.load(Ordering::Acquire);
+        let mut sampler = self.sampler.lock().expect("not poisoned");
+        if self.completed.load(Ordering::Acquire) != seen {
+            return;
+        }
+        sampler.sample();
+        self.completed.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// A counter's increase from `previous` to `total`. A total below the last sample means the
+/// maps were recreated: count from zero.
+fn increase(previous: u64, total: u64) -> u64 {
+    if total >= previous {
+        total - previous
+    } else {
+        total
+    }
+}
+
+/// One service's four series (packets and bytes, in and out), kept between scrapes so a
+/// scrape does not rebuild their labels.
+struct ServiceSeries {
+    counters: [Counter; 4],
+    /// packets in, bytes in, packets out, bytes out, as last added.
+    last: [u64; 4],
+}
+
+impl ServiceSeries {
+    fn new(series: &Sampled, key: &ServicePortKey) -> Self {
+        // One statement each: get_or_create returns a read guard of the family, and a guard
+        // still alive when the same family creates another series would deadlock (the guard
+        // of a closure's tail expression goes when the closure returns, edition 2024).
+        let counter = |family: &Family<ServiceLabels, Counter>, direction: &str| {
+            family
+                .get_or_create(&service_labels(key, direction))
+                .clone()
+        };
+        let packets_in = counter(&series.service_packets, "in");
+        let bytes_in = counter(&series.service_bytes, "in");
+        let packets_out = counter(&series.service_packets, "out");
+        let bytes_out = counter(&series.service_bytes, "out");
+        Self {
+            counters: [packets_in, bytes_in, packets_out, bytes_out],
+            last: [0; 4],
+        }
+    }
+
+    fn add(&mut self, totals: [u64; 4]) {
+        for ((counter, last), total) in self.counters.iter().zip(&mut self.last).zip(totals) {
+            counter.inc_by(increase(*last, total));
+            *last = total;
+        }
+    }
+
+    fn remove(&self, series: &Sampled, key: &ServicePortKey) {
+        for direction in ["in", "out"] {
+            let labels = service_labels(key, direction);
+            series.service_packets.remove(&labels);
+            series.service_bytes.remove(&labels);
+        }
     }
 }
 
@@ -271,17 +541,28 @@ fn service_labels(key: &ServicePortKey, direction: &str) -> ServiceLabels {
     }
 }
 
-/// Serves `/metrics` until the task is dropped.
+/// Serves `/metrics` until the task is dropped. Each scrape first has `sampler` read the maps
+/// (on a blocking thread), then encodes.
+///
+/// Concurrent scrapes share one sample: a scrape that waited for another one's sample to
+/// finish serves that one instead of reading the maps again (a full connection table takes
+/// a noticeable fraction of a second to read; docs/operations.md, "Metrics").
 pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Arc<Registry>,
+    sampler: Arc<Sampling>,
 ) -> std::io::Result<()> {
     use axum::{Router, http::header, response::IntoResponse, routing::get};
     let app = Router::new().route(
         "/metrics",
         get(move || {
             let registry = registry.clone();
+            let sampler = sampler.clone();
             async move {
+                let sampled = tokio::task::spawn_blocking(move || sampler.sample_once()).await;
+                if let Err(e) = sampled {
+                    tracing::error!(error = %e, "metrics: sampling the maps failed");
+                }
                 let mut body = String::new();
                 let _ = encode(&mut body, &registry);
                 (

@@ -91,6 +91,46 @@ pub struct Ipv4Prefix {
     pub len: u8,
 }
 
+impl Ipv4Prefix {
+    /// An IPv4 CIDR ("10.0.0.0/8"), or a bare address as a /32. Host bits are cleared.
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, l.parse::<u8>().ok()?),
+            None => (s, 32),
+        };
+        let addr: Ipv4Addr = addr.parse().ok()?;
+        if len > 32 {
+            return None;
+        }
+        Some(Self {
+            addr: Ipv4Addr::from(u32::from(addr) & Self::mask(len)),
+            len,
+        })
+    }
+
+    fn mask(len: u8) -> u32 {
+        if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(len.min(32)))
+        }
+    }
+
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        let mask = Self::mask(self.len);
+        u32::from(addr) & mask == u32::from(self.addr) & mask
+    }
+}
+
+impl std::str::FromStr for Ipv4Prefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse(s)
+            .ok_or_else(|| format!("{s:?}: expected an IPv4 address or CIDR like 10.0.0.0/8"))
+    }
+}
+
 impl fmt::Display for Ipv4Prefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.len)

@@ -21,6 +21,7 @@ pub mod names {
     pub const SVC_STATS: &str = "NP_SVC_STATS";
     pub const COUNTERS: &str = "NP_COUNTERS";
     pub const SVC_NAMES: &str = "NP_SVC_NAMES";
+    pub const AGENT: &str = "NP_AGENT";
 
     /// Every map, for pinning and validation.
     pub const ALL: &[&str] = &[
@@ -36,6 +37,7 @@ pub mod names {
         SVC_STATS,
         COUNTERS,
         SVC_NAMES,
+        AGENT,
     ];
 }
 
@@ -103,6 +105,29 @@ pub struct DatapathConfig {
     pub hz: u32,
 }
 assert_size!(DatapathConfig, 32);
+
+impl DatapathConfig {
+    /// How long (jiffies) a connection-tracking entry lives without packets, by its state.
+    #[inline(always)]
+    pub fn ct_timeout(&self, proto: u8, flags: u16) -> u64 {
+        let seconds = if proto != crate::IPPROTO_TCP {
+            self.udp_timeout_s
+        } else if flags & CT_F_CLOSING != 0 {
+            self.tcp_closing_timeout_s
+        } else if flags & CT_F_REPLY_SEEN != 0 {
+            self.tcp_established_timeout_s
+        } else {
+            self.tcp_syn_timeout_s
+        };
+        u64::from(seconds) * u64::from(self.hz)
+    }
+
+    /// Whether `entry` (of protocol `proto`) has expired at `now` (jiffies).
+    #[inline(always)]
+    pub fn ct_expired(&self, entry: &CtEntry, proto: u8, now: u64) -> bool {
+        now.saturating_sub(entry.last_seen) > self.ct_timeout(proto, entry.flags)
+    }
+}
 
 /// `NP_FE_PORTS` is a bitmap of the destination ports any frontend uses: word `port / 64`,
 /// bit `port % 64`. One array load tells a packet to a port no frontend uses (most host
@@ -309,6 +334,30 @@ impl Default for SvcName {
     }
 }
 
+/// Value of `NP_AGENT` (one entry): what the agent last did. The programs never read it; it is
+/// pinned with the maps so that `nodeport-agent status` can tell, with or without a running
+/// agent, which agent programmed the datapath and when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AgentState {
+    /// When the agent that wrote this started (Unix time, milliseconds).
+    pub started_unix_ms: u64,
+    /// The last round that programmed everything it was given (0: none yet).
+    pub last_sync_unix_ms: u64,
+    /// The last round, successful or not.
+    pub last_attempt_unix_ms: u64,
+    /// The source's snapshot revision the last round applied.
+    pub revision: u64,
+    pub pid: u32,
+    pub services: u32,
+    pub backends: u32,
+    /// Service ports that failed to program in the last round (they keep their old state).
+    pub failing: u32,
+    /// The agent's version, NUL-padded UTF-8.
+    pub version: [u8; 32],
+}
+assert_size!(AgentState, 80);
+
 /// Array maps userspace writes through a memory mapping (BPF_F_MMAPABLE): a Maglev table is a
 /// memory copy rather than one syscall per slot. Each element takes `round_up(size, 8)` bytes.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -362,6 +411,7 @@ mod user {
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
+    unsafe impl aya::Pod for AgentState {}
     unsafe impl aya::Pod for SvcStats {}
     unsafe impl aya::Pod for SvcName {}
 }

@@ -5,8 +5,7 @@
 
 use aya_ebpf::helpers::bpf_jiffies64;
 use nodeport_common::{
-    BE_F_DRAINING, BE_F_PRESENT, Backend, CT_F_CLOSING, CT_F_REPLY_SEEN, CtEntry, CtKey,
-    DatapathConfig, IPPROTO_TCP,
+    BE_F_DRAINING, BE_F_PRESENT, Backend, CT_F_CLOSING, CtEntry, CtKey, DatapathConfig,
 };
 
 use crate::{
@@ -50,22 +49,8 @@ pub fn opposite_key(entry: &CtEntry, proto: u8, dir: u8) -> CtKey {
 }
 
 #[inline(always)]
-fn timeout(cfg: &DatapathConfig, proto: u8, flags: u16) -> u64 {
-    let seconds = if proto != IPPROTO_TCP {
-        cfg.udp_timeout_s
-    } else if flags & CT_F_CLOSING != 0 {
-        cfg.tcp_closing_timeout_s
-    } else if flags & CT_F_REPLY_SEEN != 0 {
-        cfg.tcp_established_timeout_s
-    } else {
-        cfg.tcp_syn_timeout_s
-    };
-    u64::from(seconds) * u64::from(cfg.hz)
-}
-
-#[inline(always)]
 pub fn expired(cfg: &DatapathConfig, entry: &CtEntry, proto: u8, now: u64) -> bool {
-    now.saturating_sub(entry.last_seen) > timeout(cfg, proto, entry.flags)
+    cfg.ct_expired(entry, proto, now)
 }
 
 /// Records a packet on `entry`: its time and, for TCP, FIN/RST. Returns the flags that were

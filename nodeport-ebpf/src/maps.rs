@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use nodeport_common::{
-    AffinityEntry, AffinityKey, BPF_F_MMAPABLE, Backend, COUNTER_SLOTS, CtEntry, CtKey,
+    AffinityEntry, AffinityKey, AgentState, BPF_F_MMAPABLE, Backend, COUNTER_SLOTS, CtEntry, CtKey,
     DatapathConfig, FRONTEND_PORT_WORDS, Frontend, FrontendKey, MaglevSlot, SnatAddr, SrcRangeKey,
     SvcName, SvcStats, capacity,
 };
@@ -56,3 +56,7 @@ pub static NP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER
 /// Read by the agent only (see nodeport_common::SvcName).
 #[map]
 pub static NP_SVC_NAMES: HashMap<u32, SvcName> = HashMap::with_max_entries(capacity::SERVICES, 0);
+
+/// Read by the agent and `status` only (see nodeport_common::AgentState).
+#[map]
+pub static NP_AGENT: Array<AgentState> = Array::with_max_entries(1, 0);

@@ -43,6 +43,8 @@ pub const CLIENT2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 101);
 pub const POD_PORT: u16 = 8080;
 /// How long to wait for anything before failing (a guard, never a synchronisation).
 pub const PATIENCE: Duration = Duration::from_secs(20);
+/// The agent's metrics endpoint, on node-1's address.
+pub const METRICS_PORT: u16 = 9480;
 
 /// Where the agent binary is: NODEPORT_AGENT_BIN, or the workspace's debug build (which
 /// `cargo xtask test` builds with the datapath embedded).
@@ -532,7 +534,7 @@ impl Lab {
             "--healthz-bind-address".into(),
             format!("{NODE1}:10256"),
             "--metrics-bind-address".into(),
-            "off".into(),
+            format!("{NODE1}:{METRICS_PORT}"),
         ];
         args.extend(self.extra_agent_args.iter().cloned());
         let mut agent = AgentProcess::spawn(&self.node1, &args)?;
@@ -571,16 +573,7 @@ impl Lab {
 
     /// `nodeport-agent dump --stats --output json` of the lab's pins.
     pub fn dump(&self) -> Result<serde_json::Value> {
-        let out = Command::new(agent_binary()?)
-            .args(["dump", "--stats", "--output", "json", "--bpffs-dir"])
-            .arg(self.pins.path())
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "dump failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(serde_json::from_slice(&out.stdout)?)
+        self.agent_json(&["dump", "--stats", "--output", "json"])
     }
 
     /// The id of the XDP program on node-1's ext0, as the kernel reports it.
@@ -661,6 +654,49 @@ impl Lab {
         })?
     }
 
+    /// `n` UDP datagrams from `from` to `to`, each from a new socket, not waiting for answers.
+    pub fn send_udp(&self, from: Ipv4Addr, to: SocketAddrV4, n: usize) -> Result<()> {
+        self.client.run(|| -> Result<()> {
+            for _ in 0..n {
+                let socket = UdpSocket::bind((from, 0))?;
+                socket.send_to(b"hello\n", to)?;
+            }
+            Ok(())
+        })?
+    }
+
+    /// The agent's metrics, scraped from the client through node-1's address.
+    pub fn scrape(&self) -> Result<Scrape> {
+        let (status, body) = self.http_get(SocketAddrV4::new(NODE1, METRICS_PORT), "/metrics")?;
+        ensure!(status == 200, "/metrics answered {status}: {body}");
+        Ok(Scrape(body))
+    }
+
+    /// `nodeport-agent status --output json` of the lab's pins.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        self.agent_json(&["status", "--output", "json"])
+    }
+
+    /// `nodeport-agent dump --conntrack --output json` of the lab's pins.
+    pub fn connections(&self) -> Result<Vec<serde_json::Value>> {
+        let dump = self.agent_json(&["dump", "--conntrack", "--output", "json"])?;
+        Ok(dump["connections"].as_array().cloned().unwrap_or_default())
+    }
+
+    fn agent_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let out = Command::new(agent_binary()?)
+            .args(args)
+            .arg("--bpffs-dir")
+            .arg(self.pins.path())
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "nodeport-agent {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
     /// Answers of `n` new TCP connections, counted per pod.
     pub fn spread(&self, to: SocketAddrV4, n: usize) -> Result<BTreeMap<String, usize>> {
         let mut counts = BTreeMap::new();
@@ -668,6 +704,33 @@ impl Lab {
             *counts.entry(self.ask_tcp(to)?.pod).or_insert(0) += 1;
         }
         Ok(counts)
+    }
+}
+
+/// One scrape of the agent's `/metrics` (OpenMetrics text).
+pub struct Scrape(pub String);
+
+impl Scrape {
+    /// The value of the sample `name` whose labels include every `labels` pair; None if there
+    /// is none.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.0.lines().find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let has = |(k, v): &(&str, &str)| label_text.contains(&format!("{k}=\"{v}\""));
+            labels.iter().all(has).then(|| value.parse().ok())?
+        })
+    }
+
+    /// Like `value`, 0 when absent (a counter not created yet).
+    pub fn count(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.value(name, labels).unwrap_or(0.0)
     }
 }
 

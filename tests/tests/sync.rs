@@ -81,7 +81,7 @@ fn golden(name: &str, text: &str) -> Result<()> {
 }
 
 fn dump_of(dp: &Datapath) -> Result<String> {
-    Ok(dump::read(&dp.maps, &dp.sizing, false)?.render())
+    Ok(dump::read(&dp.maps, &dp.sizing, &dump::DumpOptions::default())?.render())
 }
 
 const WEB: &str = r#"

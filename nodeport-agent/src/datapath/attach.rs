@@ -335,6 +335,71 @@ fn list_links(pins: &PinDir) -> Result<Vec<AttachedInterface>> {
     Ok(found)
 }
 
+/// One pinned attachment, as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LinkDetail {
+    pub interface: String,
+    pub role: &'static str,
+    /// `xdp native`, `xdp generic`, `tcx ingress` or `clsact ingress`.
+    pub hook: &'static str,
+    /// Whether the interface exists now (a link of a vanished interface is gone with it,
+    /// but its pin stays until the agent notices).
+    pub interface_present: bool,
+    /// The bpf_link's id and its program (none for clsact filters, which have no link).
+    pub link_id: Option<u32>,
+    pub program_id: Option<u32>,
+    pub program: Option<String>,
+}
+
+/// Every pinned attachment with its link and program, read from the pins.
+pub fn link_details(pins: &PinDir) -> Result<Vec<LinkDetail>> {
+    let mut found = Vec::new();
+    for entry in link_pins(pins)? {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let Some((hook, interface)) = parse_pin_name(&file_name) else {
+            continue;
+        };
+        let clsact = file_name.ends_with(NETLINK_MARKER);
+        let (role, hook) = match (hook, clsact) {
+            (XDP_NATIVE, _) => ("external", "xdp native"),
+            (XDP_GENERIC, _) => ("external", "xdp generic"),
+            (TC_EXT, false) => ("external", "tcx ingress"),
+            (TC_EXT, true) => ("external", "clsact ingress"),
+            (TC_POD, false) => ("pod", "tcx ingress"),
+            (TC_POD, true) => ("pod", "clsact ingress"),
+            _ => continue,
+        };
+        let info = (!clsact)
+            .then(|| PinnedLink::from_pin(entry.path()).ok())
+            .flatten()
+            .and_then(|pinned| FdLink::from(pinned).info().ok());
+        let program_id = info.as_ref().map(|i| i.program_id());
+        let program = program_id.and_then(program_name);
+        let interface_present = std::ffi::CString::new(interface.as_str())
+            // SAFETY: a NUL-terminated name.
+            .is_ok_and(|c| unsafe { libc::if_nametoindex(c.as_ptr()) } != 0);
+        found.push(LinkDetail {
+            interface,
+            role,
+            hook,
+            interface_present,
+            link_id: info.as_ref().map(|i| i.id()),
+            program_id,
+            program,
+        });
+    }
+    found.sort_by(|a, b| (a.role, &a.interface, a.hook).cmp(&(b.role, &b.interface, b.hook)));
+    Ok(found)
+}
+
+/// The name of the loaded program `id`.
+fn program_name(id: u32) -> Option<String> {
+    aya::programs::loaded_programs()
+        .flatten()
+        .find(|p| p.id() == id)
+        .and_then(|p| p.name_as_str().map(str::to_owned))
+}
+
 /// Removes every link pin under `pins` (used by `detach`).
 pub(super) fn remove_links(pins: &PinDir) -> Result<Vec<String>> {
     let mut removed = Vec::new();

@@ -7,7 +7,7 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapInfo, MapType, PerCpuArray},
 };
 use nodeport_common::{
-    AffinityEntry, AffinityKey, BPF_F_MMAPABLE, Backend, COUNTER_SLOTS, CtEntry, CtKey,
+    AffinityEntry, AffinityKey, AgentState, BPF_F_MMAPABLE, Backend, COUNTER_SLOTS, CtEntry, CtKey,
     DatapathConfig, FRONTEND_PORT_WORDS, Frontend, FrontendKey, MaglevSlot, SnatAddr, SrcRangeKey,
     SvcName, SvcStats, capacity, names,
 };
@@ -31,6 +31,7 @@ pub struct Maps {
     pub svc_stats: PerCpuArray<MapData, SvcStats>,
     pub counters: PerCpuArray<MapData, u64>,
     pub svc_names: HashMap<MapData, u32, SvcName>,
+    pub agent: Array<MapData, AgentState>,
 }
 
 fn typed<T>(map: Map, name: &'static str) -> Result<T>
@@ -70,6 +71,7 @@ impl Maps {
             svc_stats: typed(get(names::SVC_STATS)?, names::SVC_STATS)?,
             counters: typed(get(names::COUNTERS)?, names::COUNTERS)?,
             svc_names: typed(get(names::SVC_NAMES)?, names::SVC_NAMES)?,
+            agent: typed(get(names::AGENT)?, names::AGENT)?,
         })
     }
 
@@ -87,11 +89,7 @@ impl Maps {
     /// Opens the maps a datapath pinned under `pins` without loading any program (for
     /// `dump`, which works whether an agent runs or not). The sizing is read off the maps.
     pub fn open_pinned(pins: &super::PinDir) -> Result<(Self, Sizing)> {
-        let open = |name: &'static str| -> Result<Map> {
-            let data = MapData::from_pin(pins.map(name))
-                .map_err(|source| DatapathError::Map { name, source })?;
-            Map::from_map_data(data).map_err(|source| DatapathError::Map { name, source })
-        };
+        let open = |name: &'static str| open_pin(pins, name);
         let entries = |name: &'static str| -> Result<u32> {
             MapInfo::from_pin(pins.map(name))
                 .map(|i| i.max_entries())
@@ -131,6 +129,18 @@ impl Maps {
         let maps = Self::build(open, &sizing)?;
         Ok((maps, sizing))
     }
+
+    /// Opens the maps pinned under `pins` by a datapath of known `sizing` (a second set of
+    /// handles for the agent's own use, e.g. the metrics sampler).
+    pub fn open_pinned_sized(pins: &super::PinDir, sizing: &Sizing) -> Result<Self> {
+        Self::build(|name| open_pin(pins, name), sizing)
+    }
+}
+
+fn open_pin(pins: &super::PinDir, name: &'static str) -> Result<Map> {
+    let data =
+        MapData::from_pin(pins.map(name)).map_err(|source| DatapathError::Map { name, source })?;
+    Map::from_map_data(data).map_err(|source| DatapathError::Map { name, source })
 }
 
 /// The layout a map must have for this agent.
@@ -154,7 +164,7 @@ pub fn map_specs(sizing: &Sizing) -> Vec<MapSpec> {
     // An LPM key is a u32 prefix length followed by the data.
     let lpm_key = 4 + size::<SrcRangeKey>();
     #[rustfmt::skip]
-    let table: [(&'static str, MapType, u32, u32, u32, u32); 12] = [
+    let table: [(&'static str, MapType, u32, u32, u32, u32); 13] = [
         // name                  type         key size              value size               max entries            flags
         (names::CONFIG,          Array,       4,                    size::<DatapathConfig>(), 1,                     0),
         (names::FRONTEND_PORTS,  Array,       4,                    8,                       FRONTEND_PORT_WORDS,   0),
@@ -168,6 +178,7 @@ pub fn map_specs(sizing: &Sizing) -> Vec<MapSpec> {
         (names::SVC_STATS,       PerCpuArray, 4,                    size::<SvcStats>(),      sizing.services,       0),
         (names::COUNTERS,        PerCpuArray, 4,                    8,                       COUNTER_SLOTS,         0),
         (names::SVC_NAMES,       Hash,        4,                    size::<SvcName>(),       sizing.services,       0),
+        (names::AGENT,           Array,       4,                    size::<AgentState>(),    1,                     0),
     ];
     table
         .into_iter()

@@ -73,6 +73,11 @@ impl<T: Pod> MmapArray<T> {
         self.entries
     }
 
+    /// The map behind the mapping.
+    pub fn map(&self) -> &MapData {
+        &self._map
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries == 0
     }

@@ -8,6 +8,8 @@
 
 mod attach;
 mod bpffs;
+pub mod census;
+mod clock;
 mod maps;
 mod mmap;
 mod object;
@@ -18,7 +20,9 @@ use aya::{Ebpf, EbpfLoader, VerifierLogLevel};
 use nodeport_common::{capacity, names};
 use thiserror::Error;
 
-pub use attach::{AttachedInterface, InterfaceRole, XdpAttachMode};
+pub use attach::{AttachedInterface, InterfaceRole, LinkDetail, XdpAttachMode, link_details};
+pub use census::{ConntrackCensus, Fill, MapFill};
+pub use clock::{jiffies_now, kernel_hz};
 pub use maps::{MapSpec, Maps, map_specs};
 pub use mmap::MmapArray;
 
@@ -302,23 +306,6 @@ fn create_dir(path: &Path) -> Result<()> {
         context: format!("creating {}", path.display()),
         source,
     })
-}
-
-/// Kernel ticks per second (CONFIG_HZ), the unit of the datapath's clock (jiffies): the
-/// resolution of CLOCK_MONOTONIC_COARSE is exactly one tick.
-pub fn kernel_hz() -> u32 {
-    let mut res = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_getres fills `res`.
-    let ok = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } == 0;
-    let tick_ns = res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64;
-    if ok && tick_ns > 0 {
-        (1_000_000_000 / tick_ns) as u32
-    } else {
-        250
-    }
 }
 
 pub fn is_prime(n: u32) -> bool {

@@ -38,3 +38,38 @@ pub type SnapshotReceiver = tokio::sync::watch::Receiver<Option<Arc<Snapshot>>>;
 pub fn channel() -> (SnapshotSender, SnapshotReceiver) {
     tokio::sync::watch::channel(None)
 }
+
+/// A source's running totals, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceTotals {
+    /// Watch errors from the API server, or manifest loads that failed.
+    pub errors: u64,
+    /// Snapshots published.
+    pub snapshots: u64,
+    /// Relists after the first list (410 Gone, failed lists): watch restarts.
+    pub relists: u64,
+}
+
+/// The counters of whichever source runs.
+#[derive(Clone, Debug)]
+pub enum SourceStats {
+    Files(Arc<files::FilesSourceStats>),
+    Kube(Arc<kube::KubeSourceStats>),
+}
+
+impl SourceStats {
+    pub fn totals(&self) -> SourceTotals {
+        match self {
+            Self::Files(s) => SourceTotals {
+                errors: s.errors(),
+                snapshots: s.loads(),
+                relists: 0,
+            },
+            Self::Kube(s) => SourceTotals {
+                errors: s.watch_errors(),
+                snapshots: s.snapshots_published(),
+                relists: s.relists(),
+            },
+        }
+    }
+}
