@@ -225,6 +225,13 @@ fn the_daemon_set_runs_the_agent_with_host_network_node_name_and_probes_from_its
         "XDP attaches to the node's interfaces, health-check node ports bind on its addresses"
     );
     assert_eq!(pod.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+    // One agent per node at any time, also during a rollout: two would both write the pins.
+    let rolling = spec
+        .update_strategy
+        .as_ref()
+        .and_then(|u| u.rolling_update.as_ref())
+        .expect("a rolling update");
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(0)));
     let template_labels = spec.template.metadata.as_ref().unwrap().labels.clone();
     assert_eq!(
         spec.selector.match_labels.as_ref(),
