@@ -85,11 +85,23 @@ fn ask_from_pod(lab: &Lab, pod: &str, to: SocketAddrV4) -> Result<String> {
 #[test]
 #[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
 fn kube_proxys_node_port_rules_never_see_what_nodeport_takes() -> Result<()> {
-    let mut lab = Lab::new("kp")?;
+    check("native")
+}
+
+/// Generic XDP runs after the skb is allocated, but still before netfilter.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn kube_proxys_node_port_rules_never_see_what_nodeport_takes_in_generic_xdp() -> Result<()> {
+    check("generic")
+}
+
+fn check(xdp_mode: &str) -> Result<()> {
+    let mut lab = Lab::new(&format!("k{}", &xdp_mode[..1]))?;
     lab.add_pod("a", 1, 10)?;
     lab.add_pod("b", 1, 11)?;
     lab.add_pod("c", 2, 10)?;
     install_kube_proxy_rules(&lab)?;
+    lab.agent_args(&["--xdp-mode", xdp_mode]);
     let a = lab.pod("a").addr.to_string();
     let c = lab.pod("c").addr.to_string();
     lab.start_agent(&manifests::service(
