@@ -285,8 +285,9 @@ fn the_daemon_set_runs_the_agent_with_host_network_node_name_and_probes_from_its
         "kube-proxy holds {DEFAULT_HEALTHZ_PORT}; the agent would stop at start"
     );
     assert!(
-        healthz.ip().is_unspecified() || healthz.ip().is_loopback(),
-        "the kubelet probes on the node's address or loopback: bind {healthz} to 0.0.0.0"
+        healthz.ip().is_unspecified(),
+        "the kubelet probes the pod's address, the node's with hostNetwork: bind {healthz} to \
+         0.0.0.0"
     );
     for (probe, path) in [
         (&container.readiness_probe, "/healthz"),
@@ -317,6 +318,11 @@ fn the_daemon_set_runs_the_agent_with_host_network_node_name_and_probes_from_its
         })
         .collect();
     let metrics = args.metrics_bind_address.0.expect("metrics on");
+    assert!(
+        metrics.ip().is_unspecified(),
+        "Prometheus scrapes the pod's address (the annotations say so): bind {metrics} to \
+         0.0.0.0, whatever the agent's default"
+    );
     assert_eq!(declared.get("healthz"), Some(&healthz.port()));
     assert_eq!(declared.get("metrics"), Some(&metrics.port()));
     let annotations = spec
