@@ -382,6 +382,7 @@ struct Agent {
 
 pub async fn run(args: RunArgs) -> Result<()> {
     args.validate()?;
+    crate::privileges::check(&args)?;
     let node_name = args
         .node_name
         .clone()

@@ -12,6 +12,7 @@ pub mod maglev;
 pub mod manifests;
 pub mod metrics;
 pub mod model;
+pub mod privileges;
 pub mod source;
 pub mod status;
 pub mod sync;

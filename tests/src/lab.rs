@@ -232,10 +232,23 @@ pub struct AgentProcess {
 
 impl AgentProcess {
     fn spawn(ns: &NetNs, args: &[String]) -> Result<Self> {
+        Self::spawn_wrapped(ns, &[], args)
+    }
+
+    /// `nodeport-agent run ARGS` in `ns`'s network namespace, started through `wrapper` (a
+    /// command line the agent's is appended to, e.g. `setpriv ... --`) when not empty.
+    pub fn spawn_wrapped(ns: &NetNs, wrapper: &[String], args: &[String]) -> Result<Self> {
         let path = format!("/var/run/netns/{}", ns.name);
         let netns = File::open(&path).with_context(|| format!("opening {path}"))?;
         let fd = netns.as_raw_fd();
-        let mut cmd = Command::new(agent_binary()?);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(wrapper_args).arg(agent_binary()?);
+                cmd
+            }
+            None => Command::new(agent_binary()?),
+        };
         cmd.arg("--log-format").arg("json").arg("run").args(args);
         cmd.env("RUST_LOG", "info,nodeport_agent::agent=debug");
         cmd.stdout(Stdio::null())
@@ -320,6 +333,11 @@ impl AgentProcess {
         self.child.kill()?;
         self.child.wait()?;
         Ok(())
+    }
+
+    /// Waits for the agent to exit by itself (after it logged why).
+    pub fn wait(mut self) -> Result<std::process::ExitStatus> {
+        Ok(self.child.wait()?)
     }
 
     /// SIGTERM and wait: the agent's clean shutdown.

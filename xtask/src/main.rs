@@ -20,7 +20,12 @@ struct Cli {
 enum Task {
     /// Install missing prerequisites (as root on Debian/Ubuntu), build the eBPF object and the
     /// agent with it embedded: target/release/nodeport-agent.
-    Build,
+    Build {
+        /// Link the agent statically (glibc's static libc, `-C target-feature=+crt-static`), for
+        /// an image with nothing but the binary: target/<host triple>/release/nodeport-agent.
+        #[arg(long = "static")]
+        statically: bool,
+    },
     /// Everything: formatting, clippy, host tests and the root tests (BPF test runs, network
     /// namespaces). Needs root, and says so instead of skipping.
     Test {
@@ -39,8 +44,8 @@ enum Task {
 
 fn main() -> Result<()> {
     match Cli::parse().task {
-        Task::Build => {
-            let agent = build_agent()?;
+        Task::Build { statically } => {
+            let agent = build_agent(statically)?;
             println!("xtask: built {}", agent.display());
             Ok(())
         }
@@ -51,13 +56,26 @@ fn main() -> Result<()> {
 }
 
 /// Builds the eBPF object, then the agent with it embedded. Returns the agent binary.
-fn build_agent() -> Result<std::path::PathBuf> {
+fn build_agent(statically: bool) -> Result<std::path::PathBuf> {
     let toolchain = prereqs::ensure()?;
     let object = ebpf::build(&toolchain, ebpf::Flavour::Datapath)?;
-    run(cargo()
+    let mut build = cargo();
+    build
         .args(["build", "--release", "--package", "nodeport-agent"])
-        .env("NODEPORT_EBPF_OBJECT", &object))?;
-    Ok(workspace_root().join("target/release/nodeport-agent"))
+        .env("NODEPORT_EBPF_OBJECT", &object);
+    if !statically {
+        run(&mut build)?;
+        return Ok(target_dir().join("release/nodeport-agent"));
+    }
+    // An explicit --target keeps the flag away from build scripts and proc macros, which must
+    // stay dynamic (a proc macro is a shared library).
+    let host = util::host_triple()?;
+    let rustflags = match std::env::var("RUSTFLAGS") {
+        Ok(flags) if !flags.trim().is_empty() => format!("{flags} -C target-feature=+crt-static"),
+        _ => "-C target-feature=+crt-static".to_owned(),
+    };
+    run(build.args(["--target", &host]).env("RUSTFLAGS", rustflags))?;
+    Ok(target_dir().join(host).join("release/nodeport-agent"))
 }
 
 fn test(skip_lint: bool, filter: Option<String>) -> Result<()> {

@@ -60,3 +60,13 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// The triple rustc builds for by default ("x86_64-unknown-linux-gnu").
+pub fn host_triple() -> Result<String> {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let info = stdout_of(Command::new(rustc).arg("-vV"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::to_owned)
+        .context("rustc -vV does not name its host triple")
+}
