@@ -17,6 +17,7 @@ use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -41,8 +42,8 @@ impl fmt::Display for Origin {
 /// The objects of a manifests directory, in file order.
 #[derive(Clone, Debug, Default)]
 pub struct Manifests {
-    pub services: Vec<(Origin, Service)>,
-    pub endpoint_slices: Vec<(Origin, EndpointSlice)>,
+    pub services: Vec<(Origin, Arc<Service>)>,
+    pub endpoint_slices: Vec<(Origin, Arc<EndpointSlice>)>,
 }
 
 /// Where in a file an object sits, and which object it is when that is known; displayed as
@@ -110,17 +111,58 @@ pub enum ManifestError {
 
 /// Loads every Service and EndpointSlice of the manifest files under `dir`.
 pub fn load_dir(dir: &Path) -> Result<Manifests, ManifestError> {
+    load_dir_cached(dir, &mut ParseCache::default())
+}
+
+/// Files parsed by earlier loads of one directory. A reload parses only the files whose text
+/// changed: after one small file changes, the rest of a large directory costs a read and a
+/// comparison, and its objects keep their `Arc`.
+#[derive(Default)]
+pub struct ParseCache {
+    files: HashMap<PathBuf, ParsedFile>,
+}
+
+impl ParseCache {
+    /// Files whose parse is kept.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+}
+
+/// `load_dir`, reusing (and updating) the parse of files that did not change since `cache` was
+/// last used. A failed load leaves the cache usable.
+pub fn load_dir_cached(dir: &Path, cache: &mut ParseCache) -> Result<Manifests, ManifestError> {
     let mut files = Vec::new();
     collect_manifest_files(dir, &mut files)?;
     let mut loader = Loader::default();
-    for file in files {
+    let mut parsed_now = HashMap::with_capacity(files.len());
+    let result = files.into_iter().try_for_each(|file| {
         let text = fs::read_to_string(&file).map_err(|source| ManifestError::ReadFile {
             file: file.clone(),
             source,
         })?;
-        loader.load_text(&file, &text)?;
+        let parsed = match cache.files.remove(&file) {
+            Some(previous) if previous.text == text => previous,
+            _ => ParsedFile::parse(&file, text)?,
+        };
+        loader.add(&parsed)?;
+        parsed_now.insert(file, parsed);
+        Ok(())
+    });
+    match result {
+        Ok(()) => {
+            cache.files = parsed_now;
+            Ok(loader.manifests)
+        }
+        Err(err) => {
+            // Keep every good parse, also of the files this load took out of the cache.
+            cache.files.extend(parsed_now);
+            Err(err)
+        }
     }
-    Ok(loader.manifests)
 }
 
 fn collect_manifest_files(dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), ManifestError> {
@@ -158,21 +200,24 @@ fn is_manifest_file(path: &Path) -> bool {
     )
 }
 
-enum KeptKind {
-    Service,
-    EndpointSlice,
+/// The objects of one file, as last parsed from `text`.
+struct ParsedFile {
+    text: String,
+    objects: Vec<ParsedObject>,
 }
 
-#[derive(Default)]
-struct Loader {
-    manifests: Manifests,
-    /// (kind, namespace, name) -> where it was first defined.
-    seen: HashMap<(&'static str, String, String), ObjectLocation>,
+enum ParsedObject {
+    Service(ObjectLocation, Key, Arc<Service>),
+    EndpointSlice(ObjectLocation, Key, Arc<EndpointSlice>),
 }
 
-impl Loader {
-    fn load_text(&mut self, file: &Path, text: &str) -> Result<(), ManifestError> {
-        for (index, document) in serde_norway::Deserializer::from_str(text).enumerate() {
+/// (namespace, name)
+type Key = (String, String);
+
+impl ParsedFile {
+    fn parse(file: &Path, text: String) -> Result<Self, ManifestError> {
+        let mut objects = Vec::new();
+        for (index, document) in serde_norway::Deserializer::from_str(&text).enumerate() {
             let origin = Origin {
                 file: file.to_owned(),
                 document: index + 1,
@@ -183,88 +228,120 @@ impl Loader {
                     origin: origin.clone(),
                     message: err.to_string(),
                 })?;
-            self.load_document(origin, value)?;
+            parse_document(origin, value, &mut objects)?;
         }
-        Ok(())
+        Ok(Self { text, objects })
     }
+}
 
-    fn load_document(&mut self, origin: Origin, value: Value) -> Result<(), ManifestError> {
-        if value.is_null() {
-            return Ok(()); // empty document, or only comments
+fn parse_document(
+    origin: Origin,
+    value: Value,
+    objects: &mut Vec<ParsedObject>,
+) -> Result<(), ManifestError> {
+    if value.is_null() {
+        return Ok(()); // empty document, or only comments
+    }
+    let location = ObjectLocation {
+        origin,
+        list_item: None,
+        object: None,
+    };
+    // `kubectl get -o yaml` writes `kind: List`; the raw API writes `ServiceList` etc.
+    let (_, kind) = type_meta(&value, &location)?;
+    if kind == "List" || (kind.ends_with("List") && value.get("items").is_some()) {
+        return parse_list(location, value, objects);
+    }
+    objects.extend(parse_object(location, value)?);
+    Ok(())
+}
+
+fn parse_list(
+    location: ObjectLocation,
+    mut list: Value,
+    objects: &mut Vec<ParsedObject>,
+) -> Result<(), ManifestError> {
+    let items = match list.get_mut("items").map(Value::take) {
+        None | Some(Value::Null) => return Ok(()),
+        Some(Value::Array(items)) => items,
+        Some(other) => {
+            return Err(ManifestError::InvalidField {
+                location,
+                path: "items".to_owned(),
+                message: format!(
+                    "expected a sequence of objects, found {}",
+                    json_type(&other)
+                ),
+            });
         }
+    };
+    for (index, item) in items.into_iter().enumerate() {
         let location = ObjectLocation {
-            origin,
-            list_item: None,
-            object: None,
+            list_item: Some(index),
+            ..location.clone()
         };
-        // `kubectl get -o yaml` writes `kind: List`; the raw API writes `ServiceList` etc.
-        let (_, kind) = type_meta(&value, &location)?;
-        if kind == "List" || (kind.ends_with("List") && value.get("items").is_some()) {
-            return self.load_list(location, value);
-        }
-        self.load_object(location, value)
+        objects.extend(parse_object(location, item)?);
     }
+    Ok(())
+}
 
-    fn load_list(
-        &mut self,
-        location: ObjectLocation,
-        mut list: Value,
-    ) -> Result<(), ManifestError> {
-        let items = match list.get_mut("items").map(Value::take) {
-            None | Some(Value::Null) => return Ok(()),
-            Some(Value::Array(items)) => items,
-            Some(other) => {
-                return Err(ManifestError::InvalidField {
-                    location,
-                    path: "items".to_owned(),
-                    message: format!(
-                        "expected a sequence of objects, found {}",
-                        json_type(&other)
-                    ),
-                });
-            }
-        };
-        for (index, item) in items.into_iter().enumerate() {
-            let location = ObjectLocation {
-                list_item: Some(index),
-                ..location.clone()
-            };
-            self.load_object(location, item)?;
+/// A Service or an EndpointSlice; `None` for the kinds the agent does not read.
+fn parse_object(
+    mut location: ObjectLocation,
+    value: Value,
+) -> Result<Option<ParsedObject>, ManifestError> {
+    match type_meta(&value, &location)? {
+        ("v1", "Service") => {
+            location.object = Some(describe_object("Service", &value));
+            let mut service: Service = deserialize(&location, value)?;
+            let key = identity(&location, &mut service.metadata)?;
+            validate_service(&service, &location)?;
+            Ok(Some(ParsedObject::Service(
+                location,
+                key,
+                Arc::new(service),
+            )))
         }
-        Ok(())
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            location.object = Some(describe_object("EndpointSlice", &value));
+            let mut slice: EndpointSlice = deserialize(&location, value)?;
+            let key = identity(&location, &mut slice.metadata)?;
+            Ok(Some(ParsedObject::EndpointSlice(
+                location,
+                key,
+                Arc::new(slice),
+            )))
+        }
+        // Other kinds, and other groups' "Service" (Knative's serving.knative.dev/v1).
+        (api_version, kind) => {
+            tracing::debug!(%location, api_version, kind, "skipping object of another kind");
+            Ok(None)
+        }
     }
+}
 
-    fn load_object(
-        &mut self,
-        mut location: ObjectLocation,
-        value: Value,
-    ) -> Result<(), ManifestError> {
-        let kind = match type_meta(&value, &location)? {
-            ("v1", "Service") => KeptKind::Service,
-            ("discovery.k8s.io/v1", "EndpointSlice") => KeptKind::EndpointSlice,
-            // Other kinds, and other groups' "Service" (Knative's serving.knative.dev/v1).
-            (api_version, kind) => {
-                tracing::debug!(%location, api_version, kind, "skipping object of another kind");
-                return Ok(());
-            }
-        };
-        match kind {
-            KeptKind::Service => {
-                location.object = Some(describe_object("Service", &value));
-                let mut service: Service = deserialize(&location, value)?;
-                let key = identity(&location, &mut service.metadata)?;
-                validate_service(&service, &location)?;
-                self.remember("Service", key, &location)?;
-                self.manifests.services.push((location.origin, service));
-            }
-            KeptKind::EndpointSlice => {
-                location.object = Some(describe_object("EndpointSlice", &value));
-                let mut slice: EndpointSlice = deserialize(&location, value)?;
-                let key = identity(&location, &mut slice.metadata)?;
-                self.remember("EndpointSlice", key, &location)?;
-                self.manifests
-                    .endpoint_slices
-                    .push((location.origin, slice));
+/// Gathers the parsed files of one load, refusing an object defined twice.
+#[derive(Default)]
+struct Loader {
+    manifests: Manifests,
+    /// (kind, namespace, name) -> where it was first defined.
+    seen: HashMap<(&'static str, String, String), ObjectLocation>,
+}
+
+impl Loader {
+    fn add(&mut self, file: &ParsedFile) -> Result<(), ManifestError> {
+        for object in &file.objects {
+            match object {
+                ParsedObject::Service(location, key, service) => {
+                    self.remember("Service", key, location)?;
+                    let entry = (location.origin.clone(), service.clone());
+                    self.manifests.services.push(entry);
+                }
+                ParsedObject::EndpointSlice(location, key, slice) => {
+                    self.remember("EndpointSlice", key, location)?;
+                    let entry = (location.origin.clone(), slice.clone());
+                    self.manifests.endpoint_slices.push(entry);
+                }
             }
         }
         Ok(())
@@ -273,10 +350,10 @@ impl Loader {
     fn remember(
         &mut self,
         kind: &'static str,
-        (namespace, name): (String, String),
+        (namespace, name): &Key,
         location: &ObjectLocation,
     ) -> Result<(), ManifestError> {
-        match self.seen.entry((kind, namespace, name)) {
+        match self.seen.entry((kind, namespace.clone(), name.clone())) {
             std::collections::hash_map::Entry::Occupied(first) => Err(ManifestError::Duplicate {
                 location: location.clone(),
                 first: Box::new(first.get().clone()),
@@ -636,6 +713,67 @@ metadata: {name: cm}
             "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: other}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web}\naddressType: IPv4\nendpoints: []\n",
         );
         assert_eq!(dir.load().unwrap().services.len(), 2);
+    }
+
+    #[test]
+    fn a_reload_parses_only_changed_files_and_survives_a_bad_one() {
+        let dir = ScratchDir::new("manifests-cache");
+        let service = |name: &str, port: u16| {
+            format!(
+                "kind: Service\napiVersion: v1\nmetadata: {{ name: {name} }}\nspec: {{ type: NodePort, ports: [ {{ port: 80, nodePort: {port} }} ] }}\n"
+            )
+        };
+        dir.write("a.yaml", &service("a", 30001))
+            .write("b.yaml", &service("b", 30002));
+        let mut cache = ParseCache::default();
+        let first = load_dir_cached(dir.path(), &mut cache).unwrap();
+        assert_eq!(cache.len(), 2);
+
+        dir.write("b.yaml", &service("b", 30003));
+        let second = load_dir_cached(dir.path(), &mut cache).unwrap();
+        assert!(
+            Arc::ptr_eq(&first.services[0].1, &second.services[0].1),
+            "a.yaml was not parsed again"
+        );
+        assert!(!Arc::ptr_eq(&first.services[1].1, &second.services[1].1));
+        let port = |m: &Manifests| {
+            m.services[1]
+                .1
+                .spec
+                .as_ref()
+                .unwrap()
+                .ports
+                .as_ref()
+                .unwrap()[0]
+                .node_port
+        };
+        assert_eq!(port(&second), Some(30003));
+
+        // A bad file fails the load; the good files' parses stay for the next one.
+        dir.write(
+            "c.yaml",
+            "kind: Service\napiVersion: v1\nmetadata: { namespace: x }\n",
+        );
+        assert!(load_dir_cached(dir.path(), &mut cache).is_err());
+        dir.write("c.yaml", "");
+        let third = load_dir_cached(dir.path(), &mut cache).unwrap();
+        assert!(Arc::ptr_eq(&second.services[0].1, &third.services[0].1));
+        assert!(Arc::ptr_eq(&second.services[1].1, &third.services[1].1));
+
+        // The cache follows the directory: a removed file is forgotten, and a file defining
+        // what another one already defines is still refused.
+        std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        assert_eq!(
+            load_dir_cached(dir.path(), &mut cache)
+                .unwrap()
+                .services
+                .len(),
+            1
+        );
+        assert_eq!(cache.len(), 2);
+        dir.write("d.yaml", &service("b", 30004));
+        let err = load_dir_cached(dir.path(), &mut cache).unwrap_err();
+        assert!(matches!(err, ManifestError::Duplicate { .. }), "{err}");
     }
 
     #[test]

@@ -84,7 +84,7 @@ pub async fn run_ports(args: PortsArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cannot load the manifests in {}", dir.display()))?
             .services
             .into_iter()
-            .map(|(_, service)| service)
+            .map(|(_, service)| std::sync::Arc::unwrap_or_clone(service))
             .collect(),
         None => list_cluster_services().await?,
     };

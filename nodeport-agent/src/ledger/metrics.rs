@@ -103,7 +103,7 @@ mod tests {
             .unwrap()
             .services
             .into_iter()
-            .map(|(_, s)| s)
+            .map(|(_, s)| std::sync::Arc::unwrap_or_clone(s))
             .collect();
         analyze(&NodePortRange::DEFAULT, &services, None)
     }

@@ -16,7 +16,7 @@ fn load(dir: &Path) -> Vec<Service> {
         .unwrap_or_else(|err| panic!("{err}"))
         .services
         .into_iter()
-        .map(|(_, service)| service)
+        .map(|(_, service)| std::sync::Arc::unwrap_or_clone(service))
         .collect()
 }
 

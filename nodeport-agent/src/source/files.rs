@@ -7,7 +7,7 @@
 //! to the previous load keep their `Arc`, so only what really changed is recomputed.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -21,9 +21,10 @@ use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
 use super::{Snapshot, SnapshotSender};
-use crate::manifests::{self, ManifestError};
+use crate::manifests::{self, ManifestError, ParseCache};
 
-/// Quiet time after the last file event before reloading (editors write in several steps).
+/// Quiet time before reloading while a file is still open for writing (editors write in
+/// several steps); a file closed or renamed into place is read at once.
 const SETTLE: Duration = Duration::from_millis(100);
 
 /// What the source has done, for metrics and tests.
@@ -85,19 +86,17 @@ fn intern<K: PartialEq>(
     previous: &HashMap<(String, String), Arc<K>>,
     next: &mut HashMap<(String, String), Arc<K>>,
     key: (String, String),
-    object: K,
+    object: Arc<K>,
 ) -> (Arc<K>, bool) {
-    match previous.get(&key) {
-        Some(old) if **old == object => {
-            next.insert(key, old.clone());
-            (old.clone(), false)
-        }
-        _ => {
-            let new = Arc::new(object);
-            next.insert(key, new.clone());
-            (new, true)
-        }
-    }
+    let kept = match previous.get(&key) {
+        // The parse cache hands back the same `Arc` for an unchanged file: no deep comparison.
+        Some(old) if Arc::ptr_eq(old, &object) || **old == *object => Some(old.clone()),
+        _ => None,
+    };
+    let changed = kept.is_none();
+    let object = kept.unwrap_or(object);
+    next.insert(key, object.clone());
+    (object, changed)
 }
 
 impl Interner {
@@ -108,22 +107,14 @@ impl Interner {
         let mut changed = false;
         let mut snapshot = Snapshot::default();
         for (_, svc) in loaded.services {
-            let (arc, new) = intern(
-                &self.services,
-                &mut services,
-                object_key(&svc.metadata),
-                svc,
-            );
+            let key = object_key(&svc.metadata);
+            let (arc, new) = intern(&self.services, &mut services, key, svc);
             changed |= new;
             snapshot.services.push(arc);
         }
         for (_, slice) in loaded.endpoint_slices {
-            let (arc, new) = intern(
-                &self.slices,
-                &mut slices,
-                object_key(&slice.metadata),
-                slice,
-            );
+            let key = object_key(&slice.metadata);
+            let (arc, new) = intern(&self.slices, &mut slices, key, slice);
             changed |= new;
             snapshot.endpoint_slices.push(arc);
         }
@@ -134,12 +125,66 @@ impl Interner {
     }
 }
 
-/// Loads `dir` on a blocking thread (it reads files).
-async fn load(dir: &Path) -> Result<manifests::Manifests, ManifestError> {
+/// Loads `dir` on a blocking thread (it reads files), reusing the parse of unchanged files.
+async fn load(
+    dir: &Path,
+    cache: ParseCache,
+) -> (ParseCache, Result<manifests::Manifests, ManifestError>) {
     let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || manifests::load_dir(&dir))
-        .await
-        .expect("the loader does not panic")
+    tokio::task::spawn_blocking(move || {
+        let mut cache = cache;
+        let loaded = manifests::load_dir_cached(&dir, &mut cache);
+        (cache, loaded)
+    })
+    .await
+    .expect("the loader does not panic")
+}
+
+/// What a file event means for the next reload.
+#[derive(Debug, PartialEq, Eq)]
+enum EventEffect {
+    /// Reads, ours included (every reload opens the files): nothing changed.
+    Nothing,
+    /// A writer is at work on these paths: reload once it is done.
+    Writing(Vec<PathBuf>),
+    /// These paths are complete: closed after writing, renamed, or removed.
+    Done(Vec<PathBuf>),
+    /// Something changed and there is nothing to wait for (a directory, metadata).
+    Changed,
+}
+
+fn effect_of(event: &notify::Event) -> EventEffect {
+    use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
+    match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+            EventEffect::Done(event.paths.clone())
+        }
+        EventKind::Access(_) => EventEffect::Nothing,
+        EventKind::Create(CreateKind::File) | EventKind::Modify(ModifyKind::Data(_)) => {
+            EventEffect::Writing(event.paths.clone())
+        }
+        EventKind::Modify(ModifyKind::Name(_)) | EventKind::Remove(_) => {
+            EventEffect::Done(event.paths.clone())
+        }
+        _ => EventEffect::Changed,
+    }
+}
+
+/// Paths being written since the last reload.
+#[derive(Default)]
+struct Writers(HashSet<PathBuf>);
+
+impl Writers {
+    fn note(&mut self, effect: Result<EventEffect, String>) {
+        match effect {
+            Ok(EventEffect::Writing(paths)) => self.0.extend(paths),
+            Ok(EventEffect::Done(paths)) => paths.iter().for_each(|path| {
+                self.0.remove(path);
+            }),
+            // Errors too mean "look again": the reload will say what is wrong.
+            Ok(EventEffect::Nothing | EventEffect::Changed) | Err(_) => {}
+        }
+    }
 }
 
 /// Runs until every receiver is gone.
@@ -148,18 +193,32 @@ pub async fn run(
     tx: SnapshotSender,
     stats: Arc<FilesSourceStats>,
 ) -> Result<(), notify::Error> {
+    run_settling(dir, tx, stats, SETTLE).await
+}
+
+async fn run_settling(
+    dir: PathBuf,
+    tx: SnapshotSender,
+    stats: Arc<FilesSourceStats>,
+    settle: Duration,
+) -> Result<(), notify::Error> {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Any event means "look again"; errors too (the reload will say what is wrong).
-        let _ = events_tx.send(event.map(|_| ()).map_err(|e| e.to_string()));
+        let effect = event.as_ref().map(effect_of).map_err(|e| e.to_string());
+        if effect != Ok(EventEffect::Nothing) {
+            let _ = events_tx.send(effect);
+        }
     })?;
     watcher.watch(&dir, RecursiveMode::Recursive)?;
 
     let mut interner = Interner::default();
+    let mut cache = ParseCache::default();
     let mut published = false;
     let mut revision = 0u64;
     loop {
-        match load(&dir).await {
+        let (kept, loaded) = load(&dir, cache).await;
+        cache = kept;
+        match loaded {
             Ok(loaded) => {
                 stats.loads.fetch_add(1, Ordering::Relaxed);
                 *stats.last_error.lock().expect("not poisoned") = None;
@@ -192,19 +251,35 @@ pub async fn run(
         }
         stats.attempts.send_modify(|a| *a += 1);
 
-        // Wait for a change, then for the writes to settle.
+        // Wait for a change, then for its writers to finish: at once when every file written
+        // has been closed or renamed into place, else after a quiet spell (a writer that never
+        // closes, a symlink created in place).
+        let mut writers = Writers::default();
         tokio::select! {
-            event = events.recv() => {
-                if event.is_none() {
-                    return Ok(());
-                }
-            }
+            event = events.recv() => match event {
+                Some(effect) => writers.note(effect),
+                None => return Ok(()),
+            },
             _ = tx.closed() => return Ok(()),
         }
         loop {
+            if writers.0.is_empty() {
+                // Take in what is already queued, then reload without waiting.
+                match events.try_recv() {
+                    Ok(effect) => {
+                        writers.note(effect);
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
+                }
+            }
             tokio::select! {
-                more = events.recv() => if more.is_none() { return Ok(()) },
-                _ = tokio::time::sleep(SETTLE) => break,
+                more = events.recv() => match more {
+                    Some(effect) => writers.note(effect),
+                    None => return Ok(()),
+                },
+                _ = tokio::time::sleep(settle) => break,
             }
         }
     }
@@ -310,6 +385,92 @@ mod tests {
             Some(30081)
         );
         assert!(stats.last_error().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_file_closed_or_renamed_into_place_is_read_without_waiting() {
+        let dir = ScratchDir::new("files-no-wait");
+        dir.write("svc.yaml", SVC);
+        let (tx, mut rx) = source::channel();
+        let stats = FilesSourceStats::new();
+        // A settle time no test outlives: only finished writes can trigger these reloads.
+        let forever = Duration::from_secs(24 * 3600);
+        let _task = tokio::spawn(run_settling(
+            dir.path().to_path_buf(),
+            tx,
+            stats.clone(),
+            forever,
+        ));
+        assert_eq!(next(&mut rx).await.endpoint_slices.len(), 0);
+
+        // Written in place: create, write, close.
+        dir.write("slice.yaml", SLICE);
+        assert_eq!(next(&mut rx).await.endpoint_slices.len(), 1);
+
+        // Written aside and renamed into place, as kubelet and careful tools do.
+        dir.write(".slice.yaml.tmp", &SLICE.replace("10.0.0.1", "10.0.0.9"));
+        std::fs::rename(
+            dir.path().join(".slice.yaml.tmp"),
+            dir.path().join("slice.yaml"),
+        )
+        .unwrap();
+        let renamed = next(&mut rx).await;
+        assert_eq!(
+            renamed.endpoint_slices[0].endpoints.as_ref().unwrap()[0].addresses,
+            ["10.0.0.9"]
+        );
+
+        std::fs::remove_file(dir.path().join("slice.yaml")).unwrap();
+        assert_eq!(next(&mut rx).await.endpoint_slices.len(), 0);
+    }
+
+    #[test]
+    fn reads_are_not_changes_and_open_writes_are_waited_for() {
+        use notify::event::{
+            AccessKind, AccessMode, CreateKind, DataChange, EventKind, MetadataKind, ModifyKind,
+            RemoveKind, RenameMode,
+        };
+        let path = PathBuf::from("/m/svc.yaml");
+        let effect = |kind| effect_of(&notify::Event::new(kind).add_path(path.clone()));
+        // Every reload opens and reads the files; taking that for a change reloaded forever.
+        for kind in [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Access(AccessKind::Read),
+        ] {
+            assert_eq!(effect(kind), EventEffect::Nothing, "{kind:?}");
+        }
+        for kind in [
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+        ] {
+            assert_eq!(effect(kind), EventEffect::Writing(vec![path.clone()]));
+        }
+        for kind in [
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::From)),
+            EventKind::Remove(RemoveKind::File),
+        ] {
+            assert_eq!(effect(kind), EventEffect::Done(vec![path.clone()]));
+        }
+        for kind in [
+            EventKind::Create(CreateKind::Folder),
+            EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)),
+        ] {
+            assert_eq!(effect(kind), EventEffect::Changed);
+        }
+
+        let mut writers = Writers::default();
+        writers.note(Ok(effect(EventKind::Create(CreateKind::File))));
+        writers.note(Ok(effect(EventKind::Modify(ModifyKind::Data(
+            DataChange::Any,
+        )))));
+        assert!(!writers.0.is_empty(), "still being written");
+        writers.note(Ok(effect(EventKind::Access(AccessKind::Close(
+            AccessMode::Write,
+        )))));
+        assert!(writers.0.is_empty(), "closed: reload now");
     }
 
     #[tokio::test]
