@@ -75,12 +75,16 @@ const PROGRAM_TARGET: Duration = Duration::from_millis(500);
 const CHANGE_P99_TARGET: Duration = Duration::from_millis(10);
 
 fn sizing() -> Sizing {
+    sizing_for(SERVICES)
+}
+
+fn sizing_for(services: u32) -> Sizing {
     let defaults = Sizing::default();
     Sizing {
-        services: SERVICES + 16,
+        services: services + 16,
         // One frontend per Service and node address (one address here).
-        frontends: SERVICES + 16,
-        backends: SERVICES * ENDPOINTS + 16,
+        frontends: services + 16,
+        backends: services * ENDPOINTS + 16,
         maglev_size: MAGLEV_SIZE,
         ..defaults
     }
@@ -602,6 +606,48 @@ fn breakdown(dp: &mut Datapath) -> Result<Breakdown> {
         maglev_tables,
         maglev_writes,
     })
+}
+
+/// The largest count `program_times` takes: node ports 20000 + i must fit in a u16.
+pub const MAX_PROGRAMMED: u32 = 45_000;
+
+/// The agent's programming of `n` Services into empty maps, `rounds` times (each into a
+/// freshly loaded datapath): `Reconciler::update` plus `Syncer::apply_changes`, as in `run`,
+/// checked every round. For the comparison with iptables-restore at several sizes.
+pub fn program_times(object: &[u8], n: u32, rounds: usize) -> Result<Vec<Duration>> {
+    ensure!(
+        n <= MAX_PROGRAMMED,
+        "{n} services: node ports would overflow"
+    );
+    let sizing = sizing_for(n);
+    let settings = settings();
+    let services: Vec<Service> = (0..n).map(service).collect();
+    let slices: Vec<EndpointSlice> = (0..n).map(slice).collect();
+    let snapshot = Stores::new(&services, &slices).snapshot();
+    let mut times = Vec::new();
+    for _ in 0..rounds {
+        let mut dp =
+            Datapath::load_object(object, &sizing, None).context("loading the datapath")?;
+        let mut reconciler = Reconciler::new(node());
+        let mut programmed = Programmed::empty(&dp.sizing);
+        let started = Instant::now();
+        let changes = reconciler.update(&snapshot.services, &snapshot.slices);
+        let report = Syncer {
+            maps: &mut dp.maps,
+            sizing: &sizing,
+        }
+        .apply_changes(
+            &mut programmed,
+            reconciler.desired(),
+            &changes.services,
+            &settings,
+        );
+        times.push(started.elapsed());
+        check_report(&report, n as usize)?;
+        let frontends = dp.maps.frontends.keys().count();
+        ensure!(frontends == n as usize, "{frontends} frontends in the map");
+    }
+    Ok(times)
 }
 
 pub fn run(object: &[u8]) -> Result<Results> {

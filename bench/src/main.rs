@@ -11,15 +11,27 @@
 //! EndpointSlice changes, through the agent's own reconciler and syncer against a loaded
 //! datapath. Results go to `<out dir>/<date>-agent.md`.
 //!
-//! Environment (xtask sets the first two):
+//! Comparison (module `compare`): nodeport against kube-proxy's iptables rules, side by side
+//! on one namespace topology with real traffic; writes `bench/REPORT.md` and `bench/plots/`.
+//!
+//! Environment (xtask sets the first three):
 //! - `NODEPORT_BENCH_OBJECT`: the bench build of the eBPF object (datapath part);
-//! - `NODEPORT_EBPF_OBJECT`: the plain eBPF object (agent part);
-//! - `NODEPORT_BENCH_ONLY=agent` or `=datapath`: run only that part (default: both), e.g.
-//!   `NODEPORT_BENCH_ONLY=agent cargo xtask bench`;
+//! - `NODEPORT_EBPF_OBJECT`: the plain eBPF object (agent and comparison parts);
+//! - `NODEPORT_AGENT_BIN`: the agent binary the comparison starts;
+//! - `NODEPORT_BENCH_ONLY=agent`, `=datapath` or `=compare`: run only that part (default: all),
+//!   e.g. `NODEPORT_BENCH_ONLY=compare cargo xtask bench`;
 //! - `NODEPORT_BENCH_SERVICES=1,1000`: the datapath part at these service counts only;
-//! - `NODEPORT_BENCH_ANY_ACTION=1`: the datapath part does not check the XDP verdicts.
+//! - `NODEPORT_BENCH_ANY_ACTION=1`: the datapath part does not check the XDP verdicts;
+//! - `NODEPORT_BENCH_QUICK=1`: a short comparison for development (2 rounds, 1 and 1,000
+//!   Services, shorter runs); its report goes to a temporary directory, never bench/;
+//! - `NODEPORT_BENCH_COMPARE_SERVICES=1,1000,10000`, `NODEPORT_BENCH_NODEPORT_ONLY_SERVICES=65536`,
+//!   `NODEPORT_BENCH_ROUNDS=5`, `NODEPORT_BENCH_WORKERS=2`, `NODEPORT_BENCH_BIG_MAGLEV_SIZE=31`:
+//!   the comparison's sizes, rounds, parallel clients, and Maglev M at nodeport-only sizes;
+//! - `NODEPORT_BENCH_REPORT_DIR`: where REPORT.md and plots/ go (default: the parent of the
+//!   results directory, i.e. bench/).
 
 mod agent;
+mod compare;
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf};
 
@@ -256,40 +268,97 @@ fn today() -> String {
 /// Which parts to run (NODEPORT_BENCH_ONLY).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Parts {
-    Both,
+    All,
     Datapath,
     Agent,
+    Compare,
 }
 
 fn main() -> Result<()> {
     require_root();
+    let began = std::time::Instant::now();
     let out_dir = PathBuf::from(
         std::env::args()
             .nth(1)
             .context("usage: nodeport-bench <results dir>")?,
     );
     let parts = match std::env::var("NODEPORT_BENCH_ONLY").as_deref() {
-        Err(_) | Ok("") => Parts::Both,
+        Err(_) | Ok("") => Parts::All,
         Ok("datapath") => Parts::Datapath,
         Ok("agent") => Parts::Agent,
-        Ok(other) => anyhow::bail!("NODEPORT_BENCH_ONLY={other}: expected agent or datapath"),
+        Ok("compare") => Parts::Compare,
+        Ok(other) => {
+            anyhow::bail!("NODEPORT_BENCH_ONLY={other}: expected agent, datapath or compare")
+        }
     };
+    let runs = |part: Parts| parts == Parts::All || parts == part;
     let date = today();
     std::fs::create_dir_all(&out_dir)?;
-    if parts != Parts::Agent {
-        let md = datapath(&date)?;
+    let mut datapath_rows = None;
+    if runs(Parts::Datapath) {
+        let (rows, md) = datapath(&date)?;
         write_results(&out_dir, &format!("{date}-datapath.md"), &md)?;
+        datapath_rows = Some(rows);
     }
-    if parts != Parts::Datapath {
+    let object = || -> Result<Vec<u8>> {
         let object_path = std::env::var("NODEPORT_EBPF_OBJECT")
             .context("NODEPORT_EBPF_OBJECT (set by cargo xtask bench)")?;
-        let object =
-            std::fs::read(&object_path).with_context(|| format!("reading {object_path}"))?;
-        let results = agent::run(&object)?;
-        eprintln!("bench: agent: {}", agent::summary(&results));
+        std::fs::read(&object_path).with_context(|| format!("reading {object_path}"))
+    };
+    let mut agent_summary = None;
+    if runs(Parts::Agent) {
+        let results = agent::run(&object()?)?;
+        agent_summary = Some(agent::summary(&results));
         let md = agent::render(&results, &date, &machine())?;
         write_results(&out_dir, &format!("{date}-agent.md"), &md)?;
     }
+    if runs(Parts::Compare) {
+        let cfg = compare::Config::from_env()?;
+        let results = compare::run(&cfg, &object()?)?;
+        let report_dir = match std::env::var_os("NODEPORT_BENCH_REPORT_DIR") {
+            Some(dir) => PathBuf::from(dir),
+            // A quick run is for development: it never overwrites the published report.
+            None if cfg.quick => std::env::temp_dir().join("nodeport-bench-quick"),
+            None => out_dir
+                .parent()
+                .context("the results directory has no parent")?
+                .to_path_buf(),
+        };
+        std::fs::create_dir_all(&report_dir)?;
+        let rows: Option<Vec<compare::report::DatapathRow>> = datapath_rows.map(|rows| {
+            rows.iter()
+                .map(|r| compare::report::DatapathRow {
+                    services: r.services,
+                    bare: r.bare,
+                    established_local: r.established_local,
+                    established_remote: r.established_remote,
+                    new_flow_local: r.new_flow_local,
+                })
+                .collect()
+        });
+        compare::report::write(
+            &compare::report::ReportInput {
+                results: &results,
+                datapath: rows.as_deref(),
+                date: &date,
+                machine: &machine(),
+                total: began.elapsed(),
+            },
+            &report_dir,
+        )?;
+        println!(
+            "bench: report written to {}",
+            report_dir.join("REPORT.md").display()
+        );
+        println!("\n{}", compare::report::summary(&results));
+    }
+    if let Some(summary) = agent_summary {
+        println!("bench: agent: {summary}");
+    }
+    println!(
+        "bench: done in {:.1} min",
+        began.elapsed().as_secs_f64() / 60.0
+    );
     Ok(())
 }
 
@@ -301,8 +370,8 @@ fn write_results(out_dir: &std::path::Path, name: &str, md: &str) -> Result<()> 
     Ok(())
 }
 
-/// The datapath part; returns its results page.
-fn datapath(date: &str) -> Result<String> {
+/// The datapath part; returns its rows and its results page.
+fn datapath(date: &str) -> Result<(Vec<Row>, String)> {
     let object_path = std::env::var("NODEPORT_BENCH_OBJECT")
         .context("NODEPORT_BENCH_OBJECT (set by cargo xtask bench)")?;
     let object = std::fs::read(&object_path).with_context(|| format!("reading {object_path}"))?;
@@ -391,5 +460,5 @@ fn datapath(date: &str) -> Result<String> {
         }
     )?;
 
-    Ok(md)
+    Ok((rows, md))
 }

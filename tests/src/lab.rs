@@ -231,7 +231,8 @@ pub struct AgentProcess {
 }
 
 impl AgentProcess {
-    fn spawn(ns: &NetNs, args: &[String]) -> Result<Self> {
+    /// Starts `nodeport-agent --log-format json run ARGS` in `ns`'s network namespace.
+    pub fn spawn(ns: &NetNs, args: &[String]) -> Result<Self> {
         Self::spawn_wrapped(ns, &[], args)
     }
 
@@ -298,7 +299,18 @@ impl AgentProcess {
         what: &str,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> Result<serde_json::Value> {
-        let deadline = Instant::now() + PATIENCE;
+        self.wait_log_within(what, PATIENCE, pred)
+    }
+
+    /// `wait_log` with another patience (the bench's agents load tens of thousands of
+    /// Services).
+    pub fn wait_log_within(
+        &mut self,
+        what: &str,
+        patience: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + patience;
         let (lock, cv) = &*self.log;
         let mut entries = lock.lock().expect("not poisoned");
         loop {
@@ -315,7 +327,7 @@ impl AgentProcess {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 bail!(
-                    "no {what} from the agent in {PATIENCE:?}; log:\n{}",
+                    "no {what} from the agent in {patience:?}; log:\n{}",
                     tail(&entries)
                 );
             }
@@ -364,11 +376,13 @@ impl Drop for AgentProcess {
     }
 }
 
-fn message_is(entry: &serde_json::Value, message: &str) -> bool {
+/// Whether a JSON log entry has this message.
+pub fn message_is(entry: &serde_json::Value, message: &str) -> bool {
     entry.pointer("/fields/message").and_then(|m| m.as_str()) == Some(message)
 }
 
-fn field_u64(entry: &serde_json::Value, field: &str) -> Option<u64> {
+/// A numeric field of a JSON log entry.
+pub fn field_u64(entry: &serde_json::Value, field: &str) -> Option<u64> {
     entry
         .pointer(&format!("/fields/{field}"))
         .and_then(|v| v.as_u64())

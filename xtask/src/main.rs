@@ -35,7 +35,10 @@ enum Task {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
-    /// Measure the datapath and the agent (needs root); results go to bench/results/.
+    /// Measure the datapath, the agent, and nodeport against kube-proxy's iptables rules
+    /// (needs root); results go to bench/results/, the comparison to bench/REPORT.md and
+    /// bench/plots/. NODEPORT_BENCH_ONLY=datapath|agent|compare runs one part,
+    /// NODEPORT_BENCH_QUICK=1 a short comparison (see bench/src/main.rs).
     Bench,
     /// Show nodeport at work: a little cluster in network namespaces, the agent on
     /// examples/, real traffic, a live endpoint change and an agent restart (needs root).
@@ -124,13 +127,22 @@ fn bench() -> Result<()> {
         bail!("cargo xtask bench loads BPF programs and needs root");
     }
     let toolchain = prereqs::ensure()?;
+    prereqs::ensure_bench_tools()?;
     let datapath = ebpf::build(&toolchain, ebpf::Flavour::Datapath)?;
     let bench_object = ebpf::build(&toolchain, ebpf::Flavour::Bench)?;
+    // The comparison runs the agent binary: the release build, with the datapath embedded.
+    run(cargo()
+        .args(["build", "--release", "--package", "nodeport-agent"])
+        .env("NODEPORT_EBPF_OBJECT", &datapath))?;
     run(cargo()
         .args(["run", "--release", "--package", "nodeport-bench", "--"])
         .arg(workspace_root().join("bench/results"))
         .env("NODEPORT_EBPF_OBJECT", &datapath)
-        .env("NODEPORT_BENCH_OBJECT", &bench_object))
+        .env("NODEPORT_BENCH_OBJECT", &bench_object)
+        .env(
+            "NODEPORT_AGENT_BIN",
+            target_dir().join("release/nodeport-agent"),
+        ))
 }
 
 fn demo() -> Result<()> {

@@ -102,6 +102,19 @@ fn manual_steps(llvm: Option<u32>) -> String {
     )
 }
 
+/// What the benchmark needs beyond building and testing: iptables, for kube-proxy's rules
+/// (`iptables-legacy-restore` and `iptables-nft-restore` both come with Debian's package).
+/// Installed only for `cargo xtask bench`.
+pub fn ensure_bench_tools() -> Result<()> {
+    if have("iptables-legacy-restore") && have("iptables-nft-restore") {
+        return Ok(());
+    }
+    if !(is_root() && is_debian_like()) {
+        bail!("the benchmark needs iptables (iptables-legacy-restore); install it and run again");
+    }
+    apt_install(&["iptables"])
+}
+
 /// Makes sure the eBPF crate can be built, installing what is missing when allowed.
 pub fn ensure() -> Result<BpfToolchain> {
     if std::env::var("NODEPORT_BPF_TOOLCHAIN").as_deref() == Ok("nightly") {
