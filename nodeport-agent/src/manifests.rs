@@ -137,32 +137,54 @@ impl ParseCache {
 pub fn load_dir_cached(dir: &Path, cache: &mut ParseCache) -> Result<Manifests, ManifestError> {
     let mut files = Vec::new();
     collect_manifest_files(dir, &mut files)?;
-    let mut loader = Loader::default();
-    let mut parsed_now = HashMap::with_capacity(files.len());
-    let result = files.into_iter().try_for_each(|file| {
-        let text = fs::read_to_string(&file).map_err(|source| ManifestError::ReadFile {
-            file: file.clone(),
-            source,
-        })?;
-        let parsed = match cache.files.remove(&file) {
-            Some(previous) if previous.text == text => previous,
-            _ => ParsedFile::parse(&file, text)?,
-        };
-        loader.add(&parsed)?;
-        parsed_now.insert(file, parsed);
-        Ok(())
-    });
-    match result {
-        Ok(()) => {
-            cache.files = parsed_now;
-            Ok(loader.manifests)
-        }
-        Err(err) => {
-            // Keep every good parse, also of the files this load took out of the cache.
-            cache.files.extend(parsed_now);
-            Err(err)
+    let mut parsed_now = Vec::with_capacity(files.len());
+    for file in files {
+        let mut previous = cache.files.remove(&file);
+        match ParsedFile::refresh(&file, &mut previous) {
+            Ok(parsed) => parsed_now.push((file, parsed)),
+            Err(err) => {
+                // Keep every good parse, also of the files this load took out of the cache.
+                cache.files.extend(parsed_now);
+                cache.files.extend(previous.map(|parsed| (file, parsed)));
+                return Err(err);
+            }
         }
     }
+    let gathered = gather(&parsed_now);
+    cache.files = parsed_now.into_iter().collect();
+    gathered
+}
+
+/// The objects of the parsed files in order, refusing an object defined twice.
+fn gather(files: &[(PathBuf, ParsedFile)]) -> Result<Manifests, ManifestError> {
+    let mut manifests = Manifests::default();
+    let count = files.iter().map(|(_, file)| file.objects.len()).sum();
+    // (kind, namespace, name) -> where it was first defined.
+    let mut seen: HashMap<(&'static str, &str, &str), &ObjectLocation> =
+        HashMap::with_capacity(count);
+    for object in files.iter().flat_map(|(_, file)| &file.objects) {
+        let (kind, location, (namespace, name)) = match object {
+            ParsedObject::Service(location, key, _) => ("Service", location, key),
+            ParsedObject::EndpointSlice(location, key, _) => ("EndpointSlice", location, key),
+        };
+        if let Some(first) = seen.insert((kind, namespace, name), location) {
+            return Err(ManifestError::Duplicate {
+                location: location.clone(),
+                first: Box::new(first.clone()),
+            });
+        }
+        match object {
+            ParsedObject::Service(location, _, service) => {
+                let entry = (location.origin.clone(), service.clone());
+                manifests.services.push(entry);
+            }
+            ParsedObject::EndpointSlice(location, _, slice) => {
+                let entry = (location.origin.clone(), slice.clone());
+                manifests.endpoint_slices.push(entry);
+            }
+        }
+    }
+    Ok(manifests)
 }
 
 fn collect_manifest_files(dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), ManifestError> {
@@ -215,6 +237,53 @@ enum ParsedObject {
 type Key = (String, String);
 
 impl ParsedFile {
+    /// Reads `file`; parses it unless its text is what `previous` was parsed from, which it
+    /// then takes. On failure `previous` is left as it was.
+    fn refresh(file: &Path, previous: &mut Option<ParsedFile>) -> Result<Self, ManifestError> {
+        let text = fs::read_to_string(file).map_err(|source| ManifestError::ReadFile {
+            file: file.to_owned(),
+            source,
+        })?;
+        if previous.as_ref().is_some_and(|p| p.text == text) {
+            return Ok(previous.take().expect("checked"));
+        }
+        let mut parsed = Self::parse(file, text)?;
+        if let Some(previous) = previous.take() {
+            parsed.keep_unchanged(&previous);
+        }
+        Ok(parsed)
+    }
+
+    /// Objects equal to their previous parse keep its `Arc`, so the agent sees by identity
+    /// which objects of an edited file really changed.
+    fn keep_unchanged(&mut self, previous: &ParsedFile) {
+        let mut services = HashMap::new();
+        let mut slices = HashMap::new();
+        for object in &previous.objects {
+            match object {
+                ParsedObject::Service(_, key, service) => {
+                    services.insert(key, service);
+                }
+                ParsedObject::EndpointSlice(_, key, slice) => {
+                    slices.insert(key, slice);
+                }
+            }
+        }
+        for object in &mut self.objects {
+            match object {
+                ParsedObject::Service(_, key, service) => keep(&services, key, service),
+                ParsedObject::EndpointSlice(_, key, slice) => keep(&slices, key, slice),
+            }
+        }
+        fn keep<T: PartialEq>(previous: &HashMap<&Key, &Arc<T>>, key: &Key, object: &mut Arc<T>) {
+            if let Some(old) = previous.get(key)
+                && ***old == **object
+            {
+                *object = Arc::clone(old);
+            }
+        }
+    }
+
     fn parse(file: &Path, text: String) -> Result<Self, ManifestError> {
         let mut objects = Vec::new();
         for (index, document) in serde_norway::Deserializer::from_str(&text).enumerate() {
@@ -316,52 +385,6 @@ fn parse_object(
         (api_version, kind) => {
             tracing::debug!(%location, api_version, kind, "skipping object of another kind");
             Ok(None)
-        }
-    }
-}
-
-/// Gathers the parsed files of one load, refusing an object defined twice.
-#[derive(Default)]
-struct Loader {
-    manifests: Manifests,
-    /// (kind, namespace, name) -> where it was first defined.
-    seen: HashMap<(&'static str, String, String), ObjectLocation>,
-}
-
-impl Loader {
-    fn add(&mut self, file: &ParsedFile) -> Result<(), ManifestError> {
-        for object in &file.objects {
-            match object {
-                ParsedObject::Service(location, key, service) => {
-                    self.remember("Service", key, location)?;
-                    let entry = (location.origin.clone(), service.clone());
-                    self.manifests.services.push(entry);
-                }
-                ParsedObject::EndpointSlice(location, key, slice) => {
-                    self.remember("EndpointSlice", key, location)?;
-                    let entry = (location.origin.clone(), slice.clone());
-                    self.manifests.endpoint_slices.push(entry);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn remember(
-        &mut self,
-        kind: &'static str,
-        (namespace, name): &Key,
-        location: &ObjectLocation,
-    ) -> Result<(), ManifestError> {
-        match self.seen.entry((kind, namespace.clone(), name.clone())) {
-            std::collections::hash_map::Entry::Occupied(first) => Err(ManifestError::Duplicate {
-                location: location.clone(),
-                first: Box::new(first.get().clone()),
-            }),
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(location.clone());
-                Ok(())
-            }
         }
     }
 }
@@ -760,6 +783,27 @@ metadata: {name: cm}
         assert!(Arc::ptr_eq(&second.services[0].1, &third.services[0].1));
         assert!(Arc::ptr_eq(&second.services[1].1, &third.services[1].1));
 
+        // In an edited file, the objects that did not change keep their Arc too.
+        dir.write(
+            "c.yaml",
+            &format!("{}---\n{}", service("c", 30005), service("e", 30006)),
+        );
+        let fourth = load_dir_cached(dir.path(), &mut cache).unwrap();
+        dir.write(
+            "c.yaml",
+            &format!("{}---\n{}", service("c", 30005), service("e", 30007)),
+        );
+        let fifth = load_dir_cached(dir.path(), &mut cache).unwrap();
+        assert!(
+            Arc::ptr_eq(&fourth.services[2].1, &fifth.services[2].1),
+            "c unchanged"
+        );
+        assert!(
+            !Arc::ptr_eq(&fourth.services[3].1, &fifth.services[3].1),
+            "e edited"
+        );
+        std::fs::remove_file(dir.path().join("c.yaml")).unwrap();
+
         // The cache follows the directory: a removed file is forgotten, and a file defining
         // what another one already defines is still refused.
         std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
@@ -770,7 +814,7 @@ metadata: {name: cm}
                 .len(),
             1
         );
-        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.len(), 1, "b.yaml only");
         dir.write("d.yaml", &service("b", 30004));
         let err = load_dir_cached(dir.path(), &mut cache).unwrap_err();
         assert!(matches!(err, ManifestError::Duplicate { .. }), "{err}");

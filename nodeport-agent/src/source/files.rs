@@ -4,10 +4,11 @@
 //!
 //! An invalid file is reported (file, document, object, field) and ignored: the last good
 //! state stays programmed. Nothing is published until the directory loads once. Objects equal
-//! to the previous load keep their `Arc`, so only what really changed is recomputed.
+//! to the previous load keep their `Arc` (manifests::ParseCache), so only what really changed
+//! is recomputed.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -16,7 +17,6 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
@@ -66,63 +66,13 @@ impl FilesSourceStats {
     }
 }
 
-/// Keeps the `Arc` of every object that did not change between loads.
-#[derive(Default)]
-struct Interner {
-    services: HashMap<(String, String), Arc<Service>>,
-    slices: HashMap<(String, String), Arc<EndpointSlice>>,
-}
-
-fn object_key(
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> (String, String) {
-    (
-        meta.namespace.clone().unwrap_or_default(),
-        meta.name.clone().unwrap_or_default(),
-    )
-}
-
-fn intern<K: PartialEq>(
-    previous: &HashMap<(String, String), Arc<K>>,
-    next: &mut HashMap<(String, String), Arc<K>>,
-    key: (String, String),
-    object: Arc<K>,
-) -> (Arc<K>, bool) {
-    let kept = match previous.get(&key) {
-        // The parse cache hands back the same `Arc` for an unchanged file: no deep comparison.
-        Some(old) if Arc::ptr_eq(old, &object) || **old == *object => Some(old.clone()),
-        _ => None,
-    };
-    let changed = kept.is_none();
-    let object = kept.unwrap_or(object);
-    next.insert(key, object.clone());
-    (object, changed)
-}
-
-impl Interner {
-    /// The snapshot of a load, and whether anything differs from the previous one.
-    fn snapshot(&mut self, loaded: manifests::Manifests) -> (Snapshot, bool) {
-        let mut services = HashMap::new();
-        let mut slices = HashMap::new();
-        let mut changed = false;
-        let mut snapshot = Snapshot::default();
-        for (_, svc) in loaded.services {
-            let key = object_key(&svc.metadata);
-            let (arc, new) = intern(&self.services, &mut services, key, svc);
-            changed |= new;
-            snapshot.services.push(arc);
-        }
-        for (_, slice) in loaded.endpoint_slices {
-            let key = object_key(&slice.metadata);
-            let (arc, new) = intern(&self.slices, &mut slices, key, slice);
-            changed |= new;
-            snapshot.endpoint_slices.push(arc);
-        }
-        changed |= services.len() != self.services.len() || slices.len() != self.slices.len();
-        self.services = services;
-        self.slices = slices;
-        (snapshot, changed)
+/// Whether two loads hold the same objects. The parse cache keeps the `Arc` of every object
+/// that did not change, so identity is equality here.
+fn same_objects(a: &Snapshot, b: &Snapshot) -> bool {
+    fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
     }
+    same(&a.services, &b.services) && same(&a.endpoint_slices, &b.endpoint_slices)
 }
 
 /// Loads `dir` on a blocking thread (it reads files), reusing the parse of unchanged files.
@@ -211,9 +161,8 @@ async fn run_settling(
     })?;
     watcher.watch(&dir, RecursiveMode::Recursive)?;
 
-    let mut interner = Interner::default();
     let mut cache = ParseCache::default();
-    let mut published = false;
+    let mut published: Option<Arc<Snapshot>> = None;
     let mut revision = 0u64;
     loop {
         let (kept, loaded) = load(&dir, cache).await;
@@ -222,8 +171,15 @@ async fn run_settling(
             Ok(loaded) => {
                 stats.loads.fetch_add(1, Ordering::Relaxed);
                 *stats.last_error.lock().expect("not poisoned") = None;
-                let (mut snapshot, changed) = interner.snapshot(loaded);
-                if changed || !published {
+                let mut snapshot = Snapshot {
+                    services: loaded.services.into_iter().map(|(_, s)| s).collect(),
+                    endpoint_slices: loaded.endpoint_slices.into_iter().map(|(_, s)| s).collect(),
+                    ..Snapshot::default()
+                };
+                if published
+                    .as_ref()
+                    .is_none_or(|previous| !same_objects(previous, &snapshot))
+                {
                     revision += 1;
                     snapshot.revision = revision;
                     tracing::info!(
@@ -233,16 +189,17 @@ async fn run_settling(
                         endpoint_slices = snapshot.endpoint_slices.len(),
                         "manifests loaded"
                     );
-                    if tx.send(Some(Arc::new(snapshot))).is_err() {
+                    let snapshot = Arc::new(snapshot);
+                    if tx.send(Some(snapshot.clone())).is_err() {
                         return Ok(());
                     }
-                    published = true;
+                    published = Some(snapshot);
                 }
             }
             Err(e) => {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
                 *stats.last_error.lock().expect("not poisoned") = Some(e.to_string());
-                if published {
+                if published.is_some() {
                     tracing::error!("{e}; keeping the last good state");
                 } else {
                     tracing::error!("{e}; nothing is programmed until the manifests load");
