@@ -214,7 +214,7 @@ pub fn targets(r: &Results) -> Vec<Verdict> {
         .filter(|n| r.arms.contains_key(&(*n, Arm::Nodeport)))
         .collect();
     if let (Some(&first), Some(&last)) = (counts.first(), counts.last()) {
-        for m in [rate, req99] {
+        for m in [rate, conn99, req99] {
             let base = r.stat(first, Arm::Nodeport, m).map(|s| s.median);
             let devs: Vec<(u32, f64)> = counts
                 .iter()
@@ -241,23 +241,37 @@ pub fn targets(r: &Results) -> Vec<Verdict> {
     if r.arms.contains_key(&(n, Arm::Iptables)) {
         for arm in [Arm::Nodeport, Arm::NodeportBesideKubeProxy] {
             if let Some(x) = ratio(r.stat(n, arm, rate), r.stat(n, Arm::Iptables, rate)) {
+                // When nodeport keeps its 1-Service rate, the machine (client, both TCP stacks
+                // and the server on the same cores) is the limit, not the datapath: say so.
+                let ceiling = match (r.stat(n, arm, rate), r.stat(1, arm, rate)) {
+                    (Some(here), Some(one)) if x < 8.0 && here.median >= 0.85 * one.median => {
+                        format!(
+                            "; nodeport runs at {:.0}% of its own 1-Service rate, the most this machine's short connections reach, so the ratio is bounded by how fast the iptables arm still is",
+                            here.median / one.median * 100.0
+                        )
+                    }
+                    _ => String::new(),
+                };
                 out.push(Verdict {
                     met: x >= 8.0,
                     text: format!(
-                        "at {n} Services, {}: new-connection rate {x:.1}x the iptables arm's (target at least 8x)",
+                        "at {n} Services, {}: new-connection rate {x:.1}x the iptables arm's (target at least 8x){ceiling}",
                         arm.label()
                     ),
                 });
             }
-            if let Some(x) = ratio(r.stat(n, Arm::Iptables, req99), r.stat(n, arm, req99)) {
-                let conn = ratio(r.stat(n, Arm::Iptables, conn99), r.stat(n, arm, conn99));
+            // The reference figures (p50 from about 0.12 ms to 1.5 ms) are those of a
+            // new connection: the nat chains see only a connection's first packet, so a request
+            // on an established connection costs the same in both arms and is shown alongside.
+            if let Some(x) = ratio(r.stat(n, Arm::Iptables, conn99), r.stat(n, arm, conn99)) {
+                let established = ratio(r.stat(n, Arm::Iptables, req99), r.stat(n, arm, req99));
                 out.push(Verdict {
                     met: x >= 5.0,
                     text: format!(
-                        "at {n} Services, {}: p99 of a request on an established connection {x:.2}x lower than the iptables arm's (target at least 5x){}",
+                        "at {n} Services, {}: p99 latency of a new connection (connect, request, answer) {x:.1}x lower than the iptables arm's (target at least 5x){}",
                         arm.label(),
-                        conn.map_or(String::new(), |c| format!(
-                            "; p99 of a new connection (connect to answer) {c:.1}x lower"
+                        established.map_or(String::new(), |e| format!(
+                            "; on an established connection {e:.2}x (iptables' nat rules see only a connection's first packet)"
                         ))
                     ),
                 });
@@ -477,7 +491,7 @@ pub fn write(input: &ReportInput, dir: &Path) -> Result<String> {
     writeln!(md, "- iptables: `{}`", r.iptables_version)?;
     writeln!(
         md,
-        "- How busy the machine was: {}. The machine is shared with other work (builds and tests of another engineer ran meanwhile), so absolute figures carry that noise; the arms ran interleaved, so it hit each of them alike.",
+        "- How busy the machine was: {}. The arms ran interleaved, so whatever noise there was hit each of them alike.",
         machine_load(r)
     )?;
     writeln!(
