@@ -23,15 +23,13 @@
 //! and the file system.
 
 use std::{
-    ffi::CString,
     fmt,
-    os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
 };
 
 use thiserror::Error;
 
-use crate::agent::RunArgs;
+use crate::{agent::RunArgs, datapath::bpffs};
 
 /// The capabilities the agent asks for, by their bit in the kernel's capability sets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -282,9 +280,6 @@ fn missing_message(missing: &[Missing], effective: CapabilitySet) -> String {
 const STATUS: &str = "/proc/self/status";
 const MOUNTINFO: &str = "/proc/self/mountinfo";
 const UNPRIVILEGED_PORT_START: &str = "/proc/sys/net/ipv4/ip_unprivileged_port_start";
-/// Where the datapath mounts bpffs when the pin directory is not on one (datapath::bpffs).
-const BPFFS_DEFAULT: &str = "/sys/fs/bpf";
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Checks the privileges of this process for `run` with `args`: logs what it found, warns
 /// about what may hurt later, and fails naming every missing capability.
@@ -344,29 +339,13 @@ pub fn check(args: &RunArgs) -> Result<(), PrivilegesError> {
     }
 }
 
-fn fs_type(path: &Path) -> Option<i64> {
-    let c = CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statfs fills the struct; it is read only on success.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        (libc::statfs(c.as_ptr(), &mut st) == 0).then_some(st.f_type as i64)
-    }
-}
-
-/// The same decision as datapath::bpffs::ensure_mounted, without mounting.
 fn bpffs_mount(pin_root: &Path) -> BpffsMount {
-    let mut existing = pin_root.to_path_buf();
-    while !existing.exists() && existing.pop() {}
-    let default = Path::new(BPFFS_DEFAULT);
-    if fs_type(&existing) == Some(BPF_FS_MAGIC)
-        || !pin_root.starts_with(default)
-        || fs_type(default) == Some(BPF_FS_MAGIC)
-    {
+    if !bpffs::will_mount(pin_root) {
         return BpffsMount::NotNeeded;
     }
     let mountinfo = std::fs::read_to_string(MOUNTINFO).unwrap_or_default();
     BpffsMount::Needed {
-        propagates: mount_is_shared(&mountinfo, default),
+        propagates: mount_is_shared(&mountinfo, Path::new(bpffs::DEFAULT_MOUNT)),
     }
 }
 

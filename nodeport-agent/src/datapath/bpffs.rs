@@ -10,7 +10,8 @@ use std::{
 use super::{DatapathError, Result};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const DEFAULT_MOUNT: &str = "/sys/fs/bpf";
+/// Where the agent mounts bpffs when the pins' directory needs one.
+pub const DEFAULT_MOUNT: &str = "/sys/fs/bpf";
 
 fn fs_type(path: &Path) -> Option<i64> {
     let c = CString::new(path.as_os_str().as_bytes()).ok()?;
@@ -32,10 +33,22 @@ fn existing_ancestor(path: &Path) -> PathBuf {
     p
 }
 
+/// Whether `ensure_mounted(pin_root)` will mount bpffs at /sys/fs/bpf: the pins' directory is
+/// not on a bpffs, lies under /sys/fs/bpf, and nothing is mounted there yet.
+pub fn will_mount(pin_root: &Path) -> bool {
+    !on_bpffs(pin_root)
+        && pin_root.starts_with(DEFAULT_MOUNT)
+        && fs_type(Path::new(DEFAULT_MOUNT)) != Some(BPF_FS_MAGIC)
+}
+
+fn on_bpffs(path: &Path) -> bool {
+    fs_type(&existing_ancestor(path)) == Some(BPF_FS_MAGIC)
+}
+
 /// Makes sure `pin_root` lies on a bpffs, mounting one at /sys/fs/bpf if that is where it
 /// should be and nothing is mounted there yet.
 pub fn ensure_mounted(pin_root: &Path) -> Result<()> {
-    if fs_type(&existing_ancestor(pin_root)) == Some(BPF_FS_MAGIC) {
+    if on_bpffs(pin_root) {
         return Ok(());
     }
     let default = Path::new(DEFAULT_MOUNT);

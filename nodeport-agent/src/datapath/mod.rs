@@ -7,7 +7,7 @@
 //! restarts and while no agent runs. `detach` removes links and pins.
 
 mod attach;
-mod bpffs;
+pub mod bpffs;
 pub mod census;
 mod clock;
 mod maps;
