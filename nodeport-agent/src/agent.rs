@@ -710,11 +710,12 @@ impl Agent {
                 micros = started.elapsed().as_micros() as u64,
                 "datapath updated"
             );
+            // A line per Service: trace, or debug logs would flood with a large cluster's start.
             for key in &report.applied {
-                tracing::debug!(service = %key, "programmed");
+                tracing::trace!(service = %key, "programmed");
             }
             for key in &report.removed {
-                tracing::debug!(service = %key, "removed");
+                tracing::trace!(service = %key, "removed");
             }
         }
 

@@ -313,11 +313,15 @@ impl AgentProcess {
         let deadline = Instant::now() + patience;
         let (lock, cv) = &*self.log;
         let mut entries = lock.lock().expect("not poisoned");
+        // Entries already looked at are not looked at again: an agent logging a line per
+        // Service would otherwise make this quadratic.
+        let mut unseen = self.cursor;
         loop {
-            if let Some(i) = entries[self.cursor..].iter().position(&pred) {
-                self.cursor += i + 1;
+            if let Some(i) = entries[unseen..].iter().position(&pred) {
+                self.cursor = unseen + i + 1;
                 return Ok(entries[self.cursor - 1].clone());
             }
+            unseen = entries.len();
             if let Ok(Some(status)) = self.child.try_wait() {
                 bail!(
                     "the agent exited ({status}) while waiting for {what}; log:\n{}",
