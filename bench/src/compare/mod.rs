@@ -230,6 +230,58 @@ pub fn loadavg() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// The machine's busy share of CPU time (all cores, everything but idle and iowait) over `window`.
+fn busy_share(window: Duration) -> Option<f64> {
+    fn times() -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        let idle = fields.get(3)? + fields.get(4)?;
+        Some((fields.iter().sum(), idle))
+    }
+    let (total0, idle0) = times()?;
+    std::thread::sleep(window);
+    let (total1, idle1) = times()?;
+    let total = total1.checked_sub(total0)?.max(1);
+    Some(1.0 - (idle1 - idle0) as f64 / total as f64)
+}
+
+/// Waits until the machine is quiet before a measurement: tearing down an agent with 65,536
+/// Services frees gigabytes of map memory, and replacing 140,000 iptables rules frees the old
+/// tables, in kernel work that runs for seconds after the process returned and would otherwise
+/// land on whichever arm comes next. Gives up after `MAX_SETTLE` and says so.
+fn settle(what: &str) {
+    const QUIET: f64 = 0.15;
+    const MAX_SETTLE: Duration = Duration::from_secs(20);
+    let started = Instant::now();
+    loop {
+        match busy_share(Duration::from_millis(250)) {
+            Some(busy) if busy > QUIET && started.elapsed() < MAX_SETTLE => continue,
+            Some(busy) if busy > QUIET => {
+                eprintln!(
+                    "bench: compare: {what}: the machine stayed {:.0}% busy for {MAX_SETTLE:?}; measuring anyway",
+                    busy * 100.0
+                );
+                return;
+            }
+            _ => {
+                if started.elapsed() > Duration::from_secs(1) {
+                    eprintln!(
+                        "bench: compare: {what}: waited {:.1?} for the machine to settle",
+                        started.elapsed()
+                    );
+                }
+                return;
+            }
+        }
+    }
+}
+
 /// How an arm moves the measured Service's endpoint from pod a to pod b and back.
 enum Changer<'a> {
     Iptables {
@@ -303,6 +355,7 @@ fn measure(topo: &Topology, cfg: &Config, arm: Arm, changer: &mut Changer) -> Re
     let on_a = Expect::new("a", seen);
     let on_b = Expect::new("b", seen);
     let client = &topo.client;
+    settle(arm.label());
 
     // Warm up (ARP, caches), checking the path.
     for _ in 0..20 {
@@ -556,6 +609,12 @@ impl Size {
     }
 }
 
+/// One step of a round: a size measured in all three arms, or nodeport alone at a size.
+enum Step<'a> {
+    Compared(&'a Size),
+    NodeportOnly(u32, &'a [BenchService]),
+}
+
 /// The whole comparison. `object` is the plain eBPF object (for the agent's in-process
 /// programming figures).
 pub fn run(cfg: &Config, object: &[u8]) -> Result<Results> {
@@ -612,37 +671,53 @@ pub fn run(cfg: &Config, object: &[u8]) -> Result<Results> {
         .map(|&n| (n, services::fillers(n)))
         .collect();
 
-    // Rounds outermost: every size sees the machine's quiet and busy moments alike.
+    // Rounds outermost: every size sees the machine's quiet and busy moments alike; the order
+    // of the sizes alternates too, so none always comes right after the biggest.
     for round in 0..cfg.rounds {
-        for size in &sizes {
-            checkpoint()?;
-            results.load.push(loadavg());
-            size.round(&topo, cfg, round, &on_a, &on_b, &mut results)?;
+        let mut steps: Vec<Step> = sizes
+            .iter()
+            .map(Step::Compared)
+            .chain(
+                big.iter()
+                    .map(|(n, fillers)| Step::NodeportOnly(*n, fillers)),
+            )
+            .collect();
+        if round % 2 == 1 {
+            steps.reverse();
         }
-        for (n, fillers) in &big {
+        for step in steps {
             checkpoint()?;
             results.load.push(loadavg());
-            let n = *n;
-            let (mut agent, took) = Agent::start(&topo.node, fillers, &on_a, cfg.big_maglev_size)?;
-            eprintln!("bench: compare: {n} services: the agent programmed them in {took:.2?}");
-            results
-                .agent_start
-                .entry(n)
-                .or_default()
-                .push(took.as_secs_f64());
-            let r = measure(
-                &topo,
-                cfg,
-                Arm::Nodeport,
-                &mut Changer::Agent {
-                    agent: &mut agent,
-                    on_a: &on_a,
-                    on_b: &on_b,
-                },
-            )?;
-            log_round(n, round, Arm::Nodeport, &r);
-            results.arms.entry((n, Arm::Nodeport)).or_default().push(r);
-            agent.stop()?;
+            match step {
+                Step::Compared(size) => {
+                    size.round(&topo, cfg, round, &on_a, &on_b, &mut results)?
+                }
+                Step::NodeportOnly(n, fillers) => {
+                    let (mut agent, took) =
+                        Agent::start(&topo.node, fillers, &on_a, cfg.big_maglev_size)?;
+                    eprintln!(
+                        "bench: compare: {n} services: the agent programmed them in {took:.2?}"
+                    );
+                    results
+                        .agent_start
+                        .entry(n)
+                        .or_default()
+                        .push(took.as_secs_f64());
+                    let r = measure(
+                        &topo,
+                        cfg,
+                        Arm::Nodeport,
+                        &mut Changer::Agent {
+                            agent: &mut agent,
+                            on_a: &on_a,
+                            on_b: &on_b,
+                        },
+                    )?;
+                    log_round(n, round, Arm::Nodeport, &r);
+                    results.arms.entry((n, Arm::Nodeport)).or_default().push(r);
+                    agent.stop()?;
+                }
+            }
         }
     }
     for size in &sizes {

@@ -674,15 +674,18 @@ iptables-restore.
 - **nodeport**: `nodeport-agent run --manifests` in the node's namespace on the same Services as \
 YAML (`--nodeport-addresses 198.18.0.1/32`, `--max-services`/`--max-backends`/`--max-frontends` \
 sized for N, Maglev M = {m}), with kube-proxy's rules and chains removed. The endpoint change rewrites the measured \
-Service's manifest file, timed from the rename: the agent waits 100 ms for files to settle, then \
-re-reads every manifest (at 10,000 Services that is most of the time), reconciles and writes the \
-maps. Through the API server neither the settle time nor the re-read exists; the agent's own \
-processing of a change is measured in process by the agent part (bench/results/, under 1 ms at \
-p99).
+Service's manifest file (written aside, renamed into place), timed from the rename: the agent \
+reloads at once, reading every manifest file again but parsing only the changed one (at 10,000 \
+Services reading and checking the others is most of the time), reconciles and writes the maps. \
+Through the API server there is no file to read; the agent's own processing of a change is \
+measured in process by the agent part (bench/results/, under 1 ms at p99).
 - **nodeport beside kube-proxy**: the same agent with the iptables arm's rules loaded as well.
 
 Rounds alternate the order of the arms (iptables, beside, nodeport; then nodeport, beside, \
-iptables). Each arm, each round:
+iptables) and of the sizes (ascending, then descending). Before each arm's measurement the bench \
+waits, up to 20 s, until the machine is less than 15% busy: the kernel frees the maps of a stopped \
+agent and the tables iptables-restore replaced for seconds after the process returned. Each arm, \
+each round:
 
 1. *new connections*: {w} client connecting, sending one line, reading the answer and closing, \
 one connection after the other, as fast as it goes for {cd:.1} s (one client, as the issue's \
