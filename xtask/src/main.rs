@@ -89,6 +89,7 @@ fn test(skip_lint: bool, filter: Option<String>) -> Result<()> {
         );
     }
     let toolchain = prereqs::ensure()?;
+    prereqs::ensure_iptables()?;
     let object = ebpf::build(&toolchain, ebpf::Flavour::Datapath)?;
     if !skip_lint {
         println!("xtask: cargo fmt --check");
@@ -127,7 +128,7 @@ fn bench() -> Result<()> {
         bail!("cargo xtask bench loads BPF programs and needs root");
     }
     let toolchain = prereqs::ensure()?;
-    prereqs::ensure_bench_tools()?;
+    prereqs::ensure_iptables()?;
     let datapath = ebpf::build(&toolchain, ebpf::Flavour::Datapath)?;
     let bench_object = ebpf::build(&toolchain, ebpf::Flavour::Bench)?;
     // The comparison runs the agent binary: the release build, with the datapath embedded.

@@ -102,15 +102,18 @@ fn manual_steps(llvm: Option<u32>) -> String {
     )
 }
 
-/// What the benchmark needs beyond building and testing: iptables, for kube-proxy's rules
-/// (`iptables-legacy-restore` and `iptables-nft-restore` both come with Debian's package).
-/// Installed only for `cargo xtask bench`.
-pub fn ensure_bench_tools() -> Result<()> {
-    if have("iptables-legacy-restore") && have("iptables-nft-restore") {
+/// iptables, for kube-proxy's rules: the root test of nodeport next to them
+/// (tests/tests/kube_proxy.rs) and the benchmark's comparison. Debian's package brings both
+/// backends (`iptables-legacy-restore`, `iptables-nft-restore`).
+pub fn ensure_iptables() -> Result<()> {
+    if have("iptables") && have("iptables-legacy-restore") && have("iptables-nft-restore") {
         return Ok(());
     }
     if !(is_root() && is_debian_like()) {
-        bail!("the benchmark needs iptables (iptables-legacy-restore); install it and run again");
+        bail!(
+            "the test next to kube-proxy's rules and the benchmark need iptables \
+             (iptables, iptables-legacy-restore); install it and run again"
+        );
     }
     apt_install(&["iptables"])
 }
