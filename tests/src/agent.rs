@@ -8,9 +8,12 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use nodeport_agent::{
+    datapath::{Sizing, kernel_hz},
     desired::{NodeContext, desired_state},
     model::Desired,
+    sync::GlobalSettings,
 };
+use nodeport_common::DatapathConfig;
 use serde::Deserialize as _;
 
 /// Services and EndpointSlices from a multi-document YAML string.
@@ -39,6 +42,37 @@ pub fn desired(yaml: &str, node_name: &str, node_addresses: &[Ipv4Addr]) -> Desi
         proxy_name: None,
     };
     desired_state(&services, &slices, &node)
+}
+
+/// Map sizes small enough for quick tests with a few services.
+pub fn small_sizing() -> Sizing {
+    Sizing {
+        frontends: 64,
+        services: 32,
+        backends: 64,
+        maglev_size: 31,
+        source_ranges: 32,
+        conntrack: 1024,
+        affinity: 64,
+    }
+}
+
+/// Global settings matching `small_sizing`: SNAT on `node_ip` of the external interface.
+pub fn test_settings(ext_ifindex: u32, node_ip: Ipv4Addr) -> GlobalSettings {
+    GlobalSettings {
+        config: DatapathConfig {
+            maglev_size: 31,
+            hash_seed: 7,
+            snat_port_min: 61000,
+            snat_port_max: 61999,
+            tcp_syn_timeout_s: 60,
+            tcp_established_timeout_s: 21600,
+            tcp_closing_timeout_s: 10,
+            udp_timeout_s: 60,
+            hz: kernel_hz(),
+        },
+        snat_addrs: [(ext_ifindex, node_ip)].into(),
+    }
 }
 
 /// A unique pin directory under /sys/fs/bpf, detached and removed on drop (also on panic).

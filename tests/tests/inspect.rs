@@ -6,15 +6,15 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result, ensure};
 use nodeport_agent::{
-    datapath::{Datapath, PinDir, Sizing, kernel_hz},
+    datapath::{Datapath, PinDir},
     dump::{self, DumpOptions},
     model::Ipv4Prefix,
     status,
-    sync::{GlobalSettings, Programmed, Syncer},
+    sync::{Programmed, Syncer},
 };
-use nodeport_common::{AgentState, DatapathConfig};
+use nodeport_common::AgentState;
 use nodeport_tests::{
-    agent::{PinDirGuard, desired},
+    agent::{PinDirGuard, desired, small_sizing, test_settings},
     fixture::{CLIENT_MAC, EXT_MAC, Fixture, Topology},
     netns::require_root,
     packet::{Pkt, SYN, sa},
@@ -55,43 +55,14 @@ ports: [ { name: dns, port: 53, protocol: UDP }, { name: dns-tcp, port: 53, prot
 endpoints: [ { addresses: [198.18.1.11], nodeName: node-a } ]
 "#;
 
-fn sizing() -> Sizing {
-    Sizing {
-        frontends: 64,
-        services: 32,
-        backends: 64,
-        maglev_size: 31,
-        source_ranges: 32,
-        conntrack: 1024,
-        affinity: 64,
-    }
-}
-
-fn settings(ext_ifindex: u32) -> GlobalSettings {
-    GlobalSettings {
-        config: DatapathConfig {
-            maglev_size: 31,
-            hash_seed: 7,
-            snat_port_min: 61000,
-            snat_port_max: 61999,
-            tcp_syn_timeout_s: 60,
-            tcp_established_timeout_s: 21600,
-            tcp_closing_timeout_s: 10,
-            udp_timeout_s: 60,
-            hz: kernel_hz(),
-        },
-        snat_addrs: [(ext_ifindex, NODE_IP)].into(),
-    }
-}
-
 #[test]
 #[ignore = "needs root and the eBPF datapath: run `cargo xtask test`"]
 fn dump_and_status_show_what_the_maps_hold() -> Result<()> {
     require_root();
     let topo = Topology::new()?;
     let pins = PinDirGuard::new("in");
-    let settings = settings(topo.ext_ifindex);
-    let mut dp = Datapath::load(&sizing(), Some(pins.path()))?;
+    let settings = test_settings(topo.ext_ifindex, NODE_IP);
+    let mut dp = Datapath::load(&small_sizing(), Some(pins.path()))?;
     let mut programmed = Programmed::empty(&dp.sizing);
     let sizing = dp.sizing.clone();
     let report = Syncer {

@@ -9,49 +9,20 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context, Result, ensure};
 use nodeport_agent::{
-    datapath::{Datapath, Sizing, kernel_hz},
+    datapath::{Datapath, Sizing},
     dump,
     model::Desired,
-    sync::{GlobalSettings, Programmed, Syncer},
+    sync::{Programmed, Syncer},
 };
-use nodeport_common::{DatapathConfig, FrontendKey};
+use nodeport_common::FrontendKey;
 use nodeport_tests::{
-    agent::{PinDirGuard, desired},
+    agent::{PinDirGuard, desired, small_sizing, test_settings},
     fixture::{CLIENT_MAC, EXT_MAC, Fixture, Topology, XDP_PASS},
     netns::require_root,
     packet::{Pkt, SYN, parse_checked, sa},
 };
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-
-fn sizing() -> Sizing {
-    Sizing {
-        frontends: 64,
-        services: 32,
-        backends: 64,
-        maglev_size: 31,
-        source_ranges: 32,
-        conntrack: 1024,
-        affinity: 64,
-    }
-}
-
-fn settings(ext_ifindex: u32) -> GlobalSettings {
-    GlobalSettings {
-        config: DatapathConfig {
-            maglev_size: 31,
-            hash_seed: 7,
-            snat_port_min: 61000,
-            snat_port_max: 61999,
-            tcp_syn_timeout_s: 60,
-            tcp_established_timeout_s: 21600,
-            tcp_closing_timeout_s: 10,
-            udp_timeout_s: 60,
-            hz: kernel_hz(),
-        },
-        snat_addrs: [(ext_ifindex, NODE_IP)].into(),
-    }
-}
 
 fn state(yaml: &str) -> Desired {
     desired(yaml, "node-a", &[NODE_IP])
@@ -143,7 +114,7 @@ endpoints:
 "#;
 
 fn load(pins: &PinDirGuard) -> Result<Datapath> {
-    Ok(Datapath::load(&sizing(), Some(pins.path()))?)
+    Ok(Datapath::load(&small_sizing(), Some(pins.path()))?)
 }
 
 #[test]
@@ -152,7 +123,7 @@ fn sync_sequence_restart_and_deletes_while_down() -> Result<()> {
     require_root();
     let topo = Topology::new()?;
     let pins = PinDirGuard::new("sy");
-    let settings = settings(topo.ext_ifindex);
+    let settings = test_settings(topo.ext_ifindex, NODE_IP);
 
     // 1. Three services.
     let mut dp = load(&pins)?;
@@ -286,7 +257,7 @@ fn a_full_map_leaves_no_service_half_programmed() -> Result<()> {
     // Room for 3 frontends: web takes 1 (one node address), dns 2; api needs 2 more.
     let small = Sizing {
         frontends: 3,
-        ..sizing()
+        ..small_sizing()
     };
     let mut dp = Datapath::load(&small, Some(pins.path()))?;
     let mut programmed = Programmed::empty(&dp.sizing);
@@ -298,7 +269,7 @@ fn a_full_map_leaves_no_service_half_programmed() -> Result<()> {
     .apply(
         &mut programmed,
         &state(&format!("{WEB}---{DNS}---{LB}")),
-        &settings(topo.ext_ifindex),
+        &test_settings(topo.ext_ifindex, NODE_IP),
     );
     ensure!(report.applied.len() == 3, "{:?}", report.applied);
     let (failed, err) = report.failed.first().context("api should not fit")?;
@@ -342,7 +313,11 @@ fn more_backends_than_maglev_slots_is_refused_not_a_crash() -> Result<()> {
         maps: &mut dp.maps,
         sizing: &sizing,
     }
-    .apply(&mut programmed, &state(&big), &settings(topo.ext_ifindex));
+    .apply(
+        &mut programmed,
+        &state(&big),
+        &test_settings(topo.ext_ifindex, NODE_IP),
+    );
     let (failed, err) = report
         .failed
         .first()
@@ -372,7 +347,11 @@ fn leftovers_of_an_interrupted_run_are_removed() -> Result<()> {
         maps: &mut dp.maps,
         sizing: &sizing,
     }
-    .apply(&mut programmed, &state(WEB), &settings(topo.ext_ifindex));
+    .apply(
+        &mut programmed,
+        &state(WEB),
+        &test_settings(topo.ext_ifindex, NODE_IP),
+    );
     // A crash between writing a frontend and naming its service leaves an orphan.
     let orphan_key = FrontendKey::new(u32::from(Ipv4Addr::new(198, 18, 9, 9)).to_be(), 9999, 6);
     let mut orphan = dp.maps.frontends.iter().next().context("a frontend")??.1;
