@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use nodeport_common::bench::{BenchTemplate, FRAME_LEN};
 
-use crate::packet::ptr_at;
+use crate::packet::{ETH_HLEN, IP_SADDR_OFF, ptr_at};
 
 #[map]
 static NP_BENCH: Array<BenchTemplate> = Array::with_max_entries(1, 0);
@@ -19,7 +19,7 @@ static NP_BENCH: Array<BenchTemplate> = Array::with_max_entries(1, 0);
 static NP_BENCH_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 /// Offset of the IPv4 source address in a template frame.
-const SADDR_OFF: usize = 14 + 12;
+const SADDR_OFF: usize = ETH_HLEN + IP_SADDR_OFF;
 /// New clients come from 100.64.0.0/10 (the FIB lookup does not care where they are).
 const CLIENT_BASE: u32 = 0x6440_0000;
 

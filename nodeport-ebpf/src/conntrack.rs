@@ -5,12 +5,14 @@
 
 use aya_ebpf::helpers::bpf_jiffies64;
 use nodeport_common::{
-    BE_F_DRAINING, BE_F_PRESENT, Backend, CT_F_CLOSING, CtEntry, CtKey, DatapathConfig,
+    BE_F_DRAINING, BE_F_PRESENT, Backend, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING,
+    CT_F_REPLY_SEEN, CtEntry, CtKey, DatapathConfig,
 };
 
 use crate::{
     maps::{NP_BACKENDS, NP_CT},
-    packet::{Flow, TCP_FIN, TCP_RST},
+    packet::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    stats,
 };
 
 /// The time in jiffies: measured here as the cheapest clock (bpf_ktime_get_coarse_ns costs
@@ -48,11 +50,6 @@ pub fn opposite_key(entry: &CtEntry, proto: u8, dir: u8) -> CtKey {
     }
 }
 
-#[inline(always)]
-pub fn expired(cfg: &DatapathConfig, entry: &CtEntry, proto: u8, now: u64) -> bool {
-    cfg.ct_expired(entry, proto, now)
-}
-
 /// Records a packet on `entry`: its time and, for TCP, FIN/RST. Returns the flags that were
 /// newly set, so the caller can mirror them on the other direction's entry.
 #[inline(always)]
@@ -72,6 +69,26 @@ pub fn touch(entry: *mut CtEntry, flow: &Flow, now: u64, extra_flags: u16) -> u1
         }
         new
     }
+}
+
+/// Records a packet of direction `dir` on its connection's `entry`: its time, its flags (the
+/// newly set ones mirrored on the other direction's entry; a reply marks the connection as
+/// answered) and the service's packets and bytes. Returns the service id.
+#[inline(always)]
+pub fn record(entry: *mut CtEntry, flow: &Flow, now: u64, dir: u8) -> u32 {
+    let (extra, opposite) = if dir == CT_DIR_FORWARD {
+        (0, CT_DIR_REPLY)
+    } else {
+        (CT_F_REPLY_SEEN, CT_DIR_FORWARD)
+    };
+    let added = touch(entry, flow, now, extra);
+    // SAFETY: `entry` points into the map value.
+    let entry = unsafe { &*entry };
+    if added != 0 {
+        mark_opposite(entry, flow.proto, opposite, added);
+    }
+    stats::service(entry.svc_id, flow.tot_len, dir);
+    entry.svc_id
 }
 
 /// Sets `flags` on the entry for the other direction of `entry`.
@@ -95,13 +112,13 @@ pub fn live_backend(id: u32, svc_id: u32) -> Option<Backend> {
 /// A deleted service deletes its backends, so its connections stop here too.
 #[inline(always)]
 pub fn still_valid(cfg: &DatapathConfig, entry: &CtEntry, flow: &Flow, now: u64) -> bool {
-    if expired(cfg, entry, flow.proto, now) {
+    if cfg.ct_expired(entry, flow.proto, now) {
         return false;
     }
     if flow.is_tcp()
         && entry.flags & CT_F_CLOSING != 0
-        && flow.tcp_flags & crate::packet::TCP_SYN != 0
-        && flow.tcp_flags & crate::packet::TCP_ACK == 0
+        && flow.tcp_flags & TCP_SYN != 0
+        && flow.tcp_flags & TCP_ACK == 0
     {
         return false;
     }

@@ -6,7 +6,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use nodeport_common::{IPPROTO_UDP, checksum};
+use nodeport_common::{CtEntry, IPPROTO_UDP, checksum};
 
 use crate::packet::{
     ETH_HLEN, Flow, IP_CHECK_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IP_TTL_OFF, Ipv4Hdr,
@@ -19,6 +19,19 @@ pub struct Tuple {
     pub daddr_be: u32,
     pub sport_be: u16,
     pub dport_be: u16,
+}
+
+impl From<&CtEntry> for Tuple {
+    /// What a packet of this entry's direction is rewritten to.
+    #[inline(always)]
+    fn from(entry: &CtEntry) -> Self {
+        Self {
+            saddr_be: entry.new_saddr_be,
+            daddr_be: entry.new_daddr_be,
+            sport_be: entry.new_sport_be,
+            dport_be: entry.new_dport_be,
+        }
+    }
 }
 
 /// Rewrites `flow` to `new` in an XDP frame.

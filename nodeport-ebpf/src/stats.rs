@@ -1,6 +1,6 @@
 //! Counting: one global counter per packet fate, per-service packets and bytes.
 
-use nodeport_common::Counter;
+use nodeport_common::{CT_DIR_FORWARD, Counter};
 
 use crate::maps::{NP_COUNTERS, NP_SVC_STATS};
 
@@ -12,24 +12,19 @@ pub fn count(counter: Counter) {
     }
 }
 
+/// A packet of service `svc_id` in direction `dir` (CT_DIR_FORWARD: client to backend).
 #[inline(always)]
-pub fn service_forward(svc_id: u32, bytes: u16) {
+pub fn service(svc_id: u32, bytes: u16, dir: u8) {
     if let Some(stats) = NP_SVC_STATS.get_ptr_mut(svc_id) {
         // SAFETY: as above.
         unsafe {
-            (*stats).packets += 1;
-            (*stats).bytes += u64::from(bytes);
-        }
-    }
-}
-
-#[inline(always)]
-pub fn service_reply(svc_id: u32, bytes: u16) {
-    if let Some(stats) = NP_SVC_STATS.get_ptr_mut(svc_id) {
-        // SAFETY: as above.
-        unsafe {
-            (*stats).reply_packets += 1;
-            (*stats).reply_bytes += u64::from(bytes);
+            if dir == CT_DIR_FORWARD {
+                (*stats).packets += 1;
+                (*stats).bytes += u64::from(bytes);
+            } else {
+                (*stats).reply_packets += 1;
+                (*stats).reply_bytes += u64::from(bytes);
+            }
         }
     }
 }

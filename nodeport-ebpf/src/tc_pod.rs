@@ -10,7 +10,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use nodeport_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_REPLY_SEEN, Counter};
+use nodeport_common::{CT_DIR_REPLY, Counter};
 
 use crate::{
     conntrack::{self, now},
@@ -18,7 +18,7 @@ use crate::{
     maps::{NP_CONFIG, NP_CT},
     nat::{Tuple, decrement_ttl_skb, rewrite_skb},
     packet::{Flow, parse},
-    stats::{self, count},
+    stats::count,
 };
 
 /// Enough for Ethernet + IPv4 with options + a TCP header with options.
@@ -52,20 +52,9 @@ pub fn process(ctx: &TcContext) -> i32 {
     };
     let now = now();
     let hz = NP_CONFIG.get(0).map_or(0, |cfg| u64::from(cfg.hz));
-    let added = conntrack::touch(entry_ptr, &flow, now, CT_F_REPLY_SEEN);
+    conntrack::record(entry_ptr, &flow, now, CT_DIR_REPLY);
     // SAFETY: points into the map value.
-    let entry = unsafe { *entry_ptr };
-    if added != 0 {
-        conntrack::mark_opposite(&entry, flow.proto, CT_DIR_FORWARD, added);
-    }
-    stats::service_reply(entry.svc_id, flow.tot_len);
-
-    let new = Tuple {
-        saddr_be: entry.new_saddr_be,
-        daddr_be: entry.new_daddr_be,
-        sport_be: entry.new_sport_be,
-        dport_be: entry.new_dport_be,
-    };
+    let new = Tuple::from(unsafe { &*entry_ptr });
     // SAFETY: ctx.skb.skb is the kernel's __sk_buff.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let route = fib::next_hop(entry_ptr, now, hz, || {

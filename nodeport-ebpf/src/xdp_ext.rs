@@ -17,13 +17,13 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use nodeport_common::{
-    BE_F_LOCAL, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, CT_F_LOCAL, CT_F_REPLY_SEEN, CT_F_SNAT,
-    Counter, CtEntry, CtKey, DatapathConfig, Frontend, FrontendKey, XDP_META_F_NEIGH,
-    XDP_META_MAGIC, XdpMeta, frontend_port_bit, hash,
+    BE_F_LOCAL, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_LOCAL, CT_F_SNAT, Counter, CtEntry, CtKey,
+    DatapathConfig, Frontend, FrontendKey, XDP_META_F_NEIGH, XDP_META_MAGIC, XdpMeta,
+    frontend_port_bit, hash,
 };
 
 use crate::{
-    conntrack::{self, expired, now},
+    conntrack::{self, now},
     fib::{self, Route},
     maps::{NP_CONFIG, NP_CT, NP_FE_PORTS, NP_FRONTENDS, NP_SNAT_ADDRS},
     nat::{Tuple, decrement_ttl_xdp, rewrite_xdp},
@@ -43,16 +43,6 @@ const SNAT_HASH_SALT: u32 = 0x5a17_c0de;
 fn ingress_ifindex(ctx: &XdpContext) -> u32 {
     // SAFETY: ctx.ctx is the kernel's xdp_md.
     unsafe { (*ctx.ctx).ingress_ifindex }
-}
-
-#[inline(always)]
-fn rewritten(entry: &CtEntry) -> Tuple {
-    Tuple {
-        saddr_be: entry.new_saddr_be,
-        daddr_be: entry.new_daddr_be,
-        sport_be: entry.new_sport_be,
-        dport_be: entry.new_dport_be,
-    }
 }
 
 #[inline(always)]
@@ -97,7 +87,7 @@ pub fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
             // SAFETY: points into the map value; copied out at once.
             let fe = unsafe { *fe };
             let entry = new_connection(ctx, cfg, &flow, &fe, now)?;
-            stats::service_forward(fe.svc_id, flow.tot_len);
+            stats::service(fe.svc_id, flow.tot_len, CT_DIR_FORWARD);
             return transmit(ctx, cfg, &flow, entry, now);
         }
     }
@@ -122,14 +112,7 @@ fn forward_established(
     entry: *mut CtEntry,
     now: u64,
 ) -> Result<Verdict, Counter> {
-    let added = conntrack::touch(entry, flow, now, 0);
-    // SAFETY: points into the map value.
-    let svc_id = unsafe { (*entry).svc_id };
-    if added & CT_F_CLOSING != 0 {
-        // SAFETY: as above.
-        conntrack::mark_opposite(unsafe { &*entry }, flow.proto, CT_DIR_REPLY, CT_F_CLOSING);
-    }
-    stats::service_forward(svc_id, flow.tot_len);
+    conntrack::record(entry, flow, now, CT_DIR_FORWARD);
     transmit(ctx, cfg, flow, entry, now)
 }
 
@@ -231,13 +214,8 @@ fn claim_snat_port(
     for i in 0..SNAT_PROBES {
         let port_be = ((min + start.wrapping_add(i) % span) as u16).to_be();
         let key = CtKey {
-            saddr_be: forward.new_daddr_be,
-            daddr_be: forward.new_saddr_be,
-            sport_be: forward.new_dport_be,
             dport_be: port_be,
-            proto: flow.proto,
-            dir: CT_DIR_REPLY,
-            _pad: 0,
+            ..conntrack::opposite_key(forward, flow.proto, CT_DIR_REPLY)
         };
         let claimable = match NP_CT.get_ptr(key) {
             None => {
@@ -253,7 +231,7 @@ fn claim_snat_port(
                     && existing.new_dport_be == reply.new_dport_be
                     && existing.new_saddr_be == reply.new_saddr_be
                     && existing.new_sport_be == reply.new_sport_be;
-                same_connection || expired(cfg, &existing, flow.proto, now)
+                same_connection || cfg.ct_expired(&existing, flow.proto, now)
             }
         };
         if claimable && NP_CT.insert(key, reply, u64::from(BPF_ANY)).is_ok() {
@@ -272,14 +250,7 @@ fn snat_reply(
     entry: *mut CtEntry,
 ) -> Result<Verdict, Counter> {
     let now = now();
-    let added = conntrack::touch(entry, flow, now, CT_F_REPLY_SEEN);
-    // SAFETY: points into the map value.
-    let svc_id = unsafe { (*entry).svc_id };
-    if added != 0 {
-        // SAFETY: as above.
-        conntrack::mark_opposite(unsafe { &*entry }, flow.proto, CT_DIR_FORWARD, added);
-    }
-    stats::service_reply(svc_id, flow.tot_len);
+    conntrack::record(entry, flow, now, CT_DIR_REPLY);
     transmit(ctx, cfg, flow, entry, now)
 }
 
@@ -298,7 +269,7 @@ fn transmit(
         return Ok((xdp_action::XDP_PASS, Counter::FallbackTtlExceeded));
     }
     // SAFETY: points into the map value.
-    let new = rewritten(unsafe { &*entry });
+    let new = Tuple::from(unsafe { &*entry });
     let ingress = ingress_ifindex(ctx);
     // Cached next hops are re-checked after a second.
     let route = fib::next_hop(entry, now, u64::from(cfg.hz), || {
