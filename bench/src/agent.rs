@@ -40,7 +40,7 @@ use k8s_openapi::{
 use kube::runtime::watcher::Event;
 use nodeport_agent::{
     datapath::{Datapath, Maps, Sizing},
-    desired::{NodeContext, Reconciler, SERVICE_NAME_LABEL},
+    desired::{self, NodeContext, Reconciler, SERVICE_NAME_LABEL},
     maglev::{self, MaglevKey},
     model::{Protocol, ServicePortKey},
     source::kube::Mirror,
@@ -608,6 +608,58 @@ fn breakdown(dp: &mut Datapath) -> Result<Breakdown> {
     })
 }
 
+/// A fresh datapath programmed with a whole snapshot, as the agent's first reconcile does.
+struct Programming {
+    dp: Datapath,
+    reconciler: Reconciler,
+    programmed: Programmed,
+    changes: desired::Changes,
+    report: SyncReport,
+    run: ProgramRun,
+}
+
+/// Loads the datapath, then runs `Reconciler::update` and `Syncer::apply_changes` on the
+/// snapshot, timing each part.
+fn program_fresh(
+    object: &[u8],
+    sizing: &Sizing,
+    settings: &GlobalSettings,
+    snapshot: &Snapshot,
+) -> Result<Programming> {
+    let started = Instant::now();
+    let mut dp = Datapath::load_object(object, sizing, None).context("loading the datapath")?;
+    let load = started.elapsed();
+    let mut reconciler = Reconciler::new(node());
+    let mut programmed = Programmed::empty(&dp.sizing);
+
+    let started = Instant::now();
+    let changes = reconciler.update(&snapshot.services, &snapshot.slices);
+    let reconciled = Instant::now();
+    let report = Syncer {
+        maps: &mut dp.maps,
+        sizing,
+    }
+    .apply_changes(
+        &mut programmed,
+        reconciler.desired(),
+        &changes.services,
+        settings,
+    );
+    let synced = Instant::now();
+    Ok(Programming {
+        dp,
+        reconciler,
+        programmed,
+        changes,
+        report,
+        run: ProgramRun {
+            load,
+            reconcile: reconciled - started,
+            sync: synced - reconciled,
+        },
+    })
+}
+
 /// The largest count `program_times` takes: node ports 20000 + i must fit in a u16.
 pub const MAX_PROGRAMMED: u32 = 45_000;
 
@@ -626,25 +678,10 @@ pub fn program_times(object: &[u8], n: u32, rounds: usize) -> Result<Vec<Duratio
     let snapshot = Stores::new(&services, &slices).snapshot();
     let mut times = Vec::new();
     for _ in 0..rounds {
-        let mut dp =
-            Datapath::load_object(object, &sizing, None).context("loading the datapath")?;
-        let mut reconciler = Reconciler::new(node());
-        let mut programmed = Programmed::empty(&dp.sizing);
-        let started = Instant::now();
-        let changes = reconciler.update(&snapshot.services, &snapshot.slices);
-        let report = Syncer {
-            maps: &mut dp.maps,
-            sizing: &sizing,
-        }
-        .apply_changes(
-            &mut programmed,
-            reconciler.desired(),
-            &changes.services,
-            &settings,
-        );
-        times.push(started.elapsed());
-        check_report(&report, n as usize)?;
-        let frontends = dp.maps.frontends.keys().count();
+        let fresh = program_fresh(object, &sizing, &settings, &snapshot)?;
+        times.push(fresh.run.total());
+        check_report(&fresh.report, n as usize)?;
+        let frontends = fresh.dp.maps.frontends.keys().count();
         ensure!(frontends == n as usize, "{frontends} frontends in the map");
     }
     Ok(times)
@@ -667,35 +704,17 @@ pub fn run(object: &[u8]) -> Result<Results> {
     let mut memory = None;
     for round in 0..PROGRAM_ROUNDS {
         drop(last.take());
-        let started = Instant::now();
-        let mut dp =
-            Datapath::load_object(object, &sizing, None).context("loading the datapath")?;
-        let load = started.elapsed();
         if memory.is_none() {
             memory = Some(map_memory(sizing.maglev_size * sizing.maglev_blocks())?);
         }
-        let mut reconciler = Reconciler::new(node());
-        let mut programmed = Programmed::empty(&dp.sizing);
-
-        let started = Instant::now();
-        let changes = reconciler.update(&snapshot.services, &snapshot.slices);
-        let reconciled = Instant::now();
-        let report = Syncer {
-            maps: &mut dp.maps,
-            sizing: &sizing,
-        }
-        .apply_changes(
-            &mut programmed,
-            reconciler.desired(),
-            &changes.services,
-            &settings,
-        );
-        let synced = Instant::now();
-        let run = ProgramRun {
-            load,
-            reconcile: reconciled - started,
-            sync: synced - reconciled,
-        };
+        let Programming {
+            dp,
+            reconciler,
+            programmed,
+            changes,
+            report,
+            run,
+        } = program_fresh(object, &sizing, &settings, &snapshot)?;
 
         // Correctness, every round: all services in the agent's picture and in the maps.
         ensure!(
