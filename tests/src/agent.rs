@@ -97,5 +97,10 @@ impl Drop for PinDirGuard {
         if let Err(e) = nodeport_agent::datapath::detach(&self.path) {
             eprintln!("warning: cleaning {}: {e}", self.path.display());
         }
+        // detach stops at the first link it cannot remove: whatever pins are left go too
+        // (removing a pin drops the kernel object with its last reference).
+        if self.path.exists() {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
     }
 }

@@ -8,11 +8,12 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
+    time::Instant,
 };
 
 use anyhow::{Context, Result, ensure};
 use nodeport_tests::lab::{
-    CLIENT, CLIENT2, Lab, NODE1, Scrape,
+    CLIENT, CLIENT2, Lab, NODE1, PATIENCE, Scrape,
     manifests::{self, Ep, ready, terminating},
 };
 
@@ -262,27 +263,38 @@ fn agent_restart_is_hitless() -> Result<()> {
             }
         })
     };
-    let wait_for_new_connections = |n: usize| {
+    // Stops the stream also when the test fails half-way, so its clone of the lab goes and
+    // the lab's namespaces and pins are removed.
+    let mut stream = StopOnDrop {
+        stop: stop.clone(),
+        thread: Some(stream),
+    };
+    let wait_for_new_connections = |n: usize| -> Result<()> {
         let target = ok.load(Ordering::Relaxed) + n;
+        let deadline = Instant::now() + PATIENCE;
         while ok.load(Ordering::Relaxed) < target && failed.load(Ordering::Relaxed) == 0 {
+            ensure!(
+                Instant::now() < deadline,
+                "no {n} new connections in {PATIENCE:?}"
+            );
             std::thread::yield_now();
         }
+        Ok(())
     };
 
-    wait_for_new_connections(20);
+    wait_for_new_connections(20)?;
     let agent = lab.lock().expect("lab").take_agent()?;
     agent.kill9()?;
     // No agent: the pinned datapath keeps forwarding.
-    wait_for_new_connections(20);
+    wait_for_new_connections(20)?;
     ensure!(
         long.ask()?.pod == pod,
         "the long-lived connection moved while the agent was down"
     );
 
     lab.lock().expect("lab").start_agent(&yaml)?;
-    wait_for_new_connections(20);
-    stop.store(true, Ordering::Relaxed);
-    stream.join().expect("the stream thread");
+    wait_for_new_connections(20)?;
+    stream.stop().expect("the stream thread");
     ensure!(
         failed.load(Ordering::Relaxed) == 0,
         "{} new connections failed",
@@ -316,6 +328,25 @@ fn agent_restart_is_hitless() -> Result<()> {
         ok.load(Ordering::Relaxed)
     );
     Ok(())
+}
+
+/// Stops and joins a test's background thread when dropped.
+struct StopOnDrop {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StopOnDrop {
+    fn stop(&mut self) -> std::thread::Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().map_or(Ok(()), |thread| thread.join())
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
 }
 
 /// Case 7: a deleted Service stops forwarding; the host's own listener answers throughout.
