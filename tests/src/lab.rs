@@ -283,7 +283,9 @@ impl AgentProcess {
                 lock.lock().expect("not poisoned").push(value);
                 cv.notify_all();
             }
-            let (_, cv) = &*sink;
+            // Under the lock, so a waiter between its check and its wait does not miss it.
+            let (lock, cv) = &*sink;
+            let _log = lock.lock().expect("not poisoned");
             cv.notify_all();
         });
         Ok(Self {
@@ -353,14 +355,35 @@ impl AgentProcess {
 
     /// Waits for the agent to exit by itself (after it logged why).
     pub fn wait(mut self) -> Result<std::process::ExitStatus> {
-        Ok(self.child.wait()?)
+        self.wait_exit()
     }
 
     /// SIGTERM and wait: the agent's clean shutdown.
     pub fn terminate(mut self) -> Result<std::process::ExitStatus> {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        Ok(self.child.wait()?)
+        self.wait_exit()
+    }
+
+    /// The exit status, within `PATIENCE`: an agent that does not exit fails the test (and
+    /// is killed when dropped) instead of hanging it. Wakes on each log line and at the end of
+    /// the log, which comes with the exit.
+    fn wait_exit(&mut self) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + PATIENCE;
+        let (lock, cv) = &*self.log;
+        let mut log = lock.lock().expect("not poisoned");
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("the agent did not exit in {PATIENCE:?}; log:\n{}", tail(&log));
+            }
+            // The exit itself may trail the end of its log by a moment: look again soon.
+            let slice = left.min(Duration::from_millis(50));
+            log = cv.wait_timeout(log, slice).expect("not poisoned").0;
+        }
     }
 }
 
