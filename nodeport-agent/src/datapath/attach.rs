@@ -226,7 +226,13 @@ impl Datapath {
             InterfaceRole::Pod => &[TC_POD],
         };
         for hook in hooks {
-            remove_link(&pins.links().join(pin_name(hook, interface)))?;
+            let pin = pins.links().join(pin_name(hook, interface));
+            remove_link(&pin)?;
+            // On kernels without tcx the TC hook is a clsact filter recorded by a marker.
+            let marker = netlink_marker(&pin);
+            if marker.exists() {
+                remove_link(&marker)?;
+            }
         }
         Ok(())
     }
@@ -412,6 +418,11 @@ pub(super) fn remove_links(pins: &PinDir) -> Result<Vec<String>> {
     Ok(removed)
 }
 
+/// Where a clsact attachment for the link pin `pin` is recorded.
+fn netlink_marker(pin: &Path) -> PathBuf {
+    PathBuf::from(format!("{}{NETLINK_MARKER}", pin.display()))
+}
+
 /// clsact fallback for kernels without tcx: replace our filter (delete then add).
 fn attach_tc_netlink(
     prog: &mut SchedClassifier,
@@ -438,7 +449,7 @@ fn attach_tc_netlink(
     // The filter outlives the agent by itself; forget the link so dropping it does not detach.
     std::mem::forget(prog.take_link(id));
     if let Some(pin) = pin {
-        let marker = PathBuf::from(format!("{}{NETLINK_MARKER}", pin.display()));
+        let marker = netlink_marker(pin);
         // A bpffs directory accepts no regular files; record the marker in the name of an
         // empty directory instead.
         std::fs::create_dir_all(&marker).map_err(|source| DatapathError::Io {
