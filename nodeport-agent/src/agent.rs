@@ -199,8 +199,7 @@ fn hostname() -> Option<String> {
     if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
         return None;
     }
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    Some(String::from_utf8_lossy(&buf[..end]).into_owned()).filter(|h| !h.is_empty())
+    Some(crate::sync::untext(&buf)).filter(|h| !h.is_empty())
 }
 
 impl RunArgs {
@@ -293,11 +292,7 @@ fn unix_ms() -> u64 {
 
 /// This agent's version for `NP_AGENT`, NUL-padded.
 fn version_bytes() -> [u8; 32] {
-    let mut bytes = [0u8; 32];
-    let version = env!("CARGO_PKG_VERSION").as_bytes();
-    let n = version.len().min(bytes.len());
-    bytes[..n].copy_from_slice(&version[..n]);
-    bytes
+    crate::sync::text(env!("CARGO_PKG_VERSION"))
 }
 
 /// What is attached where (by name, with the ifindex it had).

@@ -573,10 +573,6 @@ impl Reconciler {
         &self.desired
     }
 
-    pub fn node(&self) -> &NodeContext {
-        &self.node
-    }
-
     /// A new node context (addresses changed, say): everything is recomputed.
     pub fn set_node(&mut self, node: NodeContext) -> Changes {
         if node.node_name == self.node.node_name

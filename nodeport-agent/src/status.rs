@@ -103,9 +103,7 @@ fn agent_view(state: &AgentState, now: SystemTime) -> Option<AgentView> {
     let now_ms = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let version = String::from_utf8_lossy(&state.version)
-        .trim_end_matches('\0')
-        .to_owned();
+    let version = crate::sync::untext(&state.version);
     let when = |ms: u64| (ms != 0).then(|| format_unix_ms(ms));
     Some(AgentView {
         version,

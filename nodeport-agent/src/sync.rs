@@ -183,7 +183,8 @@ pub struct SyncReport {
     pub orphans_removed: usize,
 }
 
-fn text<const N: usize>(s: &str) -> [u8; N] {
+/// `s` NUL-padded (and cut) to the fixed-size text fields of the maps.
+pub(crate) fn text<const N: usize>(s: &str) -> [u8; N] {
     let mut out = [0u8; N];
     let bytes = s.as_bytes();
     let n = bytes.len().min(N);
@@ -191,7 +192,8 @@ fn text<const N: usize>(s: &str) -> [u8; N] {
     out
 }
 
-fn untext(b: &[u8]) -> String {
+/// A NUL-padded text field back as a string.
+pub(crate) fn untext(b: &[u8]) -> String {
     let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
     String::from_utf8_lossy(&b[..end]).into_owned()
 }

@@ -12,8 +12,3 @@ pub fn embedded() -> Result<&'static [u8]> {
         Ok(OBJECT)
     }
 }
-
-/// Whether this binary carries the datapath.
-pub fn _is_embedded() -> bool {
-    !OBJECT.is_empty()
-}
