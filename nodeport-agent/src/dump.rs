@@ -112,18 +112,9 @@ pub struct Dump {
     /// Global packet counters by name (non-zero ones), with `stats`.
     pub counters: Vec<(String, u64)>,
     /// The connection table's census, with `stats`.
-    pub conntrack: Option<DumpCensus>,
+    pub conntrack: Option<ConntrackCensus>,
     /// Connections, with `conntrack`.
     pub connections: Option<Vec<DumpConnection>>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct DumpCensus {
-    /// Entries, both directions, expired ones included.
-    pub entries: u64,
-    pub live: u64,
-    pub connections: u64,
-    pub snat_ports: u64,
 }
 
 /// One connection (its forward entry).
@@ -236,12 +227,7 @@ pub fn read(maps: &Maps, sizing: &Sizing, options: &DumpOptions) -> Result<Dump,
     Ok(Dump {
         services,
         counters,
-        conntrack: options.stats.then_some(DumpCensus {
-            entries: census.entries,
-            live: census.live,
-            connections: census.connections,
-            snat_ports: census.snat_ports,
-        }),
+        conntrack: options.stats.then_some(census),
         connections: options.conntrack.then_some(connections),
     })
 }

@@ -6,7 +6,7 @@ use std::{fmt::Write as _, time::SystemTime};
 use nodeport_common::{AgentState, DatapathConfig};
 use serde::Serialize;
 
-use crate::datapath::{self, LinkDetail, MapFill, Maps, PinDir, census};
+use crate::datapath::{self, ConntrackCensus, LinkDetail, MapFill, Maps, PinDir, census};
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -18,7 +18,7 @@ pub struct Status {
     pub attachments: Vec<LinkDetail>,
     pub datapath: DatapathView,
     pub maps: Vec<MapFill>,
-    pub conntrack: ConntrackView,
+    pub conntrack: ConntrackCensus,
 }
 
 #[derive(Debug, Serialize)]
@@ -56,14 +56,6 @@ pub struct Timeouts {
     pub udp: u32,
 }
 
-#[derive(Debug, Serialize)]
-pub struct ConntrackView {
-    pub entries: u64,
-    pub live: u64,
-    pub connections: u64,
-    pub snat_ports: u64,
-}
-
 /// Reads the status of the datapath pinned at `pins`.
 pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
     let (maps, _) = Maps::open_pinned(pins)?;
@@ -87,12 +79,7 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
             },
         },
         maps: fill.maps,
-        conntrack: ConntrackView {
-            entries: fill.conntrack.entries,
-            live: fill.conntrack.live,
-            connections: fill.conntrack.connections,
-            snat_ports: fill.conntrack.snat_ports,
-        },
+        conntrack: fill.conntrack,
     })
 }
 

@@ -156,8 +156,8 @@ pub fn count<K: Pod, V: Pod>(map: &MapData) -> io::Result<u64> {
     Ok(n)
 }
 
-/// What the connection table holds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What the connection table holds (also as `dump --stats` and `status` show it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ConntrackCensus {
     /// Entries in the table, both directions, expired ones included (the LRU reuses those
     /// last, so they count against `--conntrack-size` until it needs the room).
