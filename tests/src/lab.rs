@@ -378,7 +378,10 @@ impl AgentProcess {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                bail!("the agent did not exit in {PATIENCE:?}; log:\n{}", tail(&log));
+                bail!(
+                    "the agent did not exit in {PATIENCE:?}; log:\n{}",
+                    tail(&log)
+                );
             }
             // The exit itself may trail the end of its log by a moment: look again soon.
             let slice = left.min(Duration::from_millis(50));
