@@ -113,7 +113,9 @@ impl Node {
                     "--",
                     "sh",
                     "-c",
-                    "umount -l /sys/fs/bpf 2>/dev/null; exec \"$@\"",
+                    // Every layer: tests running side by side may each have mounted bpffs
+                    // on the host before seeing the other's mount.
+                    "while umount -l /sys/fs/bpf 2>/dev/null; do :; done; exec \"$@\"",
                     "sh",
                 ]
                 .map(String::from),
