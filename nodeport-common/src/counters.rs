@@ -39,6 +39,9 @@ pub enum CounterKind {
     Fallback,
     /// Dropped by the datapath.
     Dropped,
+    /// Not a packet's fate but something that happened to a connection on the way (counted
+    /// besides the packet's fate).
+    Event,
 }
 
 counters! {
@@ -100,10 +103,33 @@ counters! {
     DroppedSnatExhausted = 36, Dropped, "snat_port_exhausted";
     /// The egress interface for a remote backend has no SNAT address configured.
     DroppedNoSnatAddress = 37, Dropped, "no_snat_address";
+    /// A new connection from a source that cannot be an outside client: loopback, 0/8,
+    /// multicast, class E or broadcast, the node's own addresses or pod networks.
+    DroppedMartianSource = 38, Dropped, "martian_source";
+    /// A packet matching a connection's reply entry arrived from another device than the one
+    /// the connection left by (a spoofed backend or pod): never let into the connection.
+    DroppedReplyWrongInterface = 39, Dropped, "reply_wrong_interface";
+    /// A TCP packet that cannot start a connection (an RST, or a SYN-ACK) and belongs to none.
+    DroppedCtInvalid = 40, Dropped, "conntrack_invalid";
+    /// One direction's entry of a connection was lost and its tuple now belongs to another
+    /// connection: the packet is dropped rather than crossed into it.
+    DroppedCtPartnerLost = 41, Dropped, "conntrack_partner_lost";
+
+    /// A connection completed its handshake but the established table was full: it stays in
+    /// the handshake table (where a flood may evict it). Size --conntrack-size up.
+    EventCtPromoteFailed = 50, Event, "conntrack_promote_failed";
+    /// One direction's entry of a connection was missing and was recreated.
+    EventCtPartnerRecreated = 51, Event, "conntrack_partner_recreated";
+    /// A client's source port was rewritten because its tuple at a local pod was taken by
+    /// another of its connections (to another frontend of the same pod).
+    EventTupleClashRewritten = 52, Event, "tuple_clash_port_rewritten";
+    /// A packet found its connection expired (idle past its timeout) but still whole, and
+    /// carried on with it (same backend, same SNAT port) instead of starting a new one.
+    EventCtRevived = 53, Event, "conntrack_revived";
 }
 
-/// Size of the `NP_COUNTERS` array (one more than the highest index).
-pub const COUNTER_SLOTS: u32 = 40;
+/// Size of the `NP_COUNTERS` array (one more than the highest index; room to grow).
+pub const COUNTER_SLOTS: u32 = 96;
 
 #[cfg(test)]
 mod tests {

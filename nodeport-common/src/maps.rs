@@ -17,6 +17,8 @@ pub mod names {
     pub const MAGLEV: &str = "NP_MAGLEV";
     pub const SRC_RANGES: &str = "NP_SRC_RANGES";
     pub const CONNTRACK: &str = "NP_CT";
+    pub const CONNTRACK_NEW: &str = "NP_CT_NEW";
+    pub const LOCAL_NETS: &str = "NP_LOCAL_NETS";
     pub const AFFINITY: &str = "NP_AFFINITY";
     pub const SVC_STATS: &str = "NP_SVC_STATS";
     pub const COUNTERS: &str = "NP_COUNTERS";
@@ -33,6 +35,8 @@ pub mod names {
         MAGLEV,
         SRC_RANGES,
         CONNTRACK,
+        CONNTRACK_NEW,
+        LOCAL_NETS,
         AFFINITY,
         SVC_STATS,
         COUNTERS,
@@ -65,7 +69,13 @@ pub mod capacity {
     /// backends, at `M * 8` bytes per service (array elements are 8-byte aligned).
     pub const MAGLEV_SIZE: u32 = 1_021;
     pub const SRC_RANGES: u32 = 16_384;
+    /// Established connections (two entries each), never evicted by the datapath.
     pub const CONNTRACK: u32 = 262_144;
+    /// Connections in the handshake or unanswered (two entries each): an LRU of their own, so
+    /// a SYN flood churns this table and never the established one.
+    pub const CONNTRACK_NEW: u32 = 65_536;
+    /// Prefixes that are never an external client: the node's addresses, its pod CIDRs.
+    pub const LOCAL_NETS: u32 = 1_024;
     pub const AFFINITY: u32 = 65_536;
     pub const SNAT_ADDRS: u32 = 256;
 
@@ -93,7 +103,9 @@ pub struct DatapathConfig {
     pub maglev_size: u32,
     /// Seed of the flow hash; equal on every node so flows pick the same backend everywhere.
     pub hash_seed: u32,
-    /// Source ports used when SNATing to a remote backend (host order, inclusive).
+    /// Source ports used when SNATing to a remote backend (host order, inclusive), in up to
+    /// two ranges (the second is unused when `snat_port_max2` is 0): the node's own
+    /// ephemeral ports sit between them by default.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
     pub tcp_syn_timeout_s: u32,
@@ -103,29 +115,74 @@ pub struct DatapathConfig {
     /// Kernel ticks per second (CONFIG_HZ): the datapath keeps time in jiffies, the cheapest
     /// clock it can read (docs/datapath.md), and converts timeouts with this.
     pub hz: u32,
+    /// Per-node random secret of the SNAT port hash, so nobody outside can predict which
+    /// port a connection gets (the flow hash seed is the same on every node by design).
+    pub snat_secret: u32,
+    pub snat_port_min2: u16,
+    pub snat_port_max2: u16,
 }
-assert_size!(DatapathConfig, 32);
+assert_size!(DatapathConfig, 40);
 
 impl DatapathConfig {
-    /// How long (jiffies) a connection-tracking entry lives without packets, by its state.
+    /// How long (seconds) a connection lives without packets in its `state`.
     #[inline(always)]
-    pub fn ct_timeout(&self, proto: u8, flags: u16) -> u64 {
-        let seconds = if proto != crate::IPPROTO_TCP {
+    pub fn ct_timeout_s(&self, proto: u8, state: &CtState) -> u32 {
+        if proto != crate::IPPROTO_TCP {
             self.udp_timeout_s
-        } else if flags & CT_F_CLOSING != 0 {
+        } else if state.closing() {
             self.tcp_closing_timeout_s
-        } else if flags & CT_F_REPLY_SEEN != 0 {
+        } else if state.established != 0 {
             self.tcp_established_timeout_s
         } else {
             self.tcp_syn_timeout_s
-        };
-        u64::from(seconds) * u64::from(self.hz)
+        }
     }
 
-    /// Whether `entry` (of protocol `proto`) has expired at `now` (jiffies).
+    /// Whether a connection in `state` last seen at `last_seen` has expired at `now` (jiffies).
     #[inline(always)]
-    pub fn ct_expired(&self, entry: &CtEntry, proto: u8, now: u64) -> bool {
-        now.saturating_sub(entry.last_seen) > self.ct_timeout(proto, entry.flags)
+    pub fn ct_expired(&self, proto: u8, state: &CtState, last_seen: u64, now: u64) -> bool {
+        now.saturating_sub(last_seen) > u64::from(self.ct_timeout_s(proto, state)) * u64::from(self.hz)
+    }
+
+    /// Whether `entry` (of protocol `proto`) has expired at `now`, judged by its own
+    /// direction's last packet alone: the connection may still live through the other one.
+    #[inline(always)]
+    pub fn ct_entry_expired(&self, entry: &CtEntry, proto: u8, now: u64) -> bool {
+        self.ct_expired(proto, &entry.state, entry.last_seen, now)
+    }
+
+    /// How many SNAT ports the configured ranges hold.
+    #[inline(always)]
+    pub fn snat_span(&self) -> u32 {
+        span(self.snat_port_min, self.snat_port_max) + span(self.snat_port_min2, self.snat_port_max2)
+    }
+
+    /// The `index`th SNAT port (`index < snat_span()`), counting through both ranges.
+    #[inline(always)]
+    pub fn snat_port_at(&self, index: u32) -> u16 {
+        let first = span(self.snat_port_min, self.snat_port_max);
+        if index < first {
+            (u32::from(self.snat_port_min) + index) as u16
+        } else {
+            (u32::from(self.snat_port_min2) + index - first) as u16
+        }
+    }
+
+    /// Whether `port` is one of the SNAT ports.
+    #[inline(always)]
+    pub fn is_snat_port(&self, port: u16) -> bool {
+        (port >= self.snat_port_min && port <= self.snat_port_max)
+            || (self.snat_port_max2 != 0 && port >= self.snat_port_min2 && port <= self.snat_port_max2)
+    }
+}
+
+/// Ports in `min..=max`; an empty range is written as max 0 (or max below min).
+#[inline(always)]
+const fn span(min: u16, max: u16) -> u32 {
+    if max == 0 || max < min {
+        0
+    } else {
+        max as u32 - min as u32 + 1
     }
 }
 
@@ -241,7 +298,7 @@ pub const fn src_range_prefix_len(prefix_len: u32) -> u32 {
 pub const CT_DIR_FORWARD: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;
 
-/// Key of `NP_CT`: a packet's tuple as it arrives, plus the direction.
+/// Key of `NP_CT` and `NP_CT_NEW`: a packet's tuple as it arrives, plus the direction.
 /// Forward entries are keyed by client -> frontend; reply entries by backend -> client
 /// (local backend) or backend -> node address:SNAT port (remote backend).
 #[repr(C)]
@@ -257,20 +314,97 @@ pub struct CtKey {
 }
 assert_size!(CtKey, 16);
 
-/// The forward entry SNATs (remote backend).
+/// The connection is SNATed to a remote backend (both entries carry it).
 pub const CT_F_SNAT: u16 = 1 << 0;
-/// A packet has been seen in the reply direction.
-pub const CT_F_REPLY_SEEN: u16 = 1 << 1;
-/// FIN or RST seen: the entry expires after the closing timeout.
-pub const CT_F_CLOSING: u16 = 1 << 2;
-/// The backend is on this node.
+/// The backend is on this node (both entries carry it).
 pub const CT_F_LOCAL: u16 = 1 << 3;
+/// The client's source port was rewritten because its tuple at the pod clashed with another
+/// connection's (two frontends of one local pod), as Linux NAT does.
+pub const CT_F_PORT_REWRITE: u16 = 1 << 4;
 
-/// Value of `NP_CT`: the tuple a packet matching the key is rewritten to, and where it went.
+/// What a connection has seen, one byte per fact so that each is written with a plain store
+/// by the one direction that learns it: two CPUs handling the two directions at once never
+/// undo each other's write (a read-modify-write of shared flag bits could). The writer stores
+/// the same bytes into both of the connection's entries, so either entry alone tells the
+/// state; the state machine is docs/datapath.md's "Connection tracking".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtState {
+    /// The backend answered (for TCP its SYN-ACK). Written by replies.
+    pub replied: u8,
+    /// The handshake completed: for TCP a client packet without SYN after the answer, for
+    /// UDP the answer itself. Moves the connection to the established table.
+    pub established: u8,
+    /// FIN sent by the client / by the backend.
+    pub fin_fwd: u8,
+    pub fin_rep: u8,
+    /// RST sent by the client / by the backend, cleared when the same side goes on talking
+    /// (an RST its endpoint did not honour: spoofed, or lost on the way).
+    pub rst_fwd: u8,
+    pub rst_rep: u8,
+}
+assert_size!(CtState, 6);
+
+/// TCP flags the state machine reads.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+impl CtState {
+    /// The connection is closing: FIN both ways, or an RST.
+    #[inline(always)]
+    pub const fn closing(&self) -> bool {
+        self.rst_fwd != 0 || self.rst_rep != 0 || (self.fin_fwd != 0 && self.fin_rep != 0)
+    }
+
+    /// The state after a packet of direction `dir`. `tcp_flags` and `payload` (the packet
+    /// carries data) matter for TCP only.
+    #[inline(always)]
+    pub const fn after(mut self, proto: u8, dir: u8, tcp_flags: u8, payload: bool) -> Self {
+        let tcp = proto == crate::IPPROTO_TCP;
+        let syn = tcp_flags & TCP_SYN != 0;
+        let fin = tcp_flags & TCP_FIN != 0;
+        let rst = tcp_flags & TCP_RST != 0;
+        if dir == CT_DIR_REPLY {
+            self.replied = 1;
+            if !tcp {
+                self.established = 1;
+                return self;
+            }
+            if fin {
+                self.fin_rep = 1;
+            } else if payload {
+                // Data after its own FIN: that FIN was not the backend's.
+                self.fin_rep = 0;
+            }
+            self.rst_rep = rst as u8;
+        } else {
+            if !tcp {
+                return self;
+            }
+            // The client's ACK of the SYN-ACK, or anything after it, completes the handshake.
+            if !syn && !rst && self.replied != 0 {
+                self.established = 1;
+            }
+            if fin {
+                self.fin_fwd = 1;
+            } else if payload {
+                self.fin_fwd = 0;
+            }
+            self.rst_fwd = rst as u8;
+        }
+        self
+    }
+}
+
+/// Value of `NP_CT` and `NP_CT_NEW`: the tuple a packet matching the key is rewritten to,
+/// where it went, and what the connection has seen.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct CtEntry {
-    /// Last packet in this direction, in jiffies.
+    /// Last packet in this direction, in jiffies. A connection lives while either of its two
+    /// entries does.
     pub last_seen: u64,
     /// When (jiffies) the cached next hop below was last confirmed by a FIB lookup; 0: none.
     /// A FIB lookup costs more than the rest of the path together, so a connection repeats it
@@ -286,12 +420,49 @@ pub struct CtEntry {
     pub svc_id: u32,
     /// Cached next hop: egress device and MACs.
     pub route_ifindex: u32,
+    /// Packets of this direction are accepted only from this device (reply entries: the
+    /// device the connection left by towards its backend); 0: any.
+    pub bound_ifindex: u32,
+    /// CT_F_*: what the connection is; set when it is created, never changed.
     pub flags: u16,
     pub route_smac: [u8; 6],
     pub route_dmac: [u8; 6],
-    pub _pad: [u8; 2],
+    pub state: CtState,
 }
-assert_size!(CtEntry, 56);
+assert_size!(CtEntry, 64);
+
+impl CtEntry {
+    /// Key of the entry for the other direction: this entry's rewritten tuple, reversed.
+    #[inline(always)]
+    pub const fn opposite_key(&self, proto: u8, dir: u8) -> CtKey {
+        CtKey {
+            saddr_be: self.new_daddr_be,
+            daddr_be: self.new_saddr_be,
+            sport_be: self.new_dport_be,
+            dport_be: self.new_sport_be,
+            proto,
+            dir,
+            _pad: 0,
+        }
+    }
+}
+
+/// Whether the entries `a` (under `key_a`) and `b` (under `key_b`) are the two directions of
+/// one connection: each one's opposite key is the other's key. An entry whose partner is
+/// missing, or was taken over by a later connection, fails this.
+#[inline(always)]
+pub fn ct_pair(key_a: &CtKey, a: &CtEntry, key_b: &CtKey, b: &CtEntry) -> bool {
+    a.opposite_key(key_a.proto, key_b.dir) == *key_b
+        && b.opposite_key(key_b.proto, key_a.dir) == *key_a
+}
+
+/// Data part of an `NP_LOCAL_NETS` LPM key (the prefix length covers the 32 address bits).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct LocalNetKey {
+    pub addr_be: u32,
+}
+assert_size!(LocalNetKey, 4);
 
 /// Key of `NP_AFFINITY`.
 #[repr(C)]
@@ -409,9 +580,204 @@ mod user {
     unsafe impl aya::Pod for SrcRangeKey {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for LocalNetKey {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for AgentState {}
     unsafe impl aya::Pod for SvcStats {}
     unsafe impl aya::Pod for SvcName {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{IPPROTO_TCP, IPPROTO_UDP};
+
+    const FWD: u8 = CT_DIR_FORWARD;
+    const REP: u8 = CT_DIR_REPLY;
+    const SYN_ACK: u8 = TCP_SYN | TCP_ACK;
+
+    fn config() -> DatapathConfig {
+        DatapathConfig {
+            tcp_syn_timeout_s: 30,
+            tcp_established_timeout_s: 21_600,
+            tcp_closing_timeout_s: 10,
+            udp_timeout_s: 60,
+            hz: 1,
+            ..DatapathConfig::default()
+        }
+    }
+
+    /// Runs packets (direction, TCP flags, payload) through the state machine.
+    fn tcp(packets: &[(u8, u8, bool)]) -> CtState {
+        packets
+            .iter()
+            .fold(CtState::default(), |s, &(dir, flags, data)| {
+                s.after(IPPROTO_TCP, dir, flags, data)
+            })
+    }
+
+    fn timeout(state: CtState) -> u32 {
+        config().ct_timeout_s(IPPROTO_TCP, &state)
+    }
+
+    // The transitions of Linux nf_conntrack's TCP table (nf_conntrack_proto_tcp.c
+    // tcp_conntracks) and Cilium's per-direction closing flags (bpf/lib/conntrack.h
+    // ct_update_timeout), reduced to what decides a timeout.
+
+    #[test]
+    fn a_syn_ack_alone_does_not_establish() {
+        let s = tcp(&[(FWD, TCP_SYN, false), (REP, SYN_ACK, false)]);
+        assert_eq!(s.replied, 1);
+        assert_eq!(s.established, 0);
+        assert_eq!(timeout(s), 30, "still the handshake timeout");
+    }
+
+    #[test]
+    fn the_clients_ack_of_the_syn_ack_establishes() {
+        let s = tcp(&[
+            (FWD, TCP_SYN, false),
+            (REP, SYN_ACK, false),
+            (FWD, TCP_ACK, false),
+        ]);
+        assert_eq!(s.established, 1);
+        assert_eq!(timeout(s), 21_600);
+    }
+
+    #[test]
+    fn client_packets_without_an_answer_never_establish() {
+        // Spoofed SYNs, or a client talking to a backend that never answers.
+        let s = tcp(&[(FWD, TCP_SYN, false), (FWD, TCP_ACK, true), (FWD, TCP_ACK, true)]);
+        assert_eq!(s.established, 0);
+        assert_eq!(timeout(s), 30);
+    }
+
+    #[test]
+    fn a_half_close_keeps_the_established_timeout() {
+        let open = [
+            (FWD, TCP_SYN, false),
+            (REP, SYN_ACK, false),
+            (FWD, TCP_ACK, false),
+        ];
+        let half = tcp(&[open.as_slice(), &[(FWD, TCP_FIN | TCP_ACK, false)]].concat());
+        assert!(!half.closing());
+        assert_eq!(timeout(half), 21_600);
+        // The backend answers for a long time, then closes its side too.
+        let both = half
+            .after(IPPROTO_TCP, REP, TCP_ACK, true)
+            .after(IPPROTO_TCP, REP, TCP_FIN | TCP_ACK, false);
+        assert!(both.closing());
+        assert_eq!(timeout(both), 10);
+    }
+
+    #[test]
+    fn an_rst_closes_and_traffic_from_the_same_side_restores() {
+        let est = tcp(&[
+            (FWD, TCP_SYN, false),
+            (REP, SYN_ACK, false),
+            (FWD, TCP_ACK, false),
+        ]);
+        let reset = est.after(IPPROTO_TCP, FWD, TCP_RST, false);
+        assert!(reset.closing());
+        assert_eq!(timeout(reset), 10);
+        // A spoofed RST "from the client": the real client goes on.
+        let restored = reset.after(IPPROTO_TCP, FWD, TCP_ACK, true);
+        assert!(!restored.closing());
+        assert_eq!(timeout(restored), 21_600);
+        // The other side talking does not restore the client's RST.
+        let still = reset.after(IPPROTO_TCP, REP, TCP_ACK, true);
+        assert!(still.closing());
+    }
+
+    #[test]
+    fn data_after_a_fin_from_the_same_side_undoes_that_fin() {
+        let est = tcp(&[
+            (FWD, TCP_SYN, false),
+            (REP, SYN_ACK, false),
+            (FWD, TCP_ACK, false),
+            (REP, TCP_FIN | TCP_ACK, false),
+        ]);
+        assert_eq!(est.fin_rep, 1);
+        // A bare ACK after the FIN is normal and keeps it; data means the FIN was not real.
+        assert_eq!(est.after(IPPROTO_TCP, REP, TCP_ACK, false).fin_rep, 1);
+        assert_eq!(est.after(IPPROTO_TCP, REP, TCP_ACK, true).fin_rep, 0);
+    }
+
+    #[test]
+    fn udp_is_established_by_an_answer() {
+        let s = CtState::default().after(IPPROTO_UDP, FWD, 0, true);
+        assert_eq!(s.established, 0);
+        let s = s.after(IPPROTO_UDP, REP, 0, true);
+        assert_eq!((s.replied, s.established), (1, 1));
+        assert_eq!(config().ct_timeout_s(IPPROTO_UDP, &s), 60);
+    }
+
+    #[test]
+    fn expiry_counts_whole_seconds_of_jiffies() {
+        let cfg = DatapathConfig { hz: 250, ..config() };
+        let s = CtState::default();
+        assert!(!cfg.ct_expired(IPPROTO_TCP, &s, 1_000, 1_000 + 30 * 250));
+        assert!(cfg.ct_expired(IPPROTO_TCP, &s, 1_000, 1_000 + 30 * 250 + 1));
+    }
+
+    #[test]
+    fn snat_ports_count_through_both_ranges() {
+        let cfg = DatapathConfig {
+            snat_port_min: 1024,
+            snat_port_max: 29_999,
+            snat_port_min2: 61_000,
+            snat_port_max2: 65_535,
+            ..config()
+        };
+        assert_eq!(cfg.snat_span(), 28_976 + 4_536);
+        assert_eq!(cfg.snat_port_at(0), 1024);
+        assert_eq!(cfg.snat_port_at(28_975), 29_999);
+        assert_eq!(cfg.snat_port_at(28_976), 61_000);
+        assert_eq!(cfg.snat_port_at(cfg.snat_span() - 1), 65_535);
+        assert!(cfg.is_snat_port(1024) && cfg.is_snat_port(65_535) && cfg.is_snat_port(61_000));
+        assert!(!cfg.is_snat_port(30_000) && !cfg.is_snat_port(1023) && !cfg.is_snat_port(60_999));
+        let one = DatapathConfig {
+            snat_port_min2: 0,
+            snat_port_max2: 0,
+            ..cfg
+        };
+        assert_eq!(one.snat_span(), 28_976);
+        assert!(!one.is_snat_port(61_000) && !one.is_snat_port(0));
+    }
+
+    #[test]
+    fn entries_pair_only_with_their_own_other_direction() {
+        let fwd_key = CtKey {
+            saddr_be: 1,
+            daddr_be: 2,
+            sport_be: 3,
+            dport_be: 4,
+            proto: IPPROTO_TCP,
+            dir: FWD,
+            _pad: 0,
+        };
+        // Client 1:3 -> frontend 2:4, SNATed to 9:7 towards backend 5:6.
+        let fwd = CtEntry {
+            new_saddr_be: 9,
+            new_daddr_be: 5,
+            new_sport_be: 7,
+            new_dport_be: 6,
+            ..CtEntry::default()
+        };
+        let rep_key = fwd.opposite_key(IPPROTO_TCP, REP);
+        let rep = CtEntry {
+            new_saddr_be: 2,
+            new_daddr_be: 1,
+            new_sport_be: 4,
+            new_dport_be: 3,
+            ..CtEntry::default()
+        };
+        assert!(ct_pair(&fwd_key, &fwd, &rep_key, &rep));
+        // The same reply tuple, taken over by a connection of another client port.
+        let other = CtEntry {
+            new_dport_be: 33,
+            ..rep
+        };
+        assert!(!ct_pair(&fwd_key, &fwd, &rep_key, &other));
+    }
 }
