@@ -226,6 +226,9 @@ impl RunArgs {
             tcp_closing_timeout_s: self.conntrack_tcp_closing_timeout,
             udp_timeout_s: self.conntrack_udp_timeout,
             hz: datapath::kernel_hz(),
+            snat_secret: 0,
+            snat_port_min2: 0,
+            snat_port_max2: 0,
         }
     }
 

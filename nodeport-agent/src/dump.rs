@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use aya::maps::IterableMap as _;
 use nodeport_common::{
-    CT_DIR_FORWARD, CT_F_CLOSING, CT_F_REPLY_SEEN, CT_F_SNAT, Counter, CtEntry, CtKey,
+    CT_DIR_FORWARD, CT_F_SNAT, Counter, CtEntry, CtKey,
     DatapathConfig, FE_F_AFFINITY, FE_F_LOCAL_ONLY, FE_F_SOURCE_RANGES, IPPROTO_TCP, SvcStats,
 };
 use serde::Serialize;
@@ -249,12 +249,12 @@ fn connection(
 ) -> DumpConnection {
     let hz = u64::from(cfg.hz.max(1));
     let idle = now.saturating_sub(entry.last_seen);
-    let timeout = cfg.ct_timeout(key.proto, entry.flags);
+    let timeout = u64::from(cfg.ct_timeout_s(key.proto, &entry.state)) * hz;
     let state = if key.proto != IPPROTO_TCP {
         "udp"
-    } else if entry.flags & CT_F_CLOSING != 0 {
+    } else if entry.state.closing() {
         "closing"
-    } else if entry.flags & CT_F_REPLY_SEEN != 0 {
+    } else if entry.state.established != 0 {
         "established"
     } else {
         "syn_sent"

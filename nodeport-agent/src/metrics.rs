@@ -325,6 +325,7 @@ impl Sampler {
                 CounterKind::Passed => "passed",
                 CounterKind::Fallback => "fallback",
                 CounterKind::Dropped => "dropped",
+                CounterKind::Event => "event",
             };
             let labels = PathLabels {
                 path: counter.label().into(),

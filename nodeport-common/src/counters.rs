@@ -114,6 +114,8 @@ counters! {
     /// One direction's entry of a connection was lost and its tuple now belongs to another
     /// connection: the packet is dropped rather than crossed into it.
     DroppedCtPartnerLost = 41, Dropped, "conntrack_partner_lost";
+    /// The program for new connections was not in `NP_PROGS` (a datapath half loaded).
+    DroppedNoNewConnectionProgram = 42, Dropped, "new_connection_program_missing";
 
     /// A connection completed its handshake but the established table was full: it stays in
     /// the handshake table (where a flood may evict it). Size --conntrack-size up.

@@ -19,6 +19,7 @@ pub mod names {
     pub const CONNTRACK: &str = "NP_CT";
     pub const CONNTRACK_NEW: &str = "NP_CT_NEW";
     pub const LOCAL_NETS: &str = "NP_LOCAL_NETS";
+    pub const PROGRAMS: &str = "NP_PROGS";
     pub const AFFINITY: &str = "NP_AFFINITY";
     pub const SVC_STATS: &str = "NP_SVC_STATS";
     pub const COUNTERS: &str = "NP_COUNTERS";
@@ -37,6 +38,7 @@ pub mod names {
         CONNTRACK,
         CONNTRACK_NEW,
         LOCAL_NETS,
+        PROGRAMS,
         AFFINITY,
         SVC_STATS,
         COUNTERS,
@@ -49,6 +51,10 @@ pub mod names {
 pub mod programs {
     /// XDP on the node's external interfaces: frontends, selection, NAT, XDP_TX.
     pub const XDP_EXTERNAL: &str = "np_xdp_ext";
+    /// A new connection's first packet, tail-called from `np_xdp_ext` (slot
+    /// [`super::PROG_SLOT_NEW_CONNECTION`] of `NP_PROGS`): backend selection, SNAT port
+    /// choice and the conntrack inserts get a verifier budget and stack of their own.
+    pub const XDP_NEW_CONNECTION: &str = "np_xdp_new";
     /// TC ingress on the external interfaces: redirects what XDP translated for another device.
     pub const TC_EXTERNAL: &str = "np_tc_ext";
     /// TC ingress on pod-facing interfaces: reverse NAT of replies from local backends.
@@ -56,6 +62,11 @@ pub mod programs {
     /// A bare XDP_PASS program, the baseline of `cargo xtask bench`.
     pub const XDP_PASS: &str = "np_xdp_pass";
 }
+
+/// Slot of `NP_PROGS` (a program array) holding [`programs::XDP_NEW_CONNECTION`].
+pub const PROG_SLOT_NEW_CONNECTION: u32 = 0;
+/// Slots of `NP_PROGS`.
+pub const PROG_SLOTS: u32 = 1;
 
 /// Default capacities. The eBPF object declares its maps with these; the agent sets the real
 /// sizes at load time from its flags (docs/operations.md explains how to size them).
@@ -314,6 +325,17 @@ pub struct CtKey {
 }
 assert_size!(CtKey, 16);
 
+impl CtKey {
+    /// Equality with one branch: the datapath compares keys on its hot and new-connection
+    /// paths, and a field-by-field comparison gives the verifier seven branches to walk.
+    #[inline(always)]
+    pub fn same(&self, other: &CtKey) -> bool {
+        let a: [u64; 2] = bytemuck::cast(*self);
+        let b: [u64; 2] = bytemuck::cast(*other);
+        (a[0] ^ b[0]) | (a[1] ^ b[1]) == 0
+    }
+}
+
 /// The connection is SNATed to a remote backend (both entries carry it).
 pub const CT_F_SNAT: u16 = 1 << 0;
 /// The backend is on this node (both entries carry it).
@@ -452,8 +474,8 @@ impl CtEntry {
 /// missing, or was taken over by a later connection, fails this.
 #[inline(always)]
 pub fn ct_pair(key_a: &CtKey, a: &CtEntry, key_b: &CtKey, b: &CtEntry) -> bool {
-    a.opposite_key(key_a.proto, key_b.dir) == *key_b
-        && b.opposite_key(key_b.proto, key_a.dir) == *key_a
+    a.opposite_key(key_a.proto, key_b.dir).same(key_b)
+        & b.opposite_key(key_b.proto, key_a.dir).same(key_a)
 }
 
 /// Data part of an `NP_LOCAL_NETS` LPM key (the prefix length covers the 32 address bits).

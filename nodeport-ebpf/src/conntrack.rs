@@ -1,22 +1,35 @@
-//! Connection tracking in `NP_CT` (an LRU hash): a forward entry per client connection and a
-//! reply entry for the backend's packets, each holding the tuple its packets are rewritten to.
-//! Entries expire by state (SYN sent, established, closing, UDP) as the kernel's conntrack
-//! does; the LRU evicts under pressure.
+//! Connection tracking, after Linux nf_conntrack and Cilium's bpf/lib/conntrack.h
+//! (docs/datapath.md, "Connection tracking", has the state machine and the reasons).
+//!
+//! A connection is two entries with the same value type: the forward entry (client ->
+//! frontend) and the reply entry (backend -> client, or backend -> node:SNAT port), each
+//! holding the tuple its packets are rewritten to. They live together in one of two tables:
+//! - `NP_CT_NEW`, an LRU, while the connection is in the handshake (TCP until the client's ACK
+//!   of the SYN-ACK, UDP until the first answer). A SYN flood churns only this table, the way
+//!   nf_conntrack's early_drop evicts only unassured entries;
+//! - `NP_CT`, a plain hash, once established. The datapath never evicts from it; the agent
+//!   deletes connections whose two entries have both expired.
+//!
+//! Each entry's `last_seen` is written by its own direction only, and the state
+//! ([`CtState`]) one byte per fact, so the two directions never undo each other's writes.
 
-use aya_ebpf::helpers::bpf_jiffies64;
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_jiffies64,
+};
 use nodeport_common::{
-    BE_F_DRAINING, BE_F_PRESENT, Backend, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING,
-    CT_F_REPLY_SEEN, CtEntry, CtKey, DatapathConfig,
+    BE_F_DRAINING, BE_F_PRESENT, Backend, CT_DIR_FORWARD, CT_DIR_REPLY, Counter, CtEntry, CtKey,
+    CtState, DatapathConfig, TCP_ACK, TCP_SYN, ct_pair,
 };
 
 use crate::{
-    maps::{NP_BACKENDS, NP_CT},
-    packet::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    maps::{NP_BACKENDS, NP_CT, NP_CT_NEW},
+    packet::Flow,
     stats,
 };
 
 /// The time in jiffies: measured here as the cheapest clock (bpf_ktime_get_coarse_ns costs
-/// ~14 ns more per packet); its resolution suits timeouts and throttles `touch` writes.
+/// ~14 ns more per packet); its resolution suits timeouts and throttles `last_seen` writes.
 #[inline(always)]
 pub fn now() -> u64 {
     // SAFETY: a helper without arguments.
@@ -36,67 +49,219 @@ pub fn key(flow: &Flow, dir: u8) -> CtKey {
     }
 }
 
-/// Key of the entry for the other direction: the rewritten tuple, reversed.
 #[inline(always)]
-pub fn opposite_key(entry: &CtEntry, proto: u8, dir: u8) -> CtKey {
-    CtKey {
-        saddr_be: entry.new_daddr_be,
-        daddr_be: entry.new_saddr_be,
-        sport_be: entry.new_dport_be,
-        dport_be: entry.new_sport_be,
-        proto,
-        dir,
-        _pad: 0,
-    }
-}
-
-/// Records a packet on `entry`: its time and, for TCP, FIN/RST. Returns the flags that were
-/// newly set, so the caller can mirror them on the other direction's entry.
-#[inline(always)]
-pub fn touch(entry: *mut CtEntry, flow: &Flow, now: u64, extra_flags: u16) -> u16 {
-    let mut add = extra_flags;
-    if flow.is_tcp() && flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        add |= CT_F_CLOSING;
-    }
-    // SAFETY: `entry` points into the map value.
-    unsafe {
-        let new = add & !(*entry).flags;
-        if new != 0 {
-            (*entry).flags |= new;
-        }
-        if (*entry).last_seen != now {
-            (*entry).last_seen = now;
-        }
-        new
-    }
-}
-
-/// Records a packet of direction `dir` on its connection's `entry`: its time, its flags (the
-/// newly set ones mirrored on the other direction's entry; a reply marks the connection as
-/// answered) and the service's packets and bytes. Returns the service id.
-#[inline(always)]
-pub fn record(entry: *mut CtEntry, flow: &Flow, now: u64, dir: u8) -> u32 {
-    let (extra, opposite) = if dir == CT_DIR_FORWARD {
-        (0, CT_DIR_REPLY)
+pub const fn other_dir(dir: u8) -> u8 {
+    if dir == CT_DIR_FORWARD {
+        CT_DIR_REPLY
     } else {
-        (CT_F_REPLY_SEEN, CT_DIR_FORWARD)
-    };
-    let added = touch(entry, flow, now, extra);
-    // SAFETY: `entry` points into the map value.
-    let entry = unsafe { &*entry };
-    if added != 0 {
-        mark_opposite(entry, flow.proto, opposite, added);
+        CT_DIR_FORWARD
     }
-    stats::service(entry.svc_id, flow.tot_len, dir);
-    entry.svc_id
 }
 
-/// Sets `flags` on the entry for the other direction of `entry`.
+/// The table a connection's entries are in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    Established,
+    Handshake,
+}
+
+impl Table {
+    #[inline(always)]
+    pub fn insert(self, key: &CtKey, entry: &CtEntry, flags: u32) -> Result<(), Counter> {
+        let flags = u64::from(flags);
+        match self {
+            Table::Established => NP_CT.insert(key, entry, flags),
+            Table::Handshake => NP_CT_NEW.insert(key, entry, flags),
+        }
+        .map_err(|_| Counter::DroppedConntrackFull)
+    }
+
+    #[inline(always)]
+    pub fn remove(self, key: &CtKey) {
+        // Already gone is as good as removed.
+        let _ = match self {
+            Table::Established => NP_CT.remove(key),
+            Table::Handshake => NP_CT_NEW.remove(key),
+        };
+    }
+}
+
+/// Finds the entry for `key`, in the established table first: a packet of an established
+/// connection costs one lookup.
 #[inline(always)]
-pub fn mark_opposite(entry: &CtEntry, proto: u8, dir: u8, flags: u16) {
-    if let Some(other) = NP_CT.get_ptr_mut(opposite_key(entry, proto, dir)) {
-        // SAFETY: points into the map value.
-        unsafe { (*other).flags |= flags };
+pub fn lookup(key: &CtKey) -> Option<(Table, *mut CtEntry)> {
+    if let Some(entry) = NP_CT.get_ptr_mut(key) {
+        return Some((Table::Established, entry));
+    }
+    NP_CT_NEW
+        .get_ptr_mut(key)
+        .map(|entry| (Table::Handshake, entry))
+}
+
+/// The other direction's entry of the connection of `entry` (under `key`), if it is there
+/// and still belongs to this connection.
+#[inline(always)]
+pub fn partner(key: &CtKey, entry: &CtEntry) -> Option<(Table, CtKey, *mut CtEntry)> {
+    let partner_key = entry.opposite_key(key.proto, other_dir(key.dir));
+    let (table, found) = lookup(&partner_key)?;
+    // SAFETY: points into a conntrack map value.
+    ct_pair(key, entry, &partner_key, unsafe { &*found }).then_some((table, partner_key, found))
+}
+
+/// Whether the connection of `entry` lives at `now`: either direction had a packet within the
+/// timeout of its state. The partner is read only when the entry alone looks expired (a
+/// one-way UDP stream, a server push to a silent client).
+#[inline(always)]
+pub fn alive(cfg: &DatapathConfig, key: &CtKey, entry: &CtEntry, now: u64) -> bool {
+    !cfg.ct_entry_expired(entry, key.proto, now)
+        || partner(key, entry).is_some_and(|(_, _, p)| {
+            // SAFETY: points into a conntrack map value.
+            !cfg.ct_entry_expired(unsafe { &*p }, key.proto, now)
+        })
+}
+
+/// Stores into `dst` the bytes that changed from `old` to `new`, each with a plain store.
+#[inline(always)]
+fn store_changes(dst: &mut CtState, old: &CtState, new: &CtState) {
+    if new.replied != old.replied {
+        dst.replied = new.replied;
+    }
+    if new.established != old.established {
+        dst.established = new.established;
+    }
+    if new.fin_fwd != old.fin_fwd {
+        dst.fin_fwd = new.fin_fwd;
+    }
+    if new.fin_rep != old.fin_rep {
+        dst.fin_rep = new.fin_rep;
+    }
+    if new.rst_fwd != old.rst_fwd {
+        dst.rst_fwd = new.rst_fwd;
+    }
+    if new.rst_rep != old.rst_rep {
+        dst.rst_rep = new.rst_rep;
+    }
+}
+
+/// Records a packet on its connection: its time in its own entry, what it tells about the
+/// connection (stored into both entries when it changes anything) and the service's packets
+/// and bytes. Returns the connection's new state.
+///
+/// Writes go through the map pointers. In `NP_CT` only the agent deletes, and only
+/// connections idle past their timeout; in the LRU `NP_CT_NEW` the lookup that found the
+/// entry just marked it referenced, and the LRU evicts unreferenced entries first. What a lost
+/// race could touch is a time stamp or a state byte of an entry in the handshake, never a
+/// tuple: tuples are written only by whole-entry inserts.
+#[inline(always)]
+pub fn record(key: &CtKey, entry: *mut CtEntry, flow: &Flow, now: u64) -> CtState {
+    // SAFETY: `entry` points into a conntrack map value.
+    let e = unsafe { &mut *entry };
+    if e.last_seen != now {
+        e.last_seen = now;
+    }
+    let old = e.state;
+    let new = old.after(flow.proto, key.dir, flow.tcp_flags, flow.tcp_payload);
+    if new != old {
+        store_changes(&mut e.state, &old, &new);
+        let partner_key = e.opposite_key(key.proto, other_dir(key.dir));
+        if let Some((_, p)) = lookup(&partner_key) {
+            // SAFETY: as above.
+            let p = unsafe { &mut *p };
+            if ct_pair(key, e, &partner_key, p) {
+                store_changes(&mut p.state, &old, &new);
+            }
+        }
+    }
+    stats::service(e.svc_id, flow.tot_len, key.dir);
+    new
+}
+
+/// Makes sure the other direction's entry of a connection is there: recreated from this one
+/// when it was lost (evicted from the handshake table, deleted by hand) and its tuple is still
+/// free; an error when another connection holds that tuple now, so the packet is dropped
+/// rather than crossed into the other connection.
+#[inline(always)]
+pub fn ensure_partner(table: Table, key: &CtKey, entry: &CtEntry, now: u64) -> Result<(), Counter> {
+    let partner_key = entry.opposite_key(key.proto, other_dir(key.dir));
+    if let Some((_, found)) = lookup(&partner_key) {
+        // SAFETY: points into a conntrack map value.
+        let found = unsafe { &*found };
+        return if ct_pair(key, entry, &partner_key, found) {
+            Ok(())
+        } else {
+            Err(Counter::DroppedCtPartnerLost)
+        };
+    }
+    let rebuilt = CtEntry {
+        last_seen: now,
+        route_checked: 0,
+        // The partner rewrites its packets back to this entry's key, reversed.
+        new_saddr_be: key.daddr_be,
+        new_daddr_be: key.saddr_be,
+        new_sport_be: key.dport_be,
+        new_dport_be: key.sport_be,
+        // A rebuilt reply entry of a SNATed connection is bound to where the connection left
+        // by, which the forward entry's cached route names; otherwise it binds on first use.
+        bound_ifindex: if key.dir == CT_DIR_FORWARD && entry.route_checked != 0 {
+            entry.route_ifindex
+        } else {
+            0
+        },
+        route_ifindex: 0,
+        route_smac: [0; 6],
+        route_dmac: [0; 6],
+        ..*entry
+    };
+    table
+        .insert(&partner_key, &rebuilt, BPF_NOEXIST)
+        .map_err(|_| Counter::DroppedCtPartnerLost)?;
+    stats::count(Counter::EventCtPartnerRecreated);
+    Ok(())
+}
+
+/// Moves a connection that completed its handshake from `NP_CT_NEW` to `NP_CT`. The reply
+/// entry, which holds the tuple other connections must not take (the SNAT port), goes in
+/// first and leaves last. When the established table is full, the connection stays where it
+/// is and goes on working from there (counted).
+#[inline(always)]
+pub fn promote(key: &CtKey, entry: &CtEntry) {
+    let Some((Table::Handshake, partner_key, partner)) = partner(key, entry) else {
+        return;
+    };
+    // SAFETY: points into a conntrack map value (inserted from there, before any removal).
+    let partner = unsafe { &*partner };
+    let (first_key, first, second_key, second) = if key.dir == CT_DIR_REPLY {
+        (key, entry, &partner_key, partner)
+    } else {
+        (&partner_key, partner, key, entry)
+    };
+    if NP_CT.insert(first_key, first, u64::from(BPF_ANY)).is_err() {
+        stats::count(Counter::EventCtPromoteFailed);
+        return;
+    }
+    if NP_CT.insert(second_key, second, u64::from(BPF_ANY)).is_err() {
+        let _ = NP_CT.remove(first_key);
+        stats::count(Counter::EventCtPromoteFailed);
+        return;
+    }
+    let _ = NP_CT_NEW.remove(second_key);
+    let _ = NP_CT_NEW.remove(first_key);
+}
+
+/// Forgets a connection: its entry under `key` and, if it still pairs, the other one. The
+/// forward entry goes first, so a reply tuple (a SNAT port) is never free while a forward
+/// entry still points at it.
+#[inline(always)]
+pub fn forget(table: Table, key: &CtKey, entry: &CtEntry) {
+    let partner = partner(key, entry);
+    if key.dir == CT_DIR_FORWARD {
+        table.remove(key);
+    }
+    if let Some((partner_table, partner_key, _)) = partner {
+        partner_table.remove(&partner_key);
+    }
+    if key.dir == CT_DIR_REPLY {
+        table.remove(key);
     }
 }
 
@@ -107,30 +272,46 @@ pub fn live_backend(id: u32, svc_id: u32) -> Option<Backend> {
     (backend.flags & BE_F_PRESENT != 0 && backend.svc_id == svc_id).then_some(backend)
 }
 
-/// An existing connection can go on: not expired, not a new SYN on a closed connection, and
-/// its backend still there for its service (with the address it was given: ids are reused).
-/// A deleted service deletes its backends, so its connections stop here too.
+/// What a client packet does with the connection its tuple already has.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Known {
+    /// Goes on with it.
+    Continue,
+    /// Goes on with it although it had expired: idle past its timeout, but whole, backend
+    /// there, and this packet is no new SYN (a client back from a long pause, or after an RST
+    /// its endpoint did not honour). The same backend and SNAT port keep it working.
+    Revive,
+    /// Starts a new connection on this tuple (after forgetting the old one): a new SYN on a
+    /// closing or expired connection, or its backend is gone.
+    Restart,
+}
+
+/// Decides what a client packet does with its existing connection.
 #[inline(always)]
-pub fn still_valid(cfg: &DatapathConfig, entry: &CtEntry, flow: &Flow, now: u64) -> bool {
-    if cfg.ct_expired(entry, flow.proto, now) {
-        return false;
-    }
-    if flow.is_tcp()
-        && entry.flags & CT_F_CLOSING != 0
-        && flow.tcp_flags & TCP_SYN != 0
-        && flow.tcp_flags & TCP_ACK == 0
-    {
-        return false;
+pub fn on_forward(cfg: &DatapathConfig, key: &CtKey, entry: &CtEntry, flow: &Flow, now: u64) -> Known {
+    let new_syn = flow.is_tcp() && flow.tcp_flags & TCP_SYN != 0 && flow.tcp_flags & TCP_ACK == 0;
+    if new_syn && entry.state.closing() {
+        return Known::Restart;
     }
     match live_backend(entry.backend_id, entry.svc_id) {
-        // A draining backend keeps its TCP connections; UDP has none to finish and moves on,
-        // so datagrams are not sent to a pod that is going away (kube-proxy clears such UDP
-        // conntrack entries).
-        Some(b) => {
-            b.addr_be == entry.new_daddr_be
+        // The backend id can be reused for another address: compare it too. A draining
+        // backend keeps its TCP connections; UDP has none to finish and moves on, so datagrams
+        // are not sent to a pod that is going away.
+        Some(b)
+            if b.addr_be == entry.new_daddr_be
                 && b.port_be == entry.new_dport_be
-                && (flow.is_tcp() || b.flags & BE_F_DRAINING == 0)
+                && (flow.is_tcp() || b.flags & BE_F_DRAINING == 0) => {}
+        _ => return Known::Restart,
+    }
+    if !cfg.ct_entry_expired(entry, key.proto, now) {
+        return Known::Continue;
+    }
+    match partner(key, entry) {
+        // SAFETY: points into a conntrack map value.
+        Some((_, _, p)) if !cfg.ct_entry_expired(unsafe { &*p }, key.proto, now) => {
+            Known::Continue
         }
-        None => false,
+        Some(_) if !new_syn => Known::Revive,
+        _ => Known::Restart,
     }
 }

@@ -11,17 +11,36 @@ use nodeport_common::CtEntry;
 
 const AF_INET: u8 = 2;
 
-pub enum Route {
+/// What the FIB said about a translated packet's next hop.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
     /// Egress device and the MACs to write.
-    Resolved {
-        ifindex: u32,
-        smac: [u8; 6],
-        dmac: [u8; 6],
-    },
+    Resolved,
     /// Egress device known, neighbour not resolved yet: bpf_redirect_neigh resolves it.
-    NoNeighbour { ifindex: u32 },
+    NoNeighbour,
     /// No decision (no route, forwarding off, needs fragmentation, ...): the kernel stack.
     Unresolved,
+}
+
+/// A next hop. A struct whose fields are always written, not an enum with payloads: LLVM
+/// builds an enum's payload from undefined registers on the paths that do not use it, and
+/// the verifier refuses arithmetic on a register that happens to hold a pointer there.
+#[derive(Clone, Copy)]
+pub struct Route {
+    pub hop: Hop,
+    /// Egress device (0 when unresolved).
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+impl Route {
+    const UNRESOLVED: Route = Route {
+        hop: Hop::Unresolved,
+        ifindex: 0,
+        smac: [0; 6],
+        dmac: [0; 6],
+    };
 }
 
 /// Looks up the route for an IPv4 packet. `ctx` is the program's context (xdp_md or
@@ -45,17 +64,25 @@ pub fn lookup(
     params.__bindgen_anon_4.ipv4_dst = daddr_be;
     // SAFETY: params is a valid bpf_fib_lookup of the size passed.
     let rc = unsafe { fib_lookup_helper(ctx, &mut params, size_of::<bpf_fib_lookup>() as i32, 0) };
-    match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => Route::Resolved {
-            ifindex: params.ifindex,
-            smac: params.smac,
-            dmac: params.dmac,
-        },
-        BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeighbour {
-            ifindex: params.ifindex,
-        },
-        _ => Route::Unresolved,
+    let hop = match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => Hop::Resolved,
+        BPF_FIB_LKUP_RET_NO_NEIGH => Hop::NoNeighbour,
+        _ => return Route::UNRESOLVED,
+    };
+    Route {
+        hop,
+        ifindex: params.ifindex,
+        smac: params.smac,
+        dmac: params.dmac,
     }
+}
+
+/// Whether the next hop cached in `entry` is due for a re-check (or there is none).
+#[inline(always)]
+pub fn stale(entry: *const CtEntry, now: u64, recheck: u64) -> bool {
+    // SAFETY: `entry` points into a conntrack map value.
+    let checked = unsafe { (*entry).route_checked };
+    checked == 0 || now.wrapping_sub(checked) >= recheck
 }
 
 /// The next hop for a connection's packets: the one cached in its conntrack entry while it is
@@ -70,24 +97,19 @@ pub fn next_hop(
 ) -> Route {
     // SAFETY: `entry` points into a conntrack map value.
     unsafe {
-        let checked = (*entry).route_checked;
-        if checked != 0 && now.wrapping_sub(checked) < recheck {
-            return Route::Resolved {
+        if !stale(entry, now, recheck) {
+            return Route {
+                hop: Hop::Resolved,
                 ifindex: (*entry).route_ifindex,
                 smac: (*entry).route_smac,
                 dmac: (*entry).route_dmac,
             };
         }
         let route = lookup();
-        if let Route::Resolved {
-            ifindex,
-            smac,
-            dmac,
-        } = route
-        {
-            (*entry).route_ifindex = ifindex;
-            (*entry).route_smac = smac;
-            (*entry).route_dmac = dmac;
+        if route.hop == Hop::Resolved {
+            (*entry).route_ifindex = route.ifindex;
+            (*entry).route_smac = route.smac;
+            (*entry).route_dmac = route.dmac;
             (*entry).route_checked = now;
         }
         route

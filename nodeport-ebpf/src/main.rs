@@ -11,6 +11,7 @@ mod maps;
 mod nat;
 mod packet;
 mod select;
+mod snat;
 mod stats;
 mod tc_ext;
 mod tc_pod;
@@ -29,11 +30,23 @@ pub fn np_xdp_ext(ctx: XdpContext) -> u32 {
     xdp_ext_verdict(&ctx)
 }
 
-/// Runs the external path and counts the packet's fate, exactly once: the one place where an
-/// outcome becomes an action.
+/// A new connection's first packet, tail-called from `np_xdp_ext`.
+#[xdp]
+pub fn np_xdp_new(ctx: XdpContext) -> u32 {
+    xdp_verdict(xdp_ext::process_new(&ctx))
+}
+
+/// Runs the external path and counts the packet's fate.
 #[inline(always)]
 fn xdp_ext_verdict(ctx: &XdpContext) -> u32 {
-    let (action, counter) = match xdp_ext::process(ctx) {
+    xdp_verdict(xdp_ext::process(ctx))
+}
+
+/// Counts a packet's fate, exactly once (a tail call leaves its caller's counting to the
+/// program it went to): the one place where an outcome becomes an action.
+#[inline(always)]
+fn xdp_verdict(outcome: Result<xdp_ext::Verdict, nodeport_common::Counter>) -> u32 {
+    let (action, counter) = match outcome {
         Ok(verdict) => verdict,
         Err(counter) if counter.kind() == CounterKind::Dropped => (xdp_action::XDP_DROP, counter),
         Err(counter) => (xdp_action::XDP_PASS, counter),

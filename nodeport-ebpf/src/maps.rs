@@ -3,12 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use nodeport_common::{
     AffinityEntry, AffinityKey, AgentState, BPF_F_MMAPABLE, Backend, COUNTER_SLOTS, CtEntry, CtKey,
-    DatapathConfig, FRONTEND_PORT_WORDS, Frontend, FrontendKey, MaglevSlot, SnatAddr, SrcRangeKey,
-    SvcName, SvcStats, capacity,
+    DatapathConfig, FRONTEND_PORT_WORDS, Frontend, FrontendKey, LocalNetKey, MaglevSlot, SnatAddr,
+    PROG_SLOTS, SrcRangeKey, SvcName, SvcStats, capacity,
 };
 
 #[map]
@@ -39,8 +39,30 @@ pub static NP_MAGLEV: Array<MaglevSlot> = Array::with_max_entries(
 pub static NP_SRC_RANGES: LpmTrie<SrcRangeKey, u32> =
     LpmTrie::with_max_entries(capacity::SRC_RANGES, 0);
 
+/// Established connections. A plain hash: the datapath never evicts from it (the agent
+/// deletes expired connections), so no flood of new connections can push one out.
 #[map]
-pub static NP_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(capacity::CONNTRACK, 0);
+pub static NP_CT: HashMap<CtKey, CtEntry> = HashMap::with_max_entries(capacity::CONNTRACK, 0);
+
+/// Connections in the handshake or not answered yet: an LRU of their own, which a SYN flood
+/// churns instead of the established table (nf_conntrack's early_drop of unassured entries).
+#[map]
+pub static NP_CT_NEW: LruHashMap<CtKey, CtEntry> =
+    LruHashMap::with_max_entries(capacity::CONNTRACK_NEW, 0);
+
+/// Room for the two entries of a new connection while `np_xdp_new` builds them: 128 bytes
+/// the 512-byte BPF stack cannot spare next to the SNAT port search.
+#[map]
+pub static NP_NEW_SCRATCH: PerCpuArray<[CtEntry; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Programs tail-called from the XDP entry point (see nodeport_common::programs).
+#[map]
+pub static NP_PROGS: ProgramArray = ProgramArray::with_max_entries(PROG_SLOTS, 0);
+
+/// Prefixes that are never an outside client: the node's addresses and pod networks.
+#[map]
+pub static NP_LOCAL_NETS: LpmTrie<LocalNetKey, u32> =
+    LpmTrie::with_max_entries(capacity::LOCAL_NETS, 0);
 
 #[map]
 pub static NP_AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =

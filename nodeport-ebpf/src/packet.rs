@@ -18,11 +18,6 @@ const ETH_P_8021AD: u16 = 0x88a8;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET_MASK: u16 = 0x1fff;
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
-
 /// Offsets inside the IPv4 header.
 pub const IP_TTL_OFF: usize = 8;
 pub const IP_CHECK_OFF: usize = 10;
@@ -100,6 +95,8 @@ pub struct Flow {
     pub check_off: usize,
     pub proto: u8,
     pub tcp_flags: u8,
+    /// The TCP segment carries data (false for UDP and for first fragments).
+    pub tcp_payload: bool,
     /// First fragment of a fragmented datagram (ports present, rest of datagram elsewhere).
     pub first_fragment: bool,
     /// IPv4 total length (host order).
@@ -162,7 +159,7 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Flow, Cou
 
     let l4_off = ETH_HLEN + ihl;
     let l4_len = usize::from(tot_len) - ihl;
-    let (ports, check, check_off, tcp_flags) = if proto == IPPROTO_TCP {
+    let (ports, check, check_off, tcp_flags, tcp_payload) = if proto == IPPROTO_TCP {
         let tcp: *mut TcpHdr = ptr_at(data, data_end, l4_off).ok_or(Counter::DroppedMalformed)?;
         // SAFETY: ptr_at checked the bounds.
         let (data_offset, flags) = unsafe { ((*tcp).data_offset >> 4, (*tcp).flags) };
@@ -172,7 +169,8 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Flow, Cou
         }
         // SAFETY: inside the checked TCP header.
         let check = unsafe { core::ptr::addr_of_mut!((*tcp).check) };
-        (tcp as *mut Ports, check, l4_off + TCP_CHECK_OFF, flags)
+        let payload = !first_fragment && l4_len > header_len;
+        (tcp as *mut Ports, check, l4_off + TCP_CHECK_OFF, flags, payload)
     } else {
         let udp: *mut UdpHdr = ptr_at(data, data_end, l4_off).ok_or(Counter::DroppedMalformed)?;
         // SAFETY: ptr_at checked the bounds.
@@ -183,7 +181,7 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Flow, Cou
         }
         // SAFETY: inside the checked UDP header.
         let check = unsafe { core::ptr::addr_of_mut!((*udp).check) };
-        (udp as *mut Ports, check, l4_off + UDP_CHECK_OFF, 0)
+        (udp as *mut Ports, check, l4_off + UDP_CHECK_OFF, 0, false)
     };
 
     // SAFETY: all of these lie inside headers checked above.
@@ -196,6 +194,7 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Flow, Cou
             check_off,
             proto,
             tcp_flags,
+            tcp_payload,
             first_fragment,
             tot_len,
             saddr_be: (*ip).saddr_be,

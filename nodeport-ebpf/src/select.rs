@@ -1,16 +1,39 @@
-//! Backend selection for a new connection: source ranges, session affinity, Maglev.
+//! What a new connection may do and where it goes: frontend ports, martian sources, source
+//! ranges, session affinity, Maglev.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use nodeport_common::{
     AffinityEntry, AffinityKey, BE_F_DRAINING, Backend, Counter, DatapathConfig, FE_F_AFFINITY,
-    FE_F_LOCAL_ONLY, FE_F_SOURCE_RANGES, Frontend, SrcRangeKey, hash, src_range_prefix_len,
+    FE_F_LOCAL_ONLY, FE_F_SOURCE_RANGES, Frontend, LocalNetKey, SrcRangeKey, frontend_port_bit,
+    hash, src_range_prefix_len,
 };
 
 use crate::{
     conntrack::live_backend,
-    maps::{NP_AFFINITY, NP_MAGLEV, NP_SRC_RANGES},
+    maps::{NP_AFFINITY, NP_FE_PORTS, NP_LOCAL_NETS, NP_MAGLEV, NP_SRC_RANGES},
     packet::Flow,
 };
+
+/// Whether some frontend uses destination port `port` (host order).
+#[inline(always)]
+pub fn frontend_port(port: u16) -> bool {
+    let (word, bit) = frontend_port_bit(port);
+    NP_FE_PORTS.get(word).is_some_and(|w| w & bit != 0)
+}
+
+/// Sources no outside client can have: 0/8, loopback, multicast, class E and broadcast (the
+/// kernel's martian checks in ip_route_input_slow), and what the agent lists in
+/// `NP_LOCAL_NETS` (the node's own addresses, its pod networks).
+#[inline(always)]
+pub fn martian_source(saddr_be: u32) -> bool {
+    let first_octet = u32::from_be(saddr_be) >> 24;
+    if first_octet == 0 || first_octet == 127 || first_octet >= 224 {
+        return true;
+    }
+    NP_LOCAL_NETS
+        .get(&Key::new(32, LocalNetKey { addr_be: saddr_be }))
+        .is_some()
+}
 
 /// loadBalancerSourceRanges: the client must fall in one of the service's prefixes.
 #[inline(always)]

@@ -2,20 +2,24 @@
 //! its source translated back to the frontend and is redirected out towards the client, before
 //! netfilter sees it (netfilter never saw the request either, and would call the reply INVALID).
 //! Any other pod traffic continues untouched.
+//!
+//! A connection's replies are accepted from the device the pod's first answer came from (its
+//! veth, whatever the CNI's layout): another pod that spoofs the backend's address gets
+//! nothing into the connection, nor does any packet matching a SNATed connection's entry.
 
 use core::{ffi::c_void, ptr::null_mut};
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_UNSPEC},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use nodeport_common::{CT_DIR_REPLY, Counter};
+use nodeport_common::{CT_DIR_REPLY, CT_F_LOCAL, Counter, DatapathConfig};
 
 use crate::{
-    conntrack::{self, now},
-    fib::{self, Route},
-    maps::{NP_CONFIG, NP_CT},
+    conntrack::{self, Table, now},
+    fib::{self, Hop, Route},
+    maps::NP_CONFIG,
     nat::{Tuple, decrement_ttl_skb, rewrite_skb},
     packet::{Flow, parse},
     stats::count,
@@ -47,42 +51,45 @@ pub fn process(ctx: &TcContext) -> i32 {
     if flow.first_fragment {
         return TC_ACT_UNSPEC;
     }
-    let Some(entry_ptr) = NP_CT.get_ptr_mut(conntrack::key(&flow, CT_DIR_REPLY)) else {
+    let Some(cfg) = NP_CONFIG.get(0) else {
         return TC_ACT_UNSPEC;
     };
-    let now = now();
-    let hz = NP_CONFIG.get(0).map_or(0, |cfg| u64::from(cfg.hz));
-    conntrack::record(entry_ptr, &flow, now, CT_DIR_REPLY);
-    // SAFETY: points into the map value.
-    let new = Tuple::from(unsafe { &*entry_ptr });
+    let key = conntrack::key(&flow, CT_DIR_REPLY);
+    let Some((table, entry_ptr)) = conntrack::lookup(&key) else {
+        return TC_ACT_UNSPEC;
+    };
     // SAFETY: ctx.skb.skb is the kernel's __sk_buff.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    let route = fib::next_hop(entry_ptr, now, hz, || {
-        fib::lookup(
-            ctx.skb.skb as *mut c_void,
-            ingress,
-            flow.proto,
-            0,
-            new.saddr_be,
-            new.daddr_be,
-        )
-    });
+    // SAFETY: points into the map value.
+    let (flags, bound) = unsafe { ((*entry_ptr).flags, (*entry_ptr).bound_ifindex) };
+    if flags & CT_F_LOCAL == 0 || (bound != 0 && bound != ingress) {
+        count(Counter::DroppedReplyWrongInterface);
+        return TC_ACT_SHOT;
+    }
+    if bound == 0 {
+        // The first answer: its device is where the pod lives (a plain store, written by
+        // this direction only).
+        // SAFETY: as above.
+        unsafe { (*entry_ptr).bound_ifindex = ingress };
+    }
+    let now = now();
+    let Some((new, route)) = reply_route(ctx, cfg, &flow, table, &key, entry_ptr, ingress, now)
+    else {
+        return TC_ACT_SHOT;
+    };
     if rewrite_skb(ctx, &flow, &new).is_err() {
         count(Counter::FallbackRedirect);
         return TC_ACT_OK;
     }
-    let (ifindex, macs) = match route {
-        Route::Unresolved => {
+    let macs = match route.hop {
+        Hop::Unresolved => {
             count(Counter::FallbackFibLookup);
             return TC_ACT_OK;
         }
-        Route::Resolved {
-            ifindex,
-            smac,
-            dmac,
-        } => (ifindex, Some((smac, dmac))),
-        Route::NoNeighbour { ifindex } => (ifindex, None),
+        Hop::Resolved => Some((route.smac, route.dmac)),
+        Hop::NoNeighbour => None,
     };
+    let ifindex = route.ifindex;
     if !decrement_ttl_skb(ctx).unwrap_or(false) {
         count(Counter::FallbackTtlExceeded);
         return TC_ACT_OK;
@@ -103,4 +110,60 @@ pub fn process(ctx: &TcContext) -> i32 {
             unsafe { bpf_redirect_neigh(ifindex, null_mut(), 0, 0) as i32 }
         }
     }
+}
+
+/// Records the reply on its connection (completing the handshake of a UDP flow, checking the
+/// other entry) and finds where it goes. None: the packet must be dropped (counted).
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "inlined: no BPF call boundary")]
+fn reply_route(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    flow: &Flow,
+    table: Table,
+    key: &nodeport_common::CtKey,
+    entry: *mut nodeport_common::CtEntry,
+    ingress: u32,
+    now: u64,
+) -> Option<(Tuple, Route)> {
+    // SAFETY: points into the map value.
+    if !conntrack::alive(cfg, key, unsafe { &*entry }, now) {
+        count(Counter::EventCtRevived);
+    }
+    let state = conntrack::record(key, entry, flow, now);
+    let lookup = |new: &Tuple| {
+        fib::lookup(
+            ctx.skb.skb as *mut c_void,
+            ingress,
+            flow.proto,
+            0,
+            new.saddr_be,
+            new.daddr_be,
+        )
+    };
+    if table == Table::Handshake {
+        // SAFETY: copied out: promotion frees the element.
+        let copy = unsafe { *entry };
+        if let Err(counter) = conntrack::ensure_partner(table, key, &copy, now) {
+            count(counter);
+            return None;
+        }
+        if state.established != 0 {
+            conntrack::promote(key, &copy);
+        }
+        let new = Tuple::from(&copy);
+        return Some((new, lookup(&new)));
+    }
+    let recheck = u64::from(cfg.hz);
+    if fib::stale(entry, now, recheck) {
+        // SAFETY: as above.
+        if let Err(counter) = conntrack::ensure_partner(table, key, unsafe { &*entry }, now) {
+            count(counter);
+            return None;
+        }
+    }
+    // SAFETY: as above.
+    let new = Tuple::from(unsafe { &*entry });
+    let route = fib::next_hop(entry, now, recheck, || lookup(&new));
+    Some((new, route))
 }

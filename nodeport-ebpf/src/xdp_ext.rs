@@ -12,43 +12,34 @@
 use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST, xdp_action},
+    bindings::{BPF_ANY, xdp_action},
     helpers::bpf_xdp_adjust_meta,
     programs::XdpContext,
 };
 use nodeport_common::{
-    BE_F_LOCAL, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_LOCAL, CT_F_SNAT, Counter, CtEntry, CtKey,
-    DatapathConfig, Frontend, FrontendKey, XDP_META_F_NEIGH, XDP_META_MAGIC, XdpMeta,
-    frontend_port_bit, hash,
+    BE_F_LOCAL, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_LOCAL, CT_F_PORT_REWRITE, CT_F_SNAT, Counter,
+    CtEntry, CtKey, CtState, DatapathConfig, Frontend, FrontendKey, PROG_SLOT_NEW_CONNECTION,
+    TCP_ACK, TCP_RST, TCP_SYN,
+    XDP_META_F_NEIGH, XDP_META_MAGIC, XdpMeta,
 };
 
 use crate::{
-    conntrack::{self, now},
-    fib::{self, Route},
-    maps::{NP_CONFIG, NP_CT, NP_FE_PORTS, NP_FRONTENDS, NP_SNAT_ADDRS},
+    conntrack::{self, Known, Table, now},
+    fib::{self, Hop, Route},
+    maps::{NP_CONFIG, NP_FRONTENDS, NP_NEW_SCRATCH, NP_PROGS, NP_SNAT_ADDRS},
     nat::{Tuple, decrement_ttl_xdp, rewrite_xdp},
     packet::{EthHdr, Flow, parse, ptr_at},
-    select, stats,
+    select::{self, frontend_port},
+    snat, stats,
 };
 
 /// The action and the counter that records it.
 pub type Verdict = (u32, Counter);
 
-/// How many SNAT ports a new connection tries before giving up.
-const SNAT_PROBES: u32 = 16;
-/// Decorrelates the SNAT port from the Maglev slot of the same flow.
-const SNAT_HASH_SALT: u32 = 0x5a17_c0de;
-
 #[inline(always)]
 fn ingress_ifindex(ctx: &XdpContext) -> u32 {
     // SAFETY: ctx.ctx is the kernel's xdp_md.
     unsafe { (*ctx.ctx).ingress_ifindex }
-}
-
-#[inline(always)]
-fn frontend_port(port: u16) -> bool {
-    let (word, bit) = frontend_port_bit(port);
-    NP_FE_PORTS.get(word).is_some_and(|w| w & bit != 0)
 }
 
 #[inline(always)]
@@ -61,237 +52,263 @@ pub fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
     let flow = parse(data, data_end, data_end - data)?;
     let dport = u16::from_be(flow.dport_be);
 
+    let now = now();
+    // A packet of a known connection, either direction: found here, handled in one place.
+    let mut known_connection = None;
     if frontend_port(dport) {
-        let now = now();
+        let key = conntrack::key(&flow, CT_DIR_FORWARD);
         // An established connection needs one lookup; its entry knows its service.
-        if let Some(entry) = NP_CT.get_ptr_mut(conntrack::key(&flow, CT_DIR_FORWARD)) {
+        if let Some((table, entry)) = conntrack::lookup(&key) {
             // SAFETY: points into the map value.
-            if conntrack::still_valid(cfg, unsafe { &*entry }, &flow, now) {
-                // Later fragments carry no ports and could not follow the first one.
+            match conntrack::on_forward(cfg, &key, unsafe { &*entry }, &flow, now) {
+                Known::Continue => known_connection = Some((table, key, entry)),
+                Known::Revive => {
+                    stats::count(Counter::EventCtRevived);
+                    known_connection = Some((table, key, entry));
+                }
+                // SAFETY: as above.
+                Known::Restart => conntrack::forget(table, &key, unsafe { &*entry }),
+            }
+        }
+        if known_connection.is_none() {
+            let fe_key = FrontendKey {
+                addr_be: flow.daddr_be,
+                port_be: flow.dport_be,
+                proto: flow.proto,
+                _pad: 0,
+            };
+            if NP_FRONTENDS.get_ptr(fe_key).is_some() {
                 if flow.first_fragment {
                     return Err(Counter::DroppedFragment);
                 }
-                return forward_established(ctx, cfg, &flow, entry, now);
+                // A new connection: on in a program of its own (`np_xdp_new`, below), which
+                // counts the packet's fate. The tail call returns only when it failed.
+                // SAFETY: a tail call into a program of this object.
+                unsafe { NP_PROGS.tail_call(ctx, PROG_SLOT_NEW_CONNECTION) };
+                return Err(Counter::DroppedNoNewConnectionProgram);
             }
-        }
-        let fe_key = FrontendKey {
-            addr_be: flow.daddr_be,
-            port_be: flow.dport_be,
-            proto: flow.proto,
-            _pad: 0,
-        };
-        if let Some(fe) = NP_FRONTENDS.get_ptr(fe_key) {
-            if flow.first_fragment {
-                return Err(Counter::DroppedFragment);
-            }
-            // SAFETY: points into the map value; copied out at once.
-            let fe = unsafe { *fe };
-            let entry = new_connection(ctx, cfg, &flow, &fe, now)?;
-            stats::service(fe.svc_id, flow.tot_len, CT_DIR_FORWARD);
-            return transmit(ctx, cfg, &flow, entry, now);
         }
     }
-
-    if dport >= cfg.snat_port_min && dport <= cfg.snat_port_max {
-        if let Some(entry) = NP_CT.get_ptr_mut(conntrack::key(&flow, CT_DIR_REPLY)) {
-            if flow.first_fragment {
-                return Err(Counter::DroppedFragment);
+    if known_connection.is_none() && cfg.is_snat_port(dport) {
+        let key = conntrack::key(&flow, CT_DIR_REPLY);
+        if let Some((table, entry)) = conntrack::lookup(&key) {
+            // Remote backend -> node address:SNAT port. Only a SNATed connection's reply
+            // entry, and only from the device the connection left by: an outside host that
+            // guessed a SNAT port, or spoofs a backend from elsewhere, gets nothing in.
+            // SAFETY: points into the map value.
+            let (flags, bound) = unsafe { ((*entry).flags, (*entry).bound_ifindex) };
+            if flags & CT_F_SNAT == 0 || bound != ingress_ifindex(ctx) {
+                return Err(Counter::DroppedReplyWrongInterface);
             }
-            return snat_reply(ctx, cfg, &flow, entry);
+            // SAFETY: as above.
+            if !conntrack::alive(cfg, &key, unsafe { &*entry }, now) {
+                stats::count(Counter::EventCtRevived);
+            }
+            known_connection = Some((table, key, entry));
         }
     }
-    Err(Counter::PassedNoFrontend)
+    let Some((table, key, entry)) = known_connection else {
+        return Err(Counter::PassedNoFrontend);
+    };
+    // Later fragments carry no ports and could not follow the first one.
+    if flow.first_fragment {
+        return Err(Counter::DroppedFragment);
+    }
+    known(ctx, cfg, &flow, table, &key, entry, now)
 }
 
-/// Client -> frontend on a known connection.
+/// The first packet of a new connection, tail-called from [`process`] once it found no
+/// connection for the packet and a frontend for its destination.
 #[inline(always)]
-fn forward_established(
+pub fn process_new(ctx: &XdpContext) -> Result<Verdict, Counter> {
+    let cfg = match NP_CONFIG.get(0) {
+        Some(cfg) if cfg.maglev_size != 0 => cfg,
+        _ => return Err(Counter::PassedNoFrontend),
+    };
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let flow = parse(data, data_end, data_end - data)?;
+    let fe_key = FrontendKey {
+        addr_be: flow.daddr_be,
+        port_be: flow.dport_be,
+        proto: flow.proto,
+        _pad: 0,
+    };
+    // SAFETY: points into the map value; copied out at once.
+    let fe = unsafe { *NP_FRONTENDS.get_ptr(fe_key).ok_or(Counter::PassedNoFrontend)? };
+    let key = conntrack::key(&flow, CT_DIR_FORWARD);
+    let (new, route) = new_connection(ctx, cfg, &flow, &key, &fe, now())?;
+    stats::service(fe.svc_id, flow.tot_len, CT_DIR_FORWARD);
+    transmit(ctx, &flow, &new, route)
+}
+
+/// The route of a translated packet, looked up now (no cache).
+#[inline(always)]
+fn lookup_route(ctx: &XdpContext, flow: &Flow, new: &Tuple) -> Route {
+    fib::lookup(
+        ctx.ctx as *mut c_void,
+        ingress_ifindex(ctx),
+        flow.proto,
+        flow.tot_len,
+        new.saddr_be,
+        new.daddr_be,
+    )
+}
+
+/// A packet on a known connection, either direction: records it, completes the connection's
+/// handshake or checks its other entry, and sends it on.
+#[inline(always)]
+fn known(
     ctx: &XdpContext,
     cfg: &DatapathConfig,
     flow: &Flow,
+    table: Table,
+    key: &CtKey,
     entry: *mut CtEntry,
     now: u64,
 ) -> Result<Verdict, Counter> {
-    conntrack::record(entry, flow, now, CT_DIR_FORWARD);
-    transmit(ctx, cfg, flow, entry, now)
+    let state = conntrack::record(key, entry, flow, now);
+    let (new, route) = if table == Table::Handshake {
+        // SAFETY: copied out: promotion frees the element.
+        let copy = unsafe { *entry };
+        conntrack::ensure_partner(table, key, &copy, now)?;
+        if state.established != 0 {
+            conntrack::promote(key, &copy);
+        }
+        let new = Tuple::from(&copy);
+        (new, lookup_route(ctx, flow, &new))
+    } else {
+        let recheck = u64::from(cfg.hz);
+        // The next hop is cached per connection; when it is due for a re-check (once a
+        // second), the other entry is checked too.
+        if fib::stale(entry, now, recheck) {
+            // SAFETY: points into the map value.
+            conntrack::ensure_partner(table, key, unsafe { &*entry }, now)?;
+        }
+        // SAFETY: as above.
+        let new = Tuple::from(unsafe { &*entry });
+        (new, fib::next_hop(entry, now, recheck, || lookup_route(ctx, flow, &new)))
+    };
+    transmit(ctx, flow, &new, route)
 }
 
-/// Selects a backend and records both directions of the connection. Returns the forward
-/// entry as stored in the map.
+/// Selects a backend and records both directions of the connection in the handshake table.
+/// Returns the tuple the packet is rewritten to and the route to the backend.
 #[inline(always)]
 fn new_connection(
     ctx: &XdpContext,
     cfg: &DatapathConfig,
     flow: &Flow,
+    forward_key: &CtKey,
     fe: &Frontend,
     now: u64,
-) -> Result<*mut CtEntry, Counter> {
+) -> Result<(Tuple, Route), Counter> {
+    if flow.is_tcp() {
+        let f = flow.tcp_flags;
+        // An RST has nothing to reset and a SYN-ACK answers nothing: neither starts a
+        // connection (nf_conntrack calls them INVALID, and kube-proxy drops INVALID).
+        if f & TCP_RST != 0 || (f & TCP_SYN != 0 && f & TCP_ACK != 0) {
+            return Err(Counter::DroppedCtInvalid);
+        }
+    }
+    if select::martian_source(flow.saddr_be) {
+        return Err(Counter::DroppedMartianSource);
+    }
     if !select::source_allowed(fe, flow.saddr_be) {
         return Err(Counter::DroppedSourceRange);
     }
     let (backend_id, backend) = select::backend_for_new_flow(cfg, fe, flow, now)?;
-    let mut forward = CtEntry {
+    // One FIB lookup per new connection: where it goes (a remote backend's SNAT address is
+    // the egress device's, as MASQUERADE picks it) and the route its first packet takes.
+    let mut new = Tuple {
+        saddr_be: flow.saddr_be,
+        daddr_be: backend.addr_be,
+        sport_be: flow.sport_be,
+        dport_be: backend.port_be,
+    };
+    let route = lookup_route(ctx, flow, &new);
+    let egress = route.ifindex;
+    let local = backend.flags & BE_F_LOCAL != 0;
+    let scratch = NP_NEW_SCRATCH
+        .get_ptr_mut(0)
+        .ok_or(Counter::DroppedConntrackFull)?;
+    // SAFETY: this CPU's scratch slot, used by this program run alone.
+    let [forward, reply] = unsafe { &mut *scratch };
+    *forward = CtEntry {
         last_seen: now,
-        new_saddr_be: flow.saddr_be,
-        new_daddr_be: backend.addr_be,
-        new_sport_be: flow.sport_be,
-        new_dport_be: backend.port_be,
+        new_saddr_be: new.saddr_be,
+        new_daddr_be: new.daddr_be,
+        new_sport_be: new.sport_be,
+        new_dport_be: new.dport_be,
         backend_id,
         svc_id: fe.svc_id,
+        flags: if local { CT_F_LOCAL } else { CT_F_SNAT },
+        state: CtState::default().after(
+            flow.proto,
+            CT_DIR_FORWARD,
+            flow.tcp_flags,
+            flow.tcp_payload,
+        ),
         ..CtEntry::default()
     };
     // The backend's replies go back from the frontend to the client.
-    let mut reply = CtEntry {
+    *reply = CtEntry {
         new_saddr_be: flow.daddr_be,
         new_daddr_be: flow.saddr_be,
         new_sport_be: flow.dport_be,
         new_dport_be: flow.sport_be,
-        ..forward
+        ..*forward
     };
-
-    if backend.flags & BE_F_LOCAL != 0 {
-        // Local pod: the client's address is kept; the pod's reply meets the pod-facing hook.
-        forward.flags = CT_F_LOCAL;
-        reply.flags = CT_F_LOCAL;
-        let reply_key = conntrack::opposite_key(&forward, flow.proto, CT_DIR_REPLY);
-        NP_CT
-            .insert(reply_key, reply, u64::from(BPF_ANY))
-            .map_err(|_| Counter::DroppedConntrackFull)?;
+    if local {
+        // The pod's replies are bound to the device its first answer comes from.
+        let reply_key = forward.opposite_key(flow.proto, CT_DIR_REPLY);
+        if !snat::claim(cfg, forward_key, &reply_key, reply, now) {
+            // Another connection of this client address and port holds the tuple at the pod
+            // (two frontends of one pod): rewrite the client's port, as Linux NAT does.
+            forward.flags |= CT_F_PORT_REWRITE;
+            reply.flags |= CT_F_PORT_REWRITE;
+            new.sport_be = snat::claim_port(cfg, forward_key, &reply_key, reply, now)?;
+            forward.new_sport_be = new.sport_be;
+            stats::count(Counter::EventTupleClashRewritten);
+        }
     } else {
-        // Remote pod: SNAT to this node's address on the way to the backend, so the reply
-        // comes back here. The address is the egress interface's, as MASQUERADE picks it.
-        let egress = match fib::lookup(
-            ctx.ctx as *mut c_void,
-            ingress_ifindex(ctx),
-            flow.proto,
-            0,
-            flow.saddr_be,
-            backend.addr_be,
-        ) {
-            Route::Resolved { ifindex, .. } | Route::NoNeighbour { ifindex } => ifindex,
-            Route::Unresolved => return Err(Counter::FallbackFibLookup),
-        };
+        // Remote pod: SNAT, so the reply comes back here; without a route there is no egress
+        // device and so no SNAT address: the kernel routes the packet untranslated.
+        if egress == 0 {
+            return Err(Counter::FallbackFibLookup);
+        }
         let snat = NP_SNAT_ADDRS
             .get_ptr(egress)
             .ok_or(Counter::DroppedNoSnatAddress)?;
         // SAFETY: points into the map value.
-        forward.new_saddr_be = unsafe { (*snat).addr_be };
-        forward.flags = CT_F_SNAT;
-        reply.flags = CT_F_SNAT;
-        forward.new_sport_be = claim_snat_port(cfg, flow, &forward, &reply, now)?;
+        new.saddr_be = unsafe { (*snat).addr_be };
+        forward.new_saddr_be = new.saddr_be;
+        reply.bound_ifindex = egress;
+        let base = forward.opposite_key(flow.proto, CT_DIR_REPLY);
+        new.sport_be = snat::claim_port(cfg, forward_key, &base, reply, now)?;
+        forward.new_sport_be = new.sport_be;
     }
-    let key = conntrack::key(flow, CT_DIR_FORWARD);
-    NP_CT
-        .insert(key, forward, u64::from(BPF_ANY))
-        .map_err(|_| Counter::DroppedConntrackFull)?;
-    NP_CT.get_ptr_mut(key).ok_or(Counter::DroppedConntrackFull)
+    if let Err(counter) = Table::Handshake.insert(forward_key, forward, BPF_ANY) {
+        Table::Handshake.remove(&forward.opposite_key(flow.proto, CT_DIR_REPLY));
+        return Err(counter);
+    }
+    Ok((new, route))
 }
 
-/// Finds a source port for the SNATed connection such that the backend's reply tuple is
-/// unique, and records the reply entry under it. The first candidate is a hash of the flow, so
-/// a connection whose forward entry was evicted gets its old port back.
+/// Rewrites the packet to `new` and sends it on by `route`.
 #[inline(always)]
-fn claim_snat_port(
-    cfg: &DatapathConfig,
-    flow: &Flow,
-    forward: &CtEntry,
-    reply: &CtEntry,
-    now: u64,
-) -> Result<u16, Counter> {
-    let min = u32::from(cfg.snat_port_min);
-    let max = u32::from(cfg.snat_port_max);
-    if max < min {
-        return Err(Counter::DroppedSnatExhausted);
-    }
-    let span = max - min + 1;
-    let start = hash::flow_hash(
-        flow.saddr_be,
-        flow.sport_be,
-        flow.dport_be,
-        flow.proto,
-        cfg.hash_seed ^ SNAT_HASH_SALT,
-    );
-    for i in 0..SNAT_PROBES {
-        let port_be = ((min + start.wrapping_add(i) % span) as u16).to_be();
-        let key = CtKey {
-            dport_be: port_be,
-            ..conntrack::opposite_key(forward, flow.proto, CT_DIR_REPLY)
-        };
-        let claimable = match NP_CT.get_ptr(key) {
-            None => {
-                if NP_CT.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
-                    return Ok(port_be);
-                }
-                false // another CPU took it in between
-            }
-            Some(existing) => {
-                // SAFETY: points into the map value.
-                let existing = unsafe { *existing };
-                let same_connection = existing.new_daddr_be == reply.new_daddr_be
-                    && existing.new_dport_be == reply.new_dport_be
-                    && existing.new_saddr_be == reply.new_saddr_be
-                    && existing.new_sport_be == reply.new_sport_be;
-                same_connection || cfg.ct_expired(&existing, flow.proto, now)
-            }
-        };
-        if claimable && NP_CT.insert(key, reply, u64::from(BPF_ANY)).is_ok() {
-            return Ok(port_be);
-        }
-    }
-    Err(Counter::DroppedSnatExhausted)
-}
-
-/// Remote backend -> node address:SNAT port: back to the client, from the frontend.
-#[inline(always)]
-fn snat_reply(
-    ctx: &XdpContext,
-    cfg: &DatapathConfig,
-    flow: &Flow,
-    entry: *mut CtEntry,
-) -> Result<Verdict, Counter> {
-    let now = now();
-    conntrack::record(entry, flow, now, CT_DIR_REPLY);
-    transmit(ctx, cfg, flow, entry, now)
-}
-
-/// Rewrites the packet as `entry` says and sends it on its way.
-#[inline(always)]
-fn transmit(
-    ctx: &XdpContext,
-    cfg: &DatapathConfig,
-    flow: &Flow,
-    entry: *mut CtEntry,
-    now: u64,
-) -> Result<Verdict, Counter> {
+fn transmit(ctx: &XdpContext, flow: &Flow, new: &Tuple, route: Route) -> Result<Verdict, Counter> {
     // TTL 1: the kernel answers with ICMP time exceeded, about the packet the client sent.
     // SAFETY: flow.ip is a bounds-checked IPv4 header.
     if unsafe { (*flow.ip).ttl } <= 1 {
         return Ok((xdp_action::XDP_PASS, Counter::FallbackTtlExceeded));
     }
-    // SAFETY: points into the map value.
-    let new = Tuple::from(unsafe { &*entry });
     let ingress = ingress_ifindex(ctx);
-    // Cached next hops are re-checked after a second.
-    let route = fib::next_hop(entry, now, u64::from(cfg.hz), || {
-        fib::lookup(
-            ctx.ctx as *mut c_void,
-            ingress,
-            flow.proto,
-            flow.tot_len,
-            new.saddr_be,
-            new.daddr_be,
-        )
-    });
-    rewrite_xdp(flow, &new);
+    rewrite_xdp(flow, new);
     // The kernel stack routes what the FIB lookup could not decide (and sends any ICMP).
-    let (ifindex, flags, smac, dmac) = match route {
-        Route::Unresolved => return Ok((xdp_action::XDP_PASS, Counter::FallbackFibLookup)),
-        Route::Resolved {
-            ifindex,
-            smac,
-            dmac,
-        } => (ifindex, 0, smac, dmac),
-        Route::NoNeighbour { ifindex } => (ifindex, XDP_META_F_NEIGH, [0; 6], [0; 6]),
+    let (ifindex, flags, smac, dmac) = match route.hop {
+        Hop::Unresolved => return Ok((xdp_action::XDP_PASS, Counter::FallbackFibLookup)),
+        Hop::Resolved => (route.ifindex, 0, route.smac, route.dmac),
+        Hop::NoNeighbour => (route.ifindex, XDP_META_F_NEIGH, [0; 6], [0; 6]),
     };
     decrement_ttl_xdp(flow.ip);
 

@@ -70,6 +70,9 @@ pub fn test_settings(ext_ifindex: u32, node_ip: Ipv4Addr) -> GlobalSettings {
             tcp_closing_timeout_s: 10,
             udp_timeout_s: 60,
             hz: kernel_hz(),
+            snat_secret: 0x5ec2_e7a1,
+            snat_port_min2: 0,
+            snat_port_max2: 0,
         },
         snat_addrs: [(ext_ifindex, node_ip)].into(),
     }

@@ -158,6 +158,7 @@ pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 pub const TC_ACT_OK: i32 = 0;
+pub const TC_ACT_SHOT: i32 = 2;
 pub const TC_ACT_REDIRECT: i32 = 7;
 pub const TC_ACT_UNSPEC: i32 = -1;
 
@@ -177,6 +178,9 @@ pub fn default_config() -> DatapathConfig {
         tcp_closing_timeout_s: 10,
         udp_timeout_s: 60,
         hz: nodeport_agent::datapath::kernel_hz(),
+        snat_secret: 0x5ec2_e7a1,
+        snat_port_min2: 0,
+        snat_port_max2: 0,
     }
 }
 
@@ -361,22 +365,56 @@ impl Fixture {
         }))
     }
 
+    /// Every connection tracking entry, of both tables.
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>> {
+        let mut entries = self.established()?;
+        entries.extend(self.handshake()?);
+        entries.sort_by_key(|(k, _)| *k);
+        Ok(entries)
+    }
+
+    /// The entries of established connections (`NP_CT`).
+    pub fn established(&self) -> Result<Vec<(CtKey, CtEntry)>> {
         let mut entries: Vec<_> = self.dp.maps.conntrack.iter().collect::<Result<_, _>>()?;
+        entries.sort_by_key(|(k, _)| *k);
+        Ok(entries)
+    }
+
+    /// The entries of connections in the handshake (`NP_CT_NEW`).
+    pub fn handshake(&self) -> Result<Vec<(CtKey, CtEntry)>> {
+        let mut entries: Vec<_> = self
+            .dp
+            .maps
+            .conntrack_new
+            .iter()
+            .collect::<Result<_, _>>()?;
         entries.sort_by_key(|(k, _)| *k);
         Ok(entries)
     }
 
     /// Runs the external XDP program on `frame` as if it arrived on ext0.
     pub fn xdp(&mut self, topo: &Topology, frame: &[u8]) -> Result<XdpRun> {
-        let ingress = topo.ext_ifindex;
+        self.xdp_on(topo, topo.ext_ifindex, frame)
+    }
+
+    /// Runs the external XDP program on `frame` as if it arrived on device `ingress`.
+    pub fn xdp_on(&mut self, topo: &Topology, ingress: u32, frame: &[u8]) -> Result<XdpRun> {
         let prog = self.dp.xdp_program(programs::XDP_EXTERNAL)?;
         run_xdp(prog, &topo.ns, ingress, frame, 1)
     }
 
     /// Runs the pod-facing TC program on `frame` as if it arrived on pod0.
     pub fn tc_pod(&mut self, topo: &Topology, frame: &[u8]) -> Result<(i32, Vec<u8>)> {
-        let ifindex = topo.pod_ifindex;
+        self.tc_pod_on(topo, topo.pod_ifindex, frame)
+    }
+
+    /// Runs the pod-facing TC program on `frame` as if it arrived on device `ifindex`.
+    pub fn tc_pod_on(
+        &mut self,
+        topo: &Topology,
+        ifindex: u32,
+        frame: &[u8],
+    ) -> Result<(i32, Vec<u8>)> {
         let prog = self.dp.tc_program(programs::TC_POD)?;
         topo.ns.run(|| {
             let mut ctx = [0u8; 192];

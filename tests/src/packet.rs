@@ -43,6 +43,13 @@ pub const FIN_ACK: TcpFlags = TcpFlags {
     rst: false,
 };
 
+pub const RST: TcpFlags = TcpFlags {
+    syn: false,
+    ack: false,
+    fin: false,
+    rst: true,
+};
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum L4 {
     Tcp {

@@ -9,13 +9,13 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use anyhow::{Context, Result, bail, ensure};
 use etherparse::PacketBuilder;
 use nodeport_common::{
-    CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, CT_F_REPLY_SEEN, Counter, FE_F_AFFINITY,
-    FE_F_LOCAL_ONLY, FE_F_SOURCE_RANGES, IPPROTO_TCP, IPPROTO_UDP, XDP_META_F_NEIGH,
+    CT_DIR_FORWARD, CT_DIR_REPLY, Counter, FE_F_AFFINITY,
+    CtEntry, FE_F_LOCAL_ONLY, FE_F_SOURCE_RANGES, IPPROTO_TCP, IPPROTO_UDP, XDP_META_F_NEIGH,
 };
 use nodeport_tests::{
     fixture::*,
     netns::require_root,
-    packet::{ACK, FIN_ACK, L4, Pkt, SYN, SYN_ACK, Seen, parse_checked, sa},
+    packet::{ACK, FIN_ACK, L4, Pkt, RST, SYN, SYN_ACK, Seen, parse_checked, sa},
 };
 
 const FRONTEND: &str = "198.18.0.1:30080";
@@ -102,6 +102,55 @@ const CASES: &[(&str, Case)] = &[
     (
         "a draining backend keeps TCP connections, UDP flows move",
         draining_tcp_stays_udp_moves,
+    ),
+    (
+        "a SYN-ACK alone establishes nothing; the client's ACK moves both entries",
+        handshake_then_established,
+    ),
+    (
+        "UDP is established by the answer",
+        udp_established_by_answer,
+    ),
+    (
+        "an RST the client did not mean is undone by its next packet",
+        rst_restored_by_traffic,
+    ),
+    (
+        "an RST or SYN-ACK without a connection is dropped",
+        invalid_without_connection,
+    ),
+    ("martian sources never start connections", martian_sources),
+    (
+        "replies are accepted only from the device their connection uses",
+        replies_bound_to_their_device,
+    ),
+    (
+        "a one-way UDP stream keeps its SNAT port",
+        one_way_udp_keeps_its_port,
+    ),
+    (
+        "an idle connection goes on with its backend; a new SYN re-selects",
+        revive_idle_connection,
+    ),
+    (
+        "a lost entry is recreated; one whose tuple was taken drops",
+        lost_partner_recreated_or_dropped,
+    ),
+    (
+        "a full established table leaves connections working from the handshake table",
+        promotion_when_established_table_full,
+    ),
+    (
+        "two frontends of one local pod from one client port get distinct tuples",
+        local_tuple_clash,
+    ),
+    (
+        "SNAT ports come from both ranges and skip frontend ports",
+        snat_ports_from_both_ranges_not_frontends,
+    ),
+    (
+        "the SNAT port depends on the node's secret",
+        snat_port_depends_on_the_node_secret,
     ),
 ];
 
@@ -371,7 +420,7 @@ fn pod_reply_tcp(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     // Both directions now know the connection is established.
     let ct = fx.conntrack()?;
     ensure!(
-        ct.len() == 2 && ct.iter().all(|(_, e)| e.flags & CT_F_REPLY_SEEN != 0),
+        ct.len() == 2 && ct.iter().all(|(_, e)| e.state.replied == 1),
         "{ct:?}"
     );
     Ok(())
@@ -545,15 +594,32 @@ fn reselect_removed_backend(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     Ok(())
 }
 
+/// Makes the entry of direction `dir` (of the only connection) look idle since long ago, in
+/// whichever table it is.
 fn age_entry(fx: &mut Fixture, dir: u8) -> Result<()> {
-    let entries = fx.conntrack()?;
-    let (key, mut entry) = *entries
-        .iter()
-        .find(|(k, _)| k.dir == dir)
-        .context("no entry")?;
-    entry.last_seen = LONG_AGO;
-    fx.dp.maps.conntrack.insert(key, entry, 0)?;
-    Ok(())
+    edit_entry(fx, dir, |e| e.last_seen = LONG_AGO)
+}
+
+/// Changes the entry of direction `dir` of the only connection in place.
+fn edit_entry(fx: &mut Fixture, dir: u8, edit: impl Fn(&mut CtEntry)) -> Result<()> {
+    for established in [true, false] {
+        let entries = if established {
+            fx.established()?
+        } else {
+            fx.handshake()?
+        };
+        if let Some((key, mut entry)) = entries.into_iter().find(|(k, _)| k.dir == dir) {
+            edit(&mut entry);
+            let map = if established {
+                &mut fx.dp.maps.conntrack
+            } else {
+                &mut fx.dp.maps.conntrack_new
+            };
+            map.insert(key, entry, 0)?;
+            return Ok(());
+        }
+    }
+    bail!("no entry of direction {dir}")
 }
 
 fn reselect_expired(fx: &mut Fixture, topo: &Topology) -> Result<()> {
@@ -562,8 +628,9 @@ fn reselect_expired(fx: &mut Fixture, topo: &Topology) -> Result<()> {
         backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
     let (_, other) = other_backend(&svc, &first);
     fx.set_table(&svc, &[other])?;
-    // Only a SYN was seen: the SYN timeout applies.
+    // Only a SYN was seen: the SYN timeout applies, to both directions.
     age_entry(fx, CT_DIR_FORWARD)?;
+    age_entry(fx, CT_DIR_REPLY)?;
     let again =
         backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
     ensure!(again != first, "expired flow kept {first}");
@@ -589,14 +656,36 @@ fn syn_after_fin(fx: &mut Fixture, topo: &Topology) -> Result<()> {
 
 fn fin_marks_closing(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
-    xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?;
+    establish_local(fx, topo, 40000)?;
     xdp_action(fx, topo, &from_client(40000, FRONTEND, FIN_ACK), XDP_PASS)?;
-    let ct = fx.conntrack()?;
+    // A half-close: the connection is not closing, both entries say so.
+    let ct = fx.established()?;
     ensure!(ct.len() == 2, "{ct:?}");
     for (k, e) in &ct {
-        ensure!(e.flags & CT_F_CLOSING != 0, "{k:?} not closing: {e:?}");
+        ensure!(
+            e.state.fin_fwd == 1 && !e.state.closing(),
+            "{k:?} after the client's FIN: {:?}",
+            e.state
+        );
     }
-    ensure!(ct.iter().any(|(k, _)| k.dir == CT_DIR_REPLY));
+    // The pod's FIN closes it, in both entries.
+    let fin = Pkt::tcp(sa(POD_A), sa(CLIENT), FIN_ACK).macs(POD_MAC, POD_HOST_MAC);
+    let (ret, _) = fx.tc_pod(topo, &fin.bytes())?;
+    ensure!(ret == TC_ACT_REDIRECT, "tc verdict {ret}");
+    for (k, e) in &fx.established()? {
+        ensure!(e.state.closing(), "{k:?} not closing: {:?}", e.state);
+    }
+    Ok(())
+}
+
+/// SYN, the pod's SYN-ACK, the client's ACK: an established connection to POD_A.
+fn establish_local(fx: &mut Fixture, topo: &Topology, sport: u16) -> Result<()> {
+    xdp_action(fx, topo, &from_client(sport, FRONTEND, SYN), XDP_PASS)?;
+    let syn_ack = Pkt::tcp(sa(POD_A), sa(&format!("198.18.0.100:{sport}")), SYN_ACK)
+        .macs(POD_MAC, POD_HOST_MAC);
+    let (ret, _) = fx.tc_pod(topo, &syn_ack.bytes())?;
+    ensure!(ret == TC_ACT_REDIRECT, "SYN-ACK: tc verdict {ret}");
+    xdp_action(fx, topo, &from_client(sport, FRONTEND, ACK), XDP_PASS)?;
     Ok(())
 }
 
@@ -1019,5 +1108,456 @@ fn draining_tcp_stays_udp_moves(fx: &mut Fixture, topo: &Topology) -> Result<()>
     );
     let u_again = backend_of(&xdp_action(fx, topo, &datagram, XDP_PASS)?.frame)?;
     ensure!(u_again != u, "the UDP flow stayed on draining {u}");
+    Ok(())
+}
+
+// ---- connection tracking (issue 11) and tuple clashes (issue 17) ----------------------------
+
+fn pod_reply(sport: u16, flags: nodeport_tests::packet::TcpFlags) -> Pkt {
+    Pkt::tcp(sa(POD_A), sa(&format!("198.18.0.100:{sport}")), flags).macs(POD_MAC, POD_HOST_MAC)
+}
+
+/// Where the entries of the connection from the client's `sport` are: (established, handshake).
+fn tables_of(fx: &Fixture, sport: u16) -> Result<(usize, usize)> {
+    let mine = |entries: Vec<(nodeport_common::CtKey, CtEntry)>| {
+        entries
+            .iter()
+            .filter(|(k, e)| {
+                let client_port = if k.dir == CT_DIR_FORWARD {
+                    k.sport_be
+                } else {
+                    e.new_dport_be
+                };
+                u16::from_be(client_port) == sport
+            })
+            .count()
+    };
+    Ok((mine(fx.established()?), mine(fx.handshake()?)))
+}
+
+fn handshake_then_established(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?;
+    ensure!(tables_of(fx, 40000)? == (0, 2), "after the SYN");
+    // The SYN-ACK alone establishes nothing: a spoofed SYN's answer must not hold an entry
+    // (and a SNAT port) for the established timeout.
+    let (ret, _) = fx.tc_pod(topo, &pod_reply(40000, SYN_ACK).bytes())?;
+    ensure!(ret == TC_ACT_REDIRECT, "tc verdict {ret}");
+    ensure!(tables_of(fx, 40000)? == (0, 2), "after the SYN-ACK");
+    for (k, e) in fx.handshake()? {
+        ensure!(
+            e.state.replied == 1 && e.state.established == 0,
+            "{k:?}: {:?}",
+            e.state
+        );
+    }
+    // The client's ACK completes the handshake: both entries move to the established table.
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_PASS)?;
+    ensure!(tables_of(fx, 40000)? == (2, 0), "after the ACK");
+    for (k, e) in fx.established()? {
+        ensure!(e.state.established == 1, "{k:?}: {:?}", e.state);
+    }
+    // And it goes on working from there, both ways.
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_PASS)?;
+    let (ret, _) = fx.tc_pod(topo, &pod_reply(40000, ACK).bytes())?;
+    ensure!(ret == TC_ACT_REDIRECT, "tc verdict {ret}");
+    Ok(())
+}
+
+fn udp_established_by_answer(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&ServiceSpec::new(
+        1,
+        FRONTEND,
+        IPPROTO_UDP,
+        vec![local(1, "198.18.1.10:5353")],
+    ))?;
+    let query = Pkt::udp(sa(CLIENT), sa(FRONTEND)).macs(CLIENT_MAC, EXT_MAC);
+    xdp_action(fx, topo, &query, XDP_PASS)?;
+    xdp_action(fx, topo, &query, XDP_PASS)?;
+    ensure!(tables_of(fx, 40000)? == (0, 2), "unanswered");
+    let answer = Pkt::udp(sa("198.18.1.10:5353"), sa(CLIENT)).macs(POD_MAC, POD_HOST_MAC);
+    let (ret, _) = fx.tc_pod(topo, &answer.bytes())?;
+    ensure!(ret == TC_ACT_REDIRECT, "tc verdict {ret}");
+    ensure!(tables_of(fx, 40000)? == (2, 0), "answered");
+    Ok(())
+}
+
+fn rst_restored_by_traffic(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
+    establish_local(fx, topo, 40000)?;
+    // An RST "from the client" (spoofed, or one the client's stack did not mean).
+    let rst = from_client(40000, FRONTEND, RST).payload(&[]);
+    xdp_action(fx, topo, &rst, XDP_PASS)?;
+    for (k, e) in fx.established()? {
+        ensure!(e.state.closing(), "{k:?} not closing after RST: {:?}", e.state);
+    }
+    // The client goes on talking: the RST was not honoured, the connection is established.
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_PASS)?;
+    for (k, e) in fx.established()? {
+        ensure!(
+            !e.state.closing() && e.state.established == 1,
+            "{k:?} not restored: {:?}",
+            e.state
+        );
+    }
+    // A new SYN on a closing connection still starts a new one (covered by syn_after_fin for
+    // FIN); the pod's own RST closes it for good.
+    let (ret, _) = fx.tc_pod(topo, &pod_reply(40000, RST).payload(&[]).bytes())?;
+    ensure!(ret == TC_ACT_REDIRECT, "tc verdict {ret}");
+    for (k, e) in fx.established()? {
+        ensure!(e.state.closing(), "{k:?} not closing: {:?}", e.state);
+    }
+    Ok(())
+}
+
+fn invalid_without_connection(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
+    let before = fx.counters()?;
+    for flags in [RST, SYN_ACK] {
+        let input = from_client(40000, FRONTEND, flags);
+        let run = xdp_action(fx, topo, &input, XDP_DROP)?;
+        check_unchanged(&run, &input.bytes())?;
+    }
+    check_counters(fx, &before, &[(Counter::DroppedCtInvalid, 2)])?;
+    ensure!(fx.conntrack()?.is_empty(), "an entry was created");
+    Ok(())
+}
+
+fn martian_sources(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
+    // The agent lists the node's addresses and pod networks.
+    fx.dp.maps.local_nets.insert(
+        &aya::maps::lpm_trie::Key::new(
+            24,
+            nodeport_common::LocalNetKey {
+                addr_be: u32::from(Ipv4Addr::new(198, 18, 7, 0)).to_be(),
+            },
+        ),
+        1,
+        0,
+    )?;
+    let before = fx.counters()?;
+    let sources = [
+        "127.0.0.1:40000",
+        "0.1.2.3:40000",
+        "224.0.0.5:40000",
+        "255.255.255.255:40000",
+        "198.18.7.9:40000",
+    ];
+    for src in sources {
+        let input = Pkt::tcp(sa(src), sa(FRONTEND), SYN).macs(CLIENT_MAC, EXT_MAC);
+        let run = xdp_action(fx, topo, &input, XDP_DROP)?;
+        check_unchanged(&run, &input.bytes())?;
+    }
+    check_counters(
+        fx,
+        &before,
+        &[(Counter::DroppedMartianSource, sources.len() as u64)],
+    )?;
+    ensure!(fx.conntrack()?.is_empty(), "an entry was created");
+    // Next to them, a real client is served.
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?;
+    Ok(())
+}
+
+/// A remote connection's SYN; returns the SNAT port.
+fn snat_syn(fx: &mut Fixture, topo: &Topology, sport: u16) -> Result<u16> {
+    let run = xdp_action(fx, topo, &from_client(sport, FRONTEND, SYN), XDP_TX)?;
+    Ok(parse_checked(&run.frame)?.src.port())
+}
+
+fn backend_reply(port: u16, flags: nodeport_tests::packet::TcpFlags) -> Pkt {
+    Pkt::tcp(sa(REMOTE_A), sa(&format!("198.18.0.1:{port}")), flags).macs(NODE2_MAC, EXT_MAC)
+}
+
+fn replies_bound_to_their_device(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![remote(1, REMOTE_A)]))?;
+    let port = snat_syn(fx, topo, 40000)?;
+    let before = fx.counters()?;
+    // The backend's SYN-ACK from the pod side (a pod spoofing the remote backend) or from
+    // another device: dropped, never let into the connection.
+    let spoofed = backend_reply(port, SYN_ACK);
+    let run = fx.xdp_on(topo, topo.pod_ifindex, &spoofed.bytes())?;
+    ensure!(run.action == XDP_DROP, "XDP action {}", run.action);
+    let (ret, _) = fx.tc_pod(topo, &spoofed.clone().macs(POD_MAC, POD_HOST_MAC).bytes())?;
+    ensure!(ret == TC_ACT_SHOT, "pod hook let a SNAT reply through: {ret}");
+    check_counters(fx, &before, &[(Counter::DroppedReplyWrongInterface, 2)])?;
+    for (k, e) in fx.conntrack()? {
+        ensure!(e.state.replied == 0, "{k:?} took the spoofed reply");
+    }
+    // From where the connection left by, it passes.
+    xdp_action(fx, topo, &spoofed, XDP_TX)?;
+
+    // A local pod's replies: bound to the device the first one came from.
+    fx.add_service(&ServiceSpec::new(
+        2,
+        "198.18.3.3:80",
+        IPPROTO_TCP,
+        vec![local(2, POD_A)],
+    ))?;
+    xdp_action(fx, topo, &from_client(41000, "198.18.3.3:80", SYN), XDP_PASS)?;
+    let reply = pod_reply(41000, SYN_ACK);
+    let (ret, _) = fx.tc_pod(topo, &reply.bytes())?;
+    ensure!(ret == TC_ACT_REDIRECT, "first reply: {ret}");
+    // Another pod's device (here: ext0's index, standing for any other veth).
+    let (ret, _) = fx.tc_pod_on(topo, topo.ext_ifindex, &pod_reply(41000, ACK).bytes())?;
+    ensure!(ret == TC_ACT_SHOT, "a reply from another device went through: {ret}");
+    let (ret, _) = fx.tc_pod(topo, &pod_reply(41000, ACK).bytes())?;
+    ensure!(ret == TC_ACT_REDIRECT, "the pod's own reply: {ret}");
+    Ok(())
+}
+
+fn one_way_udp_keeps_its_port(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    // One SNAT port: whoever holds it holds the whole range.
+    fx.set_config(nodeport_common::DatapathConfig {
+        snat_port_min: 61000,
+        snat_port_max: 61000,
+        ..default_config()
+    })?;
+    fx.add_service(&ServiceSpec::new(
+        1,
+        FRONTEND,
+        IPPROTO_UDP,
+        vec![remote(1, REMOTE_A)],
+    ))?;
+    let stream = |sport: u16| {
+        Pkt::udp(sa(&format!("198.18.0.100:{sport}")), sa(FRONTEND)).macs(CLIENT_MAC, EXT_MAC)
+    };
+    xdp_action(fx, topo, &stream(40000), XDP_TX)?;
+    // The stream goes on one way (syslog, metrics): its reply entry sees nothing and ages
+    // past the UDP timeout, its forward entry stays fresh.
+    age_entry(fx, CT_DIR_REPLY)?;
+    xdp_action(fx, topo, &stream(40000), XDP_TX)?;
+    // Another flow must not be handed the port: that would cross the two.
+    let before = fx.counters()?;
+    xdp_action(fx, topo, &stream(40001), XDP_DROP)?;
+    check_counters(fx, &before, &[(Counter::DroppedSnatExhausted, 1)])?;
+    // Once both directions are idle past the timeout, the port is free again.
+    age_entry(fx, CT_DIR_FORWARD)?;
+    xdp_action(fx, topo, &stream(40001), XDP_TX)?;
+    Ok(())
+}
+
+fn revive_idle_connection(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    let svc = two_backend_service(fx)?;
+    establish_local(fx, topo, 40000)?;
+    let first = fx
+        .established()?
+        .iter()
+        .find(|(k, _)| k.dir == CT_DIR_FORWARD)
+        .map(|(_, e)| e.new_daddr_be)
+        .context("no forward entry")?;
+    let first = Ipv4Addr::from(u32::from_be(first));
+    // The table changes and the connection idles past its timeout, both directions.
+    let chosen = svc
+        .backends
+        .iter()
+        .find(|b| *b.addr.ip() == first)
+        .map(|b| b.id)
+        .context("known")?;
+    let other = svc.backends.iter().find(|b| b.id != chosen).context("two")?;
+    fx.set_table(&svc, &[other.id])?;
+    age_entry(fx, CT_DIR_FORWARD)?;
+    age_entry(fx, CT_DIR_REPLY)?;
+    // Data from the client: the connection is whole and its backend there, so it goes on
+    // where it was (a new backend would answer with an RST).
+    let before = fx.counters()?;
+    let run = xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_PASS)?;
+    ensure!(
+        parse_checked(&run.frame)?.dst.ip() == &first,
+        "revived onto another backend"
+    );
+    check_counters(
+        fx,
+        &before,
+        &[(Counter::ForwardedToTc, 1), (Counter::EventCtRevived, 1)],
+    )?;
+    // A new SYN on an idle tuple is a new connection.
+    age_entry(fx, CT_DIR_FORWARD)?;
+    age_entry(fx, CT_DIR_REPLY)?;
+    let run = xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?;
+    ensure!(
+        parse_checked(&run.frame)?.dst.ip() == other.addr.ip(),
+        "a new SYN kept the old backend"
+    );
+    Ok(())
+}
+
+fn lost_partner_recreated_or_dropped(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![remote(1, REMOTE_A)]))?;
+    let port = snat_syn(fx, topo, 40000)?;
+    // The reply entry (holding the SNAT port) is lost, e.g. evicted from the handshake table.
+    let (reply_key, _) = fx
+        .handshake()?
+        .into_iter()
+        .find(|(k, _)| k.dir == CT_DIR_REPLY)
+        .context("no reply entry")?;
+    fx.dp.maps.conntrack_new.remove(&reply_key)?;
+    // The client's next packet puts it back, with the same port.
+    let before = fx.counters()?;
+    let run = xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_TX)?;
+    ensure!(parse_checked(&run.frame)?.src.port() == port, "port changed");
+    check_counters(
+        fx,
+        &before,
+        &[
+            (Counter::ForwardedXdpTx, 1),
+            (Counter::EventCtPartnerRecreated, 1),
+        ],
+    )?;
+    xdp_action(fx, topo, &backend_reply(port, SYN_ACK), XDP_TX)?;
+
+    // Lost again, and meanwhile another connection took the tuple: the old connection's
+    // packets are dropped, never delivered into the other one.
+    fx.dp.maps.conntrack_new.remove(&reply_key)?;
+    let mut taken = fx
+        .handshake()?
+        .into_iter()
+        .find(|(k, _)| k.dir == CT_DIR_FORWARD)
+        .context("no forward entry")?
+        .1;
+    taken.new_dport_be = 41234u16.to_be();
+    let thief = CtEntry {
+        new_saddr_be: u32::from(Ipv4Addr::new(198, 18, 0, 1)).to_be(),
+        new_daddr_be: u32::from(Ipv4Addr::new(198, 18, 0, 99)).to_be(),
+        ..taken
+    };
+    fx.dp.maps.conntrack_new.insert(reply_key, thief, 0)?;
+    let before = fx.counters()?;
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_DROP)?;
+    check_counters(fx, &before, &[(Counter::DroppedCtPartnerLost, 1)])?;
+    Ok(())
+}
+
+fn promotion_when_established_table_full(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
+    // Fill the established table with other connections.
+    let capacity = sizing().conntrack;
+    for n in 0..capacity {
+        let key = nodeport_common::CtKey {
+            saddr_be: u32::from(Ipv4Addr::new(198, 19, (n >> 8) as u8, n as u8)).to_be(),
+            daddr_be: u32::from(NODE_IP).to_be(),
+            sport_be: 1000u16.to_be(),
+            dport_be: 30080u16.to_be(),
+            proto: IPPROTO_TCP,
+            dir: CT_DIR_FORWARD,
+            _pad: 0,
+        };
+        fx.dp.maps.conntrack.insert(key, CtEntry::default(), 0)?;
+    }
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?;
+    let (ret, _) = fx.tc_pod(topo, &pod_reply(40000, SYN_ACK).bytes())?;
+    ensure!(ret == TC_ACT_REDIRECT, "tc verdict {ret}");
+    let before = fx.counters()?;
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_PASS)?;
+    check_counters(
+        fx,
+        &before,
+        &[
+            (Counter::ForwardedToTc, 1),
+            (Counter::EventCtPromoteFailed, 1),
+        ],
+    )?;
+    // It stays in the handshake table and keeps working from there, both ways.
+    ensure!(tables_of(fx, 40000)? == (0, 2));
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_PASS)?;
+    let (ret, _) = fx.tc_pod(topo, &pod_reply(40000, ACK).bytes())?;
+    ensure!(ret == TC_ACT_REDIRECT, "tc verdict {ret}");
+    Ok(())
+}
+
+fn local_tuple_clash(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    // One pod behind two frontends (a node port and a LoadBalancer IP).
+    fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
+    fx.add_service(&ServiceSpec::new(
+        2,
+        "198.18.3.3:80",
+        IPPROTO_TCP,
+        vec![local(2, POD_A)],
+    ))?;
+    let first = xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?;
+    ensure!(parse_checked(&first.frame)?.src == sa(CLIENT));
+    // The same client address and port to the other frontend: at the pod both would be
+    // 198.18.0.100:40000 -> POD_A. The second gets another source port.
+    let before = fx.counters()?;
+    let second = xdp_action(fx, topo, &from_client(40000, "198.18.3.3:80", SYN), XDP_PASS)?;
+    let seen = parse_checked(&second.frame)?;
+    ensure!(
+        seen.src.ip() == &CLIENT_IP && seen.src.port() != 40000 && seen.dst == sa(POD_A),
+        "second connection at the pod: {seen:?}"
+    );
+    check_counters(
+        fx,
+        &before,
+        &[
+            (Counter::ForwardedToTc, 1),
+            (Counter::EventTupleClashRewritten, 1),
+        ],
+    )?;
+    // Each connection's replies leave from its own frontend, to the client's real port.
+    let (ret, out) = fx.tc_pod(topo, &pod_reply(40000, SYN_ACK).bytes())?;
+    ensure!(ret == TC_ACT_REDIRECT, "tc verdict {ret}");
+    let out = parse_checked(&out)?;
+    ensure!(
+        out.src == sa(FRONTEND) && out.dst == sa(CLIENT),
+        "first: {out:?}"
+    );
+    let (ret, out) = fx.tc_pod(topo, &pod_reply(seen.src.port(), SYN_ACK).bytes())?;
+    ensure!(ret == TC_ACT_REDIRECT, "tc verdict {ret}");
+    let out = parse_checked(&out)?;
+    ensure!(
+        out.src == sa("198.18.3.3:80") && out.dst == sa(CLIENT),
+        "second: {out:?}"
+    );
+    // The first connection's packets still reach the pod on the client's own port.
+    let again = xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_PASS)?;
+    ensure!(parse_checked(&again.frame)?.src == sa(CLIENT));
+    Ok(())
+}
+
+fn snat_ports_from_both_ranges_not_frontends(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    // Two ranges of two ports each; 61001 is also a frontend port.
+    fx.set_config(nodeport_common::DatapathConfig {
+        snat_port_min: 61000,
+        snat_port_max: 61001,
+        snat_port_min2: 62000,
+        snat_port_max2: 62001,
+        ..default_config()
+    })?;
+    fx.add_service(&local_service(1, vec![remote(1, REMOTE_A)]))?;
+    fx.add_service(&ServiceSpec::new(
+        2,
+        "198.18.3.3:61001",
+        IPPROTO_TCP,
+        vec![local(2, POD_A)],
+    ))?;
+    let mut ports = std::collections::BTreeSet::new();
+    for sport in 40000..40003 {
+        ports.insert(snat_syn(fx, topo, sport)?);
+    }
+    ensure!(
+        ports == [61000, 62000, 62001].into(),
+        "ports {ports:?}: expected both ranges, without the frontend port"
+    );
+    xdp_action(fx, topo, &from_client(40003, FRONTEND, SYN), XDP_DROP)?;
+    Ok(())
+}
+
+fn snat_port_depends_on_the_node_secret(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![remote(1, REMOTE_A)]))?;
+    let mut ports = Vec::new();
+    for secret in [1, 2, 3, 4] {
+        fx.dp.maps.conntrack_new.clear()?;
+        fx.set_config(nodeport_common::DatapathConfig {
+            snat_secret: secret,
+            ..default_config()
+        })?;
+        ports.push(snat_syn(fx, topo, 40000)?);
+    }
+    ports.dedup();
+    ensure!(
+        ports.len() > 1,
+        "the same flow got port {ports:?} whatever the secret: predictable from outside"
+    );
     Ok(())
 }

@@ -174,7 +174,7 @@ impl ConntrackCensus {
     /// Adds one entry seen at `now` (jiffies).
     pub fn add(&mut self, cfg: &DatapathConfig, key: &CtKey, entry: &CtEntry, now: u64) {
         self.entries += 1;
-        if cfg.ct_expired(entry, key.proto, now) {
+        if cfg.ct_entry_expired(entry, key.proto, now) {
             return;
         }
         self.live += 1;
@@ -287,7 +287,7 @@ fn memlock(map: &MapData) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use nodeport_common::{CT_DIR_REPLY, CT_F_CLOSING, CT_F_REPLY_SEEN, IPPROTO_TCP, IPPROTO_UDP};
+    use nodeport_common::{CT_DIR_REPLY, CtState, IPPROTO_TCP, IPPROTO_UDP};
 
     use super::*;
 
@@ -307,9 +307,19 @@ mod tests {
             dir,
             ..CtKey::default()
         };
-        let entry = |age_s: u64, flags| CtEntry {
+        let established = CtState {
+            replied: 1,
+            established: 1,
+            ..CtState::default()
+        };
+        let closing = CtState {
+            rst_fwd: 1,
+            ..established
+        };
+        let entry = |age_s: u64, flags, state| CtEntry {
             last_seen: now - age_s * 100,
             flags,
+            state,
             ..CtEntry::default()
         };
         let mut c = ConntrackCensus::default();
@@ -317,26 +327,26 @@ mod tests {
         c.add(
             &cfg,
             &key(IPPROTO_TCP, CT_DIR_FORWARD),
-            &entry(3_600, CT_F_REPLY_SEEN | CT_F_SNAT),
+            &entry(3_600, CT_F_SNAT, established),
             now,
         );
         c.add(
             &cfg,
             &key(IPPROTO_TCP, CT_DIR_REPLY),
-            &entry(3_600, CT_F_REPLY_SEEN),
+            &entry(3_600, CT_F_SNAT, established),
             now,
         );
         // A closing connection past its 10 s.
         c.add(
             &cfg,
             &key(IPPROTO_TCP, CT_DIR_FORWARD),
-            &entry(11, CT_F_REPLY_SEEN | CT_F_CLOSING),
+            &entry(11, 0, closing),
             now,
         );
         // A SYN that never got an answer, past its 60 s.
-        c.add(&cfg, &key(IPPROTO_TCP, CT_DIR_FORWARD), &entry(61, 0), now);
+        c.add(&cfg, &key(IPPROTO_TCP, CT_DIR_FORWARD), &entry(61, 0, CtState::default()), now);
         // A UDP flow to a local backend.
-        c.add(&cfg, &key(IPPROTO_UDP, CT_DIR_FORWARD), &entry(59, 0), now);
+        c.add(&cfg, &key(IPPROTO_UDP, CT_DIR_FORWARD), &entry(59, 0, CtState::default()), now);
         assert_eq!(
             c,
             ConntrackCensus {

@@ -4,12 +4,12 @@ use std::path::Path;
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapInfo, MapType, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapInfo, MapType, PerCpuArray, ProgramArray},
 };
 use nodeport_common::{
     AffinityEntry, AffinityKey, AgentState, BPF_F_MMAPABLE, Backend, COUNTER_SLOTS, CtEntry, CtKey,
-    DatapathConfig, FRONTEND_PORT_WORDS, Frontend, FrontendKey, MaglevSlot, SnatAddr, SrcRangeKey,
-    SvcName, SvcStats, capacity, names,
+    DatapathConfig, FRONTEND_PORT_WORDS, Frontend, FrontendKey, LocalNetKey, MaglevSlot, SnatAddr, SrcRangeKey,
+    PROG_SLOTS, SvcName, SvcStats, capacity, names,
 };
 
 use super::{DatapathError, Result, Sizing, mmap::MmapArray};
@@ -27,6 +27,9 @@ pub struct Maps {
     pub maglev: MmapArray<MaglevSlot>,
     pub src_ranges: LpmTrie<MapData, SrcRangeKey, u32>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub conntrack_new: HashMap<MapData, CtKey, CtEntry>,
+    pub local_nets: LpmTrie<MapData, LocalNetKey, u32>,
+    pub programs: ProgramArray<MapData>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     pub svc_stats: PerCpuArray<MapData, SvcStats>,
     pub counters: PerCpuArray<MapData, u64>,
@@ -67,6 +70,9 @@ impl Maps {
             maglev: mapped(get(names::MAGLEV)?, names::MAGLEV, maglev_slots)?,
             src_ranges: typed(get(names::SRC_RANGES)?, names::SRC_RANGES)?,
             conntrack: typed(get(names::CONNTRACK)?, names::CONNTRACK)?,
+            conntrack_new: typed(get(names::CONNTRACK_NEW)?, names::CONNTRACK_NEW)?,
+            local_nets: typed(get(names::LOCAL_NETS)?, names::LOCAL_NETS)?,
+            programs: typed(get(names::PROGRAMS)?, names::PROGRAMS)?,
             affinity: typed(get(names::AFFINITY)?, names::AFFINITY)?,
             svc_stats: typed(get(names::SVC_STATS)?, names::SVC_STATS)?,
             counters: typed(get(names::COUNTERS)?, names::COUNTERS)?,
@@ -159,12 +165,12 @@ const fn size<T>() -> u32 {
 }
 
 pub fn map_specs(sizing: &Sizing) -> Vec<MapSpec> {
-    use MapType::{Array, Hash, LpmTrie, LruHash, PerCpuArray};
+    use MapType::{Array, Hash, LpmTrie, LruHash, PerCpuArray, ProgramArray};
     let maglev_slots = sizing.maglev_size * sizing.maglev_blocks();
     // An LPM key is a u32 prefix length followed by the data.
     let lpm_key = 4 + size::<SrcRangeKey>();
     #[rustfmt::skip]
-    let table: [(&'static str, MapType, u32, u32, u32, u32); 13] = [
+    let table: [(&'static str, MapType, u32, u32, u32, u32); 16] = [
         // name                  type         key size              value size               max entries            flags
         (names::CONFIG,          Array,       4,                    size::<DatapathConfig>(), 1,                     0),
         (names::FRONTEND_PORTS,  Array,       4,                    8,                       FRONTEND_PORT_WORDS,   0),
@@ -173,7 +179,10 @@ pub fn map_specs(sizing: &Sizing) -> Vec<MapSpec> {
         (names::BACKENDS,        Array,       4,                    size::<Backend>(),       sizing.backends + 1,   BPF_F_MMAPABLE),
         (names::MAGLEV,          Array,       4,                    size::<MaglevSlot>(),    maglev_slots,          BPF_F_MMAPABLE),
         (names::SRC_RANGES,      LpmTrie,     lpm_key,              4,                       sizing.source_ranges,  BPF_F_NO_PREALLOC),
-        (names::CONNTRACK,       LruHash,     size::<CtKey>(),      size::<CtEntry>(),       sizing.conntrack,      0),
+        (names::CONNTRACK,       Hash,        size::<CtKey>(),      size::<CtEntry>(),       sizing.conntrack,      0),
+        (names::CONNTRACK_NEW,   LruHash,     size::<CtKey>(),      size::<CtEntry>(),       capacity::CONNTRACK_NEW, 0),
+        (names::LOCAL_NETS,      LpmTrie,     4 + size::<LocalNetKey>(), 4,                  capacity::LOCAL_NETS,  BPF_F_NO_PREALLOC),
+        (names::PROGRAMS,        ProgramArray, 4,                   4,                       PROG_SLOTS,            0),
         (names::AFFINITY,        LruHash,     size::<AffinityKey>(), size::<AffinityEntry>(), sizing.affinity,      0),
         (names::SVC_STATS,       PerCpuArray, 4,                    size::<SvcStats>(),      sizing.services,       0),
         (names::COUNTERS,        PerCpuArray, 4,                    8,                       COUNTER_SLOTS,         0),

@@ -199,13 +199,39 @@ impl Datapath {
     fn load_programs(&mut self) -> Result<()> {
         use aya::programs::{SchedClassifier, Xdp};
         use nodeport_common::programs as p;
-        for name in [p::XDP_EXTERNAL, p::XDP_PASS] {
+        for name in [p::XDP_EXTERNAL, p::XDP_NEW_CONNECTION, p::XDP_PASS] {
             let prog: &mut Xdp = self.program_mut(name)?;
             prog.load().map_err(|source| DatapathError::Program {
                 program: name,
                 source,
             })?;
         }
+        // The slot the external program tail-calls for a new connection. NP_PROGS is pinned
+        // with the maps, so an attached program keeps finding it across agent restarts; a
+        // new agent puts its own program in.
+        let new_connection = self
+            .program_mut::<Xdp>(p::XDP_NEW_CONNECTION)?
+            .fd()
+            .map_err(|source| DatapathError::Program {
+                program: p::XDP_NEW_CONNECTION,
+                source,
+            })?
+            .try_clone()
+            .map_err(|source| DatapathError::Io {
+                context: format!("duplicating the fd of {}", p::XDP_NEW_CONNECTION),
+                source,
+            })?;
+        self.maps
+            .programs
+            .set(
+                nodeport_common::PROG_SLOT_NEW_CONNECTION,
+                &new_connection,
+                0,
+            )
+            .map_err(|source| DatapathError::Map {
+                name: nodeport_common::names::PROGRAMS,
+                source,
+            })?;
         for name in [p::TC_EXTERNAL, p::TC_POD] {
             let prog: &mut SchedClassifier = self.program_mut(name)?;
             prog.load().map_err(|source| DatapathError::Program {
