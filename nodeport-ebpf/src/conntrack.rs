@@ -5,8 +5,8 @@
 
 use aya_ebpf::helpers::bpf_jiffies64;
 use nodeport_common::{
-    BE_F_DRAINING, BE_F_PRESENT, Backend, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING,
-    CT_F_REPLY_SEEN, CtEntry, CtKey, DatapathConfig,
+    BE_F_DRAINING, BE_F_PRESENT, Backend, CT_DIR_FORWARD, CT_DIR_REPLY, CtEntry, CtKey,
+    CtState, DatapathConfig,
 };
 
 use crate::{
@@ -50,24 +50,25 @@ pub fn opposite_key(entry: &CtEntry, proto: u8, dir: u8) -> CtKey {
     }
 }
 
-/// Records a packet on `entry`: its time and, for TCP, FIN/RST. Returns the flags that were
-/// newly set, so the caller can mirror them on the other direction's entry.
+/// Records a packet of direction `dir` on `entry`: its time and the connection's state.
+/// Returns the new state when it changed, so the caller can mirror it on the other entry.
+/// (MINIMAL COMPILE FIX on the issue-11-agent branch: the lead's datapath replaces this.)
 #[inline(always)]
-pub fn touch(entry: *mut CtEntry, flow: &Flow, now: u64, extra_flags: u16) -> u16 {
-    let mut add = extra_flags;
-    if flow.is_tcp() && flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        add |= CT_F_CLOSING;
-    }
+pub fn touch(entry: *mut CtEntry, flow: &Flow, now: u64, dir: u8) -> Option<CtState> {
+    let _ = (TCP_FIN, TCP_RST);
     // SAFETY: `entry` points into the map value.
     unsafe {
-        let new = add & !(*entry).flags;
-        if new != 0 {
-            (*entry).flags |= new;
-        }
+        let old = (*entry).state;
+        let new = old.after(flow.proto, dir, flow.tcp_flags, false);
         if (*entry).last_seen != now {
             (*entry).last_seen = now;
         }
-        new
+        if new != old {
+            (*entry).state = new;
+            Some(new)
+        } else {
+            None
+        }
     }
 }
 
@@ -76,27 +77,27 @@ pub fn touch(entry: *mut CtEntry, flow: &Flow, now: u64, extra_flags: u16) -> u1
 /// answered) and the service's packets and bytes. Returns the service id.
 #[inline(always)]
 pub fn record(entry: *mut CtEntry, flow: &Flow, now: u64, dir: u8) -> u32 {
-    let (extra, opposite) = if dir == CT_DIR_FORWARD {
-        (0, CT_DIR_REPLY)
+    let opposite = if dir == CT_DIR_FORWARD {
+        CT_DIR_REPLY
     } else {
-        (CT_F_REPLY_SEEN, CT_DIR_FORWARD)
+        CT_DIR_FORWARD
     };
-    let added = touch(entry, flow, now, extra);
+    let changed = touch(entry, flow, now, dir);
     // SAFETY: `entry` points into the map value.
     let entry = unsafe { &*entry };
-    if added != 0 {
-        mark_opposite(entry, flow.proto, opposite, added);
+    if let Some(state) = changed {
+        mark_opposite(entry, flow.proto, opposite, state);
     }
     stats::service(entry.svc_id, flow.tot_len, dir);
     entry.svc_id
 }
 
-/// Sets `flags` on the entry for the other direction of `entry`.
+/// Stores `state` in the entry for the other direction of `entry`.
 #[inline(always)]
-pub fn mark_opposite(entry: &CtEntry, proto: u8, dir: u8, flags: u16) {
+pub fn mark_opposite(entry: &CtEntry, proto: u8, dir: u8, state: CtState) {
     if let Some(other) = NP_CT.get_ptr_mut(opposite_key(entry, proto, dir)) {
         // SAFETY: points into the map value.
-        unsafe { (*other).flags |= flags };
+        unsafe { (*other).state = state };
     }
 }
 
@@ -112,11 +113,11 @@ pub fn live_backend(id: u32, svc_id: u32) -> Option<Backend> {
 /// A deleted service deletes its backends, so its connections stop here too.
 #[inline(always)]
 pub fn still_valid(cfg: &DatapathConfig, entry: &CtEntry, flow: &Flow, now: u64) -> bool {
-    if cfg.ct_expired(entry, flow.proto, now) {
+    if cfg.ct_entry_expired(entry, flow.proto, now) {
         return false;
     }
     if flow.is_tcp()
-        && entry.flags & CT_F_CLOSING != 0
+        && entry.state.closing()
         && flow.tcp_flags & TCP_SYN != 0
         && flow.tcp_flags & TCP_ACK == 0
     {

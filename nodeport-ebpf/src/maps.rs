@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use nodeport_common::{
     AffinityEntry, AffinityKey, AgentState, BPF_F_MMAPABLE, Backend, COUNTER_SLOTS, CtEntry, CtKey,
-    DatapathConfig, FRONTEND_PORT_WORDS, Frontend, FrontendKey, MaglevSlot, SnatAddr, SrcRangeKey,
-    SvcName, SvcStats, capacity,
+    DatapathConfig, FRONTEND_PORT_WORDS, Frontend, FrontendKey, LocalNetKey, MaglevSlot, SnatAddr,
+    SrcRangeKey, SvcName, SvcStats, capacity,
 };
 
 #[map]
@@ -40,7 +40,17 @@ pub static NP_SRC_RANGES: LpmTrie<SrcRangeKey, u32> =
     LpmTrie::with_max_entries(capacity::SRC_RANGES, 0);
 
 #[map]
-pub static NP_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(capacity::CONNTRACK, 0);
+pub static NP_CT: HashMap<CtKey, CtEntry> = HashMap::with_max_entries(capacity::CONNTRACK, 0);
+
+// MINIMAL COMPILE FIX (issue-11-agent branch only): declared so the agent can load and pin the
+// new layout; the old datapath code below does not use them. The lead's datapath replaces this.
+#[map]
+pub static NP_CT_NEW: LruHashMap<CtKey, CtEntry> =
+    LruHashMap::with_max_entries(capacity::CONNTRACK_NEW, 0);
+
+#[map]
+pub static NP_LOCAL_NETS: LpmTrie<LocalNetKey, u32> =
+    LpmTrie::with_max_entries(capacity::LOCAL_NETS, 0);
 
 #[map]
 pub static NP_AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =

@@ -231,7 +231,7 @@ fn claim_snat_port(
                     && existing.new_dport_be == reply.new_dport_be
                     && existing.new_saddr_be == reply.new_saddr_be
                     && existing.new_sport_be == reply.new_sport_be;
-                same_connection || cfg.ct_expired(&existing, flow.proto, now)
+                same_connection || cfg.ct_entry_expired(&existing, flow.proto, now)
             }
         };
         if claimable && NP_CT.insert(key, reply, u64::from(BPF_ANY)).is_ok() {
