@@ -986,6 +986,149 @@ mod tests {
     }
 
     #[test]
+    fn snat_port_ranges() {
+        let default: SnatPortRanges = DEFAULT_SNAT_PORT_RANGES.parse().unwrap();
+        assert_eq!(
+            default.0,
+            [
+                PortRange {
+                    first: 1024,
+                    last: 29_999
+                },
+                PortRange {
+                    first: 61_000,
+                    last: 65_535
+                }
+            ]
+        );
+        assert_eq!(default.to_string(), DEFAULT_SNAT_PORT_RANGES);
+        assert_eq!("61000-65535".parse::<SnatPortRanges>().unwrap().0.len(), 1);
+        assert!(
+            "1024-2000,3000-4000,5000-6000"
+                .parse::<SnatPortRanges>()
+                .is_err()
+        );
+        let err = "1024-5000,4000-6000".parse::<SnatPortRanges>().unwrap_err();
+        assert!(err.contains("overlap on 4000-5000"), "{err}");
+    }
+
+    /// `run`'s flags as the command line gives them.
+    fn run_args(args: &[&str]) -> RunArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let argv = std::iter::once("nodeport-agent").chain(args.iter().copied());
+        <Cli as clap::Parser>::try_parse_from(argv)
+            .expect("valid flags")
+            .run
+    }
+
+    #[test]
+    fn the_default_snat_ranges_give_33512_ports_outside_node_and_ephemeral_ports() {
+        let args = run_args(&[]);
+        validate_snat_ranges(
+            &args.snat_port_range,
+            &args.service_node_port_range,
+            Some((32_768, 60_999)),
+            &[],
+        )
+        .unwrap();
+        let cfg = args.datapath_config(7);
+        assert_eq!(cfg.snat_span(), 33_512);
+        assert_eq!(
+            (
+                cfg.snat_port_min,
+                cfg.snat_port_max,
+                cfg.snat_port_min2,
+                cfg.snat_port_max2,
+                cfg.snat_secret
+            ),
+            (1024, 29_999, 61_000, 65_535, 7)
+        );
+        // One range: the second is empty.
+        let one = run_args(&["--snat-port-range", "61000-65535"]).datapath_config(7);
+        assert_eq!(
+            (one.snat_port_min2, one.snat_port_max2, one.snat_span()),
+            (0, 0, 4536)
+        );
+        // The handshake table's size and the collector's interval.
+        let args = run_args(&[
+            "--conntrack-handshake-size",
+            "1000",
+            "--conntrack-gc-interval",
+            "3",
+        ]);
+        assert_eq!(
+            (args.sizing().conntrack_new, args.conntrack_gc_interval),
+            (1000, 3)
+        );
+        assert_eq!(
+            run_args(&[]).sizing().conntrack_new,
+            capacity::CONNTRACK_NEW
+        );
+    }
+
+    #[test]
+    fn each_snat_range_is_checked_and_named() {
+        let node_ports = NodePortRange {
+            first: 30_000,
+            last: 32_767,
+        };
+        let check = |ranges: &str, local: Option<(u16, u16)>, reserved: &[(u16, u16)]| {
+            validate_snat_ranges(&ranges.parse().unwrap(), &node_ports, local, reserved)
+                .map_err(|e| e.to_string())
+        };
+        let local = Some((32_768, 60_999));
+        // The second range in the node port range.
+        let err = check("1024-2000,30000-30100", local, &[]).unwrap_err();
+        assert!(
+            err.contains(
+                "the range 30000-30100 overlaps the node port range 30000-32767 on \
+                 30000-30100"
+            ),
+            "{err}"
+        );
+        // The second range in the ephemeral ports, unless reserved.
+        let err = check("61000-65535,40000-40100", local, &[]).unwrap_err();
+        assert!(
+            err.contains(
+                "the range 40000-40100 overlaps net.ipv4.ip_local_port_range \
+                 32768-60999 on 40000-40100"
+            ),
+            "{err}"
+        );
+        check("61000-65535,40000-40100", local, &[(40_000, 40_100)]).unwrap();
+        // Privileged ports.
+        let err = check("1000-2000", local, &[]).unwrap_err();
+        assert!(
+            err.contains("the range 1000-2000 starts below 1024"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_snat_secret_survives_adoption() {
+        let pinned = DatapathConfig {
+            maglev_size: 1021,
+            snat_secret: 0xdead_beef,
+            ..DatapathConfig::default()
+        };
+        assert_eq!(snat_secret(Some(pinned)).unwrap(), 0xdead_beef);
+        // A fresh datapath (zeroed configuration), or one never configured: a new secret.
+        let fresh = snat_secret(Some(DatapathConfig::default())).unwrap();
+        assert_ne!(fresh, 0);
+        let unconfigured = DatapathConfig {
+            maglev_size: 0,
+            ..pinned
+        };
+        assert_ne!(snat_secret(Some(unconfigured)).unwrap(), 0xdead_beef);
+        // Random: two fresh ones differ (a 2^-32 chance of a false failure).
+        assert_ne!(snat_secret(None).unwrap(), snat_secret(None).unwrap());
+    }
+
+    #[test]
     fn reserved_ports_cover_an_overlap() {
         let reserved = reserved_ports("8080,60000-60999\n");
         assert_eq!(reserved, [(8080, 8080), (60000, 60999)]);

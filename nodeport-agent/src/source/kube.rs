@@ -672,6 +672,39 @@ mod tests {
         assert_eq!(node_addresses(&Node::default()), Vec::<IpAddr>::new());
     }
 
+    #[test]
+    fn pod_cidrs_are_the_nodes_ipv4_prefixes() {
+        use k8s_openapi::api::core::v1::NodeSpec;
+        let node = |cidrs: Option<Vec<&str>>, cidr: Option<&str>| Node {
+            spec: Some(NodeSpec {
+                pod_cidrs: cidrs.map(|c| c.into_iter().map(String::from).collect()),
+                pod_cidr: cidr.map(String::from),
+                ..NodeSpec::default()
+            }),
+            ..Node::default()
+        };
+        let prefix = |s: &str| Ipv4Prefix::parse(s).unwrap();
+        // Dual stack: the IPv6 one is skipped, as is anything that is not a prefix.
+        assert_eq!(
+            node_pod_cidrs(&node(
+                Some(vec![
+                    "10.244.1.0/24",
+                    "fd00:10:244:1::/64",
+                    "10.245.0.0/16",
+                    "junk"
+                ]),
+                Some("10.244.1.0/24")
+            )),
+            vec![prefix("10.244.1.0/24"), prefix("10.245.0.0/16")]
+        );
+        // Older clusters set only spec.podCIDR.
+        assert_eq!(
+            node_pod_cidrs(&node(None, Some("10.244.2.0/24"))),
+            vec![prefix("10.244.2.0/24")]
+        );
+        assert_eq!(node_pod_cidrs(&Node::default()), vec![]);
+    }
+
     fn svc(name: &str, version: &str) -> Service {
         let mut s = Service::default();
         s.metadata.namespace = Some("default".into());
