@@ -10,14 +10,15 @@ use nodeport_agent::{
     datapath::{self, Datapath, Maps, PinDir},
     dump::{self, DumpOptions},
     gc,
-    metrics::Metrics,
+    metrics::{Metrics, Sampler},
     model::Ipv4Prefix,
+    source::{SourceStats, files::FilesSourceStats},
     status,
     sync::{Programmed, Syncer},
 };
 use nodeport_common::{
-    AgentState, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_LOCAL, CT_F_SNAT, CtEntry, CtKey, CtState,
-    IPPROTO_TCP, IPPROTO_UDP,
+    AgentState, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_LOCAL, CT_F_SNAT, Counter, CtEntry, CtKey,
+    CtState, IPPROTO_TCP, IPPROTO_UDP,
 };
 use nodeport_tests::{
     agent::{PinDirGuard, desired, small_sizing, test_settings},
@@ -386,6 +387,68 @@ fn dump_and_status_show_what_the_maps_hold() -> Result<()> {
         text.contains("nodeport_conntrack_gc_deleted_entries_total{map=\"NP_CT\"} 2")
             && text.contains("nodeport_conntrack_gc_deleted_entries_total{map=\"NP_CT_NEW\"} 0"),
         "{text}"
+    );
+
+    // Connection events are not packet fates: their own metric family and `dump --stats`
+    // list, never in the packet counters.
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    let per_cpu = |n: u64| {
+        let mut v = vec![0u64; cpus];
+        v[0] = n;
+        aya::maps::PerCpuValues::try_from(v)
+    };
+    dp.maps
+        .counters
+        .set(Counter::EventCtPromoteFailed as u32, per_cpu(3)?, 0)?;
+    dp.maps
+        .counters
+        .set(Counter::DroppedMartianSource as u32, per_cpu(2)?, 0)?;
+    let stats = dump::read(&dp.maps, &dp.sizing, &all)?;
+    ensure!(
+        stats.events == [("conntrack_promote_failed".to_owned(), 3)]
+            && stats.counters == [("martian_source".to_owned(), 2)],
+        "events {:?}, counters {:?}",
+        stats.events,
+        stats.counters
+    );
+    ensure!(
+        stats
+            .render()
+            .contains("connection events\n  conntrack_promote_failed 3\n"),
+        "{}",
+        stats.render()
+    );
+    let (_tx, snapshots) = nodeport_agent::source::channel();
+    let mut sampler = Sampler::register(
+        &mut registry,
+        Maps::open_pinned_sized(&pin_dir, &dp.sizing)?,
+        settings.config,
+        SourceStats::Files(FilesSourceStats::new()),
+        snapshots,
+        "30000-32767".parse().map_err(anyhow::Error::msg)?,
+    );
+    sampler.sample();
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)?;
+    for line in [
+        "nodeport_conntrack_events_total{event=\"conntrack_promote_failed\"} 3",
+        "nodeport_datapath_packets_total{path=\"martian_source\",kind=\"dropped\"} 2",
+        "nodeport_conntrack_entries{map=\"NP_CT\",state=\"live\"} 4",
+        "nodeport_conntrack_entries{map=\"NP_CT_NEW\",state=\"live\"} 2",
+        "nodeport_conntrack_connections 3",
+        "nodeport_snat_ports_in_use{snat_address=\"198.18.0.1\"} 2",
+        "nodeport_snat_ports_max_per_backend{snat_address=\"198.18.0.1\"} 2",
+        "nodeport_snat_ports_in_use_by_backend{snat_address=\"198.18.0.1\",backend=\"198.18.2.20:8080\",protocol=\"TCP\"} 2",
+        "nodeport_snat_port_capacity 1000",
+    ] {
+        ensure!(
+            text.lines().any(|l| l == line),
+            "{line:?} missing from:\n{text}"
+        );
+    }
+    ensure!(
+        !text.contains("path=\"conntrack_promote_failed\""),
+        "an event counted as a packet fate:\n{text}"
     );
 
     // status: fill levels from the maps; no agent has recorded itself yet.
