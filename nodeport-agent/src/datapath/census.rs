@@ -237,8 +237,7 @@ impl ConntrackCensus {
             entries: records.len() as u64,
             ..Self::default()
         };
-        // (SNAT address, backend address, backend port, protocol) -> ports held.
-        let mut snat: BTreeMap<(u32, u32, u16, u8), u64> = BTreeMap::new();
+        let mut snat: BTreeMap<SnatTuple, u64> = BTreeMap::new();
         for (i, r) in records.iter().enumerate() {
             let table = match r.table {
                 CtTable::Established => &mut census.established,
@@ -274,7 +273,10 @@ impl ConntrackCensus {
     }
 }
 
-fn snat_census(cfg: &DatapathConfig, held: &BTreeMap<(u32, u32, u16, u8), u64>) -> SnatCensus {
+/// (SNAT address, backend address, backend port, protocol), host order: one port space.
+type SnatTuple = (u32, u32, u16, u8);
+
+fn snat_census(cfg: &DatapathConfig, held: &BTreeMap<SnatTuple, u64>) -> SnatCensus {
     let mut addresses: BTreeMap<u32, SnatAddressUsage> = BTreeMap::new();
     for (&(snat, _, _, _), &ports) in held {
         let a = addresses.entry(snat).or_insert_with(|| SnatAddressUsage {
@@ -285,7 +287,7 @@ fn snat_census(cfg: &DatapathConfig, held: &BTreeMap<(u32, u32, u16, u8), u64>) 
         a.backends += 1;
         a.max_per_backend = a.max_per_backend.max(ports);
     }
-    let mut busiest: Vec<(&(u32, u32, u16, u8), &u64)> = held.iter().collect();
+    let mut busiest: Vec<(&SnatTuple, &u64)> = held.iter().collect();
     // Most ports first; ties in address order, so the list is stable between reads.
     busiest.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
     SnatCensus {

@@ -362,8 +362,8 @@ mod tests {
         );
         let records: Vec<CtRecord> = [stream, push].concat();
         let c = Connections::new(&records);
-        for i in 0..records.len() {
-            assert!(c.connection_live(&cfg(), i, NOW), "{:?}", records[i]);
+        for (i, r) in records.iter().enumerate() {
+            assert!(c.connection_live(&cfg(), i, NOW), "{r:?}");
         }
         assert!(gc_plan(&cfg(), &records, NOW).is_empty());
     }
