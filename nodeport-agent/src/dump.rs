@@ -210,7 +210,7 @@ pub fn read(maps: &Maps, sizing: &Sizing, options: &DumpOptions) -> Result<Dump,
             programmed.services.iter().map(|(k, s)| (s.id, k)).collect();
         let index = Connections::new(&records);
         for (i, r) in records.iter().enumerate() {
-            if !options.conntrack || r.key.dir != CT_DIR_FORWARD {
+            if !options.conntrack || r.key.dir != CT_DIR_FORWARD || index.shadowed(i) {
                 continue;
             }
             let service = names.get(&r.entry.svc_id).copied();

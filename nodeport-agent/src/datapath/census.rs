@@ -249,6 +249,10 @@ impl ConntrackCensus {
             }
             table.live += 1;
             census.live += 1;
+            if connections.shadowed(i) {
+                // The connection is counted by its established entries.
+                continue;
+            }
             // A connection counts once: by its forward entry, or by a reply entry whose
             // forward entry is missing.
             if r.key.dir == CT_DIR_FORWARD || connections.partner(i).is_none() {
@@ -641,10 +645,23 @@ mod tests {
             ),
         ]
         .concat();
+        // A copy of the first connection's entries left in the handshake table by its
+        // promotion: counted as entries, not as a connection or a port.
+        let copy = conn(
+            new_t,
+            IPPROTO_TCP,
+            1,
+            be1,
+            Some((node_a, 1024)),
+            est(),
+            5,
+            5,
+        );
+        let records = [records, copy.to_vec()].concat();
         let c = ConntrackCensus::of(&cfg, &records, NOW);
         assert_eq!(
             (c.entries, c.live, c.connections, c.snat_ports),
-            (14, 12, 6, 5)
+            (16, 14, 6, 5)
         );
         assert_eq!(
             c.established,
@@ -656,8 +673,8 @@ mod tests {
         assert_eq!(
             c.handshake,
             TableCensus {
-                entries: 2,
-                live: 2
+                entries: 4,
+                live: 4
             }
         );
         assert_eq!(c.snat.capacity_per_backend, 33_512);

@@ -113,12 +113,25 @@ impl<'a> Connections<'a> {
     }
 
     /// Whether `records[i]`'s connection is live at `now`: its own entry, or its partner's.
+    /// A shadowed entry (see [`Connections::shadowed`]) lives by its own entry alone.
     pub fn connection_live(&self, cfg: &DatapathConfig, i: usize, now: u64) -> bool {
         let r = &self.records[i];
-        !cfg.ct_entry_expired(&r.entry, r.key.proto, now)
-            || self
+        if !cfg.ct_entry_expired(&r.entry, r.key.proto, now) {
+            return true;
+        }
+        !self.shadowed(i)
+            && self
                 .partner(i)
                 .is_some_and(|p| !cfg.ct_entry_expired(&p.entry, p.key.proto, now))
+    }
+
+    /// Whether `records[i]` is a handshake-table entry whose key is also in the established
+    /// table: a copy the promotion of its connection left behind (or is about to delete).
+    /// The established entry is the connection; the copy is not counted, and goes when it
+    /// expires itself.
+    pub fn shadowed(&self, i: usize) -> bool {
+        let r = &self.records[i];
+        r.table == CtTable::Handshake && self.index.contains_key(&(CtTable::Established, r.key))
     }
 }
 
@@ -199,6 +212,10 @@ impl Tables<'_> {
         };
         if !cfg.ct_entry_expired(&entry, key.proto, now) {
             return false;
+        }
+        if table == CtTable::Handshake && self.get(CtTable::Established, key).is_some() {
+            // A copy left by a promotion: it goes by its own expiry.
+            return true;
         }
         let want = partner_key(key, &entry);
         ![table, table.other()].into_iter().any(|t| {
@@ -531,6 +548,48 @@ mod tests {
         let c = Connections::new(&records);
         assert_eq!(c.partner(0), Some(&rep));
         assert!(gc_plan(&cfg(), &records, NOW).is_empty());
+    }
+
+    #[test]
+    fn a_copy_left_in_the_handshake_table_goes_by_its_own_expiry() {
+        // Promoted: both entries in NP_CT and live; the handshake table still holds copies,
+        // one expired (its partner copy gone), one not yet.
+        let promoted = connection(
+            CtTable::Established,
+            IPPROTO_TCP,
+            1,
+            61_000,
+            established(),
+            5,
+            5,
+        );
+        let [old_fwd, _] = connection(
+            CtTable::Handshake,
+            IPPROTO_TCP,
+            1,
+            61_000,
+            CtState::default(),
+            120,
+            0,
+        );
+        let [_, young_rep] = connection(
+            CtTable::Handshake,
+            IPPROTO_TCP,
+            1,
+            61_000,
+            CtState::default(),
+            0,
+            5,
+        );
+        let records = [promoted[0], promoted[1], old_fwd, young_rep];
+        let c = Connections::new(&records);
+        assert!(!c.shadowed(0) && !c.shadowed(1) && c.shadowed(2) && c.shadowed(3));
+        // The expired copy pairs with the live established reply entry, yet goes.
+        assert!(!c.connection_live(&cfg(), 2, NOW));
+        assert_eq!(
+            gc_plan(&cfg(), &records, NOW),
+            vec![(CtTable::Handshake, old_fwd.key)]
+        );
     }
 
     #[test]
