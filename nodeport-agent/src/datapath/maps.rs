@@ -262,7 +262,9 @@ impl MapSpec {
 /// values, no `NP_CT_NEW`, ...) is refused with every difference named and the way out; one
 /// that differs only in max entries was made with other sizing flags.
 pub fn check_pins(specs: &[MapSpec], pins: &super::PinDir) -> Result<()> {
-    let mut layout = Vec::new();
+    let mut layout_changed = false;
+    // Every map's differences, for the old-layout error.
+    let mut all = Vec::new();
     let mut missing = Vec::new();
     let mut present = 0;
     let mut first_sizing = None;
@@ -272,8 +274,10 @@ pub fn check_pins(specs: &[MapSpec], pins: &super::PinDir) -> Result<()> {
             None => missing.push(spec.name),
             Some(d) => {
                 present += 1;
-                if !d.layout.is_empty() {
-                    layout.push(format!("{}: {}", spec.name, d.layout.join(", ")));
+                layout_changed |= !d.layout.is_empty();
+                let both = [d.layout, d.sizing.clone()].concat();
+                if !both.is_empty() {
+                    all.push(format!("{}: {}", spec.name, both.join(", ")));
                 }
                 if !d.sizing.is_empty() && first_sizing.is_none() {
                     first_sizing = Some((path, d.sizing.join(", ")));
@@ -282,12 +286,13 @@ pub fn check_pins(specs: &[MapSpec], pins: &super::PinDir) -> Result<()> {
         }
     }
     if present > 0 && !missing.is_empty() {
-        layout.push(format!("no {}", missing.join(", ")));
+        layout_changed = true;
+        all.push(format!("no {}", missing.join(", ")));
     }
-    if !layout.is_empty() {
+    if layout_changed {
         return Err(DatapathError::OldLayout {
             root: pins.root.clone(),
-            differences: layout.join("; "),
+            differences: all.join("; "),
         });
     }
     if let Some((path, difference)) = first_sizing {
