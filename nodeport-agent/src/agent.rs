@@ -392,6 +392,30 @@ fn snat_secret(pinned: Option<DatapathConfig>) -> Result<u32> {
     }
 }
 
+/// Sources that are never an outside client (`NP_LOCAL_NETS`): every address of the node
+/// (all interfaces, loopback included, whatever --nodeport-addresses says, and the Node
+/// object's), and its pod networks (`--pod-cidr`, and the Node's spec.podCIDRs).
+fn local_nets(
+    layout: &Layout,
+    snapshot: &Snapshot,
+    pod_cidrs: &[Ipv4Prefix],
+) -> BTreeSet<Ipv4Prefix> {
+    let mut nets: BTreeSet<Ipv4Prefix> = layout
+        .all_addresses
+        .iter()
+        .chain(&layout.node_addresses)
+        .map(|a| Ipv4Prefix::host(*a))
+        .collect();
+    for ip in snapshot.node_addresses.iter().flatten() {
+        if let IpAddr::V4(v4) = ip {
+            nets.insert(Ipv4Prefix::host(*v4));
+        }
+    }
+    nets.extend(pod_cidrs.iter().copied());
+    nets.extend(snapshot.pod_cidrs.iter().flatten().copied());
+    nets
+}
+
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::SystemTime::UNIX_EPOCH)
@@ -787,25 +811,8 @@ impl Agent {
         }
     }
 
-    /// Sources that are never an outside client: every address of the node (all interfaces,
-    /// loopback included, and the Node object's), and its pod networks (`--pod-cidr`, and the
-    /// Node's spec.podCIDRs with the Kubernetes API).
     fn local_nets(&self) -> BTreeSet<Ipv4Prefix> {
-        let mut nets: BTreeSet<Ipv4Prefix> = self
-            .layout
-            .all_addresses
-            .iter()
-            .chain(&self.layout.node_addresses)
-            .map(|a| Ipv4Prefix::host(*a))
-            .collect();
-        for ip in self.snapshot.node_addresses.iter().flatten() {
-            if let IpAddr::V4(v4) = ip {
-                nets.insert(Ipv4Prefix::host(*v4));
-            }
-        }
-        nets.extend(self.args.pod_cidrs.iter().copied());
-        nets.extend(self.snapshot.pod_cidrs.iter().flatten().copied());
-        nets
+        local_nets(&self.layout, &self.snapshot, &self.args.pod_cidrs)
     }
 
     /// Brings desired state, maps, health checks and notices up to date.
@@ -1105,6 +1112,45 @@ mod tests {
         assert!(
             err.contains("the range 1000-2000 starts below 1024"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn local_nets_are_every_node_address_and_the_pod_networks() {
+        let p = |s: &str| s.parse::<Ipv4Prefix>().unwrap();
+        let layout = Layout {
+            // --nodeport-addresses kept node ports off 10.0.0.5; it is still the node's.
+            node_addresses: ["198.18.0.1".parse().unwrap()].into(),
+            all_addresses: [
+                "198.18.0.1".parse().unwrap(),
+                "10.0.0.5".parse().unwrap(),
+                "127.0.0.1".parse().unwrap(),
+            ]
+            .into(),
+            ..Layout::default()
+        };
+        let snapshot = Snapshot {
+            node_addresses: Some(vec![
+                "203.0.113.5".parse().unwrap(),
+                "fd00::5".parse().unwrap(),
+            ]),
+            pod_cidrs: Some(vec![p("10.244.1.0/24")]),
+            ..Snapshot::default()
+        };
+        let args = run_args(&["--pod-cidr", "10.245.0.0/16", "--pod-cidr", "10.246.0.0/16"]);
+        assert_eq!(
+            local_nets(&layout, &snapshot, &args.pod_cidrs),
+            [
+                "10.0.0.5/32",
+                "10.244.1.0/24",
+                "10.245.0.0/16",
+                "10.246.0.0/16",
+                "127.0.0.1/32",
+                "198.18.0.1/32",
+                "203.0.113.5/32",
+            ]
+            .map(p)
+            .into()
         );
     }
 
