@@ -8,7 +8,7 @@
 //! ordinary monotonic counters (a map that restarts from zero is counted from zero).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -380,6 +380,7 @@ pub struct Sampler {
     exported: HashMap<ServicePortKey, ServiceSeries>,
     /// The snapshot revision the range gauges were computed from.
     ledger_revision: Option<u64>,
+    snat: SnatExported,
 }
 
 impl Sampler {
@@ -404,6 +405,7 @@ impl Sampler {
             last: BTreeMap::new(),
             exported: HashMap::new(),
             ledger_revision: None,
+            snat: SnatExported::default(),
         }
     }
 
@@ -532,7 +534,7 @@ impl Sampler {
             }
         }
         series.conntrack_connections.set(ct.connections as i64);
-        set_snat(series, &ct.snat);
+        self.snat.set(series, &ct.snat);
         for m in &fill.maps {
             let labels = MapLabels { map: m.name.into() };
             series
@@ -564,35 +566,56 @@ impl Sampler {
     }
 }
 
-/// The SNAT census's series. Addresses and backends that held ports at the last scrape and
-/// hold none now drop out, so the busiest-backends family stays at 10 series at most.
-fn set_snat(series: &Sampled, snat: &datapath::SnatCensus) {
-    series
-        .snat_port_capacity
-        .set(snat.capacity_per_backend as i64);
-    series.snat_ports.clear();
-    series.snat_ports_max_per_backend.clear();
-    series.snat_ports_busiest.clear();
-    for a in &snat.addresses {
-        let labels = SnatAddressLabels {
-            snat_address: a.address.clone(),
-        };
-        series.snat_ports.get_or_create(&labels).set(a.ports as i64);
+/// The SNAT census's series, exported last time, so those that went are removed (an
+/// address or backend holding no port any more) without clearing the families, which a
+/// concurrent scrape could then see empty.
+#[derive(Default)]
+struct SnatExported {
+    addresses: HashSet<SnatAddressLabels>,
+    backends: HashSet<SnatBackendLabels>,
+}
+
+impl SnatExported {
+    /// Sets the SNAT series to `snat`. The busiest-backends family stays at
+    /// `SNAT_TOP_BACKENDS` series at most.
+    fn set(&mut self, series: &Sampled, snat: &datapath::SnatCensus) {
         series
-            .snat_ports_max_per_backend
-            .get_or_create(&labels)
-            .set(a.max_per_backend as i64);
-    }
-    for b in &snat.busiest_backends {
-        let labels = SnatBackendLabels {
-            snat_address: b.snat_address.clone(),
-            backend: b.backend.clone(),
-            protocol: b.protocol.into(),
-        };
-        series
-            .snat_ports_busiest
-            .get_or_create(&labels)
-            .set(b.ports as i64);
+            .snat_port_capacity
+            .set(snat.capacity_per_backend as i64);
+        let mut addresses = HashSet::new();
+        for a in &snat.addresses {
+            let labels = SnatAddressLabels {
+                snat_address: a.address.clone(),
+            };
+            series.snat_ports.get_or_create(&labels).set(a.ports as i64);
+            series
+                .snat_ports_max_per_backend
+                .get_or_create(&labels)
+                .set(a.max_per_backend as i64);
+            addresses.insert(labels);
+        }
+        let mut backends = HashSet::new();
+        for b in &snat.busiest_backends {
+            let labels = SnatBackendLabels {
+                snat_address: b.snat_address.clone(),
+                backend: b.backend.clone(),
+                protocol: b.protocol.into(),
+            };
+            series
+                .snat_ports_busiest
+                .get_or_create(&labels)
+                .set(b.ports as i64);
+            backends.insert(labels);
+        }
+        for gone in self.addresses.difference(&addresses) {
+            series.snat_ports.remove(gone);
+            series.snat_ports_max_per_backend.remove(gone);
+        }
+        for gone in self.backends.difference(&backends) {
+            series.snat_ports_busiest.remove(gone);
+        }
+        self.addresses = addresses;
+        self.backends = backends;
     }
 }
 
@@ -723,4 +746,70 @@ pub async fn serve(
         }),
     );
     axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::{
+        SnatCensus,
+        census::{SnatAddressUsage, SnatBackendUsage},
+    };
+
+    fn census(backends: &[(&str, u64)]) -> SnatCensus {
+        SnatCensus {
+            capacity_per_backend: 33_512,
+            addresses: vec![SnatAddressUsage {
+                address: "198.18.0.1".into(),
+                ports: backends.iter().map(|(_, n)| n).sum(),
+                backends: backends.len() as u64,
+                max_per_backend: backends.iter().map(|(_, n)| *n).max().unwrap_or(0),
+            }],
+            busiest_backends: backends
+                .iter()
+                .map(|(b, n)| SnatBackendUsage {
+                    snat_address: "198.18.0.1".into(),
+                    backend: (*b).into(),
+                    protocol: "TCP",
+                    ports: *n,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn snat_series_follow_the_census_and_drop_what_went() {
+        let mut registry = Registry::default();
+        let series = Sampled::register(&mut registry);
+        let mut exported = SnatExported::default();
+        let text = |registry: &Registry| {
+            let mut s = String::new();
+            encode(&mut s, registry).unwrap();
+            s
+        };
+        exported.set(
+            &series,
+            &census(&[("10.2.0.1:8080", 7), ("10.2.0.2:8080", 3)]),
+        );
+        let first = text(&registry);
+        for line in [
+            "nodeport_snat_port_capacity 33512",
+            "nodeport_snat_ports_in_use{snat_address=\"198.18.0.1\"} 10",
+            "nodeport_snat_ports_max_per_backend{snat_address=\"198.18.0.1\"} 7",
+            "nodeport_snat_ports_in_use_by_backend{snat_address=\"198.18.0.1\",backend=\"10.2.0.2:8080\",protocol=\"TCP\"} 3",
+        ] {
+            assert!(first.lines().any(|l| l == line), "{line}\n{first}");
+        }
+        // 10.2.0.2 holds no port any more: its series goes; no address at all: neither.
+        exported.set(&series, &census(&[("10.2.0.1:8080", 5)]));
+        let second = text(&registry);
+        assert!(!second.contains("10.2.0.2:8080"), "{second}");
+        assert!(
+            second.contains("backend=\"10.2.0.1:8080\",protocol=\"TCP\"} 5"),
+            "{second}"
+        );
+        exported.set(&series, &SnatCensus::default());
+        let third = text(&registry);
+        assert!(!third.contains("snat_address="), "{third}");
+    }
 }
