@@ -5,8 +5,8 @@
 
 use aya_ebpf::helpers::bpf_jiffies64;
 use nodeport_common::{
-    BE_F_DRAINING, BE_F_PRESENT, Backend, CT_DIR_FORWARD, CT_DIR_REPLY, CtEntry, CtKey,
-    CtState, DatapathConfig,
+    BE_F_DRAINING, BE_F_PRESENT, Backend, CT_DIR_FORWARD, CT_DIR_REPLY, CtEntry, CtKey, CtState,
+    DatapathConfig,
 };
 
 use crate::{
