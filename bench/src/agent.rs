@@ -47,8 +47,7 @@ use nodeport_agent::{
     sync::{GlobalSettings, Programmed, SyncReport, Syncer},
 };
 use nodeport_common::{
-    CT_F_SNAT, CtEntry, CtState, CtKey, FrontendKey, IPPROTO_TCP, capacity,
-    frontend_port_bit,
+    CT_F_SNAT, CtEntry, CtKey, CtState, FrontendKey, IPPROTO_TCP, capacity, frontend_port_bit,
 };
 
 /// NodePort Services to program.
@@ -102,6 +101,7 @@ fn settings() -> GlobalSettings {
     GlobalSettings {
         config: nodeport_tests::fixture::default_config(),
         snat_addrs: [(1, NODE_IP)].into(),
+        local_nets: [nodeport_agent::model::Ipv4Prefix::host(NODE_IP)].into(),
     }
 }
 

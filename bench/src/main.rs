@@ -148,6 +148,7 @@ fn bench_at(object: &[u8], topo: &Topology, n: u32) -> Result<Row> {
         maglev_size: MAGLEV_SIZE,
         source_ranges: 16,
         conntrack: 262_144,
+        conntrack_new: 65_536,
         affinity: 1024,
     };
     let mut dp = Datapath::load_object(object, &sizing, None)?;

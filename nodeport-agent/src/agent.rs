@@ -21,6 +21,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     datapath::{self, Datapath, InterfaceRole, Maps, Sizing, XdpAttachMode},
     desired::{NodeContext, Reconciler},
+    gc::Collector,
     health::{HealthConfig, HealthServer, ServiceHealth},
     interfaces::{self, ChangeWatcher, Layout, Selection},
     ledger::{self, NodePortRange},
@@ -67,6 +68,48 @@ impl std::fmt::Display for PortRange {
         write!(f, "{}-{}", self.first, self.last)
     }
 }
+
+/// `--snat-port-range`: one or two ranges, "A-B" or "A-B,C-D".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnatPortRanges(pub Vec<PortRange>);
+
+/// The default: 33,512 ports, below the node port range (30000-32767) and above the kernel's
+/// default ephemeral ports (net.ipv4.ip_local_port_range 32768-60999). Each remote backend
+/// can then take 33,512 concurrent connections per SNAT address and protocol from one node,
+/// above the ~28,000 MASQUERADE gives with the default ephemeral range.
+pub const DEFAULT_SNAT_PORT_RANGES: &str = "1024-29999,61000-65535";
+
+impl FromStr for SnatPortRanges {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let ranges: Vec<PortRange> = s
+            .split(',')
+            .map(|r| r.parse::<PortRange>())
+            .collect::<Result<_, _>>()?;
+        if ranges.len() > 2 {
+            return Err(format!(
+                "{s:?}: at most two ranges, e.g. {DEFAULT_SNAT_PORT_RANGES}"
+            ));
+        }
+        if let [a, b] = ranges.as_slice()
+            && let Some((lo, hi)) = overlap((a.first, a.last), (b.first, b.last))
+        {
+            return Err(format!("{s:?}: the two ranges overlap on {lo}-{hi}"));
+        }
+        Ok(Self(ranges))
+    }
+}
+
+impl std::fmt::Display for SnatPortRanges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+/// The lowest SNAT port: below it are the privileged ports, which services on the node (and
+/// backends) treat as trusted.
+pub const MIN_SNAT_PORT: u16 = 1024;
 
 /// Ports in net.ipv4.ip_local_reserved_ports ("8080,61000-65535"): the kernel never picks
 /// them as ephemeral ports.
@@ -151,10 +194,11 @@ pub struct RunArgs {
     /// against the SNAT range, and reported on by the range metrics.
     #[arg(long, default_value = "30000-32767")]
     pub service_node_port_range: NodePortRange,
-    /// Source ports for connections SNATed to backends on other nodes. Must not overlap the
-    /// node port range or net.ipv4.ip_local_port_range.
-    #[arg(long, default_value = "61000-65535")]
-    pub snat_port_range: PortRange,
+    /// Source ports for connections SNATed to backends on other nodes: one range or two,
+    /// comma-separated. Neither may overlap the node port range or
+    /// net.ipv4.ip_local_port_range, nor go below 1024.
+    #[arg(long, default_value = DEFAULT_SNAT_PORT_RANGES)]
+    pub snat_port_range: SnatPortRanges,
     /// Slots of each service's Maglev table (a prime; more spreads many backends more evenly).
     #[arg(long, default_value_t = capacity::MAGLEV_SIZE)]
     pub maglev_table_size: u32,
@@ -168,9 +212,18 @@ pub struct RunArgs {
     pub max_frontends: u32,
     #[arg(long, default_value_t = capacity::SRC_RANGES)]
     pub max_source_ranges: u32,
-    /// Connection tracking entries (two per connection).
+    /// Entries of the established-connection table (two per connection). The datapath never
+    /// evicts from it: when it is full, new connections stay in the handshake table.
     #[arg(long, default_value_t = capacity::CONNTRACK)]
     pub conntrack_size: u32,
+    /// Entries of the handshake table (two per connection not yet established: TCP before
+    /// the client's ACK of the SYN-ACK, UDP before a reply). An LRU of its own, so a SYN
+    /// flood churns it and never the established connections.
+    #[arg(long, default_value_t = capacity::CONNTRACK_NEW)]
+    pub conntrack_handshake_size: u32,
+    /// Seconds between two sweeps of the connection tables for expired connections.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub conntrack_gc_interval: u64,
     #[arg(long, default_value_t = capacity::AFFINITY)]
     pub affinity_size: u32,
     #[arg(long, default_value_t = 60)]
@@ -184,6 +237,11 @@ pub struct RunArgs {
     /// Seed of the flow hash; set the same on every node.
     #[arg(long, default_value_t = DEFAULT_HASH_SEED)]
     pub hash_seed: u32,
+    /// This node's pod network (repeat for several): new connections from it (and from the
+    /// node's own addresses) are never taken for outside clients and are dropped. With the
+    /// Kubernetes API, the Node's spec.podCIDRs are added.
+    #[arg(long = "pod-cidr", value_name = "CIDR")]
+    pub pod_cidrs: Vec<Ipv4Prefix>,
     /// Also handle Services labelled service.kubernetes.io/service-proxy-name=<this>.
     #[arg(long)]
     pub service_proxy_name: Option<String>,
@@ -211,59 +269,45 @@ impl RunArgs {
             maglev_size: self.maglev_table_size,
             source_ranges: self.max_source_ranges,
             conntrack: self.conntrack_size,
+            conntrack_new: self.conntrack_handshake_size,
             affinity: self.affinity_size,
         }
     }
 
-    fn datapath_config(&self) -> DatapathConfig {
+    /// The datapath's configuration, with the per-node `snat_secret` (kept from the pinned
+    /// configuration when adopting: see [`snat_secret`]).
+    fn datapath_config(&self, snat_secret: u32) -> DatapathConfig {
+        let ranges = &self.snat_port_range.0;
+        let second = ranges.get(1).map_or((0, 0), |r| (r.first, r.last));
         DatapathConfig {
             maglev_size: self.maglev_table_size,
             hash_seed: self.hash_seed,
-            snat_port_min: self.snat_port_range.first,
-            snat_port_max: self.snat_port_range.last,
+            snat_port_min: ranges[0].first,
+            snat_port_max: ranges[0].last,
             tcp_syn_timeout_s: self.conntrack_tcp_syn_timeout,
             tcp_established_timeout_s: self.conntrack_tcp_established_timeout,
             tcp_closing_timeout_s: self.conntrack_tcp_closing_timeout,
             udp_timeout_s: self.conntrack_udp_timeout,
             hz: datapath::kernel_hz(),
-            snat_secret: 0,
-            snat_port_min2: 0,
-            snat_port_max2: 0,
+            snat_secret,
+            snat_port_min2: second.0,
+            snat_port_max2: second.1,
         }
     }
 
     /// Refuses settings that would break traffic, before touching anything.
     fn validate(&self) -> Result<()> {
-        let snat = (self.snat_port_range.first, self.snat_port_range.last);
-        let np = (
-            self.service_node_port_range.first,
-            self.service_node_port_range.last,
-        );
-        if let Some((a, b)) = overlap(snat, np) {
-            bail!(
-                "--snat-port-range {} overlaps the node port range {} on {a}-{b}: a SNATed \
-                 connection's reply would look like node port traffic; pick a range outside it",
-                self.snat_port_range,
-                self.service_node_port_range
-            );
-        }
         let reserved = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports")
             .map(|t| reserved_ports(&t))
             .unwrap_or_default();
-        if let Some(local) =
-            ledger::read_local_port_range(std::path::Path::new(ledger::IP_LOCAL_PORT_RANGE))
-            && let Some((a, b)) = overlap(snat, local).filter(|o| !all_reserved(*o, &reserved))
-        {
-            bail!(
-                "--snat-port-range {} overlaps net.ipv4.ip_local_port_range {}-{} on {a}-{b}: the \
-                     node's own connections could take the same source ports as SNATed ones. Pick \
-                     a range outside it, or shrink ip_local_port_range, or reserve the range with \
-                     net.ipv4.ip_local_reserved_ports",
-                self.snat_port_range,
-                local.0,
-                local.1
-            );
-        }
+        let local =
+            ledger::read_local_port_range(std::path::Path::new(ledger::IP_LOCAL_PORT_RANGE));
+        validate_snat_ranges(
+            &self.snat_port_range,
+            &self.service_node_port_range,
+            local,
+            &reserved,
+        )?;
         if !datapath::is_prime(self.maglev_table_size) {
             bail!(
                 "--maglev-table-size {} is not a prime (try 1021, 4093 or 16381)",
@@ -285,6 +329,91 @@ impl RunArgs {
                 .context("--nodeport-addresses")?,
         })
     }
+}
+
+/// Checks each SNAT range against the privileged ports, the node port range and the node's
+/// ephemeral ports (`local`, unless the overlap is reserved in ip_local_reserved_ports).
+fn validate_snat_ranges(
+    ranges: &SnatPortRanges,
+    node_ports: &NodePortRange,
+    local: Option<(u16, u16)>,
+    reserved: &[(u16, u16)],
+) -> Result<()> {
+    let np = (node_ports.first, node_ports.last);
+    for range in &ranges.0 {
+        let snat = (range.first, range.last);
+        if range.first < MIN_SNAT_PORT {
+            bail!(
+                "--snat-port-range {ranges}: the range {range} starts below {MIN_SNAT_PORT}: \
+                 privileged ports are not SNAT ports (services trust them); start it at \
+                 {MIN_SNAT_PORT} or above"
+            );
+        }
+        if let Some((a, b)) = overlap(snat, np) {
+            bail!(
+                "--snat-port-range {ranges}: the range {range} overlaps the node port range \
+                 {node_ports} on {a}-{b}: a SNATed connection's reply would look like node port \
+                 traffic; pick a range outside it"
+            );
+        }
+        if let Some(local) = local
+            && let Some((a, b)) = overlap(snat, local).filter(|o| !all_reserved(*o, reserved))
+        {
+            bail!(
+                "--snat-port-range {ranges}: the range {range} overlaps \
+                 net.ipv4.ip_local_port_range {}-{} on {a}-{b}: the node's own connections could \
+                 take the same source ports as SNATed ones. Pick a range outside it, or shrink \
+                 ip_local_port_range, or reserve the range with net.ipv4.ip_local_reserved_ports",
+                local.0,
+                local.1
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The per-node secret of the SNAT port hash: the pinned datapath's when adopting one that was
+/// configured (so a restart does not move the SNAT ports of live connections), a new random
+/// one otherwise.
+fn snat_secret(pinned: Option<DatapathConfig>) -> Result<u32> {
+    if let Some(cfg) = pinned.filter(|c| c.maglev_size != 0 && c.snat_secret != 0) {
+        return Ok(cfg.snat_secret);
+    }
+    loop {
+        let mut bytes = [0u8; 4];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+            .context("reading /dev/urandom for the SNAT port secret")?;
+        // 0 means "not set" in a pinned configuration.
+        let secret = u32::from_ne_bytes(bytes);
+        if secret != 0 {
+            return Ok(secret);
+        }
+    }
+}
+
+/// Sources that are never an outside client (`NP_LOCAL_NETS`): every address of the node
+/// (all interfaces, loopback included, whatever --nodeport-addresses says, and the Node
+/// object's), and its pod networks (`--pod-cidr`, and the Node's spec.podCIDRs).
+fn local_nets(
+    layout: &Layout,
+    snapshot: &Snapshot,
+    pod_cidrs: &[Ipv4Prefix],
+) -> BTreeSet<Ipv4Prefix> {
+    let mut nets: BTreeSet<Ipv4Prefix> = layout
+        .all_addresses
+        .iter()
+        .chain(&layout.node_addresses)
+        .map(|a| Ipv4Prefix::host(*a))
+        .collect();
+    for ip in snapshot.node_addresses.iter().flatten() {
+        if let IpAddr::V4(v4) = ip {
+            nets.insert(Ipv4Prefix::host(*v4));
+        }
+    }
+    nets.extend(pod_cidrs.iter().copied());
+    nets.extend(snapshot.pod_cidrs.iter().flatten().copied());
+    nets
 }
 
 fn unix_ms() -> u64 {
@@ -359,6 +488,10 @@ async fn start_health(
 
 struct Agent {
     args: RunArgs,
+    /// The datapath configuration this agent writes (with the node's SNAT secret).
+    config: DatapathConfig,
+    /// The conntrack collector's thread; stopped on shutdown.
+    gc: Option<Collector>,
     node_name: String,
     dp: Datapath,
     programmed: Programmed,
@@ -391,6 +524,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // The datapath: adopt what a previous agent pinned, if anything.
     let mut dp =
         Datapath::load(&args.sizing(), Some(&args.bpffs_dir)).context("loading the datapath")?;
+    let pinned_config = dp.maps.config.get(&0, 0).ok();
+    let config = args.datapath_config(snat_secret(pinned_config)?);
     let (programmed, orphans) =
         Programmed::adopt(&dp.maps, &dp.sizing).context("reading the pinned maps")?;
     if !programmed.services.is_empty() {
@@ -460,7 +595,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let sampler = Sampler::register(
             &mut registry,
             maps,
-            args.datapath_config(),
+            config,
             source_stats,
             rx.clone(),
             args.service_node_port_range,
@@ -475,7 +610,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
         });
     }
 
+    let gc = {
+        let pins = dp.pin_dir().context("the datapath is not pinned")?;
+        let maps = Maps::open_pinned_sized(pins, &dp.sizing)
+            .context("opening the maps for the conntrack collector")?;
+        Collector::spawn(
+            maps,
+            Duration::from_secs(args.conntrack_gc_interval),
+            metrics.clone(),
+        )
+        .context("starting the conntrack collector")?
+    };
+
     let mut agent = Agent {
+        config,
+        gc: Some(gc),
         reconciler: Reconciler::new(NodeContext::default()),
         node_name,
         dp,
@@ -662,6 +811,10 @@ impl Agent {
         }
     }
 
+    fn local_nets(&self) -> BTreeSet<Ipv4Prefix> {
+        local_nets(&self.layout, &self.snapshot, &self.args.pod_cidrs)
+    }
+
     /// Brings desired state, maps, health checks and notices up to date.
     async fn reconcile(&mut self) {
         let started = Instant::now();
@@ -680,8 +833,9 @@ impl Agent {
         let mut keys = changes.services.clone();
         keys.extend(std::mem::take(&mut self.retry));
         let settings = GlobalSettings {
-            config: self.args.datapath_config(),
+            config: self.config,
             snat_addrs: self.layout.snat_addresses.clone(),
+            local_nets: self.local_nets(),
         };
         let sizing = self.dp.sizing.clone();
         let report = Syncer {
@@ -793,8 +947,11 @@ impl Agent {
         }
     }
 
-    async fn shutdown(self) -> Result<()> {
+    async fn shutdown(mut self) -> Result<()> {
         tracing::info!("shutting down");
+        if let Some(gc) = self.gc.take() {
+            gc.stop();
+        }
         self.health.shutdown().await;
         let dir = self.args.bpffs_dir.clone();
         let detach = self.args.detach_on_exit;
@@ -833,6 +990,188 @@ mod tests {
             overlap((30000, 40000), (32768, 60999)),
             Some((32768, 40000))
         );
+    }
+
+    #[test]
+    fn snat_port_ranges() {
+        let default: SnatPortRanges = DEFAULT_SNAT_PORT_RANGES.parse().unwrap();
+        assert_eq!(
+            default.0,
+            [
+                PortRange {
+                    first: 1024,
+                    last: 29_999
+                },
+                PortRange {
+                    first: 61_000,
+                    last: 65_535
+                }
+            ]
+        );
+        assert_eq!(default.to_string(), DEFAULT_SNAT_PORT_RANGES);
+        assert_eq!("61000-65535".parse::<SnatPortRanges>().unwrap().0.len(), 1);
+        assert!(
+            "1024-2000,3000-4000,5000-6000"
+                .parse::<SnatPortRanges>()
+                .is_err()
+        );
+        let err = "1024-5000,4000-6000".parse::<SnatPortRanges>().unwrap_err();
+        assert!(err.contains("overlap on 4000-5000"), "{err}");
+    }
+
+    /// `run`'s flags as the command line gives them.
+    fn run_args(args: &[&str]) -> RunArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let argv = std::iter::once("nodeport-agent").chain(args.iter().copied());
+        <Cli as clap::Parser>::try_parse_from(argv)
+            .expect("valid flags")
+            .run
+    }
+
+    #[test]
+    fn the_default_snat_ranges_give_33512_ports_outside_node_and_ephemeral_ports() {
+        let args = run_args(&[]);
+        validate_snat_ranges(
+            &args.snat_port_range,
+            &args.service_node_port_range,
+            Some((32_768, 60_999)),
+            &[],
+        )
+        .unwrap();
+        let cfg = args.datapath_config(7);
+        assert_eq!(cfg.snat_span(), 33_512);
+        assert_eq!(
+            (
+                cfg.snat_port_min,
+                cfg.snat_port_max,
+                cfg.snat_port_min2,
+                cfg.snat_port_max2,
+                cfg.snat_secret
+            ),
+            (1024, 29_999, 61_000, 65_535, 7)
+        );
+        // One range: the second is empty.
+        let one = run_args(&["--snat-port-range", "61000-65535"]).datapath_config(7);
+        assert_eq!(
+            (one.snat_port_min2, one.snat_port_max2, one.snat_span()),
+            (0, 0, 4536)
+        );
+        // The handshake table's size and the collector's interval.
+        let args = run_args(&[
+            "--conntrack-handshake-size",
+            "1000",
+            "--conntrack-gc-interval",
+            "3",
+        ]);
+        assert_eq!(
+            (args.sizing().conntrack_new, args.conntrack_gc_interval),
+            (1000, 3)
+        );
+        assert_eq!(
+            run_args(&[]).sizing().conntrack_new,
+            capacity::CONNTRACK_NEW
+        );
+    }
+
+    #[test]
+    fn each_snat_range_is_checked_and_named() {
+        let node_ports = NodePortRange {
+            first: 30_000,
+            last: 32_767,
+        };
+        let check = |ranges: &str, local: Option<(u16, u16)>, reserved: &[(u16, u16)]| {
+            validate_snat_ranges(&ranges.parse().unwrap(), &node_ports, local, reserved)
+                .map_err(|e| e.to_string())
+        };
+        let local = Some((32_768, 60_999));
+        // The second range in the node port range.
+        let err = check("1024-2000,30000-30100", local, &[]).unwrap_err();
+        assert!(
+            err.contains(
+                "the range 30000-30100 overlaps the node port range 30000-32767 on \
+                 30000-30100"
+            ),
+            "{err}"
+        );
+        // The second range in the ephemeral ports, unless reserved.
+        let err = check("61000-65535,40000-40100", local, &[]).unwrap_err();
+        assert!(
+            err.contains(
+                "the range 40000-40100 overlaps net.ipv4.ip_local_port_range \
+                 32768-60999 on 40000-40100"
+            ),
+            "{err}"
+        );
+        check("61000-65535,40000-40100", local, &[(40_000, 40_100)]).unwrap();
+        // Privileged ports.
+        let err = check("1000-2000", local, &[]).unwrap_err();
+        assert!(
+            err.contains("the range 1000-2000 starts below 1024"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn local_nets_are_every_node_address_and_the_pod_networks() {
+        let p = |s: &str| s.parse::<Ipv4Prefix>().unwrap();
+        let layout = Layout {
+            // --nodeport-addresses kept node ports off 10.0.0.5; it is still the node's.
+            node_addresses: ["198.18.0.1".parse().unwrap()].into(),
+            all_addresses: [
+                "198.18.0.1".parse().unwrap(),
+                "10.0.0.5".parse().unwrap(),
+                "127.0.0.1".parse().unwrap(),
+            ]
+            .into(),
+            ..Layout::default()
+        };
+        let snapshot = Snapshot {
+            node_addresses: Some(vec![
+                "203.0.113.5".parse().unwrap(),
+                "fd00::5".parse().unwrap(),
+            ]),
+            pod_cidrs: Some(vec![p("10.244.1.0/24")]),
+            ..Snapshot::default()
+        };
+        let args = run_args(&["--pod-cidr", "10.245.0.0/16", "--pod-cidr", "10.246.0.0/16"]);
+        assert_eq!(
+            local_nets(&layout, &snapshot, &args.pod_cidrs),
+            [
+                "10.0.0.5/32",
+                "10.244.1.0/24",
+                "10.245.0.0/16",
+                "10.246.0.0/16",
+                "127.0.0.1/32",
+                "198.18.0.1/32",
+                "203.0.113.5/32",
+            ]
+            .map(p)
+            .into()
+        );
+    }
+
+    #[test]
+    fn the_snat_secret_survives_adoption() {
+        let pinned = DatapathConfig {
+            maglev_size: 1021,
+            snat_secret: 0xdead_beef,
+            ..DatapathConfig::default()
+        };
+        assert_eq!(snat_secret(Some(pinned)).unwrap(), 0xdead_beef);
+        // A fresh datapath (zeroed configuration), or one never configured: a new secret.
+        let fresh = snat_secret(Some(DatapathConfig::default())).unwrap();
+        assert_ne!(fresh, 0);
+        let unconfigured = DatapathConfig {
+            maglev_size: 0,
+            ..pinned
+        };
+        assert_ne!(snat_secret(Some(unconfigured)).unwrap(), 0xdead_beef);
+        // Random: two fresh ones differ (a 2^-32 chance of a false failure).
+        assert_ne!(snat_secret(None).unwrap(), snat_secret(None).unwrap());
     }
 
     #[test]

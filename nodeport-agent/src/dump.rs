@@ -5,13 +5,16 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use aya::maps::IterableMap as _;
 use nodeport_common::{
-    CT_DIR_FORWARD, CT_F_SNAT, Counter, CtEntry, CtKey,
-    DatapathConfig, FE_F_AFFINITY, FE_F_LOCAL_ONLY, FE_F_SOURCE_RANGES, IPPROTO_TCP, SvcStats,
+    CT_DIR_FORWARD, CT_F_SNAT, Counter, CtEntry, CtKey, DatapathConfig, FE_F_AFFINITY,
+    FE_F_LOCAL_ONLY, FE_F_SOURCE_RANGES, IPPROTO_TCP, SvcStats, counters::CounterKind,
 };
 use serde::Serialize;
 
 use crate::{
-    datapath::{self, ConntrackCensus, Maps, Sizing, census},
+    datapath::{
+        self, ConntrackCensus, CtTable, Maps, Sizing,
+        conntrack::{self, Connections},
+    },
     model::{Ipv4Prefix, ServicePortKey},
     sync::{Programmed, SyncError},
 };
@@ -111,6 +114,9 @@ pub struct Dump {
     pub services: Vec<DumpService>,
     /// Global packet counters by name (non-zero ones), with `stats`.
     pub counters: Vec<(String, u64)>,
+    /// Connection events by name (non-zero ones), with `stats`: not packet fates, counted
+    /// besides them.
+    pub events: Vec<(String, u64)>,
     /// The connection table's census, with `stats`.
     pub conntrack: Option<ConntrackCensus>,
     /// Connections, with `conntrack`.
@@ -128,11 +134,14 @@ pub struct DumpConnection {
     pub service: Option<String>,
     /// The node address and port the connection is SNATed to (remote backends).
     pub snat: Option<String>,
-    /// `syn_sent`, `established`, `closing` or `udp`.
+    /// `handshake`, `established`, `half-closed`, `closing`, `udp` or `udp-unreplied`.
     pub state: &'static str,
+    /// The table it is in: `established` (`NP_CT`) or `handshake` (`NP_CT_NEW`).
+    pub table: CtTable,
     /// Seconds since the last packet from the client.
     pub idle_s: u64,
-    /// Seconds until it expires without packets; `None`: expired, waiting to be reused.
+    /// Seconds until it expires without packets in either direction; `None`: expired,
+    /// waiting for the agent's collector.
     pub expires_in_s: Option<u64>,
 }
 
@@ -186,48 +195,57 @@ pub fn read(maps: &Maps, sizing: &Sizing, options: &DumpOptions) -> Result<Dump,
     }
     let cfg: DatapathConfig = maps.config.get(&0, 0).unwrap_or_default();
     let now = datapath::jiffies_now(cfg.hz);
-    let mut census = ConntrackCensus::default();
+    let mut census = None;
     let mut connections = Vec::new();
     if options.stats || options.conntrack {
+        let records = conntrack::read_tables(maps.conntrack.map(), maps.conntrack_new.map())
+            .map_err(|source| SyncError::Io {
+                what: "reading the connection tables",
+                source,
+            })?;
+        if options.stats {
+            census = Some(ConntrackCensus::of(&cfg, &records, now));
+        }
         let names: BTreeMap<u32, &ServicePortKey> =
             programmed.services.iter().map(|(k, s)| (s.id, k)).collect();
-        census::for_each_entry::<CtKey, CtEntry>(maps.conntrack.map(), |key, entry| {
-            census.add(&cfg, key, entry, now);
-            if options.conntrack && key.dir == CT_DIR_FORWARD {
-                let service = names.get(&entry.svc_id).copied();
-                let client = Ipv4Addr::from(u32::from_be(key.saddr_be));
-                let service_ok = match (&options.service, service) {
-                    (None, _) => true,
-                    (Some(f), Some(k)) => f.matches(k),
-                    (Some(_), None) => false,
-                };
-                let client_ok = options.client.as_ref().is_none_or(|p| p.contains(client));
-                if service_ok && client_ok {
-                    connections.push(connection(&cfg, key, entry, service, now));
-                }
+        let index = Connections::new(&records);
+        for (i, r) in records.iter().enumerate() {
+            if !options.conntrack || r.key.dir != CT_DIR_FORWARD || index.shadowed(i) {
+                continue;
             }
-        })
-        .map_err(|source| SyncError::Io {
-            what: "reading the connection table",
-            source,
-        })?;
+            let service = names.get(&r.entry.svc_id).copied();
+            let client = Ipv4Addr::from(u32::from_be(r.key.saddr_be));
+            let service_ok = match (&options.service, service) {
+                (None, _) => true,
+                (Some(f), Some(k)) => f.matches(k),
+                (Some(_), None) => false,
+            };
+            let client_ok = options.client.as_ref().is_none_or(|p| p.contains(client));
+            if service_ok && client_ok {
+                let partner = index.partner(i).map(|p| &p.entry);
+                connections.push(connection(&cfg, r, partner, service, now));
+            }
+        }
     }
     connections.sort_by(|a: &DumpConnection, b| {
         (&a.service, &a.client, &a.frontend).cmp(&(&b.service, &b.client, &b.frontend))
     });
-    let counters = if options.stats {
-        counter_values(maps)
-            .into_iter()
-            .filter(|(_, v)| *v != 0)
-            .map(|(c, v)| (c.label().to_owned(), v))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let (mut counters, mut events) = (Vec::new(), Vec::new());
+    if options.stats {
+        for (c, v) in counter_values(maps).into_iter().filter(|(_, v)| *v != 0) {
+            let list = if c.kind() == CounterKind::Event {
+                &mut events
+            } else {
+                &mut counters
+            };
+            list.push((c.label().to_owned(), v));
+        }
+    }
     Ok(Dump {
         services,
         counters,
-        conntrack: options.stats.then_some(census),
+        events,
+        conntrack: census,
         connections: options.conntrack.then_some(connections),
     })
 }
@@ -242,23 +260,20 @@ fn addr_port(addr_be: u32, port_be: u16) -> String {
 
 fn connection(
     cfg: &DatapathConfig,
-    key: &CtKey,
-    entry: &CtEntry,
+    record: &datapath::CtRecord,
+    partner: Option<&CtEntry>,
     service: Option<&ServicePortKey>,
     now: u64,
 ) -> DumpConnection {
+    let (key, entry): (&CtKey, &CtEntry) = (&record.key, &record.entry);
     let hz = u64::from(cfg.hz.max(1));
     let idle = now.saturating_sub(entry.last_seen);
-    let timeout = u64::from(cfg.ct_timeout_s(key.proto, &entry.state)) * hz;
-    let state = if key.proto != IPPROTO_TCP {
-        "udp"
-    } else if entry.state.closing() {
-        "closing"
-    } else if entry.state.established != 0 {
-        "established"
-    } else {
-        "syn_sent"
+    // Jiffies left before an entry expires; the connection lasts as long as its longer one.
+    let left = |e: &CtEntry| {
+        let timeout = u64::from(cfg.ct_timeout_s(key.proto, &e.state)) * hz;
+        timeout.checked_sub(now.saturating_sub(e.last_seen))
     };
+    let expires = left(entry).max(partner.and_then(left));
     DumpConnection {
         protocol: if key.proto == IPPROTO_TCP {
             "TCP"
@@ -272,9 +287,10 @@ fn connection(
         service: service.map(ToString::to_string),
         snat: (entry.flags & CT_F_SNAT != 0)
             .then(|| addr_port(entry.new_saddr_be, entry.new_sport_be)),
-        state,
+        state: conntrack::state_name(key.proto, &entry.state),
+        table: record.table,
         idle_s: idle / hz,
-        expires_in_s: (idle <= timeout).then(|| (timeout - idle) / hz),
+        expires_in_s: expires.map(|j| j / hz),
     }
 }
 
@@ -365,11 +381,7 @@ impl Dump {
             }
         }
         if let Some(c) = &self.conntrack {
-            let _ = writeln!(
-                out,
-                "conntrack {} connections, {} SNAT ports in use; {} entries ({} live)",
-                c.connections, c.snat_ports, c.entries, c.live
-            );
+            out.push_str(&c.render("conntrack "));
         }
         if let Some(connections) = &self.connections {
             let _ = writeln!(out, "connections ({})", connections.len());
@@ -397,6 +409,12 @@ impl Dump {
         if !self.counters.is_empty() {
             out.push_str("counters\n");
             for (name, v) in &self.counters {
+                let _ = writeln!(out, "  {name} {v}");
+            }
+        }
+        if !self.events.is_empty() {
+            out.push_str("connection events\n");
+            for (name, v) in &self.events {
                 let _ = writeln!(out, "  {name} {v}");
             }
         }

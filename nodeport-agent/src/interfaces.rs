@@ -110,6 +110,9 @@ pub struct Layout {
     pub pod_facing: BTreeMap<String, Interface>,
     /// Addresses node ports answer on.
     pub node_addresses: BTreeSet<Ipv4Addr>,
+    /// Every IPv4 address of every interface, whatever --nodeport-addresses says: sources
+    /// that are never an outside client.
+    pub all_addresses: BTreeSet<Ipv4Addr>,
     /// Ifindex -> its primary address: the SNAT address of traffic to a remote backend that
     /// leaves there. Every interface with an address has one, not only external ones: with an
     /// overlay (flannel.1, vxlan.calico, WireGuard) the route to another node's pods leaves
@@ -160,6 +163,7 @@ impl Selection {
                 layout.pod_facing.insert(iface.name.clone(), iface.clone());
             }
             for addr in &iface.addresses {
+                layout.all_addresses.insert(*addr);
                 let wanted = if self.nodeport_prefixes.is_empty() {
                     !addr.is_loopback()
                 } else {

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod datapath;
 pub mod desired;
 pub mod dump;
+pub mod gc;
 pub mod health;
 pub mod interfaces;
 pub mod ledger;

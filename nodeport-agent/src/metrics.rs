@@ -8,7 +8,7 @@
 //! ordinary monotonic counters (a map that restarts from zero is counted from zero).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -75,6 +75,30 @@ pub struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    /// What happened to a connection (nodeport_common::Counter labels of kind Event).
+    pub event: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableStateLabels {
+    pub map: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SnatAddressLabels {
+    pub snat_address: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SnatBackendLabels {
+    pub snat_address: String,
+    pub backend: String,
+    pub protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
     pub version: String,
 }
@@ -89,6 +113,12 @@ pub struct Metrics {
     pub backends: Gauge,
     pub health_checks: Gauge,
     pub notices: Family<KindLabels, Gauge>,
+    /// Entries the conntrack collector deleted, by map.
+    pub gc_deleted: Family<MapLabels, Counter>,
+    /// How long the last sweep took.
+    pub gc_seconds: Gauge<f64, AtomicU64>,
+    /// When the last sweep finished (Unix time).
+    pub gc_last: Gauge<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -101,6 +131,9 @@ impl Metrics {
             backends: Gauge::default(),
             health_checks: Gauge::default(),
             notices: Family::default(),
+            gc_deleted: Family::default(),
+            gc_seconds: Gauge::default(),
+            gc_last: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("nodeport");
         let build_info = Family::<VersionLabels, Gauge>::default();
@@ -146,7 +179,39 @@ impl Metrics {
             "Things in the cluster state not programmed, by kind",
             m.notices.clone(),
         );
+        r.register(
+            "conntrack_gc_deleted_entries",
+            "Connection tracking entries the agent's collector deleted (connections whose \
+             entries both expired), by map",
+            m.gc_deleted.clone(),
+        );
+        r.register(
+            "conntrack_gc_duration_seconds",
+            "How long the last sweep of the connection tables took",
+            m.gc_seconds.clone(),
+        );
+        r.register(
+            "conntrack_gc_last_sweep_timestamp_seconds",
+            "When the last sweep of the connection tables finished (Unix time)",
+            m.gc_last.clone(),
+        );
         m
+    }
+
+    /// Records a sweep of the conntrack collector.
+    pub fn record_gc(&self, report: &datapath::conntrack::SweepReport) {
+        for (table, n) in [
+            (datapath::CtTable::Established, report.deleted_established),
+            (datapath::CtTable::Handshake, report.deleted_handshake),
+        ] {
+            self.gc_deleted
+                .get_or_create(&MapLabels {
+                    map: table.map_name().into(),
+                })
+                .inc_by(n);
+        }
+        self.gc_seconds.set(report.seconds);
+        self.gc_last.set(unix_seconds());
     }
 
     pub fn record_sync(&self, report: &SyncReport, seconds: f64) {
@@ -160,10 +225,7 @@ impl Metrics {
                 .inc();
         }
         if report.failed.is_empty() {
-            let now = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64());
-            self.last_sync.set(now);
+            self.last_sync.set(unix_seconds());
         }
     }
 
@@ -179,15 +241,25 @@ impl Metrics {
     }
 }
 
+fn unix_seconds() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// Series read at scrape time.
 #[derive(Clone, Default)]
 struct Sampled {
     datapath_packets: Family<PathLabels, Counter>,
+    conntrack_events: Family<EventLabels, Counter>,
     service_packets: Family<ServiceLabels, Counter>,
     service_bytes: Family<ServiceLabels, Counter>,
-    conntrack_entries: Family<StateLabels, Gauge>,
+    conntrack_entries: Family<TableStateLabels, Gauge>,
     conntrack_connections: Gauge,
-    snat_ports: Gauge,
+    snat_ports: Family<SnatAddressLabels, Gauge>,
+    snat_ports_max_per_backend: Family<SnatAddressLabels, Gauge>,
+    snat_ports_busiest: Family<SnatBackendLabels, Gauge>,
+    snat_port_capacity: Gauge,
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
     map_memory: Family<MapLabels, Gauge>,
@@ -207,6 +279,12 @@ impl Sampled {
             m.datapath_packets.clone(),
         );
         r.register(
+            "conntrack_events",
+            "Things that happened to connections in the datapath (not packet fates: counted \
+             besides them), by event",
+            m.conntrack_events.clone(),
+        );
+        r.register(
             "service_packets",
             "Packets per service port and direction",
             m.service_packets.clone(),
@@ -218,8 +296,9 @@ impl Sampled {
         );
         r.register(
             "conntrack_entries",
-            "Connection tracking entries (both directions) by state: live, or expired and \
-             waiting for the LRU to reuse them",
+            "Connection tracking entries (both directions) by map (NP_CT established, \
+             NP_CT_NEW handshake) and state: live (of a live connection), or expired and \
+             waiting for the agent's collector",
             m.conntrack_entries.clone(),
         );
         r.register(
@@ -229,8 +308,26 @@ impl Sampled {
         );
         r.register(
             "snat_ports_in_use",
-            "SNAT source ports held by live connections to remote backends",
+            "SNAT source ports held by live connections to remote backends, per SNAT address \
+             (over all backends)",
             m.snat_ports.clone(),
+        );
+        r.register(
+            "snat_ports_max_per_backend",
+            "SNAT ports held towards the busiest remote backend (address, port, protocol), per \
+             SNAT address: compare with nodeport_snat_port_capacity, which is per backend",
+            m.snat_ports_max_per_backend.clone(),
+        );
+        r.register(
+            "snat_ports_in_use_by_backend",
+            "SNAT ports held towards each of the 10 busiest remote backends",
+            m.snat_ports_busiest.clone(),
+        );
+        r.register(
+            "snat_port_capacity",
+            "SNAT ports each remote backend can use per SNAT address and protocol \
+             (--snat-port-range)",
+            m.snat_port_capacity.clone(),
         );
         r.register(
             "map_entries",
@@ -283,6 +380,7 @@ pub struct Sampler {
     exported: HashMap<ServicePortKey, ServiceSeries>,
     /// The snapshot revision the range gauges were computed from.
     ledger_revision: Option<u64>,
+    snat: SnatExported,
 }
 
 impl Sampler {
@@ -307,6 +405,7 @@ impl Sampler {
             last: BTreeMap::new(),
             exported: HashMap::new(),
             ledger_revision: None,
+            snat: SnatExported::default(),
         }
     }
 
@@ -325,7 +424,17 @@ impl Sampler {
                 CounterKind::Passed => "passed",
                 CounterKind::Fallback => "fallback",
                 CounterKind::Dropped => "dropped",
-                CounterKind::Event => "event",
+                CounterKind::Event => {
+                    let labels = EventLabels {
+                        event: counter.label().into(),
+                    };
+                    self.add(
+                        counter.label(),
+                        total,
+                        &series.conntrack_events.get_or_create(&labels),
+                    );
+                    continue;
+                }
             };
             let labels = PathLabels {
                 path: counter.label().into(),
@@ -408,18 +517,24 @@ impl Sampler {
                 return;
             }
         };
-        let ct = fill.conntrack;
-        let state = |s: &str| StateLabels { state: s.into() };
-        series
-            .conntrack_entries
-            .get_or_create(&state("live"))
-            .set(ct.live as i64);
-        series
-            .conntrack_entries
-            .get_or_create(&state("expired"))
-            .set((ct.entries - ct.live) as i64);
+        let ct = &fill.conntrack;
+        for (map, t) in [
+            (nodeport_common::names::CONNTRACK, &ct.established),
+            (nodeport_common::names::CONNTRACK_NEW, &ct.handshake),
+        ] {
+            for (state, n) in [("live", t.live), ("expired", t.entries - t.live)] {
+                let labels = TableStateLabels {
+                    map: map.into(),
+                    state: state.into(),
+                };
+                series
+                    .conntrack_entries
+                    .get_or_create(&labels)
+                    .set(n as i64);
+            }
+        }
         series.conntrack_connections.set(ct.connections as i64);
-        series.snat_ports.set(ct.snat_ports as i64);
+        self.snat.set(series, &ct.snat);
         for m in &fill.maps {
             let labels = MapLabels { map: m.name.into() };
             series
@@ -448,6 +563,59 @@ impl Sampler {
         let report = ledger::analyze(&self.node_port_range, &snapshot.services, local);
         self.ledger.update(&report);
         self.ledger_revision = Some(snapshot.revision);
+    }
+}
+
+/// The SNAT census's series, exported last time, so those that went are removed (an
+/// address or backend holding no port any more) without clearing the families, which a
+/// concurrent scrape could then see empty.
+#[derive(Default)]
+struct SnatExported {
+    addresses: HashSet<SnatAddressLabels>,
+    backends: HashSet<SnatBackendLabels>,
+}
+
+impl SnatExported {
+    /// Sets the SNAT series to `snat`. The busiest-backends family stays at
+    /// `SNAT_TOP_BACKENDS` series at most.
+    fn set(&mut self, series: &Sampled, snat: &datapath::SnatCensus) {
+        series
+            .snat_port_capacity
+            .set(snat.capacity_per_backend as i64);
+        let mut addresses = HashSet::new();
+        for a in &snat.addresses {
+            let labels = SnatAddressLabels {
+                snat_address: a.address.clone(),
+            };
+            series.snat_ports.get_or_create(&labels).set(a.ports as i64);
+            series
+                .snat_ports_max_per_backend
+                .get_or_create(&labels)
+                .set(a.max_per_backend as i64);
+            addresses.insert(labels);
+        }
+        let mut backends = HashSet::new();
+        for b in &snat.busiest_backends {
+            let labels = SnatBackendLabels {
+                snat_address: b.snat_address.clone(),
+                backend: b.backend.clone(),
+                protocol: b.protocol.into(),
+            };
+            series
+                .snat_ports_busiest
+                .get_or_create(&labels)
+                .set(b.ports as i64);
+            backends.insert(labels);
+        }
+        for gone in self.addresses.difference(&addresses) {
+            series.snat_ports.remove(gone);
+            series.snat_ports_max_per_backend.remove(gone);
+        }
+        for gone in self.backends.difference(&backends) {
+            series.snat_ports_busiest.remove(gone);
+        }
+        self.addresses = addresses;
+        self.backends = backends;
     }
 }
 
@@ -578,4 +746,70 @@ pub async fn serve(
         }),
     );
     axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::{
+        SnatCensus,
+        census::{SnatAddressUsage, SnatBackendUsage},
+    };
+
+    fn census(backends: &[(&str, u64)]) -> SnatCensus {
+        SnatCensus {
+            capacity_per_backend: 33_512,
+            addresses: vec![SnatAddressUsage {
+                address: "198.18.0.1".into(),
+                ports: backends.iter().map(|(_, n)| n).sum(),
+                backends: backends.len() as u64,
+                max_per_backend: backends.iter().map(|(_, n)| *n).max().unwrap_or(0),
+            }],
+            busiest_backends: backends
+                .iter()
+                .map(|(b, n)| SnatBackendUsage {
+                    snat_address: "198.18.0.1".into(),
+                    backend: (*b).into(),
+                    protocol: "TCP",
+                    ports: *n,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn snat_series_follow_the_census_and_drop_what_went() {
+        let mut registry = Registry::default();
+        let series = Sampled::register(&mut registry);
+        let mut exported = SnatExported::default();
+        let text = |registry: &Registry| {
+            let mut s = String::new();
+            encode(&mut s, registry).unwrap();
+            s
+        };
+        exported.set(
+            &series,
+            &census(&[("10.2.0.1:8080", 7), ("10.2.0.2:8080", 3)]),
+        );
+        let first = text(&registry);
+        for line in [
+            "nodeport_snat_port_capacity 33512",
+            "nodeport_snat_ports_in_use{snat_address=\"198.18.0.1\"} 10",
+            "nodeport_snat_ports_max_per_backend{snat_address=\"198.18.0.1\"} 7",
+            "nodeport_snat_ports_in_use_by_backend{snat_address=\"198.18.0.1\",backend=\"10.2.0.2:8080\",protocol=\"TCP\"} 3",
+        ] {
+            assert!(first.lines().any(|l| l == line), "{line}\n{first}");
+        }
+        // 10.2.0.2 holds no port any more: its series goes; no address at all: neither.
+        exported.set(&series, &census(&[("10.2.0.1:8080", 5)]));
+        let second = text(&registry);
+        assert!(!second.contains("10.2.0.2:8080"), "{second}");
+        assert!(
+            second.contains("backend=\"10.2.0.1:8080\",protocol=\"TCP\"} 5"),
+            "{second}"
+        );
+        exported.set(&series, &SnatCensus::default());
+        let third = text(&registry);
+        assert!(!third.contains("snat_address="), "{third}");
+    }
 }

@@ -92,6 +92,11 @@ pub struct Ipv4Prefix {
 }
 
 impl Ipv4Prefix {
+    /// The /32 of one address.
+    pub const fn host(addr: Ipv4Addr) -> Self {
+        Self { addr, len: 32 }
+    }
+
     /// An IPv4 CIDR ("10.0.0.0/8"), or a bare address as a /32. Host bits are cleared.
     pub fn parse(s: &str) -> Option<Self> {
         let s = s.trim();

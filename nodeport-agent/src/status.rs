@@ -43,7 +43,11 @@ pub struct AgentView {
 #[derive(Debug, Serialize)]
 pub struct DatapathView {
     pub maglev_table_size: u32,
+    /// One or two ranges, `A-B` or `A-B,C-D`.
     pub snat_port_range: String,
+    /// Ports in the ranges: how many connections each remote backend can take per SNAT
+    /// address and protocol.
+    pub snat_ports_per_backend: u32,
     pub hz: u32,
     pub timeouts_s: Timeouts,
 }
@@ -69,7 +73,8 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
         attachments: datapath::link_details(pins)?,
         datapath: DatapathView {
             maglev_table_size: cfg.maglev_size,
-            snat_port_range: format!("{}-{}", cfg.snat_port_min, cfg.snat_port_max),
+            snat_port_range: snat_ranges(&cfg),
+            snat_ports_per_backend: cfg.snat_span(),
             hz: cfg.hz,
             timeouts_s: Timeouts {
                 tcp_syn: cfg.tcp_syn_timeout_s,
@@ -81,6 +86,15 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
         maps: fill.maps,
         conntrack: fill.conntrack,
     })
+}
+
+/// The configured SNAT port ranges, as `--snat-port-range` takes them.
+pub fn snat_ranges(cfg: &DatapathConfig) -> String {
+    let mut s = format!("{}-{}", cfg.snat_port_min, cfg.snat_port_max);
+    if cfg.snat_port_max2 != 0 {
+        s.push_str(&format!(",{}-{}", cfg.snat_port_min2, cfg.snat_port_max2));
+    }
+    s
 }
 
 fn agent_view(state: &AgentState, now: SystemTime) -> Option<AgentView> {
@@ -186,21 +200,17 @@ impl Status {
         let t = &d.timeouts_s;
         let _ = writeln!(
             out,
-            "\ndatapath   Maglev M {}, SNAT ports {}, timeouts: tcp syn {} s, established {} s, \
-             closing {} s, udp {} s",
+            "\ndatapath   Maglev M {}, SNAT ports {} ({} per backend), timeouts: tcp syn {} s, \
+             established {} s, closing {} s, udp {} s",
             d.maglev_table_size,
             d.snat_port_range,
+            d.snat_ports_per_backend,
             t.tcp_syn,
             t.tcp_established,
             t.tcp_closing,
             t.udp
         );
-        let c = &self.conntrack;
-        let _ = writeln!(
-            out,
-            "conntrack  {} connections, {} SNAT ports in use; {} entries ({} live)",
-            c.connections, c.snat_ports, c.entries, c.live
-        );
+        out.push_str(&self.conntrack.render("conntrack  "));
         out.push_str("\nmaps              used / capacity        memory\n");
         for m in &self.maps {
             let used = match m.used {

@@ -25,7 +25,8 @@ use aya::maps::{MapError, lpm_trie::Key as LpmKey};
 use nodeport_common::{
     BE_F_DRAINING, BE_F_LOCAL, BE_F_PRESENT, Backend, DatapathConfig, FE_F_AFFINITY,
     FE_F_LOCAL_ONLY, FE_F_SOURCE_RANGES, FRONTEND_PORT_WORDS, Frontend as FrontendValue,
-    FrontendKey, SnatAddr, SrcRangeKey, SvcName, frontend_port_bit, src_range_prefix_len,
+    FrontendKey, LocalNetKey, SnatAddr, SrcRangeKey, SvcName, frontend_port_bit,
+    src_range_prefix_len,
 };
 use thiserror::Error;
 
@@ -92,6 +93,9 @@ pub struct GlobalSettings {
     pub config: DatapathConfig,
     /// Egress ifindex -> the address remote-backend traffic leaving there is SNATed to.
     pub snat_addrs: BTreeMap<u32, Ipv4Addr>,
+    /// Prefixes that are never an outside client's source (`NP_LOCAL_NETS`): the node's own
+    /// addresses and its pod networks.
+    pub local_nets: BTreeSet<Ipv4Prefix>,
 }
 
 /// Ids handed out so that a freed id is reused as late as possible (connections remember
@@ -252,6 +256,15 @@ fn frontend_key(f: &crate::model::Frontend, protocol: Protocol) -> FrontendKey {
         u32::from(*f.addr.ip()).to_be(),
         f.addr.port(),
         protocol.number(),
+    )
+}
+
+fn local_net_key(p: &Ipv4Prefix) -> LpmKey<LocalNetKey> {
+    LpmKey::new(
+        u32::from(p.len),
+        LocalNetKey {
+            addr_be: u32::from(p.addr).to_be(),
+        },
     )
 }
 
@@ -595,7 +608,36 @@ impl Syncer<'_> {
                 let _ = self.maps.snat_addrs.remove(&ifindex);
             }
         }
+        self.sync_local_nets(&settings.local_nets)?;
         programmed.settings = Some(settings.clone());
+        Ok(())
+    }
+
+    /// Makes `NP_LOCAL_NETS` hold exactly `want`: new prefixes first, then those no longer
+    /// wanted (a prefix that changes is never missing in between).
+    fn sync_local_nets(&mut self, want: &BTreeSet<Ipv4Prefix>) -> Result<(), SyncError> {
+        let have: BTreeSet<Ipv4Prefix> = self
+            .maps
+            .local_nets
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| Ipv4Prefix {
+                addr: Ipv4Addr::from(u32::from_be(k.data().addr_be)),
+                len: k.prefix_len() as u8,
+            })
+            .collect();
+        for p in want.difference(&have) {
+            self.maps
+                .local_nets
+                .insert(&local_net_key(p), 1, 0)
+                .map_err(SyncError::map("local networks", ""))?;
+        }
+        for p in have.difference(want) {
+            self.maps
+                .local_nets
+                .remove(&local_net_key(p))
+                .map_err(SyncError::map("local networks", ""))?;
+        }
         Ok(())
     }
 

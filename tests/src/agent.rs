@@ -10,7 +10,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use nodeport_agent::{
     datapath::{Sizing, kernel_hz},
     desired::{NodeContext, desired_state},
-    model::Desired,
+    model::{Desired, Ipv4Prefix},
     sync::GlobalSettings,
 };
 use nodeport_common::DatapathConfig;
@@ -53,6 +53,7 @@ pub fn small_sizing() -> Sizing {
         maglev_size: 31,
         source_ranges: 32,
         conntrack: 1024,
+        conntrack_new: 256,
         affinity: 64,
     }
 }
@@ -70,11 +71,12 @@ pub fn test_settings(ext_ifindex: u32, node_ip: Ipv4Addr) -> GlobalSettings {
             tcp_closing_timeout_s: 10,
             udp_timeout_s: 60,
             hz: kernel_hz(),
-            snat_secret: 0x5ec2_e7a1,
+            snat_secret: 0x5eed_5eed,
             snat_port_min2: 0,
             snat_port_max2: 0,
         },
         snat_addrs: [(ext_ifindex, node_ip)].into(),
+        local_nets: [Ipv4Prefix::host(node_ip)].into(),
     }
 }
 

@@ -26,6 +26,8 @@ use nodeport_common::{
     src_range_prefix_len,
 };
 
+pub use nodeport_agent::datapath::CtTable;
+
 use crate::{netns::NetNs, packet::Mac};
 
 pub const EXT_MAC: Mac = [2, 0, 0, 0, 0, 0x01];
@@ -178,7 +180,7 @@ pub fn default_config() -> DatapathConfig {
         tcp_closing_timeout_s: 10,
         udp_timeout_s: 60,
         hz: nodeport_agent::datapath::kernel_hz(),
-        snat_secret: 0x5ec2_e7a1,
+        snat_secret: 0x5eed_5eed,
         snat_port_min2: 0,
         snat_port_max2: 0,
     }
@@ -192,6 +194,7 @@ pub fn sizing() -> Sizing {
         maglev_size: 1021,
         source_ranges: 256,
         conntrack: 4096,
+        conntrack_new: 1024,
         affinity: 1024,
     }
 }
@@ -365,31 +368,50 @@ impl Fixture {
         }))
     }
 
-    /// Every connection tracking entry, of both tables.
-    pub fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>> {
-        let mut entries = self.established()?;
-        entries.extend(self.handshake()?);
+    /// Every entry of both connection tables, each with the table it is in, sorted by table
+    /// (established first), then key.
+    pub fn conntrack(&self) -> Result<Vec<(CtTable, CtKey, CtEntry)>> {
+        let mut entries = Vec::new();
+        for table in CtTable::ALL {
+            entries.extend(
+                self.conntrack_table(table)?
+                    .into_iter()
+                    .map(|(k, e)| (table, k, e)),
+            );
+        }
+        Ok(entries)
+    }
+
+    /// The entries of one connection table (`NP_CT` or `NP_CT_NEW`), sorted by key.
+    pub fn conntrack_table(&self, table: CtTable) -> Result<Vec<(CtKey, CtEntry)>> {
+        let map = match table {
+            CtTable::Established => &self.dp.maps.conntrack,
+            CtTable::Handshake => &self.dp.maps.conntrack_new,
+        };
+        let mut entries: Vec<_> = map.iter().collect::<Result<_, _>>()?;
         entries.sort_by_key(|(k, _)| *k);
         Ok(entries)
     }
 
-    /// The entries of established connections (`NP_CT`).
+    /// The entries of established connections (`NP_CT`), sorted by key.
     pub fn established(&self) -> Result<Vec<(CtKey, CtEntry)>> {
-        let mut entries: Vec<_> = self.dp.maps.conntrack.iter().collect::<Result<_, _>>()?;
-        entries.sort_by_key(|(k, _)| *k);
-        Ok(entries)
+        self.conntrack_table(CtTable::Established)
     }
 
-    /// The entries of connections in the handshake (`NP_CT_NEW`).
+    /// The entries of connections in the handshake (`NP_CT_NEW`), sorted by key.
     pub fn handshake(&self) -> Result<Vec<(CtKey, CtEntry)>> {
-        let mut entries: Vec<_> = self
-            .dp
-            .maps
-            .conntrack_new
-            .iter()
-            .collect::<Result<_, _>>()?;
-        entries.sort_by_key(|(k, _)| *k);
-        Ok(entries)
+        self.conntrack_table(CtTable::Handshake)
+    }
+
+    /// The table of `table`, to insert or remove entries by hand.
+    pub fn conntrack_map(
+        &mut self,
+        table: CtTable,
+    ) -> &mut aya::maps::HashMap<aya::maps::MapData, CtKey, CtEntry> {
+        match table {
+            CtTable::Established => &mut self.dp.maps.conntrack,
+            CtTable::Handshake => &mut self.dp.maps.conntrack_new,
+        }
     }
 
     /// Runs the external XDP program on `frame` as if it arrived on ext0.

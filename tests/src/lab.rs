@@ -251,7 +251,10 @@ impl AgentProcess {
             None => Command::new(agent_binary()?),
         };
         cmd.arg("--log-format").arg("json").arg("run").args(args);
-        cmd.env("RUST_LOG", "info,nodeport_agent::agent=debug");
+        cmd.env(
+            "RUST_LOG",
+            "info,nodeport_agent::agent=debug,nodeport_agent::gc=debug",
+        );
         cmd.stdout(Stdio::null())
             .stderr(Stdio::piped())
             .stdin(Stdio::null());
@@ -626,6 +629,11 @@ impl Lab {
         })?;
         self.applied = revision;
         Ok(())
+    }
+
+    /// The running agent (to wait for its log).
+    pub fn agent_mut(&mut self) -> Result<&mut AgentProcess> {
+        self.agent.as_mut().context("no agent running")
     }
 
     /// The agent, taken out (to kill it).

@@ -420,7 +420,7 @@ fn pod_reply_tcp(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     // Both directions now know the connection is established.
     let ct = fx.conntrack()?;
     ensure!(
-        ct.len() == 2 && ct.iter().all(|(_, e)| e.state.replied == 1),
+        ct.len() == 2 && ct.iter().all(|(_, _, e)| e.state.replied == 1),
         "{ct:?}"
     );
     Ok(())
@@ -1024,12 +1024,16 @@ fn next_hop_cache(fx: &mut Fixture, topo: &Topology) -> Result<()> {
         ..default_config()
     })?;
     fx.add_service(&local_service(1, vec![remote(1, REMOTE_A)]))?;
-    let syn = from_client(40000, FRONTEND, SYN);
-    let first = parse_checked(&xdp_action(fx, topo, &syn, XDP_TX)?.frame)?;
+    // An established connection caches its next hop (one in the handshake asks the FIB).
+    let port = snat_syn(fx, topo, 40000)?;
+    xdp_action(fx, topo, &backend_reply(port, SYN_ACK), XDP_TX)?;
+    let first =
+        parse_checked(&xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_TX)?.frame)?;
     ensure!(first.eth_dst == NODE2_MAC);
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_TX)?;
     // Plant a marker in the cached next hop: the next packet must use it, not the FIB.
     let (key, mut entry) = *fx
-        .conntrack()?
+        .established()?
         .iter()
         .find(|(k, _)| k.dir == CT_DIR_FORWARD)
         .context("no forward entry")?;
@@ -1282,7 +1286,7 @@ fn replies_bound_to_their_device(fx: &mut Fixture, topo: &Topology) -> Result<()
     let (ret, _) = fx.tc_pod(topo, &spoofed.clone().macs(POD_MAC, POD_HOST_MAC).bytes())?;
     ensure!(ret == TC_ACT_SHOT, "pod hook let a SNAT reply through: {ret}");
     check_counters(fx, &before, &[(Counter::DroppedReplyWrongInterface, 2)])?;
-    for (k, e) in fx.conntrack()? {
+    for (_, k, e) in fx.conntrack()? {
         ensure!(e.state.replied == 0, "{k:?} took the spoofed reply");
     }
     // From where the connection left by, it passes.
@@ -1547,7 +1551,9 @@ fn snat_port_depends_on_the_node_secret(fx: &mut Fixture, topo: &Topology) -> Re
     fx.add_service(&local_service(1, vec![remote(1, REMOTE_A)]))?;
     let mut ports = Vec::new();
     for secret in [1, 2, 3, 4] {
-        fx.dp.maps.conntrack_new.clear()?;
+        for (key, _) in fx.handshake()? {
+            fx.dp.maps.conntrack_new.remove(&key)?;
+        }
         fx.set_config(nodeport_common::DatapathConfig {
             snat_secret: secret,
             ..default_config()

@@ -376,3 +376,191 @@ fn leftovers_of_an_interrupted_run_are_removed() -> Result<()> {
     let _ = XDP_PASS;
     Ok(())
 }
+
+/// Creates a map with the raw syscall and pins it at `path`, as an older agent's object did.
+fn pin_raw_map(
+    path: &std::path::Path,
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> Result<()> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    /// The BPF_MAP_CREATE part of `union bpf_attr`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        inner_map_fd: u32,
+        numa_node: u32,
+        map_name: [u8; 16],
+        map_ifindex: u32,
+        btf_fd: u32,
+        btf_key_type_id: u32,
+        btf_value_type_id: u32,
+        btf_vmlinux_value_type_id: u32,
+        map_extra: u64,
+    }
+    /// The BPF_OBJ_PIN part.
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let mut attr = MapCreate {
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        ..MapCreate::default()
+    };
+    // SAFETY: BPF_MAP_CREATE (0) with an attribute of the size given.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            0,
+            &mut attr as *mut MapCreate,
+            size_of::<MapCreate>(),
+        )
+    };
+    ensure!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a fresh fd we own; closed when this goes.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut pin = ObjPin {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+        file_flags: 0,
+    };
+    // SAFETY: BPF_OBJ_PIN (6) with a NUL-terminated path that outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            6,
+            &mut pin as *mut ObjPin,
+            size_of::<ObjPin>(),
+        )
+    };
+    ensure!(
+        rc == 0,
+        "BPF_OBJ_PIN {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and the eBPF datapath: run `cargo xtask test`"]
+fn a_datapath_of_the_old_conntrack_layout_is_refused_with_the_way_out() -> Result<()> {
+    require_root();
+    let pins = PinDirGuard::new("ol");
+    let maps = pins.path().join("maps");
+    std::fs::create_dir_all(&maps)?;
+    // What the previous version pinned: a 32-byte configuration, NP_CT an LRU of 56-byte
+    // values, and no NP_CT_NEW or NP_LOCAL_NETS.
+    const ARRAY: u32 = 2;
+    const LRU_HASH: u32 = 9;
+    pin_raw_map(&maps.join("NP_CONFIG"), ARRAY, 4, 32, 1)?;
+    pin_raw_map(
+        &maps.join("NP_CT"),
+        LRU_HASH,
+        16,
+        56,
+        small_sizing().conntrack,
+    )?;
+    let err = match Datapath::load(&small_sizing(), Some(pins.path())) {
+        Ok(_) => anyhow::bail!("a datapath of the old layout was adopted"),
+        Err(e) => e.to_string(),
+    };
+    for part in [
+        "created by an older nodeport version",
+        "NP_CONFIG: value size 32, expected 40",
+        "NP_CT: type LruHash, expected Hash, value size 56, expected 64",
+        "no NP_FE_PORTS",
+        "NP_CT_NEW",
+        "NP_LOCAL_NETS",
+        &format!(
+            "run `nodeport-agent detach --bpffs-dir {}`",
+            pins.path().display()
+        ),
+        "then start the agent again",
+        "Connections through the old datapath are cut",
+    ] {
+        ensure!(err.contains(part), "{part:?} missing from: {err}");
+    }
+    // Nothing was created or changed: the old pins stay, the new maps were not pinned.
+    ensure!(maps.join("NP_CT").exists() && maps.join("NP_CONFIG").exists());
+    ensure!(!maps.join("NP_CT_NEW").exists() && !maps.join("NP_FRONTENDS").exists());
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and the eBPF datapath: run `cargo xtask test`"]
+fn local_nets_follow_the_settings() -> Result<()> {
+    require_root();
+    let pins = PinDirGuard::new("ln");
+    let mut dp = Datapath::load(&small_sizing(), Some(pins.path()))?;
+    let mut programmed = Programmed::empty(&dp.sizing);
+    let sizing = dp.sizing.clone();
+    let prefix = |s: &str| -> Result<nodeport_agent::model::Ipv4Prefix> {
+        s.parse().map_err(anyhow::Error::msg)
+    };
+    let mut settings = test_settings(1, NODE_IP);
+    settings.local_nets = [prefix("198.18.0.1/32")?, prefix("10.244.1.0/24")?].into();
+    let mut apply = |dp: &mut Datapath, settings: &nodeport_agent::sync::GlobalSettings| {
+        Syncer {
+            maps: &mut dp.maps,
+            sizing: &sizing,
+        }
+        .apply(&mut programmed, &state(WEB), settings)
+    };
+    let in_map = |dp: &Datapath| -> Vec<String> {
+        let mut v: Vec<String> = dp
+            .maps
+            .local_nets
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| {
+                format!(
+                    "{}/{}",
+                    Ipv4Addr::from(u32::from_be(k.data().addr_be)),
+                    k.prefix_len()
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let report = apply(&mut dp, &settings);
+    ensure!(report.failed.is_empty(), "{:?}", report.failed);
+    ensure!(
+        in_map(&dp) == ["10.244.1.0/24", "198.18.0.1/32"],
+        "{:?}",
+        in_map(&dp)
+    );
+    // The pod network moves, a second address appears.
+    settings.local_nets = [
+        prefix("198.18.0.1/32")?,
+        prefix("198.18.0.7/32")?,
+        prefix("10.244.2.0/24")?,
+    ]
+    .into();
+    let report = apply(&mut dp, &settings);
+    ensure!(report.failed.is_empty(), "{:?}", report.failed);
+    ensure!(
+        in_map(&dp) == ["10.244.2.0/24", "198.18.0.1/32", "198.18.0.7/32"],
+        "{:?}",
+        in_map(&dp)
+    );
+    Ok(())
+}

@@ -166,6 +166,11 @@ impl Agent {
             "--metrics-bind-address",
             "off",
             "--detach-on-exit",
+            // The fillers' node ports run from 20000 up to 60999, inside the default SNAT
+            // range 1024-29999: keep SNAT to the range above them, as when these figures were
+            // first measured.
+            "--snat-port-range",
+            "61000-65535",
         ]
         .iter()
         .map(|s| s.to_string())

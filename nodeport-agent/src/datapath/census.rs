@@ -12,13 +12,18 @@ use std::{
 
 use aya::maps::{IterableMap, MapData};
 use bytemuck::Pod;
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
 use nodeport_common::{
-    AffinityEntry, AffinityKey, BE_F_PRESENT, CT_DIR_FORWARD, CT_F_SNAT, CtEntry, CtKey,
-    DatapathConfig, Frontend, FrontendKey, SnatAddr, SvcName, names,
+    AffinityEntry, AffinityKey, BE_F_PRESENT, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_SNAT,
+    DatapathConfig, Frontend, FrontendKey, IPPROTO_TCP, SnatAddr, SvcName, names,
 };
 use serde::Serialize;
 
-use super::Maps;
+use super::{
+    Maps,
+    conntrack::{Connections, CtRecord, CtTable, read_tables},
+};
 
 /// Entries copied per syscall.
 const CHUNK: usize = 4096;
@@ -156,42 +161,205 @@ pub fn count<K: Pod, V: Pod>(map: &MapData) -> io::Result<u64> {
     Ok(n)
 }
 
-/// What the connection table holds (also as `dump --stats` and `status` show it).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct ConntrackCensus {
-    /// Entries in the table, both directions, expired ones included (the LRU reuses those
-    /// last, so they count against `--conntrack-size` until it needs the room).
+/// How many entries one connection table holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TableCensus {
+    /// Entries, both directions, dead ones included (until the agent's collector deletes
+    /// them they count against the table's size).
     pub entries: u64,
-    /// Entries not expired.
+    /// Entries of live connections (a connection lives while either of its entries does).
     pub live: u64,
-    /// Live connections (live forward entries).
+}
+
+/// SNAT ports held through one SNAT address.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SnatAddressUsage {
+    /// The node address connections to remote backends are SNATed to.
+    pub address: String,
+    /// Ports held by live connections, over all backends.
+    pub ports: u64,
+    /// Remote backends (address, port and protocol) with at least one connection.
+    pub backends: u64,
+    /// Ports held towards the busiest backend: each backend has the whole SNAT range (the
+    /// census's `capacity_per_backend`) per SNAT address, so this is what runs out first.
+    pub max_per_backend: u64,
+}
+
+/// SNAT ports held towards one backend through one SNAT address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SnatBackendUsage {
+    pub snat_address: String,
+    /// Backend address:port.
+    pub backend: String,
+    pub protocol: &'static str,
+    pub ports: u64,
+}
+
+/// What holds SNAT ports: live connections' reply entries of remote backends, in both tables.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SnatCensus {
+    /// Ports per backend and SNAT address (`--snat-port-range`, both ranges).
+    pub capacity_per_backend: u64,
+    /// Per SNAT address, by address.
+    pub addresses: Vec<SnatAddressUsage>,
+    /// The backends holding the most ports, most first (at most [`SNAT_TOP_BACKENDS`]).
+    pub busiest_backends: Vec<SnatBackendUsage>,
+}
+
+/// How many of the busiest backends the SNAT census lists (and the metrics export): the
+/// number of backends is unbounded, and the busiest are the ones that run out of ports.
+pub const SNAT_TOP_BACKENDS: usize = 10;
+
+/// What the connection tables hold (also as `dump --stats` and `status` show it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ConntrackCensus {
+    /// Entries in both tables, both directions, dead ones included.
+    pub entries: u64,
+    /// Entries of live connections.
+    pub live: u64,
+    /// Live connections.
     pub connections: u64,
-    /// Live connections to remote backends, each holding one SNAT source port.
+    /// SNAT source ports held by live connections to remote backends, over every SNAT address
+    /// and backend.
     pub snat_ports: u64,
+    /// `NP_CT`, established connections.
+    pub established: TableCensus,
+    /// `NP_CT_NEW`, connections in the handshake or unanswered.
+    pub handshake: TableCensus,
+    pub snat: SnatCensus,
 }
 
 impl ConntrackCensus {
-    /// Adds one entry seen at `now` (jiffies).
-    pub fn add(&mut self, cfg: &DatapathConfig, key: &CtKey, entry: &CtEntry, now: u64) {
-        self.entries += 1;
-        if cfg.ct_entry_expired(entry, key.proto, now) {
-            return;
-        }
-        self.live += 1;
-        if key.dir == CT_DIR_FORWARD {
-            self.connections += 1;
-            if entry.flags & CT_F_SNAT != 0 {
-                self.snat_ports += 1;
+    /// Counts `records` (both tables) at `now` (jiffies).
+    pub fn of(cfg: &DatapathConfig, records: &[CtRecord], now: u64) -> Self {
+        let connections = Connections::new(records);
+        let mut census = Self {
+            entries: records.len() as u64,
+            ..Self::default()
+        };
+        let mut snat: BTreeMap<SnatTuple, u64> = BTreeMap::new();
+        for (i, r) in records.iter().enumerate() {
+            let table = match r.table {
+                CtTable::Established => &mut census.established,
+                CtTable::Handshake => &mut census.handshake,
+            };
+            table.entries += 1;
+            if !connections.connection_live(cfg, i, now) {
+                continue;
+            }
+            table.live += 1;
+            census.live += 1;
+            if connections.shadowed(i) {
+                // The connection is counted by its established entries.
+                continue;
+            }
+            // A connection counts once: by its forward entry, or by a reply entry whose
+            // forward entry is missing.
+            if r.key.dir == CT_DIR_FORWARD || connections.partner(i).is_none() {
+                census.connections += 1;
+            }
+            // The reply entry of a SNATed connection is what holds the port: it is keyed by
+            // backend -> SNAT address:port.
+            if r.key.dir == CT_DIR_REPLY && r.entry.flags & CT_F_SNAT != 0 {
+                census.snat_ports += 1;
+                *snat
+                    .entry((
+                        u32::from_be(r.key.daddr_be),
+                        u32::from_be(r.key.saddr_be),
+                        u16::from_be(r.key.sport_be),
+                        r.key.proto,
+                    ))
+                    .or_default() += 1;
             }
         }
+        census.snat = snat_census(cfg, &snat);
+        census
     }
 }
 
-/// Counts the connection table's entries by state.
-pub fn conntrack(map: &MapData, cfg: &DatapathConfig, now: u64) -> io::Result<ConntrackCensus> {
-    let mut census = ConntrackCensus::default();
-    for_each_entry::<CtKey, CtEntry>(map, |k, v| census.add(cfg, k, v, now))?;
-    Ok(census)
+/// (SNAT address, backend address, backend port, protocol), host order: one port space.
+type SnatTuple = (u32, u32, u16, u8);
+
+fn snat_census(cfg: &DatapathConfig, held: &BTreeMap<SnatTuple, u64>) -> SnatCensus {
+    let mut addresses: BTreeMap<u32, SnatAddressUsage> = BTreeMap::new();
+    for (&(snat, _, _, _), &ports) in held {
+        let a = addresses.entry(snat).or_insert_with(|| SnatAddressUsage {
+            address: Ipv4Addr::from(snat).to_string(),
+            ..SnatAddressUsage::default()
+        });
+        a.ports += ports;
+        a.backends += 1;
+        a.max_per_backend = a.max_per_backend.max(ports);
+    }
+    let mut busiest: Vec<(&SnatTuple, &u64)> = held.iter().collect();
+    // Most ports first; ties in address order, so the list is stable between reads.
+    busiest.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    SnatCensus {
+        capacity_per_backend: u64::from(cfg.snat_span()),
+        addresses: addresses.into_values().collect(),
+        busiest_backends: busiest
+            .into_iter()
+            .take(SNAT_TOP_BACKENDS)
+            .map(|(&(snat, addr, port, proto), &ports)| SnatBackendUsage {
+                snat_address: Ipv4Addr::from(snat).to_string(),
+                backend: format!("{}:{port}", Ipv4Addr::from(addr)),
+                protocol: if proto == IPPROTO_TCP { "TCP" } else { "UDP" },
+                ports,
+            })
+            .collect(),
+    }
+}
+
+impl ConntrackCensus {
+    /// The human-readable form (`dump --stats`, `status`), the first line starting with
+    /// `prefix`.
+    pub fn render(&self, prefix: &str) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{prefix}{} connections, {} SNAT ports in use; {} entries ({} live)",
+            self.connections, self.snat_ports, self.entries, self.live
+        );
+        let indent = " ".repeat(prefix.len());
+        let _ = writeln!(
+            out,
+            "{indent}{} {} entries ({} live), {} {} entries ({} live)",
+            names::CONNTRACK,
+            self.established.entries,
+            self.established.live,
+            names::CONNTRACK_NEW,
+            self.handshake.entries,
+            self.handshake.live
+        );
+        let capacity = self.snat.capacity_per_backend;
+        for a in &self.snat.addresses {
+            let _ = writeln!(
+                out,
+                "{indent}SNAT {}: {} ports to {} backends, busiest backend {} of {capacity} \
+                 ports ({:.1}%)",
+                a.address,
+                a.ports,
+                a.backends,
+                a.max_per_backend,
+                100.0 * a.max_per_backend as f64 / capacity.max(1) as f64
+            );
+        }
+        for b in &self.snat.busiest_backends {
+            let _ = writeln!(
+                out,
+                "{indent}  {} -> {}/{}: {} ports",
+                b.snat_address, b.backend, b.protocol, b.ports
+            );
+        }
+        out
+    }
+}
+
+/// Reads both connection tables and counts them.
+pub fn conntrack(maps: &Maps, cfg: &DatapathConfig, now: u64) -> io::Result<ConntrackCensus> {
+    let records = read_tables(maps.conntrack.map(), maps.conntrack_new.map())?;
+    Ok(ConntrackCensus::of(cfg, &records, now))
 }
 
 /// How full one map is.
@@ -216,7 +384,7 @@ pub struct Fill {
 
 /// Reads how full every map is; `now` is the datapath clock (jiffies) for expiry.
 pub fn fill(maps: &Maps, cfg: &DatapathConfig, now: u64) -> io::Result<Fill> {
-    let conntrack = self::conntrack(maps.conntrack.map(), cfg, now)?;
+    let conntrack = self::conntrack(maps, cfg, now)?;
     let backends_present = (1..maps.backends.len())
         .filter(|i| {
             maps.backends
@@ -258,7 +426,17 @@ pub fn fill(maps: &Maps, cfg: &DatapathConfig, now: u64) -> io::Result<Fill> {
         entry(
             names::CONNTRACK,
             maps.conntrack.map(),
-            Some(conntrack.entries),
+            Some(conntrack.established.entries),
+        )?,
+        entry(
+            names::CONNTRACK_NEW,
+            maps.conntrack_new.map(),
+            Some(conntrack.handshake.entries),
+        )?,
+        entry(
+            names::LOCAL_NETS,
+            maps.local_nets.map(),
+            Some(maps.local_nets.keys().count() as u64),
         )?,
         entry(
             names::AFFINITY,
@@ -287,74 +465,297 @@ fn memlock(map: &MapData) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use nodeport_common::{CT_DIR_REPLY, CtState, IPPROTO_TCP, IPPROTO_UDP};
+    use nodeport_common::{CtEntry, CtKey, CtState, IPPROTO_UDP};
 
     use super::*;
 
+    const HZ: u64 = 100;
+    const NOW: u64 = 1_000_000;
+
+    /// Client 10.0.0.<client>:<port> to a backend; remote backends SNAT through `snat`
+    /// (port `snat_port`). Both entries idle `idle_s`.
+    #[expect(clippy::too_many_arguments, reason = "a test table's columns")]
+    fn conn(
+        table: CtTable,
+        proto: u8,
+        client: u8,
+        backend: ([u8; 4], u16),
+        snat: Option<([u8; 4], u16)>,
+        state: CtState,
+        fwd_idle_s: u64,
+        rep_idle_s: u64,
+    ) -> [CtRecord; 2] {
+        let client_addr = u32::from_be_bytes([10, 0, 0, client]).to_be();
+        let frontend = u32::from_be_bytes([198, 18, 0, 1]).to_be();
+        let (backend_addr, backend_port) = backend;
+        let (new_saddr, new_sport) = snat.map_or((client_addr, 40_000u16.to_be()), |(a, p)| {
+            (u32::from_be_bytes(a).to_be(), p.to_be())
+        });
+        let flags = if snat.is_some() { CT_F_SNAT } else { 0 };
+        let fwd_key = CtKey {
+            saddr_be: client_addr,
+            daddr_be: frontend,
+            sport_be: 40_000u16.to_be(),
+            dport_be: 30_080u16.to_be(),
+            proto,
+            dir: CT_DIR_FORWARD,
+            _pad: 0,
+        };
+        let fwd = CtEntry {
+            last_seen: NOW - fwd_idle_s * HZ,
+            new_saddr_be: new_saddr,
+            new_daddr_be: u32::from_be_bytes(backend_addr).to_be(),
+            new_sport_be: new_sport,
+            new_dport_be: backend_port.to_be(),
+            flags,
+            state,
+            ..CtEntry::default()
+        };
+        let rep_key = fwd.opposite_key(proto, CT_DIR_REPLY);
+        let rep = CtEntry {
+            last_seen: NOW - rep_idle_s * HZ,
+            new_saddr_be: frontend,
+            new_daddr_be: client_addr,
+            new_sport_be: 30_080u16.to_be(),
+            new_dport_be: 40_000u16.to_be(),
+            flags,
+            state,
+            ..CtEntry::default()
+        };
+        [
+            CtRecord {
+                table,
+                key: fwd_key,
+                entry: fwd,
+            },
+            CtRecord {
+                table,
+                key: rep_key,
+                entry: rep,
+            },
+        ]
+    }
+
+    fn est() -> CtState {
+        CtState {
+            replied: 1,
+            established: 1,
+            ..CtState::default()
+        }
+    }
+
     #[test]
-    fn the_census_counts_by_state_and_direction() {
+    fn the_census_counts_connections_and_what_holds_snat_ports() {
         let cfg = DatapathConfig {
             tcp_syn_timeout_s: 60,
             tcp_established_timeout_s: 21_600,
             tcp_closing_timeout_s: 10,
             udp_timeout_s: 60,
-            hz: 100,
+            hz: HZ as u32,
+            snat_port_min: 1024,
+            snat_port_max: 29_999,
+            snat_port_min2: 61_000,
+            snat_port_max2: 65_535,
             ..DatapathConfig::default()
         };
-        let now = 1_000_000;
-        let key = |proto, dir| CtKey {
-            proto,
-            dir,
-            ..CtKey::default()
-        };
-        let established = CtState {
-            replied: 1,
-            established: 1,
-            ..CtState::default()
-        };
-        let closing = CtState {
-            rst_fwd: 1,
-            ..established
-        };
-        let entry = |age_s: u64, flags, state| CtEntry {
-            last_seen: now - age_s * 100,
-            flags,
-            state,
-            ..CtEntry::default()
-        };
-        let mut c = ConntrackCensus::default();
-        // An established SNATed connection, both directions.
-        c.add(
-            &cfg,
-            &key(IPPROTO_TCP, CT_DIR_FORWARD),
-            &entry(3_600, CT_F_SNAT, established),
-            now,
+        let (est_t, new_t) = (CtTable::Established, CtTable::Handshake);
+        let node_a = [198, 18, 0, 1];
+        let node_b = [198, 18, 5, 1];
+        let be1 = ([10, 2, 0, 1], 8080);
+        let be2 = ([10, 2, 0, 2], 8080);
+        let records: Vec<CtRecord> = [
+            // Three established SNATed TCP connections to be1 through node_a, one to be2.
+            conn(
+                est_t,
+                IPPROTO_TCP,
+                1,
+                be1,
+                Some((node_a, 1024)),
+                est(),
+                5,
+                5,
+            ),
+            conn(
+                est_t,
+                IPPROTO_TCP,
+                2,
+                be1,
+                Some((node_a, 1025)),
+                est(),
+                5,
+                5,
+            ),
+            // A one-way UDP stream: the reply entry is long expired, the connection lives
+            // through its forward entry, and its reply entry still holds the port.
+            conn(
+                est_t,
+                IPPROTO_UDP,
+                3,
+                be1,
+                Some((node_a, 1026)),
+                est(),
+                5,
+                3_600,
+            ),
+            conn(
+                est_t,
+                IPPROTO_TCP,
+                4,
+                be2,
+                Some((node_a, 1024)),
+                est(),
+                5,
+                5,
+            ),
+            // Through another SNAT address, in the handshake table (a SYN not answered yet).
+            conn(
+                new_t,
+                IPPROTO_TCP,
+                5,
+                be1,
+                Some((node_b, 1024)),
+                CtState::default(),
+                5,
+                5,
+            ),
+            // Dead: a closing connection past its 10 s; holds nothing any more.
+            conn(
+                est_t,
+                IPPROTO_TCP,
+                6,
+                be1,
+                Some((node_a, 1027)),
+                CtState {
+                    rst_fwd: 1,
+                    ..est()
+                },
+                11,
+                11,
+            ),
+            // A local backend: no SNAT.
+            conn(
+                est_t,
+                IPPROTO_UDP,
+                7,
+                ([198, 18, 1, 11], 53),
+                None,
+                est(),
+                1,
+                1,
+            ),
+        ]
+        .concat();
+        // A copy of the first connection's entries left in the handshake table by its
+        // promotion: counted as entries, not as a connection or a port.
+        let copy = conn(
+            new_t,
+            IPPROTO_TCP,
+            1,
+            be1,
+            Some((node_a, 1024)),
+            est(),
+            5,
+            5,
         );
-        c.add(
-            &cfg,
-            &key(IPPROTO_TCP, CT_DIR_REPLY),
-            &entry(3_600, CT_F_SNAT, established),
-            now,
-        );
-        // A closing connection past its 10 s.
-        c.add(
-            &cfg,
-            &key(IPPROTO_TCP, CT_DIR_FORWARD),
-            &entry(11, 0, closing),
-            now,
-        );
-        // A SYN that never got an answer, past its 60 s.
-        c.add(&cfg, &key(IPPROTO_TCP, CT_DIR_FORWARD), &entry(61, 0, CtState::default()), now);
-        // A UDP flow to a local backend.
-        c.add(&cfg, &key(IPPROTO_UDP, CT_DIR_FORWARD), &entry(59, 0, CtState::default()), now);
+        let records = [records, copy.to_vec()].concat();
+        let c = ConntrackCensus::of(&cfg, &records, NOW);
         assert_eq!(
-            c,
-            ConntrackCensus {
-                entries: 5,
-                live: 3,
-                connections: 2,
-                snat_ports: 1,
+            (c.entries, c.live, c.connections, c.snat_ports),
+            (16, 14, 6, 5)
+        );
+        assert_eq!(
+            c.established,
+            TableCensus {
+                entries: 12,
+                live: 10
             }
         );
+        assert_eq!(
+            c.handshake,
+            TableCensus {
+                entries: 4,
+                live: 4
+            }
+        );
+        assert_eq!(c.snat.capacity_per_backend, 33_512);
+        assert_eq!(
+            c.snat.addresses,
+            vec![
+                SnatAddressUsage {
+                    address: "198.18.0.1".into(),
+                    ports: 4,
+                    backends: 3,
+                    max_per_backend: 2,
+                },
+                SnatAddressUsage {
+                    address: "198.18.5.1".into(),
+                    ports: 1,
+                    backends: 1,
+                    max_per_backend: 1,
+                },
+            ]
+        );
+        let busiest: Vec<(&str, &str, &str, u64)> = c
+            .snat
+            .busiest_backends
+            .iter()
+            .map(|b| {
+                (
+                    b.snat_address.as_str(),
+                    b.backend.as_str(),
+                    b.protocol,
+                    b.ports,
+                )
+            })
+            .collect();
+        assert_eq!(
+            busiest,
+            [
+                ("198.18.0.1", "10.2.0.1:8080", "TCP", 2),
+                ("198.18.0.1", "10.2.0.1:8080", "UDP", 1),
+                ("198.18.0.1", "10.2.0.2:8080", "TCP", 1),
+                ("198.18.5.1", "10.2.0.1:8080", "TCP", 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_busiest_backends_are_capped() {
+        let cfg = DatapathConfig {
+            udp_timeout_s: 60,
+            hz: HZ as u32,
+            snat_port_min: 61_000,
+            snat_port_max: 61_999,
+            ..DatapathConfig::default()
+        };
+        let records: Vec<CtRecord> = (0..SNAT_TOP_BACKENDS as u8 + 5)
+            .flat_map(|b| {
+                // Backend b holds b + 1 ports.
+                (0..=u16::from(b)).flat_map(move |p| {
+                    conn(
+                        CtTable::Established,
+                        IPPROTO_UDP,
+                        b,
+                        ([10, 3, 0, b], 53),
+                        Some(([198, 18, 0, 1], 61_000 + p)),
+                        est(),
+                        1,
+                        1,
+                    )
+                })
+            })
+            .collect();
+        let c = ConntrackCensus::of(&cfg, &records, NOW);
+        assert_eq!(c.snat.busiest_backends.len(), SNAT_TOP_BACKENDS);
+        assert_eq!(
+            c.snat.busiest_backends[0].ports,
+            SNAT_TOP_BACKENDS as u64 + 5
+        );
+        assert_eq!(c.snat.busiest_backends[0].backend, "10.3.0.14:53");
+        assert_eq!(
+            c.snat.addresses[0].max_per_backend,
+            SNAT_TOP_BACKENDS as u64 + 5
+        );
+        assert_eq!(c.snat.addresses[0].backends, SNAT_TOP_BACKENDS as u64 + 5);
     }
 }

@@ -8,8 +8,8 @@ use aya::{
 };
 use nodeport_common::{
     AffinityEntry, AffinityKey, AgentState, BPF_F_MMAPABLE, Backend, COUNTER_SLOTS, CtEntry, CtKey,
-    DatapathConfig, FRONTEND_PORT_WORDS, Frontend, FrontendKey, LocalNetKey, MaglevSlot, SnatAddr, SrcRangeKey,
-    PROG_SLOTS, SvcName, SvcStats, capacity, names,
+    DatapathConfig, FRONTEND_PORT_WORDS, Frontend, FrontendKey, LocalNetKey, MaglevSlot, SnatAddr,
+    PROG_SLOTS, SrcRangeKey, SvcName, SvcStats, capacity, names,
 };
 
 use super::{DatapathError, Result, Sizing, mmap::MmapArray};
@@ -26,9 +26,13 @@ pub struct Maps {
     pub backends: MmapArray<Backend>,
     pub maglev: MmapArray<MaglevSlot>,
     pub src_ranges: LpmTrie<MapData, SrcRangeKey, u32>,
+    /// Established connections (`NP_CT`, a plain hash the datapath never evicts from).
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    /// Connections in the handshake or unanswered (`NP_CT_NEW`, an LRU hash).
     pub conntrack_new: HashMap<MapData, CtKey, CtEntry>,
+    /// Sources that are never an outside client (`NP_LOCAL_NETS`, an LPM trie).
     pub local_nets: LpmTrie<MapData, LocalNetKey, u32>,
+    /// Programs tail-called from the XDP entry point (`NP_PROGS`).
     pub programs: ProgramArray<MapData>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     pub svc_stats: PerCpuArray<MapData, SvcStats>,
@@ -122,6 +126,7 @@ impl Maps {
             maglev_size,
             source_ranges: entries(names::SRC_RANGES)?,
             conntrack: entries(names::CONNTRACK)?,
+            conntrack_new: entries(names::CONNTRACK_NEW)?,
             affinity: entries(names::AFFINITY)?,
         };
         if sizing.maglev_blocks() * maglev_size != maglev_slots {
@@ -180,7 +185,7 @@ pub fn map_specs(sizing: &Sizing) -> Vec<MapSpec> {
         (names::MAGLEV,          Array,       4,                    size::<MaglevSlot>(),    maglev_slots,          BPF_F_MMAPABLE),
         (names::SRC_RANGES,      LpmTrie,     lpm_key,              4,                       sizing.source_ranges,  BPF_F_NO_PREALLOC),
         (names::CONNTRACK,       Hash,        size::<CtKey>(),      size::<CtEntry>(),       sizing.conntrack,      0),
-        (names::CONNTRACK_NEW,   LruHash,     size::<CtKey>(),      size::<CtEntry>(),       capacity::CONNTRACK_NEW, 0),
+        (names::CONNTRACK_NEW,   LruHash,     size::<CtKey>(),      size::<CtEntry>(),       sizing.conntrack_new,  0),
         (names::LOCAL_NETS,      LpmTrie,     4 + size::<LocalNetKey>(), 4,                  capacity::LOCAL_NETS,  BPF_F_NO_PREALLOC),
         (names::PROGRAMS,        ProgramArray, 4,                   4,                       PROG_SLOTS,            0),
         (names::AFFINITY,        LruHash,     size::<AffinityKey>(), size::<AffinityEntry>(), sizing.affinity,      0),
@@ -204,39 +209,98 @@ pub fn map_specs(sizing: &Sizing) -> Vec<MapSpec> {
         .collect()
 }
 
+/// How a pinned map differs from its spec.
+#[derive(Debug, Default)]
+struct PinDifferences {
+    /// Type, key or value size, flags: another version's layout.
+    layout: Vec<String>,
+    /// Max entries: another sizing (or another version's default).
+    sizing: Vec<String>,
+}
+
 impl MapSpec {
-    /// Checks that a map pinned at `path`, if any, has this layout. aya would silently reuse
-    /// any map pinned there, and a program reading a value of another size reads garbage.
-    pub fn check_pin(&self, path: &Path) -> Result<()> {
+    /// How a map pinned at `path` differs from this layout (`None`: nothing pinned there).
+    /// aya would silently reuse any map pinned there, and a program reading a value of another
+    /// size reads garbage.
+    fn pin_differences(&self, path: &Path) -> Result<Option<PinDifferences>> {
         if !path.exists() {
-            return Ok(());
+            return Ok(None);
         }
         let info = MapInfo::from_pin(path).map_err(|source| DatapathError::Map {
             name: self.name,
             source,
         })?;
-        let mut differences = Vec::new();
+        let mut d = PinDifferences::default();
         match info.map_type() {
             Ok(t) if t == self.map_type => {}
-            Ok(t) => differences.push(format!("type {t:?}, expected {:?}", self.map_type)),
-            Err(e) => differences.push(format!("unknown type ({e})")),
+            Ok(t) => d
+                .layout
+                .push(format!("type {t:?}, expected {:?}", self.map_type)),
+            Err(e) => d.layout.push(format!("unknown type ({e})")),
         }
-        let mut compare = |what: &str, found: u32, expected: u32| {
+        let compare = |out: &mut Vec<String>, what: &str, found: u32, expected: u32| {
             if found != expected {
-                differences.push(format!("{what} {found}, expected {expected}"));
+                out.push(format!("{what} {found}, expected {expected}"));
             }
         };
-        compare("key size", info.key_size(), self.key_size);
-        compare("value size", info.value_size(), self.value_size);
-        compare("max entries", info.max_entries(), self.max_entries);
-        compare("flags", info.map_flags(), self.flags);
-        if differences.is_empty() {
-            Ok(())
-        } else {
-            Err(DatapathError::IncompatiblePin {
-                path: path.to_owned(),
-                difference: differences.join(", "),
-            })
+        compare(&mut d.layout, "key size", info.key_size(), self.key_size);
+        compare(
+            &mut d.layout,
+            "value size",
+            info.value_size(),
+            self.value_size,
+        );
+        compare(&mut d.layout, "flags", info.map_flags(), self.flags);
+        compare(
+            &mut d.sizing,
+            "max entries",
+            info.max_entries(),
+            self.max_entries,
+        );
+        Ok(Some(d))
+    }
+}
+
+/// Checks every pinned map under `pins` against `specs` before anything is created or changed.
+/// A pinned datapath of another map layout (an older version: `NP_CT` an LRU of 56-byte
+/// values, no `NP_CT_NEW`, ...) is refused with every difference named and the way out; one
+/// that differs only in max entries was made with other sizing flags.
+pub fn check_pins(specs: &[MapSpec], pins: &super::PinDir) -> Result<()> {
+    let mut layout_changed = false;
+    // Every map's differences, for the old-layout error.
+    let mut all = Vec::new();
+    let mut missing = Vec::new();
+    let mut present = 0;
+    let mut first_sizing = None;
+    for spec in specs {
+        let path = pins.map(spec.name);
+        match spec.pin_differences(&path)? {
+            None => missing.push(spec.name),
+            Some(d) => {
+                present += 1;
+                layout_changed |= !d.layout.is_empty();
+                let both = [d.layout, d.sizing.clone()].concat();
+                if !both.is_empty() {
+                    all.push(format!("{}: {}", spec.name, both.join(", ")));
+                }
+                if !d.sizing.is_empty() && first_sizing.is_none() {
+                    first_sizing = Some((path, d.sizing.join(", ")));
+                }
+            }
         }
     }
+    if present > 0 && !missing.is_empty() {
+        layout_changed = true;
+        all.push(format!("no {}", missing.join(", ")));
+    }
+    if layout_changed {
+        return Err(DatapathError::OldLayout {
+            root: pins.root.clone(),
+            differences: all.join("; "),
+        });
+    }
+    if let Some((path, difference)) = first_sizing {
+        return Err(DatapathError::IncompatiblePin { path, difference });
+    }
+    Ok(())
 }

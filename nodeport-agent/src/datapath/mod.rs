@@ -10,6 +10,7 @@ mod attach;
 pub mod bpffs;
 pub mod census;
 mod clock;
+pub mod conntrack;
 mod maps;
 mod mmap;
 mod object;
@@ -21,8 +22,9 @@ use nodeport_common::{capacity, names};
 use thiserror::Error;
 
 pub use attach::{AttachedInterface, InterfaceRole, LinkDetail, XdpAttachMode, link_details};
-pub use census::{ConntrackCensus, Fill, MapFill};
+pub use census::{ConntrackCensus, Fill, MapFill, SnatCensus, TableCensus};
 pub use clock::{jiffies_now, kernel_hz};
+pub use conntrack::{CtRecord, CtTable};
 pub use maps::{MapSpec, Maps, map_specs};
 pub use mmap::MmapArray;
 
@@ -34,7 +36,10 @@ pub struct Sizing {
     pub backends: u32,
     pub maglev_size: u32,
     pub source_ranges: u32,
+    /// Entries of the established-connection table `NP_CT` (two per connection).
     pub conntrack: u32,
+    /// Entries of the handshake table `NP_CT_NEW` (two per connection being set up).
+    pub conntrack_new: u32,
     pub affinity: u32,
 }
 
@@ -47,6 +52,7 @@ impl Default for Sizing {
             maglev_size: capacity::MAGLEV_SIZE,
             source_ranges: capacity::SRC_RANGES,
             conntrack: capacity::CONNTRACK,
+            conntrack_new: capacity::CONNTRACK_NEW,
             affinity: capacity::AFFINITY,
         }
     }
@@ -76,11 +82,19 @@ pub enum DatapathError {
     #[error(
         "the pinned map {path} does not match this agent: {difference}. It was created by another \
          version or with other sizing flags (--max-services, --max-backends, --max-frontends, \
-         --max-source-ranges, --conntrack-size, --affinity-size, --maglev-table-size): start with \
-         the sizing it was created with, or run `nodeport-agent detach` to remove the old datapath \
-         (this drops established connections)"
+         --max-source-ranges, --conntrack-size, --conntrack-handshake-size, --affinity-size, \
+         --maglev-table-size): start with the sizing it was created with, or run \
+         `nodeport-agent detach` to remove the old datapath (this drops established connections)"
     )]
     IncompatiblePin { path: PathBuf, difference: String },
+    #[error(
+        "the datapath pinned at {root} was created by an older nodeport version with another \
+         map layout ({differences}); this agent cannot adopt it. Nothing was changed: the old \
+         datapath keeps forwarding. To upgrade, run `nodeport-agent detach --bpffs-dir {root}`, \
+         then start the agent again. Connections through the old datapath are cut (new ones go \
+         to kube-proxy until the agent has programmed the node)"
+    )]
+    OldLayout { root: PathBuf, differences: String },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("loading program {program}: {source}")]
@@ -167,9 +181,7 @@ impl Datapath {
             bpffs::ensure_mounted(&pins.root)?;
             create_dir(&pins.maps())?;
             create_dir(&pins.links())?;
-            for spec in &specs {
-                spec.check_pin(&pins.map(spec.name))?;
-            }
+            maps::check_pins(&specs, pins)?;
         }
 
         let mut loader = EbpfLoader::new();

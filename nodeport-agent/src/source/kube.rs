@@ -74,6 +74,7 @@ use k8s_openapi::api::{
 use tracing::{debug, info, warn};
 
 use super::{Snapshot, SnapshotSender};
+use crate::model::Ipv4Prefix;
 
 /// How the Kubernetes source is run.
 #[derive(Clone, Default)]
@@ -491,6 +492,7 @@ struct Mirrors {
 #[derive(Debug, PartialEq, Eq)]
 struct NodeState {
     addresses: Option<Vec<IpAddr>>,
+    pod_cidrs: Option<Vec<Ipv4Prefix>>,
     eligible: Option<bool>,
 }
 
@@ -542,6 +544,7 @@ impl Mirrors {
             .and_then(|(name, mirror)| mirror.get("", name));
         NodeState {
             addresses: node.map(|n| node_addresses(n)),
+            pod_cidrs: node.map(|n| node_pod_cidrs(n)),
             eligible: node.map(|n| node_eligible(n)),
         }
     }
@@ -551,6 +554,7 @@ impl Mirrors {
             services: self.services.objects(),
             endpoint_slices: self.slices.objects(),
             node_addresses: node.addresses.clone(),
+            pod_cidrs: node.pod_cidrs.clone(),
             node_eligible: node.eligible,
             revision: 0,
         }
@@ -587,6 +591,26 @@ fn node_eligible(node: &Node) -> bool {
         .and_then(|s| s.taints.as_ref())
         .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
     !deleting && !tainted
+}
+
+/// The node's IPv4 pod networks (spec.podCIDRs, else spec.podCIDR). Others are skipped.
+fn node_pod_cidrs(node: &Node) -> Vec<Ipv4Prefix> {
+    let Some(spec) = node.spec.as_ref() else {
+        return Vec::new();
+    };
+    let listed: Vec<&String> = match (&spec.pod_cidrs, &spec.pod_cidr) {
+        (Some(cidrs), _) if !cidrs.is_empty() => cidrs.iter().collect(),
+        (_, Some(cidr)) => vec![cidr],
+        _ => Vec::new(),
+    };
+    let mut out = Vec::new();
+    for cidr in listed {
+        match Ipv4Prefix::parse(cidr) {
+            Some(p) if cidr.contains('/') && !out.contains(&p) => out.push(p),
+            _ => debug!(cidr = %cidr, "skipping a pod CIDR that is not an IPv4 prefix"),
+        }
+    }
+    out
 }
 
 /// The node's InternalIP and ExternalIP addresses, in the order the Node lists them, without
@@ -646,6 +670,39 @@ mod tests {
             .collect();
         assert_eq!(node_addresses(&node), expected);
         assert_eq!(node_addresses(&Node::default()), Vec::<IpAddr>::new());
+    }
+
+    #[test]
+    fn pod_cidrs_are_the_nodes_ipv4_prefixes() {
+        use k8s_openapi::api::core::v1::NodeSpec;
+        let node = |cidrs: Option<Vec<&str>>, cidr: Option<&str>| Node {
+            spec: Some(NodeSpec {
+                pod_cidrs: cidrs.map(|c| c.into_iter().map(String::from).collect()),
+                pod_cidr: cidr.map(String::from),
+                ..NodeSpec::default()
+            }),
+            ..Node::default()
+        };
+        let prefix = |s: &str| Ipv4Prefix::parse(s).unwrap();
+        // Dual stack: the IPv6 one is skipped, as is anything that is not a prefix.
+        assert_eq!(
+            node_pod_cidrs(&node(
+                Some(vec![
+                    "10.244.1.0/24",
+                    "fd00:10:244:1::/64",
+                    "10.245.0.0/16",
+                    "junk"
+                ]),
+                Some("10.244.1.0/24")
+            )),
+            vec![prefix("10.244.1.0/24"), prefix("10.245.0.0/16")]
+        );
+        // Older clusters set only spec.podCIDR.
+        assert_eq!(
+            node_pod_cidrs(&node(None, Some("10.244.2.0/24"))),
+            vec![prefix("10.244.2.0/24")]
+        );
+        assert_eq!(node_pod_cidrs(&Node::default()), vec![]);
     }
 
     fn svc(name: &str, version: &str) -> Service {

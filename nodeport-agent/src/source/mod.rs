@@ -21,6 +21,9 @@ pub struct Snapshot {
     /// source knows the node (Kubernetes with a node name). The agent merges them with the
     /// addresses of the node's interfaces.
     pub node_addresses: Option<Vec<IpAddr>>,
+    /// The node's IPv4 pod networks as its Node object reports them (spec.podCIDRs), when the
+    /// source knows the node: never an outside client's source.
+    pub pod_cidrs: Option<Vec<crate::model::Ipv4Prefix>>,
     /// Whether the node may receive load-balanced traffic (not being deleted, not tainted
     /// for deletion), when the source knows the node: the node /healthz reports it.
     pub node_eligible: Option<bool>,
