@@ -152,7 +152,8 @@ impl DatapathConfig {
     /// Whether a connection in `state` last seen at `last_seen` has expired at `now` (jiffies).
     #[inline(always)]
     pub fn ct_expired(&self, proto: u8, state: &CtState, last_seen: u64, now: u64) -> bool {
-        now.saturating_sub(last_seen) > u64::from(self.ct_timeout_s(proto, state)) * u64::from(self.hz)
+        now.saturating_sub(last_seen)
+            > u64::from(self.ct_timeout_s(proto, state)) * u64::from(self.hz)
     }
 
     /// Whether `entry` (of protocol `proto`) has expired at `now`, judged by its own
@@ -165,7 +166,8 @@ impl DatapathConfig {
     /// How many SNAT ports the configured ranges hold.
     #[inline(always)]
     pub fn snat_span(&self) -> u32 {
-        span(self.snat_port_min, self.snat_port_max) + span(self.snat_port_min2, self.snat_port_max2)
+        span(self.snat_port_min, self.snat_port_max)
+            + span(self.snat_port_min2, self.snat_port_max2)
     }
 
     /// The `index`th SNAT port (`index < snat_span()`), counting through both ranges.
@@ -183,7 +185,9 @@ impl DatapathConfig {
     #[inline(always)]
     pub fn is_snat_port(&self, port: u16) -> bool {
         (port >= self.snat_port_min && port <= self.snat_port_max)
-            || (self.snat_port_max2 != 0 && port >= self.snat_port_min2 && port <= self.snat_port_max2)
+            || (self.snat_port_max2 != 0
+                && port >= self.snat_port_min2
+                && port <= self.snat_port_max2)
     }
 }
 
@@ -396,7 +400,7 @@ impl CtState {
             }
             if fin {
                 self.fin_rep = 1;
-            } else if payload {
+            } else if payload && !syn {
                 // Data after its own FIN: that FIN was not the backend's.
                 self.fin_rep = 0;
             }
@@ -411,7 +415,7 @@ impl CtState {
             }
             if fin {
                 self.fin_fwd = 1;
-            } else if payload {
+            } else if payload && !syn {
                 self.fin_fwd = 0;
             }
             self.rst_fwd = rst as u8;
@@ -442,8 +446,10 @@ pub struct CtEntry {
     pub svc_id: u32,
     /// Cached next hop: egress device and MACs.
     pub route_ifindex: u32,
-    /// Packets of this direction are accepted only from this device (reply entries: the
-    /// device the connection left by towards its backend); 0: any.
+    /// The device the connection's replies must come from: the one it leaves by towards a
+    /// remote backend (both entries carry it, the forward entry so a lost reply entry can be
+    /// rebuilt), or for a local backend the device of the pod's first answer (reply entry
+    /// only). 0: not bound yet. Forward packets are never checked against it.
     pub bound_ifindex: u32,
     /// CT_F_*: what the connection is; set when it is created, never changed.
     pub flags: u16,
@@ -669,7 +675,11 @@ mod tests {
     #[test]
     fn client_packets_without_an_answer_never_establish() {
         // Spoofed SYNs, or a client talking to a backend that never answers.
-        let s = tcp(&[(FWD, TCP_SYN, false), (FWD, TCP_ACK, true), (FWD, TCP_ACK, true)]);
+        let s = tcp(&[
+            (FWD, TCP_SYN, false),
+            (FWD, TCP_ACK, true),
+            (FWD, TCP_ACK, true),
+        ]);
         assert_eq!(s.established, 0);
         assert_eq!(timeout(s), 30);
     }
@@ -685,9 +695,12 @@ mod tests {
         assert!(!half.closing());
         assert_eq!(timeout(half), 21_600);
         // The backend answers for a long time, then closes its side too.
-        let both = half
-            .after(IPPROTO_TCP, REP, TCP_ACK, true)
-            .after(IPPROTO_TCP, REP, TCP_FIN | TCP_ACK, false);
+        let both = half.after(IPPROTO_TCP, REP, TCP_ACK, true).after(
+            IPPROTO_TCP,
+            REP,
+            TCP_FIN | TCP_ACK,
+            false,
+        );
         assert!(both.closing());
         assert_eq!(timeout(both), 10);
     }
@@ -720,8 +733,10 @@ mod tests {
             (REP, TCP_FIN | TCP_ACK, false),
         ]);
         assert_eq!(est.fin_rep, 1);
-        // A bare ACK after the FIN is normal and keeps it; data means the FIN was not real.
+        // A bare ACK after the FIN is normal and keeps it, so does a SYN (a new connection
+        // attempt, whatever it carries); data means the FIN was not real.
         assert_eq!(est.after(IPPROTO_TCP, REP, TCP_ACK, false).fin_rep, 1);
+        assert_eq!(est.after(IPPROTO_TCP, REP, SYN_ACK, true).fin_rep, 1);
         assert_eq!(est.after(IPPROTO_TCP, REP, TCP_ACK, true).fin_rep, 0);
     }
 
@@ -736,7 +751,10 @@ mod tests {
 
     #[test]
     fn expiry_counts_whole_seconds_of_jiffies() {
-        let cfg = DatapathConfig { hz: 250, ..config() };
+        let cfg = DatapathConfig {
+            hz: 250,
+            ..config()
+        };
         let s = CtState::default();
         assert!(!cfg.ct_expired(IPPROTO_TCP, &s, 1_000, 1_000 + 30 * 250));
         assert!(cfg.ct_expired(IPPROTO_TCP, &s, 1_000, 1_000 + 30 * 250 + 1));

@@ -200,13 +200,6 @@ pub fn ensure_partner(table: Table, key: &CtKey, entry: &CtEntry, now: u64) -> R
         new_daddr_be: key.saddr_be,
         new_sport_be: key.dport_be,
         new_dport_be: key.sport_be,
-        // A rebuilt reply entry of a SNATed connection is bound to where the connection left
-        // by, which the forward entry's cached route names; otherwise it binds on first use.
-        bound_ifindex: if key.dir == CT_DIR_FORWARD && entry.route_checked != 0 {
-            entry.route_ifindex
-        } else {
-            0
-        },
         route_ifindex: 0,
         route_smac: [0; 6],
         route_dmac: [0; 6],
@@ -239,7 +232,10 @@ pub fn promote(key: &CtKey, entry: &CtEntry) {
         stats::count(Counter::EventCtPromoteFailed);
         return;
     }
-    if NP_CT.insert(second_key, second, u64::from(BPF_ANY)).is_err() {
+    if NP_CT
+        .insert(second_key, second, u64::from(BPF_ANY))
+        .is_err()
+    {
         let _ = NP_CT.remove(first_key);
         stats::count(Counter::EventCtPromoteFailed);
         return;
@@ -288,7 +284,13 @@ pub enum Known {
 
 /// Decides what a client packet does with its existing connection.
 #[inline(always)]
-pub fn on_forward(cfg: &DatapathConfig, key: &CtKey, entry: &CtEntry, flow: &Flow, now: u64) -> Known {
+pub fn on_forward(
+    cfg: &DatapathConfig,
+    key: &CtKey,
+    entry: &CtEntry,
+    flow: &Flow,
+    now: u64,
+) -> Known {
     let new_syn = flow.is_tcp() && flow.tcp_flags & TCP_SYN != 0 && flow.tcp_flags & TCP_ACK == 0;
     if new_syn && entry.state.closing() {
         return Known::Restart;
@@ -308,9 +310,7 @@ pub fn on_forward(cfg: &DatapathConfig, key: &CtKey, entry: &CtEntry, flow: &Flo
     }
     match partner(key, entry) {
         // SAFETY: points into a conntrack map value.
-        Some((_, _, p)) if !cfg.ct_entry_expired(unsafe { &*p }, key.proto, now) => {
-            Known::Continue
-        }
+        Some((_, _, p)) if !cfg.ct_entry_expired(unsafe { &*p }, key.proto, now) => Known::Continue,
         Some(_) if !new_syn => Known::Revive,
         _ => Known::Restart,
     }

@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use nodeport_common::{
     AffinityEntry, AffinityKey, AgentState, BPF_F_MMAPABLE, Backend, COUNTER_SLOTS, CtEntry, CtKey,
-    DatapathConfig, FRONTEND_PORT_WORDS, Frontend, FrontendKey, LocalNetKey, MaglevSlot, SnatAddr,
-    PROG_SLOTS, SrcRangeKey, SvcName, SvcStats, capacity,
+    DatapathConfig, FRONTEND_PORT_WORDS, Frontend, FrontendKey, LocalNetKey, MaglevSlot,
+    PROG_SLOTS, SnatAddr, SrcRangeKey, SvcName, SvcStats, capacity,
 };
 
 #[map]

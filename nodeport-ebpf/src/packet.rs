@@ -170,7 +170,13 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Flow, Cou
         // SAFETY: inside the checked TCP header.
         let check = unsafe { core::ptr::addr_of_mut!((*tcp).check) };
         let payload = !first_fragment && l4_len > header_len;
-        (tcp as *mut Ports, check, l4_off + TCP_CHECK_OFF, flags, payload)
+        (
+            tcp as *mut Ports,
+            check,
+            l4_off + TCP_CHECK_OFF,
+            flags,
+            payload,
+        )
     } else {
         let udp: *mut UdpHdr = ptr_at(data, data_end, l4_off).ok_or(Counter::DroppedMalformed)?;
         // SAFETY: ptr_at checked the bounds.

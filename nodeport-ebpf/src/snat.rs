@@ -126,7 +126,8 @@ fn probe(forward_key: &CtKey, base: &CtKey, reply: &CtEntry, port: u16) -> bool 
         None => Table::Handshake.insert(&key, reply, BPF_NOEXIST).is_ok(),
         // SAFETY: points into a conntrack map value. A retransmitted first packet finds its
         // own port.
-        Some((_, existing)) => unsafe { (*existing).opposite_key(key.proto, CT_DIR_FORWARD) }
-            .same(forward_key),
+        Some((_, existing)) => {
+            unsafe { (*existing).opposite_key(key.proto, CT_DIR_FORWARD) }.same(forward_key)
+        }
     }
 }

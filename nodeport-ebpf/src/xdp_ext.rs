@@ -19,8 +19,7 @@ use aya_ebpf::{
 use nodeport_common::{
     BE_F_LOCAL, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_LOCAL, CT_F_PORT_REWRITE, CT_F_SNAT, Counter,
     CtEntry, CtKey, CtState, DatapathConfig, Frontend, FrontendKey, PROG_SLOT_NEW_CONNECTION,
-    TCP_ACK, TCP_RST, TCP_SYN,
-    XDP_META_F_NEIGH, XDP_META_MAGIC, XdpMeta,
+    TCP_ACK, TCP_RST, TCP_SYN, XDP_META_F_NEIGH, XDP_META_MAGIC, XdpMeta,
 };
 
 use crate::{
@@ -134,7 +133,11 @@ pub fn process_new(ctx: &XdpContext) -> Result<Verdict, Counter> {
         _pad: 0,
     };
     // SAFETY: points into the map value; copied out at once.
-    let fe = unsafe { *NP_FRONTENDS.get_ptr(fe_key).ok_or(Counter::PassedNoFrontend)? };
+    let fe = unsafe {
+        *NP_FRONTENDS
+            .get_ptr(fe_key)
+            .ok_or(Counter::PassedNoFrontend)?
+    };
     let key = conntrack::key(&flow, CT_DIR_FORWARD);
     let (new, route) = new_connection(ctx, cfg, &flow, &key, &fe, now())?;
     stats::service(fe.svc_id, flow.tot_len, CT_DIR_FORWARD);
@@ -186,7 +189,10 @@ fn known(
         }
         // SAFETY: as above.
         let new = Tuple::from(unsafe { &*entry });
-        (new, fib::next_hop(entry, now, recheck, || lookup_route(ctx, flow, &new)))
+        (
+            new,
+            fib::next_hop(entry, now, recheck, || lookup_route(ctx, flow, &new)),
+        )
     };
     transmit(ctx, flow, &new, route)
 }
@@ -282,6 +288,8 @@ fn new_connection(
         // SAFETY: points into the map value.
         new.saddr_be = unsafe { (*snat).addr_be };
         forward.new_saddr_be = new.saddr_be;
+        // Both entries know the device: the reply's to check, the forward's to rebuild it.
+        forward.bound_ifindex = egress;
         reply.bound_ifindex = egress;
         let base = forward.opposite_key(flow.proto, CT_DIR_REPLY);
         new.sport_be = snat::claim_port(cfg, forward_key, &base, reply, now)?;

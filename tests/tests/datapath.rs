@@ -9,8 +9,8 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use anyhow::{Context, Result, bail, ensure};
 use etherparse::PacketBuilder;
 use nodeport_common::{
-    CT_DIR_FORWARD, CT_DIR_REPLY, Counter, FE_F_AFFINITY,
-    CtEntry, FE_F_LOCAL_ONLY, FE_F_SOURCE_RANGES, IPPROTO_TCP, IPPROTO_UDP, XDP_META_F_NEIGH,
+    CT_DIR_FORWARD, CT_DIR_REPLY, Counter, CtEntry, FE_F_AFFINITY, FE_F_LOCAL_ONLY,
+    FE_F_SOURCE_RANGES, IPPROTO_TCP, IPPROTO_UDP, XDP_META_F_NEIGH,
 };
 use nodeport_tests::{
     fixture::*,
@@ -66,7 +66,10 @@ const CASES: &[(&str, Case)] = &[
         reselect_removed_backend,
     ),
     ("an expired flow is re-selected", reselect_expired),
-    ("a new SYN after FIN starts a new selection", syn_after_fin),
+    (
+        "a new SYN after FIN both ways starts a new selection, after a half-close not",
+        syn_after_fin,
+    ),
     ("FIN marks both directions closing", fin_marks_closing),
     ("no backend drops", no_backend),
     (
@@ -641,10 +644,27 @@ fn syn_after_fin(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     let svc = two_backend_service(fx)?;
     let first =
         backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
-    xdp_action(fx, topo, &from_client(40000, FRONTEND, FIN_ACK), XDP_PASS)?;
     let (_, other) = other_backend(&svc, &first);
     fx.set_table(&svc, &[other])?;
-    // The client reuses its port for a new connection.
+    let pod = sa(&first);
+    let from_pod = |flags| {
+        Pkt::tcp(pod, sa(CLIENT), flags)
+            .macs(POD_MAC, POD_HOST_MAC)
+            .bytes()
+    };
+    fx.tc_pod(topo, &from_pod(SYN_ACK))?;
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_PASS)?;
+    // Half-closed by the client: a SYN is not a new connection yet (nf_conntrack ignores a
+    // SYN in FIN_WAIT, tcp_conntracks' sIG), it stays where it is.
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, FIN_ACK), XDP_PASS)?;
+    let again =
+        backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    ensure!(
+        again == first,
+        "a SYN on a half-closed connection moved it to {again}"
+    );
+    // Closed both ways: the client reuses its port for a new connection (TIME_WAIT -> sSS).
+    fx.tc_pod(topo, &from_pod(FIN_ACK))?;
     let again =
         backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
     ensure!(
@@ -1193,7 +1213,11 @@ fn rst_restored_by_traffic(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     let rst = from_client(40000, FRONTEND, RST).payload(&[]);
     xdp_action(fx, topo, &rst, XDP_PASS)?;
     for (k, e) in fx.established()? {
-        ensure!(e.state.closing(), "{k:?} not closing after RST: {:?}", e.state);
+        ensure!(
+            e.state.closing(),
+            "{k:?} not closing after RST: {:?}",
+            e.state
+        );
     }
     // The client goes on talking: the RST was not honoured, the connection is established.
     xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_PASS)?;
@@ -1284,7 +1308,10 @@ fn replies_bound_to_their_device(fx: &mut Fixture, topo: &Topology) -> Result<()
     let run = fx.xdp_on(topo, topo.pod_ifindex, &spoofed.bytes())?;
     ensure!(run.action == XDP_DROP, "XDP action {}", run.action);
     let (ret, _) = fx.tc_pod(topo, &spoofed.clone().macs(POD_MAC, POD_HOST_MAC).bytes())?;
-    ensure!(ret == TC_ACT_SHOT, "pod hook let a SNAT reply through: {ret}");
+    ensure!(
+        ret == TC_ACT_SHOT,
+        "pod hook let a SNAT reply through: {ret}"
+    );
     check_counters(fx, &before, &[(Counter::DroppedReplyWrongInterface, 2)])?;
     for (_, k, e) in fx.conntrack()? {
         ensure!(e.state.replied == 0, "{k:?} took the spoofed reply");
@@ -1299,13 +1326,21 @@ fn replies_bound_to_their_device(fx: &mut Fixture, topo: &Topology) -> Result<()
         IPPROTO_TCP,
         vec![local(2, POD_A)],
     ))?;
-    xdp_action(fx, topo, &from_client(41000, "198.18.3.3:80", SYN), XDP_PASS)?;
+    xdp_action(
+        fx,
+        topo,
+        &from_client(41000, "198.18.3.3:80", SYN),
+        XDP_PASS,
+    )?;
     let reply = pod_reply(41000, SYN_ACK);
     let (ret, _) = fx.tc_pod(topo, &reply.bytes())?;
     ensure!(ret == TC_ACT_REDIRECT, "first reply: {ret}");
     // Another pod's device (here: ext0's index, standing for any other veth).
     let (ret, _) = fx.tc_pod_on(topo, topo.ext_ifindex, &pod_reply(41000, ACK).bytes())?;
-    ensure!(ret == TC_ACT_SHOT, "a reply from another device went through: {ret}");
+    ensure!(
+        ret == TC_ACT_SHOT,
+        "a reply from another device went through: {ret}"
+    );
     let (ret, _) = fx.tc_pod(topo, &pod_reply(41000, ACK).bytes())?;
     ensure!(ret == TC_ACT_REDIRECT, "the pod's own reply: {ret}");
     Ok(())
@@ -1359,7 +1394,11 @@ fn revive_idle_connection(fx: &mut Fixture, topo: &Topology) -> Result<()> {
         .find(|b| *b.addr.ip() == first)
         .map(|b| b.id)
         .context("known")?;
-    let other = svc.backends.iter().find(|b| b.id != chosen).context("two")?;
+    let other = svc
+        .backends
+        .iter()
+        .find(|b| b.id != chosen)
+        .context("two")?;
     fx.set_table(&svc, &[other.id])?;
     age_entry(fx, CT_DIR_FORWARD)?;
     age_entry(fx, CT_DIR_REPLY)?;
@@ -1400,7 +1439,10 @@ fn lost_partner_recreated_or_dropped(fx: &mut Fixture, topo: &Topology) -> Resul
     // The client's next packet puts it back, with the same port.
     let before = fx.counters()?;
     let run = xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_TX)?;
-    ensure!(parse_checked(&run.frame)?.src.port() == port, "port changed");
+    ensure!(
+        parse_checked(&run.frame)?.src.port() == port,
+        "port changed"
+    );
     check_counters(
         fx,
         &before,
@@ -1484,7 +1526,12 @@ fn local_tuple_clash(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     // The same client address and port to the other frontend: at the pod both would be
     // 198.18.0.100:40000 -> POD_A. The second gets another source port.
     let before = fx.counters()?;
-    let second = xdp_action(fx, topo, &from_client(40000, "198.18.3.3:80", SYN), XDP_PASS)?;
+    let second = xdp_action(
+        fx,
+        topo,
+        &from_client(40000, "198.18.3.3:80", SYN),
+        XDP_PASS,
+    )?;
     let seen = parse_checked(&second.frame)?;
     ensure!(
         seen.src.ip() == &CLIENT_IP && seen.src.port() != 40000 && seen.dst == sa(POD_A),

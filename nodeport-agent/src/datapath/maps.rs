@@ -8,8 +8,8 @@ use aya::{
 };
 use nodeport_common::{
     AffinityEntry, AffinityKey, AgentState, BPF_F_MMAPABLE, Backend, COUNTER_SLOTS, CtEntry, CtKey,
-    DatapathConfig, FRONTEND_PORT_WORDS, Frontend, FrontendKey, LocalNetKey, MaglevSlot, SnatAddr,
-    PROG_SLOTS, SrcRangeKey, SvcName, SvcStats, capacity, names,
+    DatapathConfig, FRONTEND_PORT_WORDS, Frontend, FrontendKey, LocalNetKey, MaglevSlot,
+    PROG_SLOTS, SnatAddr, SrcRangeKey, SvcName, SvcStats, capacity, names,
 };
 
 use super::{DatapathError, Result, Sizing, mmap::MmapArray};
