@@ -31,7 +31,7 @@ pub fn martian_source(saddr_be: u32) -> bool {
         return true;
     }
     NP_LOCAL_NETS
-        .get(&Key::new(32, LocalNetKey { addr_be: saddr_be }))
+        .get(Key::new(32, LocalNetKey { addr_be: saddr_be }))
         .is_some()
 }
 
