@@ -373,6 +373,8 @@ struct Agent {
     retry: BTreeSet<ServicePortKey>,
     notices: BTreeSet<crate::model::Notice>,
     snapshot: Arc<Snapshot>,
+    /// Held while the agent runs: a second agent on the same pins refuses to start.
+    _pin_lock: datapath::PinLock,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -384,6 +386,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .or_else(hostname)
         .context("no --node-name and no host name")?;
     let selection = args.selection()?;
+
+    // One agent per pin directory, for this agent's life (held by `Agent`).
+    datapath::bpffs::ensure_mounted(&args.bpffs_dir).context("loading the datapath")?;
+    let pin_lock = datapath::PinLock::acquire(&args.bpffs_dir)?;
 
     // The datapath: adopt what a previous agent pinned, if anything.
     let mut dp =
@@ -492,6 +498,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         retry: BTreeSet::new(),
         notices: BTreeSet::new(),
         snapshot: Arc::new(Snapshot::default()),
+        _pin_lock: pin_lock,
         args,
     };
     agent

@@ -10,6 +10,7 @@ mod attach;
 pub mod bpffs;
 pub mod census;
 mod clock;
+mod lock;
 mod maps;
 mod mmap;
 mod object;
@@ -23,6 +24,7 @@ use thiserror::Error;
 pub use attach::{AttachedInterface, InterfaceRole, LinkDetail, XdpAttachMode, link_details};
 pub use census::{ConntrackCensus, Fill, MapFill};
 pub use clock::{jiffies_now, kernel_hz};
+pub use lock::{LockError, PinLock};
 pub use maps::{MapSpec, Maps, map_specs};
 pub use mmap::MmapArray;
 
