@@ -95,6 +95,7 @@ fn node() -> NodeContext {
         node_name: NODE_NAME.into(),
         node_addresses: vec![NODE_IP],
         proxy_name: None,
+        guard: Default::default(),
     }
 }
 

@@ -20,7 +20,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     datapath::{self, Datapath, InterfaceRole, Maps, Sizing, XdpAttachMode},
-    desired::{NodeContext, Reconciler},
+    desired::{NodeContext, PortGuard, Reconciler},
     health::{HealthConfig, HealthServer, ServiceHealth},
     interfaces::{self, ChangeWatcher, Layout, Selection},
     ledger::{self, NodePortRange},
@@ -33,40 +33,6 @@ use crate::{
 /// The flow-hash seed when none is given; equal on every node, so a flow picks the same
 /// backend whichever node it reaches.
 pub const DEFAULT_HASH_SEED: u32 = 0x6e70_6f72; // "npor"
-
-/// A port range "A-B".
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortRange {
-    pub first: u16,
-    pub last: u16,
-}
-
-impl FromStr for PortRange {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, b) = s
-            .split_once('-')
-            .ok_or_else(|| format!("{s:?}: expected FIRST-LAST, e.g. 61000-65535"))?;
-        let first: u16 = a
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?}: {a:?} is not a port"))?;
-        let last: u16 = b
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?}: {b:?} is not a port"))?;
-        if first == 0 || last < first {
-            return Err(format!("{s:?}: expected 1 <= FIRST <= LAST"));
-        }
-        Ok(Self { first, last })
-    }
-}
-
-impl std::fmt::Display for PortRange {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{}", self.first, self.last)
-    }
-}
 
 /// Ports in net.ipv4.ip_local_reserved_ports ("8080,61000-65535"): the kernel never picks
 /// them as ephemeral ports.
@@ -151,10 +117,10 @@ pub struct RunArgs {
     /// against the SNAT range, and reported on by the range metrics.
     #[arg(long, default_value = "30000-32767")]
     pub service_node_port_range: NodePortRange,
-    /// Source ports for connections SNATed to backends on other nodes. Must not overlap the
-    /// node port range or net.ipv4.ip_local_port_range.
+    /// Source ports for connections SNATed to backends on other nodes (N-M, N+K or N). Must
+    /// not overlap the node port range or net.ipv4.ip_local_port_range.
     #[arg(long, default_value = "61000-65535")]
-    pub snat_port_range: PortRange,
+    pub snat_port_range: NodePortRange,
     /// Slots of each service's Maglev table (a prime; more spreads many backends more evenly).
     #[arg(long, default_value_t = capacity::MAGLEV_SIZE)]
     pub maglev_table_size: u32,
@@ -373,6 +339,9 @@ struct Agent {
     retry: BTreeSet<ServicePortKey>,
     notices: BTreeSet<crate::model::Notice>,
     snapshot: Arc<Snapshot>,
+    /// The node's own listening sockets, read with each interface scan (start, link changes,
+    /// every 30 s): frontends never take their ports.
+    listeners: BTreeSet<crate::listeners::Listener>,
     /// Held while the agent runs: a second agent on the same pins refuses to start.
     _pin_lock: datapath::PinLock,
 }
@@ -498,6 +467,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         retry: BTreeSet::new(),
         notices: BTreeSet::new(),
         snapshot: Arc::new(Snapshot::default()),
+        listeners: BTreeSet::new(),
         _pin_lock: pin_lock,
         args,
     };
@@ -639,6 +609,7 @@ impl Agent {
             }
         }
         self.layout = layout;
+        self.listeners = crate::listeners::read();
         Ok(())
     }
 
@@ -663,6 +634,11 @@ impl Agent {
             node_name: self.node_name.clone(),
             node_addresses: addrs.into_iter().collect(),
             proxy_name: self.args.service_proxy_name.clone(),
+            guard: PortGuard {
+                node_port_range: Some(self.args.service_node_port_range),
+                snat_ports: Some(self.args.snat_port_range),
+                listeners: self.listeners.clone(),
+            },
         }
     }
 
@@ -822,16 +798,16 @@ mod tests {
 
     #[test]
     fn port_ranges() {
+        // One parser for both ranges (the node port range's, kube-apiserver's syntax).
         assert_eq!(
-            "61000-65535".parse::<PortRange>(),
-            Ok(PortRange {
+            "61000-65535".parse::<NodePortRange>(),
+            Ok(NodePortRange {
                 first: 61000,
                 last: 65535
             })
         );
-        assert!("65535-61000".parse::<PortRange>().is_err());
-        assert!("0-10".parse::<PortRange>().is_err());
-        assert!("61000".parse::<PortRange>().is_err());
+        assert!("65535-61000".parse::<NodePortRange>().is_err());
+        assert!("0-10".parse::<NodePortRange>().is_err());
         assert_eq!(overlap((61000, 65535), (32768, 60999)), None);
         assert_eq!(
             overlap((30000, 40000), (32768, 60999)),

@@ -12,6 +12,8 @@ use k8s_openapi::api::{
     discovery::v1::{Endpoint, EndpointSlice},
 };
 
+use crate::ledger::NodePortRange;
+use crate::listeners::Listener;
 use crate::model::{
     BackendState, Desired, DesiredService, Frontend, FrontendKind, HealthCheck, Ipv4Prefix, Notice,
     NoticeKind, Protocol, ServicePortKey,
@@ -33,6 +35,49 @@ pub struct NodeContext {
     pub node_addresses: Vec<Ipv4Addr>,
     /// With a name, Services labelled with it are ours too (like another proxy's name).
     pub proxy_name: Option<String>,
+    /// Ports no frontend may take.
+    pub guard: PortGuard,
+}
+
+/// Ports of the node a frontend must never take over: XDP sees packets before the node's own
+/// sockets and before the SNAT replies' lookup, so a frontend there would steal them
+/// (docs/operations.md, "What the agent refuses"). The default checks nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortGuard {
+    /// Node ports must lie inside it (kube-apiserver's --service-node-port-range).
+    pub node_port_range: Option<NodePortRange>,
+    /// --snat-port-range: replies of SNATed connections arrive on these ports of node
+    /// addresses.
+    pub snat_ports: Option<NodePortRange>,
+    /// Sockets the node serves on (`listeners::read`).
+    pub listeners: BTreeSet<Listener>,
+}
+
+impl PortGuard {
+    /// Why a frontend on node address `addr` (one of the node's) cannot be programmed.
+    fn refuse_on_node(&self, protocol: Protocol, addr: Ipv4Addr, port: u16) -> Option<Notice> {
+        if let Some(snat) = self.snat_ports.filter(|r| r.contains(port)) {
+            return Some(Notice {
+                kind: NoticeKind::FrontendInSnatRange,
+                object: String::new(),
+                detail: format!(
+                    "{addr}:{port}/{protocol} not programmed: port {port} is in the SNAT port \
+                     range {snat} (--snat-port-range), where replies of SNATed connections arrive"
+                ),
+            });
+        }
+        let listener = self
+            .listeners
+            .iter()
+            .find(|l| l.covers(protocol, addr, port))?;
+        Some(Notice {
+            kind: NoticeKind::FrontendOnHostListener,
+            object: String::new(),
+            detail: format!(
+                "{addr}:{port}/{protocol} not programmed: {listener} would lose its traffic"
+            ),
+        })
+    }
 }
 
 fn namespace(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
@@ -178,6 +223,10 @@ fn backends(candidates: Vec<Candidate>, local_only: bool) -> BTreeMap<SocketAddr
     out
 }
 
+fn service_port_of(port: &ServicePort) -> u16 {
+    port_u16(port.port).unwrap_or_default()
+}
+
 fn frontends(
     svc: &Service,
     port: &ServicePort,
@@ -190,17 +239,65 @@ fn frontends(
     let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
     let mut out = BTreeSet::new();
     let mut ipv6 = Vec::new();
+    let guard = &node.guard;
+    let mut refuse = |mut notice: Notice| {
+        notice.object = key.to_string();
+        notices.insert(notice);
+    };
     if matches!(ty, "NodePort" | "LoadBalancer")
         && let Some(node_port) = port.node_port.and_then(port_u16)
     {
-        for addr in &node.node_addresses {
-            out.insert(Frontend {
-                addr: SocketAddrV4::new(*addr, node_port),
-                kind: FrontendKind::NodePort,
-                source_ranges: has_source_ranges,
-            });
+        let snat = guard.snat_ports.filter(|r| r.contains(node_port));
+        let outside = guard.node_port_range.filter(|r| !r.contains(node_port));
+        match (snat, outside) {
+            (Some(snat), _) => refuse(Notice {
+                kind: NoticeKind::FrontendInSnatRange,
+                object: String::new(),
+                detail: format!(
+                    "node port {node_port}/{} not programmed: it is in the SNAT port range {snat} \
+                     (--snat-port-range), where replies of SNATed connections arrive",
+                    key.protocol
+                ),
+            }),
+            (None, Some(range)) => refuse(Notice {
+                kind: NoticeKind::NodePortOutsideRange,
+                object: String::new(),
+                detail: format!(
+                    "node port {node_port}/{} not programmed: outside the node port range \
+                     {range} (--service-node-port-range)",
+                    key.protocol
+                ),
+            }),
+            (None, None) => {
+                for addr in &node.node_addresses {
+                    if let Some(n) = guard.refuse_on_node(key.protocol, *addr, node_port) {
+                        refuse(n);
+                        continue;
+                    }
+                    out.insert(Frontend {
+                        addr: SocketAddrV4::new(*addr, node_port),
+                        kind: FrontendKind::NodePort,
+                        source_ranges: has_source_ranges,
+                    });
+                }
+            }
         }
     }
+    // A LoadBalancer IP or externalIP uses the Service port: the node port range does not
+    // apply, and a VIP the node does not own shares no socket or SNAT reply with it. One that
+    // is a node address gets the node's checks.
+    let mut vip_allowed = |ip: Ipv4Addr| {
+        if !node.node_addresses.contains(&ip) {
+            return true;
+        }
+        match guard.refuse_on_node(key.protocol, ip, service_port_of(port)) {
+            Some(n) => {
+                refuse(n);
+                false
+            }
+            None => true,
+        }
+    };
     let Some(service_port) = port_u16(port.port) else {
         return out;
     };
@@ -216,7 +313,7 @@ fn frontends(
                 continue;
             }
             match ing.ip.as_deref().map(str::parse::<IpAddr>) {
-                Some(Ok(IpAddr::V4(ip))) => {
+                Some(Ok(IpAddr::V4(ip))) if vip_allowed(ip) => {
                     out.insert(Frontend {
                         addr: SocketAddrV4::new(ip, service_port),
                         kind: FrontendKind::LoadBalancer,
@@ -230,7 +327,7 @@ fn frontends(
     }
     for ip in spec.external_ips.iter().flatten() {
         match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(ip)) => {
+            Ok(IpAddr::V4(ip)) if vip_allowed(ip) => {
                 out.insert(Frontend {
                     addr: SocketAddrV4::new(ip, service_port),
                     kind: FrontendKind::ExternalIp,
@@ -238,7 +335,7 @@ fn frontends(
                 });
             }
             Ok(IpAddr::V6(ip)) => ipv6.push(ip.to_string()),
-            Err(_) => {}
+            Ok(IpAddr::V4(_)) | Err(_) => {}
         }
     }
     if !ipv6.is_empty() {
@@ -578,6 +675,7 @@ impl Reconciler {
         if node.node_name == self.node.node_name
             && node.node_addresses == self.node.node_addresses
             && node.proxy_name == self.node.proxy_name
+            && node.guard == self.node.guard
         {
             return Changes::default();
         }

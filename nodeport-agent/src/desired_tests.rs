@@ -14,6 +14,7 @@ fn node() -> NodeContext {
         node_name: NODE.into(),
         node_addresses: vec!["198.18.0.1".parse().unwrap(), "198.18.0.5".parse().unwrap()],
         proxy_name: None,
+        guard: Default::default(),
     }
 }
 
@@ -964,4 +965,154 @@ spec: { type: NodePort, ports: [ { port: 80, nodePort: 30080 } ] }
             "{yaml}"
         );
     }
+}
+
+/// Issue #16: a node port outside the range, in the SNAT range or on a port the node listens
+/// on took the node's own traffic (a Service with nodePort 22 took over sshd). Each is refused
+/// with a notice naming the object; everything else is served.
+#[test]
+fn frontends_that_would_take_the_nodes_own_ports_are_refused_and_the_rest_served() {
+    use crate::listeners::Listener;
+    let guarded = NodeContext {
+        guard: PortGuard {
+            node_port_range: Some(NodePortRange::DEFAULT),
+            snat_ports: Some(NodePortRange::new(61000, 65535).unwrap()),
+            listeners: [
+                Listener {
+                    protocol: Protocol::Tcp,
+                    addr: None,
+                    port: 22,
+                },
+                Listener {
+                    protocol: Protocol::Tcp,
+                    addr: None,
+                    port: 30022,
+                },
+                // Bound to one node address: only that address's frontend is refused.
+                Listener {
+                    protocol: Protocol::Udp,
+                    addr: Some("198.18.0.5".parse().unwrap()),
+                    port: 30053,
+                },
+            ]
+            .into(),
+        },
+        ..node()
+    };
+    let d = compute_on(
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: web, namespace: shop }
+spec: { type: NodePort, ports: [ { name: http, port: 80, nodePort: 30080 } ] }
+---
+kind: Service
+apiVersion: v1
+metadata: { name: ssh, namespace: evil }
+spec: { type: NodePort, ports: [ { port: 22, nodePort: 22 } ] }
+---
+kind: Service
+apiVersion: v1
+metadata: { name: snat, namespace: evil }
+spec: { type: NodePort, ports: [ { port: 80, nodePort: 61001 } ] }
+---
+kind: Service
+apiVersion: v1
+metadata: { name: busy, namespace: shop }
+spec:
+  type: NodePort
+  ports:
+  - { name: tcp, port: 22, nodePort: 30022 }
+  - { name: udp, port: 22, nodePort: 30022, protocol: UDP }
+---
+kind: Service
+apiVersion: v1
+metadata: { name: dns, namespace: shop }
+spec: { type: NodePort, ports: [ { port: 53, nodePort: 30053, protocol: UDP } ] }
+---
+kind: Service
+apiVersion: v1
+metadata: { name: vip, namespace: shop }
+spec:
+  type: LoadBalancer
+  externalIPs: [198.51.100.7, 198.18.0.1]
+  ports: [ { port: 22, nodePort: 30100 } ]
+status: { loadBalancer: { ingress: [ { ip: 198.18.0.5 }, { ip: 203.0.113.10 } ] } }
+"#,
+        &guarded,
+    );
+    let served: Vec<(String, Vec<(String, FrontendKind)>)> = d
+        .services
+        .iter()
+        .map(|(k, s)| (k.to_string(), frontend_addrs(s)))
+        .collect();
+    let nodeports = |port| {
+        vec![
+            (format!("198.18.0.1:{port}"), FrontendKind::NodePort),
+            (format!("198.18.0.5:{port}"), FrontendKind::NodePort),
+        ]
+    };
+    assert_eq!(
+        served,
+        [
+            ("shop/busy:udp/UDP".to_owned(), nodeports(30022),),
+            (
+                "shop/dns/UDP".to_owned(),
+                vec![("198.18.0.1:30053".to_owned(), FrontendKind::NodePort)],
+            ),
+            (
+                "shop/vip/TCP".to_owned(),
+                [
+                    nodeports(30100),
+                    vec![
+                        ("198.51.100.7:22".to_owned(), FrontendKind::ExternalIp),
+                        ("203.0.113.10:22".to_owned(), FrontendKind::LoadBalancer),
+                    ]
+                ]
+                .concat(),
+            ),
+            ("shop/web:http/TCP".to_owned(), nodeports(30080)),
+        ]
+    );
+    let refused: Vec<(NoticeKind, String)> = d
+        .notices
+        .iter()
+        .map(|n| (n.kind, n.object.clone()))
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            (NoticeKind::NodePortOutsideRange, "evil/ssh/TCP".to_owned()),
+            (NoticeKind::FrontendInSnatRange, "evil/snat/TCP".to_owned()),
+            (
+                NoticeKind::FrontendOnHostListener,
+                "shop/busy:tcp/TCP".to_owned()
+            ),
+            (
+                NoticeKind::FrontendOnHostListener,
+                "shop/busy:tcp/TCP".to_owned()
+            ),
+            (
+                NoticeKind::FrontendOnHostListener,
+                "shop/dns/UDP".to_owned()
+            ),
+            // externalIP 198.18.0.1:22 and ingress 198.18.0.5:22: node addresses, sshd's port.
+            (
+                NoticeKind::FrontendOnHostListener,
+                "shop/vip/TCP".to_owned()
+            ),
+            (
+                NoticeKind::FrontendOnHostListener,
+                "shop/vip/TCP".to_owned()
+            ),
+        ]
+    );
+    let ssh = d.notices.iter().next().unwrap();
+    assert!(
+        ssh.detail.contains("22") && ssh.detail.contains("30000-32767"),
+        "{ssh:?}"
+    );
+    // Without a guard (the pure function's default), nothing is refused: the checks are
+    // the guard's alone.
+    assert!(compute_on("kind: Service\napiVersion: v1\nmetadata: { name: ssh }\nspec: { type: NodePort, ports: [ { port: 22, nodePort: 22 } ] }\n", &node()).services.len() == 1);
 }

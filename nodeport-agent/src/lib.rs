@@ -8,6 +8,7 @@ pub mod dump;
 pub mod health;
 pub mod interfaces;
 pub mod ledger;
+pub mod listeners;
 pub mod maglev;
 pub mod manifests;
 pub mod metrics;
