@@ -447,8 +447,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         });
     }
 
+    // Frontends stay with the Services the pinned maps serve them for (docs/operations.md).
+    let mut reconciler = Reconciler::new(NodeContext::default());
+    reconciler.set_incumbents(programmed.frontend_holders());
     let mut agent = Agent {
-        reconciler: Reconciler::new(NodeContext::default()),
+        reconciler,
         node_name,
         dp,
         programmed,

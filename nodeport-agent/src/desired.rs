@@ -360,19 +360,20 @@ struct ServiceOutput {
     notices: Vec<Notice>,
 }
 
-/// Who keeps a contested frontend: the older Service (as the API server's allocators favour
-/// the first holder), then namespace/name.
-type ClaimOrder = (Option<k8s_openapi::jiff::Timestamp>, String, String);
+/// Among claims of the same age (see `Claim`): the older Service (as the API server's
+/// allocators favour the first holder; a Service without creationTimestamp, as in manifest
+/// files, after those with one), then namespace/name.
+type ClaimOrder = (bool, Option<k8s_openapi::jiff::Timestamp>, String, String);
+
+/// One frontend: address, port and protocol.
+pub type FrontendId = (SocketAddrV4, Protocol);
 
 fn compute_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -> ServiceOutput {
     let spec = svc.spec.as_ref().expect("is_ours checked the spec");
     let ns = namespace(&svc.metadata);
     let name = svc.metadata.name.as_deref().unwrap_or_default();
-    let order = (
-        svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
-        ns.to_owned(),
-        name.to_owned(),
-    );
+    let created = svc.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    let order = (created.is_none(), created, ns.to_owned(), name.to_owned());
     let mut notices = BTreeSet::new();
     let local_only = spec.external_traffic_policy.as_deref() == Some("Local");
     let affinity_timeout_s = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
@@ -645,8 +646,16 @@ impl Inputs {
 pub struct Reconciler {
     node: NodeContext,
     cache: HashMap<(String, String), Cached>,
-    /// Every Service port that wants a frontend, best claim first.
-    claims: HashMap<(SocketAddrV4, Protocol), BTreeSet<(ClaimOrder, ServicePortKey)>>,
+    /// Every Service port that wants a frontend, in `ClaimOrder`.
+    claims: HashMap<FrontendId, BTreeSet<(ClaimOrder, ServicePortKey)>>,
+    /// Who served each frontend when the current round began (the pinned maps' owners before
+    /// the first). A frontend stays with its holder while the holder claims it, so a newcomer
+    /// claiming it too is reported, never served, whatever its name or age; only when the
+    /// holder lets go does the best claim by `ClaimOrder` take over. Updated at the end of a
+    /// round only, so the outcome does not depend on the order changes are applied in.
+    holders: HashMap<FrontendId, ServicePortKey>,
+    /// Frontends whose claims changed in the current round.
+    touched_round: BTreeSet<FrontendId>,
     desired: Desired,
     inputs: Inputs,
     /// The next update examines every Service (the first one, and after a node change, which
@@ -660,6 +669,8 @@ impl Reconciler {
             node,
             cache: HashMap::new(),
             claims: HashMap::new(),
+            holders: HashMap::new(),
+            touched_round: BTreeSet::new(),
             desired: Desired::default(),
             inputs: Inputs::default(),
             full_next: true,
@@ -668,6 +679,36 @@ impl Reconciler {
 
     pub fn desired(&self) -> &Desired {
         &self.desired
+    }
+
+    /// Frontends the datapath already serves, with the service port that serves them (the
+    /// pinned maps an agent adopts): they stay with it, so a restart never moves a frontend
+    /// to another Service that claims it too. Call before the first update.
+    pub fn set_incumbents(
+        &mut self,
+        holders: impl IntoIterator<Item = (FrontendId, ServicePortKey)>,
+    ) {
+        self.holders.extend(holders);
+    }
+
+    /// Who gets a frontend: its holder while it claims it, else the best claim.
+    fn winner(&self, frontend: &FrontendId) -> Option<&ServicePortKey> {
+        let set = self.claims.get(frontend)?;
+        let holder = self.holders.get(frontend);
+        set.iter()
+            .map(|(_, k)| k)
+            .find(|k| Some(*k) == holder)
+            .or_else(|| set.iter().next().map(|(_, k)| k))
+    }
+
+    /// Ends a round: the winners of the frontends it touched become their holders.
+    fn settle_holders(&mut self) {
+        for frontend in std::mem::take(&mut self.touched_round) {
+            match self.winner(&frontend).cloned() {
+                Some(key) => self.holders.insert(frontend, key),
+                None => self.holders.remove(&frontend),
+            };
+        }
     }
 
     /// A new node context (addresses changed, say): everything is recomputed.
@@ -681,19 +722,26 @@ impl Reconciler {
         }
         self.node = node;
         self.full_next = true;
-        let cached: Vec<((String, String), Cached)> = self.cache.drain().collect();
         let mut changes = Changes::default();
-        for (key, c) in &cached {
-            self.replace(key, None, &mut changes);
-            let slices: Vec<&EndpointSlice> = c.slices.iter().map(|s| s.as_ref()).collect();
-            let output = compute_service(&c.service, &slices, &self.node);
-            let new = Cached {
-                service: c.service.clone(),
-                slices: c.slices.clone(),
-                output,
-            };
-            self.replace(key, Some(new), &mut changes);
+        let keys: Vec<ObjectKey> = self.cache.keys().cloned().collect();
+        for key in &keys {
+            let c = &self.cache[key];
+            let (service, slices) = (c.service.clone(), c.slices.clone());
+            let refs: Vec<&EndpointSlice> = slices.iter().map(|s| s.as_ref()).collect();
+            let output = compute_service(&service, &refs, &self.node);
+            // Swapped in one step, so the old output's claims are withdrawn and their ages
+            // kept for the frontends the new one still claims.
+            self.replace(
+                key,
+                Some(Cached {
+                    service,
+                    slices,
+                    output,
+                }),
+                &mut changes,
+            );
         }
+        self.settle_holders();
         changes
     }
 
@@ -729,6 +777,7 @@ impl Reconciler {
         for key in &keys {
             self.settle(key, &mut changes);
         }
+        self.settle_holders();
         changes
     }
 
@@ -791,7 +840,7 @@ impl Reconciler {
             }
             return;
         }
-        let mut touched: BTreeSet<(SocketAddrV4, Protocol)> = BTreeSet::new();
+        let mut touched: BTreeSet<FrontendId> = BTreeSet::new();
         let mut reassemble: BTreeSet<ServicePortKey> = BTreeSet::new();
         if let Some(old) = &old {
             for (pkey, ds) in &old.output.ports {
@@ -832,6 +881,7 @@ impl Reconciler {
             changes.notices |= !new.output.notices.is_empty();
             self.cache.insert(key.clone(), new);
         }
+        self.touched_round.extend(touched.iter().copied());
         // Whoever claims a touched frontend may have won or lost it.
         for claim in &touched {
             for (_, pkey) in self.claims.get(claim).into_iter().flatten() {
@@ -856,20 +906,14 @@ impl Reconciler {
         });
         let assembled = wanted.and_then(|ds| {
             let mut ds = ds.clone();
-            ds.frontends.retain(|f| {
-                self.claims
-                    .get(&(f.addr, pkey.protocol))
-                    .and_then(|set| set.iter().next())
-                    .is_some_and(|(_, winner)| winner == pkey)
-            });
+            ds.frontends
+                .retain(|f| self.winner(&(f.addr, pkey.protocol)) == Some(pkey));
             (!ds.frontends.is_empty()).then_some(ds)
         });
         let conflicts = wanted.is_some_and(|ds| {
             ds.frontends.iter().any(|f| {
-                self.claims
-                    .get(&(f.addr, pkey.protocol))
-                    .and_then(|s| s.iter().next())
-                    .is_some_and(|(_, w)| w != pkey)
+                self.winner(&(f.addr, pkey.protocol))
+                    .is_some_and(|w| w != pkey)
             })
         });
         if conflicts {
@@ -894,15 +938,17 @@ impl Reconciler {
             .flat_map(|c| c.output.notices.iter().cloned())
             .collect();
         for (claim, set) in &self.claims {
-            let mut it = set.iter();
-            let Some((_, winner)) = it.next() else {
+            let Some(winner) = self.winner(claim) else {
                 continue;
             };
-            for (_, loser) in it {
+            for (_, loser) in set.iter().filter(|(_, k)| k != winner) {
                 out.insert(Notice {
                     kind: NoticeKind::FrontendConflict,
                     object: loser.to_string(),
-                    detail: format!("{} {} is already served by {winner}", claim.0, claim.1),
+                    detail: format!(
+                        "{} {} not programmed: already served by {winner}, which keeps it",
+                        claim.0, claim.1
+                    ),
                 });
             }
         }
@@ -917,7 +963,19 @@ pub fn desired_state(
     slices: &[EndpointSlice],
     node: &NodeContext,
 ) -> Desired {
+    desired_state_held(services, slices, node, BTreeMap::new())
+}
+
+/// `desired_state` when some frontends are already served (`holders`, as in the maps): each
+/// stays with its holder while the holder claims it.
+pub fn desired_state_held(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: &NodeContext,
+    holders: BTreeMap<FrontendId, ServicePortKey>,
+) -> Desired {
     let mut reconciler = Reconciler::new(node.clone());
+    reconciler.set_incumbents(holders);
     let services: Vec<Arc<Service>> = services.iter().cloned().map(Arc::new).collect();
     let slices: Vec<Arc<EndpointSlice>> = slices.iter().cloned().map(Arc::new).collect();
     reconciler.update(&services, &slices);

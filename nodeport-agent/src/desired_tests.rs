@@ -56,6 +56,20 @@ fn key(ns: &str, name: &str, port: &str, protocol: Protocol) -> ServicePortKey {
     }
 }
 
+/// Who serves each frontend in a desired state (what the maps would hold).
+fn holders(
+    services: &BTreeMap<ServicePortKey, DesiredService>,
+) -> BTreeMap<FrontendId, ServicePortKey> {
+    services
+        .iter()
+        .flat_map(|(k, ds)| {
+            ds.frontends
+                .iter()
+                .map(move |f| ((f.addr, k.protocol), k.clone()))
+        })
+        .collect()
+}
+
 fn sa(s: &str) -> SocketAddrV4 {
     s.parse().unwrap()
 }
@@ -709,11 +723,13 @@ spec: { externalIPs: [198.51.100.7], ports: [ { port: 80 } ] }
                     .unwrap_or_else(|| Arc::new(s))
             })
             .collect();
+        let held = holders(&reconciler.desired().services);
         let changes = reconciler.update(&services, &slices);
-        let full = desired_state(
+        let full = desired_state_held(
             &services.iter().map(|s| (**s).clone()).collect::<Vec<_>>(),
             &slices.iter().map(|s| (**s).clone()).collect::<Vec<_>>(),
             &node(),
+            held,
         );
         assert_eq!(reconciler.desired().services, full.services, "step {i}");
         assert_eq!(
@@ -896,16 +912,18 @@ fn identity_diffs_agree_with_a_full_recomputation_over_random_edits() {
                 sort(&mut slices);
             }
             let fast = !reconciler.full_next && !reconciler.inputs.duplicates;
+            let held = holders(&reconciler.desired().services);
             let more = reconciler.update(&services, &slices);
             if fast && !reconciler.inputs.duplicates {
                 fast_updates += 1;
             }
             changes.services.extend(more.services);
             let owned = |v: &[Arc<Service>]| v.iter().map(|s| (**s).clone()).collect::<Vec<_>>();
-            let full = desired_state(
+            let full = desired_state_held(
                 &owned(&services),
                 &slices.iter().map(|s| (**s).clone()).collect::<Vec<_>>(),
                 &node,
+                held,
             );
             let at = format!("seed {seed} step {step}");
             let got = &reconciler.desired().services;
@@ -1115,4 +1133,121 @@ status: { loadBalancer: { ingress: [ { ip: 198.18.0.5 }, { ip: 203.0.113.10 } ] 
     // Without a guard (the pure function's default), nothing is refused: the checks are
     // the guard's alone.
     assert!(compute_on("kind: Service\napiVersion: v1\nmetadata: { name: ssh }\nspec: { type: NodePort, ports: [ { port: 22, nodePort: 22 } ] }\n", &node()).services.len() == 1);
+}
+
+/// Issue #16: a Service claiming a node port another one serves took it over when its name
+/// sorted first (manifests have no creationTimestamp), moving live traffic. The frontend stays
+/// with the Service that has it; the newcomer is reported, and takes over only when the holder
+/// lets go.
+#[test]
+fn a_newcomer_never_takes_a_frontend_that_is_served() {
+    // Manifests: no creationTimestamp, the newcomer's name sorts first.
+    a_newcomer_never_takes(
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: web-b, namespace: shop }
+spec: { type: NodePort, ports: [ { port: 80, nodePort: 30080 } ] }
+"#,
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: web-a, namespace: shop }
+spec: { type: NodePort, ports: [ { port: 80, nodePort: 30080 } ] }
+"#,
+    );
+    // A cluster (after a restore, say): the newcomer is even the older Service.
+    a_newcomer_never_takes(
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: web-b, namespace: shop, creationTimestamp: "2026-01-02T00:00:00Z" }
+spec: { type: NodePort, ports: [ { port: 80, nodePort: 30080 } ] }
+"#,
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: web-a, namespace: shop, creationTimestamp: "2026-01-01T00:00:00Z" }
+spec: { type: NodePort, ports: [ { port: 80, nodePort: 30080 } ] }
+"#,
+    );
+}
+
+fn a_newcomer_never_takes(holder: &str, newcomer: &str) {
+    use std::sync::Arc;
+    let arcs =
+        |yaml: &str| -> Vec<Arc<Service>> { objects(yaml).0.into_iter().map(Arc::new).collect() };
+    let (b, a) = (arcs(holder), arcs(newcomer));
+    let served_by = |r: &Reconciler| -> Vec<String> {
+        r.desired()
+            .services
+            .keys()
+            .map(|k| k.name.clone())
+            .collect()
+    };
+    let mut reconciler = Reconciler::new(node());
+    reconciler.update(&b, &[]);
+    assert_eq!(served_by(&reconciler), ["web-b"]);
+
+    let both = [a.clone(), b.clone()].concat();
+    let changes = reconciler.update(&both, &[]);
+    assert!(changes.services.is_empty(), "nothing moved: {changes:?}");
+    assert_eq!(served_by(&reconciler), ["web-b"]);
+    let notices: Vec<Notice> = reconciler.notices().into_iter().collect();
+    assert_eq!(notices.len(), 2, "one per node address: {notices:?}");
+    for n in &notices {
+        assert_eq!(n.kind, NoticeKind::FrontendConflict);
+        assert_eq!(n.object, "shop/web-a/TCP");
+        assert!(n.detail.contains("shop/web-b/TCP"), "{n:?}");
+    }
+    // A change of the holder's endpoints, or of the node, moves nothing either.
+    let moved = NodeContext {
+        node_addresses: vec!["198.18.0.1".parse().unwrap()],
+        ..node()
+    };
+    reconciler.set_node(moved.clone());
+    reconciler.update(&both, &[]);
+    assert_eq!(served_by(&reconciler), ["web-b"]);
+
+    // The holder goes: the newcomer takes over.
+    reconciler.update(&a, &[]);
+    assert_eq!(served_by(&reconciler), ["web-a"]);
+    assert!(reconciler.notices().is_empty());
+
+    // A restarted agent adopts what the maps hold: the same outcome from scratch.
+    let pinned = holders(
+        &Reconciler::new(moved.clone())
+            .tap_update(&b)
+            .desired()
+            .services,
+    );
+    let (services, _) = objects(&format!("{newcomer}---{holder}"));
+    let d = desired_state_held(&services, &[], &moved, pinned);
+    assert_eq!(
+        d.services
+            .keys()
+            .map(|k| k.name.as_str())
+            .collect::<Vec<_>>(),
+        ["web-b"]
+    );
+    // Without holders (the first start on a node), the older Service, then the name, wins.
+    let d = desired_state(&services, &[], &moved);
+    assert_eq!(
+        d.services
+            .keys()
+            .map(|k| k.name.as_str())
+            .collect::<Vec<_>>(),
+        ["web-a"]
+    );
+}
+
+trait TapUpdate {
+    fn tap_update(self, services: &[std::sync::Arc<Service>]) -> Self;
+}
+
+impl TapUpdate for Reconciler {
+    fn tap_update(mut self, services: &[std::sync::Arc<Service>]) -> Self {
+        self.update(services, &[]);
+        self
+    }
 }
