@@ -100,7 +100,10 @@ fn measure(dir: &Path) -> Result<Results> {
             let _ = <serde_norway::Value as serde::Deserialize>::deserialize(doc);
         }
         parser.push((depth, started.elapsed()));
-        eprintln!("bench: loader: parser alone, depth {depth}: {:?}", parser.last().unwrap().1);
+        eprintln!(
+            "bench: loader: parser alone, depth {depth}: {:?}",
+            parser.last().unwrap().1
+        );
     }
     Ok(Results {
         normal_bytes: normal.len(),
@@ -126,7 +129,12 @@ fn command(cmd: &str, args: &[&str]) -> String {
 pub fn render(r: &Results, date: &str) -> Result<String> {
     let mut md = String::new();
     writeln!(md, "# Manifests loader benchmark, {date}\n")?;
-    writeln!(md, "Machine: `{}`, nproc {}\n", command("uname", &["-a"]), command("nproc", &[]))?;
+    writeln!(
+        md,
+        "Machine: `{}`, nproc {}\n",
+        command("uname", &["-a"]),
+        command("nproc", &[])
+    )?;
     writeln!(
         md,
         "`manifests::load_dir` from a fresh parse cache (what the agent does on its first load and \
@@ -139,7 +147,11 @@ pub fn render(r: &Results, date: &str) -> Result<String> {
     )?;
     writeln!(md, "| directory | load, ms | outcome |")?;
     writeln!(md, "|---|---:|---|")?;
-    writeln!(md, "| normal file | {} | {SERVICES} Services |", ms(r.normal))?;
+    writeln!(
+        md,
+        "| normal file | {} | {SERVICES} Services |",
+        ms(r.normal)
+    )?;
     writeln!(
         md,
         "| normal file + pathological file | {} | refused: nested more than {MAX_DEPTH} levels |",

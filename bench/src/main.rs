@@ -296,7 +296,9 @@ fn main() -> Result<()> {
         Ok("loader") => Parts::Loader,
         Ok("compare") => Parts::Compare,
         Ok(other) => {
-            anyhow::bail!("NODEPORT_BENCH_ONLY={other}: expected agent, datapath, loader or compare")
+            anyhow::bail!(
+                "NODEPORT_BENCH_ONLY={other}: expected agent, datapath, loader or compare"
+            )
         }
     };
     let runs = |part: Parts| parts == Parts::All || parts == part;

@@ -597,3 +597,183 @@ fn ensure_gauges(scrape: &Scrape) -> Result<()> {
     }
     Ok(())
 }
+
+/// A host service in node-1's namespace on `port` (all addresses), answering as the pods do
+/// with the name "host".
+fn host_listener(lab: &Lab, port: u16) -> Result<()> {
+    let host = lab
+        .node1
+        .run(|| std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))??;
+    std::thread::spawn(move || {
+        for stream in host.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::{BufRead as _, Write as _};
+                let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone"));
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    let _ = (&stream).write_all(b"host 0.0.0.0:0\n");
+                    line.clear();
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Removes a directory when dropped.
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Case 11 (issue #16): hostile and mistaken manifests never move live traffic.
+/// 1. A node port on a port the node listens on (inside the node port range), and one outside
+///    the range, are refused; the node's own services keep answering; the rest is served.
+/// 2. A newcomer claiming a served node port (its name sorts first) is reported, not served:
+///    an open connection and new ones stay with the holder.
+/// 3. The manifests directory replaced under the agent (`mv DIR DIR.old; mkdir DIR; cp`) is
+///    followed: a Service added there is programmed, and later edits are seen.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn hostile_manifests_never_move_live_traffic() -> Result<()> {
+    let mut lab = lab_with_pods("eh")?;
+    // sshd-like services of the node: one inside the node port range, one outside.
+    host_listener(&lab, 30090)?;
+    host_listener(&lab, 2222)?;
+    let base = [
+        web(30080, "", &[ready(POD_A, "node-1")]),
+        manifests::service("hog", 30090, &["TCP"], "", &[ready(POD_B, "node-1")]),
+        manifests::service("ssh", 2222, &["TCP"], "", &[ready(POD_B, "node-1")]),
+    ];
+    lab.start_agent(&manifests::join(&base))?;
+
+    // 1. The refused frontends leave the node's own services alone.
+    ensure!(lab.ask_tcp(np(30080))?.pod == "a", "web is served");
+    ensure!(
+        lab.ask_tcp(np(30090))?.pod == "host",
+        "the node's listener on 30090 lost its traffic"
+    );
+    ensure!(
+        lab.ask_tcp(np(2222))?.pod == "host",
+        "the node's listener on 2222 (outside the node port range) lost its traffic"
+    );
+    let dump = lab.dump()?;
+    let served: Vec<String> = dump["services"]
+        .as_array()
+        .context("services")?
+        .iter()
+        .filter_map(|s| s["service"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(served == ["default/web:tcp/TCP"], "programmed: {served:?}");
+    let agent = lab.agent.as_ref().context("agent")?;
+    for (kind, object) in [
+        ("frontend_on_host_listener", "default/hog:tcp/TCP"),
+        ("node_port_outside_range", "default/ssh:tcp/TCP"),
+    ] {
+        ensure!(
+            agent.logged(|e| e["fields"]["kind"] == kind && e["fields"]["object"] == object),
+            "no {kind} warning for {object}: {}",
+            agent.log_text()
+        );
+    }
+    let scrape = lab.scrape()?;
+    ensure!(
+        scrape.count("nodeport_skipped", &[("kind", "node_port_outside_range")]) == 1.0,
+        "{}",
+        scrape.0
+    );
+    ensure!(scrape.count("nodeport_skipped", &[("kind", "frontend_on_host_listener")]) >= 1.0);
+
+    // 2. A newcomer on web's node port; its name sorts before web's.
+    let mut open = lab.connect(np(30080), None)?;
+    ensure!(open.ask()?.pod == "a");
+    let newcomer = manifests::service("aaa", 30080, &["TCP"], "", &[ready(POD_B, "node-1")]);
+    let with_newcomer = manifests::join(&[base.clone().to_vec(), vec![newcomer.clone()]].concat());
+    lab.apply(&with_newcomer)?;
+    ensure!(open.ask()?.pod == "a", "the open connection moved");
+    for _ in 0..20 {
+        ensure!(
+            lab.ask_tcp(np(30080))?.pod == "a",
+            "a new connection went to the newcomer"
+        );
+    }
+    let agent = lab.agent.as_ref().context("agent")?;
+    ensure!(
+        agent.logged(|e| e["fields"]["kind"] == "frontend_conflict"
+            && e["fields"]["object"] == "default/aaa:tcp/TCP"),
+        "no conflict warning: {}",
+        agent.log_text()
+    );
+    let scrape = lab.scrape()?;
+    ensure!(
+        scrape.count("nodeport_skipped", &[("kind", "frontend_conflict")]) >= 1.0,
+        "{}",
+        scrape.0
+    );
+
+    // 3. The directory replaced under the agent, with one more Service in it.
+    let old = RemoveDir(lab.manifests.with_extension("old"));
+    std::fs::rename(&lab.manifests, &old.0)?;
+    std::fs::create_dir(&lab.manifests)?;
+    let late = manifests::service("late", 30095, &["TCP"], "", &[ready(POD_C, "node-2")]);
+    let replaced = manifests::join(&[base.to_vec(), vec![newcomer, late]].concat());
+    std::fs::write(lab.manifests.join("all.yaml"), &replaced)?;
+    lab.wait_applied()?;
+    ensure!(
+        lab.ask_tcp(np(30095))?.pod == "c",
+        "the new directory's Service"
+    );
+    ensure!(
+        open.ask()?.pod == "a",
+        "the open connection survived the swap"
+    );
+    ensure!(lab.ask_tcp(np(30080))?.pod == "a");
+    // Edits in the new directory are seen (the watch moved with the path).
+    lab.apply(&manifests::join(&base))?;
+    ensure!(lab.ask_tcp(np(30095)).is_err(), "late was removed");
+    ensure!(open.ask()?.pod == "a");
+    Ok(())
+}
+
+/// Case 12 (issue #16): a second agent on the same pins refuses to start, naming the first,
+/// which keeps serving.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn a_second_agent_on_the_same_pins_is_refused() -> Result<()> {
+    let mut lab = lab_with_pods("e2a")?;
+    lab.start_agent(&web(30080, "", &[ready(POD_A, "node-1")]))?;
+    let pid = lab.status()?["agent"]["pid"]
+        .as_u64()
+        .context("the first agent's pid in status")?;
+    // Other ports for its servers, so that only the pins are shared.
+    let mut args = lab.agent_command_line();
+    for (flag, value) in [
+        ("--healthz-bind-address", "off"),
+        ("--metrics-bind-address", "off"),
+    ] {
+        let at = args.iter().position(|a| a == flag).context(flag)?;
+        args[at + 1] = value.to_owned();
+    }
+    let second = nodeport_tests::lab::AgentProcess::spawn(&lab.node1, &args)?;
+    let (status, log) = second.exit_log()?;
+    ensure!(!status.success(), "the second agent ran: {log}");
+    ensure!(
+        log.contains(&format!(
+            "another nodeport-agent (pid {pid}) is running on the pins"
+        )),
+        "{log}"
+    );
+    ensure!(
+        lab.ask_tcp(np(30080))?.pod == "a",
+        "the first agent's datapath is intact"
+    );
+    lab.apply(&web(30080, "", &[ready(POD_B, "node-1")]))?;
+    ensure!(
+        lab.ask_tcp(np(30080))?.pod == "b",
+        "the first agent still works"
+    );
+    Ok(())
+}
