@@ -941,7 +941,7 @@ pub mod manifests {
 }
 
 /// The MAC address of `dev` in `ns`.
-fn mac_of(ns: &NetNs, dev: &str) -> Result<[u8; 6]> {
+pub fn mac_of(ns: &NetNs, dev: &str) -> Result<[u8; 6]> {
     let out = ns.ip(&format!("-j link show dev {dev}"))?;
     let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let text = json[0]["address"].as_str().context("no address")?;
@@ -1021,7 +1021,12 @@ pub fn send_odd_frames(lab: &Lab, node_port: u16) -> Result<()> {
         .write(&mut bad, b"")?;
     bad[14] = 0x44;
     frames.push(bad);
+    send_frames(lab, frames)
+}
 
+/// Sends raw Ethernet frames from the client's eth0 (an AF_PACKET socket: the kernel adds
+/// nothing, an 802.1Q tag written in the frame stays there).
+pub fn send_frames(lab: &Lab, frames: Vec<Vec<u8>>) -> Result<()> {
     let ifindex = lab.client.ifindex("eth0")?;
     lab.client.run(move || -> Result<()> {
         // SAFETY: plain socket(2); closed below.

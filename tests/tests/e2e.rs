@@ -777,3 +777,109 @@ fn a_second_agent_on_the_same_pins_is_refused() -> Result<()> {
     );
     Ok(())
 }
+
+/// Case 13 (issue #16): frames of another VLAN arriving on the untagged external interface are
+/// not load-balanced. With receive VLAN offload (on by default on NICs) the NIC takes the tag
+/// out of the frame before XDP, which then cannot tell VLAN 42 from the untagged network; the
+/// agent turns the offload off where it attaches XDP, so tagged frames keep their tag and pass.
+/// In the lab the "wire" is the switch's bridge port: with its transmit VLAN offload off the
+/// tag is in the frame, as on a cable. With it on, a veth carries the tag beside the frame,
+/// which XDP cannot see with this toolchain (docs/datapath.md, "VLANs"): that case is measured
+/// and reported, not asserted.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn frames_of_another_vlan_are_not_load_balanced() -> Result<()> {
+    use etherparse::PacketBuilder;
+    let mut lab = lab_with_pods("ev")?;
+    let offload = |lab: &Lab| -> Result<String> {
+        let out = lab.node1.exec("ethtool", &["-k", "ext0"])?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok(text
+            .lines()
+            .find(|l| l.trim_start().starts_with("rx-vlan-offload:"))
+            .context("rx-vlan-offload in ethtool -k")?
+            .trim()
+            .to_owned())
+    };
+    lab.node1.exec("ethtool", &["-K", "ext0", "rxvlan", "on"])?;
+    ensure!(offload(&lab)?.starts_with("rx-vlan-offload: on"));
+    let dns = manifests::service("dns", 30053, &["UDP"], "", &[ready(POD_A, "node-1")]);
+    lab.start_agent(&dns)?;
+    ensure!(
+        offload(&lab)? == "rx-vlan-offload: off",
+        "the agent left receive VLAN offload on: {}",
+        offload(&lab)?
+    );
+    ensure!(
+        lab.ask_udp(np(30053))?.pod == "a",
+        "untagged traffic is served"
+    );
+
+    let stats = |lab: &Lab| -> Result<(u64, u64)> {
+        let dump = lab.dump()?;
+        let vlan = dump["counters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c[0] == "vlan")
+            .and_then(|c| c[1].as_u64())
+            .unwrap_or(0);
+        Ok((
+            dump["services"][0]["stats"]["packets"]
+                .as_u64()
+                .unwrap_or(0),
+            vlan,
+        ))
+    };
+    let node_mac = nodeport_tests::lab::mac_of(&lab.node1, "ext0")?;
+    let client_mac = nodeport_tests::lab::mac_of(&lab.client, "eth0")?;
+    let mut frames = Vec::new();
+    for i in 0..5u16 {
+        let mut frame = Vec::new();
+        PacketBuilder::ethernet2(client_mac, node_mac)
+            .single_vlan(etherparse::VlanId::try_new(42)?)
+            .ipv4(CLIENT.octets(), NODE1.octets(), 64)
+            .udp(41000 + i, 30053)
+            .write(&mut frame, b"vlan 42")?;
+        frames.push(frame);
+    }
+    // The bridge untags what it receives (the kernel's receive path) and tags it again on the
+    // way out of its port towards node-1: in the frame, or beside it with transmit offload.
+    lab.lan.exec("ethtool", &["-K", "l1", "txvlan", "off"])?;
+    let (served, vlan) = stats(&lab)?;
+    nodeport_tests::lab::send_frames(&lab, frames.clone())?;
+    // Every frame XDP sees lands in one counter: wait for the five in `vlan`.
+    let deadline = Instant::now() + PATIENCE;
+    while stats(&lab)?.1 < vlan + 5 {
+        ensure!(
+            Instant::now() < deadline,
+            "the tagged frames were not passed as VLAN traffic: {}",
+            lab.dump()?["counters"]
+        );
+        std::thread::yield_now();
+    }
+    ensure!(stats(&lab)?.0 == served, "tagged frames were load-balanced");
+    ensure!(
+        lab.ask_udp(np(30053))?.pod == "a",
+        "untagged traffic is still served"
+    );
+
+    // The tag beside the frame (a veth's offload): measured only. Each frame is either passed
+    // as VLAN traffic or load-balanced: wait for the five either way.
+    lab.lan.exec("ethtool", &["-K", "l1", "txvlan", "on"])?;
+    let (served, vlan) = stats(&lab)?;
+    nodeport_tests::lab::send_frames(&lab, frames)?;
+    let deadline = Instant::now() + PATIENCE;
+    let balanced = loop {
+        let (now_served, now_vlan) = stats(&lab)?;
+        if (now_served - served) + (now_vlan - vlan) >= 5 || Instant::now() >= deadline {
+            break now_served - served;
+        }
+        std::thread::yield_now();
+    };
+    eprintln!(
+        "tag beside the frame (veth transmit offload): {balanced} of 5 load-balanced (without \
+         the XDP VLAN metadata kfunc, XDP cannot see such a tag)"
+    );
+    Ok(())
+}

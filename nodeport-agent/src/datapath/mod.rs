@@ -14,6 +14,7 @@ mod lock;
 mod maps;
 mod mmap;
 mod object;
+pub mod vlan_offload;
 
 use std::path::{Path, PathBuf};
 
