@@ -338,6 +338,8 @@ struct Agent {
     /// Services that failed to program, retried on every round.
     retry: BTreeSet<ServicePortKey>,
     notices: BTreeSet<crate::model::Notice>,
+    /// `notices` were written under the pins for `status` at least once.
+    notices_recorded: bool,
     snapshot: Arc<Snapshot>,
     /// The node's own listening sockets, read with each interface scan (start, link changes,
     /// every 30 s): frontends never take their ports.
@@ -469,6 +471,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         },
         retry: BTreeSet::new(),
         notices: BTreeSet::new(),
+        notices_recorded: false,
         snapshot: Arc::new(Snapshot::default()),
         listeners: BTreeSet::new(),
         _pin_lock: pin_lock,
@@ -735,6 +738,15 @@ impl Agent {
             }
             self.metrics.set_notices(&counts);
             self.notices = notices;
+        }
+        // Also on the first round: markers a previous agent left may be stale.
+        if changes.notices || !self.notices_recorded {
+            if let Some(pins) = self.dp.pin_dir()
+                && let Err(e) = datapath::notices::record(&pins.root, &self.notices)
+            {
+                tracing::warn!(error = %e, "recording what was not programmed for `status`");
+            }
+            self.notices_recorded = true;
         }
         self.metrics
             .services

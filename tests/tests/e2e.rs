@@ -713,6 +713,37 @@ fn hostile_manifests_never_move_live_traffic() -> Result<()> {
         "{}",
         scrape.0
     );
+    // `status` lists what was not programmed, from the pins.
+    let status = lab.status()?;
+    let listed: Vec<(String, String)> = status["not_programmed"]
+        .as_array()
+        .context("not_programmed in status")?
+        .iter()
+        .map(|n| {
+            (
+                n["kind"].as_str().unwrap_or_default().to_owned(),
+                n["object"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    ensure!(
+        listed
+            == [
+                (
+                    "frontend_conflict".to_owned(),
+                    "default/aaa:tcp/TCP".to_owned()
+                ),
+                (
+                    "frontend_on_host_listener".to_owned(),
+                    "default/hog:tcp/TCP".to_owned()
+                ),
+                (
+                    "node_port_outside_range".to_owned(),
+                    "default/ssh:tcp/TCP".to_owned()
+                ),
+            ],
+        "status: {listed:?}"
+    );
 
     // 3. The directory replaced under the agent, with one more Service in it.
     let old = RemoveDir(lab.manifests.with_extension("old"));

@@ -13,6 +13,7 @@ mod clock;
 mod lock;
 mod maps;
 mod mmap;
+pub mod notices;
 mod object;
 pub mod vlan_offload;
 
@@ -297,6 +298,7 @@ pub fn detach(root: &Path) -> Result<Vec<String>> {
             }
         }
     }
+    notices::remove(&pins.root);
     for dir in [pins.maps(), pins.links(), pins.root.clone()] {
         // Only empty directories go; anything else someone put there stays.
         let _ = std::fs::remove_dir(dir);
