@@ -223,7 +223,7 @@ async fn run_settling(
                     event.kind,
                     Create(_) | Remove(_) | Modify(notify::event::ModifyKind::Name(_))
                 );
-                if replaced && event.paths.iter().any(|p| *p == dir) {
+                if replaced && event.paths.contains(&dir) {
                     self_changed.store(true, Ordering::Relaxed);
                 }
             }
