@@ -1,8 +1,8 @@
 //! The manifests loader (`--manifests DIR`) on a normal directory and on the same directory
 //! with one pathological file next to the normal one: 200 kB of brackets nested 100,000 deep,
-//! which kept the loader busy for 25 s before files were bounded (size and depth, checked
-//! before parsing: nodeport_agent::manifests::MAX_FILE_BYTES, MAX_DEPTH). For scale, the YAML
-//! parser alone on shallower pathological files, which the bound now refuses.
+//! which was reported keeping the loader busy for 25 s before files were bounded (size and
+//! depth, checked before parsing: nodeport_agent::manifests::MAX_FILE_BYTES, MAX_DEPTH). For
+//! scale, the loader's parse without the bound on such files.
 
 use std::{fmt::Write as _, path::Path, time::Duration, time::Instant};
 
@@ -14,8 +14,8 @@ const SERVICES: u32 = 1_000;
 const ROUNDS: usize = 7;
 /// The pathological file of the report: 100,000 `[` then 100,000 `]`.
 const DEEP: usize = 100_000;
-/// Depths the bare parser is timed at (100,000 would take tens of seconds).
-const PARSER_DEPTHS: [usize; 3] = [1_000, 5_000, 10_000];
+/// Depths the unbounded parse is timed at, once each.
+const PARSER_DEPTHS: [usize; 3] = [1_000, 10_000, 100_000];
 
 pub struct Results {
     normal_bytes: usize,
@@ -24,7 +24,8 @@ pub struct Results {
     normal: Duration,
     /// Median load of the directory with the deep file too (refused).
     with_deep: Duration,
-    /// (depth, time) of serde_norway parsing `[`*depth `]`*depth, no bound.
+    /// (depth, time) of the loader's parse (serde_norway into serde_json::Value) of
+    /// `[`*depth `]`*depth, without the bound.
     parser: Vec<(usize, Duration)>,
 }
 
@@ -82,7 +83,8 @@ fn measure(dir: &Path) -> Result<Results> {
         normal_runs.push(t);
     }
     let deep = deep_text(DEEP);
-    std::fs::write(dir.join("deep.yaml"), &deep)?;
+    // Named to sort after the normal file: the loader reads that one first, then refuses this.
+    std::fs::write(dir.join("zz-deep.yaml"), &deep)?;
     let mut deep_runs = Vec::new();
     for _ in 0..ROUNDS {
         let (t, loaded) = time_load(dir);
@@ -97,7 +99,7 @@ fn measure(dir: &Path) -> Result<Results> {
         let text = deep_text(depth);
         let started = Instant::now();
         for doc in serde_norway::Deserializer::from_str(&text) {
-            let _ = <serde_norway::Value as serde::Deserialize>::deserialize(doc);
+            let _ = <serde_json::Value as serde::Deserialize>::deserialize(doc);
         }
         parser.push((depth, started.elapsed()));
         eprintln!(
@@ -154,14 +156,13 @@ pub fn render(r: &Results, date: &str) -> Result<String> {
     )?;
     writeln!(
         md,
-        "| normal file + pathological file | {} | refused: nested more than {MAX_DEPTH} levels |",
+        "| normal file + pathological file (read after it) | {} | refused: nested more than {MAX_DEPTH} levels |",
         ms(r.with_deep)
     )?;
     writeln!(
         md,
-        "\nThe YAML parser alone (serde_norway, no bound) on brackets nested N deep, for scale; \
-         its time grows with the square of the depth (the unbounded loader took about 25 s at \
-         {DEEP}):\n"
+        "\nWhat the bound saves: the loader's parse without it (serde_norway into \
+         serde_json::Value, as `manifests` does) of brackets nested N deep, one run each:\n"
     )?;
     writeln!(md, "| depth N | parse, ms |")?;
     writeln!(md, "|---:|---:|")?;

@@ -262,8 +262,9 @@ type Key = (String, String);
 /// per object); this leaves room for thousands of objects in one file.
 pub const MAX_FILE_BYTES: u64 = 16 << 20;
 /// The deepest nesting a manifest may have. A Service or EndpointSlice is about 6 levels deep
-/// (a List adds 2). YAML parsers take time quadratic in the depth: a 200 kB file of 100,000
-/// nested brackets kept the loader busy for 25 s, stalling every other file's update.
+/// (a List adds 2). Unbounded, the parser reads a whole pathological file before it fails: a
+/// 200 kB file of 100,000 nested brackets was reported keeping the loader busy for 25 s,
+/// stalling every other file's update (bench/results/*-loader.md has this machine's figures).
 pub const MAX_DEPTH: usize = 64;
 
 /// Reads a file of at most `MAX_FILE_BYTES`, looking at its size before reading it.
