@@ -629,27 +629,43 @@ impl Drop for RemoveDir {
     }
 }
 
-/// Case 11 (issue #16): hostile and mistaken manifests never move live traffic.
-/// 1. A node port on a port the node listens on (inside the node port range), and one outside
-///    the range, are refused; the node's own services keep answering; the rest is served.
-/// 2. A newcomer claiming a served node port (its name sorts first) is reported, not served:
-///    an open connection and new ones stay with the holder.
-/// 3. The manifests directory replaced under the agent (`mv DIR DIR.old; mkdir DIR; cp`) is
-///    followed: a Service added there is programmed, and later edits are seen.
-#[test]
-#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
-fn hostile_manifests_never_move_live_traffic() -> Result<()> {
-    let mut lab = lab_with_pods("eh")?;
-    // sshd-like services of the node: one inside the node port range, one outside.
-    host_listener(&lab, 30090)?;
-    host_listener(&lab, 2222)?;
-    let base = [
+/// `status`'s list of what was not programmed, as (kind, object).
+fn not_programmed(lab: &Lab) -> Result<Vec<(String, String)>> {
+    let status = lab.status()?;
+    Ok(status["not_programmed"]
+        .as_array()
+        .context("not_programmed in status")?
+        .iter()
+        .map(|n| {
+            (
+                n["kind"].as_str().unwrap_or_default().to_owned(),
+                n["object"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect())
+}
+
+/// The three Services of case 11: web on 30080 (pod a), and two on the node's own ports (the
+/// node listens on 30090 inside the node port range and on 2222 outside it).
+fn hostile_base(lab: &Lab) -> Result<[String; 3]> {
+    host_listener(lab, 30090)?;
+    host_listener(lab, 2222)?;
+    Ok([
         web(30080, "", &[ready(POD_A, "node-1")]),
         manifests::service("hog", 30090, &["TCP"], "", &[ready(POD_B, "node-1")]),
         manifests::service("ssh", 2222, &["TCP"], "", &[ready(POD_B, "node-1")]),
-    ];
-    lab.start_agent(&manifests::join(&base))?;
+    ])
+}
 
+/// Case 11 (issue #16): a node port on a port the node listens on (inside the node port
+/// range), and one outside the range, are refused; the node's own services keep answering;
+/// the rest is served; logs, metrics and `status` say what was refused.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn node_ports_on_the_nodes_own_ports_are_refused() -> Result<()> {
+    let mut lab = lab_with_pods("eh")?;
+    let base = hostile_base(&lab)?;
+    lab.start_agent(&manifests::join(&base))?;
     // 1. The refused frontends leave the node's own services alone.
     ensure!(lab.ask_tcp(np(30080))?.pod == "a", "web is served");
     ensure!(
@@ -686,12 +702,38 @@ fn hostile_manifests_never_move_live_traffic() -> Result<()> {
         scrape.0
     );
     ensure!(scrape.count("nodeport_skipped", &[("kind", "frontend_on_host_listener")]) >= 1.0);
+    let listed = not_programmed(&lab)?;
+    ensure!(
+        listed
+            == [
+                (
+                    "frontend_on_host_listener".to_owned(),
+                    "default/hog:tcp/TCP".to_owned()
+                ),
+                (
+                    "node_port_outside_range".to_owned(),
+                    "default/ssh:tcp/TCP".to_owned()
+                ),
+            ],
+        "status: {listed:?}"
+    );
+    Ok(())
+}
 
-    // 2. A newcomer on web's node port; its name sorts before web's.
+/// Case 12 (issue #16): a newcomer claiming a served node port (its name sorts first) is
+/// reported, not served: an open connection and new ones stay with the holder.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn a_newcomer_never_takes_a_served_node_port() -> Result<()> {
+    let mut lab = lab_with_pods("en")?;
+    let base = [web(30080, "", &[ready(POD_A, "node-1")])];
+    lab.start_agent(&manifests::join(&base))?;
+
+    // A newcomer on web's node port; its name sorts before web's.
     let mut open = lab.connect(np(30080), None)?;
     ensure!(open.ask()?.pod == "a");
     let newcomer = manifests::service("aaa", 30080, &["TCP"], "", &[ready(POD_B, "node-1")]);
-    let with_newcomer = manifests::join(&[base.clone().to_vec(), vec![newcomer.clone()]].concat());
+    let with_newcomer = manifests::join(&[base[0].clone(), newcomer]);
     lab.apply(&with_newcomer)?;
     ensure!(open.ask()?.pod == "a", "the open connection moved");
     for _ in 0..20 {
@@ -714,43 +756,35 @@ fn hostile_manifests_never_move_live_traffic() -> Result<()> {
         scrape.0
     );
     // `status` lists what was not programmed, from the pins.
-    let status = lab.status()?;
-    let listed: Vec<(String, String)> = status["not_programmed"]
-        .as_array()
-        .context("not_programmed in status")?
-        .iter()
-        .map(|n| {
-            (
-                n["kind"].as_str().unwrap_or_default().to_owned(),
-                n["object"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect();
+    let listed = not_programmed(&lab)?;
     ensure!(
         listed
-            == [
-                (
-                    "frontend_conflict".to_owned(),
-                    "default/aaa:tcp/TCP".to_owned()
-                ),
-                (
-                    "frontend_on_host_listener".to_owned(),
-                    "default/hog:tcp/TCP".to_owned()
-                ),
-                (
-                    "node_port_outside_range".to_owned(),
-                    "default/ssh:tcp/TCP".to_owned()
-                ),
-            ],
+            == [(
+                "frontend_conflict".to_owned(),
+                "default/aaa:tcp/TCP".to_owned()
+            )],
         "status: {listed:?}"
     );
+    Ok(())
+}
 
-    // 3. The directory replaced under the agent, with one more Service in it.
+/// Case 13 (issue #16): the manifests directory replaced under the agent (`mv DIR DIR.old;
+/// mkdir DIR; cp`) is followed: a Service added there is programmed, later edits are seen, and
+/// an open connection is not disturbed.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn a_replaced_manifests_directory_is_followed() -> Result<()> {
+    let mut lab = lab_with_pods("ed")?;
+    let base = [web(30080, "", &[ready(POD_A, "node-1")])];
+    lab.start_agent(&manifests::join(&base))?;
+    let mut open = lab.connect(np(30080), None)?;
+    ensure!(open.ask()?.pod == "a");
+    // The directory replaced under the agent, with one more Service in it.
     let old = RemoveDir(lab.manifests.with_extension("old"));
     std::fs::rename(&lab.manifests, &old.0)?;
     std::fs::create_dir(&lab.manifests)?;
     let late = manifests::service("late", 30095, &["TCP"], "", &[ready(POD_C, "node-2")]);
-    let replaced = manifests::join(&[base.to_vec(), vec![newcomer, late]].concat());
+    let replaced = manifests::join(&[base[0].clone(), late]);
     std::fs::write(lab.manifests.join("all.yaml"), &replaced)?;
     lab.wait_applied()?;
     ensure!(
@@ -769,7 +803,7 @@ fn hostile_manifests_never_move_live_traffic() -> Result<()> {
     Ok(())
 }
 
-/// Case 12 (issue #16): a second agent on the same pins refuses to start, naming the first,
+/// Case 14 (issue #16): a second agent on the same pins refuses to start, naming the first,
 /// which keeps serving.
 #[test]
 #[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
@@ -809,7 +843,7 @@ fn a_second_agent_on_the_same_pins_is_refused() -> Result<()> {
     Ok(())
 }
 
-/// Case 13 (issue #16): frames of another VLAN arriving on the untagged external interface are
+/// Case 15 (issue #16): frames of another VLAN arriving on the untagged external interface are
 /// not load-balanced. With receive VLAN offload (on by default on NICs) the NIC takes the tag
 /// out of the frame before XDP, which then cannot tell VLAN 42 from the untagged network; the
 /// agent turns the offload off where it attaches XDP, so tagged frames keep their tag and pass.
