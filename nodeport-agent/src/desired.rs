@@ -360,9 +360,9 @@ struct ServiceOutput {
     notices: Vec<Notice>,
 }
 
-/// Among claims of the same age (see `Claim`): the older Service (as the API server's
-/// allocators favour the first holder; a Service without creationTimestamp, as in manifest
-/// files, after those with one), then namespace/name.
+/// Who gets a frontend that has no holder (see `Reconciler::holders`): the older Service (as
+/// the API server's allocators favour the first holder; a Service without creationTimestamp,
+/// as in manifest files, after those with one), then namespace/name.
 type ClaimOrder = (bool, Option<k8s_openapi::jiff::Timestamp>, String, String);
 
 /// One frontend: address, port and protocol.
@@ -729,8 +729,8 @@ impl Reconciler {
             let (service, slices) = (c.service.clone(), c.slices.clone());
             let refs: Vec<&EndpointSlice> = slices.iter().map(|s| s.as_ref()).collect();
             let output = compute_service(&service, &refs, &self.node);
-            // Swapped in one step, so the old output's claims are withdrawn and their ages
-            // kept for the frontends the new one still claims.
+            // Swapped in one step: the old output's claims are withdrawn and the new ones
+            // made; holders stay as they are until the round ends.
             self.replace(
                 key,
                 Some(Cached {
