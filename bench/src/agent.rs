@@ -94,6 +94,7 @@ fn node() -> NodeContext {
         node_name: NODE_NAME.into(),
         node_addresses: vec![NODE_IP],
         proxy_name: None,
+        guard: Default::default(),
     }
 }
 
@@ -944,7 +945,8 @@ pub fn render(r: &Results, date: &str, machine: &str) -> Result<String> {
     writeln!(
         md,
         "{SERVICES} NodePort Services (one TCP port each, node ports {FIRST_NODE_PORT}-{}: beyond \
-         the default range, which the agent does not check; only the maps are exercised), each \
+         the default range: the bench's node context sets no port guard, only the maps are \
+         exercised), each \
          with one EndpointSlice of {ENDPOINTS} ready endpoints; one node address ({NODE_IP}). \
          Objects are built in code and held in the kube source's mirrors \
          (`source::kube::Mirror`). The agent's `Reconciler` and `Syncer` write into a real datapath loaded \

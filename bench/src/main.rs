@@ -11,6 +11,10 @@
 //! EndpointSlice changes, through the agent's own reconciler and syncer against a loaded
 //! datapath. Results go to `<out dir>/<date>-agent.md`.
 //!
+//! Loader (module `loader`): the manifests loader on a normal directory and with one
+//! pathological file (nested 100,000 deep) next to the normal one. Results go to
+//! `<out dir>/<date>-loader.md`.
+//!
 //! Comparison (module `compare`): nodeport against kube-proxy's iptables rules, side by side
 //! on one namespace topology with real traffic; writes `bench/REPORT.md` and `bench/plots/`.
 //!
@@ -18,7 +22,8 @@
 //! - `NODEPORT_BENCH_OBJECT`: the bench build of the eBPF object (datapath part);
 //! - `NODEPORT_EBPF_OBJECT`: the plain eBPF object (agent and comparison parts);
 //! - `NODEPORT_AGENT_BIN`: the agent binary the comparison starts;
-//! - `NODEPORT_BENCH_ONLY=agent`, `=datapath` or `=compare`: run only that part (default: all),
+//! - `NODEPORT_BENCH_ONLY=agent`, `=datapath`, `=loader` or `=compare`: run only that part
+//!   (default: all),
 //!   e.g. `NODEPORT_BENCH_ONLY=compare cargo xtask bench`;
 //! - `NODEPORT_BENCH_SERVICES=1,1000`: the datapath part at these service counts only;
 //! - `NODEPORT_BENCH_ANY_ACTION=1`: the datapath part does not check the XDP verdicts;
@@ -32,6 +37,7 @@
 
 mod agent;
 mod compare;
+mod loader;
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf};
 
@@ -272,6 +278,7 @@ enum Parts {
     All,
     Datapath,
     Agent,
+    Loader,
     Compare,
 }
 
@@ -287,9 +294,12 @@ fn main() -> Result<()> {
         Err(_) | Ok("") => Parts::All,
         Ok("datapath") => Parts::Datapath,
         Ok("agent") => Parts::Agent,
+        Ok("loader") => Parts::Loader,
         Ok("compare") => Parts::Compare,
         Ok(other) => {
-            anyhow::bail!("NODEPORT_BENCH_ONLY={other}: expected agent, datapath or compare")
+            anyhow::bail!(
+                "NODEPORT_BENCH_ONLY={other}: expected agent, datapath, loader or compare"
+            )
         }
     };
     let runs = |part: Parts| parts == Parts::All || parts == part;
@@ -312,6 +322,12 @@ fn main() -> Result<()> {
         agent_summary = Some(agent::summary(&results));
         let md = agent::render(&results, &date, &machine())?;
         write_results(&out_dir, &format!("{date}-agent.md"), &md)?;
+    }
+    if runs(Parts::Loader) {
+        let results = loader::run()?;
+        eprintln!("bench: {}", loader::summary(&results));
+        let md = loader::render(&results, &date)?;
+        write_results(&out_dir, &format!("{date}-loader.md"), &md)?;
     }
     if runs(Parts::Compare) {
         let cfg = compare::Config::from_env()?;

@@ -20,7 +20,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     datapath::{self, Datapath, InterfaceRole, Maps, Sizing, XdpAttachMode},
-    desired::{NodeContext, Reconciler},
+    desired::{NodeContext, PortGuard, Reconciler},
     gc::Collector,
     health::{HealthConfig, HealthServer, ServiceHealth},
     interfaces::{self, ChangeWatcher, Layout, Selection},
@@ -35,43 +35,9 @@ use crate::{
 /// backend whichever node it reaches.
 pub const DEFAULT_HASH_SEED: u32 = 0x6e70_6f72; // "npor"
 
-/// A port range "A-B".
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortRange {
-    pub first: u16,
-    pub last: u16,
-}
-
-impl FromStr for PortRange {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, b) = s
-            .split_once('-')
-            .ok_or_else(|| format!("{s:?}: expected FIRST-LAST, e.g. 61000-65535"))?;
-        let first: u16 = a
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?}: {a:?} is not a port"))?;
-        let last: u16 = b
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?}: {b:?} is not a port"))?;
-        if first == 0 || last < first {
-            return Err(format!("{s:?}: expected 1 <= FIRST <= LAST"));
-        }
-        Ok(Self { first, last })
-    }
-}
-
-impl std::fmt::Display for PortRange {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{}", self.first, self.last)
-    }
-}
-
 /// `--snat-port-range`: one or two ranges, "A-B" or "A-B,C-D".
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SnatPortRanges(pub Vec<PortRange>);
+pub struct SnatPortRanges(pub Vec<NodePortRange>);
 
 /// The default: 33,512 ports, below the node port range (30000-32767) and above the kernel's
 /// default ephemeral ports (net.ipv4.ip_local_port_range 32768-60999). Each remote backend
@@ -82,10 +48,11 @@ pub const DEFAULT_SNAT_PORT_RANGES: &str = "1024-29999,61000-65535";
 impl FromStr for SnatPortRanges {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let ranges: Vec<PortRange> = s
+        let ranges: Vec<NodePortRange> = s
             .split(',')
-            .map(|r| r.parse::<PortRange>())
-            .collect::<Result<_, _>>()?;
+            .map(|r| r.parse::<NodePortRange>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
         if ranges.len() > 2 {
             return Err(format!(
                 "{s:?}: at most two ranges, e.g. {DEFAULT_SNAT_PORT_RANGES}"
@@ -508,7 +475,14 @@ struct Agent {
     /// Services that failed to program, retried on every round.
     retry: BTreeSet<ServicePortKey>,
     notices: BTreeSet<crate::model::Notice>,
+    /// `notices` were written under the pins for `status` at least once.
+    notices_recorded: bool,
     snapshot: Arc<Snapshot>,
+    /// The node's own listening sockets, read with each interface scan (start, link changes,
+    /// every 30 s): frontends never take their ports.
+    listeners: BTreeSet<crate::listeners::Listener>,
+    /// Held while the agent runs: a second agent on the same pins refuses to start.
+    _pin_lock: datapath::PinLock,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -520,6 +494,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .or_else(hostname)
         .context("no --node-name and no host name")?;
     let selection = args.selection()?;
+
+    // One agent per pin directory, for this agent's life (held by `Agent`).
+    datapath::bpffs::ensure_mounted(&args.bpffs_dir).context("loading the datapath")?;
+    let pin_lock = datapath::PinLock::acquire(&args.bpffs_dir)?;
 
     // The datapath: adopt what a previous agent pinned, if anything.
     let mut dp =
@@ -622,10 +600,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .context("starting the conntrack collector")?
     };
 
+    // Frontends stay with the Services the pinned maps serve them for (docs/operations.md).
+    let mut reconciler = Reconciler::new(NodeContext::default());
+    reconciler.set_incumbents(programmed.frontend_holders());
     let mut agent = Agent {
         config,
         gc: Some(gc),
-        reconciler: Reconciler::new(NodeContext::default()),
+        reconciler,
         node_name,
         dp,
         programmed,
@@ -643,7 +624,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         },
         retry: BTreeSet::new(),
         notices: BTreeSet::new(),
+        notices_recorded: false,
         snapshot: Arc::new(Snapshot::default()),
+        listeners: BTreeSet::new(),
+        _pin_lock: pin_lock,
         args,
     };
     agent
@@ -784,6 +768,7 @@ impl Agent {
             }
         }
         self.layout = layout;
+        self.listeners = crate::listeners::read();
         Ok(())
     }
 
@@ -808,6 +793,11 @@ impl Agent {
             node_name: self.node_name.clone(),
             node_addresses: addrs.into_iter().collect(),
             proxy_name: self.args.service_proxy_name.clone(),
+            guard: PortGuard {
+                node_port_range: Some(self.args.service_node_port_range),
+                snat_ports: self.args.snat_port_range.0.clone(),
+                listeners: self.listeners.clone(),
+            },
         }
     }
 
@@ -907,6 +897,15 @@ impl Agent {
             self.metrics.set_notices(&counts);
             self.notices = notices;
         }
+        // Also on the first round: markers a previous agent left may be stale.
+        if changes.notices || !self.notices_recorded {
+            if let Some(pins) = self.dp.pin_dir()
+                && let Err(e) = datapath::notices::record(&pins.root, &self.notices)
+            {
+                tracing::warn!(error = %e, "recording what was not programmed for `status`");
+            }
+            self.notices_recorded = true;
+        }
         self.metrics
             .services
             .set(self.programmed.services.len() as i64);
@@ -975,16 +974,16 @@ mod tests {
 
     #[test]
     fn port_ranges() {
+        // One parser for both ranges (the node port range's, kube-apiserver's syntax).
         assert_eq!(
-            "61000-65535".parse::<PortRange>(),
-            Ok(PortRange {
+            "61000-65535".parse::<NodePortRange>(),
+            Ok(NodePortRange {
                 first: 61000,
                 last: 65535
             })
         );
-        assert!("65535-61000".parse::<PortRange>().is_err());
-        assert!("0-10".parse::<PortRange>().is_err());
-        assert!("61000".parse::<PortRange>().is_err());
+        assert!("65535-61000".parse::<NodePortRange>().is_err());
+        assert!("0-10".parse::<NodePortRange>().is_err());
         assert_eq!(overlap((61000, 65535), (32768, 60999)), None);
         assert_eq!(
             overlap((30000, 40000), (32768, 60999)),
@@ -998,11 +997,11 @@ mod tests {
         assert_eq!(
             default.0,
             [
-                PortRange {
+                NodePortRange {
                     first: 1024,
                     last: 29_999
                 },
-                PortRange {
+                NodePortRange {
                     first: 61_000,
                     last: 65_535
                 }

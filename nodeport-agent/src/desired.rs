@@ -12,6 +12,8 @@ use k8s_openapi::api::{
     discovery::v1::{Endpoint, EndpointSlice},
 };
 
+use crate::ledger::NodePortRange;
+use crate::listeners::Listener;
 use crate::model::{
     BackendState, Desired, DesiredService, Frontend, FrontendKind, HealthCheck, Ipv4Prefix, Notice,
     NoticeKind, Protocol, ServicePortKey,
@@ -33,6 +35,49 @@ pub struct NodeContext {
     pub node_addresses: Vec<Ipv4Addr>,
     /// With a name, Services labelled with it are ours too (like another proxy's name).
     pub proxy_name: Option<String>,
+    /// Ports no frontend may take.
+    pub guard: PortGuard,
+}
+
+/// Ports of the node a frontend must never take over: XDP sees packets before the node's own
+/// sockets and before the SNAT replies' lookup, so a frontend there would steal them
+/// (docs/operations.md, "What the agent refuses"). The default checks nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortGuard {
+    /// Node ports must lie inside it (kube-apiserver's --service-node-port-range).
+    pub node_port_range: Option<NodePortRange>,
+    /// --snat-port-range (one range or two): replies of SNATed connections arrive on these
+    /// ports of node addresses.
+    pub snat_ports: Vec<NodePortRange>,
+    /// Sockets the node serves on (`listeners::read`).
+    pub listeners: BTreeSet<Listener>,
+}
+
+impl PortGuard {
+    /// Why a frontend on node address `addr` (one of the node's) cannot be programmed.
+    fn refuse_on_node(&self, protocol: Protocol, addr: Ipv4Addr, port: u16) -> Option<Notice> {
+        if let Some(snat) = self.snat_ports.iter().find(|r| r.contains(port)) {
+            return Some(Notice {
+                kind: NoticeKind::FrontendInSnatRange,
+                object: String::new(),
+                detail: format!(
+                    "{addr}:{port}/{protocol} not programmed: port {port} is in the SNAT port \
+                     range {snat} (--snat-port-range), where replies of SNATed connections arrive"
+                ),
+            });
+        }
+        let listener = self
+            .listeners
+            .iter()
+            .find(|l| l.covers(protocol, addr, port))?;
+        Some(Notice {
+            kind: NoticeKind::FrontendOnHostListener,
+            object: String::new(),
+            detail: format!(
+                "{addr}:{port}/{protocol} not programmed: {listener} would lose its traffic"
+            ),
+        })
+    }
 }
 
 fn namespace(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
@@ -178,6 +223,10 @@ fn backends(candidates: Vec<Candidate>, local_only: bool) -> BTreeMap<SocketAddr
     out
 }
 
+fn service_port_of(port: &ServicePort) -> u16 {
+    port_u16(port.port).unwrap_or_default()
+}
+
 fn frontends(
     svc: &Service,
     port: &ServicePort,
@@ -190,17 +239,68 @@ fn frontends(
     let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
     let mut out = BTreeSet::new();
     let mut ipv6 = Vec::new();
+    let guard = &node.guard;
+    let mut refuse = |mut notice: Notice| {
+        notice.object = key.to_string();
+        notices.insert(notice);
+    };
     if matches!(ty, "NodePort" | "LoadBalancer")
         && let Some(node_port) = port.node_port.and_then(port_u16)
     {
-        for addr in &node.node_addresses {
-            out.insert(Frontend {
-                addr: SocketAddrV4::new(*addr, node_port),
-                kind: FrontendKind::NodePort,
-                source_ranges: has_source_ranges,
-            });
+        let snat = guard.snat_ports.iter().find(|r| r.contains(node_port));
+        let outside = guard.node_port_range.filter(|r| !r.contains(node_port));
+        match (snat, outside) {
+            (Some(snat), outside) => refuse(Notice {
+                kind: NoticeKind::FrontendInSnatRange,
+                object: String::new(),
+                detail: format!(
+                    "node port {node_port}/{} not programmed: it is in the SNAT port range {snat} \
+                     (--snat-port-range), where replies of SNATed connections arrive{}",
+                    key.protocol,
+                    outside.map_or(String::new(), |range| format!(
+                        ", and outside the node port range {range} (--service-node-port-range)"
+                    )),
+                ),
+            }),
+            (None, Some(range)) => refuse(Notice {
+                kind: NoticeKind::NodePortOutsideRange,
+                object: String::new(),
+                detail: format!(
+                    "node port {node_port}/{} not programmed: outside the node port range \
+                     {range} (--service-node-port-range)",
+                    key.protocol
+                ),
+            }),
+            (None, None) => {
+                for addr in &node.node_addresses {
+                    if let Some(n) = guard.refuse_on_node(key.protocol, *addr, node_port) {
+                        refuse(n);
+                        continue;
+                    }
+                    out.insert(Frontend {
+                        addr: SocketAddrV4::new(*addr, node_port),
+                        kind: FrontendKind::NodePort,
+                        source_ranges: has_source_ranges,
+                    });
+                }
+            }
         }
     }
+    // A LoadBalancer IP or externalIP uses the Service port: the node port range does not
+    // apply, and a VIP the node does not own shares no socket or SNAT reply with it. One that
+    // is a node address gets the node's checks.
+    let mut vip_allowed = |ip: Ipv4Addr| {
+        if !node.node_addresses.contains(&ip) {
+            return true;
+        }
+        match guard.refuse_on_node(key.protocol, ip, service_port_of(port)) {
+            Some(n) => {
+                refuse(n);
+                false
+            }
+            None => true,
+        }
+    };
     let Some(service_port) = port_u16(port.port) else {
         return out;
     };
@@ -216,7 +316,7 @@ fn frontends(
                 continue;
             }
             match ing.ip.as_deref().map(str::parse::<IpAddr>) {
-                Some(Ok(IpAddr::V4(ip))) => {
+                Some(Ok(IpAddr::V4(ip))) if vip_allowed(ip) => {
                     out.insert(Frontend {
                         addr: SocketAddrV4::new(ip, service_port),
                         kind: FrontendKind::LoadBalancer,
@@ -230,7 +330,7 @@ fn frontends(
     }
     for ip in spec.external_ips.iter().flatten() {
         match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(ip)) => {
+            Ok(IpAddr::V4(ip)) if vip_allowed(ip) => {
                 out.insert(Frontend {
                     addr: SocketAddrV4::new(ip, service_port),
                     kind: FrontendKind::ExternalIp,
@@ -238,7 +338,7 @@ fn frontends(
                 });
             }
             Ok(IpAddr::V6(ip)) => ipv6.push(ip.to_string()),
-            Err(_) => {}
+            Ok(IpAddr::V4(_)) | Err(_) => {}
         }
     }
     if !ipv6.is_empty() {
@@ -263,19 +363,20 @@ struct ServiceOutput {
     notices: Vec<Notice>,
 }
 
-/// Who keeps a contested frontend: the older Service (as the API server's allocators favour
-/// the first holder), then namespace/name.
-type ClaimOrder = (Option<k8s_openapi::jiff::Timestamp>, String, String);
+/// Who gets a frontend that has no holder (see `Reconciler::holders`): the older Service (as
+/// the API server's allocators favour the first holder; a Service without creationTimestamp,
+/// as in manifest files, after those with one), then namespace/name.
+type ClaimOrder = (bool, Option<k8s_openapi::jiff::Timestamp>, String, String);
+
+/// One frontend: address, port and protocol.
+pub type FrontendId = (SocketAddrV4, Protocol);
 
 fn compute_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -> ServiceOutput {
     let spec = svc.spec.as_ref().expect("is_ours checked the spec");
     let ns = namespace(&svc.metadata);
     let name = svc.metadata.name.as_deref().unwrap_or_default();
-    let order = (
-        svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
-        ns.to_owned(),
-        name.to_owned(),
-    );
+    let created = svc.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    let order = (created.is_none(), created, ns.to_owned(), name.to_owned());
     let mut notices = BTreeSet::new();
     let local_only = spec.external_traffic_policy.as_deref() == Some("Local");
     let affinity_timeout_s = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
@@ -548,8 +649,16 @@ impl Inputs {
 pub struct Reconciler {
     node: NodeContext,
     cache: HashMap<(String, String), Cached>,
-    /// Every Service port that wants a frontend, best claim first.
-    claims: HashMap<(SocketAddrV4, Protocol), BTreeSet<(ClaimOrder, ServicePortKey)>>,
+    /// Every Service port that wants a frontend, in `ClaimOrder`.
+    claims: HashMap<FrontendId, BTreeSet<(ClaimOrder, ServicePortKey)>>,
+    /// Who served each frontend when the current round began (the pinned maps' owners before
+    /// the first). A frontend stays with its holder while the holder claims it, so a newcomer
+    /// claiming it too is reported, never served, whatever its name or age; only when the
+    /// holder lets go does the best claim by `ClaimOrder` take over. Updated at the end of a
+    /// round only, so the outcome does not depend on the order changes are applied in.
+    holders: HashMap<FrontendId, ServicePortKey>,
+    /// Frontends whose claims changed in the current round.
+    touched_round: BTreeSet<FrontendId>,
     desired: Desired,
     inputs: Inputs,
     /// The next update examines every Service (the first one, and after a node change, which
@@ -563,6 +672,8 @@ impl Reconciler {
             node,
             cache: HashMap::new(),
             claims: HashMap::new(),
+            holders: HashMap::new(),
+            touched_round: BTreeSet::new(),
             desired: Desired::default(),
             inputs: Inputs::default(),
             full_next: true,
@@ -573,29 +684,67 @@ impl Reconciler {
         &self.desired
     }
 
+    /// Frontends the datapath already serves, with the service port that serves them (the
+    /// pinned maps an agent adopts): they stay with it, so a restart never moves a frontend
+    /// to another Service that claims it too. Call before the first update.
+    pub fn set_incumbents(
+        &mut self,
+        holders: impl IntoIterator<Item = (FrontendId, ServicePortKey)>,
+    ) {
+        self.holders.extend(holders);
+    }
+
+    /// Who gets a frontend: its holder while it claims it, else the best claim.
+    fn winner(&self, frontend: &FrontendId) -> Option<&ServicePortKey> {
+        let set = self.claims.get(frontend)?;
+        let holder = self.holders.get(frontend);
+        set.iter()
+            .map(|(_, k)| k)
+            .find(|k| Some(*k) == holder)
+            .or_else(|| set.iter().next().map(|(_, k)| k))
+    }
+
+    /// Ends a round: the winners of the frontends it touched become their holders.
+    fn settle_holders(&mut self) {
+        for frontend in std::mem::take(&mut self.touched_round) {
+            match self.winner(&frontend).cloned() {
+                Some(key) => self.holders.insert(frontend, key),
+                None => self.holders.remove(&frontend),
+            };
+        }
+    }
+
     /// A new node context (addresses changed, say): everything is recomputed.
     pub fn set_node(&mut self, node: NodeContext) -> Changes {
         if node.node_name == self.node.node_name
             && node.node_addresses == self.node.node_addresses
             && node.proxy_name == self.node.proxy_name
+            && node.guard == self.node.guard
         {
             return Changes::default();
         }
         self.node = node;
         self.full_next = true;
-        let cached: Vec<((String, String), Cached)> = self.cache.drain().collect();
         let mut changes = Changes::default();
-        for (key, c) in &cached {
-            self.replace(key, None, &mut changes);
-            let slices: Vec<&EndpointSlice> = c.slices.iter().map(|s| s.as_ref()).collect();
-            let output = compute_service(&c.service, &slices, &self.node);
-            let new = Cached {
-                service: c.service.clone(),
-                slices: c.slices.clone(),
-                output,
-            };
-            self.replace(key, Some(new), &mut changes);
+        let keys: Vec<ObjectKey> = self.cache.keys().cloned().collect();
+        for key in &keys {
+            let c = &self.cache[key];
+            let (service, slices) = (c.service.clone(), c.slices.clone());
+            let refs: Vec<&EndpointSlice> = slices.iter().map(|s| s.as_ref()).collect();
+            let output = compute_service(&service, &refs, &self.node);
+            // Swapped in one step: the old output's claims are withdrawn and the new ones
+            // made; holders stay as they are until the round ends.
+            self.replace(
+                key,
+                Some(Cached {
+                    service,
+                    slices,
+                    output,
+                }),
+                &mut changes,
+            );
         }
+        self.settle_holders();
         changes
     }
 
@@ -631,6 +780,7 @@ impl Reconciler {
         for key in &keys {
             self.settle(key, &mut changes);
         }
+        self.settle_holders();
         changes
     }
 
@@ -693,7 +843,7 @@ impl Reconciler {
             }
             return;
         }
-        let mut touched: BTreeSet<(SocketAddrV4, Protocol)> = BTreeSet::new();
+        let mut touched: BTreeSet<FrontendId> = BTreeSet::new();
         let mut reassemble: BTreeSet<ServicePortKey> = BTreeSet::new();
         if let Some(old) = &old {
             for (pkey, ds) in &old.output.ports {
@@ -734,6 +884,7 @@ impl Reconciler {
             changes.notices |= !new.output.notices.is_empty();
             self.cache.insert(key.clone(), new);
         }
+        self.touched_round.extend(touched.iter().copied());
         // Whoever claims a touched frontend may have won or lost it.
         for claim in &touched {
             for (_, pkey) in self.claims.get(claim).into_iter().flatten() {
@@ -758,20 +909,14 @@ impl Reconciler {
         });
         let assembled = wanted.and_then(|ds| {
             let mut ds = ds.clone();
-            ds.frontends.retain(|f| {
-                self.claims
-                    .get(&(f.addr, pkey.protocol))
-                    .and_then(|set| set.iter().next())
-                    .is_some_and(|(_, winner)| winner == pkey)
-            });
+            ds.frontends
+                .retain(|f| self.winner(&(f.addr, pkey.protocol)) == Some(pkey));
             (!ds.frontends.is_empty()).then_some(ds)
         });
         let conflicts = wanted.is_some_and(|ds| {
             ds.frontends.iter().any(|f| {
-                self.claims
-                    .get(&(f.addr, pkey.protocol))
-                    .and_then(|s| s.iter().next())
-                    .is_some_and(|(_, w)| w != pkey)
+                self.winner(&(f.addr, pkey.protocol))
+                    .is_some_and(|w| w != pkey)
             })
         });
         if conflicts {
@@ -796,15 +941,17 @@ impl Reconciler {
             .flat_map(|c| c.output.notices.iter().cloned())
             .collect();
         for (claim, set) in &self.claims {
-            let mut it = set.iter();
-            let Some((_, winner)) = it.next() else {
+            let Some(winner) = self.winner(claim) else {
                 continue;
             };
-            for (_, loser) in it {
+            for (_, loser) in set.iter().filter(|(_, k)| k != winner) {
                 out.insert(Notice {
                     kind: NoticeKind::FrontendConflict,
                     object: loser.to_string(),
-                    detail: format!("{} {} is already served by {winner}", claim.0, claim.1),
+                    detail: format!(
+                        "{} {} not programmed: already served by {winner}, which keeps it",
+                        claim.0, claim.1
+                    ),
                 });
             }
         }
@@ -819,7 +966,19 @@ pub fn desired_state(
     slices: &[EndpointSlice],
     node: &NodeContext,
 ) -> Desired {
+    desired_state_held(services, slices, node, BTreeMap::new())
+}
+
+/// `desired_state` when some frontends are already served (`holders`, as in the maps): each
+/// stays with its holder while the holder claims it.
+pub fn desired_state_held(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: &NodeContext,
+    holders: BTreeMap<FrontendId, ServicePortKey>,
+) -> Desired {
     let mut reconciler = Reconciler::new(node.clone());
+    reconciler.set_incumbents(holders);
     let services: Vec<Arc<Service>> = services.iter().cloned().map(Arc::new).collect();
     let slices: Vec<Arc<EndpointSlice>> = slices.iter().cloned().map(Arc::new).collect();
     reconciler.update(&services, &slices);

@@ -14,6 +14,7 @@ fn node() -> NodeContext {
         node_name: NODE.into(),
         node_addresses: vec!["198.18.0.1".parse().unwrap(), "198.18.0.5".parse().unwrap()],
         proxy_name: None,
+        guard: Default::default(),
     }
 }
 
@@ -53,6 +54,20 @@ fn key(ns: &str, name: &str, port: &str, protocol: Protocol) -> ServicePortKey {
         port_name: port.into(),
         protocol,
     }
+}
+
+/// Who serves each frontend in a desired state (what the maps would hold).
+fn holders(
+    services: &BTreeMap<ServicePortKey, DesiredService>,
+) -> BTreeMap<FrontendId, ServicePortKey> {
+    services
+        .iter()
+        .flat_map(|(k, ds)| {
+            ds.frontends
+                .iter()
+                .map(move |f| ((f.addr, k.protocol), k.clone()))
+        })
+        .collect()
 }
 
 fn sa(s: &str) -> SocketAddrV4 {
@@ -708,11 +723,13 @@ spec: { externalIPs: [198.51.100.7], ports: [ { port: 80 } ] }
                     .unwrap_or_else(|| Arc::new(s))
             })
             .collect();
+        let held = holders(&reconciler.desired().services);
         let changes = reconciler.update(&services, &slices);
-        let full = desired_state(
+        let full = desired_state_held(
             &services.iter().map(|s| (**s).clone()).collect::<Vec<_>>(),
             &slices.iter().map(|s| (**s).clone()).collect::<Vec<_>>(),
             &node(),
+            held,
         );
         assert_eq!(reconciler.desired().services, full.services, "step {i}");
         assert_eq!(
@@ -895,16 +912,18 @@ fn identity_diffs_agree_with_a_full_recomputation_over_random_edits() {
                 sort(&mut slices);
             }
             let fast = !reconciler.full_next && !reconciler.inputs.duplicates;
+            let held = holders(&reconciler.desired().services);
             let more = reconciler.update(&services, &slices);
             if fast && !reconciler.inputs.duplicates {
                 fast_updates += 1;
             }
             changes.services.extend(more.services);
             let owned = |v: &[Arc<Service>]| v.iter().map(|s| (**s).clone()).collect::<Vec<_>>();
-            let full = desired_state(
+            let full = desired_state_held(
                 &owned(&services),
                 &slices.iter().map(|s| (**s).clone()).collect::<Vec<_>>(),
                 &node,
+                held,
             );
             let at = format!("seed {seed} step {step}");
             let got = &reconciler.desired().services;
@@ -963,5 +982,272 @@ spec: { type: NodePort, ports: [ { port: 80, nodePort: 30080 } ] }
             BTreeMap::from([("10.0.1.3:8080".into(), (true, true))]),
             "{yaml}"
         );
+    }
+}
+
+/// Issue #16: a node port outside the range, in the SNAT range or on a port the node listens
+/// on took the node's own traffic (a Service with nodePort 22 took over sshd). Each is refused
+/// with a notice naming the object; everything else is served.
+#[test]
+fn frontends_that_would_take_the_nodes_own_ports_are_refused_and_the_rest_served() {
+    use crate::listeners::Listener;
+    let guarded = NodeContext {
+        guard: PortGuard {
+            node_port_range: Some(NodePortRange::DEFAULT),
+            snat_ports: vec![NodePortRange::new(61000, 65535).unwrap()],
+            listeners: [
+                Listener {
+                    protocol: Protocol::Tcp,
+                    addr: None,
+                    port: 22,
+                },
+                Listener {
+                    protocol: Protocol::Tcp,
+                    addr: None,
+                    port: 30022,
+                },
+                // Bound to one node address: only that address's frontend is refused.
+                Listener {
+                    protocol: Protocol::Udp,
+                    addr: Some("198.18.0.5".parse().unwrap()),
+                    port: 30053,
+                },
+            ]
+            .into(),
+        },
+        ..node()
+    };
+    let d = compute_on(
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: web, namespace: shop }
+spec: { type: NodePort, ports: [ { name: http, port: 80, nodePort: 30080 } ] }
+---
+kind: Service
+apiVersion: v1
+metadata: { name: ssh, namespace: evil }
+spec: { type: NodePort, ports: [ { port: 22, nodePort: 22 } ] }
+---
+kind: Service
+apiVersion: v1
+metadata: { name: snat, namespace: evil }
+spec: { type: NodePort, ports: [ { port: 80, nodePort: 61001 } ] }
+---
+kind: Service
+apiVersion: v1
+metadata: { name: busy, namespace: shop }
+spec:
+  type: NodePort
+  ports:
+  - { name: tcp, port: 22, nodePort: 30022 }
+  - { name: udp, port: 22, nodePort: 30022, protocol: UDP }
+---
+kind: Service
+apiVersion: v1
+metadata: { name: dns, namespace: shop }
+spec: { type: NodePort, ports: [ { port: 53, nodePort: 30053, protocol: UDP } ] }
+---
+kind: Service
+apiVersion: v1
+metadata: { name: vip, namespace: shop }
+spec:
+  type: LoadBalancer
+  externalIPs: [198.51.100.7, 198.18.0.1]
+  ports: [ { port: 22, nodePort: 30100 } ]
+status: { loadBalancer: { ingress: [ { ip: 198.18.0.5 }, { ip: 203.0.113.10 } ] } }
+"#,
+        &guarded,
+    );
+    let served: Vec<(String, Vec<(String, FrontendKind)>)> = d
+        .services
+        .iter()
+        .map(|(k, s)| (k.to_string(), frontend_addrs(s)))
+        .collect();
+    let nodeports = |port| {
+        vec![
+            (format!("198.18.0.1:{port}"), FrontendKind::NodePort),
+            (format!("198.18.0.5:{port}"), FrontendKind::NodePort),
+        ]
+    };
+    assert_eq!(
+        served,
+        [
+            ("shop/busy:udp/UDP".to_owned(), nodeports(30022),),
+            (
+                "shop/dns/UDP".to_owned(),
+                vec![("198.18.0.1:30053".to_owned(), FrontendKind::NodePort)],
+            ),
+            (
+                "shop/vip/TCP".to_owned(),
+                [
+                    nodeports(30100),
+                    vec![
+                        ("198.51.100.7:22".to_owned(), FrontendKind::ExternalIp),
+                        ("203.0.113.10:22".to_owned(), FrontendKind::LoadBalancer),
+                    ]
+                ]
+                .concat(),
+            ),
+            ("shop/web:http/TCP".to_owned(), nodeports(30080)),
+        ]
+    );
+    let refused: Vec<(NoticeKind, String)> = d
+        .notices
+        .iter()
+        .map(|n| (n.kind, n.object.clone()))
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            (NoticeKind::NodePortOutsideRange, "evil/ssh/TCP".to_owned()),
+            (NoticeKind::FrontendInSnatRange, "evil/snat/TCP".to_owned()),
+            (
+                NoticeKind::FrontendOnHostListener,
+                "shop/busy:tcp/TCP".to_owned()
+            ),
+            (
+                NoticeKind::FrontendOnHostListener,
+                "shop/busy:tcp/TCP".to_owned()
+            ),
+            (
+                NoticeKind::FrontendOnHostListener,
+                "shop/dns/UDP".to_owned()
+            ),
+            // externalIP 198.18.0.1:22 and ingress 198.18.0.5:22: node addresses, sshd's port.
+            (
+                NoticeKind::FrontendOnHostListener,
+                "shop/vip/TCP".to_owned()
+            ),
+            (
+                NoticeKind::FrontendOnHostListener,
+                "shop/vip/TCP".to_owned()
+            ),
+        ]
+    );
+    let ssh = d.notices.iter().next().unwrap();
+    assert!(
+        ssh.detail.contains("22") && ssh.detail.contains("30000-32767"),
+        "{ssh:?}"
+    );
+    // Without a guard (the pure function's default), nothing is refused: the checks are
+    // the guard's alone.
+    assert!(compute_on("kind: Service\napiVersion: v1\nmetadata: { name: ssh }\nspec: { type: NodePort, ports: [ { port: 22, nodePort: 22 } ] }\n", &node()).services.len() == 1);
+}
+
+/// Issue #16: a Service claiming a node port another one serves took it over when its name
+/// sorted first (manifests have no creationTimestamp), moving live traffic. The frontend stays
+/// with the Service that has it; the newcomer is reported, and takes over only when the holder
+/// lets go.
+#[test]
+fn a_newcomer_never_takes_a_frontend_that_is_served() {
+    // Manifests: no creationTimestamp, the newcomer's name sorts first.
+    a_newcomer_never_takes(
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: web-b, namespace: shop }
+spec: { type: NodePort, ports: [ { port: 80, nodePort: 30080 } ] }
+"#,
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: web-a, namespace: shop }
+spec: { type: NodePort, ports: [ { port: 80, nodePort: 30080 } ] }
+"#,
+    );
+    // A cluster (after a restore, say): the newcomer is even the older Service.
+    a_newcomer_never_takes(
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: web-b, namespace: shop, creationTimestamp: "2026-01-02T00:00:00Z" }
+spec: { type: NodePort, ports: [ { port: 80, nodePort: 30080 } ] }
+"#,
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: web-a, namespace: shop, creationTimestamp: "2026-01-01T00:00:00Z" }
+spec: { type: NodePort, ports: [ { port: 80, nodePort: 30080 } ] }
+"#,
+    );
+}
+
+fn a_newcomer_never_takes(holder: &str, newcomer: &str) {
+    use std::sync::Arc;
+    let arcs =
+        |yaml: &str| -> Vec<Arc<Service>> { objects(yaml).0.into_iter().map(Arc::new).collect() };
+    let (b, a) = (arcs(holder), arcs(newcomer));
+    let served_by = |r: &Reconciler| -> Vec<String> {
+        r.desired()
+            .services
+            .keys()
+            .map(|k| k.name.clone())
+            .collect()
+    };
+    let mut reconciler = Reconciler::new(node());
+    reconciler.update(&b, &[]);
+    assert_eq!(served_by(&reconciler), ["web-b"]);
+
+    let both = [a.clone(), b.clone()].concat();
+    let changes = reconciler.update(&both, &[]);
+    assert!(changes.services.is_empty(), "nothing moved: {changes:?}");
+    assert_eq!(served_by(&reconciler), ["web-b"]);
+    let notices: Vec<Notice> = reconciler.notices().into_iter().collect();
+    assert_eq!(notices.len(), 2, "one per node address: {notices:?}");
+    for n in &notices {
+        assert_eq!(n.kind, NoticeKind::FrontendConflict);
+        assert_eq!(n.object, "shop/web-a/TCP");
+        assert!(n.detail.contains("shop/web-b/TCP"), "{n:?}");
+    }
+    // A change of the holder's endpoints, or of the node, moves nothing either.
+    let moved = NodeContext {
+        node_addresses: vec!["198.18.0.1".parse().unwrap()],
+        ..node()
+    };
+    reconciler.set_node(moved.clone());
+    reconciler.update(&both, &[]);
+    assert_eq!(served_by(&reconciler), ["web-b"]);
+
+    // The holder goes: the newcomer takes over.
+    reconciler.update(&a, &[]);
+    assert_eq!(served_by(&reconciler), ["web-a"]);
+    assert!(reconciler.notices().is_empty());
+
+    // A restarted agent adopts what the maps hold: the same outcome from scratch.
+    let pinned = holders(
+        &Reconciler::new(moved.clone())
+            .tap_update(&b)
+            .desired()
+            .services,
+    );
+    let (services, _) = objects(&format!("{newcomer}---{holder}"));
+    let d = desired_state_held(&services, &[], &moved, pinned);
+    assert_eq!(
+        d.services
+            .keys()
+            .map(|k| k.name.as_str())
+            .collect::<Vec<_>>(),
+        ["web-b"]
+    );
+    // Without holders (the first start on a node), the older Service, then the name, wins.
+    let d = desired_state(&services, &[], &moved);
+    assert_eq!(
+        d.services
+            .keys()
+            .map(|k| k.name.as_str())
+            .collect::<Vec<_>>(),
+        ["web-a"]
+    );
+}
+
+trait TapUpdate {
+    fn tap_update(self, services: &[std::sync::Arc<Service>]) -> Self;
+}
+
+impl TapUpdate for Reconciler {
+    fn tap_update(mut self, services: &[std::sync::Arc<Service>]) -> Self {
+        self.update(services, &[]);
+        self
     }
 }

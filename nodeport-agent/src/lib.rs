@@ -9,6 +9,7 @@ pub mod gc;
 pub mod health;
 pub mod interfaces;
 pub mod ledger;
+pub mod listeners;
 pub mod maglev;
 pub mod manifests;
 pub mod metrics;

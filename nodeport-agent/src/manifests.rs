@@ -100,6 +100,28 @@ pub enum ManifestError {
         path: String,
         message: String,
     },
+    /// Larger than `MAX_FILE_BYTES`: not read.
+    #[error(
+        "{}: {bytes} bytes, more than the {limit} a manifest file may have; not read \
+         (split it into several files)",
+        file.display()
+    )]
+    TooLarge {
+        file: PathBuf,
+        bytes: u64,
+        limit: u64,
+    },
+    /// Nested deeper than `MAX_DEPTH` (found by `nesting_depth` before parsing).
+    #[error(
+        "{}:{line}: nested more than {limit} levels deep (brackets, braces, indentation); not \
+         parsed",
+        file.display()
+    )]
+    TooDeep {
+        file: PathBuf,
+        line: usize,
+        limit: usize,
+    },
     /// The same kind, namespace and name twice: the API server would keep only one.
     #[error("{location}: defined twice, first at {}", first.place())]
     Duplicate {
@@ -236,16 +258,150 @@ enum ParsedObject {
 /// (namespace, name)
 type Key = (String, String);
 
+/// The largest manifest file read. Kubernetes objects are small (the API server takes 1.5 MB
+/// per object); this leaves room for thousands of objects in one file.
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+/// The deepest nesting a manifest may have. A Service or EndpointSlice is about 6 levels deep
+/// (a List adds 2). Unbounded, the parser reads a whole pathological file before it fails: a
+/// 200 kB file of 100,000 nested brackets was reported keeping the loader busy for 25 s,
+/// stalling every other file's update (bench/results/*-loader.md has this machine's figures).
+pub const MAX_DEPTH: usize = 64;
+
+/// Reads a file of at most `MAX_FILE_BYTES`, looking at its size before reading it.
+fn read_bounded(file: &Path) -> Result<String, ManifestError> {
+    use std::io::Read as _;
+    let read_error = |source| ManifestError::ReadFile {
+        file: file.to_owned(),
+        source,
+    };
+    let handle = fs::File::open(file).map_err(read_error)?;
+    let too_large = |bytes| ManifestError::TooLarge {
+        file: file.to_owned(),
+        bytes,
+        limit: MAX_FILE_BYTES,
+    };
+    let size = handle.metadata().map_err(read_error)?.len();
+    if size > MAX_FILE_BYTES {
+        return Err(too_large(size));
+    }
+    // The file may grow between the two looks: read one byte past the limit at most.
+    let mut text = String::new();
+    handle
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read_error)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_large(text.len() as u64));
+    }
+    Ok(text)
+}
+
+/// The first line where YAML (or JSON) `text` nests deeper than `limit`, from one pass over
+/// its characters without parsing: flow brackets and braces outside quoted scalars and
+/// comments, plus block nesting (levels of increasing indentation, and compact `- - ` entries).
+/// It errs towards counting too deep, never too shallow: brackets inside a plain scalar count.
+/// Block scalar (`|`, `>`) contents are text and do not count.
+pub fn nesting_depth(text: &str, limit: usize) -> Option<usize> {
+    let mut flow = 0usize;
+    let mut quote: Option<char> = None;
+    let mut indents: Vec<usize> = Vec::new();
+    // The indentation of the line that opened a block scalar: deeper lines are its text.
+    let mut block_scalar: Option<usize> = None;
+    for (n, line) in text.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches(' ').len();
+        let body = &line[indent..];
+        if quote.is_none() && flow == 0 {
+            if let Some(parent) = block_scalar {
+                if body.is_empty() || indent > parent {
+                    continue;
+                }
+                block_scalar = None;
+            }
+            if body.is_empty() || body.starts_with('#') {
+                continue;
+            }
+            while indents.last().is_some_and(|top| *top > indent) {
+                indents.pop();
+            }
+            if indents.last() != Some(&indent) {
+                indents.push(indent);
+            }
+        }
+        // Compact block sequences nest on one line: `- - - x`.
+        let mut dashes = 0;
+        let mut rest = body;
+        while quote.is_none() && flow == 0 && (rest.starts_with("- ") || rest == "-") {
+            dashes += 1;
+            rest = rest[1..].trim_start_matches(' ');
+        }
+        let mut prev: Option<char> = None;
+        let mut escaped = false;
+        let mut chars = rest.chars().peekable();
+        while let Some(c) = chars.next() {
+            match quote {
+                Some('"') => {
+                    if escaped {
+                        escaped = false;
+                    } else if c == '\\' {
+                        escaped = true;
+                    } else if c == '"' {
+                        quote = None;
+                    }
+                }
+                Some(_) => {
+                    // `''` is a quote inside single quotes.
+                    if c == '\'' && chars.next_if_eq(&'\'').is_none() {
+                        quote = None;
+                    }
+                }
+                None => {
+                    // A quoted scalar starts where a scalar may start; elsewhere a quote is
+                    // part of a plain scalar (`it's`).
+                    let at_start = prev.is_none_or(|p| " \t:-[{,?".contains(p));
+                    match c {
+                        '"' | '\'' if at_start => quote = Some(c),
+                        '#' if prev.is_none_or(|p| p == ' ' || p == '\t') => break,
+                        '[' | '{' => flow += 1,
+                        ']' | '}' => flow = flow.saturating_sub(1),
+                        _ => {}
+                    }
+                }
+            }
+            if indents.len() + dashes + flow > limit {
+                return Some(n + 1);
+            }
+            prev = Some(c);
+        }
+        if indents.len() + dashes + flow > limit {
+            return Some(n + 1);
+        }
+        if quote.is_none() && flow == 0 {
+            let content = rest.split(" #").next().unwrap_or("").trim_end();
+            let indicator =
+                content.trim_end_matches(|c: char| c == '-' || c == '+' || c.is_ascii_digit());
+            if indicator.ends_with('|') || indicator.ends_with('>') {
+                block_scalar = Some(indent);
+            }
+        }
+    }
+    None
+}
+
 impl ParsedFile {
     /// Reads `file`; parses it unless its text is what `previous` was parsed from, which it
-    /// then takes. On failure `previous` is left as it was.
+    /// then takes. On failure `previous` is left as it was. Files too large or too deep are
+    /// refused before parsing, so that one file cannot keep the loader busy.
     fn refresh(file: &Path, previous: &mut Option<ParsedFile>) -> Result<Self, ManifestError> {
-        let text = fs::read_to_string(file).map_err(|source| ManifestError::ReadFile {
-            file: file.to_owned(),
-            source,
-        })?;
+        let text = read_bounded(file)?;
         if previous.as_ref().is_some_and(|p| p.text == text) {
             return Ok(previous.take().expect("checked"));
+        }
+        if let Some(line) = nesting_depth(&text, MAX_DEPTH) {
+            return Err(ManifestError::TooDeep {
+                file: file.to_owned(),
+                line,
+                limit: MAX_DEPTH,
+            });
         }
         let mut parsed = Self::parse(file, text)?;
         if let Some(previous) = previous.take() {
@@ -577,6 +733,83 @@ mod tests {
         let web = &manifests.services[0].1;
         let port = &web.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
         assert_eq!(port.node_port, Some(30080));
+    }
+
+    /// Issue #16: a 200 kB file nested 100,000 deep kept the loader busy for 25 s. Files too
+    /// deep or too large are refused before parsing, naming the file and line.
+    #[test]
+    fn files_too_deep_or_too_large_are_refused_before_parsing() {
+        let dir = ScratchDir::new("bounds");
+        dir.write("web.yaml", WEB);
+        let deep = "[".repeat(100_000) + &"]".repeat(100_000);
+        dir.write("deep.yaml", &deep);
+        assert_eq!(
+            dir.load_err(),
+            format!(
+                "deep.yaml:1: nested more than {MAX_DEPTH} levels deep (brackets, braces, indentation); not parsed"
+            )
+        );
+        // Braces over many lines, as JSON would be.
+        let json = "{\"a\":\n".repeat(200) + "1" + &"}".repeat(200);
+        dir.write("deep.yaml", &json);
+        // The top level counts as one.
+        assert!(
+            dir.load_err()
+                .starts_with(&format!("deep.yaml:{MAX_DEPTH}:")),
+            "{}",
+            dir.load_err()
+        );
+        // Block nesting, by indentation.
+        let block: String = (0..100)
+            .map(|i| format!("{}k{i}:\n", "  ".repeat(i)))
+            .collect();
+        dir.write("deep.yaml", &block);
+        assert!(dir.load_err().contains("levels deep"));
+        let dashes = "- ".repeat(100) + "x\n";
+        dir.write("deep.yaml", &dashes);
+        assert!(dir.load_err().contains("levels deep"));
+
+        // Large, checked on its size before it is read (a sparse file: nothing written).
+        std::fs::remove_file(dir.path().join("deep.yaml")).unwrap();
+        let big = std::fs::File::create(dir.path().join("big.yaml")).unwrap();
+        big.set_len(MAX_FILE_BYTES + 1).unwrap();
+        assert!(
+            dir.load_err().starts_with(&format!(
+                "big.yaml: {} bytes, more than",
+                MAX_FILE_BYTES + 1
+            )),
+            "{}",
+            dir.load_err()
+        );
+        std::fs::remove_file(dir.path().join("big.yaml")).unwrap();
+        assert_eq!(names(&dir.load().unwrap()), ["web.yaml#1 default/web"]);
+    }
+
+    #[test]
+    fn the_depth_scan_ignores_quoted_text_comments_and_block_scalars() {
+        let brackets = "[".repeat(200);
+        let fine = [
+            format!("a: \"{brackets}\"\n"),
+            format!("a: '{brackets}'\n"),
+            format!("a: 'it''s {brackets}'\n"),
+            format!("a: \"say \\\"{brackets}\"\n"),
+            format!("a: 1 # {brackets}\n"),
+            format!("# {brackets}\n"),
+            // A block scalar's text may be indented any way.
+            (0..100).fold("script: |\n".to_owned(), |t, i| {
+                t + &" ".repeat(2 + i) + "x\n"
+            }) + "b: 2\n",
+            // A quote inside a plain scalar opens nothing.
+            format!("a: it's\nb: {}\n", "[".repeat(10) + &"]".repeat(10)),
+        ];
+        for text in &fine {
+            assert_eq!(nesting_depth(text, MAX_DEPTH), None, "{text}");
+        }
+        // A plain scalar's quote must not hide what follows.
+        let hidden = format!("a: it's\nb: {brackets}\n");
+        assert_eq!(nesting_depth(&hidden, MAX_DEPTH), Some(2));
+        // Every manifest of the examples is far below the limit.
+        assert_eq!(nesting_depth(WEB, 8), None);
     }
 
     #[test]

@@ -189,14 +189,24 @@ pub enum NoticeKind {
     InvalidSourceRange,
     /// Two services claim the same frontend; the older one keeps it.
     FrontendConflict,
+    /// A node port outside the node port range (--service-node-port-range).
+    NodePortOutsideRange,
+    /// A frontend on a node address whose port is in --snat-port-range: SNATed connections'
+    /// replies arrive there.
+    FrontendInSnatRange,
+    /// A frontend on a port the node itself listens on (sshd, say).
+    FrontendOnHostListener,
 }
 
 impl NoticeKind {
-    pub const ALL: [NoticeKind; 4] = [
+    pub const ALL: [NoticeKind; 7] = [
         Self::SctpSkipped,
         Self::Ipv6Skipped,
         Self::InvalidSourceRange,
         Self::FrontendConflict,
+        Self::NodePortOutsideRange,
+        Self::FrontendInSnatRange,
+        Self::FrontendOnHostListener,
     ];
 
     pub fn label(self) -> &'static str {
@@ -205,6 +215,9 @@ impl NoticeKind {
             Self::Ipv6Skipped => "ipv6_skipped",
             Self::InvalidSourceRange => "invalid_source_range",
             Self::FrontendConflict => "frontend_conflict",
+            Self::NodePortOutsideRange => "node_port_outside_range",
+            Self::FrontendInSnatRange => "frontend_in_snat_range",
+            Self::FrontendOnHostListener => "frontend_on_host_listener",
         }
     }
 }

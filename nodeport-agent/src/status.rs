@@ -19,6 +19,15 @@ pub struct Status {
     pub datapath: DatapathView,
     pub maps: Vec<MapFill>,
     pub conntrack: ConntrackCensus,
+    /// What the agent did not program, as (kind, object): refused frontends, frontends held by
+    /// another Service, unsupported protocols (the log says why).
+    pub not_programmed: Vec<NotProgrammed>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NotProgrammed {
+    pub kind: String,
+    pub object: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -85,6 +94,10 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
         },
         maps: fill.maps,
         conntrack: fill.conntrack,
+        not_programmed: datapath::notices::read(&pins.root)
+            .into_iter()
+            .map(|(kind, object)| NotProgrammed { kind, object })
+            .collect(),
     })
 }
 
@@ -171,6 +184,16 @@ impl Status {
                     "programmed {} service ports, {} backends{failing}",
                     a.services, a.backends
                 );
+            }
+        }
+        if !self.not_programmed.is_empty() {
+            let _ = writeln!(
+                out,
+                "not programmed ({}; the agent's warnings say why)",
+                self.not_programmed.len()
+            );
+            for n in &self.not_programmed {
+                let _ = writeln!(out, "  {:<26} {}", n.kind, n.object);
             }
         }
         out.push_str("\nattachments\n");

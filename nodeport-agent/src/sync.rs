@@ -175,6 +175,24 @@ pub struct Programmed {
     blocks: IdPool,
 }
 
+impl Programmed {
+    /// Who serves each frontend the maps hold (for `Reconciler::set_incumbents`: a restart
+    /// leaves every frontend with the Service that has it).
+    pub fn frontend_holders(&self) -> Vec<(crate::desired::FrontendId, ServicePortKey)> {
+        self.frontend_owner
+            .iter()
+            .filter_map(|(k, owner)| {
+                let addr = std::net::SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from_be(k.addr_be)),
+                    u16::from_be(k.port_be),
+                );
+                (owner.protocol.number() == k.proto)
+                    .then(|| ((addr, owner.protocol), owner.clone()))
+            })
+            .collect()
+    }
+}
+
 /// What a sync did.
 #[derive(Debug, Default)]
 pub struct SyncReport {

@@ -40,6 +40,7 @@ pub fn desired(yaml: &str, node_name: &str, node_addresses: &[Ipv4Addr]) -> Desi
         node_name: node_name.into(),
         node_addresses: node_addresses.to_vec(),
         proxy_name: None,
+        guard: Default::default(),
     };
     desired_state(&services, &slices, &node)
 }

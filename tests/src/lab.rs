@@ -286,9 +286,12 @@ impl AgentProcess {
                 lock.lock().expect("not poisoned").push(value);
                 cv.notify_all();
             }
-            // Under the lock, so a waiter between its check and its wait does not miss it.
+            // Under the lock, so a waiter between its check and its wait does not miss it. The
+            // marker tells `exit_log` the log is complete.
             let (lock, cv) = &*sink;
-            let _log = lock.lock().expect("not poisoned");
+            lock.lock()
+                .expect("not poisoned")
+                .push(serde_json::json!({ "end_of_log": true }));
             cv.notify_all();
         });
         Ok(Self {
@@ -327,7 +330,12 @@ impl AgentProcess {
                 return Ok(entries[self.cursor - 1].clone());
             }
             unseen = entries.len();
-            if let Ok(Some(status)) = self.child.try_wait() {
+            // An agent that exited may still have lines in the pipe: read to the end of its
+            // log (the reader's marker) before giving up on it.
+            let ended = entries.last().is_some_and(|e| e["end_of_log"] == true);
+            if let Ok(Some(status)) = self.child.try_wait()
+                && ended
+            {
                 bail!(
                     "the agent exited ({status}) while waiting for {what}; log:\n{}",
                     tail(&entries)
@@ -342,6 +350,11 @@ impl AgentProcess {
             }
             entries = cv.wait_timeout(entries, left).expect("not poisoned").0;
         }
+    }
+
+    /// Whether any entry so far, before the cursor too, satisfies `pred`.
+    pub fn logged(&self, pred: impl Fn(&serde_json::Value) -> bool) -> bool {
+        self.log.0.lock().expect("not poisoned").iter().any(pred)
     }
 
     /// The whole log so far, for messages.
@@ -359,6 +372,26 @@ impl AgentProcess {
     /// Waits for the agent to exit by itself (after it logged why).
     pub fn wait(mut self) -> Result<std::process::ExitStatus> {
         self.wait_exit()
+    }
+
+    /// Waits for the agent to exit (within `PATIENCE`) and returns its status and whole log
+    /// (an agent refusing to start prints its error last, as plain text).
+    pub fn exit_log(mut self) -> Result<(std::process::ExitStatus, String)> {
+        let status = self.wait_exit()?;
+        let deadline = Instant::now() + PATIENCE;
+        let (lock, cv) = &*self.log;
+        let mut log = lock.lock().expect("not poisoned");
+        while !log.last().is_some_and(|e| e["end_of_log"] == true) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            ensure!(!left.is_zero(), "the agent's log did not end");
+            log = cv.wait_timeout(log, left).expect("not poisoned").0;
+        }
+        let text = log
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n");
+        Ok((status, text))
     }
 
     /// SIGTERM and wait: the agent's clean shutdown.
@@ -585,6 +618,29 @@ impl Lab {
         if self.agent.is_none() {
             self.write_manifests(yaml)?;
         }
+        let args = self.agent_command_line();
+        let mut agent = AgentProcess::spawn(&self.node1, &args)?;
+        let loaded = agent.wait_log("the first manifests load", |e| {
+            message_is(e, "manifests loaded")
+        })?;
+        let revision = field_u64(&loaded, "revision").context("revision in the log")?;
+        agent.wait_log("the first reconcile", |e| {
+            message_is(e, "reconciled") && field_u64(e, "revision").is_some_and(|r| r >= revision)
+        })?;
+        self.applied = revision;
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    /// Replaces the manifests and waits until the agent has applied them.
+    pub fn apply(&mut self, yaml: &str) -> Result<()> {
+        self.write_manifests(yaml)?;
+        self.wait_applied()
+    }
+
+    /// The agent's arguments as `start_agent` passes them (for a second agent on the same
+    /// pins, say).
+    pub fn agent_command_line(&self) -> Vec<String> {
         let mut args = vec![
             "--manifests".to_owned(),
             self.manifests.display().to_string(),
@@ -602,23 +658,13 @@ impl Lab {
             format!("{NODE1}:{METRICS_PORT}"),
         ];
         args.extend(self.extra_agent_args.iter().cloned());
-        let mut agent = AgentProcess::spawn(&self.node1, &args)?;
-        let loaded = agent.wait_log("the first manifests load", |e| {
-            message_is(e, "manifests loaded")
-        })?;
-        let revision = field_u64(&loaded, "revision").context("revision in the log")?;
-        agent.wait_log("the first reconcile", |e| {
-            message_is(e, "reconciled") && field_u64(e, "revision").is_some_and(|r| r >= revision)
-        })?;
-        self.applied = revision;
-        self.agent = Some(agent);
-        Ok(())
+        args
     }
 
-    /// Replaces the manifests and waits until the agent has applied them.
-    pub fn apply(&mut self, yaml: &str) -> Result<()> {
+    /// Waits until the agent has loaded and applied manifests newer than the last applied
+    /// (after a change made to the directory by other means than `apply`).
+    pub fn wait_applied(&mut self) -> Result<()> {
         let after = self.applied;
-        self.write_manifests(yaml)?;
         let agent = self.agent.as_mut().context("no agent running")?;
         let loaded = agent.wait_log("the manifests reload", |e| {
             message_is(e, "manifests loaded") && field_u64(e, "revision").is_some_and(|r| r > after)
@@ -908,7 +954,7 @@ pub mod manifests {
 }
 
 /// The MAC address of `dev` in `ns`.
-fn mac_of(ns: &NetNs, dev: &str) -> Result<[u8; 6]> {
+pub fn mac_of(ns: &NetNs, dev: &str) -> Result<[u8; 6]> {
     let out = ns.ip(&format!("-j link show dev {dev}"))?;
     let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let text = json[0]["address"].as_str().context("no address")?;
@@ -988,7 +1034,12 @@ pub fn send_odd_frames(lab: &Lab, node_port: u16) -> Result<()> {
         .write(&mut bad, b"")?;
     bad[14] = 0x44;
     frames.push(bad);
+    send_frames(lab, frames)
+}
 
+/// Sends raw Ethernet frames from the client's eth0 (an AF_PACKET socket: the kernel adds
+/// nothing, an 802.1Q tag written in the frame stays there).
+pub fn send_frames(lab: &Lab, frames: Vec<Vec<u8>>) -> Result<()> {
     let ifindex = lab.client.ifindex("eth0")?;
     lab.client.run(move || -> Result<()> {
         // SAFETY: plain socket(2); closed below.

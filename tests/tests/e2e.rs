@@ -663,3 +663,355 @@ fn ensure_gauges(scrape: &Scrape) -> Result<()> {
     }
     Ok(())
 }
+
+/// A host service in node-1's namespace on `port` (all addresses), answering as the pods do
+/// with the name "host".
+fn host_listener(lab: &Lab, port: u16) -> Result<()> {
+    let host = lab
+        .node1
+        .run(|| std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))??;
+    std::thread::spawn(move || {
+        for stream in host.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::{BufRead as _, Write as _};
+                let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone"));
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    let _ = (&stream).write_all(b"host 0.0.0.0:0\n");
+                    line.clear();
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Removes a directory when dropped.
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `status`'s list of what was not programmed, as (kind, object).
+fn not_programmed(lab: &Lab) -> Result<Vec<(String, String)>> {
+    let status = lab.status()?;
+    Ok(status["not_programmed"]
+        .as_array()
+        .context("not_programmed in status")?
+        .iter()
+        .map(|n| {
+            (
+                n["kind"].as_str().unwrap_or_default().to_owned(),
+                n["object"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect())
+}
+
+/// The three Services of case 11: web on 30080 (pod a), and two on the node's own ports (the
+/// node listens on 30090 inside the node port range and on 222 outside it and outside the
+/// default SNAT ranges, which cover 1024-29999).
+fn hostile_base(lab: &Lab) -> Result<[String; 3]> {
+    host_listener(lab, 30090)?;
+    host_listener(lab, 222)?;
+    Ok([
+        web(30080, "", &[ready(POD_A, "node-1")]),
+        manifests::service("hog", 30090, &["TCP"], "", &[ready(POD_B, "node-1")]),
+        manifests::service("ssh", 222, &["TCP"], "", &[ready(POD_B, "node-1")]),
+    ])
+}
+
+/// Case 11 (issue #16): a node port on a port the node listens on (inside the node port
+/// range), and one outside the range, are refused; the node's own services keep answering;
+/// the rest is served; logs, metrics and `status` say what was refused.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn node_ports_on_the_nodes_own_ports_are_refused() -> Result<()> {
+    let mut lab = lab_with_pods("eh")?;
+    let base = hostile_base(&lab)?;
+    lab.start_agent(&manifests::join(&base))?;
+    // 1. The refused frontends leave the node's own services alone.
+    ensure!(lab.ask_tcp(np(30080))?.pod == "a", "web is served");
+    ensure!(
+        lab.ask_tcp(np(30090))?.pod == "host",
+        "the node's listener on 30090 lost its traffic"
+    );
+    ensure!(
+        lab.ask_tcp(np(222))?.pod == "host",
+        "the node's listener on 222 (outside the node port range) lost its traffic"
+    );
+    let dump = lab.dump()?;
+    let served: Vec<String> = dump["services"]
+        .as_array()
+        .context("services")?
+        .iter()
+        .filter_map(|s| s["service"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(served == ["default/web:tcp/TCP"], "programmed: {served:?}");
+    let agent = lab.agent.as_ref().context("agent")?;
+    for (kind, object) in [
+        ("frontend_on_host_listener", "default/hog:tcp/TCP"),
+        ("node_port_outside_range", "default/ssh:tcp/TCP"),
+    ] {
+        ensure!(
+            agent.logged(|e| e["fields"]["kind"] == kind && e["fields"]["object"] == object),
+            "no {kind} warning for {object}: {}",
+            agent.log_text()
+        );
+    }
+    let scrape = lab.scrape()?;
+    ensure!(
+        scrape.count("nodeport_skipped", &[("kind", "node_port_outside_range")]) == 1.0,
+        "{}",
+        scrape.0
+    );
+    ensure!(scrape.count("nodeport_skipped", &[("kind", "frontend_on_host_listener")]) >= 1.0);
+    let listed = not_programmed(&lab)?;
+    ensure!(
+        listed
+            == [
+                (
+                    "frontend_on_host_listener".to_owned(),
+                    "default/hog:tcp/TCP".to_owned()
+                ),
+                (
+                    "node_port_outside_range".to_owned(),
+                    "default/ssh:tcp/TCP".to_owned()
+                ),
+            ],
+        "status: {listed:?}"
+    );
+    Ok(())
+}
+
+/// Case 12 (issue #16): a newcomer claiming a served node port (its name sorts first) is
+/// reported, not served: an open connection and new ones stay with the holder.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn a_newcomer_never_takes_a_served_node_port() -> Result<()> {
+    let mut lab = lab_with_pods("en")?;
+    let base = [web(30080, "", &[ready(POD_A, "node-1")])];
+    lab.start_agent(&manifests::join(&base))?;
+
+    // A newcomer on web's node port; its name sorts before web's.
+    let mut open = lab.connect(np(30080), None)?;
+    ensure!(open.ask()?.pod == "a");
+    let newcomer = manifests::service("aaa", 30080, &["TCP"], "", &[ready(POD_B, "node-1")]);
+    let with_newcomer = manifests::join(&[base[0].clone(), newcomer]);
+    lab.apply(&with_newcomer)?;
+    ensure!(open.ask()?.pod == "a", "the open connection moved");
+    for _ in 0..20 {
+        ensure!(
+            lab.ask_tcp(np(30080))?.pod == "a",
+            "a new connection went to the newcomer"
+        );
+    }
+    let agent = lab.agent.as_ref().context("agent")?;
+    ensure!(
+        agent.logged(|e| e["fields"]["kind"] == "frontend_conflict"
+            && e["fields"]["object"] == "default/aaa:tcp/TCP"),
+        "no conflict warning: {}",
+        agent.log_text()
+    );
+    let scrape = lab.scrape()?;
+    ensure!(
+        scrape.count("nodeport_skipped", &[("kind", "frontend_conflict")]) >= 1.0,
+        "{}",
+        scrape.0
+    );
+    // `status` lists what was not programmed, from the pins.
+    let listed = not_programmed(&lab)?;
+    ensure!(
+        listed
+            == [(
+                "frontend_conflict".to_owned(),
+                "default/aaa:tcp/TCP".to_owned()
+            )],
+        "status: {listed:?}"
+    );
+    Ok(())
+}
+
+/// Case 13 (issue #16): the manifests directory replaced under the agent (`mv DIR DIR.old;
+/// mkdir DIR; cp`) is followed: a Service added there is programmed, later edits are seen, and
+/// an open connection is not disturbed.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn a_replaced_manifests_directory_is_followed() -> Result<()> {
+    let mut lab = lab_with_pods("ed")?;
+    let base = [web(30080, "", &[ready(POD_A, "node-1")])];
+    lab.start_agent(&manifests::join(&base))?;
+    let mut open = lab.connect(np(30080), None)?;
+    ensure!(open.ask()?.pod == "a");
+    // The directory replaced under the agent, with one more Service in it.
+    let old = RemoveDir(lab.manifests.with_extension("old"));
+    std::fs::rename(&lab.manifests, &old.0)?;
+    std::fs::create_dir(&lab.manifests)?;
+    let late = manifests::service("late", 30095, &["TCP"], "", &[ready(POD_C, "node-2")]);
+    let replaced = manifests::join(&[base[0].clone(), late]);
+    std::fs::write(lab.manifests.join("all.yaml"), &replaced)?;
+    lab.wait_applied()?;
+    ensure!(
+        lab.ask_tcp(np(30095))?.pod == "c",
+        "the new directory's Service"
+    );
+    ensure!(
+        open.ask()?.pod == "a",
+        "the open connection survived the swap"
+    );
+    ensure!(lab.ask_tcp(np(30080))?.pod == "a");
+    // Edits in the new directory are seen (the watch moved with the path).
+    lab.apply(&manifests::join(&base))?;
+    ensure!(lab.ask_tcp(np(30095)).is_err(), "late was removed");
+    ensure!(open.ask()?.pod == "a");
+    Ok(())
+}
+
+/// Case 14 (issue #16): a second agent on the same pins refuses to start, naming the first,
+/// which keeps serving.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn a_second_agent_on_the_same_pins_is_refused() -> Result<()> {
+    let mut lab = lab_with_pods("e2a")?;
+    lab.start_agent(&web(30080, "", &[ready(POD_A, "node-1")]))?;
+    let pid = lab.status()?["agent"]["pid"]
+        .as_u64()
+        .context("the first agent's pid in status")?;
+    // Other ports for its servers, so that only the pins are shared.
+    let mut args = lab.agent_command_line();
+    for (flag, value) in [
+        ("--healthz-bind-address", "off"),
+        ("--metrics-bind-address", "off"),
+    ] {
+        let at = args.iter().position(|a| a == flag).context(flag)?;
+        args[at + 1] = value.to_owned();
+    }
+    let second = nodeport_tests::lab::AgentProcess::spawn(&lab.node1, &args)?;
+    let (status, log) = second.exit_log()?;
+    ensure!(!status.success(), "the second agent ran: {log}");
+    ensure!(
+        log.contains(&format!(
+            "another nodeport-agent (pid {pid}) is running on the pins"
+        )),
+        "{log}"
+    );
+    ensure!(
+        lab.ask_tcp(np(30080))?.pod == "a",
+        "the first agent's datapath is intact"
+    );
+    lab.apply(&web(30080, "", &[ready(POD_B, "node-1")]))?;
+    ensure!(
+        lab.ask_tcp(np(30080))?.pod == "b",
+        "the first agent still works"
+    );
+    Ok(())
+}
+
+/// Case 15 (issue #16): frames of another VLAN arriving on the untagged external interface are
+/// not load-balanced. With receive VLAN offload (on by default on NICs) the NIC takes the tag
+/// out of the frame before XDP, which then cannot tell VLAN 42 from the untagged network; the
+/// agent turns the offload off where it attaches XDP, so tagged frames keep their tag and pass.
+/// In the lab the "wire" is the switch's bridge port: with its transmit VLAN offload off the
+/// tag is in the frame, as on a cable. With it on, a veth carries the tag beside the frame,
+/// which XDP cannot see with this toolchain (docs/datapath.md, "VLANs"): that case is measured
+/// and reported, not asserted.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn frames_of_another_vlan_are_not_load_balanced() -> Result<()> {
+    use etherparse::PacketBuilder;
+    let mut lab = lab_with_pods("ev")?;
+    let offload = |lab: &Lab| -> Result<String> {
+        let out = lab.node1.exec("ethtool", &["-k", "ext0"])?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok(text
+            .lines()
+            .find(|l| l.trim_start().starts_with("rx-vlan-offload:"))
+            .context("rx-vlan-offload in ethtool -k")?
+            .trim()
+            .to_owned())
+    };
+    lab.node1.exec("ethtool", &["-K", "ext0", "rxvlan", "on"])?;
+    ensure!(offload(&lab)?.starts_with("rx-vlan-offload: on"));
+    let dns = manifests::service("dns", 30053, &["UDP"], "", &[ready(POD_A, "node-1")]);
+    lab.start_agent(&dns)?;
+    ensure!(
+        offload(&lab)? == "rx-vlan-offload: off",
+        "the agent left receive VLAN offload on: {}",
+        offload(&lab)?
+    );
+    ensure!(
+        lab.ask_udp(np(30053))?.pod == "a",
+        "untagged traffic is served"
+    );
+
+    let stats = |lab: &Lab| -> Result<(u64, u64)> {
+        let dump = lab.dump()?;
+        let vlan = dump["counters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c[0] == "vlan")
+            .and_then(|c| c[1].as_u64())
+            .unwrap_or(0);
+        Ok((
+            dump["services"][0]["stats"]["packets"]
+                .as_u64()
+                .unwrap_or(0),
+            vlan,
+        ))
+    };
+    let node_mac = nodeport_tests::lab::mac_of(&lab.node1, "ext0")?;
+    let client_mac = nodeport_tests::lab::mac_of(&lab.client, "eth0")?;
+    let mut frames = Vec::new();
+    for i in 0..5u16 {
+        let mut frame = Vec::new();
+        PacketBuilder::ethernet2(client_mac, node_mac)
+            .single_vlan(etherparse::VlanId::try_new(42)?)
+            .ipv4(CLIENT.octets(), NODE1.octets(), 64)
+            .udp(41000 + i, 30053)
+            .write(&mut frame, b"vlan 42")?;
+        frames.push(frame);
+    }
+    // The bridge untags what it receives (the kernel's receive path) and tags it again on the
+    // way out of its port towards node-1: in the frame, or beside it with transmit offload.
+    lab.lan.exec("ethtool", &["-K", "l1", "txvlan", "off"])?;
+    let (served, vlan) = stats(&lab)?;
+    nodeport_tests::lab::send_frames(&lab, frames.clone())?;
+    // Every frame XDP sees lands in one counter: wait for the five in `vlan`.
+    let deadline = Instant::now() + PATIENCE;
+    while stats(&lab)?.1 < vlan + 5 {
+        ensure!(
+            Instant::now() < deadline,
+            "the tagged frames were not passed as VLAN traffic: {}",
+            lab.dump()?["counters"]
+        );
+        std::thread::yield_now();
+    }
+    ensure!(stats(&lab)?.0 == served, "tagged frames were load-balanced");
+    ensure!(
+        lab.ask_udp(np(30053))?.pod == "a",
+        "untagged traffic is still served"
+    );
+
+    // The tag beside the frame (a veth's offload): measured only. Each frame is either passed
+    // as VLAN traffic or load-balanced: wait for the five either way.
+    lab.lan.exec("ethtool", &["-K", "l1", "txvlan", "on"])?;
+    let (served, vlan) = stats(&lab)?;
+    nodeport_tests::lab::send_frames(&lab, frames)?;
+    let deadline = Instant::now() + PATIENCE;
+    let balanced = loop {
+        let (now_served, now_vlan) = stats(&lab)?;
+        if (now_served - served) + (now_vlan - vlan) >= 5 || Instant::now() >= deadline {
+            break now_served - served;
+        }
+        std::thread::yield_now();
+    };
+    eprintln!(
+        "tag beside the frame (veth transmit offload): {balanced} of 5 load-balanced (without \
+         the XDP VLAN metadata kfunc, XDP cannot see such a tag)"
+    );
+    Ok(())
+}

@@ -108,6 +108,27 @@ fn tcx_supported() -> bool {
 impl Datapath {
     /// Attaches XDP and the TC ingress hook to an external interface.
     pub fn attach_external(&mut self, interface: &str, mode: XdpAttachMode) -> Result<()> {
+        // Before XDP: from then on, frames of other VLANs keep their tag and pass.
+        use super::vlan_offload::{self, RxVlanOffload};
+        match vlan_offload::disable_rx_offload(interface) {
+            Ok(RxVlanOffload::AlreadyOff) => {}
+            Ok(RxVlanOffload::TurnedOff) => tracing::info!(
+                interface,
+                "turned receive VLAN offload off, so that frames of other VLANs reach XDP \
+                 with their tag and pass untouched"
+            ),
+            Ok(RxVlanOffload::Fixed) => tracing::warn!(
+                interface,
+                "receive VLAN offload cannot be turned off on this interface: frames of other \
+                 VLANs arrive untagged and are load-balanced like the interface's own"
+            ),
+            Err(e) => tracing::warn!(
+                interface,
+                error = %e,
+                "could not turn receive VLAN offload off: frames of other VLANs may be \
+                 load-balanced like the interface's own"
+            ),
+        }
         self.attach_xdp(interface, mode)?;
         self.attach_tc(interface, programs::TC_EXTERNAL, TC_EXT)
     }

@@ -11,9 +11,12 @@ pub mod bpffs;
 pub mod census;
 mod clock;
 pub mod conntrack;
+mod lock;
 mod maps;
 mod mmap;
+pub mod notices;
 mod object;
+pub mod vlan_offload;
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +28,7 @@ pub use attach::{AttachedInterface, InterfaceRole, LinkDetail, XdpAttachMode, li
 pub use census::{ConntrackCensus, Fill, MapFill, SnatCensus, TableCensus};
 pub use clock::{jiffies_now, kernel_hz};
 pub use conntrack::{CtRecord, CtTable};
+pub use lock::{LockError, PinLock};
 pub use maps::{MapSpec, Maps, map_specs};
 pub use mmap::MmapArray;
 
@@ -332,6 +336,7 @@ pub fn detach(root: &Path) -> Result<Vec<String>> {
             }
         }
     }
+    notices::remove(&pins.root);
     for dir in [pins.maps(), pins.links(), pins.root.clone()] {
         // Only empty directories go; anything else someone put there stays.
         let _ = std::fs::remove_dir(dir);

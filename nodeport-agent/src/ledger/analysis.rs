@@ -795,7 +795,9 @@ fn conflict_findings(consumers: &[Consumer], findings: &mut Vec<Finding>) {
                 The API server rejects a second claim (\"provided port is already allocated\"); \
                 in a live cluster this only follows a restore or a manual allocator change, and \
                 the repair controller reports \"Port N was assigned to multiple services; please \
-                recreate service\". Which one receives the traffic is undefined."
+                recreate service\". nodeport-agent keeps the port with the Service that \
+                has it (on a fresh start the oldest, then by namespace/name) and reports the \
+                others as frontend_conflict; kube-proxy's choice may differ."
                 .into(),
             change: format!(
                 "Keep {port} for one of them; give the others another port (a free one in the \

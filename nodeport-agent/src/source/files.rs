@@ -9,15 +9,16 @@
 
 use std::{
     collections::HashSet,
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
-use notify::{RecursiveMode, Watcher as _};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
 use super::{Snapshot, SnapshotSender};
@@ -137,6 +138,56 @@ impl Writers {
     }
 }
 
+/// What `dir` names now, following symlinks (device, inode); None when it does not exist.
+fn identity(dir: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Keeps the recursive watch on whatever the path names. An inotify watch follows an inode:
+/// after `mv DIR DIR.old; mkdir DIR` (or a symlink DIR pointed elsewhere) it would keep
+/// reporting DIR.old and never the new files. The parent directory is watched too, for DIR
+/// being created, replaced or removed, and the watch moves when DIR's identity changes.
+struct Follow {
+    watcher: RecommendedWatcher,
+    dir: PathBuf,
+    /// The identity the recursive watch is on.
+    watched: Option<(u64, u64)>,
+    /// An event named DIR itself (moved, removed): its watch may be gone even if an inode
+    /// number comes back.
+    self_changed: Arc<AtomicBool>,
+}
+
+impl Follow {
+    /// Moves the watch to what the path names now. Returns whether it moved to a directory
+    /// that was not watched before (a new one, probably still being filled).
+    fn refresh(&mut self) -> bool {
+        let now = identity(&self.dir);
+        let forced = self.self_changed.swap(false, Ordering::Relaxed);
+        if now == self.watched && !forced {
+            return false;
+        }
+        if self.watched.is_some() {
+            let _ = self.watcher.unwatch(&self.dir);
+        }
+        self.watched = None;
+        if now.is_none() {
+            return false;
+        }
+        match self.watcher.watch(&self.dir, RecursiveMode::Recursive) {
+            Ok(()) => {
+                self.watched = now;
+                tracing::info!(dir = %self.dir.display(), "watching the manifests directory");
+                true
+            }
+            Err(e) => {
+                // Tried again on the next event of the parent's watch.
+                tracing::warn!(dir = %self.dir.display(), error = %e, "watching the manifests directory");
+                false
+            }
+        }
+    }
+}
+
 /// Runs until every receiver is gone.
 pub async fn run(
     dir: PathBuf,
@@ -152,19 +203,63 @@ async fn run_settling(
     stats: Arc<FilesSourceStats>,
     settle: Duration,
 ) -> Result<(), notify::Error> {
+    // Absolute, so that the parent exists and event paths compare with it; symlinks are kept
+    // (the path is what is followed).
+    let dir = std::path::absolute(&dir)?;
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let effect = event.as_ref().map(effect_of).map_err(|e| e.to_string());
-        if effect != Ok(EventEffect::Nothing) {
-            let _ = events_tx.send(effect);
-        }
-    })?;
-    watcher.watch(&dir, RecursiveMode::Recursive)?;
+    let self_changed = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let dir = dir.clone();
+        let self_changed = self_changed.clone();
+        notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if let Ok(event) = &event {
+                // The parent's watch reports its other entries too.
+                if !event.paths.iter().any(|p| p.starts_with(&dir)) {
+                    return;
+                }
+                // Reads of DIR (every reload opens it) say nothing about it.
+                use notify::EventKind::{Create, Modify, Remove};
+                let replaced = matches!(
+                    event.kind,
+                    Create(_) | Remove(_) | Modify(notify::event::ModifyKind::Name(_))
+                );
+                if replaced && event.paths.contains(&dir) {
+                    self_changed.store(true, Ordering::Relaxed);
+                }
+            }
+            let effect = event.as_ref().map(effect_of).map_err(|e| e.to_string());
+            if effect != Ok(EventEffect::Nothing) {
+                let _ = events_tx.send(effect);
+            }
+        })?
+    };
+    let mut follow = Follow {
+        watcher,
+        dir: dir.clone(),
+        watched: None,
+        self_changed,
+    };
+    if let Some(parent) = dir.parent() {
+        follow.watcher.watch(parent, RecursiveMode::NonRecursive)?;
+    }
+    follow.refresh();
 
     let mut cache = ParseCache::default();
     let mut published: Option<Arc<Snapshot>> = None;
     let mut revision = 0u64;
     loop {
+        // Before reading, so that what changes after the read is reported by the watch.
+        if follow.refresh() && published.is_some() {
+            // A directory put in place of the old one is probably being filled (`mkdir DIR;
+            // cp ... DIR`): wait for a quiet spell rather than publish it half-copied.
+            loop {
+                tokio::select! {
+                    more = events.recv() => if more.is_none() { return Ok(()) },
+                    _ = tokio::time::sleep(settle) => break,
+                }
+            }
+            follow.refresh();
+        }
         let (kept, loaded) = load(&dir, cache).await;
         cache = kept;
         match loaded {
@@ -379,6 +474,94 @@ mod tests {
 
         std::fs::remove_file(dir.path().join("slice.yaml")).unwrap();
         assert_eq!(next(&mut rx).await.endpoint_slices.len(), 0);
+    }
+
+    fn node_port(snapshot: &Snapshot) -> Option<i32> {
+        snapshot.services.first()?.spec.as_ref()?.ports.as_ref()?[0].node_port
+    }
+
+    /// Snapshots until one satisfies `done` (earlier ones, such as an empty directory seen
+    /// between `mkdir` and `cp`, are legitimate states).
+    async fn until(rx: &mut source::SnapshotReceiver, done: impl Fn(&Snapshot) -> bool) {
+        loop {
+            if done(&*next(rx).await) {
+                return;
+            }
+        }
+    }
+
+    /// Issue #16: `mv DIR DIR.old; mkdir DIR; cp ... DIR` left the watch on the old directory:
+    /// the agent never saw the new files. The source follows the path, not the inode, also
+    /// when DIR is a symlink that is swapped.
+    #[tokio::test]
+    async fn a_replaced_directory_is_followed() {
+        let scratch = ScratchDir::new("files-replaced");
+        let dir = scratch.path().join("manifests");
+        scratch.write("manifests/svc.yaml", SVC);
+        let (tx, mut rx) = source::channel();
+        let _task = tokio::spawn(run(dir.clone(), tx, FilesSourceStats::new()));
+        assert_eq!(node_port(&*next(&mut rx).await), Some(30080));
+
+        std::fs::rename(&dir, scratch.path().join("manifests.old")).unwrap();
+        scratch.write("manifests/svc.yaml", &SVC.replace("30080", "30081"));
+        until(&mut rx, |s| node_port(s) == Some(30081)).await;
+
+        // Edits inside the new directory are seen too (the watch moved with the path).
+        scratch.write("manifests/svc.yaml", &SVC.replace("30080", "30082"));
+        until(&mut rx, |s| node_port(s) == Some(30082)).await;
+        // The old directory is not watched any more.
+        scratch.write("manifests.old/svc.yaml", &SVC.replace("30080", "30089"));
+        scratch.write("manifests/svc.yaml", &SVC.replace("30080", "30083"));
+        assert_eq!(node_port(&*next(&mut rx).await), Some(30083));
+
+        // DIR as a symlink, pointed elsewhere by an atomic rename.
+        let linked = scratch.path().join("linked");
+        scratch.write("v1/svc.yaml", SVC);
+        scratch.write("v2/svc.yaml", &SVC.replace("30080", "30084"));
+        std::os::unix::fs::symlink("v1", &linked).unwrap();
+        let (tx, mut rx) = source::channel();
+        let _task = tokio::spawn(run(linked.clone(), tx, FilesSourceStats::new()));
+        assert_eq!(node_port(&*next(&mut rx).await), Some(30080));
+        std::os::unix::fs::symlink("v2", scratch.path().join("linked.tmp")).unwrap();
+        std::fs::rename(scratch.path().join("linked.tmp"), &linked).unwrap();
+        until(&mut rx, |s| node_port(s) == Some(30084)).await;
+        scratch.write("v2/svc.yaml", &SVC.replace("30080", "30085"));
+        until(&mut rx, |s| node_port(s) == Some(30085)).await;
+    }
+
+    /// The kubelet's ConfigMap volume: visible files are symlinks into `..data`, a symlink to
+    /// a timestamped directory; an update writes a new timestamped directory, swaps `..data`
+    /// by renaming a new symlink over it, and removes the old directory.
+    #[tokio::test]
+    async fn a_config_map_volume_update_is_followed() {
+        let dir = ScratchDir::new("files-configmap");
+        let link = |target: &str, name: &str| {
+            std::os::unix::fs::symlink(target, dir.path().join(name)).unwrap()
+        };
+        dir.write("..2026_01_01_00_00_00.000/svc.yaml", SVC);
+        link("..2026_01_01_00_00_00.000", "..data");
+        link("..data/svc.yaml", "svc.yaml");
+        let (tx, mut rx) = source::channel();
+        let _task = tokio::spawn(run(dir.path().to_path_buf(), tx, FilesSourceStats::new()));
+        assert_eq!(node_port(&*next(&mut rx).await), Some(30080));
+
+        for (i, port) in [(1, "30081"), (2, "30082")] {
+            let old = format!("..2026_01_01_00_00_0{}.000", i - 1);
+            let new = format!("..2026_01_01_00_00_0{i}.000");
+            dir.write(&format!("{new}/svc.yaml"), &SVC.replace("30080", port));
+            dir.write(&format!("{new}/slice.yaml"), SLICE);
+            link(&new, "..data_tmp");
+            std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+            if i == 1 {
+                link("..data/slice.yaml", "slice.yaml");
+            }
+            std::fs::remove_dir_all(dir.path().join(old)).unwrap();
+            let want: i32 = port.parse().unwrap();
+            until(&mut rx, |s| {
+                node_port(s) == Some(want) && s.endpoint_slices.len() == 1
+            })
+            .await;
+        }
     }
 
     #[test]
