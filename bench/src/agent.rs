@@ -39,7 +39,7 @@ use k8s_openapi::{
 };
 use kube::runtime::watcher::Event;
 use nodeport_agent::{
-    datapath::{Datapath, Maps, Sizing},
+    datapath::{Datapath, Sizing},
     desired::{self, NodeContext, Reconciler, SERVICE_NAME_LABEL},
     maglev::{self, MaglevKey},
     model::{Protocol, ServicePortKey},
@@ -529,10 +529,9 @@ fn scrape_cost(
         ..Default::default()
     })))?;
     let mut registry = prometheus_client::registry::Registry::default();
-    let pin_dir = dp.pin_dir().context("pinned")?.clone();
     let mut sampler = nodeport_agent::metrics::Sampler::register(
         &mut registry,
-        Maps::open_pinned_sized(&pin_dir, &dp.sizing)?,
+        dp.maps.share()?,
         settings.config,
         nodeport_agent::source::SourceStats::Files(
             nodeport_agent::source::files::FilesSourceStats::new(),

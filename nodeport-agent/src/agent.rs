@@ -19,7 +19,7 @@ use nodeport_common::{AgentState, DatapathConfig, capacity};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    datapath::{self, Datapath, InterfaceRole, Maps, Sizing, XdpAttachMode},
+    datapath::{self, Datapath, InterfaceRole, Sizing, XdpAttachMode},
     desired::{NodeContext, Reconciler},
     health::{HealthConfig, HealthServer, ServiceHealth},
     interfaces::{self, ChangeWatcher, Layout, Selection},
@@ -450,10 +450,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
 
     if let Some(listener) = metrics_listener {
-        // The sampler reads the maps at scrape time through handles of its own.
-        let pins = dp.pin_dir().context("the datapath is not pinned")?;
-        let maps =
-            Maps::open_pinned_sized(pins, &dp.sizing).context("opening the maps for metrics")?;
+        // The sampler reads the maps at scrape time through handles of its own, sharing the
+        // memory-mapped arrays with the syncer's (mapped once: they are most of the RSS).
+        let maps = dp.maps.share().context("opening the maps for metrics")?;
         let sampler = Sampler::register(
             &mut registry,
             maps,
