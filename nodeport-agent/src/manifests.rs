@@ -87,6 +87,14 @@ pub enum ManifestError {
     /// The text is not valid YAML (or JSON); the message carries line and column.
     #[error("{origin}: {message}")]
     Syntax { origin: Origin, message: String },
+    /// A file above [`MAX_FILE_BYTES`]: not read at all.
+    #[error(
+        "{}: {size} bytes, more than the {} MiB a manifest file may hold; split it into several \
+         files",
+        file.display(),
+        limit >> 20
+    )]
+    TooLarge { file: PathBuf, size: u64, limit: u64 },
     #[error("{location}: not a Kubernetes object: {reason}")]
     NotAnObject {
         location: ObjectLocation,
@@ -236,14 +244,47 @@ enum ParsedObject {
 /// (namespace, name)
 type Key = (String, String);
 
+/// The largest manifest file read. Parsing holds several times a file's size in memory (a
+/// 50 MB file took the agent to 414 MB), and the text of every file is kept to tell
+/// unchanged files: a bound per file keeps one oversized or runaway file from taking the
+/// node's memory. Sets this large are split into several files.
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// Reads a file of at most `limit` bytes; a larger one is refused before any of it is read.
+/// The size is that of the opened file, and the read stops past `limit` in case the file
+/// grows meanwhile.
+fn read_bounded(file: &Path, limit: u64) -> Result<String, ManifestError> {
+    use std::io::Read as _;
+    let read_error = |source| ManifestError::ReadFile {
+        file: file.to_owned(),
+        source,
+    };
+    let too_large = |size| ManifestError::TooLarge {
+        file: file.to_owned(),
+        size,
+        limit,
+    };
+    let opened = fs::File::open(file).map_err(read_error)?;
+    let size = opened.metadata().map_err(read_error)?.len();
+    if size > limit {
+        return Err(too_large(size));
+    }
+    let mut text = String::with_capacity(size as usize);
+    opened
+        .take(limit + 1)
+        .read_to_string(&mut text)
+        .map_err(read_error)?;
+    if text.len() as u64 > limit {
+        return Err(too_large(text.len() as u64));
+    }
+    Ok(text)
+}
+
 impl ParsedFile {
     /// Reads `file`; parses it unless its text is what `previous` was parsed from, which it
     /// then takes. On failure `previous` is left as it was.
     fn refresh(file: &Path, previous: &mut Option<ParsedFile>) -> Result<Self, ManifestError> {
-        let text = fs::read_to_string(file).map_err(|source| ManifestError::ReadFile {
-            file: file.to_owned(),
-            source,
-        })?;
+        let text = read_bounded(file, MAX_FILE_BYTES)?;
         if previous.as_ref().is_some_and(|p| p.text == text) {
             return Ok(previous.take().expect("checked"));
         }
@@ -577,6 +618,34 @@ mod tests {
         let web = &manifests.services[0].1;
         let port = &web.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
         assert_eq!(port.node_port, Some(30080));
+    }
+
+    #[test]
+    fn a_file_above_the_size_limit_is_refused_unread_with_its_name_and_the_limit() {
+        let dir = ScratchDir::new("too-large");
+        let mut text = String::from(WEB);
+        text.push('#');
+        text.push_str(&"x".repeat(MAX_FILE_BYTES as usize + 1 - text.len()));
+        assert_eq!(text.len() as u64, MAX_FILE_BYTES + 1);
+        dir.write("a.yaml", WEB).write("huge.yaml", &text);
+        assert_eq!(
+            dir.load_err(),
+            "huge.yaml: 16777217 bytes, more than the 16 MiB a manifest file may hold; split it \
+             into several files"
+        );
+    }
+
+    #[test]
+    fn the_size_limit_is_inclusive() {
+        let dir = ScratchDir::new("size-limit");
+        dir.write("web.yaml", WEB);
+        let file = dir.path().join("web.yaml");
+        let len = WEB.len() as u64;
+        assert_eq!(read_bounded(&file, len).unwrap(), WEB);
+        assert!(matches!(
+            read_bounded(&file, len - 1),
+            Err(ManifestError::TooLarge { size, limit, .. }) if size == len && limit == len - 1
+        ));
     }
 
     #[test]
