@@ -94,7 +94,11 @@ pub enum ManifestError {
         file.display(),
         limit >> 20
     )]
-    TooLarge { file: PathBuf, size: u64, limit: u64 },
+    TooLarge {
+        file: PathBuf,
+        size: u64,
+        limit: u64,
+    },
     #[error("{location}: not a Kubernetes object: {reason}")]
     NotAnObject {
         location: ObjectLocation,

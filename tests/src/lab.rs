@@ -341,6 +341,11 @@ impl AgentProcess {
         }
     }
 
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The whole log so far, for messages.
     pub fn log_text(&self) -> String {
         tail(&self.log.0.lock().expect("not poisoned"))
@@ -582,9 +587,39 @@ impl Lab {
         if self.agent.is_none() {
             self.write_manifests(yaml)?;
         }
+        let args = self.run_args(&self.manifests, &[]);
+        let mut agent = AgentProcess::spawn(&self.node1, &args)?;
+        let loaded = agent.wait_log("the first manifests load", |e| {
+            message_is(e, "manifests loaded")
+        })?;
+        let revision = field_u64(&loaded, "revision").context("revision in the log")?;
+        agent.wait_log("the first reconcile", |e| {
+            message_is(e, "reconciled") && field_u64(e, "revision").is_some_and(|r| r >= revision)
+        })?;
+        self.applied = revision;
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    /// Starts the agent with `manifests` and `extra` flags on top of the lab's, without
+    /// waiting for anything (a start expected to fail); the manifests are written first.
+    pub fn spawn_agent(
+        &self,
+        yaml: &str,
+        manifests: &std::path::Path,
+        extra: &[&str],
+    ) -> Result<AgentProcess> {
+        if manifests == self.manifests {
+            self.write_manifests(yaml)?;
+        }
+        AgentProcess::spawn(&self.node1, &self.run_args(manifests, extra))
+    }
+
+    /// The flags of `run` the lab starts the agent with.
+    fn run_args(&self, manifests: &std::path::Path, extra: &[&str]) -> Vec<String> {
         let mut args = vec![
             "--manifests".to_owned(),
-            self.manifests.display().to_string(),
+            manifests.display().to_string(),
             "--node-name".into(),
             "node-1".into(),
             "--external-interface".into(),
@@ -599,16 +634,35 @@ impl Lab {
             format!("{NODE1}:{METRICS_PORT}"),
         ];
         args.extend(self.extra_agent_args.iter().cloned());
-        let mut agent = AgentProcess::spawn(&self.node1, &args)?;
-        let loaded = agent.wait_log("the first manifests load", |e| {
-            message_is(e, "manifests loaded")
-        })?;
-        let revision = field_u64(&loaded, "revision").context("revision in the log")?;
-        agent.wait_log("the first reconcile", |e| {
-            message_is(e, "reconciled") && field_u64(e, "revision").is_some_and(|r| r >= revision)
-        })?;
-        self.applied = revision;
-        self.agent = Some(agent);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// The status code of `path` on the agent's node health server (/healthz, /livez).
+    pub fn node_health(&self, path: &str) -> Result<u16> {
+        Ok(self.http_get(SocketAddrV4::new(NODE1, 10256), path)?.0)
+    }
+
+    /// Deletes node-1's ext0 and creates it again, wired as before (a NIC re-created: same
+    /// name and MAC, a new ifindex).
+    pub fn recreate_node1_ext0(&mut self) -> Result<()> {
+        let mac = mac_of(&self.node1, "ext0")?;
+        let mac = mac.map(|b| format!("{b:02x}")).join(":");
+        self.node1.ip("link del ext0")?;
+        self.node1.ip(&format!(
+            "link add ext0 address {mac} type veth peer name l1 netns {}",
+            self.lan.name
+        ))?;
+        self.lan.ip("link set l1 master br0 up")?;
+        self.node1.ip("link set ext0 up")?;
+        self.node1.ip("addr add 198.18.0.1/24 dev ext0")?;
+        self.node1
+            .ip("route add 198.18.2.0/24 via 198.18.0.2 dev ext0")?;
+        // The bridge port's XDP_PASS went with the old l1 (see `wire`).
+        let dp = self.peer_xdp.as_mut().context("no bridge port program")?;
+        let prog = dp.xdp_program(nodeport_common::programs::XDP_PASS)?;
+        self.lan
+            .run(|| prog.attach("l1", aya::programs::XdpMode::Driver).map(drop))??;
         Ok(())
     }
 

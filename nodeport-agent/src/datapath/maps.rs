@@ -4,9 +4,7 @@ use std::{os::fd::AsFd, path::Path};
 
 use aya::{
     Ebpf,
-    maps::{
-        Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapInfo, MapType, PerCpuArray,
-    },
+    maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapInfo, MapType, PerCpuArray},
 };
 use nodeport_common::{
     AffinityEntry, AffinityKey, AgentState, BPF_F_MMAPABLE, Backend, COUNTER_SLOTS, CtEntry, CtKey,

@@ -13,6 +13,7 @@ mod clock;
 mod maps;
 mod mmap;
 mod object;
+mod start;
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +26,7 @@ pub use census::{ConntrackCensus, Fill, MapFill};
 pub use clock::{jiffies_now, kernel_hz};
 pub use maps::{MapSpec, Maps, map_specs};
 pub use mmap::MmapArray;
+pub use start::StartGuard;
 
 /// Map sizes, from the agent's flags.
 #[derive(Clone, Debug, PartialEq, Eq)]
