@@ -19,7 +19,9 @@
 //! - `NODEPORT_EBPF_OBJECT`: the plain eBPF object (agent and comparison parts);
 //! - `NODEPORT_AGENT_BIN`: the agent binary the comparison starts;
 //! - `NODEPORT_BENCH_ONLY=agent`, `=datapath` or `=compare`: run only that part (default: all),
-//!   e.g. `NODEPORT_BENCH_ONLY=compare cargo xtask bench`;
+//!   e.g. `NODEPORT_BENCH_ONLY=compare cargo xtask bench`; `=memory`: only the agent part's
+//!   memory rows (the agent process's RSS), to `<out dir>/<date>-agent-memory.md`;
+//! - `NODEPORT_BENCH_RSS_SERVICES=10000,65536`: the sizes of the memory rows (`0`: none);
 //! - `NODEPORT_BENCH_SERVICES=1,1000`: the datapath part at these service counts only;
 //! - `NODEPORT_BENCH_ANY_ACTION=1`: the datapath part does not check the XDP verdicts;
 //! - `NODEPORT_BENCH_QUICK=1`: a short comparison for development (2 rounds, 1 and 1,000
@@ -271,6 +273,8 @@ enum Parts {
     All,
     Datapath,
     Agent,
+    /// Only the agent part's memory rows.
+    Memory,
     Compare,
 }
 
@@ -286,9 +290,12 @@ fn main() -> Result<()> {
         Err(_) | Ok("") => Parts::All,
         Ok("datapath") => Parts::Datapath,
         Ok("agent") => Parts::Agent,
+        Ok("memory") => Parts::Memory,
         Ok("compare") => Parts::Compare,
         Ok(other) => {
-            anyhow::bail!("NODEPORT_BENCH_ONLY={other}: expected agent, datapath or compare")
+            anyhow::bail!(
+                "NODEPORT_BENCH_ONLY={other}: expected agent, memory, datapath or compare"
+            )
         }
     };
     let runs = |part: Parts| parts == Parts::All || parts == part;
@@ -311,6 +318,10 @@ fn main() -> Result<()> {
         agent_summary = Some(agent::summary(&results));
         let md = agent::render(&results, &date, &machine())?;
         write_results(&out_dir, &format!("{date}-agent.md"), &md)?;
+    }
+    if parts == Parts::Memory {
+        let md = agent::render_memory_only(&date, &machine())?;
+        write_results(&out_dir, &format!("{date}-agent-memory.md"), &md)?;
     }
     if runs(Parts::Compare) {
         let cfg = compare::Config::from_env()?;
