@@ -265,8 +265,8 @@ impl Stores {
     }
 }
 
-/// Memory the kernel charges for the loaded maps (`memlock` of every BPF map fd this process
-/// holds), and that of the Maglev array alone.
+/// Memory the kernel charges for the loaded maps (`memlock` of every BPF map this process
+/// holds an fd of), and that of the Maglev array alone.
 struct MapMemory {
     total: u64,
     maglev: u64,
@@ -283,6 +283,9 @@ fn map_memory_of(pid: &str, mut is_maglev: impl FnMut(u64, u64) -> bool) -> Resu
         total: 0,
         maglev: 0,
     };
+    // A map can be behind several fds (the agent's metrics sampler holds duplicates): each
+    // map counts once.
+    let mut seen = BTreeSet::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
         let Ok(text) = std::fs::read_to_string(entry?.path()) else {
             continue;
@@ -292,7 +295,7 @@ fn map_memory_of(pid: &str, mut is_maglev: impl FnMut(u64, u64) -> bool) -> Resu
                 .find_map(|l| l.strip_prefix(name))
                 .and_then(|v| v.trim().parse::<u64>().ok())
         };
-        if field("map_type:").is_none() {
+        if field("map_type:").is_none() || !seen.insert(field("map_id:")) {
             continue;
         }
         let memlock = field("memlock:").unwrap_or(0);
@@ -722,6 +725,8 @@ struct RssRow {
     file: u64,
     shmem: u64,
     peak: u64,
+    /// VmRSS once programmed, before the first scrape.
+    before_scrape: u64,
     /// From the start to the first reconcile.
     start: Duration,
 }
@@ -759,6 +764,17 @@ fn rss_rows() -> Result<Vec<RssRow>> {
     Ok(rows)
 }
 
+/// A `kB` line of /proc/PID/status, in bytes.
+fn proc_status_bytes(pid: u32, name: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|k| k * 1024)
+        .with_context(|| format!("{name} in /proc/{pid}/status"))
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
@@ -778,6 +794,8 @@ fn rss_at(n: u32) -> Result<RssRow> {
     let metrics: std::net::SocketAddr = RSS_METRICS.parse()?;
     let (agent, start) =
         node::Agent::start_with_metrics(&ns, &fillers, &measured, None, Some(metrics))?;
+    let pid = agent.pid()?;
+    let rss_before_scrape = proc_status_bytes(pid, "VmRSS:")?;
     // As under Prometheus: the sampler has read every map once.
     let body = ns.run(|| -> Result<String> {
         use std::io::{Read as _, Write as _};
@@ -795,16 +813,7 @@ fn rss_at(n: u32) -> Result<RssRow> {
         "/metrics: {}",
         body.lines().next().unwrap_or_default()
     );
-    let pid = agent.pid()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib = |name: &str| -> Result<u64> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map(|k| k * 1024)
-            .with_context(|| format!("{name} in /proc/{pid}/status"))
-    };
+    let kib = |name: &str| proc_status_bytes(pid, name);
     // The Maglev array: the larger of the two memory-mapped arrays (BPF_F_MMAPABLE).
     let mmapable = |flags: u64| flags & u64::from(nodeport_common::BPF_F_MMAPABLE) != 0;
     let mut largest = 0;
@@ -825,6 +834,7 @@ fn rss_at(n: u32) -> Result<RssRow> {
         file: kib("RssFile:")?,
         shmem: kib("RssShmem:")?,
         peak: kib("VmHWM:")?,
+        before_scrape: rss_before_scrape,
         start,
     };
     agent.stop()?;
@@ -1324,19 +1334,20 @@ fn render_rss(md: &mut String, rows: &[RssRow]) -> Result<()> {
     )?;
     writeln!(
         md,
-        "| Services | maps, MiB | of which Maglev | RSS, MiB | RssAnon | RssFile | RssShmem | peak (VmHWM) | RSS / maps | start to programmed, s | target |"
+        "| Services | maps, MiB | of which Maglev | RSS before the first scrape, MiB | RSS, MiB | RssAnon | RssFile | RssShmem | peak (VmHWM) | RSS / maps | start to programmed, s | target |"
     )?;
     writeln!(
         md,
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     )?;
     for r in rows {
         writeln!(
             md,
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {} |",
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {} |",
             r.services,
             mib(r.maps.total),
             mib(r.maps.maglev),
+            mib(r.before_scrape),
             mib(r.rss),
             mib(r.anon),
             mib(r.file),
