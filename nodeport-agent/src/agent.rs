@@ -728,15 +728,16 @@ impl Agent {
         if missing.is_empty() {
             return;
         }
+        // Unhealthy before the log line says so: whoever reads it sees the 503 at once.
+        self.removed_under_us = true;
+        self.health
+            .all()
+            .for_each(|h| h.set_datapath_attached(false));
         tracing::error!(
             interfaces = ?missing,
             "the datapath was removed from under the agent (`nodeport-agent detach`?); not \
              attaching it again: /healthz and /livez answer 503 until the agent is restarted"
         );
-        self.removed_under_us = true;
-        self.health
-            .all()
-            .for_each(|h| h.set_datapath_attached(false));
     }
 
     fn node_context(&self) -> NodeContext {

@@ -284,8 +284,11 @@ impl AgentProcess {
                 cv.notify_all();
             }
             // Under the lock, so a waiter between its check and its wait does not miss it.
+            // The marker tells `finish` that the log is complete.
             let (lock, cv) = &*sink;
-            let _log = lock.lock().expect("not poisoned");
+            lock.lock()
+                .expect("not poisoned")
+                .push(serde_json::json!({ "end_of_log": true }));
             cv.notify_all();
         });
         Ok(Self {
@@ -361,6 +364,24 @@ impl AgentProcess {
     /// Waits for the agent to exit by itself (after it logged why).
     pub fn wait(mut self) -> Result<std::process::ExitStatus> {
         self.wait_exit()
+    }
+
+    /// Waits for the agent to exit by itself and for the end of its log; the status and the
+    /// whole log (an agent that fails at once may exit before its last lines were read).
+    pub fn finish(mut self) -> Result<(std::process::ExitStatus, Vec<serde_json::Value>)> {
+        let status = self.wait_exit()?;
+        let deadline = Instant::now() + PATIENCE;
+        let (lock, cv) = &*self.log;
+        let mut log = lock.lock().expect("not poisoned");
+        while !log.last().is_some_and(|e| e["end_of_log"] == true) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            ensure!(
+                !left.is_zero(),
+                "the agent's log did not end in {PATIENCE:?}"
+            );
+            log = cv.wait_timeout(log, left).expect("not poisoned").0;
+        }
+        Ok((status, log.clone()))
     }
 
     /// SIGTERM and wait: the agent's clean shutdown.

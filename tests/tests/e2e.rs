@@ -647,13 +647,21 @@ fn a_failed_start_leaves_a_fresh_node_as_it_found_it() -> Result<()> {
     lab.node1.ip("link add zz0 type bridge")?;
     lab.node1.ip("link set zz0 up")?;
     let manifests = lab.manifests.clone();
-    let mut agent = lab.spawn_agent(&yaml, &manifests, &["--external-interface", "zz0"])?;
-    agent.wait_log("ext0 attached", |e| {
-        lab_message(e, "attached") && e.pointer("/fields/interface") == Some(&"ext0".into())
-    })?;
-    let log = agent.log_text();
-    let status = agent.wait()?;
+    let agent = lab.spawn_agent(&yaml, &manifests, &["--external-interface", "zz0"])?;
+    let (status, entries) = agent.finish()?;
+    let log = entries
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
     ensure!(!status.success(), "the agent started without XDP on zz0");
+    // The failure came after attaching, so the start had something to undo.
+    ensure!(
+        entries.iter().any(|e| {
+            lab_message(e, "attached") && e.pointer("/fields/interface") == Some(&"ext0".into())
+        }),
+        "ext0 was not attached before the failure; log:\n{log}"
+    );
     ensure!(
         lab.node1_xdp_program()?.is_none(),
         "XDP left on ext0 after a failed start; log:\n{log}"
