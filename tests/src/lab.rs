@@ -327,7 +327,12 @@ impl AgentProcess {
                 return Ok(entries[self.cursor - 1].clone());
             }
             unseen = entries.len();
-            if let Ok(Some(status)) = self.child.try_wait() {
+            // An agent that exits at once can exit before its last lines are read: it has
+            // ended when its log has.
+            let ended = entries.last().is_some_and(|e| e["end_of_log"] == true);
+            if let Ok(Some(status)) = self.child.try_wait()
+                && ended
+            {
                 bail!(
                     "the agent exited ({status}) while waiting for {what}; log:\n{}",
                     tail(&entries)
