@@ -20,6 +20,14 @@
 //! batch of events; so is the agent releasing its
 //! previous snapshot. None of it includes the API server, the watch delivery or JSON decoding.
 //! A second series applies changes back to back, without the source's work in between.
+//!
+//! Memory: the real agent binary (`NODEPORT_AGENT_BIN`) in a network namespace of its own,
+//! started on manifests of 10,000 and 65,536 Services (the comparison's Services, default
+//! Maglev M) with its metrics endpoint on and scraped once; its RSS from /proc/PID/status
+//! against the kernel's memlock of its maps (/proc/PID/fdinfo). The Maglev and backend arrays
+//! are memory-mapped, and a mapping counts in full in the RSS: the target is an RSS below twice
+//! the maps' own size (one mapping, plus the agent's heap). `NODEPORT_BENCH_RSS_SERVICES`
+//! picks other sizes (`0` skips the measurement).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -39,7 +47,7 @@ use k8s_openapi::{
 };
 use kube::runtime::watcher::Event;
 use nodeport_agent::{
-    datapath::{Datapath, Maps, Sizing},
+    datapath::{Datapath, Sizing},
     desired::{self, NodeContext, Reconciler, SERVICE_NAME_LABEL},
     maglev::{self, MaglevKey},
     model::{Protocol, ServicePortKey},
@@ -258,19 +266,28 @@ impl Stores {
     }
 }
 
-/// Memory the kernel charges for the loaded maps (`memlock` of every BPF map fd this process
-/// holds), and that of the Maglev array alone.
+/// Memory the kernel charges for the loaded maps (`memlock` of every BPF map this process
+/// holds an fd of), and that of the Maglev array alone.
 struct MapMemory {
     total: u64,
     maglev: u64,
 }
 
 fn map_memory(maglev_entries: u32) -> Result<MapMemory> {
+    map_memory_of("self", |entries, _| entries == u64::from(maglev_entries))
+}
+
+/// [`map_memory`] of the process `pid` (`self` for this one); `is_maglev(max_entries,
+/// map_flags)` tells the Maglev array.
+fn map_memory_of(pid: &str, mut is_maglev: impl FnMut(u64, u64) -> bool) -> Result<MapMemory> {
     let mut memory = MapMemory {
         total: 0,
         maglev: 0,
     };
-    for entry in std::fs::read_dir("/proc/self/fdinfo")? {
+    // A map can be behind several fds (the agent's metrics sampler holds duplicates): each
+    // map counts once.
+    let mut seen = BTreeSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
         let Ok(text) = std::fs::read_to_string(entry?.path()) else {
             continue;
         };
@@ -279,12 +296,17 @@ fn map_memory(maglev_entries: u32) -> Result<MapMemory> {
                 .find_map(|l| l.strip_prefix(name))
                 .and_then(|v| v.trim().parse::<u64>().ok())
         };
-        if field("map_type:").is_none() {
+        if field("map_type:").is_none() || !seen.insert(field("map_id:")) {
             continue;
         }
         let memlock = field("memlock:").unwrap_or(0);
         memory.total += memlock;
-        if field("max_entries:") == Some(u64::from(maglev_entries)) {
+        let flags = text
+            .lines()
+            .find_map(|l| l.strip_prefix("map_flags:"))
+            .and_then(|v| u64::from_str_radix(v.trim().trim_start_matches("0x"), 16).ok())
+            .unwrap_or(0);
+        if is_maglev(field("max_entries:").unwrap_or(0), flags) {
             memory.maglev += memlock;
         }
     }
@@ -420,6 +442,7 @@ struct Breakdown {
 pub struct Results {
     sizing: Sizing,
     memory: MapMemory,
+    rss: Vec<RssRow>,
     program: Vec<ProgramRun>,
     breakdown: Breakdown,
     scrape: ScrapeCost,
@@ -535,10 +558,9 @@ fn scrape_cost(
         ..Default::default()
     })))?;
     let mut registry = prometheus_client::registry::Registry::default();
-    let pin_dir = dp.pin_dir().context("pinned")?.clone();
     let mut sampler = nodeport_agent::metrics::Sampler::register(
         &mut registry,
-        Maps::open_pinned_sized(&pin_dir, &dp.sizing)?,
+        dp.maps.share()?,
         settings.config,
         nodeport_agent::source::SourceStats::Files(
             nodeport_agent::source::files::FilesSourceStats::new(),
@@ -693,6 +715,138 @@ pub fn program_times(object: &[u8], n: u32, rounds: usize) -> Result<Vec<Duratio
     Ok(times)
 }
 
+/// Services at which the agent process's memory is measured.
+const RSS_SERVICES: &[u32] = &[10_000, 65_536];
+/// Where the measured agent serves its metrics (inside its own namespace).
+const RSS_METRICS: &str = "127.0.0.1:9480";
+
+/// The agent process's memory with `services` programmed.
+struct RssRow {
+    services: u32,
+    /// The kernel's memlock of the agent's maps, and of the Maglev array alone.
+    maps: MapMemory,
+    /// From /proc/PID/status, bytes: VmRSS and its parts, and the peak (VmHWM).
+    rss: u64,
+    anon: u64,
+    file: u64,
+    shmem: u64,
+    peak: u64,
+    /// VmRSS once programmed, before the first scrape.
+    before_scrape: u64,
+    /// From the start to the first reconcile.
+    start: Duration,
+}
+
+impl RssRow {
+    /// The target: one mapping of the maps plus the agent's heap, under twice the maps.
+    fn met(&self) -> bool {
+        self.rss < 2 * self.maps.total
+    }
+}
+
+fn rss_rows() -> Result<Vec<RssRow>> {
+    let counts: Vec<u32> = match std::env::var("NODEPORT_BENCH_RSS_SERVICES") {
+        Ok(v) => v
+            .split(',')
+            .map(|s| s.trim().parse())
+            .collect::<Result<Vec<u32>, _>>()?
+            .into_iter()
+            .filter(|n| *n > 0)
+            .collect(),
+        Err(_) => RSS_SERVICES.to_vec(),
+    };
+    let mut rows = Vec::new();
+    for n in counts {
+        eprintln!("bench: agent: memory of the agent process with {n} Services ...");
+        let row = rss_at(n)?;
+        eprintln!(
+            "bench: agent: {n} Services: RSS {:.1} MiB (maps {:.1} MiB, peak {:.1} MiB)",
+            mib(row.rss),
+            mib(row.maps.total),
+            mib(row.peak)
+        );
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// A `kB` line of /proc/PID/status, in bytes.
+fn proc_status_bytes(pid: u32, name: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|k| k * 1024)
+        .with_context(|| format!("{name} in /proc/{pid}/status"))
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Starts the agent binary on `n` Services in a namespace with one external interface, scrapes
+/// its metrics once, and reads its memory.
+fn rss_at(n: u32) -> Result<RssRow> {
+    use crate::compare::{node, services as bench_services};
+    let ns = nodeport_tests::netns::NetNs::new("rss")?;
+    ns.ip("link add ext0 type veth peer name ext1")?;
+    ns.ip("link set ext0 up")?;
+    ns.ip("link set ext1 up")?;
+    ns.ip("link set lo up")?;
+    ns.ip("addr add 198.18.0.1/24 dev ext0")?;
+    let fillers = bench_services::fillers(n);
+    let measured = bench_services::measured(bench_services::BACKEND_A);
+    let metrics: std::net::SocketAddr = RSS_METRICS.parse()?;
+    let (agent, start) =
+        node::Agent::start_with_metrics(&ns, &fillers, &measured, None, Some(metrics))?;
+    let pid = agent.pid()?;
+    let rss_before_scrape = proc_status_bytes(pid, "VmRSS:")?;
+    // As under Prometheus: the sampler has read every map once.
+    let body = ns.run(|| -> Result<String> {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(metrics)?;
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    })??;
+    ensure!(
+        body.starts_with("HTTP/1.1 200"),
+        "/metrics: {}",
+        body.lines().next().unwrap_or_default()
+    );
+    let kib = |name: &str| proc_status_bytes(pid, name);
+    // The Maglev array: the larger of the two memory-mapped arrays (BPF_F_MMAPABLE).
+    let mmapable = |flags: u64| flags & u64::from(nodeport_common::BPF_F_MMAPABLE) != 0;
+    let mut largest = 0;
+    map_memory_of(&pid.to_string(), |entries, flags| {
+        if mmapable(flags) {
+            largest = largest.max(entries);
+        }
+        false
+    })?;
+    let maps = map_memory_of(&pid.to_string(), |entries, flags| {
+        mmapable(flags) && entries == largest
+    })?;
+    let row = RssRow {
+        services: n,
+        maps,
+        rss: kib("VmRSS:")?,
+        anon: kib("RssAnon:")?,
+        file: kib("RssFile:")?,
+        shmem: kib("RssShmem:")?,
+        peak: kib("VmHWM:")?,
+        before_scrape: rss_before_scrape,
+        start,
+    };
+    agent.stop()?;
+    Ok(row)
+}
+
 pub fn run(object: &[u8]) -> Result<Results> {
     let sizing = sizing();
     let settings = settings();
@@ -804,9 +958,11 @@ pub fn run(object: &[u8]) -> Result<Results> {
     // Its maps go before the scrape measurement loads another datapath.
     drop(dp);
     let scrape = scrape_cost(object, &sizing, &settings, &services, &slices)?;
+    let rss = rss_rows()?;
     Ok(Results {
         sizing,
         memory: memory.expect("measured in the first round"),
+        rss,
         program,
         breakdown,
         scrape,
@@ -1092,6 +1248,7 @@ pub fn render(r: &Results, date: &str, machine: &str) -> Result<String> {
         ms(sc.first),
         ms(sc.encode)
     )?;
+    render_rss(&mut md, &r.rss)?;
     writeln!(md, "\n## Targets\n")?;
     writeln!(
         md,
@@ -1116,7 +1273,99 @@ pub fn render(r: &Results, date: &str, machine: &str) -> Result<String> {
             "over"
         }
     )?;
+    for row in &r.rss {
+        writeln!(
+            md,
+            "Target 3, the agent's RSS with {} Services below twice its maps' size ({:.1} MiB): \
+             {:.1} MiB, {}.",
+            row.services,
+            2.0 * mib(row.maps.total),
+            mib(row.rss),
+            verdict(row.met())
+        )?;
+    }
     Ok(md)
+}
+
+/// The memory rows alone (`NODEPORT_BENCH_ONLY=memory`).
+pub fn render_memory_only(date: &str, machine: &str) -> Result<String> {
+    let rows = rss_rows()?;
+    let mut md = String::new();
+    writeln!(md, "# Agent memory benchmark, {date}\n")?;
+    writeln!(md, "Machine: {machine}\n")?;
+    render_rss(&mut md, &rows)?;
+    writeln!(md)?;
+    for row in &rows {
+        writeln!(
+            md,
+            "Target, the agent's RSS with {} Services below twice its maps' size ({:.1} MiB): \
+             {:.1} MiB, {}.",
+            row.services,
+            2.0 * mib(row.maps.total),
+            mib(row.rss),
+            verdict(row.met())
+        )?;
+    }
+    Ok(md)
+}
+
+fn render_rss(md: &mut String, rows: &[RssRow]) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    writeln!(md, "\n## Memory of the agent process\n")?;
+    writeln!(
+        md,
+        "The agent binary (release build) in a network namespace of its own with one external \
+         interface (a veth, native XDP), started on manifests of N Services (the comparison's: \
+         one TCP port and three remote endpoints each, the measured Service two ports; files of \
+         4,096 Services), maps sized for them (`--max-services` N + 17, Maglev M = {MAGLEV_SIZE}), \
+         metrics on and scraped once; then /proc/PID/status. *maps*: the kernel's memlock of \
+         every map the agent holds (/proc/PID/fdinfo), of which the Maglev array. The Maglev and \
+         backend arrays are memory-mapped (BPF_F_MMAPABLE), and a mapping counts in full in the \
+         RSS (as RssFile or RssShmem), so one mapping of them is the floor; target: RSS below \
+         twice the maps' own size.\n"
+    )?;
+    let command = |program: &str, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_else(|e| format!("({e})"))
+    };
+    writeln!(
+        md,
+        "`uname -a`: {}; `nproc`: {}\n",
+        command("uname", &["-a"]),
+        command("nproc", &[])
+    )?;
+    writeln!(
+        md,
+        "| Services | maps, MiB | of which Maglev | RSS before the first scrape, MiB | RSS, MiB | RssAnon | RssFile | RssShmem | peak (VmHWM) | RSS / maps | start to programmed, s | target |"
+    )?;
+    writeln!(
+        md,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    )?;
+    for r in rows {
+        writeln!(
+            md,
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {} |",
+            r.services,
+            mib(r.maps.total),
+            mib(r.maps.maglev),
+            mib(r.before_scrape),
+            mib(r.rss),
+            mib(r.anon),
+            mib(r.file),
+            mib(r.shmem),
+            mib(r.peak),
+            r.rss as f64 / r.maps.total as f64,
+            r.start.as_secs_f64(),
+            verdict(r.met())
+        )?;
+    }
+    Ok(())
 }
 
 /// Quick figures for the console.

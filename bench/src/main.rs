@@ -23,8 +23,10 @@
 //! - `NODEPORT_EBPF_OBJECT`: the plain eBPF object (agent and comparison parts);
 //! - `NODEPORT_AGENT_BIN`: the agent binary the comparison starts;
 //! - `NODEPORT_BENCH_ONLY=agent`, `=datapath`, `=loader` or `=compare`: run only that part
-//!   (default: all),
-//!   e.g. `NODEPORT_BENCH_ONLY=compare cargo xtask bench`;
+//!   (default: all), e.g. `NODEPORT_BENCH_ONLY=compare cargo xtask bench`; `=memory`: only
+//!   the agent part's memory rows (the agent process's RSS), to
+//!   `<out dir>/<date>-agent-memory.md`;
+//! - `NODEPORT_BENCH_RSS_SERVICES=10000,65536`: the sizes of the memory rows (`0`: none);
 //! - `NODEPORT_BENCH_SERVICES=1,1000`: the datapath part at these service counts only;
 //! - `NODEPORT_BENCH_ANY_ACTION=1`: the datapath part does not check the XDP verdicts;
 //! - `NODEPORT_BENCH_QUICK=1`: a short comparison for development (2 rounds, 1 and 1,000
@@ -279,6 +281,8 @@ enum Parts {
     Datapath,
     Agent,
     Loader,
+    /// Only the agent part's memory rows.
+    Memory,
     Compare,
 }
 
@@ -295,10 +299,11 @@ fn main() -> Result<()> {
         Ok("datapath") => Parts::Datapath,
         Ok("agent") => Parts::Agent,
         Ok("loader") => Parts::Loader,
+        Ok("memory") => Parts::Memory,
         Ok("compare") => Parts::Compare,
         Ok(other) => {
             anyhow::bail!(
-                "NODEPORT_BENCH_ONLY={other}: expected agent, datapath, loader or compare"
+                "NODEPORT_BENCH_ONLY={other}: expected agent, memory, datapath, loader or compare"
             )
         }
     };
@@ -328,6 +333,10 @@ fn main() -> Result<()> {
         eprintln!("bench: {}", loader::summary(&results));
         let md = loader::render(&results, &date)?;
         write_results(&out_dir, &format!("{date}-loader.md"), &md)?;
+    }
+    if parts == Parts::Memory {
+        let md = agent::render_memory_only(&date, &machine())?;
+        write_results(&out_dir, &format!("{date}-agent-memory.md"), &md)?;
     }
     if runs(Parts::Compare) {
         let cfg = compare::Config::from_env()?;

@@ -19,7 +19,7 @@ use nodeport_common::{AgentState, DatapathConfig, capacity};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    datapath::{self, Datapath, InterfaceRole, Maps, Sizing, XdpAttachMode},
+    datapath::{self, Datapath, InterfaceRole, Sizing, StartGuard, XdpAttachMode},
     desired::{NodeContext, PortGuard, Reconciler},
     gc::Collector,
     health::{HealthConfig, HealthServer, ServiceHealth},
@@ -466,6 +466,10 @@ struct Agent {
     selection: Selection,
     layout: Layout,
     attached: Attached,
+    /// Set until the first sync: what this start created, undone if it fails.
+    start: Option<StartGuard>,
+    /// The datapath was removed while the agent ran (see `check_attachments`).
+    removed_under_us: bool,
     health: Health,
     /// A health-check port failed to start: retried on the next rounds.
     health_retry: bool,
@@ -486,6 +490,8 @@ struct Agent {
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
+    // Everything that can be checked is checked before anything is created: a start that
+    // stops here leaves the node untouched.
     args.validate()?;
     crate::privileges::check(&args)?;
     let node_name = args
@@ -494,11 +500,39 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .or_else(hostname)
         .context("no --node-name and no host name")?;
     let selection = args.selection()?;
+    if let Some(dir) = &args.manifests {
+        check_manifests_dir(dir)?;
+    }
+    current_layout(&selection)?;
 
     // One agent per pin directory, for this agent's life (held by `Agent`).
     datapath::bpffs::ensure_mounted(&args.bpffs_dir).context("loading the datapath")?;
     let pin_lock = datapath::PinLock::acquire(&args.bpffs_dir)?;
 
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    // Bind now, so a taken port is an error before the datapath is touched.
+    let health = start_health(&args, &mut registry).await?;
+    let metrics_listener = match args.metrics_bind_address.0 {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics on {addr}"))?,
+        ),
+        None => None,
+    };
+    let kube_client = match &args.manifests {
+        Some(_) => None,
+        None => Some(
+            kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?,
+        ),
+    };
+
+    // From here on the start creates things; the guard removes them again if it fails before
+    // the first sync (an earlier run's datapath stays).
+    let start = StartGuard::new(&args.bpffs_dir);
     // The datapath: adopt what a previous agent pinned, if anything.
     let mut dp =
         Datapath::load(&args.sizing(), Some(&args.bpffs_dir)).context("loading the datapath")?;
@@ -519,23 +553,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tracing::info!(entries = n, "removed leftovers of an interrupted run");
     }
 
-    let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = Metrics::register(&mut registry);
-    let health = start_health(&args, &mut registry).await?;
-    // Bind now, so a taken port is an error at start rather than a log line later.
-    let metrics_listener = match args.metrics_bind_address.0 {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("metrics on {addr}"))?,
-        ),
-        None => None,
-    };
-
     // The source of cluster state.
     let (tx, mut rx) = source::channel();
-    let source_stats = match &args.manifests {
-        Some(dir) => {
+    let source_stats = match (&args.manifests, kube_client) {
+        (Some(dir), _) => {
             let dir = dir.clone();
             let stats = source::files::FilesSourceStats::new();
             let task_stats = stats.clone();
@@ -546,10 +567,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
             });
             SourceStats::Files(stats)
         }
-        None => {
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
+        (None, client) => {
+            let client = client.context("no Kubernetes client")?;
             let stats = source::kube::KubeSourceStats::new();
             let config = source::kube::KubeSourceConfig {
                 node_name: Some(node_name.clone()),
@@ -566,10 +585,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
 
     if let Some(listener) = metrics_listener {
-        // The sampler reads the maps at scrape time through handles of its own.
-        let pins = dp.pin_dir().context("the datapath is not pinned")?;
-        let maps =
-            Maps::open_pinned_sized(pins, &dp.sizing).context("opening the maps for metrics")?;
+        // The sampler reads the maps at scrape time through handles of its own, sharing the
+        // memory-mapped arrays with the syncer's (mapped once: they are most of the RSS).
+        let maps = dp.maps.share().context("opening the maps for metrics")?;
         let sampler = Sampler::register(
             &mut registry,
             maps,
@@ -589,8 +607,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
 
     let gc = {
-        let pins = dp.pin_dir().context("the datapath is not pinned")?;
-        let maps = Maps::open_pinned_sized(pins, &dp.sizing)
+        let maps = dp
+            .maps
+            .share()
             .context("opening the maps for the conntrack collector")?;
         Collector::spawn(
             maps,
@@ -613,6 +632,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         selection,
         layout: Layout::default(),
         attached: Attached::new(),
+        start: Some(start),
+        removed_under_us: false,
         health,
         health_retry: false,
         metrics,
@@ -649,9 +670,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     agent.snapshot = first;
     agent.reconcile().await;
+    // Started: from now on the datapath outlives the agent, whatever ends it.
+    if let Some(start) = agent.start.take() {
+        start.disarm();
+    }
 
     let mut periodic = tokio::time::interval(Duration::from_secs(30));
     periodic.tick().await;
+    let mut check = tokio::time::interval(ATTACHMENT_CHECK);
+    check.tick().await;
     loop {
         tokio::select! {
             changed = rx.changed() => {
@@ -670,8 +697,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 if let Err(e) = agent.rescan_interfaces() {
                     tracing::error!(error = format!("{e:#}"), "following the node's interfaces");
                 }
+                agent.check_attachments();
                 agent.reconcile().await;
             }
+            _ = check.tick() => agent.check_attachments(),
             _ = periodic.tick() => {
                 if let Err(e) = agent.rescan_interfaces() {
                     tracing::error!(error = format!("{e:#}"), "following the node's interfaces");
@@ -683,6 +712,47 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     }
     agent.shutdown().await
+}
+
+/// How often the agent checks that its attachments are still in place (`nodeport-agent
+/// detach` sends no event). A few syscalls per interface.
+const ATTACHMENT_CHECK: Duration = Duration::from_secs(5);
+
+/// The manifests directory must exist and be readable before the agent starts (the source
+/// would only find out after the datapath is attached).
+fn check_manifests_dir(dir: &std::path::Path) -> Result<()> {
+    let meta = std::fs::metadata(dir)
+        .with_context(|| format!("--manifests {}: cannot read it", dir.display()))?;
+    if !meta.is_dir() {
+        bail!("--manifests {}: not a directory", dir.display());
+    }
+    std::fs::read_dir(dir)
+        .with_context(|| format!("--manifests {}: cannot list it", dir.display()))?;
+    Ok(())
+}
+
+/// The node's interfaces as the datapath would use them; fails when an external interface
+/// named by a flag does not exist or there is none at all.
+fn current_layout(selection: &Selection) -> Result<Layout> {
+    let all = interfaces::scan().context("listing interfaces")?;
+    let default_route = if selection.external.is_empty() {
+        interfaces::default_route_interfaces().context("reading /proc/net/route")?
+    } else {
+        BTreeSet::new()
+    };
+    for name in &selection.external {
+        if !all.contains_key(name) {
+            bail!("--external-interface {name}: no such interface");
+        }
+    }
+    let layout = selection.layout(&all, &default_route);
+    if layout.external.is_empty() {
+        bail!(
+            "no external interface: none named with --external-interface, and none carries a \
+             default route"
+        );
+    }
+    Ok(layout)
 }
 
 async fn wait_first(rx: &mut SnapshotReceiver) -> Result<Arc<Snapshot>> {
@@ -699,24 +769,12 @@ async fn wait_first(rx: &mut SnapshotReceiver) -> Result<Arc<Snapshot>> {
 impl Agent {
     /// Re-reads the interfaces; attaches to new ones, detaches from gone ones.
     fn rescan_interfaces(&mut self) -> Result<()> {
-        let all = interfaces::scan().context("listing interfaces")?;
-        let default_route = if self.selection.external.is_empty() {
-            interfaces::default_route_interfaces().context("reading /proc/net/route")?
-        } else {
-            BTreeSet::new()
-        };
-        let layout = self.selection.layout(&all, &default_route);
-        if layout.external.is_empty() {
-            bail!(
-                "no external interface: none named with --external-interface, and none carries a \
-                 default route"
-            );
+        // The operator removed the datapath: attaching anything again would undo that.
+        if self.removed_under_us {
+            tracing::debug!("the datapath was removed: not following the interfaces");
+            return Ok(());
         }
-        for name in &self.selection.external {
-            if !all.contains_key(name) {
-                bail!("--external-interface {name}: no such interface");
-            }
-        }
+        let layout = current_layout(&self.selection)?;
         let mut wanted: Attached = Attached::new();
         for (name, iface) in &layout.external {
             wanted.insert((name.clone(), InterfaceRole::External), iface.ifindex);
@@ -745,6 +803,9 @@ impl Agent {
                 (Ok(()), _) => {
                     tracing::info!(interface = %name, role = ?role, "attached");
                     self.attached.insert((name.clone(), *role), *ifindex);
+                    if let Some(start) = &mut self.start {
+                        start.attached(name, *role);
+                    }
                 }
                 (Err(e), InterfaceRole::External) => {
                     return Err(e).context("attaching to an external interface");
@@ -770,6 +831,51 @@ impl Agent {
         self.layout = layout;
         self.listeners = crate::listeners::read();
         Ok(())
+    }
+
+    /// Notices attachments that vanished while their interface stayed (`nodeport-agent
+    /// detach`, a link detached by hand) and turns the agent unhealthy instead of attaching
+    /// again: removing the datapath is an operator's explicit action, and an agent that
+    /// silently undid it would be fighting them. An interface that disappears and comes back
+    /// (a re-created NIC, a new ifindex) is `rescan_interfaces`' business: it is attached again.
+    fn check_attachments(&mut self) {
+        if self.removed_under_us {
+            return;
+        }
+        let mut missing = Vec::new();
+        for ((name, role), ifindex) in &self.attached {
+            // Gone or re-created interfaces took their links with them; rescan_interfaces
+            // follows them.
+            if interfaces::ifindex_of(name) != Some(*ifindex) {
+                continue;
+            }
+            match self
+                .dp
+                .attachment_intact(name, *role, self.args.xdp_mode, *ifindex)
+            {
+                Ok(true) => {}
+                Ok(false) => missing.push(format!("{name} ({role:?})")),
+                Err(e) => tracing::warn!(interface = %name, error = %e, "checking the attachment"),
+            }
+        }
+        tracing::debug!(
+            interfaces = self.attached.len(),
+            missing = missing.len(),
+            "checked the attachments"
+        );
+        if missing.is_empty() {
+            return;
+        }
+        // Unhealthy before the log line says so: whoever reads it sees the 503 at once.
+        self.removed_under_us = true;
+        self.health
+            .all()
+            .for_each(|h| h.set_datapath_attached(false));
+        tracing::error!(
+            interfaces = ?missing,
+            "the datapath was removed from under the agent (`nodeport-agent detach`?); not \
+             attaching it again: /healthz and /livez answer 503 until the agent is restarted"
+        );
     }
 
     fn node_context(&self) -> NodeContext {
@@ -950,6 +1056,10 @@ impl Agent {
         tracing::info!("shutting down");
         if let Some(gc) = self.gc.take() {
             gc.stop();
+        }
+        // A signal is an ordinary end, also before the first sync.
+        if let Some(start) = self.start.take() {
+            start.disarm();
         }
         self.health.shutdown().await;
         let dir = self.args.bpffs_dir.clone();

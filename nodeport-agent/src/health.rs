@@ -212,6 +212,9 @@ struct ProxyState {
     /// The first [`HealthServer::queued_update`] since the last `updated`.
     oldest_pending: Option<SystemTime>,
     node_eligible: bool,
+    /// False once the datapath was removed from under the agent (`nodeport-agent detach`):
+    /// the maps may be up to date, but no packet reaches them.
+    datapath_attached: bool,
 }
 
 /// The proxy health at one instant.
@@ -252,6 +255,7 @@ impl HealthServer {
                 oldest_pending: None,
                 // Eligible until the agent learns otherwise, as kube-proxy.
                 node_eligible: true,
+                datapath_attached: true,
             }),
             responses: Family::default(),
         });
@@ -388,6 +392,12 @@ impl HealthServer {
         lock(&self.inner.shared.proxy).node_eligible = eligible;
     }
 
+    /// Whether the datapath is attached. While it is not, the proxy is unhealthy: `/healthz`
+    /// and `/livez` answer 503 and the Service probes report `serviceProxyHealthy: false`.
+    pub fn set_datapath_attached(&self, attached: bool) {
+        lock(&self.inner.shared.proxy).datapath_attached = attached;
+    }
+
     /// The proxy health, without the node eligibility: what `/livez` and the Service probes'
     /// `serviceProxyHealthy` report.
     pub fn is_healthy(&self) -> bool {
@@ -420,13 +430,14 @@ impl Shared {
     fn proxy_health(&self) -> ProxyHealth {
         let now = self.clock.now();
         let proxy = lock(&self.proxy);
-        let healthy = match (proxy.last_updated, proxy.oldest_pending) {
+        let in_time = match (proxy.last_updated, proxy.oldest_pending) {
             (None, _) | (Some(_), None) => true,
             // A clock that went backwards counts as no time elapsed.
             (Some(_), Some(oldest)) => {
                 now.duration_since(oldest).unwrap_or_default() < self.health_timeout
             }
         };
+        let healthy = in_time && proxy.datapath_attached;
         ProxyHealth {
             healthy,
             last_updated: proxy.last_updated,
@@ -946,6 +957,24 @@ mod tests {
         let server = start(&ManualClock::new()).await;
         let errors = server.set_services(services(&[(0, web(1))])).await;
         assert!(matches!(errors.as_slice(), [HealthError::ZeroPort { .. }]));
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_removed_datapath_makes_the_proxy_unhealthy() {
+        let server = start(&ManualClock::new()).await;
+        let port = healthz_port(&server);
+        server.updated();
+        assert_eq!(get(port, "/healthz").await.status, 200);
+        server.set_datapath_attached(false);
+        assert!(!server.is_healthy());
+        // Applying changes in time does not make up for a datapath no packet reaches.
+        server.updated();
+        for path in ["/healthz", "/livez"] {
+            assert_eq!(get(port, path).await.status, 503, "{path}");
+        }
+        server.set_datapath_attached(true);
+        assert_eq!(get(port, "/healthz").await.status, 200);
         server.shutdown().await;
     }
 

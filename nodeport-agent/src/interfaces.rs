@@ -75,6 +75,14 @@ pub fn scan() -> io::Result<BTreeMap<String, Interface>> {
     Ok(out)
 }
 
+/// The current ifindex of the interface `name`, if it exists.
+pub fn ifindex_of(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
 /// Interfaces that carry an IPv4 default route (from /proc/net/route): the external ones when
 /// the operator names none.
 pub fn default_route_interfaces() -> io::Result<BTreeSet<String>> {

@@ -87,6 +87,18 @@ pub enum ManifestError {
     /// The text is not valid YAML (or JSON); the message carries line and column.
     #[error("{origin}: {message}")]
     Syntax { origin: Origin, message: String },
+    /// A file above [`MAX_FILE_BYTES`]: not read at all.
+    #[error(
+        "{}: {size} bytes, more than the {} MiB a manifest file may hold; split it into several \
+         files",
+        file.display(),
+        limit >> 20
+    )]
+    TooLarge {
+        file: PathBuf,
+        size: u64,
+        limit: u64,
+    },
     #[error("{location}: not a Kubernetes object: {reason}")]
     NotAnObject {
         location: ObjectLocation,
@@ -99,17 +111,6 @@ pub enum ManifestError {
         location: ObjectLocation,
         path: String,
         message: String,
-    },
-    /// Larger than `MAX_FILE_BYTES`: not read.
-    #[error(
-        "{}: {bytes} bytes, more than the {limit} a manifest file may have; not read \
-         (split it into several files)",
-        file.display()
-    )]
-    TooLarge {
-        file: PathBuf,
-        bytes: u64,
-        limit: u64,
     },
     /// Nested deeper than `MAX_DEPTH` (found by `nesting_depth` before parsing).
     #[error(
@@ -267,30 +268,32 @@ pub const MAX_FILE_BYTES: u64 = 16 << 20;
 /// stalling every other file's update (bench/results/*-loader.md has this machine's figures).
 pub const MAX_DEPTH: usize = 64;
 
-/// Reads a file of at most `MAX_FILE_BYTES`, looking at its size before reading it.
-fn read_bounded(file: &Path) -> Result<String, ManifestError> {
+/// Reads a file of at most `limit` bytes; a larger one is refused before any of it is read.
+/// The size is that of the opened file, and the read stops past `limit` in case the file
+/// grows meanwhile.
+fn read_bounded(file: &Path, limit: u64) -> Result<String, ManifestError> {
     use std::io::Read as _;
     let read_error = |source| ManifestError::ReadFile {
         file: file.to_owned(),
         source,
     };
     let handle = fs::File::open(file).map_err(read_error)?;
-    let too_large = |bytes| ManifestError::TooLarge {
+    let too_large = |size| ManifestError::TooLarge {
         file: file.to_owned(),
-        bytes,
-        limit: MAX_FILE_BYTES,
+        size,
+        limit,
     };
     let size = handle.metadata().map_err(read_error)?.len();
-    if size > MAX_FILE_BYTES {
+    if size > limit {
         return Err(too_large(size));
     }
     // The file may grow between the two looks: read one byte past the limit at most.
     let mut text = String::new();
     handle
-        .take(MAX_FILE_BYTES + 1)
+        .take(limit + 1)
         .read_to_string(&mut text)
         .map_err(read_error)?;
-    if text.len() as u64 > MAX_FILE_BYTES {
+    if text.len() as u64 > limit {
         return Err(too_large(text.len() as u64));
     }
     Ok(text)
@@ -392,7 +395,7 @@ impl ParsedFile {
     /// then takes. On failure `previous` is left as it was. Files too large or too deep are
     /// refused before parsing, so that one file cannot keep the loader busy.
     fn refresh(file: &Path, previous: &mut Option<ParsedFile>) -> Result<Self, ManifestError> {
-        let text = read_bounded(file)?;
+        let text = read_bounded(file, MAX_FILE_BYTES)?;
         if previous.as_ref().is_some_and(|p| p.text == text) {
             return Ok(previous.take().expect("checked"));
         }
@@ -810,6 +813,34 @@ mod tests {
         assert_eq!(nesting_depth(&hidden, MAX_DEPTH), Some(2));
         // Every manifest of the examples is far below the limit.
         assert_eq!(nesting_depth(WEB, 8), None);
+    }
+
+    #[test]
+    fn a_file_above_the_size_limit_is_refused_unread_with_its_name_and_the_limit() {
+        let dir = ScratchDir::new("too-large");
+        let mut text = String::from(WEB);
+        text.push('#');
+        text.push_str(&"x".repeat(MAX_FILE_BYTES as usize + 1 - text.len()));
+        assert_eq!(text.len() as u64, MAX_FILE_BYTES + 1);
+        dir.write("a.yaml", WEB).write("huge.yaml", &text);
+        assert_eq!(
+            dir.load_err(),
+            "huge.yaml: 16777217 bytes, more than the 16 MiB a manifest file may hold; split it \
+             into several files"
+        );
+    }
+
+    #[test]
+    fn the_size_limit_is_inclusive() {
+        let dir = ScratchDir::new("size-limit");
+        dir.write("web.yaml", WEB);
+        let file = dir.path().join("web.yaml");
+        let len = WEB.len() as u64;
+        assert_eq!(read_bounded(&file, len).unwrap(), WEB);
+        assert!(matches!(
+            read_bounded(&file, len - 1),
+            Err(ManifestError::TooLarge { size, limit, .. }) if size == len && limit == len - 1
+        ));
     }
 
     #[test]

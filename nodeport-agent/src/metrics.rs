@@ -385,7 +385,7 @@ pub struct Sampler {
 
 impl Sampler {
     /// Registers the scrape-time series. `maps` are handles of their own on the datapath's
-    /// maps (`Maps::open_pinned`).
+    /// maps (`Maps::share`).
     pub fn register(
         registry: &mut Registry,
         maps: Maps,

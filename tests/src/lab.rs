@@ -286,8 +286,8 @@ impl AgentProcess {
                 lock.lock().expect("not poisoned").push(value);
                 cv.notify_all();
             }
-            // Under the lock, so a waiter between its check and its wait does not miss it. The
-            // marker tells `exit_log` the log is complete.
+            // Under the lock, so a waiter between its check and its wait does not miss it.
+            // The marker tells `finish` that the log is complete.
             let (lock, cv) = &*sink;
             lock.lock()
                 .expect("not poisoned")
@@ -330,8 +330,8 @@ impl AgentProcess {
                 return Ok(entries[self.cursor - 1].clone());
             }
             unseen = entries.len();
-            // An agent that exited may still have lines in the pipe: read to the end of its
-            // log (the reader's marker) before giving up on it.
+            // An agent that exits at once can exit before its last lines are read: it has
+            // ended when its log has.
             let ended = entries.last().is_some_and(|e| e["end_of_log"] == true);
             if let Ok(Some(status)) = self.child.try_wait()
                 && ended
@@ -357,6 +357,11 @@ impl AgentProcess {
         self.log.0.lock().expect("not poisoned").iter().any(pred)
     }
 
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The whole log so far, for messages.
     pub fn log_text(&self) -> String {
         tail(&self.log.0.lock().expect("not poisoned"))
@@ -374,24 +379,34 @@ impl AgentProcess {
         self.wait_exit()
     }
 
-    /// Waits for the agent to exit (within `PATIENCE`) and returns its status and whole log
-    /// (an agent refusing to start prints its error last, as plain text).
-    pub fn exit_log(mut self) -> Result<(std::process::ExitStatus, String)> {
-        let status = self.wait_exit()?;
-        let deadline = Instant::now() + PATIENCE;
-        let (lock, cv) = &*self.log;
-        let mut log = lock.lock().expect("not poisoned");
-        while !log.last().is_some_and(|e| e["end_of_log"] == true) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            ensure!(!left.is_zero(), "the agent's log did not end");
-            log = cv.wait_timeout(log, left).expect("not poisoned").0;
-        }
+    /// `finish`, with the log as text (an agent refusing to start prints its error last, as
+    /// plain text).
+    pub fn exit_log(self) -> Result<(std::process::ExitStatus, String)> {
+        let (status, log) = self.finish()?;
         let text = log
             .iter()
             .map(|e| e.to_string())
             .collect::<Vec<_>>()
             .join("\n");
         Ok((status, text))
+    }
+
+    /// Waits for the agent to exit by itself and for the end of its log; the status and the
+    /// whole log (an agent that fails at once may exit before its last lines were read).
+    pub fn finish(mut self) -> Result<(std::process::ExitStatus, Vec<serde_json::Value>)> {
+        let status = self.wait_exit()?;
+        let deadline = Instant::now() + PATIENCE;
+        let (lock, cv) = &*self.log;
+        let mut log = lock.lock().expect("not poisoned");
+        while !log.last().is_some_and(|e| e["end_of_log"] == true) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            ensure!(
+                !left.is_zero(),
+                "the agent's log did not end in {PATIENCE:?}"
+            );
+            log = cv.wait_timeout(log, left).expect("not poisoned").0;
+        }
+        Ok((status, log.clone()))
     }
 
     /// SIGTERM and wait: the agent's clean shutdown.
@@ -618,7 +633,7 @@ impl Lab {
         if self.agent.is_none() {
             self.write_manifests(yaml)?;
         }
-        let args = self.agent_command_line();
+        let args = self.run_args(&self.manifests, &[]);
         let mut agent = AgentProcess::spawn(&self.node1, &args)?;
         let loaded = agent.wait_log("the first manifests load", |e| {
             message_is(e, "manifests loaded")
@@ -641,9 +656,28 @@ impl Lab {
     /// The agent's arguments as `start_agent` passes them (for a second agent on the same
     /// pins, say).
     pub fn agent_command_line(&self) -> Vec<String> {
+        self.run_args(&self.manifests, &[])
+    }
+
+    /// Starts the agent with `manifests` and `extra` flags on top of the lab's, without
+    /// waiting for anything (a start expected to fail); the manifests are written first.
+    pub fn spawn_agent(
+        &self,
+        yaml: &str,
+        manifests: &std::path::Path,
+        extra: &[&str],
+    ) -> Result<AgentProcess> {
+        if manifests == self.manifests {
+            self.write_manifests(yaml)?;
+        }
+        AgentProcess::spawn(&self.node1, &self.run_args(manifests, extra))
+    }
+
+    /// The flags of `run` the lab starts the agent with.
+    fn run_args(&self, manifests: &std::path::Path, extra: &[&str]) -> Vec<String> {
         let mut args = vec![
             "--manifests".to_owned(),
-            self.manifests.display().to_string(),
+            manifests.display().to_string(),
             "--node-name".into(),
             "node-1".into(),
             "--external-interface".into(),
@@ -658,7 +692,36 @@ impl Lab {
             format!("{NODE1}:{METRICS_PORT}"),
         ];
         args.extend(self.extra_agent_args.iter().cloned());
+        args.extend(extra.iter().map(|s| s.to_string()));
         args
+    }
+
+    /// The status code of `path` on the agent's node health server (/healthz, /livez).
+    pub fn node_health(&self, path: &str) -> Result<u16> {
+        Ok(self.http_get(SocketAddrV4::new(NODE1, 10256), path)?.0)
+    }
+
+    /// Deletes node-1's ext0 and creates it again, wired as before (a NIC re-created: same
+    /// name and MAC, a new ifindex).
+    pub fn recreate_node1_ext0(&mut self) -> Result<()> {
+        let mac = mac_of(&self.node1, "ext0")?;
+        let mac = mac.map(|b| format!("{b:02x}")).join(":");
+        self.node1.ip("link del ext0")?;
+        self.node1.ip(&format!(
+            "link add ext0 address {mac} type veth peer name l1 netns {}",
+            self.lan.name
+        ))?;
+        self.lan.ip("link set l1 master br0 up")?;
+        self.node1.ip("link set ext0 up")?;
+        self.node1.ip("addr add 198.18.0.1/24 dev ext0")?;
+        self.node1
+            .ip("route add 198.18.2.0/24 via 198.18.0.2 dev ext0")?;
+        // The bridge port's XDP_PASS went with the old l1 (see `wire`).
+        let dp = self.peer_xdp.as_mut().context("no bridge port program")?;
+        let prog = dp.xdp_program(nodeport_common::programs::XDP_PASS)?;
+        self.lan
+            .run(|| prog.attach("l1", aya::programs::XdpMode::Driver).map(drop))??;
+        Ok(())
     }
 
     /// Waits until the agent has loaded and applied manifests newer than the last applied

@@ -724,7 +724,7 @@ fn hostile_base(lab: &Lab) -> Result<[String; 3]> {
     ])
 }
 
-/// Case 11 (issue #16): a node port on a port the node listens on (inside the node port
+/// Case 12 (issue #16): a node port on a port the node listens on (inside the node port
 /// range), and one outside the range, are refused; the node's own services keep answering;
 /// the rest is served; logs, metrics and `status` say what was refused.
 #[test]
@@ -787,7 +787,125 @@ fn node_ports_on_the_nodes_own_ports_are_refused() -> Result<()> {
     Ok(())
 }
 
-/// Case 12 (issue #16): a newcomer claiming a served node port (its name sorts first) is
+/// Whether a JSON log entry's message starts with `prefix`.
+fn message_starts(entry: &serde_json::Value, prefix: &str) -> bool {
+    entry
+        .pointer("/fields/message")
+        .and_then(|m| m.as_str())
+        .is_some_and(|m| m.starts_with(prefix))
+}
+
+/// The agent's own view of its pins: the attachments `status` lists (interface, hook, link
+/// id), or None when the pin directory holds no datapath.
+fn status_interfaces(lab: &Lab) -> Option<Vec<String>> {
+    let status = lab.status().ok()?;
+    let links = status["attachments"].as_array()?;
+    Some(
+        links
+            .iter()
+            .map(|l| format!("{} {} {}", l["interface"], l["hook"], l["link_id"]))
+            .collect(),
+    )
+}
+
+/// Case 13: a start that fails leaves a fresh node as it found it. A missing manifests
+/// directory stops the agent before it attaches anything; a second external interface
+/// whose driver has no native XDP (a bridge) fails after ext0 was attached, and what the
+/// start attached and pinned goes again.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn a_failed_start_leaves_a_fresh_node_as_it_found_it() -> Result<()> {
+    let mut lab = lab_with_pods("ef")?;
+    let yaml = web(30090, "", &[ready(POD_A, "node-1")]);
+
+    let missing = lab.manifests.join("missing");
+    let agent = lab.spawn_agent(&yaml, &missing, &[])?;
+    let status = agent.wait()?;
+    ensure!(!status.success(), "the agent started without its manifests");
+    ensure!(
+        lab.node1_xdp_program()?.is_none(),
+        "XDP left on ext0 after a start without manifests"
+    );
+    ensure!(
+        !lab.pins.path().exists(),
+        "pins left after a start without manifests: {:?}",
+        std::fs::read_dir(lab.pins.path()).map(|d| d.count())
+    );
+
+    // Fails after attaching: the pod hooks and ext0 first (in name order), then zz0.
+    lab.node1.ip("link add zz0 type bridge")?;
+    lab.node1.ip("link set zz0 up")?;
+    let manifests = lab.manifests.clone();
+    let agent = lab.spawn_agent(&yaml, &manifests, &["--external-interface", "zz0"])?;
+    let (status, entries) = agent.finish()?;
+    let log = entries
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    ensure!(!status.success(), "the agent started without XDP on zz0");
+    // The failure came after attaching, so the start had something to undo.
+    ensure!(
+        entries.iter().any(|e| {
+            lab_message(e, "attached") && e.pointer("/fields/interface") == Some(&"ext0".into())
+        }),
+        "ext0 was not attached before the failure; log:\n{log}"
+    );
+    ensure!(
+        lab.node1_xdp_program()?.is_none(),
+        "XDP left on ext0 after a failed start; log:\n{log}"
+    );
+    ensure!(
+        !lab.pins.path().exists(),
+        "pins left after a failed start: {:?}; log:\n{log}",
+        status_interfaces(&lab)
+    );
+
+    // The node is as good as new: the next start works.
+    lab.start_agent(&yaml)?;
+    ensure!(lab.ask_tcp(np(30090))?.pod == "a");
+    Ok(())
+}
+
+fn lab_message(entry: &serde_json::Value, message: &str) -> bool {
+    nodeport_tests::lab::message_is(entry, message)
+}
+
+/// Case 14: a restart that fails keeps the earlier run's datapath forwarding (the
+/// hitless-restart promise); only what the failed start added goes.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn a_failed_restart_keeps_the_adopted_datapath_forwarding() -> Result<()> {
+    let mut lab = lab_with_pods("e12")?;
+    let yaml = web(30091, "", &[ready(POD_A, "node-1")]);
+    lab.start_agent(&yaml)?;
+    ensure!(lab.ask_tcp(np(30091))?.pod == "a");
+    let before = status_interfaces(&lab).context("no status")?;
+    lab.take_agent()?.kill9()?;
+
+    lab.node1.ip("link add zz0 type bridge")?;
+    lab.node1.ip("link set zz0 up")?;
+    let manifests = lab.manifests.clone();
+    let agent = lab.spawn_agent(&yaml, &manifests, &["--external-interface", "zz0"])?;
+    let status = agent.wait()?;
+    ensure!(!status.success(), "the agent started without XDP on zz0");
+    ensure!(
+        lab.node1_xdp_program()?.is_some(),
+        "the failed restart removed the earlier run's XDP program"
+    );
+    ensure!(
+        lab.ask_tcp(np(30091))?.pod == "a",
+        "the node port stopped answering"
+    );
+    let after = status_interfaces(&lab).context("the pins are gone")?;
+    ensure!(
+        before == after,
+        "the attachments changed: {before:?} -> {after:?}"
+    );
+    Ok(())
+}
+
+/// Case 15 (issue #16): a newcomer claiming a served node port (its name sorts first) is
 /// reported, not served: an open connection and new ones stay with the holder.
 #[test]
 #[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
@@ -835,7 +953,7 @@ fn a_newcomer_never_takes_a_served_node_port() -> Result<()> {
     Ok(())
 }
 
-/// Case 13 (issue #16): the manifests directory replaced under the agent (`mv DIR DIR.old;
+/// Case 16 (issue #16): the manifests directory replaced under the agent (`mv DIR DIR.old;
 /// mkdir DIR; cp`) is followed: a Service added there is programmed, later edits are seen, and
 /// an open connection is not disturbed.
 #[test]
@@ -870,7 +988,7 @@ fn a_replaced_manifests_directory_is_followed() -> Result<()> {
     Ok(())
 }
 
-/// Case 14 (issue #16): a second agent on the same pins refuses to start, naming the first,
+/// Case 17 (issue #16): a second agent on the same pins refuses to start, naming the first,
 /// which keeps serving.
 #[test]
 #[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
@@ -910,7 +1028,7 @@ fn a_second_agent_on_the_same_pins_is_refused() -> Result<()> {
     Ok(())
 }
 
-/// Case 15 (issue #16): frames of another VLAN arriving on the untagged external interface are
+/// Case 18 (issue #16): frames of another VLAN arriving on the untagged external interface are
 /// not load-balanced. With receive VLAN offload (on by default on NICs) the NIC takes the tag
 /// out of the frame before XDP, which then cannot tell VLAN 42 from the untagged network; the
 /// agent turns the offload off where it attaches XDP, so tagged frames keep their tag and pass.
@@ -1012,6 +1130,109 @@ fn frames_of_another_vlan_are_not_load_balanced() -> Result<()> {
     eprintln!(
         "tag beside the frame (veth transmit offload): {balanced} of 5 load-balanced (without \
          the XDP VLAN metadata kfunc, XDP cannot see such a tag)"
+    );
+    Ok(())
+}
+
+/// Case 19: `nodeport-agent detach` under a running agent. The agent notices, says so, and
+/// turns unhealthy (/healthz and /livez 503) instead of attaching again behind the
+/// operator's back, also when a new interface appears.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn detach_under_a_running_agent_turns_it_unhealthy() -> Result<()> {
+    let mut lab = Lab::new("e13")?;
+    lab.add_pod("a", 1, 10)?;
+    lab.start_agent(&web(30092, "", &[ready(POD_A, "node-1")]))?;
+    ensure!(lab.ask_tcp(np(30092))?.pod == "a");
+    ensure!(lab.node_health("/healthz")? == 200);
+
+    let out = std::process::Command::new(nodeport_tests::lab::agent_binary()?)
+        .args(["detach", "--bpffs-dir"])
+        .arg(lab.pins.path())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "detach: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let agent = lab.agent.as_mut().context("no agent")?;
+    agent.wait_log("the agent noticing the detach", |e| {
+        message_starts(e, "the datapath was removed from under the agent")
+    })?;
+    for path in ["/healthz", "/livez"] {
+        let code = lab.node_health(path)?;
+        ensure!(code == 503, "{path} answered {code} after the detach");
+    }
+
+    // A new pod interface is a link event: the agent looks at the interfaces again, and
+    // still attaches nothing.
+    lab.add_pod("b", 1, 11)?;
+    let agent = lab.agent.as_mut().context("no agent")?;
+    agent.wait_log("the agent seeing the new interface", |e| {
+        lab_message(e, "the datapath was removed: not following the interfaces")
+    })?;
+    ensure!(
+        lab.node1_xdp_program()?.is_none(),
+        "the agent attached XDP again after the detach"
+    );
+    ensure!(
+        !lab.pins.path().join("links").exists(),
+        "the agent pinned links again after the detach"
+    );
+    ensure!(lab.node_health("/healthz")? == 503);
+    Ok(())
+}
+
+/// Case 20: an interface that disappears and comes back (a re-created NIC) is attached
+/// again, and the agent stays healthy: only an operator's detach makes it step back.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn a_recreated_interface_is_attached_again() -> Result<()> {
+    let mut lab = Lab::new("e14")?;
+    lab.add_pod("a", 1, 10)?;
+    lab.start_agent(&web(30093, "", &[ready(POD_A, "node-1")]))?;
+    ensure!(lab.ask_tcp(np(30093))?.pod == "a");
+    let old_ifindex = lab.node1.ifindex("ext0")?;
+
+    lab.recreate_node1_ext0()?;
+    let new_ifindex = lab.node1.ifindex("ext0")?;
+    ensure!(new_ifindex != old_ifindex, "ext0 kept its ifindex");
+    let agent = lab.agent.as_mut().context("no agent")?;
+    agent.wait_log("ext0 attached again", |e| {
+        lab_message(e, "attached") && e.pointer("/fields/interface") == Some(&"ext0".into())
+    })?;
+    // The next check of the attachments sees the new link as intact.
+    agent.wait_log("a check of the attachments", |e| {
+        lab_message(e, "checked the attachments") && field(e, "missing") == Some(0)
+    })?;
+    ensure!(
+        lab.node1_xdp_program()?.is_some(),
+        "no XDP on the re-created ext0"
+    );
+    lab.client.ip("neigh flush dev eth0")?;
+    ensure!(lab.ask_tcp(np(30093))?.pod == "a");
+    ensure!(lab.node_health("/healthz")? == 200);
+    Ok(())
+}
+
+fn field(entry: &serde_json::Value, name: &str) -> Option<u64> {
+    nodeport_tests::lab::field_u64(entry, name)
+}
+
+/// Case 21: the memory-mapped Maglev and backend arrays are mapped once in the agent, also
+/// with the metrics endpoint on (its sampler shares the agent's mappings).
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn the_mapped_arrays_are_mapped_once() -> Result<()> {
+    let mut lab = Lab::new("e15")?;
+    lab.start_agent(&web(30094, "", &[]))?;
+    let pid = lab.agent.as_ref().context("no agent")?.pid();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let mapped: Vec<&str> = maps.lines().filter(|l| l.contains("bpf-map")).collect();
+    ensure!(
+        mapped.len() == 2,
+        "expected the backend and Maglev arrays mapped once each:\n{}",
+        mapped.join("\n")
     );
     Ok(())
 }

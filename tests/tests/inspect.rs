@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result, ensure};
 use nodeport_agent::{
-    datapath::{self, Datapath, Maps, PinDir},
+    datapath::{self, Datapath, PinDir},
     dump::{self, DumpOptions},
     gc,
     metrics::{Metrics, Sampler},
@@ -357,7 +357,7 @@ fn dump_and_status_show_what_the_maps_hold() -> Result<()> {
 
     // The collector deletes the dead connection (both entries) and nothing else.
     let pin_dir = PinDir::new(pins.path());
-    let mut gc_maps = Maps::open_pinned_sized(&pin_dir, &dp.sizing)?;
+    let mut gc_maps = dp.maps.share()?;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::register(&mut registry);
     let report = gc::collect_once(&mut gc_maps, &metrics).context("a sweep")?;
@@ -421,7 +421,7 @@ fn dump_and_status_show_what_the_maps_hold() -> Result<()> {
     let (_tx, snapshots) = nodeport_agent::source::channel();
     let mut sampler = Sampler::register(
         &mut registry,
-        Maps::open_pinned_sized(&pin_dir, &dp.sizing)?,
+        dp.maps.share()?,
         settings.config,
         SourceStats::Files(FilesSourceStats::new()),
         snapshots,

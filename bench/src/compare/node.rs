@@ -20,6 +20,9 @@ use super::services::{self, BenchService, NODE_NAME};
 /// How long an agent may take to load and program its manifests (65,536 Services of YAML).
 const AGENT_PATIENCE: Duration = Duration::from_secs(300);
 
+/// Filler Services per manifest file (about 3 MB of YAML).
+const FILLERS_PER_FILE: usize = 4_096;
+
 /// Which iptables backend kube-proxy's rules go into: `legacy` (x_tables, the default) or `nft`
 /// (`NODEPORT_BENCH_IPTABLES`). Debian's default `iptables` is the nft one, but its
 /// iptables-restore did not finish loading the 10,000-Service ruleset (140,000 rules, 50,000
@@ -133,6 +136,17 @@ impl Agent {
         measured: &BenchService,
         maglev_size: Option<u32>,
     ) -> Result<(Self, Duration)> {
+        Self::start_with_metrics(node, fillers, measured, maglev_size, None)
+    }
+
+    /// [`Agent::start`] with the metrics endpoint on `metrics` (off when None).
+    pub fn start_with_metrics(
+        node: &NetNs,
+        fillers: &[BenchService],
+        measured: &BenchService,
+        maglev_size: Option<u32>,
+        metrics: Option<std::net::SocketAddr>,
+    ) -> Result<(Self, Duration)> {
         let manifests = std::env::temp_dir().join(unique_name("km"));
         std::fs::create_dir_all(&manifests)?;
         let mut agent = Self {
@@ -141,10 +155,14 @@ impl Agent {
             manifests,
             applied: 0,
         };
-        std::fs::write(
-            agent.manifests.join("fillers.yaml"),
-            services::yaml_all(fillers),
-        )?;
+        // Files of FILLERS_PER_FILE Services: the agent refuses manifest files above
+        // manifests::MAX_FILE_BYTES (65,536 Services of YAML are about 45 MB).
+        for (i, chunk) in fillers.chunks(FILLERS_PER_FILE).enumerate() {
+            std::fs::write(
+                agent.manifests.join(format!("fillers-{i:03}.yaml")),
+                services::yaml_all(chunk),
+            )?;
+        }
         agent.write_measured(measured)?;
         let mut all: Vec<BenchService> = fillers.to_vec();
         all.push(measured.clone());
@@ -164,7 +182,7 @@ impl Agent {
             "--healthz-bind-address",
             "off",
             "--metrics-bind-address",
-            "off",
+            &metrics.map_or_else(|| "off".to_owned(), |a| a.to_string()),
             "--detach-on-exit",
             // The fillers' node ports run from 20000 up to 60999, inside the default SNAT
             // range 1024-29999: keep SNAT to the range above them, as when these figures were
@@ -221,6 +239,11 @@ impl Agent {
         })?;
         self.applied = revision;
         Ok(())
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> Result<u32> {
+        Ok(self.process.as_ref().context("no agent running")?.pid())
     }
 
     /// SIGTERM: the agent detaches its datapath (`--detach-on-exit`) and exits.

@@ -239,23 +239,50 @@ impl Datapath {
     /// Detaches whatever this datapath attached to `interface` in `role` (when the interface
     /// stops being ours; a vanished interface takes its links with it).
     pub fn detach_interface(&mut self, interface: &str, role: InterfaceRole) -> Result<()> {
-        let Some(pins) = self.pins.clone() else {
-            return Ok(());
+        match &self.pins {
+            Some(pins) => remove_attachment(pins, interface, role),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether what this datapath attached to `interface` in `role` is still in place: every
+    /// hook's link is pinned and still attached to the interface `ifindex`. False after
+    /// `nodeport-agent detach` (the pins are gone) or a link detached by other means. The
+    /// caller checks that `ifindex` is the interface's current one: a vanished interface
+    /// takes its links with it, which is not what this looks for.
+    pub fn attachment_intact(
+        &self,
+        interface: &str,
+        role: InterfaceRole,
+        mode: XdpAttachMode,
+        ifindex: u32,
+    ) -> Result<bool> {
+        // Without pins the links live in this process: nothing else can remove them.
+        let Some(pins) = &self.pins else {
+            return Ok(true);
         };
         let hooks: &[&str] = match role {
-            InterfaceRole::External => &[XDP_NATIVE, XDP_GENERIC, TC_EXT],
+            InterfaceRole::External => &[mode.hook(), TC_EXT],
             InterfaceRole::Pod => &[TC_POD],
         };
         for hook in hooks {
             let pin = pins.links().join(pin_name(hook, interface));
-            remove_link(&pin)?;
-            // On kernels without tcx the TC hook is a clsact filter recorded by a marker.
-            let marker = netlink_marker(&pin);
-            if marker.exists() {
-                remove_link(&marker)?;
+            if *hook != mode.hook() && !tcx_supported() {
+                // A clsact filter has no link to ask; its marker is all there is.
+                if !netlink_marker(&pin).exists() {
+                    return Ok(false);
+                }
+                continue;
+            }
+            let attached_to = pinned_link_ifindex(&pin).map_err(|source| DatapathError::Io {
+                context: format!("reading the link {}", pin.display()),
+                source,
+            })?;
+            if attached_to != Some(ifindex) {
+                return Ok(false);
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Interfaces with a pinned attachment, from the pin directory.
@@ -265,6 +292,91 @@ impl Datapath {
         };
         list_links(pins)
     }
+}
+
+/// Removes the links (and clsact markers) of `interface` in `role` under `pins`.
+pub(super) fn remove_attachment(pins: &PinDir, interface: &str, role: InterfaceRole) -> Result<()> {
+    let hooks: &[&str] = match role {
+        InterfaceRole::External => &[XDP_NATIVE, XDP_GENERIC, TC_EXT],
+        InterfaceRole::Pod => &[TC_POD],
+    };
+    for hook in hooks {
+        let pin = pins.links().join(pin_name(hook, interface));
+        remove_link(&pin)?;
+        // On kernels without tcx the TC hook is a clsact filter recorded by a marker.
+        let marker = netlink_marker(&pin);
+        if marker.exists() {
+            remove_link(&marker)?;
+        }
+    }
+    Ok(())
+}
+
+/// The interface the bpf_link (XDP or tcx) pinned at `pin` is attached to: None when nothing
+/// is pinned there, 0 once the link is detached (its interface gone, or `BPF_LINK_DETACH`).
+/// aya's `LinkInfo` does not expose it, hence bpf(2) directly.
+fn pinned_link_ifindex(pin: &Path) -> std::io::Result<Option<u32>> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    /// The `obj` member of `union bpf_attr`.
+    #[repr(C)]
+    struct ObjAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    /// The `info` member of `union bpf_attr`.
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+        // SAFETY: bpf(2) with an attr of the size passed; pointers in it are valid.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                std::ptr::from_mut(attr),
+                std::mem::size_of::<T>(),
+            )
+        };
+        if ret < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(ret)
+        }
+    }
+    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut obj = ObjAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = match bpf(BPF_OBJ_GET, &mut obj) {
+        Ok(fd) => {
+            // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
+            unsafe { OwnedFd::from_raw_fd(fd as i32) }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // struct bpf_link_info: type, id, prog_id, then a union aligned to 8 whose xdp and tcx
+    // members both begin with the ifindex. A larger, zeroed buffer is accepted by any kernel.
+    let mut info = [0u64; 32];
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let bytes: &[u8] = bytemuck::cast_slice(&info);
+    Ok(Some(u32::from_ne_bytes(
+        bytes[16..20].try_into().expect("4 bytes"),
+    )))
 }
 
 /// Opens a pinned link for adoption; None when there is none.
@@ -338,7 +450,7 @@ fn link_pins(pins: &PinDir) -> Result<Vec<std::fs::DirEntry>> {
     }
 }
 
-fn list_links(pins: &PinDir) -> Result<Vec<AttachedInterface>> {
+pub(super) fn list_links(pins: &PinDir) -> Result<Vec<AttachedInterface>> {
     let mut found = Vec::new();
     for entry in link_pins(pins)? {
         let name = entry.file_name().to_string_lossy().into_owned();

@@ -1,10 +1,10 @@
 //! Typed handles on the datapath's maps, and the layout each map must have.
 
-use std::path::Path;
+use std::{os::fd::AsFd, path::Path};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapInfo, MapType, PerCpuArray, ProgramArray},
+    maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapInfo, MapType, PerCpuArray},
 };
 use nodeport_common::{
     AffinityEntry, AffinityKey, AgentState, BPF_F_MMAPABLE, Backend, COUNTER_SLOTS, CtEntry, CtKey,
@@ -32,8 +32,6 @@ pub struct Maps {
     pub conntrack_new: HashMap<MapData, CtKey, CtEntry>,
     /// Sources that are never an outside client (`NP_LOCAL_NETS`, an LPM trie).
     pub local_nets: LpmTrie<MapData, LocalNetKey, u32>,
-    /// Programs tail-called from the XDP entry point (`NP_PROGS`).
-    pub programs: ProgramArray<MapData>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     pub svc_stats: PerCpuArray<MapData, SvcStats>,
     pub counters: PerCpuArray<MapData, u64>,
@@ -65,18 +63,28 @@ impl Maps {
     /// Builds the handles from maps found by name (`get` hands each one over).
     fn build(mut get: impl FnMut(&'static str) -> Result<Map>, sizing: &Sizing) -> Result<Self> {
         let maglev_slots = sizing.maglev_size * sizing.maglev_blocks();
+        let backends = mapped(get(names::BACKENDS)?, names::BACKENDS, sizing.backends + 1)?;
+        let maglev = mapped(get(names::MAGLEV)?, names::MAGLEV, maglev_slots)?;
+        Self::build_with(get, backends, maglev)
+    }
+
+    /// Builds the handles: `get` hands over the ordinary maps by name.
+    fn build_with(
+        mut get: impl FnMut(&'static str) -> Result<Map>,
+        backends: MmapArray<Backend>,
+        maglev: MmapArray<MaglevSlot>,
+    ) -> Result<Self> {
         Ok(Self {
             config: typed(get(names::CONFIG)?, names::CONFIG)?,
             frontend_ports: typed(get(names::FRONTEND_PORTS)?, names::FRONTEND_PORTS)?,
             snat_addrs: typed(get(names::SNAT_ADDRS)?, names::SNAT_ADDRS)?,
             frontends: typed(get(names::FRONTENDS)?, names::FRONTENDS)?,
-            backends: mapped(get(names::BACKENDS)?, names::BACKENDS, sizing.backends + 1)?,
-            maglev: mapped(get(names::MAGLEV)?, names::MAGLEV, maglev_slots)?,
+            backends,
+            maglev,
             src_ranges: typed(get(names::SRC_RANGES)?, names::SRC_RANGES)?,
             conntrack: typed(get(names::CONNTRACK)?, names::CONNTRACK)?,
             conntrack_new: typed(get(names::CONNTRACK_NEW)?, names::CONNTRACK_NEW)?,
             local_nets: typed(get(names::LOCAL_NETS)?, names::LOCAL_NETS)?,
-            programs: typed(get(names::PROGRAMS)?, names::PROGRAMS)?,
             affinity: typed(get(names::AFFINITY)?, names::AFFINITY)?,
             svc_stats: typed(get(names::SVC_STATS)?, names::SVC_STATS)?,
             counters: typed(get(names::COUNTERS)?, names::COUNTERS)?,
@@ -141,11 +149,53 @@ impl Maps {
         Ok((maps, sizing))
     }
 
-    /// Opens the maps pinned under `pins` by a datapath of known `sizing` (a second set of
-    /// handles for the agent's own use, e.g. the metrics sampler).
-    pub fn open_pinned_sized(pins: &super::PinDir, sizing: &Sizing) -> Result<Self> {
-        Self::build(|name| open_pin(pins, name), sizing)
+    /// A second set of handles on the same maps, for the agent's own use beside the syncer
+    /// (the metrics sampler on its blocking thread). The other maps get a duplicate of their
+    /// fd; the memory-mapped arrays share their one mapping, because a second mapping would
+    /// count their whole size in the RSS again.
+    pub fn share(&self) -> Result<Self> {
+        Self::build_with(
+            |name| dup(self.by_name(name), name),
+            self.backends.share(),
+            self.maglev.share(),
+        )
     }
+
+    /// The handle of the map `name`, whatever its type.
+    fn by_name(&self, name: &'static str) -> &MapData {
+        match name {
+            names::CONFIG => self.config.map(),
+            names::FRONTEND_PORTS => self.frontend_ports.map(),
+            names::SNAT_ADDRS => self.snat_addrs.map(),
+            names::FRONTENDS => self.frontends.map(),
+            names::BACKENDS => self.backends.map(),
+            names::MAGLEV => self.maglev.map(),
+            names::SRC_RANGES => self.src_ranges.map(),
+            names::CONNTRACK => self.conntrack.map(),
+            names::CONNTRACK_NEW => self.conntrack_new.map(),
+            names::LOCAL_NETS => self.local_nets.map(),
+            names::AFFINITY => self.affinity.map(),
+            names::SVC_STATS => self.svc_stats.map(),
+            names::COUNTERS => self.counters.map(),
+            names::SVC_NAMES => self.svc_names.map(),
+            names::AGENT => self.agent.map(),
+            _ => unreachable!("map_specs names every map"),
+        }
+    }
+}
+
+/// A new handle (a duplicated fd) on the same kernel map.
+fn dup(data: &MapData, name: &'static str) -> Result<Map> {
+    let fd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| DatapathError::Io {
+            context: format!("duplicating the fd of {name}"),
+            source,
+        })?;
+    let data = MapData::from_fd(fd).map_err(|source| DatapathError::Map { name, source })?;
+    Map::from_map_data(data).map_err(|source| DatapathError::Map { name, source })
 }
 
 fn open_pin(pins: &super::PinDir, name: &'static str) -> Result<Map> {

@@ -16,6 +16,7 @@ mod maps;
 mod mmap;
 pub mod notices;
 mod object;
+mod start;
 pub mod vlan_offload;
 
 use std::path::{Path, PathBuf};
@@ -31,6 +32,7 @@ pub use conntrack::{CtRecord, CtTable};
 pub use lock::{LockError, PinLock};
 pub use maps::{MapSpec, Maps, map_specs};
 pub use mmap::MmapArray;
+pub use start::StartGuard;
 
 /// Map sizes, from the agent's flags.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -237,8 +239,17 @@ impl Datapath {
                 context: format!("duplicating the fd of {}", p::XDP_NEW_CONNECTION),
                 source,
             })?;
-        self.maps
-            .programs
+        // NP_PROGS stays in the object (it is only written here, and pinned by the loader).
+        let programs = self.ebpf.map_mut(nodeport_common::names::PROGRAMS).ok_or(
+            DatapathError::MissingMap {
+                name: nodeport_common::names::PROGRAMS,
+            },
+        )?;
+        aya::maps::ProgramArray::try_from(programs)
+            .map_err(|source| DatapathError::Map {
+                name: nodeport_common::names::PROGRAMS,
+                source,
+            })?
             .set(
                 nodeport_common::PROG_SLOT_NEW_CONNECTION,
                 &new_connection,
