@@ -91,6 +91,8 @@ struct Row {
     new_flow_local: f64,
     /// The same, the handshake table emptied before a run that it holds whole.
     new_flow_local_hold: f64,
+    /// The same as `new_flow_local` with `NP_CT` holding only the bench's 2 connections.
+    new_flow_local_empty: f64,
     /// The same as `new_flow_local` through `np_xdp_new` directly: no tail call, no lookups
     /// before it.
     new_flow_local_direct: f64,
@@ -465,13 +467,26 @@ fn bench_at(object: &[u8], topo: &Topology, n: u32) -> Result<Row> {
     // A connection whose first packet was a lone ACK: never answered, it stays in NP_CT_NEW.
     let unanswered_frame = frame(CLIENT_PORT + 1, &vip(n), ACK);
     fx.xdp(topo, &unanswered_frame)?;
+    let new_local = frame(CLIENT_PORT, &vip(n), SYN);
+    let new_remote = frame(CLIENT_PORT, &vip(n / 2), SYN);
+    // The new-flow case once more with the established table (nearly) empty: how much the
+    // full table's cache misses cost.
+    let empty = measure_all(
+        &mut fx,
+        &mut template,
+        topo,
+        &[
+            Scenario::restored(bench_programs::RESTORE_ONLY, &new_local, true, XDP_PASS),
+            Scenario::restored(bench_programs::XDP_EXTERNAL, &new_local, true, XDP_PASS),
+        ],
+    )?;
+    // The restore's overhead over bare comes off below, with bare known.
+    let new_flow_local_empty = empty[1].ns - empty[0].ns;
     let filled = fill_established(&mut fx)?;
     ensure!(
         filled == CONNTRACK,
         "the established table took {filled} of {CONNTRACK} entries"
     );
-    let new_local = frame(CLIENT_PORT, &vip(n), SYN);
-    let new_remote = frame(CLIENT_PORT, &vip(n / 2), SYN);
     let scenarios = [
         Scenario::new(programs::XDP_PASS, &remote_frame, XDP_PASS),
         Scenario::new(
@@ -528,6 +543,7 @@ fn bench_at(object: &[u8], topo: &Topology, n: u32) -> Result<Row> {
         new_flow_local_hold: t[8].ns - overhead_vary,
         new_flow_local_direct: t[9].ns - overhead_vary,
         new_flow_remote: t[10].ns - overhead_vary,
+        new_flow_local_empty: new_flow_local_empty + bare,
         new_flow_remote_action: t[10].action,
         new_flow_remote_drops: t[10].snat_drop_share,
     })
@@ -736,7 +752,7 @@ fn datapath(date: &str) -> Result<(Vec<Row>, String)> {
         eprintln!("bench: {n} services ...");
         let row = bench_at(&object, &topo, n)?;
         eprintln!(
-            "bench: {n:>6} services: bare {:.1} ns, established {:.1} ns (remote) {:.1} ns (local), unanswered {:.1} ns, new flow {:.1} ns (churning) {:.1} ns (held) {:.1} ns (direct) {:.1} ns (remote, action {}, {:.1}% SNAT drops), no service {:.1} ns",
+            "bench: {n:>6} services: bare {:.1} ns, established {:.1} ns (remote) {:.1} ns (local), unanswered {:.1} ns, new flow {:.1} ns (churning) {:.1} ns (held) {:.1} ns (direct) {:.1} ns (empty table) {:.1} ns (remote, action {}, {:.1}% SNAT drops), no service {:.1} ns",
             row.bare,
             row.established_remote,
             row.established_local,
@@ -744,6 +760,7 @@ fn datapath(date: &str) -> Result<(Vec<Row>, String)> {
             row.new_flow_local,
             row.new_flow_local_hold,
             row.new_flow_local_direct,
+            row.new_flow_local_empty,
             row.new_flow_remote,
             row.new_flow_remote_action,
             row.new_flow_remote_drops * 100.0,
@@ -788,12 +805,13 @@ fn datapath(date: &str) -> Result<(Vec<Row>, String)> {
              as the XDP program sees it): *churning* 1,000,000 SYNs through the handshake LRU (full \
              after the first 32,768, every insert evicts), *held* {HOLD_REPEAT} SYNs into the emptied \
              handshake table, *direct* the churning case run through `np_xdp_new` itself, without the \
-             tail call and the lookups before it; *remote* the churning case to a remote backend (SNAT \
+             tail call and the lookups before it; *established table empty* the churning case before \
+             `NP_CT` was filled; *remote* the churning case to a remote backend (SNAT \
              port search).\n"
         )?;
         writeln!(
             md,
-            "| services | bare XDP_PASS | no service | established, remote SNAT (XDP_TX) | established, local pod (to TC) | unanswered, local pod | new flow, local, churning | new flow, local, held | new flow, local, direct | new flow, remote SNAT, churning | restore overhead | restore + new client overhead |"
+            "| services | bare XDP_PASS | no service | established, remote SNAT (XDP_TX) | established, local pod (to TC) | unanswered, local pod | new flow, local, churning | new flow, local, held | new flow, local, direct | new flow, local, established table empty | new flow, remote SNAT, churning | restore overhead | restore + new client overhead |"
         )?;
         writeln!(
             md,
@@ -802,7 +820,7 @@ fn datapath(date: &str) -> Result<(Vec<Row>, String)> {
         for r in &rows {
             writeln!(
                 md,
-                "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
                 r.services,
                 r.bare,
                 r.no_service,
@@ -812,6 +830,7 @@ fn datapath(date: &str) -> Result<(Vec<Row>, String)> {
                 r.new_flow_local,
                 r.new_flow_local_hold,
                 r.new_flow_local_direct,
+                r.new_flow_local_empty,
                 r.new_flow_remote,
                 r.restore - r.bare,
                 r.restore_vary - r.bare

@@ -20,7 +20,7 @@ use std::{
     net::{SocketAddrV4, TcpStream},
     sync::{
         Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -122,6 +122,171 @@ fn load(lab: &Lab, to: SocketAddrV4, workers: usize, max: u64, duration: Duratio
     Ok(out)
 }
 
+/// Spoofed SYNs: sources in 198.19.128.0/17 (inside the bench's 198.18.0.0/15, assigned to
+/// nobody: the answers die unroutable in node-1), one raw socket in the client's namespace,
+/// as fast as it goes, to `targets` in turn, until `stop` (or 100 million packets).
+fn flood(
+    lab: &Lab,
+    targets: &[SocketAddrV4],
+    rate: u64,
+    stop: &AtomicBool,
+    sent: &AtomicU64,
+) -> Result<()> {
+    lab.client.run(|| -> Result<()> {
+        // SAFETY: a raw socket; IPPROTO_RAW implies IP_HDRINCL (the kernel fills in the IPv4
+        // checksum and length).
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let mut i: u32 = 0;
+        let mut pkt = [0u8; 40];
+        let started = Instant::now();
+        while !stop.load(Ordering::Relaxed) && i < 100_000_000 {
+            // Paced in batches of 64 (rate 0: as fast as it goes).
+            if rate != 0 && i % 64 == 0 {
+                let due = Duration::from_secs_f64(f64::from(i) / rate as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            let to = targets[(i as usize) % targets.len()];
+            let src = 0xc613_8000 | (i.wrapping_mul(2_654_435_761) & 0x7fff);
+            let sport = 1024 + (i % 60_000) as u16;
+            syn_packet(&mut pkt, src, u32::from(*to.ip()), sport, to.port(), i);
+            // SAFETY: sockaddr_in for the destination, the packet buffer and its length.
+            let addr = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*to.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            let n = unsafe {
+                libc::sendto(
+                    fd,
+                    pkt.as_ptr().cast(),
+                    pkt.len(),
+                    0,
+                    std::ptr::from_ref(&addr).cast(),
+                    size_of::<libc::sockaddr_in>() as u32,
+                )
+            };
+            if n > 0 {
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+            i = i.wrapping_add(1);
+        }
+        // SAFETY: our socket.
+        unsafe { libc::close(fd) };
+        Ok(())
+    })?
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4 + TCP SYN with a correct TCP checksum.
+fn syn_packet(p: &mut [u8; 40], src: u32, dst: u32, sport: u16, dport: u16, seq: u32) {
+    p.fill(0);
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&40u16.to_be_bytes());
+    p[8] = 64;
+    p[9] = libc::IPPROTO_TCP as u8;
+    p[12..16].copy_from_slice(&src.to_be_bytes());
+    p[16..20].copy_from_slice(&dst.to_be_bytes());
+    let t = &mut p[20..];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[4..8].copy_from_slice(&seq.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = 0x02;
+    t[14..16].copy_from_slice(&64_240u16.to_be_bytes());
+    let mut sum: u32 = (src >> 16) + (src & 0xffff) + (dst >> 16) + (dst & 0xffff) + 6 + 20;
+    for w in t.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    let c = fold(sum);
+    p[36..38].copy_from_slice(&c.to_be_bytes());
+}
+
+/// What a flood did to the legitimate traffic.
+#[derive(Clone, Debug, Default)]
+pub struct Flood {
+    pub duration: Duration,
+    pub spoofed_per_s: f64,
+    /// Requests on connections opened before the flood (one to each Service), answered / asked.
+    pub long_answered: u64,
+    pub long_asked: u64,
+    /// New connections during the flood, to each Service.
+    pub new_mixed: Load,
+    pub new_far: Load,
+}
+
+/// Spoofed SYNs per second of the flood case (`NODEPORT_BENCH_FLOOD_RATE`, 0: unpaced).
+fn flood_rate() -> Result<u64> {
+    match std::env::var("NODEPORT_BENCH_FLOOD_RATE") {
+        Ok(v) => v.parse().context("NODEPORT_BENCH_FLOOD_RATE"),
+        Err(_) => Ok(FLOOD_RATE),
+    }
+}
+
+/// Both arms' node can take this many spoofed SYNs a second on the shared 2 cores (the
+/// sender's context pays for the node's path on veths, iptables' conntrack included).
+const FLOOD_RATE: u64 = 15_000;
+
+fn flood_case(lab: &Lab, duration: Duration) -> Result<Flood> {
+    let mixed = SocketAddrV4::new(NODE1, MIXED_PORT);
+    let far = SocketAddrV4::new(NODE1, FAR_PORT);
+    let mut long = vec![lab.connect(mixed, None)?, lab.connect(far, None)?];
+    for c in &mut long {
+        c.ask()?;
+    }
+    let stop = AtomicBool::new(false);
+    let sent = AtomicU64::new(0);
+    let started = Instant::now();
+    let mut out = Flood::default();
+    std::thread::scope(|s| -> Result<()> {
+        let rate = flood_rate()?;
+        let (stop, sent) = (&stop, &sent);
+        let flooder = s.spawn(move || flood(lab, &[mixed, far], rate, stop, sent));
+        // Let the flood fill the tables first.
+        std::thread::sleep(Duration::from_millis(500));
+        let mut news = [Load::default(), Load::default()];
+        let mut i = 0usize;
+        while started.elapsed() < duration {
+            for c in &mut long {
+                out.long_asked += 1;
+                out.long_answered += u64::from(c.ask().is_ok());
+            }
+            let to = if i % 2 == 0 { mixed } else { far };
+            let news = &mut news[i % 2];
+            i += 1;
+            let one = load(lab, to, 1, 1, PATIENCE)?;
+            news.done += one.done;
+            news.failed += one.failed;
+            news.over_1s += one.over_1s;
+            news.latencies.extend(one.latencies);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        stop.store(true, Ordering::Relaxed);
+        flooder.join().expect("the flooder")?;
+        let [mut m, mut f] = news;
+        for n in [&mut m, &mut f] {
+            n.elapsed = started.elapsed();
+            n.latencies.sort_by(f64::total_cmp);
+        }
+        (out.new_mixed, out.new_far) = (m, f);
+        Ok(())
+    })?;
+    out.duration = started.elapsed();
+    out.spoofed_per_s = sent.load(Ordering::Relaxed) as f64 / out.duration.as_secs_f64();
+    Ok(out)
+}
+
 /// kube-proxy's iptables mode for the two Services, reduced to what a packet from outside
 /// walks: node port -> KUBE-EXT (mark for masquerade) -> KUBE-SVC (random) -> KUBE-SEP (DNAT),
 /// and KUBE-POSTROUTING's MASQUERADE of marked packets.
@@ -210,6 +375,7 @@ pub struct ArmResult {
     pub far: Load,
     /// SNAT drops (nodeport: the datapath's counter; iptables: the nat table's insert failures).
     pub snat_drops: u64,
+    pub flood: Flood,
 }
 
 pub struct Results {
@@ -259,6 +425,8 @@ fn run_arm(lab: &mut Lab, nodeport: bool, sustained: Duration) -> Result<ArmResu
     let mixed_load = load(lab, mixed, CONCURRENCY, REQUESTS, Duration::from_secs(120))?;
     let far_load = load(lab, far, 2, u64::MAX, sustained)?;
     let after = drops(lab)?;
+    eprintln!("bench: snat: flood ...");
+    let flood = flood_case(lab, sustained.min(Duration::from_secs(30)))?;
     ensure!(
         mixed_load.pods.len() == 3,
         "the mixed Service answered from {:?}",
@@ -268,6 +436,7 @@ fn run_arm(lab: &mut Lab, nodeport: bool, sustained: Duration) -> Result<ArmResu
         mixed: mixed_load,
         far: far_load,
         snat_drops: after - before,
+        flood,
     })
 }
 
@@ -360,6 +529,42 @@ pub fn render(r: &Results, date: &str, machine: &str) -> Result<String> {
         if np.snat_drops == 0 { "met" } else { "NOT met" },
         np.snat_drops
     )?;
+    writeln!(
+        md,
+        "\n## SYN flood\n\nSpoofed SYNs (sources in 198.19.128.0/17) from one raw socket in the client's namespace to both Services in turn, paced at {} a second (`NODEPORT_BENCH_FLOOD_RATE`, 0: unpaced), for {} s; meanwhile, every ~20 ms, one request on a connection to each Service opened before the flood, and one new connection, alternately to each Service (3 s to connect, 3 s for the answer).\n",
+        flood_rate()?,
+        r.nodeport.flood.duration.as_secs()
+    )?;
+    writeln!(
+        md,
+        "| arm | spoofed SYNs sent/s | long connections: requests answered | new connections to `mixed` that succeeded | to `far` (remote pod, SNAT) | new connections slower than 1 s |"
+    )?;
+    writeln!(md, "|---|---:|---:|---:|---:|---:|")?;
+    let share = |l: &Load| {
+        let tried = l.done + l.failed;
+        format!(
+            "{}/{} ({:.1}%)",
+            l.done,
+            tried,
+            l.done as f64 * 100.0 / tried.max(1) as f64
+        )
+    };
+    for (name, a) in [
+        ("iptables (kube-proxy)", &r.iptables),
+        ("nodeport", &r.nodeport),
+    ] {
+        let f = &a.flood;
+        writeln!(
+            md,
+            "| {name} | {:.0} | {}/{} | {} | {} | {} |",
+            f.spoofed_per_s,
+            f.long_answered,
+            f.long_asked,
+            share(&f.new_mixed),
+            share(&f.new_far),
+            f.new_mixed.over_1s + f.new_far.over_1s
+        )?;
+    }
     writeln!(
         md,
         "\nAnswers per pod, mixed: iptables {:?}; nodeport {:?}.",
