@@ -142,7 +142,7 @@ fn flood(
         let started = Instant::now();
         while !stop.load(Ordering::Relaxed) && i < 100_000_000 {
             // Paced in batches of 64 (rate 0: as fast as it goes).
-            if rate != 0 && i % 64 == 0 {
+            if rate != 0 && i.is_multiple_of(64) {
                 let due = Duration::from_secs_f64(f64::from(i) / rate as f64);
                 if let Some(wait) = due.checked_sub(started.elapsed()) {
                     std::thread::sleep(wait);
@@ -262,7 +262,7 @@ fn flood_case(lab: &Lab, duration: Duration) -> Result<Flood> {
                 out.long_asked += 1;
                 out.long_answered += u64::from(c.ask().is_ok());
             }
-            let to = if i % 2 == 0 { mixed } else { far };
+            let to = if i.is_multiple_of(2) { mixed } else { far };
             let news = &mut news[i % 2];
             i += 1;
             let one = load(lab, to, 1, 1, PATIENCE)?;

@@ -389,6 +389,9 @@ pub struct ReportInput<'a> {
     pub machine: &'a str,
     /// The whole bench run (all parts), for the report.
     pub total: std::time::Duration,
+    /// Pages of other parts of the same run (the SNAT comparison), appended as they are,
+    /// their headings one level down.
+    pub extra: &'a [String],
 }
 
 fn plots(input: &ReportInput, dir: &Path) -> Result<Vec<(String, String)>> {
@@ -655,6 +658,17 @@ pub fn write(input: &ReportInput, dir: &Path) -> Result<String> {
             md,
             "The datapath part did not run in this invocation (`NODEPORT_BENCH_ONLY=compare`); see bench/results/.\n"
         )?,
+    }
+
+    for page in input.extra {
+        for line in page.lines() {
+            if line.starts_with('#') {
+                writeln!(md, "#{line}")?;
+            } else {
+                writeln!(md, "{line}")?;
+            }
+        }
+        writeln!(md)?;
     }
 
     writeln!(md, "## Plots\n")?;
