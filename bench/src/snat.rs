@@ -375,6 +375,8 @@ pub struct ArmResult {
     pub far: Load,
     /// SNAT drops (nodeport: the datapath's counter; iptables: the nat table's insert failures).
     pub snat_drops: u64,
+    /// The most SNAT ports the agent's census saw held towards one backend during the run.
+    pub snat_held_max: u64,
     pub flood: Flood,
 }
 
@@ -423,7 +425,22 @@ fn run_arm(lab: &mut Lab, nodeport: bool, sustained: Duration) -> Result<ArmResu
     }
     let before = drops(lab)?;
     let mixed_load = load(lab, mixed, CONCURRENCY, REQUESTS, Duration::from_secs(120))?;
-    let far_load = load(lab, far, 2, u64::MAX, sustained)?;
+    // SNAT ports held towards the busiest backend, as the agent's census counted them at its
+    // last conntrack sweep during the run (nodeport only).
+    let mut held = Vec::new();
+    let far_load = std::thread::scope(|s| -> Result<Load> {
+        let run = s.spawn(|| load(lab, far, 2, u64::MAX, sustained));
+        while !run.is_finished() {
+            std::thread::sleep(Duration::from_secs(1));
+            if nodeport
+                && let Ok(scrape) = lab.scrape()
+                && let Some(v) = scrape.value("nodeport_snat_ports_max_per_backend", &[])
+            {
+                held.push(v as u64);
+            }
+        }
+        run.join().expect("the loader")
+    })?;
     let after = drops(lab)?;
     eprintln!("bench: snat: flood ...");
     let flood = flood_case(lab, sustained.min(Duration::from_secs(30)))?;
@@ -436,6 +453,7 @@ fn run_arm(lab: &mut Lab, nodeport: bool, sustained: Duration) -> Result<ArmResu
         mixed: mixed_load,
         far: far_load,
         snat_drops: after - before,
+        snat_held_max: held.iter().copied().max().unwrap_or(0),
         flood,
     })
 }
@@ -491,17 +509,20 @@ pub fn render(r: &Results, date: &str, machine: &str) -> Result<String> {
     )?;
     writeln!(
         md,
-        "| arm | mixed: requests/s | p50 ms | p99 ms | max ms | slower than 1 s | failed | far: new connections/s for {} s | failed | SNAT drops |",
+        "| arm | mixed: requests/s | p50 ms | p99 ms | max ms | slower than 1 s | failed | far: new connections/s for {} s | failed | SNAT drops | most SNAT ports held towards far's pod (agent census) |",
         r.sustained.as_secs()
     )?;
-    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(
+        md,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )?;
     for (name, a) in [
         ("iptables (kube-proxy)", &r.iptables),
         ("nodeport", &r.nodeport),
     ] {
         writeln!(
             md,
-            "| {name} | {:.0} | {:.3} | {:.3} | {:.1} | {} | {} | {:.0} | {} | {} |",
+            "| {name} | {:.0} | {:.3} | {:.3} | {:.1} | {} | {} | {:.0} | {} | {} | {} |",
             a.mixed.rate(),
             a.mixed.pct(0.5),
             a.mixed.pct(0.99),
@@ -510,7 +531,12 @@ pub fn render(r: &Results, date: &str, machine: &str) -> Result<String> {
             a.mixed.failed,
             a.far.rate(),
             a.far.failed,
-            a.snat_drops
+            a.snat_drops,
+            if name == "nodeport" {
+                a.snat_held_max.to_string()
+            } else {
+                "–".into()
+            }
         )?;
     }
     writeln!(
