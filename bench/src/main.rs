@@ -38,6 +38,8 @@
 //!   `NODEPORT_BENCH_ONLY=datapath NODEPORT_BENCH_DATAPATH=snat-capacity cargo xtask bench`;
 //! - `NODEPORT_BENCH_FLOOD_RATE=15000`: spoofed SYNs per second of the SNAT part's flood case
 //!   (0: as fast as one raw socket goes);
+//! - `NODEPORT_BENCH_SNAT_AGENT_ARGS="--conntrack-tcp-closing-timeout 1"`: extra agent flags in
+//!   the SNAT part (experiments);
 //! - `NODEPORT_BENCH_ANY_ACTION=1`: the datapath part does not check the XDP verdicts;
 //! - `NODEPORT_BENCH_QUICK=1`: a short comparison for development (2 rounds, 1 and 1,000
 //!   Services, shorter runs); its report goes to a temporary directory, never bench/; the

@@ -478,6 +478,11 @@ pub fn run(quick: bool) -> Result<Results> {
     crate::compare::node::flush_rules(&lab.node1)?;
 
     eprintln!("bench: snat: nodeport arm ...");
+    // Experiments: other agent flags (e.g. timeouts), `NODEPORT_BENCH_SNAT_AGENT_ARGS`.
+    if let Ok(extra) = std::env::var("NODEPORT_BENCH_SNAT_AGENT_ARGS") {
+        let extra: Vec<&str> = extra.split_whitespace().collect();
+        lab.agent_args(&extra);
+    }
     lab.start_agent(&manifests())?;
     let nodeport = run_arm(&mut lab, true, sustained)?;
     let _ = lab.take_agent()?.terminate();
@@ -496,6 +501,9 @@ pub fn render(r: &Results, date: &str, machine: &str) -> Result<String> {
     )?;
     writeln!(md, "Machine: {machine}\n")?;
     writeln!(md, "Load average at the end: {}\n", crate::load_average())?;
+    if let Ok(extra) = std::env::var("NODEPORT_BENCH_SNAT_AGENT_ARGS") {
+        writeln!(md, "Agent flags added: `{extra}`\n")?;
+    }
     writeln!(
         md,
         "The two-node lab (client, node-1, node-2 on one bridge). Service `mixed`: pods a and b on \
