@@ -25,6 +25,8 @@ unsafe impl aya::Pod for BenchTemplate {}
 pub mod programs {
     /// Template restore, then the production XDP path.
     pub const XDP_EXTERNAL: &str = "np_bench_ext";
+    /// Template restore, then the new-connection program (`np_xdp_new`) without the tail call.
+    pub const XDP_NEW_CONNECTION: &str = "np_bench_new";
     /// Template restore, then XDP_PASS: the cost of the restore itself.
     pub const RESTORE_ONLY: &str = "np_bench_restore";
 }

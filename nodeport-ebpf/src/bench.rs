@@ -59,6 +59,14 @@ pub fn np_bench_ext(ctx: XdpContext) -> u32 {
     crate::xdp_ext_verdict(&ctx)
 }
 
+/// The new-connection program alone, as `np_xdp_ext` tail-calls it: the difference to
+/// `np_bench_ext` on the same first packet is the tail call and the lookups before it.
+#[xdp]
+pub fn np_bench_new(ctx: XdpContext) -> u32 {
+    restore(&ctx);
+    crate::xdp_verdict(crate::xdp_ext::process_new(&ctx))
+}
+
 #[xdp]
 pub fn np_bench_restore(ctx: XdpContext) -> u32 {
     restore(&ctx);

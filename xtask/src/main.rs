@@ -37,8 +37,8 @@ enum Task {
     },
     /// Measure the datapath, the agent, and nodeport against kube-proxy's iptables rules
     /// (needs root); results go to bench/results/, the comparison to bench/REPORT.md and
-    /// bench/plots/. NODEPORT_BENCH_ONLY=datapath|agent|compare runs one part,
-    /// NODEPORT_BENCH_QUICK=1 a short comparison (see bench/src/main.rs).
+    /// bench/plots/. NODEPORT_BENCH_ONLY=datapath|agent|snat|compare runs one part,
+    /// NODEPORT_BENCH_QUICK=1 a short pass (see bench/src/main.rs).
     Bench,
     /// Show nodeport at work: a little cluster in network namespaces, the agent on
     /// examples/, real traffic, a live endpoint change and an agent restart (needs root).

@@ -369,7 +369,18 @@ pub struct DatapathRow {
     pub established_local: f64,
     pub established_remote: f64,
     pub new_flow_local: f64,
+    /// A new flow to a remote backend (SNAT port search), the handshake table churning.
+    pub new_flow_remote: f64,
 }
+
+/// The per-packet figures of the run before the two conntrack tables (2026-11-21): services,
+/// established local, established remote, new flow local.
+const PREVIOUS_DATAPATH: &[(u32, f64, f64, f64)] = &[
+    (1, 94.0, 84.0, 1863.0),
+    (1_000, 93.0, 88.0, 1962.0),
+    (10_000, 91.0, 82.0, 1865.0),
+    (65_536, 92.0, 84.0, 1880.0),
+];
 
 pub struct ReportInput<'a> {
     pub results: &'a Results,
@@ -378,6 +389,9 @@ pub struct ReportInput<'a> {
     pub machine: &'a str,
     /// The whole bench run (all parts), for the report.
     pub total: std::time::Duration,
+    /// Pages of other parts of the same run (the SNAT comparison), appended as they are,
+    /// their headings one level down.
+    pub extra: &'a [String],
 }
 
 fn plots(input: &ReportInput, dir: &Path) -> Result<Vec<(String, String)>> {
@@ -603,22 +617,36 @@ pub fn write(input: &ReportInput, dir: &Path) -> Result<String> {
             writeln!(
                 md,
                 "From the datapath part of the same run (details in bench/results/): the XDP program's \
-                 kernel-measured ns per packet, next to a bare XDP_PASS program.\n"
+                 kernel-measured ns per packet, next to a bare XDP_PASS program. Established \
+                 connections opened by a handshake (in `NP_CT`); new flows with a new client every \
+                 repetition, the established table full and the handshake LRU churning. *previous*: \
+                 the run of 2026-11-21, before the two conntrack tables (its established connections \
+                 were opened by a lone ACK).\n"
             )?;
             writeln!(
                 md,
-                "| Services | bare XDP_PASS | established, local pod | established, remote (XDP_TX) | new flow, local pod |"
+                "| Services | bare XDP_PASS | established, local pod (previous) | established, remote SNAT, XDP_TX (previous) | new flow, local pod (previous) | new flow, remote SNAT | spoofed SYNs one core absorbs (local / remote) |"
             )?;
-            writeln!(md, "|---:|---:|---:|---:|---:|")?;
+            writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|")?;
             for row in rows {
+                let prev = PREVIOUS_DATAPATH.iter().find(|p| p.0 == row.services);
+                let p = |f: fn(&(u32, f64, f64, f64)) -> f64| {
+                    prev.map_or("–".to_owned(), |v| format!("{:.0}", f(v)))
+                };
                 writeln!(
                     md,
-                    "| {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                    "| {} | {:.1} | {:.1} ({}) | {:.1} ({}) | {:.1} ({}) | {:.1} | {:.2} / {:.2} M/s |",
                     row.services,
                     row.bare,
                     row.established_local,
+                    p(|v| v.1),
                     row.established_remote,
-                    row.new_flow_local
+                    p(|v| v.2),
+                    row.new_flow_local,
+                    p(|v| v.3),
+                    row.new_flow_remote,
+                    1e3 / row.new_flow_local.max(1.0),
+                    1e3 / row.new_flow_remote.max(1.0)
                 )?;
             }
             writeln!(
@@ -630,6 +658,17 @@ pub fn write(input: &ReportInput, dir: &Path) -> Result<String> {
             md,
             "The datapath part did not run in this invocation (`NODEPORT_BENCH_ONLY=compare`); see bench/results/.\n"
         )?,
+    }
+
+    for page in input.extra {
+        for line in page.lines() {
+            if line.starts_with('#') {
+                writeln!(md, "#{line}")?;
+            } else {
+                writeln!(md, "{line}")?;
+            }
+        }
+        writeln!(md)?;
     }
 
     writeln!(md, "## Plots\n")?;
