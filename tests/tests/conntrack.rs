@@ -13,7 +13,7 @@ use std::{
     process::{Child, Stdio},
     sync::{
         Mutex, MutexGuard,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -496,13 +496,12 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Legitimate new connections from the client, one after another, until `stop`: each one
-/// connects, asks and closes. Returns (attempts, failures, the first failure).
+/// Legitimate new connections from the client, one after another (about 400 a second at
+/// most), until `stop`: each one connects, asks and closes. Returns (attempts, failures, the first failure).
 fn legit_stream(
     client: &NetNs,
     to: SocketAddrV4,
     stop: &AtomicBool,
-    done: &AtomicU64,
 ) -> Result<(u64, u64, Option<String>)> {
     client.run(|| {
         let (mut attempts, mut failures, mut first) = (0u64, 0u64, None);
@@ -516,7 +515,8 @@ fn legit_stream(
                 failures += 1;
                 first.get_or_insert_with(|| format!("{e:#}"));
             }
-            done.fetch_add(1, Ordering::Relaxed);
+            // Paced, so the client's TIME_WAIT sockets do not use up its ephemeral ports.
+            std::thread::sleep(Duration::from_millis(2));
         }
         (attempts, failures, first)
     })
@@ -568,64 +568,70 @@ fn tiny_handshake_table_evicts_without_breaking_connections() -> Result<()> {
     let mut lab = Lab::new("k5")?;
     lab.add_pod("a", 1, 10)?;
     lab.add_pod("c", 2, 10)?;
+    // d: a UDP sink on node-2. A one-way UDP flow never leaves the handshake table, so the
+    // churn evicts its entries: the flow must come back on its SNAT port each time.
+    lab.add_pod("d", 2, 11)?;
+    lab.stop_pod_server("d");
+    let sink = Server::udp_sink(&lab.pod("d").ns)?;
     lab.agent_args(&["--conntrack-handshake-size", "64"]);
-    lab.start_agent(&svc(
-        "web",
-        30140,
-        "TCP",
-        &[(POD_A, "node-1"), (POD_C, "node-2")],
-    ))?;
+    lab.start_agent(&manifests::join(&[
+        svc("web", 30140, "TCP", &[(POD_A, "node-1"), (POD_C, "node-2")]),
+        svc("oneway", 30142, "UDP", &[("198.18.2.11", "node-2")]),
+    ]))?;
     let attacker = Attacker::new(&lab)?;
     let mut long = long_lived(&lab, np(30140), 6)?;
+    let udp = lab.client.run(|| -> Result<UdpSocket> {
+        let u = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        u.connect(np(30142))?;
+        Ok(u)
+    })??;
 
-    const SHORT: u64 = 400;
-    const THREADS: u64 = 8;
+    const THREADS: usize = 8;
     let stop = AtomicBool::new(false);
-    let done = AtomicU64::new(0);
-    let (results, churn) = std::thread::scope(|s| {
+    let never = AtomicBool::new(false);
+    let (results, churn, stream) = std::thread::scope(|s| {
         let churn = s.spawn(|| {
-            syn_flood(
+            let r = syn_flood(
                 &attacker.sender,
                 (NODE1, 30140),
                 FloodLimits {
-                    max_frames: 20_000,
+                    max_frames: 10_000,
                     max_time: Duration::from_secs(20),
-                    rate: 2_000,
+                    rate: 5_000,
                 },
-                &stop,
-            )
+                &never,
+            );
+            stop.store(true, Ordering::Relaxed);
+            r
+        });
+        let stream = s.spawn(|| -> Result<usize> {
+            let mut sent = 0;
+            while !stop.load(Ordering::Relaxed) {
+                udp.send(format!("U {sent}\n").as_bytes())?;
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(sent)
         });
         let workers: Vec<_> = (0..THREADS)
-            .map(|_| {
-                s.spawn(|| {
-                    lab.client.run(|| {
-                        let mut failures = Vec::new();
-                        for _ in 0..SHORT / THREADS {
-                            let r = connect(np(30140)).and_then(|mut c| ask(&mut c));
-                            if let Err(e) = r {
-                                failures.push(format!("{e:#}"));
-                            }
-                            done.fetch_add(1, Ordering::Relaxed);
-                        }
-                        failures
-                    })
-                })
-            })
+            .map(|_| s.spawn(|| legit_stream(&lab.client, np(30140), &stop)))
             .collect();
         let results: Vec<_> = workers.into_iter().map(|w| w.join()).collect();
-        stop.store(true, Ordering::Relaxed);
-        (results, churn.join())
+        (results, churn.join(), stream.join())
     });
     let churn = churn
-        .map_err(|_| anyhow::anyhow!("flood panicked"))?
+        .map_err(|_| anyhow::anyhow!("churn panicked"))?
         .context("the SYN churn")?;
-    let mut failures = Vec::new();
+    let (mut attempts, mut failures, mut first) = (0, 0, None);
     for r in results {
-        failures.extend(r.map_err(|_| anyhow::anyhow!("worker panicked"))??);
+        let (a, f, e) = r.map_err(|_| anyhow::anyhow!("worker panicked"))??;
+        attempts += a;
+        failures += f;
+        first = first.or(e);
     }
     eprintln!(
-        "{SHORT} short connections, {} failed; {} spoofed SYNs in {:?} ({:.0}/s); events: recreated {}, revived {}; partner_lost drops {}",
-        failures.len(),
+        "{attempts} short connections ({THREADS} at a time), {failures} failed{}; {} spoofed SYNs in {:?} ({:.0}/s); events: partner recreated {}, revived {}; partner_lost drops {}",
+        first.map(|f| format!(", first: {f}")).unwrap_or_default(),
         churn.sent,
         churn.elapsed,
         churn.rate(),
@@ -638,8 +644,29 @@ fn tiny_handshake_table_evicts_without_breaking_connections() -> Result<()> {
         "the churn did not exceed the handshake table"
     );
     ensure!(
-        failures.is_empty(),
-        "short connections failed: {failures:?}"
+        attempts > 0 && failures == 0,
+        "{failures} of {attempts} short connections failed"
+    );
+    let sent = stream.map_err(|_| anyhow::anyhow!("UDP stream panicked"))??;
+    let deadline = Instant::now() + PATIENCE;
+    while sink.datagrams().len() < sent && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let datagrams = sink.datagrams();
+    let sources: std::collections::BTreeSet<_> = datagrams.iter().map(|(p, _)| *p).collect();
+    eprintln!(
+        "one-way UDP flow: sent {sent}, received {} from {sources:?}; events now: partner recreated {}; handshake table: {}",
+        datagrams.len(),
+        event(&lab, "conntrack_partner_recreated")?,
+        lab.dump()?["conntrack"]["handshake"]
+    );
+    ensure!(
+        datagrams.len() == sent,
+        "the one-way UDP flow lost datagrams"
+    );
+    ensure!(
+        sources.len() == 1,
+        "the one-way UDP flow changed its SNAT port: {sources:?}"
     );
     check_long_lived(&mut long, "after the churn")?;
     Ok(())
@@ -654,6 +681,7 @@ fn tiny_handshake_table_evicts_without_breaking_connections() -> Result<()> {
 fn syn_flood_spares_established_and_new_connections() -> Result<()> {
     let _serial = serial();
     const HANDSHAKE: u64 = 1024;
+    const FLOOD: u64 = 60_000;
     let mut lab = Lab::new("k6")?;
     lab.add_pod("a", 1, 10)?;
     lab.add_pod("c", 2, 10)?;
@@ -667,32 +695,25 @@ fn syn_flood_spares_established_and_new_connections() -> Result<()> {
     let attacker = Attacker::new(&lab)?;
     let mut long = long_lived(&lab, np(30150), 4)?;
 
-    // The legitimate stream ends the flood once it has made enough attempts; the flood's own
-    // bounds stop it in any case.
-    const LEGIT: u64 = 300;
-    let stop_flood = AtomicBool::new(false);
+    // The flood runs its bounded course; the legitimate stream runs as long as it does.
     let stop_legit = AtomicBool::new(false);
-    let done = AtomicU64::new(0);
+    let never = AtomicBool::new(false);
     let (flood, legit) = std::thread::scope(|s| {
         let flood = s.spawn(|| {
             let r = syn_flood(
                 &attacker.sender,
                 (NODE1, 30150),
                 FloodLimits {
-                    max_frames: 200_000,
-                    max_time: Duration::from_secs(15),
+                    max_frames: FLOOD,
+                    max_time: Duration::from_secs(20),
                     rate: 20_000,
                 },
-                &stop_flood,
+                &never,
             );
             stop_legit.store(true, Ordering::Relaxed);
             r
         });
-        let legit = s.spawn(|| legit_stream(&lab.client, np(30150), &stop_legit, &done));
-        while done.load(Ordering::Relaxed) < LEGIT && !flood.is_finished() {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        stop_flood.store(true, Ordering::Relaxed);
+        let legit = s.spawn(|| legit_stream(&lab.client, np(30150), &stop_legit));
         (flood.join(), legit.join())
     });
     let flood = flood
