@@ -116,7 +116,6 @@ impl FrameSender {
 
     /// A TCP segment from `src` to `dst` with `flags` (TCP_* of nodeport_common), full
     /// checksums.
-    #[expect(clippy::too_many_arguments, reason = "a TCP header's fields")]
     pub fn tcp(
         &self,
         src: (Ipv4Addr, u16),
