@@ -5,7 +5,8 @@
 //!
 //! Timeouts are shortened with the agent's flags, so waiting past one takes seconds; those
 //! waits are the scenario, everything else is awaited. The cases run one at a time (a lock):
-//! the flood would otherwise starve its neighbours on a small machine.
+//! the flood would otherwise starve its neighbours on a small machine. Every name starts with
+//! `conntrack_`, so `cargo xtask test conntrack` selects them.
 
 use std::{
     io::{Read, Write},
@@ -185,7 +186,7 @@ fn lab_with_line_servers(
 /// second meanwhile.
 #[test]
 #[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
-fn half_closed_connections_get_their_late_answer() -> Result<()> {
+fn conntrack_half_closed_connections_get_their_late_answer() -> Result<()> {
     let _serial = serial();
     let linger = SHORT_TIMEOUT * 3;
     let yaml = manifests::join(&[
@@ -234,7 +235,7 @@ fn half_closed_connections_get_their_late_answer() -> Result<()> {
 /// past the closing timeout, and the pod's application never reads the attacker's bytes.
 #[test]
 #[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
-fn spoofed_rst_and_data_do_not_break_a_connection() -> Result<()> {
+fn conntrack_spoofed_rst_and_data_do_not_break_a_connection() -> Result<()> {
     let _serial = serial();
     let yaml = manifests::join(&[
         svc("local", 30110, "TCP", &[(POD_A, "node-1")]),
@@ -321,7 +322,7 @@ fn spoofed_rst_and_data_do_not_break_a_connection() -> Result<()> {
 /// link never carries it.
 #[test]
 #[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
-fn reply_injection_from_a_pod_is_dropped() -> Result<()> {
+fn conntrack_reply_injection_from_a_pod_is_dropped() -> Result<()> {
     let _serial = serial();
     let mut lab = Lab::new("k3")?;
     lab.add_pod("a", 1, 10)?;
@@ -399,7 +400,7 @@ fn reply_injection_from_a_pod_is_dropped() -> Result<()> {
 /// each keeps its own port throughout (the dump and the backend agree), nothing crosses.
 #[test]
 #[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
-fn one_way_udp_streams_keep_their_snat_ports() -> Result<()> {
+fn conntrack_one_way_udp_streams_keep_their_snat_ports() -> Result<()> {
     let _serial = serial();
     let mut lab = Lab::new("k4")?;
     lab.add_pod("c", 2, 10)?;
@@ -563,7 +564,7 @@ fn check_long_lived(conns: &mut [(TcpStream, String)], when: &str) -> Result<()>
 /// table, and long-lived connections: every short one succeeds, the long ones survive.
 #[test]
 #[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
-fn tiny_handshake_table_evicts_without_breaking_connections() -> Result<()> {
+fn conntrack_tiny_handshake_table_evicts_without_breaking_connections() -> Result<()> {
     let _serial = serial();
     let mut lab = Lab::new("k5")?;
     lab.add_pod("a", 1, 10)?;
@@ -678,7 +679,7 @@ fn tiny_handshake_table_evicts_without_breaking_connections() -> Result<()> {
 /// the new ones succeed.
 #[test]
 #[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
-fn syn_flood_spares_established_and_new_connections() -> Result<()> {
+fn conntrack_syn_flood_spares_established_and_new_connections() -> Result<()> {
     let _serial = serial();
     const HANDSHAKE: u64 = 1024;
     const FLOOD: u64 = 60_000;
@@ -754,7 +755,7 @@ fn syn_flood_spares_established_and_new_connections() -> Result<()> {
 /// through SNAT).
 #[test]
 #[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
-fn ab_and_iperf3_through_the_node_port() -> Result<()> {
+fn conntrack_ab_and_iperf3_through_the_node_port() -> Result<()> {
     let _serial = serial();
     let mut lab = Lab::new("k7")?;
     lab.add_pod("a", 1, 10)?;
