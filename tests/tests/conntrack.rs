@@ -845,3 +845,58 @@ fn conntrack_ab_and_iperf3_through_the_node_port() -> Result<()> {
     ensure!(lab.counter("snat_port_exhausted")? == 0);
     Ok(())
 }
+
+/// Case 2b: a spoofed RST on a connection whose client has nothing more to say (it half-closed
+/// and waits for the answer, as in case 1): the pod's late answer must still arrive. The
+/// client never talks again, so nothing undoes the RST the datapath took.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn conntrack_spoofed_rst_on_a_waiting_client_does_not_lose_the_answer() -> Result<()> {
+    let _serial = serial();
+    let linger = SHORT_TIMEOUT * 3;
+    let yaml = manifests::join(&[
+        svc("local", 30170, "TCP", &[(POD_A, "node-1")]),
+        svc("remote", 30171, "TCP", &[(POD_C, "node-2")]),
+    ]);
+    let (lab, _sa, _sc) = lab_with_line_servers("k8", linger, &yaml, &[])?;
+    let attacker = Attacker::new(&lab)?;
+    let mut rng = Rng::seeded();
+    let mut conns = Vec::new();
+    for (port, pod) in [(30170, "a"), (30171, "c")] {
+        let mut s = open(&lab, np(port))?;
+        let (answer, _) = ask(&mut s)?;
+        ensure!(answer == pod, "{port} answered by {answer}");
+        s.shutdown(Shutdown::Write)?;
+        let cport = s.local_addr()?.port();
+        await_state(&lab, cport, "half-closed")?;
+        let frame = attacker.sender.tcp(
+            (CLIENT, cport),
+            (NODE1, port),
+            rng.next_u32(),
+            rng.next_u32(),
+            TCP_RST,
+            b"",
+        )?;
+        attacker.sender.send(&frame)?;
+        await_state(&lab, cport, "closing")?;
+        conns.push((s, pod, cport));
+    }
+    let mut lost = Vec::new();
+    for (mut s, pod, cport) in conns {
+        s.set_read_timeout(Some(linger + Duration::from_secs(5)))?;
+        let mut rest = String::new();
+        let read = s.read_to_string(&mut rest);
+        eprintln!(
+            "{pod}: after a spoofed RST: {read:?} {rest:?}; dump now: {:?}",
+            connection(&lab, cport)?
+        );
+        if rest != format!("{pod} late\n") {
+            lost.push(pod);
+        }
+    }
+    ensure!(
+        lost.is_empty(),
+        "a spoofed RST lost the late answer of {lost:?}"
+    );
+    Ok(())
+}
