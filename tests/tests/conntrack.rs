@@ -900,3 +900,91 @@ fn conntrack_spoofed_rst_on_a_waiting_client_does_not_lose_the_answer() -> Resul
     );
     Ok(())
 }
+
+/// Case 8: one client port to two node ports of the same local pod (TCP with SO_REUSEADDR,
+/// and one UDP socket): the pod sees two distinct tuples (the second source port rewritten),
+/// each answer comes back on its own connection, from its own frontend.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn conntrack_two_frontends_of_one_pod_from_one_client_port() -> Result<()> {
+    let _serial = serial();
+    let mut lab = Lab::new("k9")?;
+    lab.add_pod("a", 1, 10)?;
+    lab.start_agent(&manifests::join(&[
+        svc("one", 30180, "TCP", &[(POD_A, "node-1")]),
+        svc("two", 30181, "TCP", &[(POD_A, "node-1")]),
+        svc("uone", 30182, "UDP", &[(POD_A, "node-1")]),
+        svc("utwo", 30183, "UDP", &[(POD_A, "node-1")]),
+    ]))?;
+    // TCP: two sockets bound to one port.
+    let (mut one, mut two) = lab.client.run(|| -> Result<(TcpStream, TcpStream)> {
+        let bind = |port: u16| -> Result<socket2::Socket> {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            s.bind(&SocketAddr::from((CLIENT, port)).into())?;
+            Ok(s)
+        };
+        let first = bind(0)?;
+        let port = first
+            .local_addr()?
+            .as_socket()
+            .context("an inet address")?
+            .port();
+        let second = bind(port)?;
+        first.connect_timeout(&SocketAddr::V4(np(30180)).into(), Duration::from_secs(5))?;
+        second.connect_timeout(&SocketAddr::V4(np(30181)).into(), Duration::from_secs(5))?;
+        let (a, b): (TcpStream, TcpStream) = (first.into(), second.into());
+        a.set_read_timeout(Some(PATIENCE))?;
+        b.set_read_timeout(Some(PATIENCE))?;
+        Ok((a, b))
+    })??;
+    ensure!(
+        one.local_addr()? == two.local_addr()?,
+        "not one client port"
+    );
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        for s in [&mut one, &mut two] {
+            let (pod, at_pod) = ask(s)?;
+            ensure!(pod == "a");
+            seen.push(at_pod);
+        }
+    }
+    let (p1, p2) = (seen[0], seen[1]);
+    eprintln!("TCP from {}: the pod saw {p1} and {p2}", one.local_addr()?);
+    ensure!(p1 != p2, "the pod saw one tuple for two connections");
+    ensure!(
+        seen.chunks(2).all(|c| c[0] == p1 && c[1] == p2),
+        "a connection changed its tuple at the pod: {seen:?}"
+    );
+
+    // UDP: one socket, two node ports.
+    let socket = lab.client.run(|| UdpSocket::bind((CLIENT, 0)))??;
+    socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut answers = Vec::new();
+    for round in 0..3 {
+        for port in [30182u16, 30183] {
+            socket.send_to(b"hello\n", np(port))?;
+            let mut buf = [0u8; 256];
+            let (n, from) = socket
+                .recv_from(&mut buf)
+                .with_context(|| format!("no UDP answer from {port} (round {round})"))?;
+            let text = String::from_utf8_lossy(&buf[..n]).trim().to_owned();
+            answers.push((port, from, text));
+        }
+    }
+    eprintln!("UDP from {}: {answers:?}", socket.local_addr()?);
+    for (port, from, _) in &answers {
+        ensure!(
+            *from == SocketAddr::V4(np(*port)),
+            "an answer to {port} came from {from}"
+        );
+    }
+    let at_pod: std::collections::BTreeSet<_> = answers.iter().map(|(_, _, t)| t.clone()).collect();
+    ensure!(
+        at_pod.len() == 2,
+        "the pod saw {} tuples for two UDP flows: {at_pod:?}",
+        at_pod.len()
+    );
+    Ok(())
+}
