@@ -988,3 +988,49 @@ fn conntrack_two_frontends_of_one_pod_from_one_client_port() -> Result<()> {
     );
     Ok(())
 }
+
+/// Case 9: new connections from sources no outside client can have (the node's own address,
+/// its pod network from --pod-cidr, loopback), spoofed from the client's link: dropped and
+/// counted (`martian_source`), the pod never sees them; a real client still gets through.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn conntrack_martian_sources_never_reach_a_pod() -> Result<()> {
+    let _serial = serial();
+    let mut lab = Lab::new("ka")?;
+    lab.add_pod("a", 1, 10)?;
+    lab.agent_args(&["--pod-cidr", "198.18.1.0/24"]);
+    lab.start_agent(&svc("web", 30190, "TCP", &[(POD_A, "node-1")]))?;
+    let attacker = Attacker::new(&lab)?;
+    const MARK: &[u8] = b"MARTIAN-SYN-PAYLOAD";
+    let sniffer = Sniffer::start(&lab.pod("a").ns, "eth0", MARK)?;
+    let before = lab.counter("martian_source")?;
+    let sources = [
+        NODE1,
+        Ipv4Addr::new(198, 18, 1, 77),
+        Ipv4Addr::new(127, 0, 0, 1),
+    ];
+    let mut rng = Rng::seeded();
+    for src in sources {
+        // A SYN carrying data, so the sniffer can tell it.
+        let frame = attacker.sender.tcp(
+            (src, 40_000),
+            (NODE1, 30190),
+            rng.next_u32(),
+            0,
+            nodeport_common::TCP_SYN,
+            MARK,
+        )?;
+        attacker.sender.send(&frame)?;
+    }
+    let after = await_counter(&lab, "martian_source", before + sources.len() as u64)?;
+    eprintln!("martian_source: {before} -> {after}");
+    let mut s = open(&lab, np(30190))?;
+    ensure!(ask(&mut s)?.0 == "a");
+    ensure!(sniffer.frames() > 0, "the sniffer saw nothing at all");
+    ensure!(
+        sniffer.hits().is_empty(),
+        "{} martian SYNs reached the pod",
+        sniffer.hits().len()
+    );
+    Ok(())
+}
