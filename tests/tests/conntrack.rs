@@ -1034,3 +1034,85 @@ fn conntrack_martian_sources_never_reach_a_pod() -> Result<()> {
     );
     Ok(())
 }
+
+/// Case 10: another pod on node-1 answers first, as the backend, on a new connection to a
+/// local pod (here the backend's answers are held back by a rule in its own namespace until
+/// the other pod has spoken, so the race is won every time): the connection must not be
+/// bound to the wrong pod's device. Nothing the other pod sends reaches the client, and once
+/// the backend's answers flow, the connection completes.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn conntrack_a_pod_answering_first_for_another_does_not_take_its_connection() -> Result<()> {
+    let _serial = serial();
+    let mut lab = Lab::new("kb")?;
+    lab.add_pod("a", 1, 10)?;
+    lab.add_pod("b", 1, 11)?;
+    lab.start_agent(&svc("web", 30200, "TCP", &[(POD_A, "node-1")]))?;
+    const MARK: &[u8] = b"FIRST-ANSWER-FROM-POD-B";
+    let sniffer = Sniffer::start(&lab.client, "eth0", MARK)?;
+    let hold = ["OUTPUT", "-p", "tcp", "--sport", "8080", "-j", "DROP"];
+    let a_ns = &lab.pod("a").ns;
+    a_ns.exec("iptables", &[&["-A"][..], &hold[..]].concat())?;
+
+    std::thread::scope(|s| -> Result<()> {
+        let client = s.spawn(|| -> Result<String> {
+            let mut c = open(&lab, np(30200))?;
+            Ok(ask(&mut c)?.0)
+        });
+        // The client's SYN created the connection; a has not answered.
+        let deadline = Instant::now() + PATIENCE;
+        let port = loop {
+            let found = lab
+                .connections()?
+                .into_iter()
+                .find(|c| c["frontend"] == format!("{NODE1}:30200"));
+            if let Some(c) = found {
+                let client = c["client"].as_str().context("client")?.to_owned();
+                break client
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .context("client port")?;
+            }
+            ensure!(Instant::now() < deadline, "no connection in the dump");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let b = FrameSender::new(&lab.pod("b").ns, "eth0", &lab.node1, "p-b")?;
+        let mut rng = Rng::seeded();
+        let frame = b.tcp(
+            (POD_A_ADDR, POD_PORT),
+            (CLIENT, port),
+            rng.next_u32(),
+            rng.next_u32(),
+            TCP_ACK,
+            MARK,
+        )?;
+        let before = lab.counter("reply_wrong_interface")?;
+        b.send(&frame)?;
+        // Either b's packet is dropped (counted), or it went through: wait for one of them.
+        let deadline = Instant::now() + PATIENCE;
+        while lab.counter("reply_wrong_interface")? == before
+            && sniffer.hits().is_empty()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let injected = sniffer.hits().len();
+        a_ns.exec("iptables", &[&["-D"][..], &hold[..]].concat())?;
+        let answer = client
+            .join()
+            .map_err(|_| anyhow::anyhow!("client panicked"))?;
+        eprintln!(
+            "b's packet reached the client's link {injected} times; reply_wrong_interface {before} -> {}; the client's connection: {answer:?}",
+            lab.counter("reply_wrong_interface")?
+        );
+        ensure!(
+            injected == 0,
+            "pod b's packet, spoofing pod a, reached the client"
+        );
+        ensure!(
+            answer.as_ref().is_ok_and(|a| a == "a"),
+            "the connection to pod a failed once b had answered first: {answer:?}"
+        );
+        Ok(())
+    })
+}
