@@ -4,6 +4,8 @@
 
 pub mod agent;
 pub mod fixture;
+pub mod flood;
 pub mod lab;
 pub mod netns;
 pub mod packet;
+pub mod servers;

@@ -90,6 +90,7 @@ fn test(skip_lint: bool, filter: Option<String>) -> Result<()> {
     }
     let toolchain = prereqs::ensure()?;
     prereqs::ensure_iptables()?;
+    prereqs::ensure_test_clients()?;
     let object = ebpf::build(&toolchain, ebpf::Flavour::Datapath)?;
     if !skip_lint {
         println!("xtask: cargo fmt --check");

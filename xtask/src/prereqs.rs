@@ -118,6 +118,21 @@ pub fn ensure_iptables() -> Result<()> {
     apt_install(&["iptables"])
 }
 
+/// Debian's `ab` (apache2-utils) and `iperf3`: real clients of the conntrack end-to-end
+/// tests (tests/tests/conntrack.rs).
+pub fn ensure_test_clients() -> Result<()> {
+    if have("ab") && have("iperf3") {
+        return Ok(());
+    }
+    if !(is_root() && is_debian_like()) {
+        bail!(
+            "the conntrack end-to-end tests run `ab` and `iperf3` \
+             (Debian: apache2-utils, iperf3); install them and run again"
+        );
+    }
+    apt_install(&["apache2-utils", "iperf3"])
+}
+
 /// Makes sure the eBPF crate can be built, installing what is missing when allowed.
 pub fn ensure() -> Result<BpfToolchain> {
     if std::env::var("NODEPORT_BPF_TOOLCHAIN").as_deref() == Ok("nightly") {
