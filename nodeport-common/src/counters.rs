@@ -128,6 +128,12 @@ counters! {
     /// A packet found its connection expired (idle past its timeout) but still whole, and
     /// carried on with it (same backend, same SNAT port) instead of starting a new one.
     EventCtRevived = 53, Event, "conntrack_revived";
+    /// An RST outside its sender's sequence window (a blind spoof, or a stale one): passed to
+    /// the endpoint, which drops it too, without closing the connection here.
+    EventCtRstIgnored = 54, Event, "conntrack_rst_ignored";
+    /// A new connection took the SNAT port of a closed one (both FINs or an RST) whose tuple
+    /// was the only one left, its SYN being past the old sequence (as Linux NAT does).
+    EventSnatTakeover = 55, Event, "snat_port_taken_over";
 }
 
 /// Size of the `NP_COUNTERS` array (one more than the highest index; room to grow).

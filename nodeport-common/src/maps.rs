@@ -456,8 +456,15 @@ pub struct CtEntry {
     pub route_smac: [u8; 6],
     pub route_dmac: [u8; 6],
     pub state: CtState,
+    /// TCP: the sequence number after this direction's last segment (host order; the highest
+    /// seen, so a retransmission does not move it back), and the highest acknowledgement it
+    /// sent. Written by this direction only. Both 0: not known yet (a new or rebuilt entry).
+    /// They tell an RST its endpoint would take from a blind guess, a pod's first answer from
+    /// a spoofed one, and when a closed connection's SNAT port may go to a new one.
+    pub seq_next: u32,
+    pub ack_max: u32,
 }
-assert_size!(CtEntry, 64);
+assert_size!(CtEntry, 72);
 
 impl CtEntry {
     /// Key of the entry for the other direction: this entry's rewritten tuple, reversed.
@@ -473,6 +480,94 @@ impl CtEntry {
             _pad: 0,
         }
     }
+}
+
+/// `a` comes after `b` in TCP sequence space (RFC 793's modular comparison, Linux `after`).
+#[inline(always)]
+pub const fn seq_after(a: u32, b: u32) -> bool {
+    (b.wrapping_sub(a) as i32) < 0
+}
+
+/// How far behind a direction's sequence an RST or an acknowledgement may be: what can be in
+/// flight unacknowledged. Linux conntrack uses the receiver's window; this bound is a window
+/// of 1 MiB without knowing the scale, so a blind guess hits it once in 4,096 tries at most.
+pub const SEQ_WINDOW: u32 = 1 << 20;
+
+impl CtEntry {
+    /// Whether this direction's sequence numbers are known (a packet of it was seen).
+    #[inline(always)]
+    pub const fn seq_known(&self) -> bool {
+        self.seq_next != 0 || self.ack_max != 0
+    }
+
+    /// Notes a TCP segment of this entry's direction: `seq`, the sequence number after it
+    /// (`seq_end`, counting SYN and FIN) and its acknowledgement (`ack`, when `has_ack`).
+    #[inline(always)]
+    pub fn note_segment(&mut self, seq_end: u32, ack: u32, has_ack: bool) {
+        let known = self.seq_known();
+        if !known || seq_after(seq_end, self.seq_next) {
+            self.seq_next = seq_end;
+        }
+        if has_ack && (!known || seq_after(ack, self.ack_max)) {
+            self.ack_max = ack;
+        }
+    }
+}
+
+/// The sequence number after a TCP segment: its own plus its data, plus one for a SYN and one
+/// for a FIN (each takes a sequence number).
+#[inline(always)]
+pub const fn tcp_seq_end(seq: u32, payload_len: u32, flags: u8) -> u32 {
+    seq.wrapping_add(payload_len)
+        .wrapping_add((flags & TCP_SYN != 0) as u32)
+        .wrapping_add((flags & TCP_FIN != 0) as u32)
+}
+
+/// Whether an RST with sequence number `seq`, sent by the direction of `sender`, is one its
+/// receiver could take (Linux nf_conntrack_proto_tcp's window check, "invalid rst"): not
+/// beyond what the sender has sent, not before what the receiver has acknowledged (or, when
+/// that is not known, not more than [`SEQ_WINDOW`] behind). Unknown sequence numbers (a new
+/// or rebuilt entry) accept it: nothing better is known.
+#[inline(always)]
+pub fn rst_in_window(seq: u32, sender: &CtEntry, receiver: Option<&CtEntry>) -> bool {
+    if !sender.seq_known() {
+        return true;
+    }
+    let end = sender.seq_next;
+    let start = match receiver {
+        Some(r) if r.seq_known() && !seq_after(r.ack_max, end) => {
+            // The receiver acknowledged up to here; bound the distance all the same.
+            if end.wrapping_sub(r.ack_max) <= SEQ_WINDOW {
+                r.ack_max
+            } else {
+                end.wrapping_sub(SEQ_WINDOW)
+            }
+        }
+        _ => end.wrapping_sub(SEQ_WINDOW),
+    };
+    end.wrapping_sub(seq) <= end.wrapping_sub(start)
+}
+
+/// Whether `ack`, acknowledging the direction of `peer`, acknowledges what that direction
+/// sent: not beyond it, and at most [`SEQ_WINDOW`] behind. A blind spoofer does not know it.
+#[inline(always)]
+pub const fn ack_in_window(ack: u32, peer: &CtEntry) -> bool {
+    !peer.seq_known() || peer.seq_next.wrapping_sub(ack) <= SEQ_WINDOW
+}
+
+/// Whether a closing TCP connection's reply tuple may go to a new connection whose first
+/// sequence number ends at `new_seq_end`, the old one's client direction being `old_forward`
+/// (Linux nf_nat_used_tuple_harder): the old connection is over (both FINs, or an RST), and
+/// the new SYN's sequence is past the old client's, so a backend socket still in TIME_WAIT
+/// takes it as a new connection (tcp_timewait_state_process) instead of answering it as the
+/// old one.
+#[inline(always)]
+pub fn may_take_over(old_state: &CtState, old_forward: Option<&CtEntry>, new_seq_end: u32) -> bool {
+    old_state.closing()
+        && match old_forward {
+            Some(f) if f.seq_known() => seq_after(new_seq_end, f.seq_next),
+            _ => true,
+        }
 }
 
 /// Whether the entries `a` (under `key_a`) and `b` (under `key_b`) are the two directions of
@@ -819,5 +914,136 @@ mod tests {
             ..rep
         };
         assert!(!ct_pair(&fwd_key, &fwd, &rep_key, &other));
+    }
+
+    // Sequence checks after nf_conntrack_proto_tcp.c (tcp_in_window, "invalid rst") and
+    // nf_nat_core.c (nf_nat_used_tuple_harder, nf_seq_has_advanced).
+
+    /// An entry that saw segments ending at `seq_next` and acknowledged up to `ack_max`.
+    fn seen(seq_next: u32, ack_max: u32) -> CtEntry {
+        CtEntry {
+            seq_next,
+            ack_max,
+            ..CtEntry::default()
+        }
+    }
+
+    #[test]
+    fn sequence_comparison_wraps() {
+        assert!(seq_after(2, 1));
+        assert!(!seq_after(1, 2));
+        assert!(!seq_after(7, 7));
+        assert!(seq_after(3, u32::MAX - 3), "past the wrap");
+        assert!(!seq_after(u32::MAX - 3, 3));
+        assert_eq!(tcp_seq_end(u32::MAX, 1, TCP_SYN | TCP_FIN), 2);
+        assert_eq!(tcp_seq_end(100, 8, TCP_ACK), 108);
+    }
+
+    #[test]
+    fn a_direction_keeps_its_highest_sequence_and_acknowledgement() {
+        let mut e = CtEntry::default();
+        assert!(!e.seq_known());
+        e.note_segment(tcp_seq_end(1000, 0, TCP_SYN), 0, false);
+        assert_eq!((e.seq_next, e.ack_max), (1001, 0));
+        assert!(e.seq_known());
+        e.note_segment(1101, 5001, true);
+        // A retransmission of an earlier segment moves neither back.
+        e.note_segment(1051, 4001, true);
+        assert_eq!((e.seq_next, e.ack_max), (1101, 5001));
+        // Across the wrap.
+        let mut w = seen(u32::MAX - 10, 7);
+        w.note_segment(20, 9, true);
+        assert_eq!((w.seq_next, w.ack_max), (20, 9));
+    }
+
+    #[test]
+    fn an_rst_counts_only_inside_its_senders_window() {
+        let client = seen(5000, 9000);
+        let pod = seen(9000, 4900); // acknowledged up to 4900: 100 bytes in flight
+        // Unknown sequence numbers (a new or rebuilt entry): nothing better is known.
+        assert!(rst_in_window(12345, &CtEntry::default(), Some(&pod)));
+        // From the sender's next sequence down to what the receiver acknowledged.
+        assert!(rst_in_window(5000, &client, Some(&pod)));
+        assert!(rst_in_window(4900, &client, Some(&pod)));
+        assert!(!rst_in_window(4899, &client, Some(&pod)), "before the ack");
+        assert!(
+            !rst_in_window(5001, &client, Some(&pod)),
+            "past what was sent"
+        );
+        assert!(!rst_in_window(5000 + (16 << 20), &client, Some(&pod)));
+        // Without the receiver's entry: a window of SEQ_WINDOW behind.
+        assert!(rst_in_window(
+            5000u32.wrapping_sub(SEQ_WINDOW),
+            &client,
+            None
+        ));
+        assert!(!rst_in_window(
+            4999u32.wrapping_sub(SEQ_WINDOW),
+            &client,
+            None
+        ));
+        // An acknowledgement beyond what was sent, or far behind, is not trusted as a bound.
+        assert!(rst_in_window(4000, &client, Some(&seen(1, 6000))));
+        assert!(!rst_in_window(
+            4999u32.wrapping_sub(SEQ_WINDOW),
+            &client,
+            Some(&seen(1, 6000))
+        ));
+        let far = seen(1, 5000u32.wrapping_sub(2 * SEQ_WINDOW));
+        assert!(rst_in_window(
+            5000u32.wrapping_sub(SEQ_WINDOW),
+            &client,
+            Some(&far)
+        ));
+        // Across the wrap.
+        let wrapped = seen(10, 0);
+        assert!(rst_in_window(
+            u32::MAX - 5,
+            &wrapped,
+            Some(&seen(1, u32::MAX - 5))
+        ));
+        assert!(!rst_in_window(
+            u32::MAX - 6,
+            &wrapped,
+            Some(&seen(1, u32::MAX - 5))
+        ));
+    }
+
+    #[test]
+    fn an_answer_must_acknowledge_what_was_sent() {
+        let client = seen(1001, 0);
+        assert!(ack_in_window(1001, &client), "the SYN-ACK");
+        assert!(ack_in_window(1001u32.wrapping_sub(SEQ_WINDOW), &client));
+        assert!(!ack_in_window(1002, &client), "data never sent");
+        assert!(!ack_in_window(1000u32.wrapping_sub(SEQ_WINDOW), &client));
+        assert!(!ack_in_window(77_000_000, &client));
+        assert!(ack_in_window(77_000_000, &CtEntry::default()), "unknown");
+    }
+
+    #[test]
+    fn a_closed_connections_tuple_goes_to_a_syn_past_its_sequence() {
+        let open = tcp(&[
+            (FWD, TCP_SYN, false),
+            (REP, SYN_ACK, false),
+            (FWD, TCP_ACK, false),
+        ]);
+        let closed = tcp(&[
+            (FWD, TCP_SYN, false),
+            (REP, SYN_ACK, false),
+            (FWD, TCP_FIN | TCP_ACK, false),
+            (REP, TCP_FIN | TCP_ACK, false),
+        ]);
+        let reset = tcp(&[(FWD, TCP_SYN, false), (REP, TCP_RST | TCP_ACK, false)]);
+        let old_client = seen(5000, 9000);
+        assert!(!may_take_over(&open, Some(&old_client), 6000), "open");
+        assert!(may_take_over(&closed, Some(&old_client), 5001));
+        assert!(
+            !may_take_over(&closed, Some(&old_client), 5000),
+            "not past it"
+        );
+        assert!(!may_take_over(&closed, Some(&old_client), 100));
+        assert!(may_take_over(&reset, Some(&old_client), 6000));
+        // The old client's entry lost: nothing to compare with.
+        assert!(may_take_over(&closed, None, 100));
     }
 }

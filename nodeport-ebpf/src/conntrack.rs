@@ -19,7 +19,7 @@ use aya_ebpf::{
 };
 use nodeport_common::{
     BE_F_DRAINING, BE_F_PRESENT, Backend, CT_DIR_FORWARD, CT_DIR_REPLY, Counter, CtEntry, CtKey,
-    CtState, DatapathConfig, TCP_ACK, TCP_SYN, ct_pair,
+    CtState, DatapathConfig, TCP_ACK, TCP_RST, TCP_SYN, ct_pair, rst_in_window,
 };
 
 use crate::{
@@ -152,6 +152,9 @@ fn store_changes(dst: &mut CtState, old: &CtState, new: &CtState) {
 /// entry just marked it referenced, and the LRU evicts unreferenced entries first. What a lost
 /// race could touch is a time stamp or a state byte of an entry in the handshake, never a
 /// tuple: tuples are written only by whole-entry inserts.
+///
+/// A TCP segment's sequence numbers go into its own entry; an RST outside its sender's window
+/// (`rst_in_window`) changes nothing here and goes on to its endpoint, which drops it too.
 #[inline(always)]
 pub fn record(key: &CtKey, entry: *mut CtEntry, flow: &Flow, now: u64) -> CtState {
     // SAFETY: `entry` points into a conntrack map value.
@@ -159,8 +162,17 @@ pub fn record(key: &CtKey, entry: *mut CtEntry, flow: &Flow, now: u64) -> CtStat
     if e.last_seen != now {
         e.last_seen = now;
     }
+    let mut flags = flow.tcp_flags;
+    if flow.is_tcp() {
+        if flags & TCP_RST == 0 {
+            e.note_segment(flow.tcp_seq_end, flow.tcp_ack, flags & TCP_ACK != 0);
+        } else if !rst_taken(key, e, flow.tcp_seq_end) {
+            flags &= !TCP_RST;
+            stats::count(Counter::EventCtRstIgnored);
+        }
+    }
     let old = e.state;
-    let new = old.after(flow.proto, key.dir, flow.tcp_flags, flow.tcp_payload);
+    let new = old.after(flow.proto, key.dir, flags, flow.tcp_payload);
     if new != old {
         store_changes(&mut e.state, &old, &new);
         let partner_key = e.opposite_key(key.proto, other_dir(key.dir));
@@ -174,6 +186,17 @@ pub fn record(key: &CtKey, entry: *mut CtEntry, flow: &Flow, now: u64) -> CtStat
     }
     stats::service(e.svc_id, flow.tot_len, key.dir);
     new
+}
+
+/// Whether an RST (sequence number `seq`) sent on the connection of `entry` is in its
+/// sender's window, judged with the receiver's acknowledgements when its entry is there.
+#[inline(never)]
+fn rst_taken(key: &CtKey, entry: &CtEntry, seq: u32) -> bool {
+    let receiver = partner(key, entry).map(|(_, _, p)| {
+        // SAFETY: points into a conntrack map value.
+        unsafe { &*p }
+    });
+    rst_in_window(seq, entry, receiver)
 }
 
 /// Makes sure the other direction's entry of a connection is there: recreated from this one
@@ -203,6 +226,9 @@ pub fn ensure_partner(table: Table, key: &CtKey, entry: &CtEntry, now: u64) -> R
         route_ifindex: 0,
         route_smac: [0; 6],
         route_dmac: [0; 6],
+        // The other direction's sequence numbers are not this one's.
+        seq_next: 0,
+        ack_max: 0,
         ..*entry
     };
     table
@@ -249,7 +275,12 @@ pub fn promote(key: &CtKey, entry: &CtEntry) {
 /// entry still points at it.
 #[inline(always)]
 pub fn forget(table: Table, key: &CtKey, entry: &CtEntry) {
-    let partner = partner(key, entry);
+    forget_pair(table, key, partner(key, entry));
+}
+
+/// [`forget`], the partner already looked up.
+#[inline(always)]
+pub fn forget_pair(table: Table, key: &CtKey, partner: Option<(Table, CtKey, *mut CtEntry)>) {
     if key.dir == CT_DIR_FORWARD {
         table.remove(key);
     }

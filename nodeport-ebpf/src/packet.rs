@@ -6,7 +6,7 @@
 
 use core::mem::size_of;
 
-use nodeport_common::{Counter, IPPROTO_TCP, IPPROTO_UDP};
+use nodeport_common::{Counter, IPPROTO_TCP, IPPROTO_UDP, tcp_seq_end};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -97,6 +97,10 @@ pub struct Flow {
     pub tcp_flags: u8,
     /// The TCP segment carries data (false for UDP and for first fragments).
     pub tcp_payload: bool,
+    /// TCP: the sequence number after the segment (`tcp_seq_end`) and its acknowledgement
+    /// number, host order (0 for UDP).
+    pub tcp_seq_end: u32,
+    pub tcp_ack: u32,
     /// First fragment of a fragmented datagram (ports present, rest of datagram elsewhere).
     pub first_fragment: bool,
     /// IPv4 total length (host order).
@@ -159,10 +163,19 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Flow, Cou
 
     let l4_off = ETH_HLEN + ihl;
     let l4_len = usize::from(tot_len) - ihl;
-    let (ports, check, check_off, tcp_flags, tcp_payload) = if proto == IPPROTO_TCP {
+    let (ports, check, check_off, tcp_flags, tcp_payload, tcp_seq_end, tcp_ack) = if proto
+        == IPPROTO_TCP
+    {
         let tcp: *mut TcpHdr = ptr_at(data, data_end, l4_off).ok_or(Counter::DroppedMalformed)?;
         // SAFETY: ptr_at checked the bounds.
-        let (data_offset, flags) = unsafe { ((*tcp).data_offset >> 4, (*tcp).flags) };
+        let (data_offset, flags, seq, ack) = unsafe {
+            (
+                (*tcp).data_offset >> 4,
+                (*tcp).flags,
+                u32::from_be((*tcp).seq),
+                u32::from_be((*tcp).ack),
+            )
+        };
         let header_len = usize::from(data_offset) * 4;
         if header_len < 20 || (!first_fragment && header_len > l4_len) {
             return Err(Counter::DroppedMalformed);
@@ -170,12 +183,15 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Flow, Cou
         // SAFETY: inside the checked TCP header.
         let check = unsafe { core::ptr::addr_of_mut!((*tcp).check) };
         let payload = !first_fragment && l4_len > header_len;
+        let payload_len = (l4_len - header_len.min(l4_len)) as u32;
         (
             tcp as *mut Ports,
             check,
             l4_off + TCP_CHECK_OFF,
             flags,
             payload,
+            tcp_seq_end(seq, payload_len, flags),
+            ack,
         )
     } else {
         let udp: *mut UdpHdr = ptr_at(data, data_end, l4_off).ok_or(Counter::DroppedMalformed)?;
@@ -187,7 +203,15 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Flow, Cou
         }
         // SAFETY: inside the checked UDP header.
         let check = unsafe { core::ptr::addr_of_mut!((*udp).check) };
-        (udp as *mut Ports, check, l4_off + UDP_CHECK_OFF, 0, false)
+        (
+            udp as *mut Ports,
+            check,
+            l4_off + UDP_CHECK_OFF,
+            0,
+            false,
+            0,
+            0,
+        )
     };
 
     // SAFETY: all of these lie inside headers checked above.
@@ -201,6 +225,8 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Flow, Cou
             proto,
             tcp_flags,
             tcp_payload,
+            tcp_seq_end,
+            tcp_ack,
             first_fragment,
             tot_len,
             saddr_be: (*ip).saddr_be,

@@ -2,48 +2,88 @@
 //! unique across both conntrack tables, so two live connections never share one.
 //!
 //! For a remote backend it is (backend -> node SNAT address : port), the port chosen here the
-//! way Linux NAT's nf_nat_l4proto_unique_tuple chooses one: rounds of consecutive probes from
-//! a hashed start, a new start each round. The hash covers the client, the backend and a
+//! way Linux NAT's nf_nat_l4proto_unique_tuple chooses one: rounds of probes from a hashed
+//! start, a new start each round (strided rather than consecutive, so held ports do not form
+//! runs that later probes walk into); when all are held, a closed TCP connection's tuple may go
+//! to a new SYN (nf_nat_used_tuple_harder). The hash covers the client, the backend and a
 //! per-node secret, so nobody outside can aim at another client's port, and a retransmitted
 //! first packet probes the same ports and finds its own entry. For a local backend it is the
 //! client's own tuple, unless another connection of that client already holds it at the pod
 //! (two frontends of one pod): then the client's port is rewritten from the same ranges.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
-use nodeport_common::{CT_DIR_FORWARD, Counter, CtEntry, CtKey, DatapathConfig, hash};
+use nodeport_common::{
+    CT_DIR_FORWARD, Counter, CtEntry, CtKey, DatapathConfig, hash, may_take_over,
+};
 
 use crate::{
     conntrack::{self, Table},
+    maps::NP_CONFIG,
     select::frontend_port,
+    stats,
 };
 
 const ROUNDS: u32 = 4;
 const PROBES_PER_ROUND: u32 = 8;
-/// Held ports looked at again, after the probes, for a connection that is over.
+/// Held ports looked at again, after the probes, for a connection that is over or closed
+/// (the first port of the first rounds). More than two exceeds the verifier's budget.
 const RECLAIM_TRIES: u32 = 2;
 
 /// Takes the reply tuple `reply_key` for the new connection `forward_key` by inserting its
 /// reply entry. False when another live connection holds it. A connection that is over (both
 /// entries expired), or an earlier attempt of this same one (a retransmitted first packet
-/// whose forward entry was lost), gives it up.
+/// whose forward entry was lost), gives it up; so does a closed TCP connection when the new
+/// one is a SYN past its sequence (`syn_seq_end`, see [`may_take_over`]).
 #[inline(always)]
 pub fn claim(
-    cfg: &DatapathConfig,
     forward_key: &CtKey,
     reply_key: &CtKey,
     reply: &CtEntry,
+    syn_seq_end: Option<u32>,
     now: u64,
 ) -> bool {
+    let takeover = syn_seq_end.map_or(0, |seq| u64::from(seq) | TAKEOVER);
+    claim_tuple(forward_key, reply_key, reply, takeover, now)
+}
+
+/// `syn_seq_end`, when there is one, as [`claim_tuple`] takes it (a subprogram has five
+/// arguments, in registers).
+const TAKEOVER: u64 = 1 << 32;
+
+/// [`claim`], as a BPF subprogram: the verifier then walks what follows once per outcome, not
+/// once per path through it.
+#[inline(never)]
+fn claim_tuple(
+    forward_key: &CtKey,
+    reply_key: &CtKey,
+    reply: &CtEntry,
+    takeover: u64,
+    now: u64,
+) -> bool {
+    let Some(cfg) = NP_CONFIG.get(0) else {
+        return false;
+    };
     if let Some((table, existing)) = conntrack::lookup(reply_key) {
         // SAFETY: points into a conntrack map value, read before anything is removed.
         let existing = unsafe { &*existing };
         let ours = existing
             .opposite_key(reply_key.proto, CT_DIR_FORWARD)
             .same(forward_key);
-        if !ours && conntrack::alive(cfg, reply_key, existing, now) {
-            return false;
+        // The other entry, looked up once for all three questions (a small stack frame).
+        let partner = conntrack::partner(reply_key, existing);
+        // SAFETY: points into a conntrack map value.
+        let old_forward = partner.map(|(_, _, f)| unsafe { &*f });
+        let alive = !cfg.ct_entry_expired(existing, reply_key.proto, now)
+            || old_forward.is_some_and(|f| !cfg.ct_entry_expired(f, reply_key.proto, now));
+        if !ours && alive {
+            if takeover & TAKEOVER == 0
+                || !may_take_over(&existing.state, old_forward, takeover as u32)
+            {
+                return false;
+            }
+            stats::count(Counter::EventSnatTakeover);
         }
-        conntrack::forget(table, reply_key, existing);
+        conntrack::forget_pair(table, reply_key, partner);
     }
     Table::Handshake
         .insert(reply_key, reply, BPF_NOEXIST)
@@ -54,8 +94,9 @@ pub fn claim(
 /// it. Returns the port in network order.
 ///
 /// The probes only look (a free port is taken at once, our own entry is kept); whether a held
-/// port belongs to a connection that is over is looked at only after them, for the first port
-/// of the first [`RECLAIM_TRIES`] rounds. That keeps what the verifier walks per probe small;
+/// port belongs to a connection that is over, or closed and taken over by a SYN
+/// (`syn_seq_end`), is looked at only after them, for the first port of the first
+/// [`RECLAIM_TRIES`] rounds. That keeps what the verifier walks per probe small;
 /// the agent's conntrack GC frees dead connections' ports in the background.
 #[inline(always)]
 pub fn claim_port(
@@ -63,6 +104,7 @@ pub fn claim_port(
     forward_key: &CtKey,
     base: &CtKey,
     reply: &CtEntry,
+    syn_seq_end: Option<u32>,
     now: u64,
 ) -> Result<u16, Counter> {
     let span = cfg.snat_span();
@@ -72,9 +114,12 @@ pub fn claim_port(
     let mut round = 0;
     while round < ROUNDS {
         let start = round_start(cfg, forward_key, base, round);
+        // A stride of the hash's other bits, not consecutive ports: consecutive probes from
+        // many starts make runs of held ports that every later probe walks into.
+        let stride = (start >> 16) | 1;
         let mut i = 0;
         while i < PROBES_PER_ROUND {
-            let port = cfg.snat_port_at(start.wrapping_add(i) % span);
+            let port = cfg.snat_port_at(start.wrapping_add(i.wrapping_mul(stride)) % span);
             if probe(forward_key, base, reply, port) {
                 return Ok(port.to_be());
             }
@@ -89,7 +134,7 @@ pub fn claim_port(
             dport_be: port.to_be(),
             ..*base
         };
-        if !frontend_port(port) && claim(cfg, forward_key, &key, reply, now) {
+        if !frontend_port(port) && claim(forward_key, &key, reply, syn_seq_end, now) {
             return Ok(port.to_be());
         }
         round += 1;

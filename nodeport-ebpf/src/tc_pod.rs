@@ -14,7 +14,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use nodeport_common::{CT_DIR_REPLY, CT_F_LOCAL, Counter, DatapathConfig};
+use nodeport_common::{CT_DIR_REPLY, CT_F_LOCAL, Counter, DatapathConfig, TCP_ACK, ack_in_window};
 
 use crate::{
     conntrack::{self, Table, now},
@@ -68,7 +68,12 @@ pub fn process(ctx: &TcContext) -> i32 {
     }
     if bound == 0 {
         // The first answer: its device is where the pod lives (a plain store, written by
-        // this direction only).
+        // this direction only), once it shows it comes from the backend.
+        // SAFETY: as above.
+        if let Err(counter) = first_answer(ctx, &flow, &key, unsafe { &*entry_ptr }, ingress) {
+            count(counter);
+            return TC_ACT_SHOT;
+        }
         // SAFETY: as above.
         unsafe { (*entry_ptr).bound_ifindex = ingress };
     }
@@ -110,6 +115,50 @@ pub fn process(ctx: &TcContext) -> i32 {
             unsafe { bpf_redirect_neigh(ifindex, null_mut(), 0, 0) as i32 }
         }
     }
+}
+
+/// Whether the first answer on a connection (`entry`, its reply entry) comes from its backend,
+/// before the connection is bound to the device it came from; otherwise another pod answering
+/// first, spoofing the backend's address, would take the connection. It must come from the
+/// device the node routes the backend's address to, or (a bridge) from the backend's MAC
+/// address there; a TCP answer must also acknowledge what the client sent, which a blind
+/// spoofer does not know.
+#[inline(always)]
+fn first_answer(
+    ctx: &TcContext,
+    flow: &Flow,
+    key: &nodeport_common::CtKey,
+    entry: &nodeport_common::CtEntry,
+    ingress: u32,
+) -> Result<(), Counter> {
+    if flow.is_tcp() {
+        if flow.tcp_flags & TCP_ACK == 0 {
+            return Err(Counter::DroppedCtInvalid);
+        }
+        if let Some((_, _, forward)) = conntrack::partner(key, entry) {
+            // SAFETY: points into a conntrack map value.
+            if !ack_in_window(flow.tcp_ack, unsafe { &*forward }) {
+                return Err(Counter::DroppedCtInvalid);
+            }
+        }
+    }
+    // The route to the backend, as the node would send it a packet from the client.
+    let route = fib::lookup(
+        ctx.skb.skb as *mut c_void,
+        ingress,
+        flow.proto,
+        0,
+        flow.daddr_be,
+        flow.saddr_be,
+    );
+    if route.hop == Hop::Unresolved || route.ifindex == ingress {
+        return Ok(());
+    }
+    let smac: [u8; 6] = ctx.load(6).map_err(|_| Counter::DroppedMalformed)?;
+    if route.hop == Hop::Resolved && smac == route.dmac {
+        return Ok(());
+    }
+    Err(Counter::DroppedReplyWrongInterface)
 }
 
 /// Records the reply on its connection (completing the handshake of a UDP flow, checking the

@@ -256,23 +256,35 @@ fn new_connection(
         ),
         ..CtEntry::default()
     };
+    if flow.is_tcp() {
+        forward.note_segment(
+            flow.tcp_seq_end,
+            flow.tcp_ack,
+            flow.tcp_flags & TCP_ACK != 0,
+        );
+    }
     // The backend's replies go back from the frontend to the client.
     *reply = CtEntry {
         new_saddr_be: flow.daddr_be,
         new_daddr_be: flow.saddr_be,
         new_sport_be: flow.dport_be,
         new_dport_be: flow.sport_be,
+        seq_next: 0,
+        ack_max: 0,
         ..*forward
     };
+    // A SYN may take over the SNAT port of a closed connection (`snat::claim`).
+    let syn_seq_end = (flow.is_tcp() && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+        .then_some(flow.tcp_seq_end);
     if local {
         // The pod's replies are bound to the device its first answer comes from.
         let reply_key = forward.opposite_key(flow.proto, CT_DIR_REPLY);
-        if !snat::claim(cfg, forward_key, &reply_key, reply, now) {
+        if !snat::claim(forward_key, &reply_key, reply, syn_seq_end, now) {
             // Another connection of this client address and port holds the tuple at the pod
             // (two frontends of one pod): rewrite the client's port, as Linux NAT does.
             forward.flags |= CT_F_PORT_REWRITE;
             reply.flags |= CT_F_PORT_REWRITE;
-            new.sport_be = snat::claim_port(cfg, forward_key, &reply_key, reply, now)?;
+            new.sport_be = snat::claim_port(cfg, forward_key, &reply_key, reply, syn_seq_end, now)?;
             forward.new_sport_be = new.sport_be;
             stats::count(Counter::EventTupleClashRewritten);
         }
@@ -292,7 +304,7 @@ fn new_connection(
         forward.bound_ifindex = egress;
         reply.bound_ifindex = egress;
         let base = forward.opposite_key(flow.proto, CT_DIR_REPLY);
-        new.sport_be = snat::claim_port(cfg, forward_key, &base, reply, now)?;
+        new.sport_be = snat::claim_port(cfg, forward_key, &base, reply, syn_seq_end, now)?;
         forward.new_sport_be = new.sport_be;
     }
     if let Err(counter) = Table::Handshake.insert(forward_key, forward, BPF_ANY) {

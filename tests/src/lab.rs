@@ -769,9 +769,10 @@ impl Lab {
     /// A datapath counter's value from the dump (0 when absent).
     pub fn counter(&self, name: &str) -> Result<u64> {
         let dump = self.dump()?;
-        let counters = dump["counters"].as_array().cloned().unwrap_or_default();
-        Ok(counters
+        // Packet fates under "counters", connection events under "events".
+        Ok(["counters", "events"]
             .iter()
+            .flat_map(|list| dump[list].as_array().cloned().unwrap_or_default())
             .find(|c| c[0] == name)
             .and_then(|c| c[1].as_u64())
             .unwrap_or(0))

@@ -77,6 +77,11 @@ pub struct Pkt {
     pub more_fragments: bool,
     /// In 8-byte units.
     pub fragment_offset: u16,
+    /// TCP sequence and acknowledgement numbers. The defaults are one exchange's worth: the
+    /// acknowledgement does not go past what a default packet the other way sends, so the
+    /// datapath's window checks take them as one connection's.
+    pub seq: u32,
+    pub ack: u32,
 }
 
 impl Pkt {
@@ -101,7 +106,21 @@ impl Pkt {
             ip_id: 0x1234,
             more_fragments: false,
             fragment_offset: 0,
+            seq: 1000,
+            ack: 1000,
         }
+    }
+
+    /// TCP sequence number.
+    pub fn seq(mut self, seq: u32) -> Self {
+        self.seq = seq;
+        self
+    }
+
+    /// TCP acknowledgement number (sent when the ACK flag is).
+    pub fn ack(mut self, ack: u32) -> Self {
+        self.ack = ack;
+        self
     }
 
     pub fn macs(mut self, src: Mac, dst: Mac) -> Self {
@@ -160,13 +179,13 @@ impl Pkt {
         ip.write(&mut out).expect("write");
         match self.l4 {
             L4::Tcp { flags } => {
-                let mut tcp = TcpHeader::new(self.src.port(), self.dst.port(), 1000, 64_000);
+                let mut tcp = TcpHeader::new(self.src.port(), self.dst.port(), self.seq, 64_000);
                 tcp.syn = flags.syn;
                 tcp.ack = flags.ack;
                 tcp.fin = flags.fin;
                 tcp.rst = flags.rst;
                 if flags.ack {
-                    tcp.acknowledgment_number = 2000;
+                    tcp.acknowledgment_number = self.ack;
                 }
                 tcp.checksum = tcp
                     .calc_checksum_ipv4(&ip, &self.payload)

@@ -155,6 +155,18 @@ const CASES: &[(&str, Case)] = &[
         "the SNAT port depends on the node's secret",
         snat_port_depends_on_the_node_secret,
     ),
+    (
+        "an RST outside its sender's window is passed on and closes nothing",
+        rst_outside_the_window_is_ignored,
+    ),
+    (
+        "a pod's first answer binds only when it acknowledges the client, from the backend",
+        first_answer_must_come_from_the_backend,
+    ),
+    (
+        "a SYN past a closed connection's sequence takes over its SNAT port",
+        closed_connection_snat_port_taken_over,
+    ),
 ];
 
 #[test]
@@ -1612,5 +1624,152 @@ fn snat_port_depends_on_the_node_secret(fx: &mut Fixture, topo: &Topology) -> Re
         ports.len() > 1,
         "the same flow got port {ports:?} whatever the secret: predictable from outside"
     );
+    Ok(())
+}
+
+fn rst_outside_the_window_is_ignored(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
+    establish_local(fx, topo, 40000)?;
+    let open = |fx: &Fixture| -> Result<()> {
+        for (k, e) in fx.established()? {
+            ensure!(
+                !e.state.closing() && e.state.established == 1,
+                "{k:?}: {:?}",
+                e.state
+            );
+        }
+        Ok(())
+    };
+    // A blind guess from either side, 16 MiB away from the sender's sequence: it goes on to
+    // the endpoint (whose stack drops it as well) and the connection stays open.
+    let before = fx.counters()?;
+    let spoof = from_client(40000, FRONTEND, RST)
+        .payload(&[])
+        .seq(1000 + (16 << 20));
+    xdp_action(fx, topo, &spoof, XDP_PASS)?;
+    let (ret, _) = fx.tc_pod(
+        topo,
+        &pod_reply(40000, RST)
+            .payload(&[])
+            .seq(1000 + (16 << 20))
+            .bytes(),
+    )?;
+    ensure!(ret == TC_ACT_REDIRECT, "tc verdict {ret}");
+    check_counters(
+        fx,
+        &before,
+        &[
+            (Counter::ForwardedToTc, 1),
+            (Counter::ForwardedPodReply, 1),
+            (Counter::EventCtRstIgnored, 2),
+        ],
+    )?;
+    open(fx)?;
+    // One behind what the pod acknowledged is stale too.
+    xdp_action(fx, topo, &spoof.clone().seq(999), XDP_PASS)?;
+    open(fx)?;
+    // At the client's sequence: taken.
+    xdp_action(fx, topo, &spoof.seq(1000), XDP_PASS)?;
+    for (k, e) in fx.established()? {
+        ensure!(e.state.closing(), "{k:?} not closing: {:?}", e.state);
+    }
+    Ok(())
+}
+
+fn first_answer_must_come_from_the_backend(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?;
+    let bound = |fx: &Fixture| -> Result<u32> {
+        fx.conntrack()?
+            .into_iter()
+            .find(|(_, k, _)| k.dir == CT_DIR_REPLY)
+            .map(|(_, _, e)| e.bound_ifindex)
+            .context("no reply entry")
+    };
+    let before = fx.counters()?;
+    // An answer acknowledging what the client never sent (a pod guessing), and one without
+    // an acknowledgement at all: neither binds the connection.
+    for reply in [
+        pod_reply(40000, SYN_ACK).ack(77_000_000),
+        pod_reply(40000, SYN),
+    ] {
+        let (ret, _) = fx.tc_pod(topo, &reply.bytes())?;
+        ensure!(ret == TC_ACT_SHOT, "{reply:?}: tc verdict {ret}");
+    }
+    // From a device the backend is not behind, with another MAC address.
+    let (ret, _) = fx.tc_pod_on(
+        topo,
+        topo.ext_ifindex,
+        &pod_reply(40000, SYN_ACK).macs(NODE2_MAC, EXT_MAC).bytes(),
+    )?;
+    ensure!(ret == TC_ACT_SHOT, "another device: tc verdict {ret}");
+    check_counters(
+        fx,
+        &before,
+        &[
+            (Counter::DroppedCtInvalid, 2),
+            (Counter::DroppedReplyWrongInterface, 1),
+        ],
+    )?;
+    ensure!(bound(fx)? == 0, "bound by a spoofed answer");
+    // The backend's answer through a bridge port (another device, the backend's own MAC, as
+    // the node's neighbour table knows it): taken, and the connection bound there.
+    let (ret, _) = fx.tc_pod_on(topo, topo.ext_ifindex, &pod_reply(40000, SYN_ACK).bytes())?;
+    ensure!(
+        ret == TC_ACT_REDIRECT,
+        "the backend's answer: tc verdict {ret}"
+    );
+    ensure!(
+        bound(fx)? == topo.ext_ifindex,
+        "not bound to the bridge port"
+    );
+    Ok(())
+}
+
+fn closed_connection_snat_port_taken_over(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    // One SNAT port, held by one connection.
+    fx.set_config(nodeport_common::DatapathConfig {
+        snat_port_min: 61000,
+        snat_port_max: 61000,
+        ..default_config()
+    })?;
+    fx.add_service(&local_service(1, vec![remote(1, REMOTE_A)]))?;
+    let port = snat_syn(fx, topo, 40000)?;
+    xdp_action(fx, topo, &backend_reply(port, SYN_ACK), XDP_TX)?;
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_TX)?;
+    let later_syn = from_client(40001, FRONTEND, SYN).seq(1_000_000);
+    // Open, the connection keeps its port whatever the newcomer's sequence.
+    let before = fx.counters()?;
+    xdp_action(fx, topo, &later_syn, XDP_DROP)?;
+    check_counters(fx, &before, &[(Counter::DroppedSnatExhausted, 1)])?;
+    // Closed both ways: a SYN before the old client's sequence would be taken by a backend
+    // socket in TIME_WAIT as the old connection's, so it may not have the port.
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, FIN_ACK), XDP_TX)?;
+    xdp_action(fx, topo, &backend_reply(port, FIN_ACK), XDP_TX)?;
+    let before = fx.counters()?;
+    xdp_action(fx, topo, &later_syn.clone().seq(500), XDP_DROP)?;
+    check_counters(fx, &before, &[(Counter::DroppedSnatExhausted, 1)])?;
+    // Past it, the SYN takes the port; the old connection is gone.
+    let before = fx.counters()?;
+    let run = xdp_action(fx, topo, &later_syn, XDP_TX)?;
+    ensure!(
+        parse_checked(&run.frame)?.src.port() == port,
+        "another port"
+    );
+    check_counters(
+        fx,
+        &before,
+        &[
+            (Counter::ForwardedXdpTx, 1),
+            (Counter::EventSnatTakeover, 1),
+        ],
+    )?;
+    let clients: Vec<u16> = fx
+        .conntrack()?
+        .into_iter()
+        .filter(|(_, k, _)| k.dir == CT_DIR_FORWARD)
+        .map(|(_, k, _)| u16::from_be(k.sport_be))
+        .collect();
+    ensure!(clients == [40001], "connections left: {clients:?}");
     Ok(())
 }

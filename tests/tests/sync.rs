@@ -485,7 +485,7 @@ fn a_datapath_of_the_old_conntrack_layout_is_refused_with_the_way_out() -> Resul
     for part in [
         "created by an older nodeport version",
         "NP_CONFIG: value size 32, expected 40",
-        "NP_CT: type LruHash, expected Hash, value size 56, expected 64",
+        "NP_CT: type LruHash, expected Hash, value size 56, expected 72",
         "no NP_FE_PORTS",
         "NP_CT_NEW",
         "NP_LOCAL_NETS",
