@@ -465,15 +465,15 @@ fn memlock(map: &MapData) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use nodeport_common::{CtEntry, CtKey, CtState, IPPROTO_UDP};
+    use nodeport_common::{CtState, IPPROTO_UDP};
 
     use super::*;
 
     const HZ: u64 = 100;
     const NOW: u64 = 1_000_000;
 
-    /// Client 10.0.0.<client>:<port> to a backend; remote backends SNAT through `snat`
-    /// (port `snat_port`). Both entries idle `idle_s`.
+    /// Client 10.0.0.<client>:40000 to 198.18.0.1:30080 and a backend; remote backends SNAT
+    /// through `snat`. Each entry idle its own number of seconds.
     #[expect(clippy::too_many_arguments, reason = "a test table's columns")]
     fn conn(
         table: CtTable,
@@ -485,55 +485,20 @@ mod tests {
         fwd_idle_s: u64,
         rep_idle_s: u64,
     ) -> [CtRecord; 2] {
-        let client_addr = u32::from_be_bytes([10, 0, 0, client]).to_be();
-        let frontend = u32::from_be_bytes([198, 18, 0, 1]).to_be();
-        let (backend_addr, backend_port) = backend;
-        let (new_saddr, new_sport) = snat.map_or((client_addr, 40_000u16.to_be()), |(a, p)| {
-            (u32::from_be_bytes(a).to_be(), p.to_be())
-        });
-        let flags = if snat.is_some() { CT_F_SNAT } else { 0 };
-        let fwd_key = CtKey {
-            saddr_be: client_addr,
-            daddr_be: frontend,
-            sport_be: 40_000u16.to_be(),
-            dport_be: 30_080u16.to_be(),
+        let client = (std::net::Ipv4Addr::new(10, 0, 0, client), 40_000);
+        crate::test_support::TestConnection {
+            table,
             proto,
-            dir: CT_DIR_FORWARD,
-            _pad: 0,
-        };
-        let fwd = CtEntry {
-            last_seen: NOW - fwd_idle_s * HZ,
-            new_saddr_be: new_saddr,
-            new_daddr_be: u32::from_be_bytes(backend_addr).to_be(),
-            new_sport_be: new_sport,
-            new_dport_be: backend_port.to_be(),
-            flags,
+            client,
+            frontend: (std::net::Ipv4Addr::new(198, 18, 0, 1), 30_080),
+            source: snat.map_or(client, |(a, p)| (a.into(), p)),
+            backend: (backend.0.into(), backend.1),
+            flags: if snat.is_some() { CT_F_SNAT } else { 0 },
             state,
-            ..CtEntry::default()
-        };
-        let rep_key = fwd.opposite_key(proto, CT_DIR_REPLY);
-        let rep = CtEntry {
-            last_seen: NOW - rep_idle_s * HZ,
-            new_saddr_be: frontend,
-            new_daddr_be: client_addr,
-            new_sport_be: 30_080u16.to_be(),
-            new_dport_be: 40_000u16.to_be(),
-            flags,
-            state,
-            ..CtEntry::default()
-        };
-        [
-            CtRecord {
-                table,
-                key: fwd_key,
-                entry: fwd,
-            },
-            CtRecord {
-                table,
-                key: rep_key,
-                entry: rep,
-            },
-        ]
+            forward_seen: NOW - fwd_idle_s * HZ,
+            reply_seen: NOW - rep_idle_s * HZ,
+        }
+        .records()
     }
 
     fn est() -> CtState {

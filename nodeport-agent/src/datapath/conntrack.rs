@@ -272,7 +272,7 @@ pub fn state_name(proto: u8, state: &CtState) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use nodeport_common::{CT_F_SNAT, IPPROTO_UDP};
+    use nodeport_common::IPPROTO_UDP;
 
     use super::*;
 
@@ -309,50 +309,20 @@ mod tests {
         fwd_idle_s: u64,
         rep_idle_s: u64,
     ) -> [CtRecord; 2] {
-        let (client, frontend, node, backend) =
-            (0x0a00_0001u32, 0x0a00_0002, 0x0a00_0002, 0x0a01_0001);
-        let fwd_key = CtKey {
-            saddr_be: client,
-            daddr_be: frontend,
-            sport_be: client_port,
-            dport_be: 80,
+        use std::net::Ipv4Addr;
+        crate::test_support::TestConnection {
+            table,
             proto,
-            dir: CT_DIR_FORWARD,
-            _pad: 0,
-        };
-        let fwd = CtEntry {
-            last_seen: NOW - fwd_idle_s * HZ,
-            new_saddr_be: node,
-            new_daddr_be: backend,
-            new_sport_be: snat_port,
-            new_dport_be: 8080,
+            client: (Ipv4Addr::new(10, 0, 0, 1), client_port),
+            frontend: (Ipv4Addr::new(10, 0, 0, 2), 80),
+            source: (Ipv4Addr::new(10, 0, 0, 2), snat_port),
+            backend: (Ipv4Addr::new(10, 1, 0, 1), 8080),
             flags: nodeport_common::CT_F_SNAT,
             state,
-            ..CtEntry::default()
-        };
-        let rep_key = fwd.opposite_key(proto, CT_DIR_REPLY);
-        let rep = CtEntry {
-            last_seen: NOW - rep_idle_s * HZ,
-            new_saddr_be: frontend,
-            new_daddr_be: client,
-            new_sport_be: 80,
-            new_dport_be: client_port,
-            flags: CT_F_SNAT,
-            state,
-            ..CtEntry::default()
-        };
-        [
-            CtRecord {
-                table,
-                key: fwd_key,
-                entry: fwd,
-            },
-            CtRecord {
-                table,
-                key: rep_key,
-                entry: rep,
-            },
-        ]
+            forward_seen: NOW - fwd_idle_s * HZ,
+            reply_seen: NOW - rep_idle_s * HZ,
+        }
+        .records()
     }
 
     #[test]
