@@ -23,7 +23,7 @@ use crate::{
     stats,
 };
 
-const ROUNDS: u32 = 4;
+const ROUNDS: u32 = 6;
 const PROBES_PER_ROUND: u32 = 8;
 /// Held ports looked at again, after the probes, for a connection that is over or closed
 /// (the first port of the first rounds). More than two exceeds the verifier's budget.
