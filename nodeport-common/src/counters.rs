@@ -131,8 +131,8 @@ counters! {
     /// An RST outside its sender's sequence window (a blind spoof, or a stale one): passed to
     /// the endpoint, which drops it too, without closing the connection here.
     EventCtRstIgnored = 54, Event, "conntrack_rst_ignored";
-    /// A new connection took the SNAT port of a closed one (both FINs or an RST) whose tuple
-    /// was the only one left, its SYN being past the old sequence (as Linux NAT does).
+    /// A new connection's SYN took the SNAT port of a connection closed more than a second
+    /// ago (both FINs or an RST), being past its sequence (as Linux NAT does).
     EventSnatTakeover = 55, Event, "snat_port_taken_over";
 }
 

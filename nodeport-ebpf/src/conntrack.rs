@@ -309,7 +309,7 @@ pub enum Known {
     /// its endpoint did not honour). The same backend and SNAT port keep it working.
     Revive,
     /// Starts a new connection on this tuple (after forgetting the old one): a new SYN on a
-    /// closing or expired connection, or its backend is gone.
+    /// closing or expired connection or one that lost its reply tuple, or its backend is gone.
     Restart,
 }
 
@@ -323,7 +323,9 @@ pub fn on_forward(
     now: u64,
 ) -> Known {
     let new_syn = flow.is_tcp() && flow.tcp_flags & TCP_SYN != 0 && flow.tcp_flags & TCP_ACK == 0;
-    if new_syn && entry.state.closing() {
+    // A SYN on a closing connection, or on one whose reply tuple went to another connection
+    // (`snat::probe` takes over abandoned handshakes): a new connection.
+    if new_syn && (entry.state.closing() || partner(key, entry).is_none()) {
         return Known::Restart;
     }
     match live_backend(entry.backend_id, entry.svc_id) {

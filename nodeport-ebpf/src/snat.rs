@@ -23,43 +23,25 @@ use crate::{
     stats,
 };
 
-const ROUNDS: u32 = 6;
+const ROUNDS: u32 = 10;
 const PROBES_PER_ROUND: u32 = 8;
-/// Held ports looked at again, after the probes, for a connection that is over or closed
-/// (the first port of the first rounds). More than two exceeds the verifier's budget.
+/// Held ports looked at again, after the probes, for a connection that is over (the first
+/// port of the first rounds). More than two exceeds the verifier's budget.
 const RECLAIM_TRIES: u32 = 2;
 
 /// Takes the reply tuple `reply_key` for the new connection `forward_key` by inserting its
 /// reply entry. False when another live connection holds it. A connection that is over (both
 /// entries expired), or an earlier attempt of this same one (a retransmitted first packet
-/// whose forward entry was lost), gives it up; so does a closed TCP connection when the new
-/// one is a SYN past its sequence (`syn_seq_end`, see [`may_take_over`]).
+/// whose forward entry was lost), gives it up.
 #[inline(always)]
-pub fn claim(
-    forward_key: &CtKey,
-    reply_key: &CtKey,
-    reply: &CtEntry,
-    syn_seq_end: Option<u32>,
-    now: u64,
-) -> bool {
-    let takeover = syn_seq_end.map_or(0, |seq| u64::from(seq) | TAKEOVER);
-    claim_tuple(forward_key, reply_key, reply, takeover, now)
+pub fn claim(forward_key: &CtKey, reply_key: &CtKey, reply: &CtEntry, now: u64) -> bool {
+    claim_tuple(forward_key, reply_key, reply, now)
 }
-
-/// `syn_seq_end`, when there is one, as [`claim_tuple`] takes it (a subprogram has five
-/// arguments, in registers).
-const TAKEOVER: u64 = 1 << 32;
 
 /// [`claim`], as a BPF subprogram: the verifier then walks what follows once per outcome, not
 /// once per path through it.
 #[inline(never)]
-fn claim_tuple(
-    forward_key: &CtKey,
-    reply_key: &CtKey,
-    reply: &CtEntry,
-    takeover: u64,
-    now: u64,
-) -> bool {
+fn claim_tuple(forward_key: &CtKey, reply_key: &CtKey, reply: &CtEntry, now: u64) -> bool {
     let Some(cfg) = NP_CONFIG.get(0) else {
         return false;
     };
@@ -69,33 +51,31 @@ fn claim_tuple(
         let ours = existing
             .opposite_key(reply_key.proto, CT_DIR_FORWARD)
             .same(forward_key);
-        // The other entry, looked up once for all three questions (a small stack frame).
-        let partner = conntrack::partner(reply_key, existing);
-        // SAFETY: points into a conntrack map value.
-        let old_forward = partner.map(|(_, _, f)| unsafe { &*f });
-        let alive = !cfg.ct_entry_expired(existing, reply_key.proto, now)
-            || old_forward.is_some_and(|f| !cfg.ct_entry_expired(f, reply_key.proto, now));
-        if !ours && alive {
-            if takeover & TAKEOVER == 0
-                || !may_take_over(&existing.state, old_forward, takeover as u32)
-            {
-                return false;
-            }
-            stats::count(Counter::EventSnatTakeover);
+        if !ours && conntrack::alive(cfg, reply_key, existing, now) {
+            return false;
         }
-        conntrack::forget_pair(table, reply_key, partner);
+        conntrack::forget(table, reply_key, existing);
     }
     Table::Handshake
         .insert(reply_key, reply, BPF_NOEXIST)
         .is_ok()
 }
 
+/// A SYN's sequence end (`syn_seq_end`), as [`probe`] takes it (a subprogram has five
+/// arguments, in registers): the sequence number in the low bits, [`TAKEOVER`] set.
+#[inline(always)]
+fn takeover_arg(syn_seq_end: Option<u32>) -> u64 {
+    syn_seq_end.map_or(0, |seq| u64::from(seq) | TAKEOVER)
+}
+
+const TAKEOVER: u64 = 1 << 32;
+
 /// Finds a port for the reply tuple `base` (its destination port is chosen here) and claims
 /// it. Returns the port in network order.
 ///
-/// The probes only look (a free port is taken at once, our own entry is kept); whether a held
-/// port belongs to a connection that is over, or closed and taken over by a SYN
-/// (`syn_seq_end`), is looked at only after them, for the first port of the first
+/// A probe takes a free port at once, keeps our own, and lets a SYN (`syn_seq_end`) take over
+/// a closed connection's port ([`probe`]); whether a held port belongs to a connection that is
+/// over is looked at only after the probes, for the first port of the first
 /// [`RECLAIM_TRIES`] rounds. That keeps what the verifier walks per probe small;
 /// the agent's conntrack GC frees dead connections' ports in the background.
 #[inline(always)]
@@ -111,6 +91,7 @@ pub fn claim_port(
     if span == 0 {
         return Err(Counter::DroppedSnatExhausted);
     }
+    let takeover = takeover_arg(syn_seq_end);
     let mut round = 0;
     while round < ROUNDS {
         let start = round_start(cfg, forward_key, base, round);
@@ -120,7 +101,7 @@ pub fn claim_port(
         let mut i = 0;
         while i < PROBES_PER_ROUND {
             let port = cfg.snat_port_at(start.wrapping_add(i.wrapping_mul(stride)) % span);
-            if probe(forward_key, base, reply, port) {
+            if probe(forward_key, base, reply, port, takeover) {
                 return Ok(port.to_be());
             }
             i += 1;
@@ -134,7 +115,7 @@ pub fn claim_port(
             dport_be: port.to_be(),
             ..*base
         };
-        if !frontend_port(port) && claim(forward_key, &key, reply, syn_seq_end, now) {
+        if !frontend_port(port) && claim(forward_key, &key, reply, now) {
             return Ok(port.to_be());
         }
         round += 1;
@@ -154,11 +135,13 @@ fn round_start(cfg: &DatapathConfig, forward_key: &CtKey, base: &CtKey, round: u
     )
 }
 
-/// One probe: takes `port` if it is free, or keeps it if this connection already has it.
+/// One probe: takes `port` if it is free, or keeps it if this connection already has it, or
+/// takes it over from a closed or abandoned connection (`takeover`, a SYN's sequence:
+/// [`reclaimable`]).
 /// A BPF subprogram of its own: the verifier then carries one outcome per probe onwards, not
 /// every path through it.
 #[inline(never)]
-fn probe(forward_key: &CtKey, base: &CtKey, reply: &CtEntry, port: u16) -> bool {
+fn probe(forward_key: &CtKey, base: &CtKey, reply: &CtEntry, port: u16, takeover: u64) -> bool {
     // A port some frontend listens on would send the backend's answers there.
     if frontend_port(port) {
         return false;
@@ -167,12 +150,56 @@ fn probe(forward_key: &CtKey, base: &CtKey, reply: &CtEntry, port: u16) -> bool 
         dport_be: port.to_be(),
         ..*base
     };
-    match conntrack::lookup(&key) {
-        None => Table::Handshake.insert(&key, reply, BPF_NOEXIST).is_ok(),
-        // SAFETY: points into a conntrack map value. A retransmitted first packet finds its
-        // own port.
-        Some((_, existing)) => {
-            unsafe { (*existing).opposite_key(key.proto, CT_DIR_FORWARD) }.same(forward_key)
-        }
+    let Some((table, existing)) = conntrack::lookup(&key) else {
+        return Table::Handshake.insert(&key, reply, BPF_NOEXIST).is_ok();
+    };
+    // SAFETY: points into a conntrack map value.
+    let existing = unsafe { &*existing };
+    // A retransmitted first packet finds its own port.
+    if existing
+        .opposite_key(key.proto, CT_DIR_FORWARD)
+        .same(forward_key)
+    {
+        return true;
     }
+    if takeover & TAKEOVER == 0 || !reclaimable(existing, takeover as u32) {
+        return false;
+    }
+    // The old connection's forward entry is left to the agent's collector: it no longer pairs
+    // with this tuple (`ct_pair`), and the packets of a closing or handshake connection are
+    // checked against their partner every time (`xdp_ext::known`), so they are dropped, never
+    // delivered on this tuple.
+    table.remove(&key);
+    if Table::Handshake.insert(&key, reply, BPF_NOEXIST).is_err() {
+        return false;
+    }
+    stats::count(Counter::EventSnatTakeover);
+    true
+}
+
+/// Whether a TCP SYN whose sequence ends at `seq_end` may take the tuple of the connection of
+/// the reply entry `existing`:
+/// - it closed more than a second ago, and the SYN is past the old client's sequence as the
+///   backend acknowledged it ([`may_take_over`]; the second lets the close's last ACK arrive
+///   first: Linux takes over only connections in TIME_WAIT);
+/// - or its handshake never completed and its backend side has been quiet for three seconds:
+///   a spoofed SYN's, or a client's that gave up (nf_conntrack's early_drop takes such
+///   unassured connections first). A real client still trying retransmits its SYN, which then
+///   starts a new connection (`conntrack::on_forward`).
+#[inline(always)]
+fn reclaimable(existing: &CtEntry, seq_end: u32) -> bool {
+    let Some(cfg) = NP_CONFIG.get(0) else {
+        return false;
+    };
+    let quiet = conntrack::now().wrapping_sub(existing.last_seen);
+    let second = u64::from(cfg.hz);
+    if existing.state.established == 0 {
+        return quiet > 3 * second;
+    }
+    let old_client = CtEntry {
+        seq_next: existing.ack_max,
+        ack_max: existing.ack_max,
+        ..CtEntry::default()
+    };
+    quiet > second && may_take_over(&existing.state, Some(&old_client), seq_end)
 }

@@ -169,6 +169,8 @@ fn known(
     entry: *mut CtEntry,
     now: u64,
 ) -> Result<Verdict, Counter> {
+    // SAFETY: points into the map value.
+    let was_closing = unsafe { (*entry).state.closing() };
     let state = conntrack::record(key, entry, flow, now);
     let (new, route) = if table == Table::Handshake {
         // SAFETY: copied out: promotion frees the element.
@@ -182,8 +184,10 @@ fn known(
     } else {
         let recheck = u64::from(cfg.hz);
         // The next hop is cached per connection; when it is due for a re-check (once a
-        // second), the other entry is checked too.
-        if fib::stale(entry, now, recheck) {
+        // second), the other entry is checked too, and on every packet of a closing
+        // connection (before or after this packet), whose reply tuple a new connection may
+        // have taken over (`snat::probe`).
+        if fib::stale(entry, now, recheck) || was_closing || state.closing() {
             // SAFETY: points into the map value.
             conntrack::ensure_partner(table, key, unsafe { &*entry }, now)?;
         }
@@ -279,7 +283,7 @@ fn new_connection(
     if local {
         // The pod's replies are bound to the device its first answer comes from.
         let reply_key = forward.opposite_key(flow.proto, CT_DIR_REPLY);
-        if !snat::claim(forward_key, &reply_key, reply, syn_seq_end, now) {
+        if !snat::claim(forward_key, &reply_key, reply, now) {
             // Another connection of this client address and port holds the tuple at the pod
             // (two frontends of one pod): rewrite the client's port, as Linux NAT does.
             forward.flags |= CT_F_PORT_REWRITE;

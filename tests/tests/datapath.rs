@@ -167,6 +167,10 @@ const CASES: &[(&str, Case)] = &[
         "a SYN past a closed connection's sequence takes over its SNAT port",
         closed_connection_snat_port_taken_over,
     ),
+    (
+        "a SYN takes over the SNAT port of a handshake abandoned for three seconds",
+        abandoned_handshake_snat_port_taken_over,
+    ),
 ];
 
 #[test]
@@ -1448,9 +1452,10 @@ fn lost_partner_recreated_or_dropped(fx: &mut Fixture, topo: &Topology) -> Resul
         .find(|(k, _)| k.dir == CT_DIR_REPLY)
         .context("no reply entry")?;
     fx.dp.maps.conntrack_new.remove(&reply_key)?;
-    // The client's next packet puts it back, with the same port.
+    // The client's next packet puts it back, with the same port. (A retransmitted SYN would
+    // start over, on the same port too: `conntrack::on_forward`.)
     let before = fx.counters()?;
-    let run = xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_TX)?;
+    let run = xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_TX)?;
     ensure!(
         parse_checked(&run.frame)?.src.port() == port,
         "port changed"
@@ -1742,14 +1747,19 @@ fn closed_connection_snat_port_taken_over(fx: &mut Fixture, topo: &Topology) -> 
     let before = fx.counters()?;
     xdp_action(fx, topo, &later_syn, XDP_DROP)?;
     check_counters(fx, &before, &[(Counter::DroppedSnatExhausted, 1)])?;
-    // Closed both ways: a SYN before the old client's sequence would be taken by a backend
-    // socket in TIME_WAIT as the old connection's, so it may not have the port.
+    // Closed both ways just now: the close's last ACK may still be on its way.
     xdp_action(fx, topo, &from_client(40000, FRONTEND, FIN_ACK), XDP_TX)?;
     xdp_action(fx, topo, &backend_reply(port, FIN_ACK), XDP_TX)?;
     let before = fx.counters()?;
+    xdp_action(fx, topo, &later_syn, XDP_DROP)?;
+    check_counters(fx, &before, &[(Counter::DroppedSnatExhausted, 1)])?;
+    // Quiet since: a SYN before the old client's sequence would be taken by a backend socket
+    // in TIME_WAIT as the old connection's, so it may not have the port.
+    age_entry(fx, CT_DIR_REPLY)?;
+    let before = fx.counters()?;
     xdp_action(fx, topo, &later_syn.clone().seq(500), XDP_DROP)?;
     check_counters(fx, &before, &[(Counter::DroppedSnatExhausted, 1)])?;
-    // Past it, the SYN takes the port; the old connection is gone.
+    // Past it, the SYN takes the port.
     let before = fx.counters()?;
     let run = xdp_action(fx, topo, &later_syn, XDP_TX)?;
     ensure!(
@@ -1764,12 +1774,52 @@ fn closed_connection_snat_port_taken_over(fx: &mut Fixture, topo: &Topology) -> 
             (Counter::EventSnatTakeover, 1),
         ],
     )?;
-    let clients: Vec<u16> = fx
-        .conntrack()?
-        .into_iter()
-        .filter(|(_, k, _)| k.dir == CT_DIR_FORWARD)
-        .map(|(_, k, _)| u16::from_be(k.sport_be))
-        .collect();
-    ensure!(clients == [40001], "connections left: {clients:?}");
+    // The old client's late packet finds its forward entry unpaired: dropped, never sent to
+    // the backend on the new connection's tuple (its cached route is still fresh).
+    let before = fx.counters()?;
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_DROP)?;
+    check_counters(fx, &before, &[(Counter::DroppedCtPartnerLost, 1)])?;
+    Ok(())
+}
+
+fn abandoned_handshake_snat_port_taken_over(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.set_config(nodeport_common::DatapathConfig {
+        snat_port_min: 61000,
+        snat_port_max: 61000,
+        ..default_config()
+    })?;
+    fx.add_service(&local_service(1, vec![remote(1, REMOTE_A)]))?;
+    // A SYN (spoofed, say) that the backend answered and nobody completed.
+    let port = snat_syn(fx, topo, 40000)?;
+    xdp_action(fx, topo, &backend_reply(port, SYN_ACK), XDP_TX)?;
+    let newcomer = from_client(40001, FRONTEND, SYN);
+    let before = fx.counters()?;
+    xdp_action(fx, topo, &newcomer, XDP_DROP)?;
+    check_counters(fx, &before, &[(Counter::DroppedSnatExhausted, 1)])?;
+    // Three seconds of quiet on the backend's side: the port goes to a new SYN.
+    age_entry(fx, CT_DIR_REPLY)?;
+    let before = fx.counters()?;
+    xdp_action(fx, topo, &newcomer, XDP_TX)?;
+    check_counters(
+        fx,
+        &before,
+        &[
+            (Counter::ForwardedXdpTx, 1),
+            (Counter::EventSnatTakeover, 1),
+        ],
+    )?;
+    // The old client's ACK is dropped; its retransmitted SYN starts a new connection (which
+    // finds no port here: the range is one port, now the newcomer's).
+    let before = fx.counters()?;
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_DROP)?;
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_DROP)?;
+    check_counters(
+        fx,
+        &before,
+        &[
+            (Counter::DroppedCtPartnerLost, 1),
+            (Counter::DroppedSnatExhausted, 1),
+        ],
+    )?;
     Ok(())
 }
