@@ -1209,6 +1209,21 @@ fn a_recreated_interface_is_attached_again() -> Result<()> {
         lab.node1_xdp_program()?.is_some(),
         "no XDP on the re-created ext0"
     );
+    // The node's address went with the old ext0 and came back on the new one: the frontend on
+    // it is programmed again once the agent has seen the address (until then the node's own
+    // stack answers, with an RST).
+    let frontend = np(30093).to_string();
+    let deadline = Instant::now() + PATIENCE;
+    while !lab.dump()?["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["frontends"].as_array().cloned().unwrap_or_default())
+        .any(|f| f["address"] == frontend.as_str())
+    {
+        ensure!(Instant::now() < deadline, "{frontend} not programmed again");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     lab.client.ip("neigh flush dev eth0")?;
     ensure!(lab.ask_tcp(np(30093))?.pod == "a");
     ensure!(lab.node_health("/healthz")? == 200);
