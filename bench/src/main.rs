@@ -978,7 +978,7 @@ fn datapath(date: &str) -> Result<(Vec<Row>, String)> {
     if let Some(c) = &snat {
         writeln!(
             md,
-            "\n## SNAT ports of one remote backend\n\n{} SYNs from distinct clients to one Service with one remote backend, one BPF_PROG_TEST_RUN each, every connection holding its SNAT port (a handshake table of {} entries holds them all); {} ports in the ranges, the search probes 32 ports in 4 rounds of 8, then 2 reclaim tries.\n",
+            "\n## SNAT ports of one remote backend\n\n{} SYNs from distinct clients to one Service with one remote backend, one BPF_PROG_TEST_RUN each, every connection holding its SNAT port (a handshake table of {} entries holds them all); {} ports in the ranges, the search probes 80 ports in 10 rounds of 8 (strided), then 2 reclaim tries.\n",
             c.attempts,
             2 * c.attempts + 1024,
             c.span
