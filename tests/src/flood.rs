@@ -18,25 +18,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use etherparse::PacketBuilder;
 
-use crate::{lab::Lab, netns::NetNs};
+use crate::{
+    lab::{Lab, mac_of},
+    netns::NetNs,
+};
 
 /// The attacker's own address on the lab's LAN.
 pub const ATTACKER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 200);
-
-/// The MAC address of `dev` in `ns`.
-pub fn mac_of(ns: &NetNs, dev: &str) -> Result<[u8; 6]> {
-    let out = ns.ip(&format!("-j link show dev {dev}"))?;
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let text = json[0]["address"].as_str().context("no address")?;
-    let mut mac = [0u8; 6];
-    for (i, part) in text.split(':').enumerate().take(6) {
-        mac[i] = u8::from_str_radix(part, 16)?;
-    }
-    Ok(mac)
-}
 
 /// A raw sender of whole frames out of one interface of a namespace.
 pub struct FrameSender {

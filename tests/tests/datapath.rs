@@ -254,6 +254,20 @@ fn xdp_action(fx: &mut Fixture, topo: &Topology, pkt: &Pkt, action: u32) -> Resu
     Ok(run)
 }
 
+/// Runs `pkt` through XDP, expecting `action` and exactly the counter changes `counted`.
+fn xdp_counted(
+    fx: &mut Fixture,
+    topo: &Topology,
+    pkt: &Pkt,
+    action: u32,
+    counted: &[(Counter, u64)],
+) -> Result<XdpRun> {
+    let before = fx.counters()?;
+    let run = xdp_action(fx, topo, pkt, action)?;
+    check_counters(fx, &before, counted)?;
+    Ok(run)
+}
+
 fn local_service(id: u32, backends: Vec<BackendSpec>) -> ServiceSpec {
     ServiceSpec::new(id, FRONTEND, IPPROTO_TCP, backends)
 }
@@ -1731,78 +1745,99 @@ fn first_answer_must_come_from_the_backend(fx: &mut Fixture, topo: &Topology) ->
     Ok(())
 }
 
-fn closed_connection_snat_port_taken_over(fx: &mut Fixture, topo: &Topology) -> Result<()> {
-    // One SNAT port, held by one connection.
+/// A service whose one backend is remote, with a single SNAT port: whoever holds it holds the
+/// whole range.
+fn one_snat_port(fx: &mut Fixture) -> Result<()> {
     fx.set_config(nodeport_common::DatapathConfig {
         snat_port_min: 61000,
         snat_port_max: 61000,
         ..default_config()
     })?;
-    fx.add_service(&local_service(1, vec![remote(1, REMOTE_A)]))?;
+    fx.add_service(&local_service(1, vec![remote(1, REMOTE_A)]))
+}
+
+fn closed_connection_snat_port_taken_over(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    // One SNAT port, held by one connection.
+    one_snat_port(fx)?;
     let port = snat_syn(fx, topo, 40000)?;
     xdp_action(fx, topo, &backend_reply(port, SYN_ACK), XDP_TX)?;
     xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_TX)?;
     let later_syn = from_client(40001, FRONTEND, SYN).seq(1_000_000);
     // Open, the connection keeps its port whatever the newcomer's sequence.
-    let before = fx.counters()?;
-    xdp_action(fx, topo, &later_syn, XDP_DROP)?;
-    check_counters(fx, &before, &[(Counter::DroppedSnatExhausted, 1)])?;
+    xdp_counted(
+        fx,
+        topo,
+        &later_syn,
+        XDP_DROP,
+        &[(Counter::DroppedSnatExhausted, 1)],
+    )?;
     // Closed both ways just now: the close's last ACK may still be on its way.
     xdp_action(fx, topo, &from_client(40000, FRONTEND, FIN_ACK), XDP_TX)?;
     xdp_action(fx, topo, &backend_reply(port, FIN_ACK), XDP_TX)?;
-    let before = fx.counters()?;
-    xdp_action(fx, topo, &later_syn, XDP_DROP)?;
-    check_counters(fx, &before, &[(Counter::DroppedSnatExhausted, 1)])?;
+    xdp_counted(
+        fx,
+        topo,
+        &later_syn,
+        XDP_DROP,
+        &[(Counter::DroppedSnatExhausted, 1)],
+    )?;
     // Quiet since: a SYN before the old client's sequence would be taken by a backend socket
     // in TIME_WAIT as the old connection's, so it may not have the port.
     age_entry(fx, CT_DIR_REPLY)?;
-    let before = fx.counters()?;
-    xdp_action(fx, topo, &later_syn.clone().seq(500), XDP_DROP)?;
-    check_counters(fx, &before, &[(Counter::DroppedSnatExhausted, 1)])?;
-    // Past it, the SYN takes the port.
-    let before = fx.counters()?;
-    let run = xdp_action(fx, topo, &later_syn, XDP_TX)?;
-    ensure!(
-        parse_checked(&run.frame)?.src.port() == port,
-        "another port"
-    );
-    check_counters(
+    xdp_counted(
         fx,
-        &before,
+        topo,
+        &later_syn.clone().seq(500),
+        XDP_DROP,
+        &[(Counter::DroppedSnatExhausted, 1)],
+    )?;
+    // Past it, the SYN takes the port.
+    let run = xdp_counted(
+        fx,
+        topo,
+        &later_syn,
+        XDP_TX,
         &[
             (Counter::ForwardedXdpTx, 1),
             (Counter::EventSnatTakeover, 1),
         ],
     )?;
+    ensure!(
+        parse_checked(&run.frame)?.src.port() == port,
+        "another port"
+    );
     // The old client's late packet finds its forward entry unpaired: dropped, never sent to
     // the backend on the new connection's tuple (its cached route is still fresh).
-    let before = fx.counters()?;
-    xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_DROP)?;
-    check_counters(fx, &before, &[(Counter::DroppedCtPartnerLost, 1)])?;
+    xdp_counted(
+        fx,
+        topo,
+        &from_client(40000, FRONTEND, ACK),
+        XDP_DROP,
+        &[(Counter::DroppedCtPartnerLost, 1)],
+    )?;
     Ok(())
 }
 
 fn abandoned_handshake_snat_port_taken_over(fx: &mut Fixture, topo: &Topology) -> Result<()> {
-    fx.set_config(nodeport_common::DatapathConfig {
-        snat_port_min: 61000,
-        snat_port_max: 61000,
-        ..default_config()
-    })?;
-    fx.add_service(&local_service(1, vec![remote(1, REMOTE_A)]))?;
+    one_snat_port(fx)?;
     // A SYN (spoofed, say) that the backend answered and nobody completed.
     let port = snat_syn(fx, topo, 40000)?;
     xdp_action(fx, topo, &backend_reply(port, SYN_ACK), XDP_TX)?;
     let newcomer = from_client(40001, FRONTEND, SYN);
-    let before = fx.counters()?;
-    xdp_action(fx, topo, &newcomer, XDP_DROP)?;
-    check_counters(fx, &before, &[(Counter::DroppedSnatExhausted, 1)])?;
+    xdp_counted(
+        fx,
+        topo,
+        &newcomer,
+        XDP_DROP,
+        &[(Counter::DroppedSnatExhausted, 1)],
+    )?;
     // Three seconds of quiet on the backend's side: the port goes to a new SYN.
     age_entry(fx, CT_DIR_REPLY)?;
-    let before = fx.counters()?;
-    xdp_action(fx, topo, &newcomer, XDP_TX)?;
-    check_counters(
+    xdp_counted(
         fx,
-        &before,
+        topo,
+        &newcomer,
+        XDP_TX,
         &[
             (Counter::ForwardedXdpTx, 1),
             (Counter::EventSnatTakeover, 1),
