@@ -207,8 +207,8 @@ fn slice(i: u32) -> EndpointSlice {
 
 fn port_key(i: u32) -> ServicePortKey {
     ServicePortKey {
-        namespace: namespace(i),
-        name: service_name(i),
+        namespace: namespace(i).into(),
+        name: service_name(i).into(),
         port_name: "http".into(),
         protocol: Protocol::Tcp,
     }
