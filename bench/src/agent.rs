@@ -8,8 +8,8 @@
 //! * Objects are built in code as k8s-openapi values (no YAML: parsing would dominate) and put
 //!   in the kube source's own mirrors (`source::kube::Mirror`), so the snapshots the agent sees
 //!   share unchanged objects' `Arc`s as they do in production.
-//! * Node ports are 20000 + i, beyond the default 30000-32767 range: the agent does not check
-//!   the range (the API server does), and only the datapath maps are exercised here.
+//! * Node ports are 20000 + i, beyond the default 30000-32767 range: the bench's node context
+//!   sets no port guard, and only the datapath maps are exercised here.
 //! * Endpoint addresses are in 198.18.0.0/15 (benchmarking addresses); they are map contents
 //!   only, no packet is sent.
 //!
@@ -207,8 +207,8 @@ fn slice(i: u32) -> EndpointSlice {
 
 fn port_key(i: u32) -> ServicePortKey {
     ServicePortKey {
-        namespace: namespace(i),
-        name: service_name(i),
+        namespace: namespace(i).into(),
+        name: service_name(i).into(),
         port_name: "http".into(),
         protocol: Protocol::Tcp,
     }
@@ -819,6 +819,17 @@ fn rss_at(n: u32) -> Result<RssRow> {
         "/metrics: {}",
         body.lines().next().unwrap_or_default()
     );
+    // Every Service programmed (the fillers' TCP ports and the measured Service's two), not
+    // refused: the memory is that of N Services.
+    let ports = u64::from(n) + 1;
+    let programmed = body
+        .lines()
+        .find_map(|l| l.strip_prefix("nodeport_services "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    ensure!(
+        programmed == Some(ports),
+        "{programmed:?} service ports programmed, expected {ports}"
+    );
     let kib = |name: &str| proc_status_bytes(pid, name);
     // The Maglev array: the larger of the two memory-mapped arrays (BPF_F_MMAPABLE).
     let mmapable = |flags: u64| flags & u64::from(nodeport_common::BPF_F_MMAPABLE) != 0;
@@ -864,9 +875,6 @@ pub fn run(object: &[u8]) -> Result<Results> {
     let mut memory = None;
     for round in 0..PROGRAM_ROUNDS {
         drop(last.take());
-        if memory.is_none() {
-            memory = Some(map_memory(sizing.maglev_size * sizing.maglev_blocks())?);
-        }
         let Programming {
             dp,
             reconciler,
@@ -875,6 +883,10 @@ pub fn run(object: &[u8]) -> Result<Results> {
             report,
             run,
         } = program_fresh(object, &sizing, &settings, &snapshot)?;
+        // While this round's datapath is loaded (before it, no map is open).
+        if memory.is_none() {
+            memory = Some(map_memory(sizing.maglev_size * sizing.maglev_blocks())?);
+        }
 
         // Correctness, every round: all services in the agent's picture and in the maps.
         ensure!(

@@ -58,7 +58,7 @@ fn key(ns: &str, name: &str, port: &str, protocol: Protocol) -> ServicePortKey {
 
 /// Who serves each frontend in a desired state (what the maps would hold).
 fn holders(
-    services: &BTreeMap<ServicePortKey, DesiredService>,
+    services: &BTreeMap<ServicePortKey, Arc<DesiredService>>,
 ) -> BTreeMap<FrontendId, ServicePortKey> {
     services
         .iter()
@@ -621,10 +621,7 @@ spec: { externalIPs: [198.51.100.7], ports: [ { port: 80 } ] }
 "#,
     );
     assert_eq!(
-        d.services
-            .keys()
-            .map(|k| k.name.as_str())
-            .collect::<Vec<_>>(),
+        d.services.keys().map(|k| &*k.name).collect::<Vec<_>>(),
         ["older"]
     );
     let notice = d
@@ -745,7 +742,7 @@ spec: { externalIPs: [198.51.100.7], ports: [ { port: 80 } ] }
                 "the newer Service gained the frontend: {changes:?}"
             );
             assert!(
-                !changes.services.iter().any(|k| k.name == "web"),
+                !changes.services.iter().any(|k| &*k.name == "web"),
                 "web did not change: {changes:?}"
             );
         }
@@ -776,6 +773,34 @@ fn an_unchanged_update_changes_nothing() {
         frontend_addrs(svc),
         vec![("198.18.0.9:30080".into(), FrontendKind::NodePort)]
     );
+}
+
+/// One copy of a service port's desired state: the Service's computed output, the desired
+/// state and (through `Desired`) the programmed maps' record share it, also when an equal copy
+/// of the Service arrives.
+#[test]
+fn the_desired_state_shares_each_services_computed_state() {
+    use std::sync::Arc;
+    let (services, slices) = objects(WEB);
+    let arcs = |services: &[Service]| -> Vec<Arc<Service>> {
+        services.iter().cloned().map(Arc::new).collect()
+    };
+    let slices: Vec<Arc<EndpointSlice>> = slices.into_iter().map(Arc::new).collect();
+    let mut reconciler = Reconciler::new(node());
+    reconciler.update(&arcs(&services), &slices);
+    let web = key("shop", "web", "http", Protocol::Tcp);
+    let shared = |r: &Reconciler| -> Arc<DesiredService> {
+        let cached = &r.cache[&("shop".to_owned(), "web".to_owned())];
+        let (_, computed) = cached.output.ports.iter().find(|(k, _)| *k == web).unwrap();
+        let desired = &r.desired().services[&web];
+        assert!(Arc::ptr_eq(computed, desired), "one copy, shared");
+        desired.clone()
+    };
+    let before = shared(&reconciler);
+    // An equal copy of the Service (a relist, a rewritten file): recomputed, nothing changes,
+    // and the desired state keeps its `Arc` (the syncer then compares no contents).
+    assert!(reconciler.update(&arcs(&services), &slices).is_empty());
+    assert!(Arc::ptr_eq(&before, &shared(&reconciler)));
 }
 
 /// The incremental path finds changes by identity (`diff`); it must agree with a computation
@@ -1182,7 +1207,7 @@ fn a_newcomer_never_takes(holder: &str, newcomer: &str) {
         r.desired()
             .services
             .keys()
-            .map(|k| k.name.clone())
+            .map(|k| k.name.to_string())
             .collect()
     };
     let mut reconciler = Reconciler::new(node());
@@ -1224,19 +1249,13 @@ fn a_newcomer_never_takes(holder: &str, newcomer: &str) {
     let (services, _) = objects(&format!("{newcomer}---{holder}"));
     let d = desired_state_held(&services, &[], &moved, pinned);
     assert_eq!(
-        d.services
-            .keys()
-            .map(|k| k.name.as_str())
-            .collect::<Vec<_>>(),
+        d.services.keys().map(|k| &*k.name).collect::<Vec<_>>(),
         ["web-b"]
     );
     // Without holders (the first start on a node), the older Service, then the name, wins.
     let d = desired_state(&services, &[], &moved);
     assert_eq!(
-        d.services
-            .keys()
-            .map(|k| k.name.as_str())
-            .collect::<Vec<_>>(),
+        d.services.keys().map(|k| &*k.name).collect::<Vec<_>>(),
         ["web-a"]
     );
 }

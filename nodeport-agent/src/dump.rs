@@ -65,9 +65,9 @@ impl std::str::FromStr for ServiceFilter {
 
 impl ServiceFilter {
     pub fn matches(&self, key: &ServicePortKey) -> bool {
-        key.namespace == self.namespace
-            && key.name == self.name
-            && self.port.as_ref().is_none_or(|p| *p == key.port_name)
+        *key.namespace == *self.namespace
+            && *key.name == *self.name
+            && self.port.as_ref().is_none_or(|p| **p == *key.port_name)
     }
 }
 

@@ -5,6 +5,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
 };
 
 use serde::Serialize;
@@ -37,12 +38,15 @@ impl fmt::Display for Protocol {
 
 /// One service of the datapath: a port of a Kubernetes Service. TCP and UDP on one port
 /// number are two of them.
+///
+/// The names are shared (`Arc<str>`): the agent keeps a key in several indexes (desired state,
+/// frontend claims and holders, the programmed maps, metrics), and a clone costs no allocation.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct ServicePortKey {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
     /// The Service port's name ("" when unnamed).
-    pub port_name: String,
+    pub port_name: Arc<str>,
     pub protocol: Protocol,
 }
 
@@ -225,7 +229,9 @@ impl NoticeKind {
 /// Everything the datapath should hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Desired {
-    pub services: BTreeMap<ServicePortKey, DesiredService>,
+    /// Shared (`Arc`) with the per-Service computation it was assembled from and with the
+    /// programmed maps' record of it, rather than copied into each.
+    pub services: BTreeMap<ServicePortKey, Arc<DesiredService>>,
     pub health_checks: BTreeMap<u16, HealthCheck>,
     pub notices: BTreeSet<Notice>,
 }

@@ -19,6 +19,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     io,
     net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
 };
 
 use aya::maps::{MapError, lpm_trie::Key as LpmKey};
@@ -156,8 +157,9 @@ pub struct ProgrammedService {
     pub backends: BTreeMap<SocketAddrV4, (u32, BackendState)>,
     pub frontends: BTreeMap<FrontendKey, FrontendValue>,
     pub source_ranges: BTreeSet<Ipv4Prefix>,
-    /// What it was programmed from; None when adopted from pinned maps.
-    desired: Option<DesiredService>,
+    /// What it was programmed from (the desired state's own, shared); None when adopted from
+    /// pinned maps.
+    desired: Option<Arc<DesiredService>>,
 }
 
 /// What the maps hold.
@@ -237,9 +239,9 @@ pub fn key_of(name: &SvcName) -> Option<ServicePortKey> {
         _ => return None,
     };
     Some(ServicePortKey {
-        namespace: untext(&name.namespace),
-        name: untext(&name.name),
-        port_name: untext(&name.port_name),
+        namespace: untext(&name.namespace).into(),
+        name: untext(&name.name).into(),
+        port_name: untext(&name.port_name).into(),
         protocol,
     })
 }
@@ -546,9 +548,9 @@ impl Syncer<'_> {
             // Without configuration the datapath passes everything; nothing else makes sense.
             report.failed.push((
                 ServicePortKey {
-                    namespace: String::new(),
+                    namespace: "".into(),
                     name: "(datapath settings)".into(),
-                    port_name: String::new(),
+                    port_name: "".into(),
                     protocol: Protocol::Tcp,
                 },
                 e,
@@ -567,6 +569,7 @@ impl Syncer<'_> {
                 continue;
             };
             let current = programmed.services.get(key);
+            // Nearly always the same `Arc` (then no comparison runs), else equal contents.
             if current.is_some_and(|c| c.desired.as_ref() == Some(want)) {
                 report.unchanged += 1;
                 continue;
@@ -716,7 +719,7 @@ impl Syncer<'_> {
         &mut self,
         programmed: &mut Programmed,
         key: &ServicePortKey,
-        want: &DesiredService,
+        want: &Arc<DesiredService>,
     ) -> Result<(ProgrammedService, bool), SyncError> {
         let mut undo = Vec::new();
         match self.try_apply_service(programmed, key, want, &mut undo) {
@@ -736,7 +739,7 @@ impl Syncer<'_> {
         &mut self,
         programmed: &mut Programmed,
         key: &ServicePortKey,
-        want: &DesiredService,
+        want: &Arc<DesiredService>,
         undo: &mut Vec<Undo>,
     ) -> Result<(ProgrammedService, Retire), SyncError> {
         let current = programmed.services.get(key).cloned();

@@ -323,7 +323,7 @@ fn more_backends_than_maglev_slots_is_refused_not_a_crash() -> Result<()> {
         .first()
         .context("40 backends should not fit 31 slots")?;
     ensure!(
-        failed.name == "web" && err.to_string().contains("--maglev-table-size"),
+        &*failed.name == "web" && err.to_string().contains("--maglev-table-size"),
         "{failed}: {err}"
     );
     ensure!(

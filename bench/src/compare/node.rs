@@ -189,6 +189,11 @@ impl Agent {
             // first measured.
             "--snat-port-range",
             "61000-65535",
+            // The agent refuses node ports outside --service-node-port-range (the API server's
+            // range, 30000-32767 by default): widen it to the fillers' ports, or most of them
+            // would not be programmed.
+            "--service-node-port-range",
+            "20000-60999",
         ]
         .iter()
         .map(|s| s.to_string())

@@ -708,8 +708,8 @@ fn setup_text(r: &Results) -> String {
 every request line with its name and the address it saw. The measured Service is a NodePort \
 Service (TCP and UDP on node port 20000) with one endpoint, pod a; the endpoint change moves it to \
 pod b. N − 1 filler Services have 3 endpoints each on other nodes, and node ports from 20001 up \
-(beyond kube-apiserver's default range 30000-32767, which holds only 2,768; the agent does not \
-check the range). At 65,536 Services (nodeport alone) the node ports stop at 60999, below the \
+(beyond kube-apiserver's default range 30000-32767, which holds only 2,768; the agent runs with \
+--service-node-port-range 20000-60999). At 65,536 Services (nodeport alone) the node ports stop at 60999, below the \
 agent's SNAT range, and the remaining 24,536 fillers have an externalIP each instead. Every \
 Service has a ClusterIP.
 

@@ -5,8 +5,9 @@
 //!   backend pod on the node; the endpoint change moves it to the second pod.
 //! * Filler i has three endpoints on other nodes (addresses from a pool in 198.18.128.0/18,
 //!   never contacted) and node port 20001 + i. Node ports go beyond kube-apiserver's default
-//!   range 30000-32767 (2,768 ports): the agent does not check the range (the API server does),
-//!   and kube-proxy's rules do not depend on it. Ports stop at 60999, below the agent's SNAT
+//!   range 30000-32767 (2,768 ports): the agent is started with --service-node-port-range
+//!   20000-60999 (it refuses node ports outside its range), and kube-proxy's rules do not
+//!   depend on it. Ports stop at 60999, below the agent's SNAT
 //!   range; fillers beyond that (only at 65,536 Services) get an externalIP instead, as a Service
 //!   in a real cluster could.
 //! * Every Service has a ClusterIP (198.19.0.0/16), as on a real node, where kube-proxy writes a
