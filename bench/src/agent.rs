@@ -103,6 +103,7 @@ fn node() -> NodeContext {
         node_addresses: vec![NODE_IP],
         proxy_name: None,
         guard: Default::default(),
+        source_ranges_on_node_ports: false,
     }
 }
 

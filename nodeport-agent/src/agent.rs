@@ -166,6 +166,12 @@ pub struct RunArgs {
     /// net.ipv4.ip_local_port_range, nor go below 1024.
     #[arg(long, default_value = DEFAULT_SNAT_PORT_RANGES)]
     pub snat_port_range: SnatPortRanges,
+    /// Apply loadBalancerSourceRanges to node ports as well as to LoadBalancer IPs. kube-proxy
+    /// applies them to LoadBalancer IPs only, so a cloud load balancer that reaches the nodes
+    /// on their node port from other addresses keeps working; this stricter mode (Cilium's
+    /// --bpf-lb-source-range-all-types) also closes the node port to clients outside them.
+    #[arg(long)]
+    pub source_ranges_on_node_ports: bool,
     /// Slots of each service's Maglev table (a prime; more spreads many backends more evenly).
     #[arg(long, default_value_t = capacity::MAGLEV_SIZE)]
     pub maglev_table_size: u32,
@@ -904,6 +910,7 @@ impl Agent {
                 snat_ports: self.args.snat_port_range.0.clone(),
                 listeners: self.listeners.clone(),
             },
+            source_ranges_on_node_ports: self.args.source_ranges_on_node_ports,
         }
     }
 

@@ -37,6 +37,10 @@ pub struct NodeContext {
     pub proxy_name: Option<String>,
     /// Ports no frontend may take.
     pub guard: PortGuard,
+    /// Filter node ports by loadBalancerSourceRanges too (`--source-ranges-on-node-ports`).
+    /// kube-proxy does not: "nodeports are not subject to loadBalancerSourceRanges, and we
+    /// can't change that" (pkg/proxy/iptables and nftables proxier.go, syncProxyRules).
+    pub source_ranges_on_node_ports: bool,
 }
 
 /// Ports of the node a frontend must never take over: XDP sees packets before the node's own
@@ -280,7 +284,7 @@ fn frontends(
                     out.insert(Frontend {
                         addr: SocketAddrV4::new(*addr, node_port),
                         kind: FrontendKind::NodePort,
-                        source_ranges: has_source_ranges,
+                        source_ranges: has_source_ranges && node.source_ranges_on_node_ports,
                     });
                 }
             }

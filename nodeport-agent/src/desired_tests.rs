@@ -15,6 +15,7 @@ fn node() -> NodeContext {
         node_addresses: vec!["198.18.0.1".parse().unwrap(), "198.18.0.5".parse().unwrap()],
         proxy_name: None,
         guard: Default::default(),
+        source_ranges_on_node_ports: false,
     }
 }
 
@@ -573,10 +574,13 @@ spec:
     );
 }
 
+/// kube-proxy filters LoadBalancer IPs by loadBalancerSourceRanges, never node ports nor
+/// externalIPs: "nodeports are not subject to loadBalancerSourceRanges, and we can't change
+/// that" (pkg/proxy/iptables/proxier.go and nftables/proxier.go, syncProxyRules).
+/// `--source-ranges-on-node-ports` filters the node ports too.
 #[test]
-fn source_ranges_apply_to_node_ports_and_load_balancer_ips_not_external_ips() {
-    let d = compute(
-        r#"
+fn source_ranges_apply_to_load_balancer_ips_and_on_request_to_node_ports() {
+    let yaml = r#"
 kind: Service
 apiVersion: v1
 metadata: { name: web, namespace: default }
@@ -586,23 +590,34 @@ spec:
   loadBalancerSourceRanges: [10.1.2.3/8, 192.0.2.9, "2001:db8::/32", not-a-cidr]
   ports: [ { port: 80, nodePort: 30080 } ]
 status: { loadBalancer: { ingress: [ { ip: 203.0.113.10 } ] } }
-"#,
-    );
-    let svc = &d.services[&key("default", "web", "", Protocol::Tcp)];
-    let ranges: Vec<String> = svc.source_ranges.iter().map(ToString::to_string).collect();
-    assert_eq!(
-        ranges,
-        ["10.0.0.0/8", "192.0.2.9/32"],
-        "masked to the prefix"
-    );
-    for f in &svc.frontends {
-        assert_eq!(f.source_ranges, f.kind != FrontendKind::ExternalIp, "{f:?}");
+"#;
+    let strict = NodeContext {
+        source_ranges_on_node_ports: true,
+        ..node()
+    };
+    for (node, node_ports_filtered) in [(node(), false), (strict, true)] {
+        let d = compute_on(yaml, &node);
+        let svc = &d.services[&key("default", "web", "", Protocol::Tcp)];
+        let ranges: Vec<String> = svc.source_ranges.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            ranges,
+            ["10.0.0.0/8", "192.0.2.9/32"],
+            "masked to the prefix"
+        );
+        for f in &svc.frontends {
+            let filtered = match f.kind {
+                FrontendKind::LoadBalancer => true,
+                FrontendKind::NodePort => node_ports_filtered,
+                FrontendKind::ExternalIp => false,
+            };
+            assert_eq!(f.source_ranges, filtered, "{f:?}");
+        }
+        let kinds: Vec<NoticeKind> = d.notices.iter().map(|n| n.kind).collect();
+        assert_eq!(
+            kinds,
+            [NoticeKind::Ipv6Skipped, NoticeKind::InvalidSourceRange]
+        );
     }
-    let kinds: Vec<NoticeKind> = d.notices.iter().map(|n| n.kind).collect();
-    assert_eq!(
-        kinds,
-        [NoticeKind::Ipv6Skipped, NoticeKind::InvalidSourceRange]
-    );
 }
 
 #[test]

@@ -41,6 +41,7 @@ pub fn desired(yaml: &str, node_name: &str, node_addresses: &[Ipv4Addr]) -> Desi
         node_addresses: node_addresses.to_vec(),
         proxy_name: None,
         guard: Default::default(),
+        source_ranges_on_node_ports: false,
     };
     desired_state(&services, &slices, &node)
 }

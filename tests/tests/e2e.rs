@@ -393,7 +393,10 @@ fn deleted_service_stops_and_host_services_keep_working() -> Result<()> {
     Ok(())
 }
 
-/// Case 8: sessionAffinity ClientIP sticks; loadBalancerSourceRanges admits and refuses.
+/// Case 8: sessionAffinity ClientIP sticks; loadBalancerSourceRanges leave the node port open
+/// to everyone, as kube-proxy does (a cloud load balancer reaching the nodes on their node port
+/// from its own addresses keeps working), and with --source-ranges-on-node-ports admit and
+/// refuse there too.
 #[test]
 #[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
 fn affinity_and_source_ranges() -> Result<()> {
@@ -414,11 +417,20 @@ fn affinity_and_source_ranges() -> Result<()> {
         "loadBalancerSourceRanges: [198.18.0.100/32]",
         &[ready(POD_A, "node-1")],
     );
-    lab.start_agent(&manifests::join(&[sticky, ranged]))?;
+    let all = manifests::join(&[sticky, ranged]);
+    lab.start_agent(&all)?;
 
     let counts = lab.spread(np(30087), 30)?;
     ensure!(counts.len() == 1, "affinity broken: {counts:?}");
+    ensure!(
+        lab.connect(np(30088), Some(CLIENT2))?.ask()?.pod == "a",
+        "the node port applied loadBalancerSourceRanges (kube-proxy does not)"
+    );
 
+    // The stricter mode, on the same pinned datapath.
+    lab.agent.take().context("no agent")?.terminate()?;
+    lab.agent_args(&["--source-ranges-on-node-ports"]);
+    lab.start_agent(&all)?;
     ensure!(
         lab.connect(np(30088), Some(CLIENT))?.ask()?.pod == "a",
         "an admitted client was refused"
@@ -486,6 +498,8 @@ fn odd_traffic_does_not_disturb_established_flows() -> Result<()> {
 #[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
 fn metrics_status_and_dump_show_what_happened() -> Result<()> {
     let mut lab = lab_with_pods("e10")?;
+    // The source ranges filter the node port too, so that refusals are counted.
+    lab.agent_args(&["--source-ranges-on-node-ports"]);
     let ranged = manifests::service(
         "dns",
         30089,
