@@ -172,11 +172,13 @@ impl Selection {
             }
             for addr in &iface.addresses {
                 layout.all_addresses.insert(*addr);
-                let wanted = if self.nodeport_prefixes.is_empty() {
-                    !addr.is_loopback()
-                } else {
-                    self.nodeport_prefixes.iter().any(|p| p.contains(*addr))
-                };
+                // Never loopback, whatever --nodeport-addresses says: frames from the wire to
+                // 127.0.0.1 must not reach a pod (CVE-2020-8558), and the node's own
+                // connections to localhost node ports never pass the external interfaces'
+                // hooks (kube-proxy's localhost node ports stay kube-proxy's).
+                let wanted = !addr.is_loopback()
+                    && (self.nodeport_prefixes.is_empty()
+                        || self.nodeport_prefixes.iter().any(|p| p.contains(*addr)));
                 if wanted {
                     layout.node_addresses.insert(*addr);
                 }
@@ -339,6 +341,33 @@ mod tests {
             2,
             "eth0 and eth1: the only ones with addresses"
         );
+    }
+
+    /// kube-proxy's iptables mode answers node ports on 127.0.0.1 when --nodeport-addresses
+    /// covers it, by setting route_localnet (CVE-2020-8558); nodeport never does.
+    #[test]
+    fn loopback_is_never_a_node_address() {
+        let sel = Selection {
+            external: Vec::new(),
+            pod_patterns: Vec::new(),
+            nodeport_prefixes: vec![
+                Ipv4Prefix {
+                    addr: "127.0.0.0".parse().unwrap(),
+                    len: 8,
+                },
+                Ipv4Prefix {
+                    addr: "198.18.0.0".parse().unwrap(),
+                    len: 24,
+                },
+            ],
+        };
+        let layout = sel.layout(&machine(), &BTreeSet::new());
+        assert!(
+            layout.node_addresses.iter().all(|a| !a.is_loopback()),
+            "{:?}",
+            layout.node_addresses
+        );
+        assert!(!layout.node_addresses.is_empty());
     }
 
     #[test]

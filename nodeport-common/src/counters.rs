@@ -116,6 +116,9 @@ counters! {
     DroppedCtPartnerLost = 41, Dropped, "conntrack_partner_lost";
     /// The program for new connections was not in `NP_PROGS` (a datapath half loaded).
     DroppedNoNewConnectionProgram = 42, Dropped, "new_connection_program_missing";
+    /// A frame from the wire to a loopback or 0.0.0.0/8 address on a port some frontend uses
+    /// (a probe for services bound to localhost, CVE-2020-8558): never forwarded.
+    DroppedMartianDestination = 43, Dropped, "martian_destination";
 
     /// A connection completed its handshake but the established table was full: it stays in
     /// the handshake table (where a flood may evict it). Size --conntrack-size up.

@@ -35,6 +35,15 @@ pub fn martian_source(saddr_be: u32) -> bool {
         .is_some()
 }
 
+/// A destination no frame from the wire may have: loopback (127.0.0.0/8) or "this network"
+/// (0.0.0.0/8). The kernel drops such frames as martians unless `route_localnet` is on (the
+/// setting behind CVE-2020-8558); nodeport never serves node ports there.
+#[inline(always)]
+pub fn martian_destination(daddr_be: u32) -> bool {
+    let first_octet = u32::from_be(daddr_be) >> 24;
+    first_octet == 0 || first_octet == 127
+}
+
 /// loadBalancerSourceRanges: the client must fall in one of the service's prefixes.
 #[inline(always)]
 pub fn source_allowed(fe: &Frontend, saddr_be: u32) -> bool {

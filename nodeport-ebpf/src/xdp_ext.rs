@@ -55,6 +55,11 @@ pub fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
     // A packet of a known connection, either direction: found here, handled in one place.
     let mut known_connection = None;
     if frontend_port(dport) {
+        // A frame from the wire to loopback on a node port: a probe for localhost-bound
+        // services (CVE-2020-8558), never a client.
+        if select::martian_destination(flow.daddr_be) {
+            return Err(Counter::DroppedMartianDestination);
+        }
         let key = conntrack::key(&flow, CT_DIR_FORWARD);
         // An established connection needs one lookup; its entry knows its service.
         if let Some((table, entry)) = conntrack::lookup(&key) {

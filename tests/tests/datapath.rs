@@ -171,6 +171,10 @@ const CASES: &[(&str, Case)] = &[
         "a SYN takes over the SNAT port of a handshake abandoned for three seconds",
         abandoned_handshake_snat_port_taken_over,
     ),
+    (
+        "frames from the wire to loopback on a node port are dropped",
+        loopback_destinations_dropped,
+    ),
 ];
 
 #[test]
@@ -1856,5 +1860,30 @@ fn abandoned_handshake_snat_port_taken_over(fx: &mut Fixture, topo: &Topology) -
             (Counter::DroppedSnatExhausted, 1),
         ],
     )?;
+    Ok(())
+}
+
+fn loopback_destinations_dropped(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
+    // Even with a frontend there (the agent never programs one, but a stale or hand-made
+    // entry must not matter).
+    fx.add_service(&ServiceSpec::new(
+        2,
+        "127.0.0.1:30080",
+        IPPROTO_TCP,
+        vec![local(2, POD_A)],
+    ))?;
+    for dst in ["127.0.0.1:30080", "127.1.2.3:30080", "0.0.0.1:30080"] {
+        let input = from_client(40000, dst, SYN);
+        let run = xdp_counted(
+            fx,
+            topo,
+            &input,
+            XDP_DROP,
+            &[(Counter::DroppedMartianDestination, 1)],
+        )?;
+        check_unchanged(&run, &input.bytes())?;
+    }
+    ensure!(fx.conntrack()?.is_empty(), "a connection was made");
     Ok(())
 }
