@@ -1049,16 +1049,22 @@ pub fn desired_state_held(
     desired
 }
 
-/// kube-proxy's count for health checks: distinct ready addresses on this node, over all the
-/// Service's slices (terminating endpoints do not count, so a node whose only endpoints are
-/// terminating fails the check and the load balancer drains it).
+/// kube-proxy's count for health checks (pkg/proxy/endpoints.go, `LocalReadyEndpoints` over
+/// `getLocalReadyEndpointIPs`): distinct ready addresses on this node, over the Service's
+/// slices. Its endpoints map is built per slice port, so a slice without ports counts for
+/// nothing, and an endpoint stands for its first address only (endpointslicecache.go). Terminating
+/// endpoints do not count, so a node whose only endpoints are terminating fails the check and
+/// the load balancer drains it.
 fn local_ready_endpoints(slices: &[&EndpointSlice], node: &NodeContext) -> usize {
     let mut addrs = BTreeSet::new();
     // IPv4 only: that is what this node serves.
-    for slice in slices.iter().filter(|s| s.address_type == "IPv4") {
+    let counted = slices
+        .iter()
+        .filter(|s| s.address_type == "IPv4" && s.ports.as_ref().is_some_and(|p| !p.is_empty()));
+    for slice in counted {
         for ep in slice.endpoints.iter().flatten() {
             if ep.node_name.as_deref() == Some(node.node_name.as_str()) && conditions(ep).ready {
-                addrs.extend(ep.addresses.iter().cloned());
+                addrs.extend(ep.addresses.first().cloned());
             }
         }
     }

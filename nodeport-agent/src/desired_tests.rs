@@ -510,6 +510,41 @@ fn external_traffic_policy_local_uses_local_endpoints_only_and_serves_a_health_c
     );
 }
 
+/// kube-proxy counts what its endpoints map holds (pkg/proxy/endpoints.go,
+/// `LocalReadyEndpoints`): slices without ports hold nothing, and an endpoint is its first
+/// address. Counting more would answer 200 on a node that drops the traffic.
+#[test]
+fn the_health_check_counts_only_first_addresses_of_slices_with_ports() {
+    let yaml = |extra_slices: &str| {
+        format!(
+            "{LOCAL_LB}---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: {{ name: web-portless, namespace: default, labels: {{ kubernetes.io/service-name: web }} }}
+addressType: IPv4
+endpoints:
+- {{ addresses: [10.0.1.7], nodeName: node-a }}
+{extra_slices}"
+        )
+    };
+    // A ready local endpoint in a slice without ports: not counted.
+    assert_eq!(compute(&yaml("")).health_checks[&32000].local_endpoints, 1);
+    // A second address of an endpoint: not counted either.
+    let two_addresses = "---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: { name: web-multi, namespace: default, labels: { kubernetes.io/service-name: web } }
+addressType: IPv4
+ports: [ { port: 8080 } ]
+endpoints:
+- { addresses: [10.0.1.8, 10.0.1.9], nodeName: node-a }
+";
+    assert_eq!(
+        compute(&yaml(two_addresses)).health_checks[&32000].local_endpoints,
+        2
+    );
+}
+
 #[test]
 fn only_terminating_local_endpoints_fail_the_health_check_but_still_serve() {
     let d = compute(&LOCAL_LB.replace("- { addresses: [10.0.1.1], nodeName: node-a }\n", ""));
