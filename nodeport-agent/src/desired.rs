@@ -16,7 +16,7 @@ use crate::ledger::NodePortRange;
 use crate::listeners::Listener;
 use crate::model::{
     BackendState, Desired, DesiredService, Frontend, FrontendKind, HealthCheck, Ipv4Prefix, Notice,
-    NoticeKind, Protocol, ServicePortKey,
+    NoticeKind, Protocol, ServicePortKey, parse_ip_sloppy, parse_ipv4_sloppy,
 };
 
 /// The label that names a Service's proxy; kube-proxy leaves such Services to that proxy.
@@ -172,16 +172,15 @@ fn candidates(
         }
         for ep in slice.endpoints.iter().flatten() {
             let local = ep.node_name.as_deref() == Some(node.node_name.as_str());
-            for address in &ep.addresses {
-                let Ok(ip) = address.parse::<Ipv4Addr>() else {
-                    continue;
-                };
-                out.push(Candidate {
-                    addr: SocketAddrV4::new(ip, target),
-                    local,
-                    cond: conditions(ep),
-                });
-            }
+            // An endpoint is its first address, as for kube-proxy (endpointslicecache.go).
+            let Some(ip) = ep.addresses.first().and_then(|a| parse_ipv4_sloppy(a)) else {
+                continue;
+            };
+            out.push(Candidate {
+                addr: SocketAddrV4::new(ip, target),
+                local,
+                cond: conditions(ep),
+            });
         }
     }
     if ipv6 > 0 {
@@ -319,30 +318,30 @@ fn frontends(
             if ing.ip_mode.as_deref() == Some("Proxy") {
                 continue;
             }
-            match ing.ip.as_deref().map(str::parse::<IpAddr>) {
-                Some(Ok(IpAddr::V4(ip))) if vip_allowed(ip) => {
+            match ing.ip.as_deref().map(parse_ip_sloppy) {
+                Some(Some(IpAddr::V4(ip))) if vip_allowed(ip) => {
                     out.insert(Frontend {
                         addr: SocketAddrV4::new(ip, service_port),
                         kind: FrontendKind::LoadBalancer,
                         source_ranges: has_source_ranges,
                     });
                 }
-                Some(Ok(IpAddr::V6(ip))) => ipv6.push(ip.to_string()),
+                Some(Some(IpAddr::V6(ip))) => ipv6.push(ip.to_string()),
                 _ => {}
             }
         }
     }
     for ip in spec.external_ips.iter().flatten() {
-        match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(ip)) if vip_allowed(ip) => {
+        match parse_ip_sloppy(ip) {
+            Some(IpAddr::V4(ip)) if vip_allowed(ip) => {
                 out.insert(Frontend {
                     addr: SocketAddrV4::new(ip, service_port),
                     kind: FrontendKind::ExternalIp,
                     source_ranges: false,
                 });
             }
-            Ok(IpAddr::V6(ip)) => ipv6.push(ip.to_string()),
-            Ok(IpAddr::V4(_)) | Err(_) => {}
+            Some(IpAddr::V6(ip)) => ipv6.push(ip.to_string()),
+            Some(IpAddr::V4(_)) | None => {}
         }
     }
     if !ipv6.is_empty() {
@@ -407,22 +406,34 @@ fn compute_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext)
             .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
     });
     let mut source_ranges = BTreeSet::new();
+    // An entry that is no CIDR at all leaves the filter on (with the valid entries, or with
+    // none: nobody gets in): a typo must never open a load balancer to everyone. An IPv6
+    // entry only does not apply to IPv4 frontends, as kube-proxy filters per family.
+    let mut invalid_range = false;
     for range in spec.load_balancer_source_ranges.iter().flatten() {
         match Ipv4Prefix::parse(range) {
             Some(p) => {
                 source_ranges.insert(p);
             }
-            None => {
-                let ipv6 = range.contains(':');
+            None if range.contains(':') => {
                 notices.insert(Notice {
-                    kind: if ipv6 {
-                        NoticeKind::Ipv6Skipped
-                    } else {
-                        NoticeKind::InvalidSourceRange
-                    },
+                    kind: NoticeKind::Ipv6Skipped,
                     object: format!("{ns}/{name}"),
                     detail: format!(
-                        "loadBalancerSourceRanges entry {range:?} is not an IPv4 CIDR; ignored"
+                        "loadBalancerSourceRanges entry {range:?} is IPv6; it applies to no \
+                         IPv4 frontend"
+                    ),
+                });
+            }
+            None => {
+                invalid_range = true;
+                notices.insert(Notice {
+                    kind: NoticeKind::InvalidSourceRange,
+                    object: format!("{ns}/{name}"),
+                    detail: format!(
+                        "loadBalancerSourceRanges entry {range:?} is not a CIDR: the filter \
+                         stays on with the other entries (with none, no client gets in) until \
+                         it is fixed"
                     ),
                 });
             }
@@ -454,7 +465,7 @@ fn compute_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext)
             port,
             &key,
             node,
-            !source_ranges.is_empty(),
+            !source_ranges.is_empty() || invalid_range,
             &mut notices,
         );
         if fronts.is_empty() {

@@ -1320,3 +1320,80 @@ impl TapUpdate for Reconciler {
         self
     }
 }
+
+/// Addresses as kube-proxy reads them: `ParseIPSloppy` (k8s.io/utils/net, used by
+/// pkg/proxy/serviceport.go and endpointslicecache.go) takes leading zeros, and an endpoint is
+/// its first address.
+#[test]
+fn leading_zeros_are_read_and_an_endpoint_is_its_first_address() {
+    let d = compute(
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: web, namespace: default }
+spec:
+  type: LoadBalancer
+  externalIPs: [198.051.100.007]
+  ports: [ { port: 80, nodePort: 30080 } ]
+status: { loadBalancer: { ingress: [ { ip: 203.0.113.010 } ] } }
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: { name: web-1, namespace: default, labels: { kubernetes.io/service-name: web } }
+addressType: IPv4
+ports: [ { port: 8080 } ]
+endpoints:
+- { addresses: [10.0.1.001, 10.0.1.2] }
+"#,
+    );
+    let svc = &d.services[&key("default", "web", "", Protocol::Tcp)];
+    let vips: Vec<String> = svc
+        .frontends
+        .iter()
+        .filter(|f| f.kind != FrontendKind::NodePort)
+        .map(|f| f.addr.to_string())
+        .collect();
+    assert_eq!(vips, ["198.51.100.7:80", "203.0.113.10:80"]);
+    assert_eq!(
+        svc.backends.keys().collect::<Vec<_>>(),
+        [&sa("10.0.1.1:8080")]
+    );
+}
+
+/// A loadBalancerSourceRanges entry that is no CIDR never opens the load balancer: with no
+/// valid entry left, nobody gets in (fail closed, with a notice). IPv6 entries alone leave
+/// IPv4 frontends unfiltered, as kube-proxy filters per family.
+#[test]
+fn an_invalid_source_range_fails_closed() {
+    let lb = |ranges: &str| {
+        format!(
+            r#"
+kind: Service
+apiVersion: v1
+metadata: {{ name: web, namespace: default }}
+spec:
+  type: LoadBalancer
+  loadBalancerSourceRanges: {ranges}
+  ports: [ {{ port: 80, nodePort: 30080 }} ]
+status: {{ loadBalancer: {{ ingress: [ {{ ip: 203.0.113.10 }} ] }} }}
+"#
+        )
+    };
+    for (ranges, filtered, notice) in [
+        ("[not-a-cidr]", true, NoticeKind::InvalidSourceRange),
+        ("[10.0.0.0/33]", true, NoticeKind::InvalidSourceRange),
+        (r#"["2001:db8::/32"]"#, false, NoticeKind::Ipv6Skipped),
+    ] {
+        let d = compute(&lb(ranges));
+        let svc = &d.services[&key("default", "web", "", Protocol::Tcp)];
+        assert!(svc.source_ranges.is_empty(), "{ranges}");
+        let vip = svc
+            .frontends
+            .iter()
+            .find(|f| f.kind == FrontendKind::LoadBalancer)
+            .expect("the LoadBalancer IP");
+        assert_eq!(vip.source_ranges, filtered, "{ranges}");
+        let kinds: Vec<NoticeKind> = d.notices.iter().map(|n| n.kind).collect();
+        assert_eq!(kinds, [notice], "{ranges}");
+    }
+}

@@ -108,7 +108,7 @@ impl Ipv4Prefix {
             Some((a, l)) => (a, l.parse::<u8>().ok()?),
             None => (s, 32),
         };
-        let addr: Ipv4Addr = addr.parse().ok()?;
+        let addr = parse_ipv4_sloppy(addr)?;
         if len > 32 {
             return None;
         }
@@ -234,4 +234,64 @@ pub struct Desired {
     pub services: BTreeMap<ServicePortKey, Arc<DesiredService>>,
     pub health_checks: BTreeMap<u16, HealthCheck>,
     pub notices: BTreeSet<Notice>,
+}
+
+/// An IPv4 address as kube-proxy reads one (k8s.io/utils/net `ParseIPSloppy`): dotted decimal
+/// whose parts may have leading zeros, read as decimal (`1.2.3.004` is 1.2.3.4). The API server
+/// once accepted such addresses, so objects that still hold them must not lose their frontends
+/// or endpoints.
+pub fn parse_ipv4_sloppy(s: &str) -> Option<Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let mut parts = s.split('.');
+    for octet in &mut octets {
+        let part = parts.next()?;
+        if part.is_empty() || part.len() > 3 || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        *octet = part.parse().ok()?;
+    }
+    parts.next().is_none().then(|| Ipv4Addr::from(octets))
+}
+
+/// An IP address of either family, IPv4 read as [`parse_ipv4_sloppy`] does.
+pub fn parse_ip_sloppy(s: &str) -> Option<std::net::IpAddr> {
+    match parse_ipv4_sloppy(s) {
+        Some(v4) => Some(v4.into()),
+        None => s.parse::<std::net::Ipv6Addr>().ok().map(Into::into),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_read_as_kube_proxy_reads_them() {
+        // k8s.io/utils/net ParseIPSloppy: leading zeros are decimal.
+        assert_eq!(
+            parse_ipv4_sloppy("1.2.3.004"),
+            Some(Ipv4Addr::new(1, 2, 3, 4))
+        );
+        assert_eq!(
+            parse_ipv4_sloppy("010.001.0.9"),
+            Some(Ipv4Addr::new(10, 1, 0, 9))
+        );
+        for bad in [
+            "1.2.3",
+            "1.2.3.4.5",
+            "256.1.1.1",
+            "1.2.3.0004",
+            " 1.2.3.4",
+            "1.2.3.-4",
+            "0x1.2.3.4",
+            "",
+        ] {
+            assert_eq!(parse_ipv4_sloppy(bad), None, "{bad:?}");
+        }
+        assert!(parse_ip_sloppy("2001:db8::1").is_some_and(|ip| ip.is_ipv6()));
+        assert_eq!(
+            Ipv4Prefix::parse("10.001.2.3/16").map(|p| p.to_string()),
+            Some("10.1.0.0/16".to_owned())
+        );
+    }
 }
