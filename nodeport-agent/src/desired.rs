@@ -23,6 +23,10 @@ use crate::model::{
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// The label joining an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The label of headless Services' EndpointSlices (and of Services marked so): kube-proxy's
+/// informers select objects without it (cmd/kube-proxy/app/server.go, `noHeadlessEndpoints`),
+/// so neither does nodeport serve them.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// sessionAffinityConfig.clientIP.timeoutSeconds when unset.
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
@@ -94,12 +98,11 @@ fn is_ours(svc: &Service, node: &NodeContext) -> bool {
     if spec.type_.as_deref() == Some("ExternalName") || spec.cluster_ip.as_deref() == Some("None") {
         return false;
     }
-    match svc
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))
-    {
+    let labels = svc.metadata.labels.as_ref();
+    if labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
+        return false;
+    }
+    match labels.and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL)) {
         None => true,
         Some(name) => node.proxy_name.as_deref() == Some(name.as_str()),
     }
@@ -539,11 +542,11 @@ fn service_key(svc: &Service) -> ObjectKey {
 }
 
 fn slice_service_key(slice: &EndpointSlice) -> Option<ObjectKey> {
-    let name = slice
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(SERVICE_NAME_LABEL))?;
+    let labels = slice.metadata.labels.as_ref()?;
+    if labels.contains_key(HEADLESS_LABEL) {
+        return None;
+    }
+    let name = labels.get(SERVICE_NAME_LABEL)?;
     Some((namespace(&slice.metadata).to_owned(), name.clone()))
 }
 

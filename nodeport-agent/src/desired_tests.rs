@@ -1397,3 +1397,47 @@ status: {{ loadBalancer: {{ ingress: [ {{ ip: 203.0.113.10 }} ] }} }}
         assert_eq!(kinds, [notice], "{ranges}");
     }
 }
+
+/// kube-proxy's informers select Services and EndpointSlices without the
+/// `service.kubernetes.io/headless` label (cmd/kube-proxy/app/server.go,
+/// `noHeadlessEndpoints`): neither is served.
+#[test]
+fn objects_labelled_headless_are_left_alone() {
+    let d = compute(
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: marked, namespace: default, labels: { service.kubernetes.io/headless: "" } }
+spec: { type: NodePort, ports: [ { port: 80, nodePort: 30080 } ] }
+---
+kind: Service
+apiVersion: v1
+metadata: { name: web, namespace: default }
+spec: { type: NodePort, ports: [ { port: 80, nodePort: 30081 } ] }
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: { name: web-1, namespace: default, labels: { kubernetes.io/service-name: web } }
+addressType: IPv4
+ports: [ { port: 8080 } ]
+endpoints: [ { addresses: [10.0.1.1] } ]
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata:
+  name: web-2
+  namespace: default
+  labels: { kubernetes.io/service-name: web, service.kubernetes.io/headless: "" }
+addressType: IPv4
+ports: [ { port: 8080 } ]
+endpoints: [ { addresses: [10.0.1.2] } ]
+"#,
+    );
+    let served: Vec<String> = d.services.keys().map(ToString::to_string).collect();
+    assert_eq!(served, ["default/web/TCP"]);
+    let svc = &d.services[&key("default", "web", "", Protocol::Tcp)];
+    assert_eq!(
+        svc.backends.keys().collect::<Vec<_>>(),
+        [&sa("10.0.1.1:8080")]
+    );
+}
