@@ -708,10 +708,13 @@ async fn node_addresses_follow_the_node_object() {
         .await;
     assert_eq!(changed.node_addresses, Some(ips(&["10.0.0.7"])));
 
+    assert_eq!(changed.node_eligible, Some(true));
     api.delete(Res::Nodes, "", "node-a");
-    source
+    let gone = source
         .wait_for("node-a gone", |s| s.node_addresses.is_none())
         .await;
+    // A deleted Node fails the node's health check, as kube-proxy's does.
+    assert_eq!(gone.node_eligible, Some(false));
     assert!(source.published().iter().all(|s| {
         s.node_addresses.as_ref().is_none_or(|a| {
             !a.contains(&"10.0.0.6".parse().unwrap()) && !a.contains(&"10.0.0.16".parse().unwrap())

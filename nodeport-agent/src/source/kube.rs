@@ -248,6 +248,7 @@ pub async fn run(
         services: Mirror::default(),
         slices: Mirror::default(),
         node: node_name.map(|name| (name, Mirror::default())),
+        node_seen: false,
     };
     let mut published_node: Option<NodeState> = None;
     let mut dirty = false;
@@ -486,6 +487,8 @@ struct Mirrors {
     services: Mirror<Service>,
     slices: Mirror<EndpointSlice>,
     node: Option<(String, Mirror<Node>)>,
+    /// This node's object has been seen: its absence since means it was deleted.
+    node_seen: bool,
 }
 
 /// What the snapshot says about this node.
@@ -519,8 +522,9 @@ impl Mirrors {
             Update::Service(event) => note(&mut self.services, *event, stats),
             Update::EndpointSlice(event) => note(&mut self.slices, *event, stats),
             Update::Node(event) => match &mut self.node {
-                Some((_, mirror)) => {
+                Some((name, mirror)) => {
                     let (_, before, after) = note(mirror, *event, stats);
+                    self.node_seen |= mirror.get("", name).is_some();
                     (false, before, after)
                 }
                 None => (false, 0, 0),
@@ -545,7 +549,13 @@ impl Mirrors {
         NodeState {
             addresses: node.map(|n| node_addresses(n)),
             pod_cidrs: node.map(|n| node_pod_cidrs(n)),
-            eligible: node.map(|n| node_eligible(n)),
+            // A deleted Node takes no more load-balanced traffic: kube-proxy's /healthz fails
+            // then too (NodeEligibleHandler.OnNodeDelete in pkg/proxy/node.go; newer versions'
+            // NodeManager exits).
+            eligible: match node {
+                Some(n) => Some(node_eligible(n)),
+                None => self.node_seen.then_some(false),
+            },
         }
     }
 
