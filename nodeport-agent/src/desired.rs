@@ -216,6 +216,7 @@ fn backends(candidates: Vec<Candidate>, local_only: bool) -> BTreeMap<SocketAddr
         let state = BackendState {
             local: c.local,
             in_table,
+            serving: c.cond.serving,
         };
         // The same address twice (two slices during a rollout, or a stale one): in the table
         // if either says so, local if either does, whatever the order of the slices.
@@ -223,6 +224,7 @@ fn backends(candidates: Vec<Candidate>, local_only: bool) -> BTreeMap<SocketAddr
             .and_modify(|s: &mut BackendState| {
                 s.in_table |= in_table;
                 s.local |= c.local;
+                s.serving |= c.cond.serving;
             })
             .or_insert(state);
     }

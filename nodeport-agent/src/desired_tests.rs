@@ -1441,3 +1441,42 @@ endpoints: [ { addresses: [10.0.1.2] } ]
         [&sa("10.0.1.1:8080")]
     );
 }
+
+/// UDP flows follow the `serving` condition, not the table: kube-proxy clears UDP conntrack
+/// entries only for endpoints that are no longer serving (pkg/proxy/conntrack/cleanup.go,
+/// `deleteStaleEndpointConntrackEntries`), so a terminating endpoint still serving keeps them.
+#[test]
+fn backends_carry_their_serving_condition() {
+    let d = compute(
+        r#"
+kind: Service
+apiVersion: v1
+metadata: { name: dns, namespace: default }
+spec: { type: NodePort, ports: [ { port: 53, protocol: UDP, nodePort: 30053 } ] }
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: { name: dns-1, namespace: default, labels: { kubernetes.io/service-name: dns } }
+addressType: IPv4
+ports: [ { port: 5353, protocol: UDP } ]
+endpoints:
+- { addresses: [10.0.1.1] }
+- { addresses: [10.0.1.2], conditions: { ready: false, serving: true, terminating: true } }
+- { addresses: [10.0.1.3], conditions: { ready: false, serving: false, terminating: true } }
+"#,
+    );
+    let svc = &d.services[&key("default", "dns", "", Protocol::Udp)];
+    let view: Vec<(String, bool, bool)> = svc
+        .backends
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.in_table, b.serving))
+        .collect();
+    assert_eq!(
+        view,
+        [
+            ("10.0.1.1:5353".to_owned(), true, true),
+            ("10.0.1.2:5353".to_owned(), false, true),
+            ("10.0.1.3:5353".to_owned(), false, false),
+        ]
+    );
+}

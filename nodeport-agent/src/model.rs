@@ -86,6 +86,10 @@ pub struct BackendState {
     /// not take new connections (terminating while others are ready, not serving) are kept
     /// only so that their established connections finish (KEP-1669).
     pub in_table: bool,
+    /// Serving (the endpoint's `serving` condition, unset meaning true). UDP flows stay on a
+    /// serving endpoint, terminating or not, and move off one that is not, as kube-proxy
+    /// clears UDP conntrack entries only for endpoints that stopped serving.
+    pub serving: bool,
 }
 
 /// An IPv4 prefix of loadBalancerSourceRanges.

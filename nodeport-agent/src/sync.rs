@@ -24,10 +24,10 @@ use std::{
 
 use aya::maps::{MapError, lpm_trie::Key as LpmKey};
 use nodeport_common::{
-    BE_F_DRAINING, BE_F_LOCAL, BE_F_PRESENT, Backend, DatapathConfig, FE_F_AFFINITY,
-    FE_F_LOCAL_ONLY, FE_F_SOURCE_RANGES, FRONTEND_PORT_WORDS, Frontend as FrontendValue,
-    FrontendKey, LocalNetKey, SnatAddr, SrcRangeKey, SvcName, frontend_port_bit,
-    src_range_prefix_len,
+    BE_F_DRAINING, BE_F_LOCAL, BE_F_NOT_SERVING, BE_F_PRESENT, Backend, DatapathConfig,
+    FE_F_AFFINITY, FE_F_LOCAL_ONLY, FE_F_SOURCE_RANGES, FRONTEND_PORT_WORDS,
+    Frontend as FrontendValue, FrontendKey, LocalNetKey, SnatAddr, SrcRangeKey, SvcName,
+    frontend_port_bit, src_range_prefix_len,
 };
 use thiserror::Error;
 
@@ -255,6 +255,9 @@ fn backend_value(addr: &SocketAddrV4, state: &BackendState, svc_id: u32) -> Back
     if !state.in_table {
         flags |= BE_F_DRAINING;
     }
+    if !state.serving {
+        flags |= BE_F_NOT_SERVING;
+    }
     Backend {
         addr_be: u32::from(*addr.ip()).to_be(),
         port_be: addr.port().to_be(),
@@ -381,6 +384,7 @@ impl Programmed {
                     let state = BackendState {
                         local: b.flags & BE_F_LOCAL != 0,
                         in_table: b.flags & BE_F_DRAINING == 0,
+                        serving: b.flags & BE_F_NOT_SERVING == 0,
                     };
                     svc.backends.insert(addr, (id, state));
                     by_id.insert(id, addr);

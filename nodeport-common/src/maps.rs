@@ -272,9 +272,13 @@ pub const BE_F_PRESENT: u8 = 1 << 0;
 /// The backend runs on this node: no SNAT, replies come back through the pod-facing hook.
 pub const BE_F_LOCAL: u8 = 1 << 1;
 /// The backend takes no new connections (terminating, not serving): it is out of the Maglev
-/// table and session affinity does not send new connections to it; established TCP
-/// connections finish, UDP flows move to another backend (they have nothing to finish).
+/// table and session affinity does not send new connections to it; established connections
+/// finish.
 pub const BE_F_DRAINING: u8 = 1 << 2;
+/// The backend is not serving (its endpoint's `serving` condition is false): UDP flows move to
+/// another backend, as kube-proxy clears UDP conntrack entries of endpoints that stopped
+/// serving (a serving, terminating one keeps its flows through a graceful shutdown).
+pub const BE_F_NOT_SERVING: u8 = 1 << 3;
 
 /// Value of `NP_BACKENDS`, indexed by backend id. Id 0 is never used, so a zeroed Maglev
 /// slot means "no backend". A backend entry belongs to one service: removing an endpoint from

@@ -18,7 +18,7 @@ use aya_ebpf::{
     helpers::bpf_jiffies64,
 };
 use nodeport_common::{
-    BE_F_DRAINING, BE_F_PRESENT, Backend, CT_DIR_FORWARD, CT_DIR_REPLY, Counter, CtEntry, CtKey,
+    BE_F_NOT_SERVING, BE_F_PRESENT, Backend, CT_DIR_FORWARD, CT_DIR_REPLY, Counter, CtEntry, CtKey,
     CtState, DatapathConfig, TCP_ACK, TCP_RST, TCP_SYN, ct_pair, rst_in_window,
 };
 
@@ -330,12 +330,13 @@ pub fn on_forward(
     }
     match live_backend(entry.backend_id, entry.svc_id) {
         // The backend id can be reused for another address: compare it too. A draining
-        // backend keeps its TCP connections; UDP has none to finish and moves on, so datagrams
-        // are not sent to a pod that is going away.
+        // backend keeps its TCP connections, and its UDP flows while it still serves (as
+        // kube-proxy, which clears UDP conntrack entries only of endpoints that stopped
+        // serving); a UDP flow moves off one that does not.
         Some(b)
             if b.addr_be == entry.new_daddr_be
                 && b.port_be == entry.new_dport_be
-                && (flow.is_tcp() || b.flags & BE_F_DRAINING == 0) => {}
+                && (flow.is_tcp() || b.flags & BE_F_NOT_SERVING == 0) => {}
         _ => return Known::Restart,
     }
     if !cfg.ct_entry_expired(entry, key.proto, now) {

@@ -257,9 +257,22 @@ impl Fixture {
 
     /// Marks a seeded backend as draining (no new connections), as the agent does for a
     /// terminating endpoint.
+    /// Out of the table for new connections (a terminating endpoint still serving).
     pub fn set_draining(&mut self, id: u32) -> Result<()> {
+        self.add_backend_flags(id, nodeport_common::BE_F_DRAINING)
+    }
+
+    /// Draining and no longer serving.
+    pub fn set_not_serving(&mut self, id: u32) -> Result<()> {
+        self.add_backend_flags(
+            id,
+            nodeport_common::BE_F_DRAINING | nodeport_common::BE_F_NOT_SERVING,
+        )
+    }
+
+    fn add_backend_flags(&mut self, id: u32, flags: u8) -> Result<()> {
         let mut b = self.dp.maps.backends.get(id)?;
-        b.flags |= nodeport_common::BE_F_DRAINING;
+        b.flags |= flags;
         self.dp.maps.backends.set(id, b)?;
         Ok(())
     }

@@ -103,7 +103,7 @@ const CASES: &[(&str, Case)] = &[
         affinity_skips_draining,
     ),
     (
-        "a draining backend keeps TCP connections, UDP flows move",
+        "a draining backend keeps TCP connections and serving UDP flows; UDP moves off one not serving",
         draining_tcp_stays_udp_moves,
     ),
     (
@@ -1164,8 +1164,19 @@ fn draining_tcp_stays_udp_moves(fx: &mut Fixture, topo: &Topology) -> Result<()>
         t_again == t,
         "the TCP connection left its draining backend for {t_again}"
     );
+    // A UDP flow stays on a terminating backend while it serves (kube-proxy clears UDP
+    // conntrack entries only of endpoints that stopped serving), and moves once it does not.
     let u_again = backend_of(&xdp_action(fx, topo, &datagram, XDP_PASS)?.frame)?;
-    ensure!(u_again != u, "the UDP flow stayed on draining {u}");
+    ensure!(
+        u_again == u,
+        "the UDP flow left {u}, still serving, for {u_again}"
+    );
+    fx.set_not_serving(u_id)?;
+    let u_moved = backend_of(&xdp_action(fx, topo, &datagram, XDP_PASS)?.frame)?;
+    ensure!(
+        u_moved != u,
+        "the UDP flow stayed on {u}, no longer serving"
+    );
     Ok(())
 }
 
