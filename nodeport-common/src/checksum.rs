@@ -35,6 +35,53 @@ pub const fn udp_fixup(check: u16) -> u16 {
     if check == 0 { 0xffff } else { check }
 }
 
+/// One's complement sum of 20 bytes (an IPv4 or TCP header without options), as native
+/// 16-bit words; add a pseudo-header's words before folding for TCP.
+#[inline(always)]
+pub fn sum20(data: &[u8; 20]) -> u32 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 20 {
+        sum += u16::from_ne_bytes([data[i], data[i + 1]]) as u32;
+        i += 2;
+    }
+    sum
+}
+
+/// The IPv4 and TCP headers (20 bytes each, checksums filled in) of the RST that answers a SYN
+/// nobody can take, as a kernel without a listener answers it (RFC 793: a segment without ACK
+/// gets `<SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>`). `from`/`to` are the RST's own addresses
+/// and ports (network order); `ack` is the SYN's sequence end (host order).
+pub fn rst_headers(from: (u32, u16), to: (u32, u16), ack: u32) -> ([u8; 20], [u8; 20]) {
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[6] = 0x40; // don't fragment
+    ip[8] = 64;
+    ip[9] = 6; // TCP
+    ip[12..16].copy_from_slice(&from.0.to_ne_bytes());
+    ip[16..20].copy_from_slice(&to.0.to_ne_bytes());
+    let ip_check = !fold(sum20(&ip));
+    ip[10..12].copy_from_slice(&ip_check.to_ne_bytes());
+
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&from.1.to_ne_bytes());
+    tcp[2..4].copy_from_slice(&to.1.to_ne_bytes());
+    tcp[8..12].copy_from_slice(&ack.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x14; // RST, ACK
+    // Pseudo-header: addresses, protocol, TCP length.
+    let pseudo = (from.0 & 0xffff)
+        + (from.0 >> 16)
+        + (to.0 & 0xffff)
+        + (to.0 >> 16)
+        + u16::from_ne_bytes(6u16.to_be_bytes()) as u32
+        + u16::from_ne_bytes(20u16.to_be_bytes()) as u32;
+    let tcp_check = !fold(fold(sum20(&tcp) + (pseudo & 0xffff)) as u32 + (pseudo >> 16));
+    tcp[16..18].copy_from_slice(&tcp_check.to_ne_bytes());
+    (ip, tcp)
+}
+
 /// Full checksum of `data` (used by userspace tests and tools, not per packet).
 pub fn compute(data: &[u8]) -> u16 {
     let mut sum: u32 = 0;
@@ -52,6 +99,25 @@ pub fn compute(data: &[u8]) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rst_headers_carry_valid_checksums() {
+        let from = (u32::from_ne_bytes([198, 18, 0, 1]), 30080u16.to_be());
+        let to = (u32::from_ne_bytes([198, 18, 0, 100]), 40000u16.to_be());
+        let (ip, tcp) = rst_headers(from, to, 1009);
+        assert_eq!(compute(&ip), 0, "IPv4 header checksum");
+        let mut pseudo = [0u8; 32];
+        pseudo[..12].copy_from_slice(&[198, 18, 0, 1, 198, 18, 0, 100, 0, 6, 0, 20]);
+        pseudo[12..].copy_from_slice(&tcp);
+        assert_eq!(compute(&pseudo), 0, "TCP checksum");
+        assert_eq!(
+            &tcp[0..4],
+            &[0x75, 0x80, 0x9c, 0x40],
+            "ports swapped in by the caller"
+        );
+        assert_eq!(&tcp[8..12], &1009u32.to_be_bytes(), "acknowledges the SYN");
+        assert_eq!(tcp[13], 0x14, "RST, ACK");
+    }
 
     /// An IPv4 header with a valid checksum (from RFC 1071's worked example style).
     fn header(src: [u8; 4], dst: [u8; 4]) -> [u8; 20] {

@@ -119,6 +119,10 @@ counters! {
     /// A frame from the wire to a loopback or 0.0.0.0/8 address on a port some frontend uses
     /// (a probe for services bound to localhost, CVE-2020-8558): never forwarded.
     DroppedMartianDestination = 43, Dropped, "martian_destination";
+    /// A TCP SYN to a Service with no usable endpoint at all, answered with an RST so the
+    /// client fails at once, as kube-proxy's REJECT does (at most 100 a second per CPU; beyond
+    /// that, counted as no_backend).
+    RejectedNoBackend = 44, Dropped, "no_backend_rejected";
 
     /// A connection completed its handshake but the established table was full: it stays in
     /// the handshake table (where a flood may evict it). Size --conntrack-size up.

@@ -56,6 +56,11 @@ pub static NP_CT_NEW: LruHashMap<CtKey, CtEntry> =
 pub static NP_NEW_SCRATCH: PerCpuArray<[CtEntry; 2]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Programs tail-called from the XDP entry point (see nodeport_common::programs).
+/// Per CPU: the second (in jiffies) of the last RSTs for Services without endpoints, and how
+/// many were sent in it. Not pinned: a restart may only reset the budget.
+#[map]
+pub static NP_REJECT_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 pub static NP_PROGS: ProgramArray = ProgramArray::with_max_entries(PROG_SLOTS, 0);
 

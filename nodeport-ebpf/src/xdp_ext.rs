@@ -13,7 +13,7 @@ use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
     bindings::{BPF_ANY, xdp_action},
-    helpers::bpf_xdp_adjust_meta,
+    helpers::{bpf_xdp_adjust_meta, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 use nodeport_common::{
@@ -25,9 +25,9 @@ use nodeport_common::{
 use crate::{
     conntrack::{self, Known, Table, now},
     fib::{self, Hop, Route},
-    maps::{NP_CONFIG, NP_FRONTENDS, NP_NEW_SCRATCH, NP_PROGS, NP_SNAT_ADDRS},
+    maps::{NP_CONFIG, NP_FRONTENDS, NP_NEW_SCRATCH, NP_PROGS, NP_REJECT_BUDGET, NP_SNAT_ADDRS},
     nat::{Tuple, decrement_ttl_xdp, rewrite_xdp},
-    packet::{EthHdr, Flow, parse, ptr_at},
+    packet::{ETH_HLEN, EthHdr, Flow, parse, ptr_at},
     select::{self, frontend_port},
     snat, stats,
 };
@@ -144,9 +144,76 @@ pub fn process_new(ctx: &XdpContext) -> Result<Verdict, Counter> {
             .ok_or(Counter::PassedNoFrontend)?
     };
     let key = conntrack::key(&flow, CT_DIR_FORWARD);
-    let (new, route) = new_connection(ctx, cfg, &flow, &key, &fe, now())?;
+    let now = now();
+    let (new, route) = match new_connection(ctx, cfg, &flow, &key, &fe, now) {
+        Err(Counter::DroppedNoBackend)
+            if flow.is_tcp() && flow.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN =>
+        {
+            return reject(ctx, cfg, &flow, now);
+        }
+        result => result?,
+    };
     stats::service(fe.svc_id, flow.tot_len, CT_DIR_FORWARD);
     transmit(ctx, &flow, &new, route)
+}
+
+/// RSTs per CPU and second for Services without endpoints.
+const REJECTS_PER_SECOND: u64 = 100;
+
+/// Answers a SYN to a Service with no usable endpoint with an RST, in place, back out of the
+/// interface it came in on, as kube-proxy's REJECT rule makes the kernel do: the client fails
+/// at once instead of retrying for a minute. Rate-limited per CPU; a SYN beyond the budget, or
+/// one with IP options, is dropped (`no_backend`).
+#[inline(always)]
+fn reject(
+    ctx: &XdpContext,
+    cfg: &DatapathConfig,
+    flow: &Flow,
+    now: u64,
+) -> Result<Verdict, Counter> {
+    let budget = NP_REJECT_BUDGET
+        .get_ptr_mut(0)
+        .ok_or(Counter::DroppedNoBackend)?;
+    // SAFETY: this CPU's slot.
+    let [second, sent] = unsafe { &mut *budget };
+    if now.wrapping_sub(*second) >= u64::from(cfg.hz) {
+        *second = now;
+        *sent = 0;
+    }
+    if *sent >= REJECTS_PER_SECOND {
+        return Err(Counter::DroppedNoBackend);
+    }
+    // SAFETY: flow.ip is a bounds-checked IPv4 header.
+    if unsafe { (*flow.ip).version_ihl } != 0x45 {
+        return Err(Counter::DroppedNoBackend);
+    }
+    *sent += 1;
+    let (ip, tcp) = nodeport_common::checksum::rst_headers(
+        (flow.daddr_be, flow.dport_be),
+        (flow.saddr_be, flow.sport_be),
+        flow.tcp_seq_end,
+    );
+    let len = (ctx.data_end() - ctx.data()) as i32;
+    let want = (ETH_HLEN + 40) as i32;
+    // SAFETY: shrinking the frame to Ethernet + IPv4 + TCP without options.
+    if len > want && unsafe { bpf_xdp_adjust_tail(ctx.ctx, want - len) } != 0 {
+        return Err(Counter::DroppedNoBackend);
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let eth: *mut EthHdr = ptr_at(data, data_end, 0).ok_or(Counter::DroppedMalformed)?;
+    let ip_header: *mut [u8; 20] =
+        ptr_at(data, data_end, ETH_HLEN).ok_or(Counter::DroppedMalformed)?;
+    let tcp_header: *mut [u8; 20] =
+        ptr_at(data, data_end, ETH_HLEN + 20).ok_or(Counter::DroppedMalformed)?;
+    // SAFETY: all three bounds-checked just above.
+    unsafe {
+        let (src, dst) = ((*eth).src, (*eth).dst);
+        (*eth).src = dst;
+        (*eth).dst = src;
+        *ip_header = ip;
+        *tcp_header = tcp;
+    }
+    Ok((xdp_action::XDP_TX, Counter::RejectedNoBackend))
 }
 
 /// The route of a translated packet, looked up now (no cache).
