@@ -1286,17 +1286,7 @@ pub fn render(r: &Results, date: &str, machine: &str) -> Result<String> {
             "over"
         }
     )?;
-    for row in &r.rss {
-        writeln!(
-            md,
-            "Target 3, the agent's RSS with {} Services below twice its maps' size ({:.1} MiB): \
-             {:.1} MiB, {}.",
-            row.services,
-            2.0 * mib(row.maps.total),
-            mib(row.rss),
-            verdict(row.met())
-        )?;
-    }
+    render_rss_targets(&mut md, &r.rss, "Target 3")?;
     Ok(md)
 }
 
@@ -1308,10 +1298,16 @@ pub fn render_memory_only(date: &str, machine: &str) -> Result<String> {
     writeln!(md, "Machine: {machine}\n")?;
     render_rss(&mut md, &rows)?;
     writeln!(md)?;
-    for row in &rows {
+    render_rss_targets(&mut md, &rows, "Target")?;
+    Ok(md)
+}
+
+/// One line per memory row: its RSS against twice its maps' size.
+fn render_rss_targets(md: &mut String, rows: &[RssRow], label: &str) -> Result<()> {
+    for row in rows {
         writeln!(
             md,
-            "Target, the agent's RSS with {} Services below twice its maps' size ({:.1} MiB): \
+            "{label}, the agent's RSS with {} Services below twice its maps' size ({:.1} MiB): \
              {:.1} MiB, {}.",
             row.services,
             2.0 * mib(row.maps.total),
@@ -1319,7 +1315,7 @@ pub fn render_memory_only(date: &str, machine: &str) -> Result<String> {
             verdict(row.met())
         )?;
     }
-    Ok(md)
+    Ok(())
 }
 
 fn render_rss(md: &mut String, rows: &[RssRow]) -> Result<()> {

@@ -560,18 +560,14 @@ pub const fn ack_in_window(ack: u32, peer: &CtEntry) -> bool {
 }
 
 /// Whether a closing TCP connection's reply tuple may go to a new connection whose first
-/// sequence number ends at `new_seq_end`, the old one's client direction being `old_forward`
-/// (Linux nf_nat_used_tuple_harder): the old connection is over (both FINs, or an RST), and
-/// the new SYN's sequence is past the old client's, so a backend socket still in TIME_WAIT
-/// takes it as a new connection (tcp_timewait_state_process) instead of answering it as the
-/// old one.
+/// sequence number ends at `new_seq_end`, the old client's sequence having ended at
+/// `old_client_seq` (when known) (Linux nf_nat_used_tuple_harder): the old connection is over
+/// (both FINs, or an RST), and the new SYN's sequence is past the old client's, so a backend
+/// socket still in TIME_WAIT takes it as a new connection (tcp_timewait_state_process) instead
+/// of answering it as the old one.
 #[inline(always)]
-pub fn may_take_over(old_state: &CtState, old_forward: Option<&CtEntry>, new_seq_end: u32) -> bool {
-    old_state.closing()
-        && match old_forward {
-            Some(f) if f.seq_known() => seq_after(new_seq_end, f.seq_next),
-            _ => true,
-        }
+pub fn may_take_over(old_state: &CtState, old_client_seq: Option<u32>, new_seq_end: u32) -> bool {
+    old_state.closing() && old_client_seq.is_none_or(|old| seq_after(new_seq_end, old))
 }
 
 /// Whether the entries `a` (under `key_a`) and `b` (under `key_b`) are the two directions of
@@ -1039,14 +1035,17 @@ mod tests {
         ]);
         let reset = tcp(&[(FWD, TCP_SYN, false), (REP, TCP_RST | TCP_ACK, false)]);
         let old_client = seen(5000, 9000);
-        assert!(!may_take_over(&open, Some(&old_client), 6000), "open");
-        assert!(may_take_over(&closed, Some(&old_client), 5001));
         assert!(
-            !may_take_over(&closed, Some(&old_client), 5000),
+            !may_take_over(&open, Some(old_client.seq_next), 6000),
+            "open"
+        );
+        assert!(may_take_over(&closed, Some(old_client.seq_next), 5001));
+        assert!(
+            !may_take_over(&closed, Some(old_client.seq_next), 5000),
             "not past it"
         );
-        assert!(!may_take_over(&closed, Some(&old_client), 100));
-        assert!(may_take_over(&reset, Some(&old_client), 6000));
+        assert!(!may_take_over(&closed, Some(old_client.seq_next), 100));
+        assert!(may_take_over(&reset, Some(old_client.seq_next), 6000));
         // The old client's entry lost: nothing to compare with.
         assert!(may_take_over(&closed, None, 100));
     }

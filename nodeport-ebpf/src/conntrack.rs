@@ -275,12 +275,7 @@ pub fn promote(key: &CtKey, entry: &CtEntry) {
 /// entry still points at it.
 #[inline(always)]
 pub fn forget(table: Table, key: &CtKey, entry: &CtEntry) {
-    forget_pair(table, key, partner(key, entry));
-}
-
-/// [`forget`], the partner already looked up.
-#[inline(always)]
-pub fn forget_pair(table: Table, key: &CtKey, partner: Option<(Table, CtKey, *mut CtEntry)>) {
+    let partner = partner(key, entry);
     if key.dir == CT_DIR_FORWARD {
         table.remove(key);
     }

@@ -33,15 +33,11 @@ const RECLAIM_TRIES: u32 = 2;
 /// reply entry. False when another live connection holds it. A connection that is over (both
 /// entries expired), or an earlier attempt of this same one (a retransmitted first packet
 /// whose forward entry was lost), gives it up.
-#[inline(always)]
-pub fn claim(forward_key: &CtKey, reply_key: &CtKey, reply: &CtEntry, now: u64) -> bool {
-    claim_tuple(forward_key, reply_key, reply, now)
-}
-
-/// [`claim`], as a BPF subprogram: the verifier then walks what follows once per outcome, not
-/// once per path through it.
+///
+/// A BPF subprogram: the verifier then walks what follows once per outcome, not once per path
+/// through it.
 #[inline(never)]
-fn claim_tuple(forward_key: &CtKey, reply_key: &CtKey, reply: &CtEntry, now: u64) -> bool {
+pub fn claim(forward_key: &CtKey, reply_key: &CtKey, reply: &CtEntry, now: u64) -> bool {
     let Some(cfg) = NP_CONFIG.get(0) else {
         return false;
     };
@@ -196,10 +192,7 @@ fn reclaimable(existing: &CtEntry, seq_end: u32) -> bool {
     if existing.state.established == 0 {
         return quiet > 3 * second;
     }
-    let old_client = CtEntry {
-        seq_next: existing.ack_max,
-        ack_max: existing.ack_max,
-        ..CtEntry::default()
-    };
-    quiet > second && may_take_over(&existing.state, Some(&old_client), seq_end)
+    // The backend's last acknowledgement is where the old client's sequence ended (0: none seen).
+    let old_client_seq = (existing.ack_max != 0).then_some(existing.ack_max);
+    quiet > second && may_take_over(&existing.state, old_client_seq, seq_end)
 }
