@@ -19,7 +19,7 @@ use aya_ebpf::{
 };
 use nodeport_common::{
     BE_F_NOT_SERVING, BE_F_PRESENT, Backend, CT_DIR_FORWARD, CT_DIR_REPLY, Counter, CtEntry, CtKey,
-    CtState, DatapathConfig, TCP_ACK, TCP_RST, TCP_SYN, ct_pair, rst_in_window,
+    CtState, DatapathConfig, TCP_ACK, TCP_RST, ct_pair, rst_in_window,
 };
 
 use crate::{
@@ -317,7 +317,7 @@ pub fn on_forward(
     flow: &Flow,
     now: u64,
 ) -> Known {
-    let new_syn = flow.is_tcp() && flow.tcp_flags & TCP_SYN != 0 && flow.tcp_flags & TCP_ACK == 0;
+    let new_syn = flow.is_syn_only();
     // A SYN on a closing connection, or on one whose reply tuple went to another connection
     // (`snat::probe` takes over abandoned handshakes): a new connection.
     if new_syn && (entry.state.closing() || partner(key, entry).is_none()) {

@@ -6,7 +6,7 @@
 
 use core::mem::size_of;
 
-use nodeport_common::{Counter, IPPROTO_TCP, IPPROTO_UDP, tcp_seq_end};
+use nodeport_common::{Counter, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_SYN, tcp_seq_end};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -115,6 +115,12 @@ impl Flow {
     #[inline(always)]
     pub fn is_tcp(&self) -> bool {
         self.proto == IPPROTO_TCP
+    }
+
+    /// A TCP SYN without ACK: the first packet of a connection.
+    #[inline(always)]
+    pub fn is_syn_only(&self) -> bool {
+        self.is_tcp() && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
 }
 

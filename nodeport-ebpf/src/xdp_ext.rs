@@ -146,9 +146,8 @@ pub fn process_new(ctx: &XdpContext) -> Result<Verdict, Counter> {
     let key = conntrack::key(&flow, CT_DIR_FORWARD);
     let now = now();
     let (new, route) = match new_connection(ctx, cfg, &flow, &key, &fe, now) {
-        Err(Counter::DroppedNoBackend)
-            if flow.is_tcp() && flow.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN =>
-        {
+        // (`new_connection` refused any RST before choosing a backend.)
+        Err(Counter::DroppedNoBackend) if flow.is_syn_only() => {
             return reject(ctx, cfg, &flow, now);
         }
         result => result?,
@@ -349,9 +348,8 @@ fn new_connection(
         ack_max: 0,
         ..*forward
     };
-    // A SYN may take over the SNAT port of a closed connection (`snat::claim`).
-    let syn_seq_end = (flow.is_tcp() && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
-        .then_some(flow.tcp_seq_end);
+    // A SYN may take over the SNAT port of a closed or abandoned connection (`snat::probe`).
+    let syn_seq_end = flow.is_syn_only().then_some(flow.tcp_seq_end);
     if local {
         // The pod's replies are bound to the device its first answer comes from.
         let reply_key = forward.opposite_key(flow.proto, CT_DIR_REPLY);
