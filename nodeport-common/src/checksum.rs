@@ -48,28 +48,61 @@ pub fn sum20(data: &[u8; 20]) -> u32 {
     sum
 }
 
-/// The IPv4 and TCP headers (20 bytes each, checksums filled in) of the RST that answers a SYN
-/// nobody can take, as a kernel without a listener answers it (RFC 793: a segment without ACK
-/// gets `<SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>`). `from`/`to` are the RST's own addresses
-/// and ports (network order); `ack` is the SYN's sequence end (host order).
-pub fn rst_headers(from: (u32, u16), to: (u32, u16), ack: u32) -> ([u8; 20], [u8; 20]) {
+/// An IPv4 header without options (checksum filled in) from `from` to `to` (network order),
+/// TTL 64, protocol `proto`, `total_len` bytes in all.
+#[inline(always)]
+fn ipv4_header(
+    from: u32,
+    to: u32,
+    proto: u8,
+    total_len: u16,
+    tos: u8,
+    dont_fragment: bool,
+) -> [u8; 20] {
     let mut ip = [0u8; 20];
     ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-    ip[6] = 0x40; // don't fragment
+    ip[1] = tos;
+    ip[2..4].copy_from_slice(&total_len.to_be_bytes());
+    if dont_fragment {
+        ip[6] = 0x40;
+    }
     ip[8] = 64;
-    ip[9] = 6; // TCP
-    ip[12..16].copy_from_slice(&from.0.to_ne_bytes());
-    ip[16..20].copy_from_slice(&to.0.to_ne_bytes());
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&from.to_ne_bytes());
+    ip[16..20].copy_from_slice(&to.to_ne_bytes());
     let ip_check = !fold(sum20(&ip));
     ip[10..12].copy_from_slice(&ip_check.to_ne_bytes());
+    ip
+}
 
+/// The IPv4 and TCP headers (20 bytes each, checksums filled in) of the RST that answers a
+/// segment nobody can take, as Linux's `tcp_v4_send_reset` builds it (RFC 793, "Reset
+/// Generation"): a segment with ACK gets `<SEQ=SEG.ACK><CTL=RST>`, one without (a SYN)
+/// `<SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>`. `from`/`to` are the RST's own addresses and
+/// ports (network order); `segment_ack` the answered segment's acknowledgement if it has the
+/// ACK flag, `segment_seq_end` its sequence end (host order).
+#[inline(always)]
+pub fn rst_headers(
+    from: (u32, u16),
+    to: (u32, u16),
+    segment_ack: Option<u32>,
+    segment_seq_end: u32,
+) -> ([u8; 20], [u8; 20]) {
+    let ip = ipv4_header(from.0, to.0, 6, 40, 0, true);
     let mut tcp = [0u8; 20];
     tcp[0..2].copy_from_slice(&from.1.to_ne_bytes());
     tcp[2..4].copy_from_slice(&to.1.to_ne_bytes());
-    tcp[8..12].copy_from_slice(&ack.to_be_bytes());
+    match segment_ack {
+        Some(ack) => {
+            tcp[4..8].copy_from_slice(&ack.to_be_bytes());
+            tcp[13] = 0x04; // RST
+        }
+        None => {
+            tcp[8..12].copy_from_slice(&segment_seq_end.to_be_bytes());
+            tcp[13] = 0x14; // RST, ACK
+        }
+    }
     tcp[12] = 5 << 4;
-    tcp[13] = 0x14; // RST, ACK
     // Pseudo-header: addresses, protocol, TCP length.
     let pseudo = (from.0 & 0xffff)
         + (from.0 >> 16)
@@ -80,6 +113,39 @@ pub fn rst_headers(from: (u32, u16), to: (u32, u16), ack: u32) -> ([u8; 20], [u8
     let tcp_check = !fold(fold(sum20(&tcp) + (pseudo & 0xffff)) as u32 + (pseudo >> 16));
     tcp[16..18].copy_from_slice(&tcp_check.to_ne_bytes());
     (ip, tcp)
+}
+
+/// Bytes of the offending datagram an ICMP error quotes here: its IPv4 header (without
+/// options) and the first 8 bytes after it, the UDP header (RFC 792's minimum; Linux quotes
+/// more, but a receiver matches its socket by these).
+pub const ICMP_QUOTE_LEN: usize = 28;
+
+/// The IPv4 and ICMP headers (checksums filled in) of the "destination unreachable, port
+/// unreachable" (type 3, code 3) that answers `quoted`, as Linux's `icmp_send` builds it for
+/// iptables' `REJECT --reject-with icmp-port-unreachable`: from the address the datagram was
+/// sent to, TOS `IPTOS_PREC_INTERNETCONTROL` plus the datagram's TOS bits, no DF.
+/// `from`/`to` are network order; the message is `20 + 8 + ICMP_QUOTE_LEN` bytes.
+#[inline(always)]
+pub fn port_unreachable_headers(
+    from: u32,
+    to: u32,
+    quoted: &[u8; ICMP_QUOTE_LEN],
+) -> ([u8; 20], [u8; 8]) {
+    let total = (20 + 8 + ICMP_QUOTE_LEN) as u16;
+    let tos = 0xc0 | (quoted[1] & 0x1e);
+    let ip = ipv4_header(from, to, 1, total, tos, false);
+    let mut icmp = [0u8; 8];
+    icmp[0] = 3; // destination unreachable
+    icmp[1] = 3; // port unreachable
+    let mut sum = u16::from_ne_bytes([icmp[0], icmp[1]]) as u32;
+    let mut i = 0;
+    while i < ICMP_QUOTE_LEN {
+        sum += u16::from_ne_bytes([quoted[i], quoted[i + 1]]) as u32;
+        i += 2;
+    }
+    let check = !fold(sum);
+    icmp[2..4].copy_from_slice(&check.to_ne_bytes());
+    (ip, icmp)
 }
 
 /// Full checksum of `data` (used by userspace tests and tools, not per packet).
@@ -104,7 +170,7 @@ mod tests {
     fn the_rst_headers_carry_valid_checksums() {
         let from = (u32::from_ne_bytes([198, 18, 0, 1]), 30080u16.to_be());
         let to = (u32::from_ne_bytes([198, 18, 0, 100]), 40000u16.to_be());
-        let (ip, tcp) = rst_headers(from, to, 1009);
+        let (ip, tcp) = rst_headers(from, to, None, 1009);
         assert_eq!(compute(&ip), 0, "IPv4 header checksum");
         let mut pseudo = [0u8; 32];
         pseudo[..12].copy_from_slice(&[198, 18, 0, 1, 198, 18, 0, 100, 0, 6, 0, 20]);
@@ -117,6 +183,32 @@ mod tests {
         );
         assert_eq!(&tcp[8..12], &1009u32.to_be_bytes(), "acknowledges the SYN");
         assert_eq!(tcp[13], 0x14, "RST, ACK");
+
+        // A segment with ACK: the RST takes its acknowledgement as sequence number, no ACK.
+        let (_, tcp) = rst_headers(from, to, Some(0xdead_beef), 1009);
+        pseudo[12..].copy_from_slice(&tcp);
+        assert_eq!(compute(&pseudo), 0, "TCP checksum");
+        assert_eq!(&tcp[4..8], &0xdead_beefu32.to_be_bytes());
+        assert_eq!(&tcp[8..12], &[0; 4]);
+        assert_eq!(tcp[13], 0x04, "RST alone");
+    }
+
+    #[test]
+    fn the_port_unreachable_headers_carry_valid_checksums() {
+        let from = u32::from_ne_bytes([198, 18, 0, 1]);
+        let to = u32::from_ne_bytes([198, 18, 0, 100]);
+        let mut quoted = [0u8; ICMP_QUOTE_LEN];
+        quoted[..20].copy_from_slice(&header([198, 18, 0, 100], [198, 18, 0, 1]));
+        quoted[1] = 0x10;
+        quoted[20..].copy_from_slice(&[0x9c, 0x40, 0x75, 0x80, 0, 12, 0xab, 0xcd]);
+        let (ip, icmp) = port_unreachable_headers(from, to, &quoted);
+        assert_eq!(compute(&ip), 0, "IPv4 header checksum");
+        assert_eq!(&ip[2..4], &56u16.to_be_bytes());
+        assert_eq!((ip[1], ip[6], ip[9]), (0xd0, 0, 1), "TOS, no DF, ICMP");
+        let mut message = icmp.to_vec();
+        message.extend_from_slice(&quoted);
+        assert_eq!(compute(&message), 0, "ICMP checksum");
+        assert_eq!(&icmp[..2], &[3, 3], "port unreachable");
     }
 
     /// An IPv4 header with a valid checksum (from RFC 1071's worked example style).

@@ -119,10 +119,18 @@ counters! {
     /// A frame from the wire to a loopback or 0.0.0.0/8 address on a port some frontend uses
     /// (a probe for services bound to localhost, CVE-2020-8558): never forwarded.
     DroppedMartianDestination = 43, Dropped, "martian_destination";
-    /// A TCP SYN to a Service with no usable endpoint at all, answered with an RST so the
-    /// client fails at once, as kube-proxy's REJECT does (at most 100 a second per CPU; beyond
+    /// A TCP SYN or a UDP datagram to a Service with no usable endpoint at all, answered with
+    /// an RST or an ICMP port unreachable so the client fails at once, as kube-proxy's REJECT
+    /// does (at most 100 answers a second per CPU, shared with backend_gone_reset; beyond
     /// that, counted as no_backend).
     RejectedNoBackend = 44, Dropped, "no_backend_rejected";
+    /// A TCP segment of a connection whose endpoint has left the Service's EndpointSlices (its
+    /// pod is gone): answered with an RST, so the client fails at once instead of retrying
+    /// into a void or being crossed into another pod (rate-limited as no_backend_rejected;
+    /// beyond that, counted as backend_gone). The connection is closed.
+    RejectedBackendGone = 45, Dropped, "backend_gone_reset";
+    /// As backend_gone_reset, past the answer budget or with IPv4 options: dropped.
+    DroppedBackendGone = 46, Dropped, "backend_gone";
 
     /// A connection completed its handshake but the established table was full: it stays in
     /// the handshake table (where a flood may evict it). Size --conntrack-size up.

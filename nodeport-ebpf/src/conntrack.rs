@@ -173,19 +173,37 @@ pub fn record(key: &CtKey, entry: *mut CtEntry, flow: &Flow, now: u64) -> CtStat
     }
     let old = e.state;
     let new = old.after(flow.proto, key.dir, flags, flow.tcp_payload);
-    if new != old {
-        store_changes(&mut e.state, &old, &new);
-        let partner_key = e.opposite_key(key.proto, other_dir(key.dir));
-        if let Some((_, p)) = lookup(&partner_key) {
-            // SAFETY: as above.
-            let p = unsafe { &mut *p };
-            if ct_pair(key, e, &partner_key, p) {
-                store_changes(&mut p.state, &old, &new);
-            }
-        }
-    }
+    store_state(key, e, &old, &new);
     stats::service(e.svc_id, flow.tot_len, key.dir);
     new
+}
+
+/// Stores a connection's new state into both of its entries, when it changed.
+#[inline(always)]
+fn store_state(key: &CtKey, e: &mut CtEntry, old: &CtState, new: &CtState) {
+    if new == old {
+        return;
+    }
+    store_changes(&mut e.state, old, new);
+    let partner_key = e.opposite_key(key.proto, other_dir(key.dir));
+    if let Some((_, p)) = lookup(&partner_key) {
+        // SAFETY: points into a conntrack map value.
+        let p = unsafe { &mut *p };
+        if ct_pair(key, e, &partner_key, p) {
+            store_changes(&mut p.state, old, new);
+        }
+    }
+}
+
+/// Closes the connection of `entry` as if its backend had sent an RST (nodeport sent one in
+/// its place): both entries expire after the closing timeout and a new SYN starts afresh.
+#[inline(always)]
+pub fn close_for_backend(key: &CtKey, entry: *mut CtEntry) {
+    // SAFETY: `entry` points into a conntrack map value.
+    let e = unsafe { &mut *entry };
+    let old = e.state;
+    let new = CtState { rst_rep: 1, ..old };
+    store_state(key, e, &old, &new);
 }
 
 /// Whether an RST (sequence number `seq`) sent on the connection of `entry` is in its
@@ -304,8 +322,13 @@ pub enum Known {
     /// its endpoint did not honour). The same backend and SNAT port keep it working.
     Revive,
     /// Starts a new connection on this tuple (after forgetting the old one): a new SYN on a
-    /// closing or expired connection or one that lost its reply tuple, or its backend is gone.
+    /// closing or expired connection or one that lost its reply tuple, or a UDP flow whose
+    /// backend is gone or stopped serving.
     Restart,
+    /// Ends the connection: a TCP segment (no new SYN) whose backend has left the Service's
+    /// endpoints. Its pod is gone; moved to another pod the segment would meet no socket,
+    /// or one in TIME_WAIT that answers with ACKs and leaves the client hanging.
+    BackendGone,
 }
 
 /// Decides what a client packet does with its existing connection.
@@ -324,14 +347,17 @@ pub fn on_forward(
         return Known::Restart;
     }
     match live_backend(entry.backend_id, entry.svc_id) {
-        // The backend id can be reused for another address: compare it too. A draining
-        // backend keeps its TCP connections, and its UDP flows while it still serves (as
+        // The backend id can be reused for another address: compare it too. A backend that
+        // is still an endpoint keeps its TCP connections, ready or not (kube-proxy leaves
+        // their conntrack entries alone), and its UDP flows while it still serves (as
         // kube-proxy, which clears UDP conntrack entries only of endpoints that stopped
-        // serving); a UDP flow moves off one that does not.
+        // serving: `deleteStaleEndpointConntrackEntries`, pkg/proxy/conntrack/cleanup.go);
+        // a UDP flow moves off one that does not.
         Some(b)
             if b.addr_be == entry.new_daddr_be
                 && b.port_be == entry.new_dport_be
                 && (flow.is_tcp() || b.flags & BE_F_NOT_SERVING == 0) => {}
+        _ if flow.is_tcp() && !new_syn => return Known::BackendGone,
         _ => return Known::Restart,
     }
     if !cfg.ct_entry_expired(entry, key.proto, now) {

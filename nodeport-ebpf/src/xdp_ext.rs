@@ -13,13 +13,14 @@ use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
     bindings::{BPF_ANY, xdp_action},
-    helpers::{bpf_xdp_adjust_meta, bpf_xdp_adjust_tail},
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 use nodeport_common::{
     BE_F_LOCAL, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_LOCAL, CT_F_PORT_REWRITE, CT_F_SNAT, Counter,
-    CtEntry, CtKey, CtState, DatapathConfig, Frontend, FrontendKey, PROG_SLOT_NEW_CONNECTION,
-    TCP_ACK, TCP_RST, TCP_SYN, XDP_META_F_NEIGH, XDP_META_MAGIC, XdpMeta,
+    CtEntry, CtKey, CtState, DatapathConfig, Frontend, FrontendKey, IPPROTO_UDP,
+    PROG_SLOT_NEW_CONNECTION, TCP_ACK, TCP_RST, TCP_SYN, XDP_META_F_NEIGH, XDP_META_MAGIC, XdpMeta,
+    checksum::ICMP_QUOTE_LEN,
 };
 
 use crate::{
@@ -72,6 +73,20 @@ pub fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
                 }
                 // SAFETY: as above.
                 Known::Restart => conntrack::forget(table, &key, unsafe { &*entry }),
+                Known::BackendGone => {
+                    conntrack::close_for_backend(&key, entry);
+                    // Never an RST for an RST (RFC 793).
+                    if flow.tcp_flags & TCP_RST != 0 {
+                        return Err(Counter::DroppedBackendGone);
+                    }
+                    return answer_rst(
+                        ctx,
+                        cfg,
+                        &flow,
+                        now,
+                        (Counter::RejectedBackendGone, Counter::DroppedBackendGone),
+                    );
+                }
             }
         }
         if known_connection.is_none() {
@@ -146,9 +161,20 @@ pub fn process_new(ctx: &XdpContext) -> Result<Verdict, Counter> {
     let key = conntrack::key(&flow, CT_DIR_FORWARD);
     let now = now();
     let (new, route) = match new_connection(ctx, cfg, &flow, &key, &fe, now) {
-        // (`new_connection` refused any RST before choosing a backend.)
+        // No usable endpoint anywhere: kube-proxy's REJECT (an RST for a SYN, an ICMP port
+        // unreachable for a datagram), so the client fails at once instead of retrying for
+        // a minute. (`new_connection` refused any RST before choosing a backend.)
         Err(Counter::DroppedNoBackend) if flow.is_syn_only() => {
-            return reject(ctx, cfg, &flow, now);
+            return answer_rst(
+                ctx,
+                cfg,
+                &flow,
+                now,
+                (Counter::RejectedNoBackend, Counter::DroppedNoBackend),
+            );
+        }
+        Err(Counter::DroppedNoBackend) if flow.proto == IPPROTO_UDP => {
+            return answer_port_unreachable(ctx, cfg, &flow, now);
         }
         result => result?,
     };
@@ -156,47 +182,63 @@ pub fn process_new(ctx: &XdpContext) -> Result<Verdict, Counter> {
     transmit(ctx, &flow, &new, route)
 }
 
-/// RSTs per CPU and second for Services without endpoints.
-const REJECTS_PER_SECOND: u64 = 100;
+/// Answers per CPU and second to clients nodeport turns away (RSTs and ICMP errors).
+const ANSWERS_PER_SECOND: u64 = 100;
 
-/// Answers a SYN to a Service with no usable endpoint with an RST, in place, back out of the
-/// interface it came in on, as kube-proxy's REJECT rule makes the kernel do: the client fails
-/// at once instead of retrying for a minute. Rate-limited per CPU; a SYN beyond the budget, or
-/// one with IP options, is dropped (`no_backend`).
+/// Whether this CPU may answer once more this second, as Linux limits the ICMP errors and
+/// RSTs it sends (net.ipv4.icmp_msgs_per_sec): a flood gets no amplifier here. Spends one.
 #[inline(always)]
-fn reject(
-    ctx: &XdpContext,
-    cfg: &DatapathConfig,
-    flow: &Flow,
-    now: u64,
-) -> Result<Verdict, Counter> {
-    let budget = NP_REJECT_BUDGET
-        .get_ptr_mut(0)
-        .ok_or(Counter::DroppedNoBackend)?;
+fn spend_answer(cfg: &DatapathConfig, now: u64) -> bool {
+    let Some(budget) = NP_REJECT_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
     // SAFETY: this CPU's slot.
     let [second, sent] = unsafe { &mut *budget };
     if now.wrapping_sub(*second) >= u64::from(cfg.hz) {
         *second = now;
         *sent = 0;
     }
-    if *sent >= REJECTS_PER_SECOND {
-        return Err(Counter::DroppedNoBackend);
-    }
-    // SAFETY: flow.ip is a bounds-checked IPv4 header.
-    if unsafe { (*flow.ip).version_ihl } != 0x45 {
-        return Err(Counter::DroppedNoBackend);
+    if *sent >= ANSWERS_PER_SECOND {
+        return false;
     }
     *sent += 1;
+    true
+}
+
+/// Whether the packet's IPv4 header has no options: the answers below are built for that.
+#[inline(always)]
+fn plain_ipv4(flow: &Flow) -> bool {
+    // SAFETY: flow.ip is a bounds-checked IPv4 header.
+    unsafe { (*flow.ip).version_ihl == 0x45 }
+}
+
+/// Answers a TCP segment with an RST from its destination, in place, back out of the
+/// interface it came in on, as Linux's `tcp_v4_send_reset` builds one. Counted as
+/// `counters.0`; past the answer budget, or for a packet with IPv4 options, the packet is
+/// dropped and counted as `counters.1`.
+#[inline(always)]
+fn answer_rst(
+    ctx: &XdpContext,
+    cfg: &DatapathConfig,
+    flow: &Flow,
+    now: u64,
+    (sent, failed): (Counter, Counter),
+) -> Result<Verdict, Counter> {
+    if !plain_ipv4(flow) || !spend_answer(cfg, now) {
+        return Err(failed);
+    }
+    let segment_ack = (flow.tcp_flags & TCP_ACK != 0).then_some(flow.tcp_ack);
     let (ip, tcp) = nodeport_common::checksum::rst_headers(
         (flow.daddr_be, flow.dport_be),
         (flow.saddr_be, flow.sport_be),
+        segment_ack,
         flow.tcp_seq_end,
     );
     let len = (ctx.data_end() - ctx.data()) as i32;
     let want = (ETH_HLEN + 40) as i32;
     // SAFETY: shrinking the frame to Ethernet + IPv4 + TCP without options.
     if len > want && unsafe { bpf_xdp_adjust_tail(ctx.ctx, want - len) } != 0 {
-        return Err(Counter::DroppedNoBackend);
+        return Err(failed);
     }
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let eth: *mut EthHdr = ptr_at(data, data_end, 0).ok_or(Counter::DroppedMalformed)?;
@@ -211,6 +253,58 @@ fn reject(
         (*eth).dst = src;
         *ip_header = ip;
         *tcp_header = tcp;
+    }
+    Ok((xdp_action::XDP_TX, sent))
+}
+
+/// Answers a UDP datagram to a Service without endpoints with an ICMP port unreachable from
+/// the address it was sent to, quoting its IPv4 header and UDP header, in place, back out of
+/// the interface it came in on (kube-proxy's `REJECT --reject-with icmp-port-unreachable`,
+/// which makes Linux's `icmp_send` answer). Rate-limited with the RSTs.
+#[inline(always)]
+fn answer_port_unreachable(
+    ctx: &XdpContext,
+    cfg: &DatapathConfig,
+    flow: &Flow,
+    now: u64,
+) -> Result<Verdict, Counter> {
+    let failed = Counter::DroppedNoBackend;
+    if !plain_ipv4(flow) || !spend_answer(cfg, now) {
+        return Err(failed);
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let eth: *const EthHdr = ptr_at(data, data_end, 0).ok_or(Counter::DroppedMalformed)?;
+    let quoted: *const [u8; ICMP_QUOTE_LEN] =
+        ptr_at(data, data_end, ETH_HLEN).ok_or(Counter::DroppedMalformed)?;
+    // SAFETY: both bounds-checked just above; copied out before the frame changes.
+    let (client_mac, own_mac, quoted) = unsafe { ((*eth).src, (*eth).dst, *quoted) };
+    let (ip, icmp) =
+        nodeport_common::checksum::port_unreachable_headers(flow.daddr_be, flow.saddr_be, &quoted);
+    // The quote stays where it is: cut what follows it, then open room for the new
+    // Ethernet, IPv4 and ICMP headers in front of it.
+    let len = (data_end - data) as i32;
+    let quote_end = (ETH_HLEN + ICMP_QUOTE_LEN) as i32;
+    // SAFETY: shrinking the frame to Ethernet + the quoted bytes.
+    if len > quote_end && unsafe { bpf_xdp_adjust_tail(ctx.ctx, quote_end - len) } != 0 {
+        return Err(failed);
+    }
+    // SAFETY: growing the frame at its head by the new IPv4 and ICMP headers.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -28) } != 0 {
+        return Err(failed);
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let eth: *mut EthHdr = ptr_at(data, data_end, 0).ok_or(Counter::DroppedMalformed)?;
+    let ip_header: *mut [u8; 20] =
+        ptr_at(data, data_end, ETH_HLEN).ok_or(Counter::DroppedMalformed)?;
+    let icmp_header: *mut [u8; 8] =
+        ptr_at(data, data_end, ETH_HLEN + 20).ok_or(Counter::DroppedMalformed)?;
+    // SAFETY: all three bounds-checked just above.
+    unsafe {
+        (*eth).src = own_mac;
+        (*eth).dst = client_mac;
+        (*eth).ether_type_be = 0x0800u16.to_be();
+        *ip_header = ip;
+        *icmp_header = icmp;
     }
     Ok((xdp_action::XDP_TX, Counter::RejectedNoBackend))
 }

@@ -62,8 +62,8 @@ const CASES: &[(&str, Case)] = &[
         sticks_after_table_change,
     ),
     (
-        "a flow whose backend is removed is re-selected",
-        reselect_removed_backend,
+        "a TCP connection whose backend left gets an RST and closes; a UDP flow is re-selected",
+        removed_backend,
     ),
     ("an expired flow is re-selected", reselect_expired),
     (
@@ -72,7 +72,7 @@ const CASES: &[(&str, Case)] = &[
     ),
     ("FIN marks both directions closing", fin_marks_closing),
     (
-        "no backend: a SYN gets an RST (rate-limited), the rest is dropped",
+        "no backend: a SYN gets an RST, a datagram an ICMP port unreachable (rate-limited), the rest is dropped",
         no_backend,
     ),
     (
@@ -621,16 +621,82 @@ fn sticks_after_table_change(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     Ok(())
 }
 
-fn reselect_removed_backend(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+fn removed_backend(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     let svc = two_backend_service(fx)?;
+    let udp = ServiceSpec::new(
+        2,
+        FRONTEND,
+        IPPROTO_UDP,
+        vec![local(3, "198.18.1.10:5353"), local(4, "198.18.1.11:5353")],
+    );
+    fx.add_service(&udp)?;
     let first =
         backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    let datagram = Pkt::udp(sa(CLIENT), sa(FRONTEND)).macs(CLIENT_MAC, EXT_MAC);
+    let u = backend_of(&xdp_action(fx, topo, &datagram, XDP_PASS)?.frame)?;
     let (chosen, other) = other_backend(&svc, &first);
     fx.set_table(&svc, &[other])?;
     fx.remove_backend(chosen)?;
+    let (u_chosen, u_other) = other_backend(&udp, &u);
+    fx.set_table(&udp, &[u_other])?;
+    fx.remove_backend(u_chosen)?;
+
+    // The pod is gone: the client's next segment is answered with the RST Linux sends for a
+    // segment with ACK (seq = its ack, no ACK flag), from the frontend, not moved to the
+    // other pod (where it would meet no socket, or a TIME_WAIT one).
+    let segment = from_client(40000, FRONTEND, ACK).seq(1001).ack(5000);
+    let run = xdp_counted(
+        fx,
+        topo,
+        &segment,
+        XDP_TX,
+        &[(Counter::RejectedBackendGone, 1)],
+    )?;
+    let seen = parse_checked(&run.frame).context("the RST")?;
+    ensure!(
+        (seen.eth_src, seen.eth_dst, seen.src, seen.dst)
+            == (EXT_MAC, CLIENT_MAC, sa(FRONTEND), sa(CLIENT)),
+        "{seen:?}"
+    );
+    let headers = etherparse::PacketHeaders::from_ethernet_slice(&run.frame)?;
+    let Some(etherparse::TransportHeader::Tcp(tcp)) = headers.transport else {
+        bail!("not TCP: {headers:?}");
+    };
+    ensure!(
+        tcp.rst && !tcp.ack && !tcp.syn && tcp.sequence_number == 5000,
+        "{tcp:?}"
+    );
+    // Both entries are closing now; an RST from the client gets no RST back.
+    let tcp_entries: Vec<CtEntry> = fx
+        .established()?
+        .into_iter()
+        .chain(fx.handshake()?)
+        .filter(|(k, _)| k.proto == IPPROTO_TCP)
+        .map(|(_, e)| e)
+        .collect();
+    ensure!(
+        tcp_entries.len() == 2 && tcp_entries.iter().all(|e| e.state.closing()),
+        "{tcp_entries:?}"
+    );
+    let rst = from_client(40000, FRONTEND, RST).seq(1001);
+    let run = xdp_counted(
+        fx,
+        topo,
+        &rst,
+        XDP_DROP,
+        &[(Counter::DroppedBackendGone, 1)],
+    )?;
+    check_unchanged(&run, &rst.bytes())?;
+    // A new SYN on the same tuple is a new connection, to the pod that is left.
     let again =
-        backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, ACK), XDP_PASS)?.frame)?;
-    ensure!(again != first, "flow stayed on removed backend {first}");
+        backend_of(&xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?.frame)?;
+    ensure!(
+        again != first,
+        "a new connection went to removed backend {first}"
+    );
+    // A UDP flow has no connection to reset: it moves, as kube-proxy clears its conntrack.
+    let u_again = backend_of(&xdp_action(fx, topo, &datagram, XDP_PASS)?.frame)?;
+    ensure!(u_again != u, "a UDP flow stayed on removed backend {u}");
     Ok(())
 }
 
@@ -775,14 +841,23 @@ fn no_backend(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     // The SYN's sequence 1000, 8 bytes of data and the SYN itself.
     ensure!(tcp.acknowledgment_number == 1009, "{tcp:?}");
     ensure!(run.frame.len() == 54, "{} bytes", run.frame.len());
-    // Anything else is dropped, as is a SYN past the budget (100 RSTs a second per CPU).
-    for pkt in [
-        from_client(40000, FRONTEND, ACK),
-        Pkt::udp(sa(CLIENT), sa(FRONTEND)).macs(CLIENT_MAC, EXT_MAC),
-    ] {
-        let run = xdp_counted(fx, topo, &pkt, XDP_DROP, &[(Counter::DroppedNoBackend, 1)])?;
-        check_unchanged(&run, &pkt.bytes())?;
-    }
+    // A datagram gets an ICMP port unreachable from the frontend, quoting the datagram's IPv4
+    // header and UDP header as it was sent (kube-proxy's REJECT, Linux's icmp_send).
+    let datagram = Pkt::udp(sa(CLIENT), sa(FRONTEND))
+        .macs(CLIENT_MAC, EXT_MAC)
+        .payload(&[7; 100]);
+    let run = xdp_counted(
+        fx,
+        topo,
+        &datagram,
+        XDP_TX,
+        &[(Counter::RejectedNoBackend, 1)],
+    )?;
+    check_port_unreachable(&run.frame, &datagram.bytes())?;
+    // Anything else is dropped, as is a SYN past the budget (100 answers a second per CPU).
+    let pkt = from_client(40000, FRONTEND, ACK);
+    let run = xdp_counted(fx, topo, &pkt, XDP_DROP, &[(Counter::DroppedNoBackend, 1)])?;
+    check_unchanged(&run, &pkt.bytes())?;
     let before = fx.counters()?;
     // 300 SYNs take well under two seconds here: at most two budgets' worth are answered.
     for _ in 0..300 {
@@ -798,6 +873,47 @@ fn no_backend(fx: &mut Fixture, topo: &Topology) -> Result<()> {
         rejected + dropped == 300 && rejected <= 199 && dropped >= 101,
         "rejected {rejected}, dropped {dropped}"
     );
+    Ok(())
+}
+
+/// `frame` must be an ICMP port unreachable from the frontend to the client (MACs swapped),
+/// with valid checksums, quoting the first 28 bytes of the IPv4 packet of `sent`.
+fn check_port_unreachable(frame: &[u8], sent: &[u8]) -> Result<()> {
+    use etherparse::{Icmpv4Type, NetHeaders, PacketHeaders, TransportHeader, icmpv4};
+    let headers = PacketHeaders::from_ethernet_slice(frame)?;
+    let eth = headers.link.clone().context("no Ethernet")?;
+    let eth = eth.ethernet2().context("not Ethernet II")?;
+    ensure!(
+        (eth.source, eth.destination) == (EXT_MAC, CLIENT_MAC),
+        "{eth:?}"
+    );
+    let Some(NetHeaders::Ipv4(ip, _)) = &headers.net else {
+        bail!("not IPv4: {headers:?}");
+    };
+    ensure!(
+        ip.header_checksum == ip.calc_header_checksum(),
+        "IPv4 checksum"
+    );
+    let (front, client) = (sa(FRONTEND), sa(CLIENT));
+    ensure!(
+        (ip.source, ip.destination, ip.time_to_live)
+            == (front.ip().octets(), client.ip().octets(), 64),
+        "{ip:?}"
+    );
+    let Some(TransportHeader::Icmpv4(icmp)) = &headers.transport else {
+        bail!("not ICMP: {headers:?}");
+    };
+    ensure!(
+        icmp.icmp_type == Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port),
+        "{icmp:?}"
+    );
+    let quoted = headers.payload.slice();
+    ensure!(
+        icmp.checksum == icmp.icmp_type.calc_checksum(quoted),
+        "ICMP checksum"
+    );
+    ensure!(quoted == &sent[14..42], "quote {quoted:02x?}");
+    ensure!(frame.len() == 14 + 20 + 8 + 28, "{} bytes", frame.len());
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use nodeport_tests::lab::{
     CLIENT, CLIENT2, Lab, NODE1, PATIENCE, Scrape, field_u64,
     manifests::{self, Ep, ready, terminating},
@@ -155,8 +155,10 @@ fn remote_backend_through_snat() -> Result<()> {
     Ok(())
 }
 
-/// Case 4: endpoint churn: connections to surviving backends live on; new ones avoid the
-/// removed backend and use the added one.
+/// Case 4: endpoint churn, as kube-proxy carries it: connections to endpoints still in the
+/// slice live on, the ready ones and one that turned not ready alike (kube-proxy leaves their
+/// conntrack entries alone); a connection whose endpoint left gets an RST at its next segment
+/// instead of hanging; new connections avoid both and use the added endpoint.
 #[test]
 #[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
 fn endpoint_churn_keeps_established_connections() -> Result<()> {
@@ -178,34 +180,59 @@ fn endpoint_churn_keeps_established_connections() -> Result<()> {
         let pod = c.ask()?.pod;
         conns.push((c, pod));
     }
-    // b goes, d comes.
+    for pod in ["a", "b", "c"] {
+        ensure!(
+            conns.iter().any(|(_, p)| p == pod),
+            "no connection to {pod} to follow"
+        );
+    }
+    // b goes, c fails its readiness probe (still in the slice, neither ready nor serving),
+    // d comes.
+    let not_ready = Ep {
+        ready: false,
+        serving: false,
+        ..ready(POD_C, "node-2")
+    };
     lab.apply(&web(
         30083,
         "",
-        &[
-            ready(POD_A, "node-1"),
-            ready(POD_D, "node-1"),
-            ready(POD_C, "node-2"),
-        ],
+        &[ready(POD_A, "node-1"), ready(POD_D, "node-1"), not_ready],
     ))?;
 
-    let mut survivors = 0;
-    for (c, pod) in conns.iter_mut().filter(|(_, pod)| pod != "b") {
-        let again = c
-            .ask()
-            .with_context(|| format!("a connection to surviving pod {pod} broke"))?;
+    for (c, pod) in &mut conns {
+        let again = c.ask();
+        if pod == "b" {
+            // An RST, not a read timeout, and not another pod's answer.
+            let reset = again.as_ref().err().and_then(|e| {
+                e.chain()
+                    .find_map(|cause| cause.downcast_ref::<std::io::Error>())
+                    .map(|io| io.kind() == std::io::ErrorKind::ConnectionReset)
+            });
+            ensure!(
+                reset == Some(true),
+                "a connection to removed pod b was not reset: {again:?}"
+            );
+            continue;
+        }
+        let again = again.with_context(|| format!("a connection to pod {pod} broke"))?;
         ensure!(
             again.pod == *pod,
             "a connection to {pod} moved to {}",
             again.pod
         );
-        survivors += 1;
     }
-    ensure!(survivors > 0);
+    // Each connection to b sent one segment, answered by nodeport itself (not by another pod
+    // the segment was moved to, which would also reset it, or hang in TIME_WAIT).
+    let to_b = conns.iter().filter(|(_, pod)| pod == "b").count() as u64;
+    ensure!(
+        lab.counter("backend_gone_reset")? == to_b,
+        "{to_b} connections to b, {} resets by nodeport",
+        lab.counter("backend_gone_reset")?
+    );
     let counts = lab.spread(np(30083), 100)?;
     ensure!(
-        !counts.contains_key("b"),
-        "a new connection went to the removed backend: {counts:?}"
+        !counts.contains_key("b") && !counts.contains_key("c"),
+        "a new connection went to a removed or not-ready endpoint: {counts:?}"
     );
     ensure!(
         counts.contains_key("d"),
@@ -1262,6 +1289,59 @@ fn the_mapped_arrays_are_mapped_once() -> Result<()> {
         mapped.len() == 2,
         "expected the backend and Maglev arrays mapped once each:\n{}",
         mapped.join("\n")
+    );
+    Ok(())
+}
+
+/// Case 22: a Service without endpoints refuses at once, as kube-proxy's REJECT rules make it:
+/// curl fails with "connection refused" (an RST), a connected UDP socket gets
+/// ECONNREFUSED (an ICMP port unreachable); the answers are counted.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn a_service_without_endpoints_refuses_at_once() -> Result<()> {
+    let mut lab = Lab::new("e16")?;
+    lab.start_agent(&manifests::service(
+        "empty",
+        30096,
+        &["TCP", "UDP"],
+        "",
+        &[],
+    ))?;
+    let before = lab.counter("no_backend_rejected")?;
+
+    // curl's exit code 7: failed to connect (curl 8 words ECONNREFUSED "Couldn't connect to
+    // server"). A dropped SYN would make it time out (28).
+    let url = format!("http://{}/", np(30096));
+    let out = lab
+        .client
+        .command("curl")
+        .args(["-sS", "--max-time", "10", &url])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(7),
+        "curl: {:?} {stderr}",
+        out.status
+    );
+
+    let refused = lab.client.run(|| -> Result<std::io::ErrorKind> {
+        let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        socket.connect(np(30096))?;
+        socket.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        socket.send(b"hello\n")?;
+        let mut buf = [0u8; 64];
+        Ok(match socket.recv(&mut buf) {
+            Ok(_) => bail!("an answer from a Service without endpoints"),
+            Err(e) => e.kind(),
+        })
+    })??;
+    ensure!(
+        refused == std::io::ErrorKind::ConnectionRefused,
+        "the UDP client saw {refused:?}, not a port unreachable"
+    );
+    ensure!(
+        lab.counter("no_backend_rejected")? == before + 2,
+        "the two answers were not counted"
     );
     Ok(())
 }

@@ -118,19 +118,19 @@ pub fn ensure_iptables() -> Result<()> {
     apt_install(&["iptables"])
 }
 
-/// Debian's `ab` (apache2-utils) and `iperf3`: real clients of the conntrack end-to-end
-/// tests (tests/tests/conntrack.rs).
+/// Debian's `ab` (apache2-utils), `iperf3` and `curl`: real clients of the end-to-end tests
+/// (tests/tests/conntrack.rs, tests/tests/e2e.rs).
 pub fn ensure_test_clients() -> Result<()> {
-    if have("ab") && have("iperf3") {
+    if have("ab") && have("iperf3") && have("curl") {
         return Ok(());
     }
     if !(is_root() && is_debian_like()) {
         bail!(
-            "the conntrack end-to-end tests run `ab` and `iperf3` \
-             (Debian: apache2-utils, iperf3); install them and run again"
+            "the end-to-end tests run `ab`, `iperf3` and `curl` \
+             (Debian: apache2-utils, iperf3, curl); install them and run again"
         );
     }
-    apt_install(&["apache2-utils", "iperf3"])
+    apt_install(&["apache2-utils", "iperf3", "curl"])
 }
 
 /// Makes sure the eBPF crate can be built, installing what is missing when allowed.
