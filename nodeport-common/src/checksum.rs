@@ -115,18 +115,24 @@ pub fn rst_headers(
     (ip, tcp)
 }
 
-/// Bytes of the offending datagram an ICMP error quotes here: its IPv4 header (without
-/// options) and the first 8 bytes after it, the UDP header (RFC 792's minimum; Linux quotes
-/// more, but a receiver matches its socket by these).
+/// Bytes of the offending packet an ICMP error quotes here: its IPv4 header (without options)
+/// and the first 8 bytes after it, a UDP header or a TCP header's ports and sequence number
+/// (RFC 792's minimum; Linux quotes more, but a receiver matches its socket by these).
 pub const ICMP_QUOTE_LEN: usize = 28;
 
-/// The IPv4 and ICMP headers (checksums filled in) of the "destination unreachable, port
-/// unreachable" (type 3, code 3) that answers `quoted`, as Linux's `icmp_send` builds it for
-/// iptables' `REJECT --reject-with icmp-port-unreachable`: from the address the datagram was
-/// sent to, TOS `IPTOS_PREC_INTERNETCONTROL` plus the datagram's TOS bits, no DF.
+/// ICMP "destination unreachable", code "port unreachable".
+pub const ICMP_PORT_UNREACHABLE: (u8, u8) = (3, 3);
+/// ICMP "time exceeded", code "TTL exceeded in transit".
+pub const ICMP_TTL_EXCEEDED: (u8, u8) = (11, 0);
+
+/// The IPv4 and ICMP headers (checksums filled in) of an ICMP error (`kind`: type and code)
+/// that answers `quoted`, as Linux's `icmp_send` builds it (for iptables' `REJECT
+/// --reject-with icmp-port-unreachable`, or a router's TTL exceeded): from the address the
+/// packet was sent to, TOS `IPTOS_PREC_INTERNETCONTROL` plus the packet's TOS bits, no DF.
 /// `from`/`to` are network order; the message is `20 + 8 + ICMP_QUOTE_LEN` bytes.
 #[inline(always)]
-pub fn port_unreachable_headers(
+pub fn icmp_error_headers(
+    (kind, code): (u8, u8),
     from: u32,
     to: u32,
     quoted: &[u8; ICMP_QUOTE_LEN],
@@ -135,8 +141,8 @@ pub fn port_unreachable_headers(
     let tos = 0xc0 | (quoted[1] & 0x1e);
     let ip = ipv4_header(from, to, 1, total, tos, false);
     let mut icmp = [0u8; 8];
-    icmp[0] = 3; // destination unreachable
-    icmp[1] = 3; // port unreachable
+    icmp[0] = kind;
+    icmp[1] = code;
     let mut sum = u16::from_ne_bytes([icmp[0], icmp[1]]) as u32;
     let mut i = 0;
     while i < ICMP_QUOTE_LEN {
@@ -194,14 +200,14 @@ mod tests {
     }
 
     #[test]
-    fn the_port_unreachable_headers_carry_valid_checksums() {
+    fn the_icmp_error_headers_carry_valid_checksums() {
         let from = u32::from_ne_bytes([198, 18, 0, 1]);
         let to = u32::from_ne_bytes([198, 18, 0, 100]);
         let mut quoted = [0u8; ICMP_QUOTE_LEN];
         quoted[..20].copy_from_slice(&header([198, 18, 0, 100], [198, 18, 0, 1]));
         quoted[1] = 0x10;
         quoted[20..].copy_from_slice(&[0x9c, 0x40, 0x75, 0x80, 0, 12, 0xab, 0xcd]);
-        let (ip, icmp) = port_unreachable_headers(from, to, &quoted);
+        let (ip, icmp) = icmp_error_headers(ICMP_PORT_UNREACHABLE, from, to, &quoted);
         assert_eq!(compute(&ip), 0, "IPv4 header checksum");
         assert_eq!(&ip[2..4], &56u16.to_be_bytes());
         assert_eq!((ip[1], ip[6], ip[9]), (0xd0, 0, 1), "TOS, no DF, ICMP");

@@ -84,7 +84,8 @@ counters! {
     FallbackNoMetadata = 21, Fallback, "no_xdp_metadata";
     /// The TC hook found a nodeport packet it could not redirect (device gone, ...).
     FallbackRedirect = 22, Fallback, "redirect_failed";
-    /// TTL would reach zero: the kernel stack answers with ICMP time exceeded.
+    /// TTL would reach zero on a packet the TC hooks translate (a pod's reply), or on an ICMP
+    /// error: the kernel stack answers (or drops it), about the packet as the sender sent it.
     FallbackTtlExceeded = 23, Fallback, "ttl_exceeded";
 
     /// No backend at all for the service.
@@ -120,9 +121,9 @@ counters! {
     /// (a probe for services bound to localhost, CVE-2020-8558): never forwarded.
     DroppedMartianDestination = 43, Dropped, "martian_destination";
     /// A TCP SYN or a UDP datagram to a Service with no usable endpoint at all, answered with
-    /// an RST or an ICMP port unreachable so the client fails at once, as kube-proxy's REJECT
-    /// does (at most 100 answers a second per CPU, shared with backend_gone_reset; beyond
-    /// that, counted as no_backend).
+    /// an ICMP port unreachable so the client fails at once, as kube-proxy's REJECT does (at
+    /// most 100 answers a second per CPU, shared with backend_gone_reset; beyond that,
+    /// counted as no_backend).
     RejectedNoBackend = 44, Dropped, "no_backend_rejected";
     /// A TCP segment of a connection whose endpoint has left the Service's EndpointSlices (its
     /// pod is gone): answered with an RST, so the client fails at once instead of retrying
@@ -131,6 +132,13 @@ counters! {
     RejectedBackendGone = 45, Dropped, "backend_gone_reset";
     /// As backend_gone_reset, past the answer budget or with IPv4 options: dropped.
     DroppedBackendGone = 46, Dropped, "backend_gone";
+    /// A packet nodeport would forward arrived with TTL 1: answered with an ICMP time exceeded
+    /// from its destination, quoting it as it was sent, as the kernel's forwarding (and so
+    /// kube-proxy's path) answers (traceroute through a node port). Same budget as
+    /// no_backend_rejected.
+    AnsweredTtlExceeded = 47, Dropped, "ttl_exceeded_answered";
+    /// As ttl_exceeded_answered, past the answer budget or with IPv4 options: dropped.
+    DroppedTtlExceeded = 48, Dropped, "ttl_exceeded_dropped";
 
     /// A connection completed its handshake but the established table was full: it stays in
     /// the handshake table (where a flood may evict it). Size --conntrack-size up.
@@ -149,6 +157,11 @@ counters! {
     /// A new connection's SYN took the SNAT port of a connection closed more than a second
     /// ago (both FINs or an RST), being past its sequence (as Linux NAT does).
     EventSnatTakeover = 55, Event, "snat_port_taken_over";
+    /// An ICMP error (destination unreachable, fragmentation needed, time exceeded, parameter
+    /// problem) about a packet of a translated connection, rewritten outer and quoted headers
+    /// alike so its receiver (the client, or the backend) finds its own packet in it, and sent
+    /// on (as nf_nat's `nf_nat_icmp_reply_translation`).
+    EventIcmpErrorTranslated = 56, Event, "icmp_error_translated";
 }
 
 /// Size of the `NP_COUNTERS` array (one more than the highest index; room to grow).

@@ -18,5 +18,6 @@ pub use counters::{COUNTER_SLOTS, Counter};
 pub use maps::*;
 
 /// IP protocol numbers the datapath handles.
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;

@@ -7,6 +7,7 @@
 mod bench;
 mod conntrack;
 mod fib;
+mod icmp;
 mod maps;
 mod nat;
 mod packet;

@@ -14,14 +14,17 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use nodeport_common::{CT_DIR_REPLY, CT_F_LOCAL, Counter, DatapathConfig, TCP_ACK, ack_in_window};
+use nodeport_common::{
+    CT_DIR_REPLY, CT_F_LOCAL, Counter, DatapathConfig, IPPROTO_ICMP, TCP_ACK, ack_in_window,
+};
 
 use crate::{
     conntrack::{self, Table, now},
     fib::{self, Hop, Route},
+    icmp,
     maps::NP_CONFIG,
     nat::{Tuple, decrement_ttl_skb, rewrite_skb},
-    packet::{Flow, parse},
+    packet::{ETH_HLEN, Flow, parse},
     stats::count,
 };
 
@@ -29,24 +32,33 @@ use crate::{
 const HEADERS_MAX: u32 = 14 + 60 + 60;
 
 #[inline(always)]
-fn parse_skb(ctx: &TcContext) -> Option<Flow> {
+fn parse_skb(ctx: &TcContext) -> Result<Flow, Counter> {
     let len = ctx.len() as usize;
     match parse(ctx.data(), ctx.data_end(), len) {
-        Ok(flow) => Some(flow),
         // Headers not in the linear part yet: pull them in and parse again.
         Err(Counter::DroppedMalformed) if len > ctx.data_end() - ctx.data() => {
-            ctx.skb.pull_data(HEADERS_MAX.min(len as u32)).ok()?;
-            parse(ctx.data(), ctx.data_end(), len).ok()
+            ctx.skb
+                .pull_data(HEADERS_MAX.min(len as u32))
+                .map_err(|_| Counter::DroppedMalformed)?;
+            parse(ctx.data(), ctx.data_end(), len)
         }
-        Err(_) => None,
+        result => result,
     }
+}
+
+#[inline(always)]
+fn ingress_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: ctx.skb.skb is the kernel's __sk_buff.
+    unsafe { (*ctx.skb.skb).ingress_ifindex }
 }
 
 #[inline(always)]
 pub fn process(ctx: &TcContext) -> i32 {
     // Not a reply of ours: on to the next TC program, if any (tcx's "next").
-    let Some(flow) = parse_skb(ctx) else {
-        return TC_ACT_UNSPEC;
+    let flow = match parse_skb(ctx) {
+        Ok(flow) => flow,
+        Err(Counter::PassedOtherProtocol) => return icmp_error(ctx),
+        Err(_) => return TC_ACT_UNSPEC,
     };
     if flow.first_fragment {
         return TC_ACT_UNSPEC;
@@ -58,8 +70,7 @@ pub fn process(ctx: &TcContext) -> i32 {
     let Some((table, entry_ptr)) = conntrack::lookup(&key) else {
         return TC_ACT_UNSPEC;
     };
-    // SAFETY: ctx.skb.skb is the kernel's __sk_buff.
-    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let ingress = ingress_ifindex(ctx);
     // SAFETY: points into the map value.
     let (flags, bound) = unsafe { ((*entry_ptr).flags, (*entry_ptr).bound_ifindex) };
     if flags & CT_F_LOCAL == 0 || (bound != 0 && bound != ingress) {
@@ -86,6 +97,18 @@ pub fn process(ctx: &TcContext) -> i32 {
         count(Counter::FallbackRedirect);
         return TC_ACT_OK;
     }
+    redirect_out(
+        ctx,
+        route,
+        Counter::ForwardedPodReply,
+        Counter::ForwardedPodReplyNeigh,
+    )
+}
+
+/// Sends a translated packet on by `route`, its TTL decremented, counted as `resolved` or
+/// `neighbour` (bpf_redirect_neigh); to the kernel stack when that cannot be done.
+#[inline(always)]
+fn redirect_out(ctx: &TcContext, route: Route, resolved: Counter, neighbour: Counter) -> i32 {
     let macs = match route.hop {
         Hop::Unresolved => {
             count(Counter::FallbackFibLookup);
@@ -105,16 +128,77 @@ pub fn process(ctx: &TcContext) -> i32 {
                 count(Counter::FallbackRedirect);
                 return TC_ACT_OK;
             }
-            count(Counter::ForwardedPodReply);
+            count(resolved);
             // SAFETY: plain helper call.
             unsafe { bpf_redirect(ifindex, 0) as i32 }
         }
         None => {
-            count(Counter::ForwardedPodReplyNeigh);
+            count(neighbour);
             // SAFETY: no neighbour parameters: the helper resolves the next hop itself.
             unsafe { bpf_redirect_neigh(ifindex, null_mut(), 0, 0) as i32 }
         }
     }
+}
+
+/// An ICMP error from a local backend's side about a packet the client sent it (a closed UDP
+/// port in the pod, ...): rewritten as a reply of the connection and sent to the client
+/// (module `icmp`), accepted from the connection's device only, as its replies are.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext) -> i32 {
+    if ctx.load::<u8>(ETH_HLEN + 9) != Ok(IPPROTO_ICMP) {
+        return TC_ACT_UNSPEC;
+    }
+    // Linear and writable: the error is rewritten in place.
+    if ctx.skb.pull_data(HEADERS_MAX.min(ctx.len())).is_err() {
+        return TC_ACT_UNSPEC;
+    }
+    let Some(err) = icmp::parse_error(ctx.data(), ctx.data_end()) else {
+        return TC_ACT_UNSPEC;
+    };
+    if !err.to_sender() {
+        return TC_ACT_UNSPEC;
+    }
+    let key = err.key(CT_DIR_REPLY);
+    let Some((_, entry)) = conntrack::lookup(&key) else {
+        return TC_ACT_UNSPEC;
+    };
+    let ingress = ingress_ifindex(ctx);
+    // SAFETY: points into the map value.
+    let (flags, bound) = unsafe { ((*entry).flags, (*entry).bound_ifindex) };
+    let device_ok = if bound == 0 {
+        // No answer bound the connection yet (a UDP datagram to a closed port).
+        backend_device(ctx, ingress, key.proto, key.daddr_be, key.saddr_be).is_ok()
+    } else {
+        bound == ingress
+    };
+    if flags & CT_F_LOCAL == 0 || !device_ok {
+        count(Counter::DroppedReplyWrongInterface);
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: bounds-checked by the parser.
+    if unsafe { (*err.outer).ttl } <= 1 {
+        count(Counter::FallbackTtlExceeded);
+        return TC_ACT_UNSPEC;
+    }
+    // SAFETY: points into the map value.
+    icmp::translate(&err, &key, unsafe { &*entry });
+    count(Counter::EventIcmpErrorTranslated);
+    // SAFETY: as above.
+    let (saddr_be, daddr_be) = unsafe { ((*err.outer).saddr_be, (*err.outer).daddr_be) };
+    let route = fib::lookup(
+        ctx.skb.skb as *mut c_void,
+        ingress,
+        IPPROTO_ICMP,
+        0,
+        saddr_be,
+        daddr_be,
+    );
+    redirect_out(
+        ctx,
+        route,
+        Counter::ForwardedPodReply,
+        Counter::ForwardedPodReplyNeigh,
+    )
 }
 
 /// Whether the first answer on a connection (`entry`, its reply entry) comes from its backend,
@@ -142,14 +226,28 @@ fn first_answer(
             }
         }
     }
+    backend_device(ctx, ingress, flow.proto, flow.daddr_be, flow.saddr_be)
+}
+
+/// Whether a packet from `backend_be` (to `client_be`) arriving on `ingress` comes from the
+/// backend's device: the one the node routes the backend's address to, or (a bridge) the
+/// backend's MAC address there.
+#[inline(always)]
+fn backend_device(
+    ctx: &TcContext,
+    ingress: u32,
+    proto: u8,
+    client_be: u32,
+    backend_be: u32,
+) -> Result<(), Counter> {
     // The route to the backend, as the node would send it a packet from the client.
     let route = fib::lookup(
         ctx.skb.skb as *mut c_void,
         ingress,
-        flow.proto,
+        proto,
         0,
-        flow.daddr_be,
-        flow.saddr_be,
+        client_be,
+        backend_be,
     );
     if route.hop == Hop::Unresolved || route.ifindex == ingress {
         return Ok(());

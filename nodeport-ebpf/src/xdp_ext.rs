@@ -18,17 +18,18 @@ use aya_ebpf::{
 };
 use nodeport_common::{
     BE_F_LOCAL, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_LOCAL, CT_F_PORT_REWRITE, CT_F_SNAT, Counter,
-    CtEntry, CtKey, CtState, DatapathConfig, Frontend, FrontendKey, IPPROTO_UDP,
+    CtEntry, CtKey, CtState, DatapathConfig, Frontend, FrontendKey, IPPROTO_ICMP, IPPROTO_UDP,
     PROG_SLOT_NEW_CONNECTION, TCP_ACK, TCP_RST, TCP_SYN, XDP_META_F_NEIGH, XDP_META_MAGIC, XdpMeta,
-    checksum::ICMP_QUOTE_LEN,
+    checksum::{self, ICMP_PORT_UNREACHABLE, ICMP_QUOTE_LEN, ICMP_TTL_EXCEEDED},
 };
 
 use crate::{
     conntrack::{self, Known, Table, now},
     fib::{self, Hop, Route},
+    icmp,
     maps::{NP_CONFIG, NP_FRONTENDS, NP_NEW_SCRATCH, NP_PROGS, NP_REJECT_BUDGET, NP_SNAT_ADDRS},
     nat::{Tuple, decrement_ttl_xdp, rewrite_xdp},
-    packet::{ETH_HLEN, EthHdr, Flow, parse, ptr_at},
+    packet::{ETH_HLEN, EthHdr, Flow, Ipv4Hdr, parse, ptr_at},
     select::{self, frontend_port},
     snat, stats,
 };
@@ -49,7 +50,11 @@ pub fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
         _ => return Err(Counter::PassedNoFrontend),
     };
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    let flow = parse(data, data_end, data_end - data)?;
+    let flow = match parse(data, data_end, data_end - data) {
+        Ok(flow) => flow,
+        Err(Counter::PassedOtherProtocol) => return icmp_error(ctx),
+        Err(counter) => return Err(counter),
+    };
     let dport = u16::from_be(flow.dport_be);
 
     let now = now();
@@ -136,6 +141,58 @@ pub fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
     known(ctx, cfg, &flow, table, &key, entry, now)
 }
 
+/// An ICMP error about a packet of a translated connection (module `icmp`): rewritten and
+/// sent on as a packet of that connection going the other way. An error about a packet sent
+/// to a client (from the client or a router on its way) goes to the backend; one about a
+/// packet sent to a remote backend (from it or a router on its way, to the SNAT address) goes
+/// to the client. Anything else is the kernel's.
+#[inline(always)]
+fn icmp_error(ctx: &XdpContext) -> Result<Verdict, Counter> {
+    let err = icmp::parse_error(ctx.data(), ctx.data_end()).ok_or(Counter::PassedOtherProtocol)?;
+    if !err.to_sender() {
+        return Err(Counter::PassedOtherProtocol);
+    }
+    let forward = err.key(CT_DIR_FORWARD);
+    let (key, entry) = match conntrack::lookup(&forward) {
+        Some((_, entry)) => (forward, entry),
+        None => {
+            let reply = err.key(CT_DIR_REPLY);
+            let (_, entry) = conntrack::lookup(&reply).ok_or(Counter::PassedOtherProtocol)?;
+            // As for the replies themselves: only a SNATed connection's, from its device.
+            // SAFETY: points into the map value.
+            let (flags, bound) = unsafe { ((*entry).flags, (*entry).bound_ifindex) };
+            if flags & CT_F_SNAT == 0 || bound != ingress_ifindex(ctx) {
+                return Err(Counter::DroppedReplyWrongInterface);
+            }
+            (reply, entry)
+        }
+    };
+    // SAFETY: bounds-checked by the parser.
+    if unsafe { (*err.outer).ttl } <= 1 {
+        return Ok((xdp_action::XDP_PASS, Counter::FallbackTtlExceeded));
+    }
+    // SAFETY: points into the map value; copied out.
+    icmp::translate(&err, &key, unsafe { &*entry });
+    stats::count(Counter::EventIcmpErrorTranslated);
+    // SAFETY: as above.
+    let (saddr_be, daddr_be, tot_len) = unsafe {
+        (
+            (*err.outer).saddr_be,
+            (*err.outer).daddr_be,
+            u16::from_be((*err.outer).tot_len_be),
+        )
+    };
+    let route = fib::lookup(
+        ctx.ctx as *mut c_void,
+        ingress_ifindex(ctx),
+        IPPROTO_ICMP,
+        tot_len,
+        saddr_be,
+        daddr_be,
+    );
+    send(ctx, err.outer, route)
+}
+
 /// The first packet of a new connection, tail-called from [`process`] once it found no
 /// connection for the packet and a frontend for its destination.
 #[inline(always)]
@@ -161,25 +218,24 @@ pub fn process_new(ctx: &XdpContext) -> Result<Verdict, Counter> {
     let key = conntrack::key(&flow, CT_DIR_FORWARD);
     let now = now();
     let (new, route) = match new_connection(ctx, cfg, &flow, &key, &fe, now) {
-        // No usable endpoint anywhere: kube-proxy's REJECT (an RST for a SYN, an ICMP port
-        // unreachable for a datagram), so the client fails at once instead of retrying for
-        // a minute. (`new_connection` refused any RST before choosing a backend.)
-        Err(Counter::DroppedNoBackend) if flow.is_syn_only() => {
-            return answer_rst(
+        // No usable endpoint anywhere: kube-proxy's REJECT (iptables' default answer, an ICMP
+        // port unreachable, for a TCP SYN as for a datagram), so the client fails at once
+        // instead of retrying for a minute. (`new_connection` refused any RST before choosing
+        // a backend; other TCP segments are dropped.)
+        Err(Counter::DroppedNoBackend) if flow.is_syn_only() || flow.proto == IPPROTO_UDP => {
+            return answer_icmp(
                 ctx,
                 cfg,
                 &flow,
                 now,
+                ICMP_PORT_UNREACHABLE,
                 (Counter::RejectedNoBackend, Counter::DroppedNoBackend),
             );
-        }
-        Err(Counter::DroppedNoBackend) if flow.proto == IPPROTO_UDP => {
-            return answer_port_unreachable(ctx, cfg, &flow, now);
         }
         result => result?,
     };
     stats::service(fe.svc_id, flow.tot_len, CT_DIR_FORWARD);
-    transmit(ctx, &flow, &new, route)
+    transmit(ctx, cfg, &flow, &new, route, now)
 }
 
 /// Answers per CPU and second to clients nodeport turns away (RSTs and ICMP errors).
@@ -257,18 +313,22 @@ fn answer_rst(
     Ok((xdp_action::XDP_TX, sent))
 }
 
-/// Answers a UDP datagram to a Service without endpoints with an ICMP port unreachable from
-/// the address it was sent to, quoting its IPv4 header and UDP header, in place, back out of
-/// the interface it came in on (kube-proxy's `REJECT --reject-with icmp-port-unreachable`,
-/// which makes Linux's `icmp_send` answer). Rate-limited with the RSTs.
+/// Answers a packet with an ICMP error (`kind`: type and code) from the address it was sent
+/// to, quoting its IPv4 header and the first 8 bytes of its transport header (ports, and a
+/// TCP sequence number), in place, back out of the interface it came in on, as Linux's
+/// `icmp_send` answers: kube-proxy's `-j REJECT` (`--reject-with icmp-port-unreachable` by
+/// default, for a TCP SYN as for a datagram), a router's TTL exceeded. Counted as
+/// `counters.0`; past the answer budget, or for a packet with IPv4 options, the packet is
+/// dropped and counted as `counters.1`.
 #[inline(always)]
-fn answer_port_unreachable(
+fn answer_icmp(
     ctx: &XdpContext,
     cfg: &DatapathConfig,
     flow: &Flow,
     now: u64,
+    kind: (u8, u8),
+    (sent, failed): (Counter, Counter),
 ) -> Result<Verdict, Counter> {
-    let failed = Counter::DroppedNoBackend;
     if !plain_ipv4(flow) || !spend_answer(cfg, now) {
         return Err(failed);
     }
@@ -278,8 +338,7 @@ fn answer_port_unreachable(
         ptr_at(data, data_end, ETH_HLEN).ok_or(Counter::DroppedMalformed)?;
     // SAFETY: both bounds-checked just above; copied out before the frame changes.
     let (client_mac, own_mac, quoted) = unsafe { ((*eth).src, (*eth).dst, *quoted) };
-    let (ip, icmp) =
-        nodeport_common::checksum::port_unreachable_headers(flow.daddr_be, flow.saddr_be, &quoted);
+    let (ip, icmp) = checksum::icmp_error_headers(kind, flow.daddr_be, flow.saddr_be, &quoted);
     // The quote stays where it is: cut what follows it, then open room for the new
     // Ethernet, IPv4 and ICMP headers in front of it.
     let len = (data_end - data) as i32;
@@ -306,7 +365,7 @@ fn answer_port_unreachable(
         *ip_header = ip;
         *icmp_header = icmp;
     }
-    Ok((xdp_action::XDP_TX, Counter::RejectedNoBackend))
+    Ok((xdp_action::XDP_TX, sent))
 }
 
 /// The route of a translated packet, looked up now (no cache).
@@ -363,7 +422,7 @@ fn known(
             fib::next_hop(entry, now, recheck, || lookup_route(ctx, flow, &new)),
         )
     };
-    transmit(ctx, flow, &new, route)
+    transmit(ctx, cfg, flow, &new, route, now)
 }
 
 /// Selects a backend and records both directions of the connection in the handshake table.
@@ -484,21 +543,43 @@ fn new_connection(
 
 /// Rewrites the packet to `new` and sends it on by `route`.
 #[inline(always)]
-fn transmit(ctx: &XdpContext, flow: &Flow, new: &Tuple, route: Route) -> Result<Verdict, Counter> {
-    // TTL 1: the kernel answers with ICMP time exceeded, about the packet the client sent.
+fn transmit(
+    ctx: &XdpContext,
+    cfg: &DatapathConfig,
+    flow: &Flow,
+    new: &Tuple,
+    route: Route,
+    now: u64,
+) -> Result<Verdict, Counter> {
+    // TTL 1: a router's ICMP time exceeded, about the packet as its sender sent it. (Handed
+    // to the kernel, a packet to the node's own address would be delivered locally and get
+    // a port unreachable.)
     // SAFETY: flow.ip is a bounds-checked IPv4 header.
     if unsafe { (*flow.ip).ttl } <= 1 {
-        return Ok((xdp_action::XDP_PASS, Counter::FallbackTtlExceeded));
+        return answer_icmp(
+            ctx,
+            cfg,
+            flow,
+            now,
+            ICMP_TTL_EXCEEDED,
+            (Counter::AnsweredTtlExceeded, Counter::DroppedTtlExceeded),
+        );
     }
-    let ingress = ingress_ifindex(ctx);
     rewrite_xdp(flow, new);
+    send(ctx, flow.ip, route)
+}
+
+/// Sends a translated packet (IPv4 header `ip`, TTL above 1) on by `route`.
+#[inline(always)]
+fn send(ctx: &XdpContext, ip: *mut Ipv4Hdr, route: Route) -> Result<Verdict, Counter> {
+    let ingress = ingress_ifindex(ctx);
     // The kernel stack routes what the FIB lookup could not decide (and sends any ICMP).
     let (ifindex, flags, smac, dmac) = match route.hop {
         Hop::Unresolved => return Ok((xdp_action::XDP_PASS, Counter::FallbackFibLookup)),
         Hop::Resolved => (route.ifindex, 0, route.smac, route.dmac),
         Hop::NoNeighbour => (route.ifindex, XDP_META_F_NEIGH, [0; 6], [0; 6]),
     };
-    decrement_ttl_xdp(flow.ip);
+    decrement_ttl_xdp(ip);
 
     if ifindex == ingress && flags == 0 {
         let eth: *mut EthHdr =

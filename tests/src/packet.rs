@@ -289,6 +289,80 @@ fn parse_checked_inner(frame: &[u8]) -> Result<Seen, String> {
     })
 }
 
+/// An ICMP error frame from `from` to `to` (Ethernet `macs`, TTL 64) quoting `quoted`, an IPv4
+/// packet as it was sent (a `Pkt`'s bytes without Ethernet): every checksum by etherparse.
+pub fn icmp_error(
+    macs: (Mac, Mac),
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    kind: etherparse::Icmpv4Type,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    etherparse::PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv4(from.octets(), to.octets(), 64)
+        .icmpv4(kind)
+        .write(&mut out, quoted)
+        .expect("write");
+    out
+}
+
+/// An ICMP error read back: its outer header and the packet it quotes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeenIcmp {
+    pub eth_src: Mac,
+    pub eth_dst: Mac,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub ttl: u8,
+    pub kind: etherparse::Icmpv4Type,
+    /// The quoted packet (its Ethernet addresses are meaningless).
+    pub quoted: Seen,
+}
+
+/// Parses an ICMP error frame with etherparse and verifies every checksum from scratch: the
+/// outer IPv4 header, the ICMP message, and the quoted packet's IPv4 header and TCP/UDP
+/// checksum (so the quote must hold the whole packet).
+pub fn parse_icmp_error(frame: &[u8]) -> anyhow::Result<SeenIcmp> {
+    use anyhow::{Context, bail, ensure};
+    use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
+    let headers = PacketHeaders::from_ethernet_slice(frame)?;
+    let eth = headers
+        .link
+        .clone()
+        .and_then(|l| l.ethernet2())
+        .context("not Ethernet II")?;
+    let Some(NetHeaders::Ipv4(ip, _)) = &headers.net else {
+        bail!("not IPv4: {headers:?}");
+    };
+    ensure!(
+        ip.header_checksum == ip.calc_header_checksum(),
+        "bad outer IPv4 checksum"
+    );
+    let Some(TransportHeader::Icmpv4(icmp)) = &headers.transport else {
+        bail!("not ICMP: {headers:?}");
+    };
+    let quoted = headers.payload.slice();
+    ensure!(
+        icmp.checksum == icmp.icmp_type.calc_checksum(quoted),
+        "bad ICMP checksum {:#06x}, expected {:#06x}",
+        icmp.checksum,
+        icmp.icmp_type.calc_checksum(quoted)
+    );
+    let mut inner = vec![0u8; 12];
+    inner.extend_from_slice(&[0x08, 0x00]);
+    inner.extend_from_slice(quoted);
+    Ok(SeenIcmp {
+        eth_src: eth.source,
+        eth_dst: eth.destination,
+        src: Ipv4Addr::from(ip.source),
+        dst: Ipv4Addr::from(ip.destination),
+        ttl: ip.time_to_live,
+        kind: icmp.icmp_type.clone(),
+        quoted: parse_checked(&inner).context("the quoted packet")?,
+    })
+}
+
 /// `a.b.c.d:port`.
 pub fn sa(s: &str) -> SocketAddrV4 {
     s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))

@@ -15,7 +15,10 @@ use nodeport_common::{
 use nodeport_tests::{
     fixture::*,
     netns::require_root,
-    packet::{ACK, FIN_ACK, L4, Pkt, RST, SYN, SYN_ACK, Seen, parse_checked, sa},
+    packet::{
+        ACK, FIN_ACK, L4, Pkt, RST, SYN, SYN_ACK, Seen, icmp_error, parse_checked,
+        parse_icmp_error, sa,
+    },
 };
 
 const FRONTEND: &str = "198.18.0.1:30080";
@@ -72,7 +75,7 @@ const CASES: &[(&str, Case)] = &[
     ),
     ("FIN marks both directions closing", fin_marks_closing),
     (
-        "no backend: a SYN gets an RST, a datagram an ICMP port unreachable (rate-limited), the rest is dropped",
+        "no backend: a SYN or a datagram gets an ICMP port unreachable (rate-limited), the rest is dropped",
         no_backend,
     ),
     (
@@ -93,7 +96,7 @@ const CASES: &[(&str, Case)] = &[
     ("malformed packets are dropped, never rewritten", malformed),
     ("IPv4 options are parsed by IHL", ip_options),
     ("fragments: first dropped, later passed", fragments),
-    ("TTL 1 goes to the kernel untranslated", ttl_exceeded),
+    ("TTL 1 is answered with ICMP time exceeded", ttl_exceeded),
     ("no route: the kernel routes it (counted)", no_route),
     ("unknown neighbour: TC resolves it", no_neighbour),
     ("an unconfigured datapath passes everything", unconfigured),
@@ -137,6 +140,10 @@ const CASES: &[(&str, Case)] = &[
     (
         "an idle connection goes on with its backend; a new SYN re-selects",
         revive_idle_connection,
+    ),
+    (
+        "ICMP errors about translated packets are translated back, both ways, local and SNAT",
+        icmp_errors_translated,
     ),
     (
         "a lost entry is recreated; one whose tuple was taken drops",
@@ -186,7 +193,12 @@ fn fixture_table() {
     require_root();
     let topo = Topology::new().expect("creating the test namespace");
     let mut failures = Vec::new();
-    for (name, case) in CASES {
+    // NODEPORT_FIXTURE_CASE=<part of a name> runs only the matching cases (while developing).
+    let only = std::env::var("NODEPORT_FIXTURE_CASE").unwrap_or_default();
+    for (name, case) in CASES
+        .iter()
+        .filter(|(name, _)| name.contains(only.as_str()))
+    {
         let result = Fixture::new(&topo).and_then(|mut fx| case(&mut fx, &topo));
         match result {
             Ok(()) => eprintln!("ok   {name}"),
@@ -815,45 +827,17 @@ fn establish_local(fx: &mut Fixture, topo: &Topology, sport: u16) -> Result<()> 
 fn no_backend(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     fx.add_service(&local_service(1, vec![]))?;
     fx.add_service(&ServiceSpec::new(2, FRONTEND, IPPROTO_UDP, vec![]))?;
-    // A SYN is answered with an RST from the frontend, back out of ext0, as kube-proxy's
-    // REJECT makes the kernel answer: seq 0, acknowledging the SYN and its data.
-    let run = xdp_counted(
-        fx,
-        topo,
-        &from_client(40000, FRONTEND, SYN),
-        XDP_TX,
-        &[(Counter::RejectedNoBackend, 1)],
-    )?;
-    let seen = parse_checked(&run.frame).context("the RST")?;
-    ensure!(
-        (seen.eth_src, seen.eth_dst, seen.src, seen.dst, seen.ttl)
-            == (EXT_MAC, CLIENT_MAC, sa(FRONTEND), sa(CLIENT), 64),
-        "{seen:?}"
-    );
-    let headers = etherparse::PacketHeaders::from_ethernet_slice(&run.frame)?;
-    let Some(etherparse::TransportHeader::Tcp(tcp)) = headers.transport else {
-        bail!("not TCP: {headers:?}");
-    };
-    ensure!(
-        tcp.rst && tcp.ack && !tcp.syn && tcp.sequence_number == 0,
-        "{tcp:?}"
-    );
-    // The SYN's sequence 1000, 8 bytes of data and the SYN itself.
-    ensure!(tcp.acknowledgment_number == 1009, "{tcp:?}");
-    ensure!(run.frame.len() == 54, "{} bytes", run.frame.len());
-    // A datagram gets an ICMP port unreachable from the frontend, quoting the datagram's IPv4
-    // header and UDP header as it was sent (kube-proxy's REJECT, Linux's icmp_send).
+    // A SYN and a datagram get an ICMP port unreachable from the frontend, back out of ext0,
+    // quoting the IPv4 header and the first 8 bytes after it as the client sent them:
+    // kube-proxy's `-j REJECT` (iptables' default `--reject-with icmp-port-unreachable`, for
+    // TCP as for UDP), answered by Linux's icmp_send.
     let datagram = Pkt::udp(sa(CLIENT), sa(FRONTEND))
         .macs(CLIENT_MAC, EXT_MAC)
         .payload(&[7; 100]);
-    let run = xdp_counted(
-        fx,
-        topo,
-        &datagram,
-        XDP_TX,
-        &[(Counter::RejectedNoBackend, 1)],
-    )?;
-    check_port_unreachable(&run.frame, &datagram.bytes())?;
+    for pkt in [from_client(40000, FRONTEND, SYN), datagram] {
+        let run = xdp_counted(fx, topo, &pkt, XDP_TX, &[(Counter::RejectedNoBackend, 1)])?;
+        check_port_unreachable(&run.frame, &pkt.bytes())?;
+    }
     // Anything else is dropped, as is a SYN past the budget (100 answers a second per CPU).
     let pkt = from_client(40000, FRONTEND, ACK);
     let run = xdp_counted(fx, topo, &pkt, XDP_DROP, &[(Counter::DroppedNoBackend, 1)])?;
@@ -879,7 +863,19 @@ fn no_backend(fx: &mut Fixture, topo: &Topology) -> Result<()> {
 /// `frame` must be an ICMP port unreachable from the frontend to the client (MACs swapped),
 /// with valid checksums, quoting the first 28 bytes of the IPv4 packet of `sent`.
 fn check_port_unreachable(frame: &[u8], sent: &[u8]) -> Result<()> {
-    use etherparse::{Icmpv4Type, NetHeaders, PacketHeaders, TransportHeader, icmpv4};
+    check_icmp_answer(
+        frame,
+        sent,
+        etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::Port,
+        ),
+    )
+}
+
+/// `frame` must be an ICMP error of `kind` from the frontend to the client (MACs swapped),
+/// with valid checksums, quoting the first 28 bytes of the IPv4 packet of `sent`.
+fn check_icmp_answer(frame: &[u8], sent: &[u8], kind: etherparse::Icmpv4Type) -> Result<()> {
+    use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
     let headers = PacketHeaders::from_ethernet_slice(frame)?;
     let eth = headers.link.clone().context("no Ethernet")?;
     let eth = eth.ethernet2().context("not Ethernet II")?;
@@ -903,10 +899,7 @@ fn check_port_unreachable(frame: &[u8], sent: &[u8]) -> Result<()> {
     let Some(TransportHeader::Icmpv4(icmp)) = &headers.transport else {
         bail!("not ICMP: {headers:?}");
     };
-    ensure!(
-        icmp.icmp_type == Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port),
-        "{icmp:?}"
-    );
+    ensure!(icmp.icmp_type == kind, "{icmp:?}");
     let quoted = headers.payload.slice();
     ensure!(
         icmp.checksum == icmp.icmp_type.calc_checksum(quoted),
@@ -1174,11 +1167,23 @@ fn fragments(fx: &mut Fixture, topo: &Topology) -> Result<()> {
 
 fn ttl_exceeded(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
-    let before = fx.counters()?;
+    // As a router (the kernel's forwarding, so kube-proxy's path) answers: an ICMP time
+    // exceeded from the address the packet was sent to, quoting it as the client sent it.
     let input = from_client(40000, FRONTEND, SYN).ttl(1);
-    let run = xdp_action(fx, topo, &input, XDP_PASS)?;
-    check_unchanged(&run, &input.bytes())?;
-    check_counters(fx, &before, &[(Counter::FallbackTtlExceeded, 1)])
+    let run = xdp_counted(
+        fx,
+        topo,
+        &input,
+        XDP_TX,
+        &[(Counter::AnsweredTtlExceeded, 1)],
+    )?;
+    check_icmp_answer(
+        &run.frame,
+        &input.bytes(),
+        etherparse::Icmpv4Type::TimeExceeded(
+            etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit,
+        ),
+    )
 }
 
 fn no_route(fx: &mut Fixture, topo: &Topology) -> Result<()> {
@@ -2061,5 +2066,192 @@ fn loopback_destinations_dropped(fx: &mut Fixture, topo: &Topology) -> Result<()
         check_unchanged(&run, &input.bytes())?;
     }
     ensure!(fx.conntrack()?.is_empty(), "a connection was made");
+    Ok(())
+}
+
+/// The whole IPv4 packet of `pkt` (no Ethernet): what an ICMP error quotes.
+fn ip_packet(pkt: &Pkt) -> Vec<u8> {
+    pkt.bytes()[14..].to_vec()
+}
+
+fn icmp_errors_translated(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
+    let router: Ipv4Addr = "198.18.0.254".parse()?;
+    let client_ip = *sa(CLIENT).ip();
+    let node_ip = *sa(FRONTEND).ip();
+
+    // 1. SNAT: a router on the way to the remote backend cannot forward the SNATed SYN
+    // (fragmentation needed, MTU 1400) and tells the node's SNAT address. The client gets
+    // it, quoting its own SYN, from the frontend.
+    fx.add_service(&local_service(1, vec![remote(1, REMOTE_A)]))?;
+    let syn = from_client(40000, FRONTEND, SYN);
+    let port = snat_syn(fx, topo, 40000)?;
+    let snated = syn
+        .clone()
+        .addrs(sa(&format!("198.18.0.1:{port}")), sa(REMOTE_A))
+        .ttl(63);
+    let frag_needed =
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+            next_hop_mtu: 1400,
+        });
+    let error = icmp_error(
+        (NODE2_MAC, EXT_MAC),
+        router,
+        node_ip,
+        frag_needed.clone(),
+        &ip_packet(&snated),
+    );
+    let run = fx.xdp(topo, &error)?;
+    ensure!(run.action == XDP_TX, "XDP action {}", run.action);
+    let seen = parse_icmp_error(&run.frame)?;
+    ensure!(
+        (
+            seen.eth_src,
+            seen.eth_dst,
+            seen.src,
+            seen.dst,
+            seen.ttl,
+            &seen.kind
+        ) == (EXT_MAC, CLIENT_MAC, node_ip, client_ip, 63, &frag_needed),
+        "{seen:?}"
+    );
+    ensure!(
+        (seen.quoted.src, seen.quoted.dst) == (sa(CLIENT), sa(FRONTEND)),
+        "the client's SYN is not quoted as it sent it: {seen:?}"
+    );
+    // The same error from another device than the connection's is not let in.
+    let run = fx.xdp_on(topo, topo.pod_ifindex, &error)?;
+    ensure!(run.action == XDP_DROP, "XDP action {}", run.action);
+
+    // 2. The client's host answers the backend's SYN-ACK (sent from the frontend) with a
+    // port unreachable: it reaches the remote backend, from the SNAT address, quoting the
+    // SYN-ACK as the backend sent it.
+    let syn_ack_out = backend_reply(port, SYN_ACK)
+        .addrs(sa(FRONTEND), sa(CLIENT))
+        .ttl(63);
+    let port_unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+    let error = icmp_error(
+        (CLIENT_MAC, EXT_MAC),
+        client_ip,
+        node_ip,
+        port_unreachable.clone(),
+        &ip_packet(&syn_ack_out),
+    );
+    let before = fx.counters()?;
+    let run = fx.xdp(topo, &error)?;
+    ensure!(run.action == XDP_TX, "XDP action {}", run.action);
+    check_counters(
+        fx,
+        &before,
+        &[
+            (Counter::ForwardedXdpTx, 1),
+            (Counter::EventIcmpErrorTranslated, 1),
+        ],
+    )?;
+    let seen = parse_icmp_error(&run.frame)?;
+    ensure!(
+        (seen.eth_dst, seen.src, seen.dst) == (NODE2_MAC, node_ip, *sa(REMOTE_A).ip()),
+        "{seen:?}"
+    );
+    ensure!(
+        (seen.quoted.src, seen.quoted.dst) == (sa(REMOTE_A), sa(&format!("198.18.0.1:{port}"))),
+        "{seen:?}"
+    );
+
+    // 3. A local pod's closed UDP port: its port unreachable reaches the client, from the
+    // frontend, quoting the datagram as the client sent it.
+    fx.add_service(&ServiceSpec::new(
+        2,
+        FRONTEND,
+        IPPROTO_UDP,
+        vec![local(3, "198.18.1.10:5353")],
+    ))?;
+    let datagram = Pkt::udp(sa(CLIENT), sa(FRONTEND)).macs(CLIENT_MAC, EXT_MAC);
+    xdp_action(fx, topo, &datagram, XDP_PASS)?;
+    let at_pod = datagram
+        .clone()
+        .addrs(sa(CLIENT), sa("198.18.1.10:5353"))
+        .ttl(63);
+    let error = icmp_error(
+        (POD_MAC, POD_HOST_MAC),
+        *sa(POD_A).ip(),
+        client_ip,
+        port_unreachable.clone(),
+        &ip_packet(&at_pod),
+    );
+    let before = fx.counters()?;
+    let (ret, out) = fx.tc_pod(topo, &error)?;
+    ensure!(ret == TC_ACT_REDIRECT, "tc verdict {ret}");
+    check_counters(
+        fx,
+        &before,
+        &[
+            (Counter::ForwardedPodReply, 1),
+            (Counter::EventIcmpErrorTranslated, 1),
+        ],
+    )?;
+    let seen = parse_icmp_error(&out)?;
+    ensure!(
+        (seen.eth_src, seen.eth_dst, seen.src, seen.dst, seen.ttl)
+            == (EXT_MAC, CLIENT_MAC, node_ip, client_ip, 63),
+        "{seen:?}"
+    );
+    ensure!(
+        (seen.quoted.src, seen.quoted.dst) == (sa(CLIENT), sa(FRONTEND)),
+        "{seen:?}"
+    );
+
+    // 4. A router on the client's side about the pod's answer (sent from the frontend): to
+    // the pod, the router's address kept, the answer quoted as the pod sent it.
+    let answer_out = Pkt::udp(sa(FRONTEND), sa(CLIENT)).ttl(63);
+    let time_exceeded =
+        Icmpv4Type::TimeExceeded(etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit);
+    let error = icmp_error(
+        (CLIENT_MAC, EXT_MAC),
+        router,
+        node_ip,
+        time_exceeded.clone(),
+        &ip_packet(&answer_out),
+    );
+    let run = fx.xdp(topo, &error)?;
+    ensure!(
+        run.action == XDP_PASS && run.meta.is_some(),
+        "XDP action {}",
+        run.action
+    );
+    let seen = parse_icmp_error(&run.frame)?;
+    ensure!(
+        (seen.src, seen.dst, &seen.kind) == (router, *sa(POD_A).ip(), &time_exceeded),
+        "{seen:?}"
+    );
+    ensure!(
+        (seen.quoted.src, seen.quoted.dst) == (sa("198.18.1.10:5353"), sa(CLIENT)),
+        "{seen:?}"
+    );
+
+    // 5. Errors about no connection, and echo requests, are the kernel's.
+    let stranger = icmp_error(
+        (CLIENT_MAC, EXT_MAC),
+        client_ip,
+        node_ip,
+        port_unreachable,
+        &ip_packet(&Pkt::udp(sa("198.18.0.1:53"), sa("198.18.0.100:999"))),
+    );
+    let echo = icmp_error(
+        (CLIENT_MAC, EXT_MAC),
+        client_ip,
+        node_ip,
+        Icmpv4Type::EchoRequest(etherparse::IcmpEchoHeader { id: 1, seq: 1 }),
+        b"ping",
+    );
+    for frame in [stranger, echo] {
+        let before = fx.counters()?;
+        let run = fx.xdp(topo, &frame)?;
+        ensure!(
+            run.action == XDP_PASS && run.frame == frame,
+            "changed or not passed"
+        );
+        check_counters(fx, &before, &[(Counter::PassedOtherProtocol, 1)])?;
+    }
     Ok(())
 }

@@ -1293,9 +1293,9 @@ fn the_mapped_arrays_are_mapped_once() -> Result<()> {
     Ok(())
 }
 
-/// Case 22: a Service without endpoints refuses at once, as kube-proxy's REJECT rules make it:
-/// curl fails with "connection refused" (an RST), a connected UDP socket gets
-/// ECONNREFUSED (an ICMP port unreachable); the answers are counted.
+/// Case 22: a Service without endpoints refuses at once, as kube-proxy's REJECT rules make it
+/// (an ICMP port unreachable): curl fails to connect, a connected UDP socket gets
+/// ECONNREFUSED; the answers are counted.
 #[test]
 #[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
 fn a_service_without_endpoints_refuses_at_once() -> Result<()> {
@@ -1310,7 +1310,7 @@ fn a_service_without_endpoints_refuses_at_once() -> Result<()> {
     let before = lab.counter("no_backend_rejected")?;
 
     // curl's exit code 7: failed to connect (curl 8 words ECONNREFUSED "Couldn't connect to
-    // server"). A dropped SYN would make it time out (28).
+    // server"). A dropped SYN would make it time out (28) after retrying for 10 s.
     let url = format!("http://{}/", np(30096));
     let out = lab
         .client
