@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod fixture;
 pub mod flood;
+pub mod kube_proxy;
 pub mod lab;
 pub mod netns;
 pub mod packet;
