@@ -903,6 +903,7 @@ impl Agent {
         }
         NodeContext {
             node_name: self.node_name.clone(),
+            zone: self.snapshot.node_zone.clone().unwrap_or_default(),
             node_addresses: addrs.into_iter().collect(),
             proxy_name: self.args.service_proxy_name.clone(),
             guard: PortGuard {

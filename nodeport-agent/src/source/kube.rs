@@ -565,6 +565,7 @@ impl Mirrors {
             endpoint_slices: self.slices.objects(),
             node_addresses: node.addresses.clone(),
             pod_cidrs: node.pod_cidrs.clone(),
+            node_zone: None,
             node_eligible: node.eligible,
             revision: 0,
         }
