@@ -1812,3 +1812,46 @@ endpoints:
     }
     assert!(reconciler.set_node(in_zone("zone-z")).is_empty());
 }
+
+/// examples/topology.yaml does what its comment says: on node-1, whose Node puts it in
+/// zone-a, the zone-a endpoints take new connections; without the Node, all of them.
+#[test]
+fn the_topology_example_prefers_node_1s_zone() {
+    use crate::manifests::load_dir;
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let dir = crate::test_support::ScratchDir::new("topology-example");
+    dir.write(
+        "topology.yaml",
+        &std::fs::read_to_string(examples.join("topology.yaml")).unwrap(),
+    );
+    let loaded = load_dir(dir.path()).unwrap();
+    let services: Vec<Service> = loaded.services.iter().map(|(_, s)| (**s).clone()).collect();
+    let slices: Vec<EndpointSlice> = loaded
+        .endpoint_slices
+        .iter()
+        .map(|(_, s)| (**s).clone())
+        .collect();
+    let [(_, node_1)] = &loaded.nodes[..] else {
+        panic!("one Node in the example");
+    };
+    let on_node_1 = NodeContext {
+        node_name: "node-1".into(),
+        zone: crate::source::kube::node_zone(node_1).unwrap_or_default(),
+        ..node()
+    };
+    let table = |node: &NodeContext| -> Vec<String> {
+        desired_state(&services, &slices, node).services[&key("demo", "api", "http", Protocol::Tcp)]
+            .table_backends()
+            .map(|(a, _)| a.to_string())
+            .collect()
+    };
+    assert_eq!(table(&on_node_1), ["198.18.1.20:8080", "198.18.3.20:8080"]);
+    let without_the_node = NodeContext {
+        zone: String::new(),
+        ..on_node_1
+    };
+    assert_eq!(
+        table(&without_the_node),
+        ["198.18.1.20:8080", "198.18.2.20:8080", "198.18.3.20:8080"]
+    );
+}
