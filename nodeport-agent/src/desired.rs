@@ -326,10 +326,12 @@ fn backends(
         } else {
             c.cond.serving && c.cond.terminating
         };
+        let hinted_away = topology.is_some() && c.cond.ready && !in_table;
         let state = BackendState {
             local: c.local,
             in_table,
             serving: c.cond.serving,
+            hinted_away,
         };
         // The same address twice (two slices during a rollout, or a stale one): in the table
         // if either says so, local if either does, whatever the order of the slices.
@@ -338,6 +340,7 @@ fn backends(
                 s.in_table |= in_table;
                 s.local |= c.local;
                 s.serving |= c.cond.serving;
+                s.hinted_away = (s.hinted_away || hinted_away) && !s.in_table;
             })
             .or_insert(state);
     }

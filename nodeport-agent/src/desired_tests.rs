@@ -1741,6 +1741,23 @@ endpoints:
         let all: BTreeSet<String> = all.map(|e| e.addresses[0].clone()).collect();
         let backends: BTreeSet<String> = svc.backends.keys().map(|a| a.ip().to_string()).collect();
         assert_eq!(backends, all, "{}", case.name);
+        // Ready backends out of the table are there because of hints, and say so (dump).
+        let ready: BTreeSet<String> = slices[0]
+            .endpoints
+            .iter()
+            .flatten()
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+            .map(|e| e.addresses[0].clone())
+            .collect();
+        for (addr, b) in &svc.backends {
+            let ip = addr.ip().to_string();
+            assert_eq!(
+                b.hinted_away,
+                ready.contains(&ip) && !b.in_table,
+                "{}: {ip}",
+                case.name
+            );
+        }
     }
 }
 
