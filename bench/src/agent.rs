@@ -100,6 +100,7 @@ fn sizing_for(services: u32) -> Sizing {
 fn node() -> NodeContext {
     NodeContext {
         node_name: NODE_NAME.into(),
+        zone: String::new(),
         node_addresses: vec![NODE_IP],
         proxy_name: None,
         guard: Default::default(),

@@ -566,8 +566,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
             let dir = dir.clone();
             let stats = source::files::FilesSourceStats::new();
             let task_stats = stats.clone();
+            let node_name = node_name.clone();
             tokio::spawn(async move {
-                if let Err(e) = source::files::run(dir, tx, task_stats).await {
+                if let Err(e) = source::files::run(dir, node_name, tx, task_stats).await {
                     tracing::error!(error = %e, "watching the manifests directory failed");
                 }
             });
@@ -903,6 +904,7 @@ impl Agent {
         }
         NodeContext {
             node_name: self.node_name.clone(),
+            zone: self.snapshot.node_zone.clone().unwrap_or_default(),
             node_addresses: addrs.into_iter().collect(),
             proxy_name: self.args.service_proxy_name.clone(),
             guard: PortGuard {

@@ -9,7 +9,7 @@ use std::{
 
 use k8s_openapi::api::{
     core::v1::{Service, ServicePort},
-    discovery::v1::{Endpoint, EndpointSlice},
+    discovery::v1::{Endpoint, EndpointHints, EndpointSlice},
 };
 
 use crate::ledger::NodePortRange;
@@ -29,12 +29,19 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// sessionAffinityConfig.clientIP.timeoutSeconds when unset.
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The Node label naming the node's zone (`v1.LabelTopologyZone`), matched against endpoints'
+/// zone hints.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// What the computation needs to know about this node.
 #[derive(Clone, Debug, Default)]
 pub struct NodeContext {
-    /// Matched against endpoints' nodeName to tell local backends.
+    /// Matched against endpoints' nodeName to tell local backends, and against their node
+    /// hints (`hints.forNodes`).
     pub node_name: String,
+    /// The node's zone, its Node's `topology.kubernetes.io/zone` label; "" when it has none or
+    /// the Node is not known. Matched against endpoints' zone hints (`hints.forZones`).
+    pub zone: String,
     /// Node ports answer on each of these.
     pub node_addresses: Vec<Ipv4Addr>,
     /// With a name, Services labelled with it are ours too (like another proxy's name).
@@ -139,20 +146,21 @@ fn conditions(ep: &Endpoint) -> Conditions {
     }
 }
 
-struct Candidate {
+struct Candidate<'a> {
     addr: SocketAddrV4,
     local: bool,
     cond: Conditions,
+    hints: Option<&'a EndpointHints>,
 }
 
 /// Endpoints of one Service port from its slices: the slice port with the Service port's name
 /// and protocol gives the target port (a named targetPort is resolved per slice).
-fn candidates(
+fn candidates<'a>(
     key: &ServicePortKey,
-    slices: &[&EndpointSlice],
+    slices: &[&'a EndpointSlice],
     node: &NodeContext,
     notices: &mut BTreeSet<Notice>,
-) -> Vec<Candidate> {
+) -> Vec<Candidate<'a>> {
     let mut out = Vec::new();
     let mut ipv6 = 0usize;
     for slice in slices {
@@ -183,6 +191,7 @@ fn candidates(
                 addr: SocketAddrV4::new(ip, target),
                 local,
                 cond: conditions(ep),
+                hints: ep.hints.as_ref(),
             });
         }
     }
@@ -196,27 +205,133 @@ fn candidates(
     out
 }
 
+/// Which endpoints this node sends new connections to when topology hints apply: kube-proxy's
+/// topology modes (pkg/proxy/topology.go, `topologyModeFromHints`, whose values are the
+/// trafficDistribution names `PreferSameNode` and `PreferSameZone`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TopologyMode {
+    /// Endpoints hinted for this node (`hints.forNodes`).
+    SameNode,
+    /// Endpoints hinted for this node's zone (`hints.forZones`).
+    SameZone,
+}
+
+/// An endpoint's node hints (`hints.forNodes[*].name`).
+fn node_hints<'a>(c: &Candidate<'a>) -> &'a [k8s_openapi::api::discovery::v1::ForNode] {
+    c.hints
+        .and_then(|h| h.for_nodes.as_deref())
+        .unwrap_or_default()
+}
+
+/// An endpoint's zone hints (`hints.forZones[*].name`).
+fn zone_hints<'a>(c: &Candidate<'a>) -> &'a [k8s_openapi::api::discovery::v1::ForZone] {
+    c.hints
+        .and_then(|h| h.for_zones.as_deref())
+        .unwrap_or_default()
+}
+
+/// kube-proxy's `topologyModeFromHints` (pkg/proxy/topology.go), with PreferSameNode's node
+/// hints always read (the PreferSameTrafficDistribution feature is GA and locked on since
+/// Kubernetes 1.35): SameNode if every ready endpoint has a node hint and one is hinted for
+/// this node; else SameZone if every ready endpoint has a zone hint and one is hinted for this
+/// node's zone; else none (every endpoint, as without hints). Unready endpoints are not
+/// looked at, and without a ready endpoint there is no topology.
+///
+/// Like kube-proxy, it reads hints only, not the Service's `trafficDistribution` nor its
+/// `service.kubernetes.io/topology-mode` annotation: the EndpointSlice controller writes
+/// hints only for Services that ask for them, and hints written by another controller (or by
+/// hand in a manifest) count as well.
+fn topology_mode(candidates: &[Candidate], node_name: &str, zone: &str) -> Option<TopologyMode> {
+    let mut has_ready = false;
+    let (mut all_node_hints, mut for_node) = (true, false);
+    let (mut all_zone_hints, mut for_zone) = (true, false);
+    for c in candidates.iter().filter(|c| c.cond.ready) {
+        has_ready = true;
+        let nodes = node_hints(c);
+        if nodes.is_empty() {
+            all_node_hints = false;
+        } else if nodes.iter().any(|n| n.name == node_name) {
+            for_node = true;
+        }
+        let zones = zone_hints(c);
+        if zones.is_empty() {
+            all_zone_hints = false;
+        } else if zones.iter().any(|z| z.name == zone) {
+            for_zone = true;
+        }
+    }
+    if !has_ready {
+        None
+    } else if all_node_hints && for_node {
+        Some(TopologyMode::SameNode)
+    } else if all_zone_hints && for_zone {
+        Some(TopologyMode::SameZone)
+    } else {
+        None
+    }
+}
+
+/// kube-proxy's `availableForTopology`: whether this node may send new connections to the
+/// endpoint under `mode`.
+fn available_for_topology(
+    c: &Candidate,
+    mode: Option<TopologyMode>,
+    node_name: &str,
+    zone: &str,
+) -> bool {
+    match mode {
+        None => true,
+        Some(TopologyMode::SameNode) => node_hints(c).iter().any(|n| n.name == node_name),
+        Some(TopologyMode::SameZone) => zone_hints(c).iter().any(|z| z.name == zone),
+    }
+}
+
 /// Backends of a service: every endpoint that still exists (so established connections can
-/// finish), with those that take new connections marked. New connections go to ready
-/// endpoints; when none is ready, to serving-and-terminating ones (KEP-1669); never to
-/// endpoints that are not serving. With externalTrafficPolicy Local, only this node's.
-fn backends(candidates: Vec<Candidate>, local_only: bool) -> BTreeMap<SocketAddrV4, BackendState> {
+/// finish), with those that take new connections marked, as kube-proxy's `CategorizeEndpoints`
+/// (pkg/proxy/topology.go) chooses them:
+///
+/// - externalTrafficPolicy Cluster: the ready endpoints, narrowed by topology hints (see
+///   `topology_mode`); when there is none, the serving-and-terminating ones, all of them, hints
+///   or not (KEP-1669). Topology never leaves the node without an endpoint: a mode is only
+///   chosen when a ready endpoint is hinted for this node or zone.
+/// - externalTrafficPolicy Local: only this node's endpoints are backends; the ready ones take
+///   new connections, or when none is ready the serving-and-terminating ones. Hints do not
+///   apply.
+///
+/// Endpoints that are not serving never take new connections. An endpoint that hints send
+/// elsewhere stays a backend (its established connections go on, as kube-proxy leaves their
+/// conntrack entries alone) without taking new ones.
+fn backends(
+    candidates: Vec<Candidate>,
+    local_only: bool,
+    node: &NodeContext,
+) -> BTreeMap<SocketAddrV4, BackendState> {
     let usable: Vec<Candidate> = candidates
         .into_iter()
         .filter(|c| c.local || !local_only)
         .collect();
-    let any_ready = usable.iter().any(|c| c.cond.ready);
+    let topology = if local_only {
+        None
+    } else {
+        topology_mode(&usable, &node.node_name, &node.zone)
+    };
+    let preferred = |c: &Candidate| {
+        c.cond.ready && available_for_topology(c, topology, &node.node_name, &node.zone)
+    };
+    let any_preferred = usable.iter().any(preferred);
     let mut out = BTreeMap::new();
     for c in usable {
-        let in_table = if any_ready {
-            c.cond.ready
+        let in_table = if any_preferred {
+            preferred(&c)
         } else {
             c.cond.serving && c.cond.terminating
         };
+        let hinted_away = topology.is_some() && c.cond.ready && !in_table;
         let state = BackendState {
             local: c.local,
             in_table,
             serving: c.cond.serving,
+            hinted_away,
         };
         // The same address twice (two slices during a rollout, or a stale one): in the table
         // if either says so, local if either does, whatever the order of the slices.
@@ -225,6 +340,7 @@ fn backends(candidates: Vec<Candidate>, local_only: bool) -> BTreeMap<SocketAddr
                 s.in_table |= in_table;
                 s.local |= c.local;
                 s.serving |= c.cond.serving;
+                s.hinted_away = (s.hinted_away || hinted_away) && !s.in_table;
             })
             .or_insert(state);
     }
@@ -476,7 +592,11 @@ fn compute_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext)
         if fronts.is_empty() {
             continue;
         }
-        let backends = backends(candidates(&key, slices, node, &mut notices), local_only);
+        let backends = backends(
+            candidates(&key, slices, node, &mut notices),
+            local_only,
+            node,
+        );
         ports.push((
             key,
             Arc::new(DesiredService {
@@ -780,9 +900,10 @@ impl Reconciler {
         }
     }
 
-    /// A new node context (addresses changed, say): everything is recomputed.
+    /// A new node context (addresses or zone changed, say): everything is recomputed.
     pub fn set_node(&mut self, node: NodeContext) -> Changes {
         if node.node_name == self.node.node_name
+            && node.zone == self.node.zone
             && node.node_addresses == self.node.node_addresses
             && node.proxy_name == self.node.proxy_name
             && node.guard == self.node.guard

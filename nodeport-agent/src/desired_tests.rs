@@ -12,6 +12,7 @@ const NODE: &str = "node-a";
 fn node() -> NodeContext {
     NodeContext {
         node_name: NODE.into(),
+        zone: String::new(),
         node_addresses: vec!["198.18.0.1".parse().unwrap(), "198.18.0.5".parse().unwrap()],
         proxy_name: None,
         guard: Default::default(),
@@ -1478,5 +1479,396 @@ endpoints:
             ("10.0.1.2:5353".to_owned(), false, true),
             ("10.0.1.3:5353".to_owned(), false, false),
         ]
+    );
+}
+
+/// One case of `topology_hints_narrow_cluster_endpoints_as_kube_proxy_does`.
+struct TopologyCase {
+    /// kube-proxy's test name, or what the case shows.
+    name: &'static str,
+    /// The node's zone label ("" for none).
+    zone: &'static str,
+    /// externalTrafficPolicy Local.
+    local: bool,
+    /// Endpoints as YAML flow mappings. `nodeName: node-a` is this node (kube-proxy's
+    /// `isLocal`).
+    endpoints: &'static [&'static str],
+    /// Endpoints taking new connections (kube-proxy's `clusterEndpoints` for Cluster,
+    /// `localEndpoints` for Local). Every other endpoint of the policy stays a backend for its
+    /// established connections.
+    in_table: &'static [&'static str],
+}
+
+const fn cluster(
+    name: &'static str,
+    zone: &'static str,
+    endpoints: &'static [&'static str],
+    in_table: &'static [&'static str],
+) -> TopologyCase {
+    TopologyCase {
+        name,
+        zone,
+        local: false,
+        endpoints,
+        in_table,
+    }
+}
+
+/// The four endpoints most of kube-proxy's cases use: one hinted for each of zones b and c,
+/// two for zone a.
+const FOUR_ZONED: &[&str] = &[
+    "{ addresses: [10.1.2.3], nodeName: node-b, hints: { forZones: [ { name: zone-a } ] } }",
+    "{ addresses: [10.1.2.4], nodeName: node-b, hints: { forZones: [ { name: zone-b } ] } }",
+    "{ addresses: [10.1.2.5], nodeName: node-b, hints: { forZones: [ { name: zone-c } ] } }",
+    "{ addresses: [10.1.2.6], nodeName: node-b, hints: { forZones: [ { name: zone-a } ] } }",
+];
+
+/// Cases of kube-proxy's `TestCategorizeEndpoints` (pkg/proxy/topology_test.go) that apply to
+/// external traffic (node ports, LoadBalancer IPs, externalIPs), named as there, and cases
+/// for node hints (PreferSameNode) from `topologyModeFromHints`' contract (pkg/proxy/
+/// topology.go): node hints first, then zone hints, then every endpoint. kube-proxy's "empty
+/// zone label" is "empty node labels" here: the sources read an empty label as none.
+const TOPOLOGY_CASES: &[TopologyCase] = &[
+    cluster(
+        "should use topology since all endpoints have hints, node has a zone label and and there \
+         are endpoints for the node's zone",
+        "zone-a",
+        FOUR_ZONED,
+        &["10.1.2.3", "10.1.2.6"],
+    ),
+    TopologyCase {
+        name: "externalTrafficPolicy: Local, topology ignored for Local endpoints",
+        zone: "zone-a",
+        local: true,
+        endpoints: &[
+            "{ addresses: [10.1.2.3], nodeName: node-a, hints: { forZones: [ { name: zone-a } ] } }",
+            "{ addresses: [10.1.2.4], nodeName: node-a, hints: { forZones: [ { name: zone-b } ] } }",
+            "{ addresses: [10.1.2.5], nodeName: node-b, hints: { forZones: [ { name: zone-c } ] } }",
+            "{ addresses: [10.1.2.6], nodeName: node-b, hints: { forZones: [ { name: zone-a } ] } }",
+        ],
+        in_table: &["10.1.2.3", "10.1.2.4"],
+    },
+    TopologyCase {
+        name: "externalTrafficPolicy: Local ignores node hints too",
+        zone: "zone-a",
+        local: true,
+        endpoints: &[
+            "{ addresses: [10.0.0.0], nodeName: node-a, hints: { forNodes: [ { name: node-a } ] } }",
+            "{ addresses: [10.0.0.1], nodeName: node-a, hints: { forNodes: [ { name: node-b } ] } }",
+            "{ addresses: [10.0.0.2], nodeName: node-b, hints: { forNodes: [ { name: node-a } ] } }",
+        ],
+        in_table: &["10.0.0.0", "10.0.0.1"],
+    },
+    cluster(
+        "empty node labels",
+        "",
+        &["{ addresses: [10.1.2.3], hints: { forZones: [ { name: zone-a } ] } }"],
+        &["10.1.2.3"],
+    ),
+    cluster(
+        "node in different zone, no endpoint filtering",
+        "zone-b",
+        &["{ addresses: [10.1.2.3], hints: { forZones: [ { name: zone-a } ] } }"],
+        &["10.1.2.3"],
+    ),
+    cluster(
+        "unready endpoint",
+        "zone-a",
+        &[
+            "{ addresses: [10.1.2.3], hints: { forZones: [ { name: zone-a } ] } }",
+            "{ addresses: [10.1.2.4], hints: { forZones: [ { name: zone-b } ] } }",
+            "{ addresses: [10.1.2.5], hints: { forZones: [ { name: zone-c } ] } }",
+            "{ addresses: [10.1.2.6], hints: { forZones: [ { name: zone-a } ] }, conditions: { ready: false } }",
+        ],
+        &["10.1.2.3"],
+    ),
+    cluster(
+        "only unready endpoints in same zone (should not filter)",
+        "zone-a",
+        &[
+            "{ addresses: [10.1.2.3], hints: { forZones: [ { name: zone-a } ] }, conditions: { ready: false } }",
+            "{ addresses: [10.1.2.4], hints: { forZones: [ { name: zone-b } ] } }",
+            "{ addresses: [10.1.2.5], hints: { forZones: [ { name: zone-c } ] } }",
+            "{ addresses: [10.1.2.6], hints: { forZones: [ { name: zone-a } ] }, conditions: { ready: false } }",
+        ],
+        &["10.1.2.4", "10.1.2.5"],
+    ),
+    cluster(
+        "missing hints, no filtering applied",
+        "zone-a",
+        &[
+            "{ addresses: [10.1.2.3], hints: { forZones: [ { name: zone-a } ] } }",
+            "{ addresses: [10.1.2.4], hints: { forZones: [ { name: zone-b } ] } }",
+            "{ addresses: [10.1.2.5] }",
+            "{ addresses: [10.1.2.6], hints: { forZones: [ { name: zone-a } ] } }",
+        ],
+        &["10.1.2.3", "10.1.2.4", "10.1.2.5", "10.1.2.6"],
+    ),
+    cluster(
+        "an unready endpoint without hints does not stop filtering (only ready ones are looked at)",
+        "zone-a",
+        &[
+            "{ addresses: [10.1.2.3], hints: { forZones: [ { name: zone-a } ] } }",
+            "{ addresses: [10.1.2.4], hints: { forZones: [ { name: zone-b } ] } }",
+            "{ addresses: [10.1.2.5], conditions: { ready: false, serving: true, terminating: true } }",
+        ],
+        &["10.1.2.3"],
+    ),
+    cluster(
+        "multiple hints per endpoint, filtering includes any endpoint with zone included",
+        "zone-c",
+        &[
+            "{ addresses: [10.1.2.3], hints: { forZones: [ { name: zone-a }, { name: zone-b }, { name: zone-c } ] } }",
+            "{ addresses: [10.1.2.4], hints: { forZones: [ { name: zone-b }, { name: zone-c } ] } }",
+            "{ addresses: [10.1.2.5], hints: { forZones: [ { name: zone-b }, { name: zone-d } ] } }",
+            "{ addresses: [10.1.2.6], hints: { forZones: [ { name: zone-c } ] } }",
+        ],
+        &["10.1.2.3", "10.1.2.4", "10.1.2.6"],
+    ),
+    cluster(
+        "no ready endpoints: the serving terminating ones all take over, hints or not \
+         (kubernetes#136743's case)",
+        "zone-a",
+        &[
+            "{ addresses: [10.0.0.0], nodeName: node-a, hints: { forZones: [ { name: zone-a } ] }, conditions: { ready: false, serving: true, terminating: true } }",
+            "{ addresses: [10.0.0.1], hints: { forZones: [ { name: zone-b } ] }, conditions: { ready: false, serving: true, terminating: true } }",
+            "{ addresses: [10.0.0.2], hints: { forZones: [ { name: zone-a } ] }, conditions: { ready: false, serving: false, terminating: true } }",
+        ],
+        &["10.0.0.0", "10.0.0.1"],
+    ),
+    cluster(
+        "PreferSameNode: every ready endpoint has a node hint and one is for this node",
+        "zone-a",
+        &[
+            "{ addresses: [10.0.0.1], nodeName: node-a, hints: { forNodes: [ { name: node-a } ], forZones: [ { name: zone-a } ] } }",
+            "{ addresses: [10.0.0.2], nodeName: node-b, hints: { forNodes: [ { name: node-b } ], forZones: [ { name: zone-a } ] } }",
+            "{ addresses: [10.0.0.3], nodeName: node-c, hints: { forNodes: [ { name: node-c } ], forZones: [ { name: zone-b } ] } }",
+        ],
+        &["10.0.0.1"],
+    ),
+    cluster(
+        "PreferSameNode without zone hints, and with the node's zone unknown",
+        "",
+        &[
+            "{ addresses: [10.0.0.1], nodeName: node-a, hints: { forNodes: [ { name: node-a } ] } }",
+            "{ addresses: [10.0.0.2], nodeName: node-b, hints: { forNodes: [ { name: node-b } ] } }",
+        ],
+        &["10.0.0.1"],
+    ),
+    cluster(
+        "PreferSameNode falls back to zone hints when no endpoint is hinted for this node",
+        "zone-a",
+        &[
+            "{ addresses: [10.0.0.2], nodeName: node-b, hints: { forNodes: [ { name: node-b } ], forZones: [ { name: zone-a } ] } }",
+            "{ addresses: [10.0.0.3], nodeName: node-c, hints: { forNodes: [ { name: node-c } ], forZones: [ { name: zone-b } ] } }",
+        ],
+        &["10.0.0.2"],
+    ),
+    cluster(
+        "PreferSameNode falls back to zone hints when a ready endpoint has no node hint",
+        "zone-a",
+        &[
+            "{ addresses: [10.0.0.1], nodeName: node-a, hints: { forNodes: [ { name: node-a } ], forZones: [ { name: zone-a } ] } }",
+            "{ addresses: [10.0.0.2], nodeName: node-b, hints: { forZones: [ { name: zone-a } ] } }",
+            "{ addresses: [10.0.0.3], nodeName: node-c, hints: { forNodes: [ { name: node-c } ], forZones: [ { name: zone-b } ] } }",
+        ],
+        &["10.0.0.1", "10.0.0.2"],
+    ),
+    cluster(
+        "PreferSameNode without zone hints and no endpoint for this node: every endpoint",
+        "zone-a",
+        &[
+            "{ addresses: [10.0.0.2], nodeName: node-b, hints: { forNodes: [ { name: node-b } ] } }",
+            "{ addresses: [10.0.0.3], nodeName: node-c, hints: { forNodes: [ { name: node-c } ] } }",
+        ],
+        &["10.0.0.2", "10.0.0.3"],
+    ),
+    cluster(
+        "PreferSameNode: an endpoint hinted for this node need not run on it",
+        "zone-a",
+        &[
+            "{ addresses: [10.0.0.1], nodeName: node-a, hints: { forNodes: [ { name: node-b } ] } }",
+            "{ addresses: [10.0.0.2], nodeName: node-b, hints: { forNodes: [ { name: node-a }, { name: node-b } ] } }",
+        ],
+        &["10.0.0.2"],
+    ),
+];
+
+/// Topology hints decide which of a Cluster-policy Service's endpoints take this node's new
+/// connections, as kube-proxy's `CategorizeEndpoints` decides its `clusterEndpoints`; the
+/// others stay backends so that their established connections go on.
+#[test]
+fn topology_hints_narrow_cluster_endpoints_as_kube_proxy_does() {
+    for case in TOPOLOGY_CASES {
+        let policy = if case.local { "Local" } else { "Cluster" };
+        let mut yaml = format!(
+            r#"
+kind: Service
+apiVersion: v1
+metadata: {{ name: web, namespace: default }}
+spec: {{ type: NodePort, externalTrafficPolicy: {policy}, ports: [ {{ port: 80, nodePort: 30080 }} ] }}
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: {{ name: web-1, namespace: default, labels: {{ kubernetes.io/service-name: web }} }}
+addressType: IPv4
+ports: [ {{ port: 80 }} ]
+endpoints:
+"#
+        );
+        for ep in case.endpoints {
+            yaml.push_str(&format!("- {ep}\n"));
+        }
+        let node = NodeContext {
+            zone: case.zone.into(),
+            ..node()
+        };
+        let d = compute_on(&yaml, &node);
+        let svc = &d.services[&key("default", "web", "", Protocol::Tcp)];
+        let in_table: Vec<String> = svc
+            .table_backends()
+            .map(|(a, _)| a.ip().to_string())
+            .collect();
+        assert_eq!(in_table, case.in_table, "{}", case.name);
+        // Every endpoint of the policy is a backend: those hinted elsewhere keep their
+        // established connections.
+        let (_, slices) = objects(&yaml);
+        let all = slices[0]
+            .endpoints
+            .iter()
+            .flatten()
+            .filter(|e| !case.local || e.node_name.as_deref() == Some(NODE));
+        let all: BTreeSet<String> = all.map(|e| e.addresses[0].clone()).collect();
+        let backends: BTreeSet<String> = svc.backends.keys().map(|a| a.ip().to_string()).collect();
+        assert_eq!(backends, all, "{}", case.name);
+        // Ready backends out of the table are there because of hints, and say so (dump).
+        let ready: BTreeSet<String> = slices[0]
+            .endpoints
+            .iter()
+            .flatten()
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+            .map(|e| e.addresses[0].clone())
+            .collect();
+        for (addr, b) in &svc.backends {
+            let ip = addr.ip().to_string();
+            assert_eq!(
+                b.hinted_away,
+                ready.contains(&ip) && !b.in_table,
+                "{}: {ip}",
+                case.name
+            );
+        }
+    }
+}
+
+/// The node's zone is part of the node context: a new zone (a relabelled Node, or its first
+/// sight) recomputes what hints choose, as a computation from scratch would.
+#[test]
+fn a_new_zone_recomputes_what_hints_choose() {
+    use std::sync::Arc;
+    let yaml = format!(
+        r#"
+kind: Service
+apiVersion: v1
+metadata: {{ name: web, namespace: default }}
+spec: {{ type: LoadBalancer, ports: [ {{ port: 80, nodePort: 30080 }} ] }}
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: {{ name: web-1, namespace: default, labels: {{ kubernetes.io/service-name: web }} }}
+addressType: IPv4
+ports: [ {{ port: 80 }} ]
+endpoints:
+{}"#,
+        FOUR_ZONED
+            .iter()
+            .map(|e| format!("- {e}\n"))
+            .collect::<String>()
+    );
+    let (services, slices) = objects(&yaml);
+    let services: Vec<Arc<Service>> = services.into_iter().map(Arc::new).collect();
+    let slices: Vec<Arc<EndpointSlice>> = slices.into_iter().map(Arc::new).collect();
+    let in_zone = |zone: &str| NodeContext {
+        zone: zone.into(),
+        ..node()
+    };
+    let table = |d: &Desired| -> Vec<String> {
+        d.services[&key("default", "web", "", Protocol::Tcp)]
+            .table_backends()
+            .map(|(a, _)| a.ip().to_string())
+            .collect()
+    };
+    let mut reconciler = Reconciler::new(node());
+    reconciler.update(&services, &slices);
+    assert_eq!(
+        table(reconciler.desired()),
+        ["10.1.2.3", "10.1.2.4", "10.1.2.5", "10.1.2.6"],
+        "no zone: every endpoint"
+    );
+    for (zone, expected) in [
+        ("zone-a", vec!["10.1.2.3", "10.1.2.6"]),
+        ("zone-b", vec!["10.1.2.4"]),
+        (
+            "zone-z",
+            vec!["10.1.2.3", "10.1.2.4", "10.1.2.5", "10.1.2.6"],
+        ),
+    ] {
+        let changes = reconciler.set_node(in_zone(zone));
+        assert_eq!(
+            changes.services,
+            BTreeSet::from([key("default", "web", "", Protocol::Tcp)]),
+            "{zone}"
+        );
+        assert_eq!(table(reconciler.desired()), expected, "{zone}");
+        let (s, e) = objects(&yaml);
+        assert_eq!(
+            reconciler.desired().services,
+            desired_state(&s, &e, &in_zone(zone)).services,
+            "{zone}"
+        );
+    }
+    assert!(reconciler.set_node(in_zone("zone-z")).is_empty());
+}
+
+/// examples/topology.yaml does what its comment says: on node-1, whose Node puts it in
+/// zone-a, the zone-a endpoints take new connections; without the Node, all of them.
+#[test]
+fn the_topology_example_prefers_node_1s_zone() {
+    use crate::manifests::load_dir;
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let dir = crate::test_support::ScratchDir::new("topology-example");
+    dir.write(
+        "topology.yaml",
+        &std::fs::read_to_string(examples.join("topology.yaml")).unwrap(),
+    );
+    let loaded = load_dir(dir.path()).unwrap();
+    let services: Vec<Service> = loaded.services.iter().map(|(_, s)| (**s).clone()).collect();
+    let slices: Vec<EndpointSlice> = loaded
+        .endpoint_slices
+        .iter()
+        .map(|(_, s)| (**s).clone())
+        .collect();
+    let [(_, node_1)] = &loaded.nodes[..] else {
+        panic!("one Node in the example");
+    };
+    let on_node_1 = NodeContext {
+        node_name: "node-1".into(),
+        zone: crate::source::kube::node_zone(node_1).unwrap_or_default(),
+        ..node()
+    };
+    let table = |node: &NodeContext| -> Vec<String> {
+        desired_state(&services, &slices, node).services[&key("demo", "api", "http", Protocol::Tcp)]
+            .table_backends()
+            .map(|(a, _)| a.to_string())
+            .collect()
+    };
+    assert_eq!(table(&on_node_1), ["198.18.1.20:8080", "198.18.3.20:8080"]);
+    let without_the_node = NodeContext {
+        zone: String::new(),
+        ..on_node_1
+    };
+    assert_eq!(
+        table(&without_the_node),
+        ["198.18.1.20:8080", "198.18.2.20:8080", "198.18.3.20:8080"]
     );
 }

@@ -99,6 +99,9 @@ pub struct DumpBackend {
     pub local: bool,
     /// Takes new connections; otherwise kept only for its established ones.
     pub in_table: bool,
+    /// Out of the table because topology hints send this node's new connections to other
+    /// endpoints, not because it is terminating or not ready.
+    pub hinted_away: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -176,6 +179,7 @@ pub fn read(maps: &Maps, sizing: &Sizing, options: &DumpOptions) -> Result<Dump,
                 address: addr.to_string(),
                 local: state.local,
                 in_table: state.in_table,
+                hinted_away: state.hinted_away,
             })
             .collect();
         let stats = if options.stats {
@@ -364,6 +368,8 @@ impl Dump {
                 let place = if b.local { "local" } else { "remote" };
                 let role = if b.in_table {
                     "new connections"
+                } else if b.hinted_away {
+                    "draining (topology hints send new connections elsewhere)"
                 } else {
                     "draining"
                 };

@@ -1,4 +1,5 @@
-//! Services and EndpointSlices read from a directory of manifest files instead of a cluster.
+//! Services, EndpointSlices and Nodes read from a directory of manifest files instead of a
+//! cluster.
 //!
 //! Files: every `*.yaml`, `*.yml` and `*.json` file under the directory, walked in name order
 //! (subdirectories included). Entries whose name starts with `.` are skipped: a ConfigMap
@@ -7,10 +8,12 @@
 //! are not followed (no loops); symlinked files are.
 //!
 //! Each file holds one or more YAML documents separated by `---` (JSON is YAML too). A document
-//! is a Kubernetes object or a `kind: List` of them. Services (`v1`) and EndpointSlices
-//! (`discovery.k8s.io/v1`) are kept; every other kind is skipped. The returned objects are
-//! normalised the way the API server would store them where the rest of the agent relies on
-//! it: `metadata.namespace` defaults to `default`.
+//! is a Kubernetes object or a `kind: List` of them. Services (`v1`), EndpointSlices
+//! (`discovery.k8s.io/v1`) and Nodes (`v1`) are kept; every other kind is skipped. The
+//! returned objects are normalised the way the API server would store them where the rest of
+//! the agent relies on it: `metadata.namespace` defaults to `default` (and is cleared on Nodes,
+//! which have none). The files source reads the Node named like the agent's node for its zone
+//! label (topology hints); other Nodes are kept here and ignored there.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -19,7 +22,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -44,6 +47,7 @@ impl fmt::Display for Origin {
 pub struct Manifests {
     pub services: Vec<(Origin, Arc<Service>)>,
     pub endpoint_slices: Vec<(Origin, Arc<EndpointSlice>)>,
+    pub nodes: Vec<(Origin, Arc<Node>)>,
 }
 
 /// Where in a file an object sits, and which object it is when that is known; displayed as
@@ -132,7 +136,7 @@ pub enum ManifestError {
     },
 }
 
-/// Loads every Service and EndpointSlice of the manifest files under `dir`.
+/// Loads every Service, EndpointSlice and Node of the manifest files under `dir`.
 pub fn load_dir(dir: &Path) -> Result<Manifests, ManifestError> {
     load_dir_cached(dir, &mut ParseCache::default())
 }
@@ -189,6 +193,7 @@ fn gather(files: &[(PathBuf, ParsedFile)]) -> Result<Manifests, ManifestError> {
         let (kind, location, (namespace, name)) = match object {
             ParsedObject::Service(location, key, _) => ("Service", location, key),
             ParsedObject::EndpointSlice(location, key, _) => ("EndpointSlice", location, key),
+            ParsedObject::Node(location, key, _) => ("Node", location, key),
         };
         if let Some(first) = seen.insert((kind, namespace, name), location) {
             return Err(ManifestError::Duplicate {
@@ -204,6 +209,11 @@ fn gather(files: &[(PathBuf, ParsedFile)]) -> Result<Manifests, ManifestError> {
             ParsedObject::EndpointSlice(location, _, slice) => {
                 let entry = (location.origin.clone(), slice.clone());
                 manifests.endpoint_slices.push(entry);
+            }
+            ParsedObject::Node(location, _, node) => {
+                manifests
+                    .nodes
+                    .push((location.origin.clone(), node.clone()));
             }
         }
     }
@@ -266,9 +276,10 @@ fn digest(text: &str) -> TextDigest {
 enum ParsedObject {
     Service(ObjectLocation, Key, Arc<Service>),
     EndpointSlice(ObjectLocation, Key, Arc<EndpointSlice>),
+    Node(ObjectLocation, Key, Arc<Node>),
 }
 
-/// (namespace, name)
+/// (namespace, name); a Node's namespace is "".
 type Key = (String, String);
 
 /// The largest manifest file read. Kubernetes objects are small (the API server takes 1.5 MB
@@ -431,6 +442,7 @@ impl ParsedFile {
     fn keep_unchanged(&mut self, previous: &ParsedFile) {
         let mut services = HashMap::new();
         let mut slices = HashMap::new();
+        let mut nodes = HashMap::new();
         for object in &previous.objects {
             match object {
                 ParsedObject::Service(_, key, service) => {
@@ -439,12 +451,16 @@ impl ParsedFile {
                 ParsedObject::EndpointSlice(_, key, slice) => {
                     slices.insert(key, slice);
                 }
+                ParsedObject::Node(_, key, node) => {
+                    nodes.insert(key, node);
+                }
             }
         }
         for object in &mut self.objects {
             match object {
                 ParsedObject::Service(_, key, service) => keep(&services, key, service),
                 ParsedObject::EndpointSlice(_, key, slice) => keep(&slices, key, slice),
+                ParsedObject::Node(_, key, node) => keep(&nodes, key, node),
             }
         }
         fn keep<T: PartialEq>(previous: &HashMap<&Key, &Arc<T>>, key: &Key, object: &mut Arc<T>) {
@@ -527,7 +543,7 @@ fn parse_list(
     Ok(())
 }
 
-/// A Service or an EndpointSlice; `None` for the kinds the agent does not read.
+/// A Service, an EndpointSlice or a Node; `None` for the kinds the agent does not read.
 fn parse_object(
     mut location: ObjectLocation,
     value: Value,
@@ -552,6 +568,18 @@ fn parse_object(
                 location,
                 key,
                 Arc::new(slice),
+            )))
+        }
+        ("v1", "Node") => {
+            location.object = Some(describe_object("Node", &value));
+            let mut node: Node = deserialize(&location, value)?;
+            let key = identity(&location, &mut node.metadata)?;
+            // Cluster-scoped: a namespace written on a Node means nothing.
+            node.metadata.namespace = None;
+            Ok(Some(ParsedObject::Node(
+                location,
+                (String::new(), key.1),
+                Arc::new(node),
             )))
         }
         // Other kinds, and other groups' "Service" (Knative's serving.knative.dev/v1).
@@ -594,6 +622,8 @@ fn describe_object(kind: &str, value: &Value) -> String {
     let metadata = value.get("metadata");
     let text = |field: &str| metadata.and_then(|m| m.get(field)).and_then(Value::as_str);
     match text("name") {
+        // Cluster-scoped.
+        Some(name) if kind == "Node" => format!("{kind} {name}"),
         Some(name) => format!("{kind} {}/{name}", text("namespace").unwrap_or("default")),
         None => kind.to_owned(),
     }
@@ -910,6 +940,65 @@ metadata: {name: cm}
         assert_eq!(origin.document, 1);
         assert_eq!(slice.metadata.namespace.as_deref(), Some("default"));
         assert_eq!(slice.endpoints.as_ref().unwrap()[0].addresses, ["10.0.0.1"]);
+    }
+
+    /// Nodes are read (the files source takes the zone of the agent's own), cluster-scoped:
+    /// no namespace, and one name once whatever namespace a file writes.
+    #[test]
+    fn nodes_are_kept_without_a_namespace() {
+        let node = |name: &str, extra: &str| {
+            format!(
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n{extra}  labels: {{topology.kubernetes.io/zone: zone-a}}\n"
+            )
+        };
+        let dir = ScratchDir::new("nodes");
+        dir.write(
+            "nodes.yaml",
+            &format!(
+                "{WEB}---\n{}---\n{}",
+                node("node-a", ""),
+                node("node-b", "")
+            ),
+        );
+        let manifests = dir.load().unwrap();
+        assert_eq!(manifests.services.len(), 1);
+        let nodes: Vec<(usize, Option<&str>, Option<&str>)> = manifests
+            .nodes
+            .iter()
+            .map(|(origin, n)| {
+                (
+                    origin.document,
+                    n.metadata.name.as_deref(),
+                    n.metadata.namespace.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            nodes,
+            [(2, Some("node-a"), None), (3, Some("node-b"), None)]
+        );
+        assert_eq!(
+            manifests.nodes[0].1.metadata.labels.as_ref().unwrap()["topology.kubernetes.io/zone"],
+            "zone-a"
+        );
+
+        let dir = ScratchDir::new("nodes-dup");
+        dir.write("a.yaml", &node("node-a", "  namespace: x\n"))
+            .write("b.yaml", &node("node-a", ""));
+        assert_eq!(
+            dir.load_err(),
+            "b.yaml: document 1 (Node node-a): defined twice, first at a.yaml: document 1"
+        );
+        let dir = ScratchDir::new("nodes-bad");
+        dir.write(
+            "a.yaml",
+            "apiVersion: v1\nkind: Node\nmetadata: {name: node-a, labels: [zone-a]}\n",
+        );
+        let err = dir.load_err();
+        assert!(
+            err.starts_with("a.yaml: document 1 (Node node-a): metadata.labels: "),
+            "{err}"
+        );
     }
 
     #[test]

@@ -90,6 +90,9 @@ pub struct BackendState {
     /// serving endpoint, terminating or not, and move off one that is not, as kube-proxy
     /// clears UDP conntrack entries only for endpoints that stopped serving.
     pub serving: bool,
+    /// Out of the table only because topology hints send this node's new connections to other
+    /// endpoints (kube-proxy's `CategorizeEndpoints`): ready, yet handled like a draining one.
+    pub hinted_away: bool,
 }
 
 /// An IPv4 prefix of loadBalancerSourceRanges.

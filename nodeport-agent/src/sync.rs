@@ -24,8 +24,8 @@ use std::{
 
 use aya::maps::{MapError, lpm_trie::Key as LpmKey};
 use nodeport_common::{
-    BE_F_DRAINING, BE_F_LOCAL, BE_F_NOT_SERVING, BE_F_PRESENT, Backend, DatapathConfig,
-    FE_F_AFFINITY, FE_F_LOCAL_ONLY, FE_F_SOURCE_RANGES, FRONTEND_PORT_WORDS,
+    BE_F_DRAINING, BE_F_HINTED_AWAY, BE_F_LOCAL, BE_F_NOT_SERVING, BE_F_PRESENT, Backend,
+    DatapathConfig, FE_F_AFFINITY, FE_F_LOCAL_ONLY, FE_F_SOURCE_RANGES, FRONTEND_PORT_WORDS,
     Frontend as FrontendValue, FrontendKey, LocalNetKey, SnatAddr, SrcRangeKey, SvcName,
     frontend_port_bit, src_range_prefix_len,
 };
@@ -258,12 +258,25 @@ fn backend_value(addr: &SocketAddrV4, state: &BackendState, svc_id: u32) -> Back
     if !state.serving {
         flags |= BE_F_NOT_SERVING;
     }
+    if state.hinted_away {
+        flags |= BE_F_HINTED_AWAY;
+    }
     Backend {
         addr_be: u32::from(*addr.ip()).to_be(),
         port_be: addr.port().to_be(),
         flags,
         _pad: 0,
         svc_id,
+    }
+}
+
+/// The state `backend_value` wrote into a backend's flags.
+fn backend_state(flags: u8) -> BackendState {
+    BackendState {
+        local: flags & BE_F_LOCAL != 0,
+        in_table: flags & BE_F_DRAINING == 0,
+        serving: flags & BE_F_NOT_SERVING == 0,
+        hinted_away: flags & BE_F_HINTED_AWAY != 0,
     }
 }
 
@@ -381,12 +394,7 @@ impl Programmed {
             );
             match services.get_mut(&b.svc_id) {
                 Some((_, svc)) => {
-                    let state = BackendState {
-                        local: b.flags & BE_F_LOCAL != 0,
-                        in_table: b.flags & BE_F_DRAINING == 0,
-                        serving: b.flags & BE_F_NOT_SERVING == 0,
-                    };
-                    svc.backends.insert(addr, (id, state));
+                    svc.backends.insert(addr, (id, backend_state(b.flags)));
                     by_id.insert(id, addr);
                 }
                 None => orphans.backends.push(id),
@@ -1125,6 +1133,23 @@ mod tests {
             (pool.alloc(), pool.alloc(), pool.alloc()),
             (Some(6), Some(7), Some(3))
         );
+    }
+
+    /// An adopted backend has the state it was written with (a restart reprograms nothing).
+    #[test]
+    fn backend_states_round_trip_through_the_flags() {
+        let addr: SocketAddrV4 = "10.0.0.1:80".parse().unwrap();
+        for bits in 0u8..16 {
+            let state = BackendState {
+                local: bits & 1 != 0,
+                in_table: bits & 2 != 0,
+                serving: bits & 4 != 0,
+                hinted_away: bits & 8 != 0,
+            };
+            let value = backend_value(&addr, &state, 7);
+            assert_ne!(value.flags & BE_F_PRESENT, 0);
+            assert_eq!(backend_state(value.flags), state, "{state:?}");
+        }
     }
 
     #[test]

@@ -723,6 +723,60 @@ async fn node_addresses_follow_the_node_object() {
     assert_no_unexpected_requests(&api);
 }
 
+/// The node's zone label is published with the snapshot and follows the Node (topology hints
+/// are matched against it); a change to another label publishes nothing.
+#[tokio::test]
+async fn the_node_zone_follows_its_label() {
+    let labelled = |zone: Option<&str>, os: &str| {
+        let mut node = node("node-a", &[("InternalIP", "10.0.0.5")]);
+        let mut labels = json!({"kubernetes.io/os": os});
+        if let Some(zone) = zone {
+            labels["topology.kubernetes.io/zone"] = json!(zone);
+        }
+        node["metadata"]["labels"] = labels;
+        node
+    };
+    let api = FakeApi::start().await;
+    api.apply(Res::Services, service("default", "web", 80));
+    api.apply(
+        Res::EndpointSlices,
+        slice("default", "web-1", "web", "10.1.0.1"),
+    );
+    api.apply(Res::Nodes, labelled(Some("zone-a"), "linux"));
+    let mut source = start(&api, Some("node-a"));
+    let first = source
+        .wait_for("node-a's zone", |s| s.node_zone.is_some())
+        .await;
+    assert_eq!(first.node_zone.as_deref(), Some("zone-a"));
+    let published = source.published().len();
+
+    // Another label, then the zone: only the zone publishes (the Node's events are in order).
+    api.apply(Res::Nodes, labelled(Some("zone-a"), "windows"));
+    api.apply(Res::Nodes, labelled(Some("zone-b"), "windows"));
+    let moved = source
+        .wait_for("zone-b", |s| s.node_zone.as_deref() == Some("zone-b"))
+        .await;
+    assert_eq!(source.published().len(), published + 1);
+    assert!(Arc::ptr_eq(&first.services[0], &moved.services[0]));
+
+    // An empty label is no zone, as for kube-proxy.
+    api.apply(Res::Nodes, labelled(Some(""), "windows"));
+    source
+        .wait_for("no zone", |s| {
+            s.node_zone.is_none() && s.node_addresses.is_some()
+        })
+        .await;
+    api.apply(Res::Nodes, labelled(Some("zone-c"), "windows"));
+    source
+        .wait_for("zone-c", |s| s.node_zone.as_deref() == Some("zone-c"))
+        .await;
+    api.apply(Res::Nodes, labelled(None, "windows"));
+    source
+        .wait_for("the label removed", |s| s.node_zone.is_none())
+        .await;
+    assert_no_unexpected_requests(&api);
+}
+
 /// `run` returns `Ok` once the receiver is dropped, after the initial sync.
 #[tokio::test]
 async fn returns_ok_when_the_receiver_is_dropped() {

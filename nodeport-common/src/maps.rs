@@ -279,6 +279,10 @@ pub const BE_F_DRAINING: u8 = 1 << 2;
 /// another backend, as kube-proxy clears UDP conntrack entries of endpoints that stopped
 /// serving (a serving, terminating one keeps its flows through a graceful shutdown).
 pub const BE_F_NOT_SERVING: u8 = 1 << 3;
+/// Set with `BE_F_DRAINING` on a ready backend that topology hints keep out of this node's
+/// table (another node's or zone's endpoint). The datapath treats it as draining; it tells
+/// `nodeport-agent dump` why the backend takes no new connections.
+pub const BE_F_HINTED_AWAY: u8 = 1 << 4;
 
 /// Value of `NP_BACKENDS`, indexed by backend id. Id 0 is never used, so a zeroed Maglev
 /// slot means "no backend". A backend entry belongs to one service: removing an endpoint from

@@ -38,6 +38,7 @@ pub fn desired(yaml: &str, node_name: &str, node_addresses: &[Ipv4Addr]) -> Desi
     let (services, slices) = objects(yaml);
     let node = NodeContext {
         node_name: node_name.into(),
+        zone: String::new(),
         node_addresses: node_addresses.to_vec(),
         proxy_name: None,
         guard: Default::default(),

@@ -1,5 +1,6 @@
 //! The manifests-directory source (`--manifests DIR`): Services and EndpointSlices from YAML
-//! files, reloaded when files change. Used by the demo, the end-to-end tests and single
+//! files, reloaded when files change, and the node's zone from a Node named like the agent's
+//! node (`--node-name`) if the directory holds one. Used by the demo, the end-to-end tests and single
 //! machines without a cluster.
 //!
 //! An invalid file is reported (file, document, object, field) and ignored: the last good
@@ -20,6 +21,8 @@ use std::{
 
 use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
+
+use k8s_openapi::api::core::v1::Node;
 
 use super::{Snapshot, SnapshotSender};
 use crate::manifests::{self, ManifestError, ParseCache};
@@ -67,13 +70,31 @@ impl FilesSourceStats {
     }
 }
 
-/// Whether two loads hold the same objects. The parse cache keeps the `Arc` of every object
-/// that did not change, so identity is equality here.
+/// Whether two loads hold the same objects and zone. The parse cache keeps the `Arc` of every
+/// object that did not change, so identity is equality here.
 fn same_objects(a: &Snapshot, b: &Snapshot) -> bool {
     fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
         a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
     }
-    same(&a.services, &b.services) && same(&a.endpoint_slices, &b.endpoint_slices)
+    same(&a.services, &b.services)
+        && same(&a.endpoint_slices, &b.endpoint_slices)
+        && a.node_zone == b.node_zone
+}
+
+/// The zone of the Node named `node_name` among `nodes` (its `topology.kubernetes.io/zone`
+/// label), as the Kubernetes source reads it from the API. Nodes of other names are logged
+/// and ignored: a directory shared by several machines may describe them all.
+fn node_zone(nodes: &[(manifests::Origin, Arc<Node>)], node_name: &str) -> Option<String> {
+    let mut zone = None;
+    for (origin, node) in nodes {
+        let name = node.metadata.name.as_deref().unwrap_or_default();
+        if name == node_name {
+            zone = super::kube::node_zone(node);
+        } else {
+            tracing::debug!(%origin, node = name, this_node = node_name, "ignoring the Node of another node");
+        }
+    }
+    zone
 }
 
 /// Loads `dir` on a blocking thread (it reads files), reusing the parse of unchanged files.
@@ -188,17 +209,20 @@ impl Follow {
     }
 }
 
-/// Runs until every receiver is gone.
+/// Runs until every receiver is gone. `node_name` is the agent's node: a Node of that name in
+/// the directory supplies its zone.
 pub async fn run(
     dir: PathBuf,
+    node_name: String,
     tx: SnapshotSender,
     stats: Arc<FilesSourceStats>,
 ) -> Result<(), notify::Error> {
-    run_settling(dir, tx, stats, SETTLE).await
+    run_settling(dir, node_name, tx, stats, SETTLE).await
 }
 
 async fn run_settling(
     dir: PathBuf,
+    node_name: String,
     tx: SnapshotSender,
     stats: Arc<FilesSourceStats>,
     settle: Duration,
@@ -269,6 +293,7 @@ async fn run_settling(
                 let mut snapshot = Snapshot {
                     services: loaded.services.into_iter().map(|(_, s)| s).collect(),
                     endpoint_slices: loaded.endpoint_slices.into_iter().map(|(_, s)| s).collect(),
+                    node_zone: node_zone(&loaded.nodes, &node_name),
                     ..Snapshot::default()
                 };
                 if published
@@ -282,6 +307,7 @@ async fn run_settling(
                         dir = %dir.display(),
                         services = snapshot.services.len(),
                         endpoint_slices = snapshot.endpoint_slices.len(),
+                        zone = ?snapshot.node_zone,
                         "manifests loaded"
                     );
                     let snapshot = Arc::new(snapshot);
@@ -347,6 +373,9 @@ mod tests {
     const SVC: &str = "kind: Service\napiVersion: v1\nmetadata: { name: web, namespace: default }\nspec: { type: NodePort, ports: [ { port: 80, nodePort: 30080 } ] }\n";
     const SLICE: &str = "kind: EndpointSlice\napiVersion: discovery.k8s.io/v1\nmetadata: { name: web-1, namespace: default, labels: { kubernetes.io/service-name: web } }\naddressType: IPv4\nports: [ { port: 8080 } ]\nendpoints: [ { addresses: [10.0.0.1] } ]\n";
 
+    /// The agent's node name.
+    const NODE: &str = "node-a";
+
     /// A failure guard only: every wait below is for an event, not for time to pass.
     const GUARD: Duration = Duration::from_secs(20);
 
@@ -364,7 +393,12 @@ mod tests {
         dir.write("svc.yaml", SVC).write("slice.yaml", SLICE);
         let (tx, mut rx) = source::channel();
         let stats = FilesSourceStats::new();
-        let task = tokio::spawn(run(dir.path().to_path_buf(), tx, stats.clone()));
+        let task = tokio::spawn(run(
+            dir.path().to_path_buf(),
+            NODE.into(),
+            tx,
+            stats.clone(),
+        ));
 
         let first = next(&mut rx).await;
         assert_eq!((first.services.len(), first.endpoint_slices.len()), (1, 1));
@@ -400,7 +434,12 @@ mod tests {
         dir.write("svc.yaml", SVC).write("slice.yaml", SLICE);
         let (tx, mut rx) = source::channel();
         let stats = FilesSourceStats::new();
-        let _task = tokio::spawn(run(dir.path().to_path_buf(), tx, stats.clone()));
+        let _task = tokio::spawn(run(
+            dir.path().to_path_buf(),
+            NODE.into(),
+            tx,
+            stats.clone(),
+        ));
         next(&mut rx).await;
         let attempts = stats.attempts();
 
@@ -449,6 +488,7 @@ mod tests {
         let forever = Duration::from_secs(24 * 3600);
         let _task = tokio::spawn(run_settling(
             dir.path().to_path_buf(),
+            NODE.into(),
             tx,
             stats.clone(),
             forever,
@@ -499,7 +539,7 @@ mod tests {
         let dir = scratch.path().join("manifests");
         scratch.write("manifests/svc.yaml", SVC);
         let (tx, mut rx) = source::channel();
-        let _task = tokio::spawn(run(dir.clone(), tx, FilesSourceStats::new()));
+        let _task = tokio::spawn(run(dir.clone(), NODE.into(), tx, FilesSourceStats::new()));
         assert_eq!(node_port(&*next(&mut rx).await), Some(30080));
 
         std::fs::rename(&dir, scratch.path().join("manifests.old")).unwrap();
@@ -520,7 +560,12 @@ mod tests {
         scratch.write("v2/svc.yaml", &SVC.replace("30080", "30084"));
         std::os::unix::fs::symlink("v1", &linked).unwrap();
         let (tx, mut rx) = source::channel();
-        let _task = tokio::spawn(run(linked.clone(), tx, FilesSourceStats::new()));
+        let _task = tokio::spawn(run(
+            linked.clone(),
+            NODE.into(),
+            tx,
+            FilesSourceStats::new(),
+        ));
         assert_eq!(node_port(&*next(&mut rx).await), Some(30080));
         std::os::unix::fs::symlink("v2", scratch.path().join("linked.tmp")).unwrap();
         std::fs::rename(scratch.path().join("linked.tmp"), &linked).unwrap();
@@ -542,7 +587,12 @@ mod tests {
         link("..2026_01_01_00_00_00.000", "..data");
         link("..data/svc.yaml", "svc.yaml");
         let (tx, mut rx) = source::channel();
-        let _task = tokio::spawn(run(dir.path().to_path_buf(), tx, FilesSourceStats::new()));
+        let _task = tokio::spawn(run(
+            dir.path().to_path_buf(),
+            NODE.into(),
+            tx,
+            FilesSourceStats::new(),
+        ));
         assert_eq!(node_port(&*next(&mut rx).await), Some(30080));
 
         for (i, port) in [(1, "30081"), (2, "30082")] {
@@ -613,6 +663,86 @@ mod tests {
         assert!(writers.0.is_empty(), "closed: reload now");
     }
 
+    /// A Node named like the agent's node supplies the zone; other Nodes are ignored. A new
+    /// zone label publishes a snapshot even though no Service or EndpointSlice changed.
+    #[tokio::test]
+    async fn the_zone_comes_from_this_nodes_node_object() {
+        let node = |name: &str, zone: &str| {
+            format!(
+                "kind: Node\napiVersion: v1\nmetadata: {{ name: {name}, labels: {{ topology.kubernetes.io/zone: {zone}, kubernetes.io/os: linux }} }}\n"
+            )
+        };
+        let dir = ScratchDir::new("files-zone");
+        dir.write("svc.yaml", SVC).write(
+            "nodes.yaml",
+            &format!("{}---\n{}", node("node-b", "zone-b"), node(NODE, "zone-a")),
+        );
+        let (tx, mut rx) = source::channel();
+        let stats = FilesSourceStats::new();
+        let _task = tokio::spawn(run(
+            dir.path().to_path_buf(),
+            NODE.into(),
+            tx,
+            stats.clone(),
+        ));
+        let first = next(&mut rx).await;
+        assert_eq!(first.node_zone.as_deref(), Some("zone-a"));
+        assert_eq!(
+            first.node_addresses, None,
+            "only the zone is read from the Node"
+        );
+
+        // Another node's zone changes nothing; this node's does.
+        let attempts = stats.attempts();
+        dir.write(
+            "nodes.yaml",
+            &format!("{}---\n{}", node("node-b", "zone-c"), node(NODE, "zone-a")),
+        );
+        tokio::time::timeout(GUARD, stats.wait_for_attempts(attempts + 1))
+            .await
+            .expect("a reload");
+        assert!(
+            !rx.has_changed().unwrap(),
+            "another node's zone published a snapshot"
+        );
+        dir.write(
+            "nodes.yaml",
+            &format!("{}---\n{}", node("node-b", "zone-c"), node(NODE, "zone-b")),
+        );
+        let second = next(&mut rx).await;
+        assert_eq!(second.node_zone.as_deref(), Some("zone-b"));
+        assert!(Arc::ptr_eq(&first.services[0], &second.services[0]));
+
+        dir.write("nodes.yaml", &node("node-b", "zone-a"));
+        assert_eq!(next(&mut rx).await.node_zone, None);
+    }
+
+    #[test]
+    fn only_the_named_nodes_zone_counts_and_an_empty_label_is_none() {
+        let node = |name: &str, labels: &str| {
+            let yaml = format!("metadata: {{ name: {name}, labels: {{ {labels} }} }}");
+            let node: Node = serde_norway::from_str(&yaml).unwrap();
+            (
+                manifests::Origin {
+                    file: "nodes.yaml".into(),
+                    document: 1,
+                },
+                Arc::new(node),
+            )
+        };
+        let nodes = [
+            node("node-b", "topology.kubernetes.io/zone: zone-b"),
+            node(NODE, "topology.kubernetes.io/zone: zone-a"),
+        ];
+        assert_eq!(node_zone(&nodes, NODE).as_deref(), Some("zone-a"));
+        assert_eq!(node_zone(&nodes, "node-c"), None);
+        assert_eq!(
+            node_zone(&[node(NODE, "topology.kubernetes.io/zone: ''")], NODE),
+            None
+        );
+        assert_eq!(node_zone(&[node(NODE, "a: b")], NODE), None);
+    }
+
     #[tokio::test]
     async fn nothing_is_published_until_the_directory_loads() {
         let dir = ScratchDir::new("files-initial-invalid");
@@ -622,7 +752,12 @@ mod tests {
         );
         let (tx, mut rx) = source::channel();
         let stats = FilesSourceStats::new();
-        let _task = tokio::spawn(run(dir.path().to_path_buf(), tx, stats.clone()));
+        let _task = tokio::spawn(run(
+            dir.path().to_path_buf(),
+            NODE.into(),
+            tx,
+            stats.clone(),
+        ));
         tokio::time::timeout(GUARD, stats.wait_for_attempts(1))
             .await
             .expect("a first attempt");

@@ -33,8 +33,9 @@
 //!   resourceVersion: the watcher swallows them (no event reaches this module).
 //! * **No spurious publishes.** Events that are ready together are applied as one batch and
 //!   published once; a snapshot is published only if a mirror changed (an object added,
-//!   deleted, or at a new resourceVersion) or the node's addresses or eligibility did, so a
-//!   relist that finds nothing new, or a replayed event, publishes nothing.
+//!   deleted, or at a new resourceVersion) or what it says of the node did (addresses, pod
+//!   CIDRs, zone, eligibility), so a relist that finds nothing new, a replayed event or a Node
+//!   heartbeat publishes nothing.
 //! * **Gentle on the API server.** Every node runs this, so lists use `resourceVersion=0`
 //!   (`ListSemantic::Any`, unpaginated), which the API server answers from its watch cache
 //!   instead of a quorum read from etcd, like client-go informers (kube-proxy) do. kube-core's
@@ -74,14 +75,14 @@ use k8s_openapi::api::{
 use tracing::{debug, info, warn};
 
 use super::{Snapshot, SnapshotSender};
-use crate::model::Ipv4Prefix;
+use crate::{desired::ZONE_LABEL, model::Ipv4Prefix};
 
 /// How the Kubernetes source is run.
 #[derive(Clone, Default)]
 pub struct KubeSourceConfig {
     /// The node this agent runs on (the DaemonSet's `spec.nodeName` via the downward API).
-    /// When set, its Node object is watched and its InternalIP/ExternalIP addresses are
-    /// published in [`Snapshot::node_addresses`].
+    /// When set, its Node object is watched and its InternalIP/ExternalIP addresses, pod CIDRs,
+    /// zone label and eligibility are published in the [`Snapshot`].
     pub node_name: Option<String>,
     /// The delay between retries after a watch or list error.
     pub backoff: RetryBackoff,
@@ -294,6 +295,7 @@ pub async fn run(
                 services = snapshot.services.len(),
                 endpoint_slices = snapshot.endpoint_slices.len(),
                 node_addresses = ?snapshot.node_addresses,
+                zone = ?snapshot.node_zone,
                 "initial sync with the Kubernetes API complete"
             );
         } else {
@@ -491,11 +493,15 @@ struct Mirrors {
     node_seen: bool,
 }
 
-/// What the snapshot says about this node.
+/// What the snapshot says about this node. Only these parts of the Node are compared, so a
+/// change to anything else (another label, a condition, a heartbeat) publishes nothing; like
+/// kube-proxy's NodeTopologyConfig, which passes on a label change only when it is to a
+/// topology label.
 #[derive(Debug, PartialEq, Eq)]
 struct NodeState {
     addresses: Option<Vec<IpAddr>>,
     pod_cidrs: Option<Vec<Ipv4Prefix>>,
+    zone: Option<String>,
     eligible: Option<bool>,
 }
 
@@ -549,6 +555,7 @@ impl Mirrors {
         NodeState {
             addresses: node.map(|n| node_addresses(n)),
             pod_cidrs: node.map(|n| node_pod_cidrs(n)),
+            zone: node.and_then(|n| node_zone(n)),
             // A deleted Node takes no more load-balanced traffic: kube-proxy's /healthz fails
             // then too (NodeEligibleHandler.OnNodeDelete in pkg/proxy/node.go; newer versions'
             // NodeManager exits).
@@ -565,6 +572,7 @@ impl Mirrors {
             endpoint_slices: self.slices.objects(),
             node_addresses: node.addresses.clone(),
             pod_cidrs: node.pod_cidrs.clone(),
+            node_zone: node.zone.clone(),
             node_eligible: node.eligible,
             revision: 0,
         }
@@ -601,6 +609,17 @@ fn node_eligible(node: &Node) -> bool {
         .and_then(|s| s.taints.as_ref())
         .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
     !deleting && !tainted
+}
+
+/// The node's zone: its `topology.kubernetes.io/zone` label; `None` when unset or empty, which
+/// kube-proxy does not tell apart either (both are the zone "").
+pub fn node_zone(node: &Node) -> Option<String> {
+    node.metadata
+        .labels
+        .as_ref()?
+        .get(ZONE_LABEL)
+        .filter(|zone| !zone.is_empty())
+        .cloned()
 }
 
 /// The node's IPv4 pod networks (spec.podCIDRs, else spec.podCIDR). Others are skipped.

@@ -24,6 +24,10 @@ pub struct Snapshot {
     /// The node's IPv4 pod networks as its Node object reports them (spec.podCIDRs), when the
     /// source knows the node: never an outside client's source.
     pub pod_cidrs: Option<Vec<crate::model::Ipv4Prefix>>,
+    /// The node's zone, its Node's `topology.kubernetes.io/zone` label, when the source knows
+    /// the node and the label is set: endpoints' zone hints are matched against it. A Node in
+    /// the manifests directory named like this node supplies it in manifests mode.
+    pub node_zone: Option<String>,
     /// Whether the node may receive load-balanced traffic (not being deleted, not tainted
     /// for deletion), when the source knows the node: the node /healthz reports it.
     pub node_eligible: Option<bool>,
