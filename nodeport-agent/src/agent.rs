@@ -157,6 +157,17 @@ pub struct RunArgs {
     /// --metrics-addr).
     #[arg(long, alias = "metrics-addr", default_value = "127.0.0.1:9480")]
     pub metrics_bind_address: OptionalAddr,
+    /// Export the per-service series (nodeport_service_packets_total and
+    /// nodeport_service_bytes_total, 4 per service port per node: 40,000 at 10,000 service
+    /// ports). `--metrics-per-service=false` leaves them out; the datapath still counts, and
+    /// `nodeport-agent dump --stats` shows the counts.
+    #[arg(
+        long,
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    pub metrics_per_service: bool,
     /// The cluster's node port range (kube-apiserver --service-node-port-range): checked
     /// against the SNAT range, and reported on by the range metrics.
     #[arg(long, default_value = "30000-32767")]
@@ -601,6 +612,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             source_stats,
             rx.clone(),
             args.service_node_port_range,
+            args.metrics_per_service,
         );
         let registry = Arc::new(registry);
         let sampler = Arc::new(metrics::Sampling::new(sampler));

@@ -514,7 +514,7 @@ fn metrics_status_and_dump_show_what_happened() -> Result<()> {
         ("protocol", "UDP"),
         ("direction", "out"),
     ];
-    let denied = [("path", "source_range_denied"), ("kind", "dropped")];
+    let denied = [("reason", "source_range_denied"), ("kind", "dropped")];
     let before = lab.scrape()?;
 
     for _ in 0..5 {
