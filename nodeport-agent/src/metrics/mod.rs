@@ -15,6 +15,7 @@
 //! ([`process`]).
 
 pub mod exposition;
+pub mod latency;
 pub mod process;
 
 use std::{
@@ -130,6 +131,9 @@ pub struct VersionLabels {
 #[derive(Clone)]
 pub struct Metrics {
     pub sync_seconds: Histogram,
+    /// From a change in the cluster (an EndpointSlice's trigger time) to the maps
+    /// ([`latency`]).
+    pub programming_seconds: Histogram,
     pub sync_failures: Family<ReasonLabels, Counter>,
     pub last_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub services: Gauge,
@@ -148,6 +152,7 @@ impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
             sync_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            programming_seconds: Histogram::new(latency::buckets()),
             sync_failures: Family::default(),
             last_sync: Gauge::default(),
             services: Gauge::default(),
@@ -182,6 +187,14 @@ impl Metrics {
             "sync_duration_seconds",
             "Time to bring the maps to a new desired state",
             m.sync_seconds.clone(),
+        );
+        r.register(
+            "network_programming_duration_seconds",
+            "Time from a change in the cluster to the maps holding it: from the \
+             last-change-trigger-time annotation of a new or changed EndpointSlice (the pod \
+             change the EndpointSlice controller stamped) to the end of the round that \
+             programmed its Service, as kube-proxy's kubeproxy_network_programming_duration_seconds",
+            m.programming_seconds.clone(),
         );
         r.register(
             "sync_failures",
@@ -871,6 +884,7 @@ mod tests {
     fn full_registry() -> Registry {
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
+        metrics.programming_seconds.observe(0.3);
         let series = Sampled::register(&mut registry, true);
         let mut counts = ServiceCounts::default();
         counts.add([3, 300, 2, 200]);
@@ -921,6 +935,7 @@ mod tests {
         for kind in NoticeKind::ALL {
             expected.push(format!("nodeport_skipped{{kind=\"{}\"}} 0", kind.label()));
         }
+        expected.push("nodeport_network_programming_duration_seconds_count 0".into());
         for line in &expected {
             assert!(
                 text.lines().any(|l| l == line),
@@ -1015,6 +1030,7 @@ mod tests {
                 "process_resident_memory_bytes",
                 "process_open_fds",
                 "process_start_time_seconds",
+                "nodeport_network_programming_duration_seconds",
                 "nodeport_sync_duration_seconds",
             ] {
                 let name = match (format, name) {
