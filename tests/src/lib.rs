@@ -6,6 +6,7 @@ pub mod agent;
 pub mod fixture;
 pub mod flood;
 pub mod lab;
+pub mod monitoring;
 pub mod netns;
 pub mod packet;
 pub mod servers;
