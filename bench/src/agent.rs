@@ -569,6 +569,7 @@ fn scrape_cost(
         ),
         rx,
         "30000-32767".parse().map_err(|e| anyhow::anyhow!("{e}"))?,
+        true,
     );
     let timed = |sampler: &mut nodeport_agent::metrics::Sampler| {
         let started = Instant::now();

@@ -157,6 +157,17 @@ pub struct RunArgs {
     /// --metrics-addr).
     #[arg(long, alias = "metrics-addr", default_value = "127.0.0.1:9480")]
     pub metrics_bind_address: OptionalAddr,
+    /// Export the per-service series (nodeport_service_packets_total and
+    /// nodeport_service_bytes_total, 4 per service port per node: 40,000 at 10,000 service
+    /// ports). `--metrics-per-service=false` leaves them out; the datapath still counts, and
+    /// `nodeport-agent dump --stats` shows the counts.
+    #[arg(
+        long,
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    pub metrics_per_service: bool,
     /// The cluster's node port range (kube-apiserver --service-node-port-range): checked
     /// against the SNAT range, and reported on by the range metrics.
     #[arg(long, default_value = "30000-32767")]
@@ -480,6 +491,8 @@ struct Agent {
     /// A health-check port failed to start: retried on the next rounds.
     health_retry: bool,
     metrics: Metrics,
+    /// EndpointSlice trigger times waiting for their Service to be programmed.
+    latency: metrics::latency::ProgrammingLatency,
     /// What the last agent state written to `NP_AGENT` holds (for `status`).
     state: AgentState,
     /// Services that failed to program, retried on every round.
@@ -602,6 +615,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             source_stats,
             rx.clone(),
             args.service_node_port_range,
+            args.metrics_per_service,
         );
         let registry = Arc::new(registry);
         let sampler = Arc::new(metrics::Sampling::new(sampler));
@@ -644,6 +658,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         health,
         health_retry: false,
         metrics,
+        latency: metrics::latency::ProgrammingLatency::new(std::time::SystemTime::now()),
         state: AgentState {
             started_unix_ms: unix_ms(),
             pid: std::process::id(),
@@ -675,7 +690,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         _ = sigterm.recv() => return agent.shutdown().await,
         _ = sigint.recv() => return agent.shutdown().await,
     };
-    agent.snapshot = first;
+    agent.set_snapshot(first);
     agent.reconcile().await;
     // Started: from now on the datapath outlives the agent, whatever ends it.
     if let Some(start) = agent.start.take() {
@@ -693,7 +708,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     bail!("the source of cluster state stopped");
                 }
                 if let Some(s) = rx.borrow_and_update().clone() {
-                    agent.snapshot = s;
+                    agent.set_snapshot(s);
                 }
                 agent.reconcile().await;
             }
@@ -719,6 +734,24 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     }
     agent.shutdown().await
+}
+
+/// Whether `desired` has a port of the Service `namespace`/`name`.
+fn serves(
+    desired: &BTreeMap<ServicePortKey, Arc<crate::model::DesiredService>>,
+    namespace: &str,
+    name: &str,
+) -> bool {
+    let first = ServicePortKey {
+        namespace: namespace.into(),
+        name: name.into(),
+        port_name: "".into(),
+        protocol: crate::model::Protocol::Tcp,
+    };
+    desired
+        .range(first..)
+        .next()
+        .is_some_and(|(k, _)| &*k.namespace == namespace && &*k.name == name)
 }
 
 /// How often the agent checks that its attachments are still in place (`nodeport-agent
@@ -920,6 +953,13 @@ impl Agent {
         local_nets(&self.layout, &self.snapshot, &self.args.pod_cidrs)
     }
 
+    /// Takes a new snapshot from the source, noting the trigger times of the EndpointSlices
+    /// it changed (the programming latency).
+    fn set_snapshot(&mut self, snapshot: Arc<Snapshot>) {
+        self.latency.note_snapshot(&self.snapshot, &snapshot);
+        self.snapshot = snapshot;
+    }
+
     /// Brings desired state, maps, health checks and notices up to date.
     async fn reconcile(&mut self) {
         let started = Instant::now();
@@ -955,6 +995,13 @@ impl Agent {
         );
         self.metrics
             .record_sync(&report, started.elapsed().as_secs_f64());
+        let desired = &self.reconciler.desired().services;
+        self.latency.programmed(
+            report.failed.iter().map(|(key, _)| key),
+            |namespace, name| serves(desired, namespace, name),
+            std::time::SystemTime::now(),
+            &self.metrics.programming_seconds,
+        );
         for (key, e) in &report.failed {
             tracing::error!(service = %key, error = %e, "could not program the service; it keeps its previous state");
             self.retry.insert(key.clone());
@@ -1090,6 +1137,39 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The programming latency is observed for the Services the datapath serves: any port of
+    /// the Service, whatever its name and protocol.
+    #[test]
+    fn serves_finds_any_port_of_a_service() {
+        let key = |ns: &str, name: &str, port: &str, protocol| ServicePortKey {
+            namespace: ns.into(),
+            name: name.into(),
+            port_name: port.into(),
+            protocol,
+        };
+        let service = Arc::new(crate::model::DesiredService {
+            frontends: Default::default(),
+            backends: Default::default(),
+            local_only: false,
+            affinity_timeout_s: None,
+            source_ranges: Default::default(),
+        });
+        let desired: BTreeMap<ServicePortKey, Arc<crate::model::DesiredService>> = [
+            key("a", "web", "http", crate::model::Protocol::Udp),
+            key("b", "api", "", crate::model::Protocol::Tcp),
+            key("b", "web2", "x", crate::model::Protocol::Tcp),
+        ]
+        .into_iter()
+        .map(|k| (k, service.clone()))
+        .collect();
+        assert!(serves(&desired, "a", "web"));
+        assert!(serves(&desired, "b", "api"));
+        assert!(serves(&desired, "b", "web2"));
+        assert!(!serves(&desired, "b", "web"));
+        assert!(!serves(&desired, "a", "we"));
+        assert!(!serves(&desired, "c", "web"));
+    }
 
     #[test]
     fn port_ranges() {

@@ -259,6 +259,20 @@ impl HealthServer {
             }),
             responses: Family::default(),
         });
+        // The answers that mean something exist from the start, at 0: a rate of 503s then
+        // sees the first one. The node endpoints only where this server serves them.
+        let endpoints: &[&'static str] = if config.node_healthz_port.is_some() {
+            &["service", "healthz", "livez"]
+        } else {
+            &["service"]
+        };
+        for &endpoint in endpoints {
+            for code in ["200", "503"] {
+                shared
+                    .responses
+                    .get_or_create_owned(&ResponseLabels { endpoint, code });
+            }
+        }
         let mut listeners = Listeners::default();
         let mut healthz_addr = None;
         if let Some(port) = config.node_healthz_port {
@@ -1212,6 +1226,10 @@ mod tests {
             r#"nodeport_health_responses_total{endpoint="service",code="503"} 1"#,
             r#"nodeport_health_responses_total{endpoint="healthz",code="200"} 1"#,
             r#"nodeport_health_responses_total{endpoint="livez",code="200"} 2"#,
+            // Never answered, there from the start.
+            r#"nodeport_health_responses_total{endpoint="service",code="200"} 0"#,
+            r#"nodeport_health_responses_total{endpoint="healthz",code="503"} 0"#,
+            r#"nodeport_health_responses_total{endpoint="livez",code="503"} 0"#,
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }

@@ -812,12 +812,27 @@ impl Lab {
 
     /// An HTTP GET from the client; (status, body).
     pub fn http_get(&self, to: SocketAddrV4, path: &str) -> Result<(u16, String)> {
-        self.client.run(|| -> Result<(u16, String)> {
+        let (status, _, body) = self.http_get_with(to, path, &[])?;
+        Ok((status, body))
+    }
+
+    /// An HTTP GET from the client with `headers`; (status, response headers, body).
+    pub fn http_get_with(
+        &self,
+        to: SocketAddrV4,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, String, String)> {
+        self.client.run(|| -> Result<(u16, String, String)> {
             let mut s = TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_secs(3))?;
             s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let extra: String = headers
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}\r\n"))
+                .collect();
             write!(
                 s,
-                "GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n"
+                "GET {path} HTTP/1.1\r\nHost: {to}\r\n{extra}Connection: close\r\n\r\n"
             )?;
             let mut text = String::new();
             s.read_to_string(&mut text)?;
@@ -826,11 +841,8 @@ impl Lab {
                 .nth(1)
                 .and_then(|c| c.parse().ok())
                 .context("no status")?;
-            let body = text
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_owned())
-                .unwrap_or_default();
-            Ok((status, body))
+            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+            Ok((status, head.to_owned(), body.to_owned()))
         })?
     }
 
@@ -845,11 +857,31 @@ impl Lab {
         })?
     }
 
-    /// The agent's metrics, scraped from the client through node-1's address.
+    /// The agent's metrics, scraped from the client through node-1's address (Prometheus
+    /// text format: no Accept header).
     pub fn scrape(&self) -> Result<Scrape> {
         let (status, body) = self.http_get(SocketAddrV4::new(NODE1, METRICS_PORT), "/metrics")?;
         ensure!(status == 200, "/metrics answered {status}: {body}");
         Ok(Scrape(body))
+    }
+
+    /// The agent's metrics with an `Accept` header: (Content-Type, body).
+    pub fn scrape_as(&self, accept: &str) -> Result<(String, Scrape)> {
+        let (status, head, body) = self.http_get_with(
+            SocketAddrV4::new(NODE1, METRICS_PORT),
+            "/metrics",
+            &[("Accept", accept)],
+        )?;
+        ensure!(status == 200, "/metrics answered {status}: {body}");
+        let content_type = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-type")
+                    .then(|| v.trim().to_owned())
+            })
+            .context("no Content-Type")?;
+        Ok((content_type, Scrape(body)))
     }
 
     /// `nodeport-agent status --output json` of the lab's pins.
@@ -887,7 +919,8 @@ impl Lab {
     }
 }
 
-/// One scrape of the agent's `/metrics` (OpenMetrics text).
+/// One scrape of the agent's `/metrics` (Prometheus text or OpenMetrics: their samples are
+/// written alike).
 pub struct Scrape(pub String);
 
 impl Scrape {
@@ -906,6 +939,35 @@ impl Scrape {
             let has = |(k, v): &(&str, &str)| label_text.contains(&format!("{k}=\"{v}\""));
             labels.iter().all(has).then(|| value.parse().ok())?
         })
+    }
+
+    /// The series of the scrape: each sample's name and labels as written (values left out).
+    pub fn series(&self) -> std::collections::BTreeSet<String> {
+        self.0
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| l.rsplit_once(' ').map(|(series, _)| series.to_owned()))
+            .collect()
+    }
+
+    /// The label names of the samples of `name`.
+    pub fn labels_of(&self, name: &str) -> Option<std::collections::BTreeSet<String>> {
+        let mut found = false;
+        let mut labels = std::collections::BTreeSet::new();
+        for series in self.series() {
+            let (metric, rest) = series.split_once('{').unwrap_or((&series, ""));
+            if metric != name {
+                continue;
+            }
+            found = true;
+            let mut rest = rest;
+            while let Some((label, after)) = rest.split_once("=\"") {
+                labels.insert(label.trim_start_matches(',').to_owned());
+                // Label values here hold no quote.
+                rest = after.split_once('"').map_or("", |(_, r)| r);
+            }
+        }
+        found.then_some(labels)
     }
 
     /// Like `value`, 0 when absent (a counter not created yet).

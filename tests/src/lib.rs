@@ -7,6 +7,7 @@ pub mod fixture;
 pub mod flood;
 pub mod kube_proxy;
 pub mod lab;
+pub mod monitoring;
 pub mod netns;
 pub mod packet;
 pub mod servers;

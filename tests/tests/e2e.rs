@@ -541,7 +541,7 @@ fn metrics_status_and_dump_show_what_happened() -> Result<()> {
         ("protocol", "UDP"),
         ("direction", "out"),
     ];
-    let denied = [("path", "source_range_denied"), ("kind", "dropped")];
+    let denied = [("reason", "source_range_denied"), ("kind", "dropped")];
     let before = lab.scrape()?;
 
     for _ in 0..5 {
@@ -1293,7 +1293,179 @@ fn the_mapped_arrays_are_mapped_once() -> Result<()> {
     Ok(())
 }
 
-/// Case 22: a Service without endpoints refuses at once, as kube-proxy's REJECT rules make it
+/// Case 22: what Prometheus reads. /metrics in both formats it serves (the Prometheus text
+/// format by default, OpenMetrics when asked as Prometheus asks) passes promtool; every metric,
+/// matcher and grouping label the alerts and the dashboard of deploy/monitoring use is in the
+/// scrape, and every metric of the scrape is documented; an EndpointSlice change stamped with
+/// its trigger time lands in the programming latency; `--metrics-per-service=false` leaves out
+/// the per-service series.
+#[test]
+#[ignore = "needs root, the eBPF datapath, network namespaces and promtool: run `cargo xtask test`"]
+fn the_metrics_pass_promtool_and_hold_what_the_monitoring_reads() -> Result<()> {
+    use nodeport_tests::monitoring::{self, Scratch};
+
+    let mut lab = lab_with_pods("e22")?;
+    // A local backend (TCP) and a remote one (UDP, SNATed: the SNAT series).
+    let tcp = manifests::service("web", 30122, &["TCP"], "", &[ready(POD_A, "node-1")]);
+    let udp = manifests::service("dns", 30123, &["UDP"], "", &[ready(POD_C, "node-2")]);
+    lab.start_agent(&manifests::join(&[tcp.clone(), udp.clone()]))?;
+    lab.ask_tcp(np(30122))?;
+    lab.ask_udp(np(30123))?;
+
+    let scratch = Scratch::new("e22")?;
+    let (content_type, text) = lab.scrape_as("*/*")?;
+    ensure!(
+        content_type == "text/plain; version=0.0.4; charset=utf-8",
+        "{content_type}"
+    );
+    monitoring::check_metrics(&text.0)?;
+    // Prometheus 2.x's scrape Accept header.
+    let (content_type, openmetrics) = lab.scrape_as(
+        "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    )?;
+    ensure!(
+        content_type.starts_with("application/openmetrics-text; version=1.0.0"),
+        "{content_type}"
+    );
+    monitoring::check_openmetrics(&openmetrics.0, scratch.path())?;
+    ensure!(
+        openmetrics.series() == text.series(),
+        "the two formats hold different series:\n{}\n---\n{}",
+        openmetrics.0,
+        text.0
+    );
+    // No Accept header at all: the text format too.
+    ensure!(lab.scrape()?.0.starts_with("# HELP "), "no Accept header");
+
+    // Everything deploy/monitoring reads is there. The target's labels come from Prometheus.
+    let target = [
+        "job",
+        "instance",
+        "node",
+        "namespace",
+        "pod",
+        "container",
+        "endpoint",
+    ];
+    let mut all_labels = std::collections::BTreeSet::new();
+    for series in text.series() {
+        let name = series.split('{').next().unwrap_or_default();
+        all_labels.extend(text.labels_of(name).unwrap_or_default());
+    }
+    for (origin, expr) in monitoring::expressions()? {
+        let reads = monitoring::reads(&expr)?;
+        for (metric, labels) in &reads.metrics {
+            if metric == "up" {
+                continue;
+            }
+            let exported = text
+                .labels_of(metric)
+                .with_context(|| format!("{origin}: {metric} is not exported:\n{}", text.0))?;
+            for label in labels {
+                ensure!(
+                    target.contains(&label.as_str()) || exported.contains(label),
+                    "{origin}: {metric} has no label {label} (it has {exported:?})"
+                );
+            }
+        }
+        for label in &reads.grouping {
+            ensure!(
+                target.contains(&label.as_str()) || all_labels.contains(label),
+                "{origin}: groups by {label}, which no series has"
+            );
+        }
+    }
+    // The labels Prometheus sets on every target, which the agent's would override
+    // (podmonitor.yaml honors the agent's labels, for namespace and endpoint).
+    for label in ["job", "instance", "node"] {
+        ensure!(
+            !all_labels.contains(label),
+            "the agent exports a {label} label"
+        );
+    }
+    // Every family of the scrape is documented.
+    let docs = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/monitoring.md"
+    ))?;
+    for line in text.0.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest.split(' ').next().unwrap_or_default();
+            ensure!(
+                docs.contains(&format!("`{name}`")),
+                "{name} is exported but not in docs/monitoring.md"
+            );
+        }
+    }
+
+    // An EndpointSlice change, stamped as the EndpointSlice controller stamps it, 0.2 s before
+    // the file is written: measured from then to the maps.
+    let count = |s: &nodeport_tests::lab::Scrape| {
+        s.count("nodeport_network_programming_duration_seconds_count", &[])
+    };
+    let sum = |s: &nodeport_tests::lab::Scrape| {
+        s.count("nodeport_network_programming_duration_seconds_sum", &[])
+    };
+    let before = lab.scrape()?;
+    ensure!(count(&before) == 0.0, "{}", before.0);
+    let stamp = std::time::SystemTime::now() - std::time::Duration::from_millis(200);
+    let nanos = stamp.duration_since(std::time::UNIX_EPOCH)?.as_nanos() as i128;
+    let trigger = k8s_openapi::jiff::Timestamp::from_nanosecond(nanos)?;
+    let changed = manifests::service(
+        "dns",
+        30123,
+        &["UDP"],
+        "",
+        &[ready(POD_C, "node-2"), ready(POD_B, "node-1")],
+    )
+    .replace(
+        "metadata: { name: dns-1, namespace: default, ",
+        &format!(
+            "metadata: {{ name: dns-1, namespace: default, annotations: {{ \
+             endpoints.kubernetes.io/last-change-trigger-time: \"{trigger}\" }}, "
+        ),
+    );
+    ensure!(changed.contains(&trigger.to_string()), "{changed}");
+    lab.apply(&manifests::join(&[tcp.clone(), changed.clone()]))?;
+    let after = lab.scrape()?;
+    let latency = sum(&after) - sum(&before);
+    ensure!(
+        count(&after) == 1.0 && (0.2..20.0).contains(&latency),
+        "programming latency: {} observations, {latency} s:\n{}",
+        count(&after),
+        after.0
+    );
+    // Re-read, unchanged (the other Service's change rewrites the file): not counted again.
+    let tcp2 = manifests::service(
+        "web",
+        30122,
+        &["TCP"],
+        "",
+        &[ready(POD_A, "node-1"), ready(POD_B, "node-1")],
+    );
+    lab.apply(&manifests::join(&[tcp2, changed]))?;
+    ensure!(count(&lab.scrape()?) == 1.0, "counted twice");
+
+    // Without the per-service series.
+    lab.take_agent()?.terminate()?;
+    lab.agent_args(&["--metrics-per-service=false"]);
+    lab.start_agent(&manifests::join(&[tcp, udp]))?;
+    lab.ask_udp(np(30123))?;
+    let without = lab.scrape()?;
+    ensure!(
+        !without.0.contains("nodeport_service_"),
+        "per-service series with --metrics-per-service=false:\n{}",
+        without.0
+    );
+    ensure!(
+        without
+            .labels_of("nodeport_datapath_packets_total")
+            .is_some(),
+        "{}",
+        without.0
+    );
+    monitoring::check_metrics(&without.0)?;
+/// Case 23: a Service without endpoints refuses at once, as kube-proxy's REJECT rules make it
 /// (an ICMP port unreachable): curl fails to connect, a connected UDP socket gets
 /// ECONNREFUSED; the answers are counted.
 #[test]

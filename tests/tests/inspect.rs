@@ -426,13 +426,14 @@ fn dump_and_status_show_what_the_maps_hold() -> Result<()> {
         SourceStats::Files(FilesSourceStats::new()),
         snapshots,
         "30000-32767".parse().map_err(anyhow::Error::msg)?,
+        true,
     );
     sampler.sample();
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry)?;
     for line in [
         "nodeport_conntrack_events_total{event=\"conntrack_promote_failed\"} 3",
-        "nodeport_datapath_packets_total{path=\"martian_source\",kind=\"dropped\"} 2",
+        "nodeport_datapath_packets_total{reason=\"martian_source\",kind=\"dropped\"} 2",
         "nodeport_conntrack_entries{map=\"NP_CT\",state=\"live\"} 4",
         "nodeport_conntrack_entries{map=\"NP_CT_NEW\",state=\"live\"} 2",
         "nodeport_conntrack_connections 3",
@@ -447,7 +448,7 @@ fn dump_and_status_show_what_the_maps_hold() -> Result<()> {
         );
     }
     ensure!(
-        !text.contains("path=\"conntrack_promote_failed\""),
+        !text.contains("reason=\"conntrack_promote_failed\""),
         "an event counted as a packet fate:\n{text}"
     );
 

@@ -91,6 +91,7 @@ fn test(skip_lint: bool, filter: Option<String>) -> Result<()> {
     let toolchain = prereqs::ensure()?;
     prereqs::ensure_iptables()?;
     prereqs::ensure_test_clients()?;
+    let promtool = prereqs::ensure_promtool()?;
     let object = ebpf::build(&toolchain, ebpf::Flavour::Datapath)?;
     if !skip_lint {
         println!("xtask: cargo fmt --check");
@@ -115,7 +116,9 @@ fn test(skip_lint: bool, filter: Option<String>) -> Result<()> {
         .env(
             "NODEPORT_AGENT_BIN",
             target_dir().join("debug/nodeport-agent"),
-        );
+        )
+        // The monitoring tests check the alerts, the dashboard and /metrics with it.
+        .env("NODEPORT_PROMTOOL", &promtool);
     if let Some(filter) = filter {
         test.arg(filter);
     }

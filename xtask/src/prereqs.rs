@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::util::{cmd, is_root, run, stdout_of};
+use crate::util::{cmd, is_root, run, stdout_of, target_dir};
 
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 const BPF_CORE: &str = "/usr/lib/rustlib/bpfel-unknown-none";
@@ -131,6 +131,58 @@ pub fn ensure_test_clients() -> Result<()> {
         );
     }
     apt_install(&["apache2-utils", "iperf3", "curl"])
+}
+
+/// promtool, for the tests of the monitoring (tests/tests/monitoring.rs: the alert rules and
+/// their `promtool test rules` fixtures, the dashboard's queries; the end-to-end test of the
+/// agent's /metrics). It comes with Debian's `prometheus` package. Installing that package
+/// would also install a Prometheus server, which a machine with systemd then starts; the
+/// tests need only promtool, so the package is fetched with `apt-get download` and unpacked
+/// under target/ instead (nothing installed, no service). `promtool` already on the PATH is
+/// used as it is. Returns its path, which the tests read from NODEPORT_PROMTOOL.
+pub fn ensure_promtool() -> Result<PathBuf> {
+    if let Ok(path) = stdout_of(cmd("sh").args(["-c", "command -v promtool"])) {
+        let path = path.trim();
+        if !path.is_empty() {
+            return Ok(PathBuf::from(path));
+        }
+    }
+    let root = target_dir().join("prereqs");
+    let unpacked = root.join("prometheus");
+    let promtool = unpacked.join("usr/bin/promtool");
+    if promtool.exists() {
+        return Ok(promtool);
+    }
+    if !(is_root() && is_debian_like()) {
+        bail!(
+            "the monitoring tests need promtool, from Debian's `prometheus` package \
+             (`apt-get install prometheus`, or any promtool on the PATH); install it and run again"
+        );
+    }
+    println!(
+        "xtask: unpacking promtool from Debian's prometheus package into {}",
+        unpacked.display()
+    );
+    let download = root.join("download");
+    std::fs::create_dir_all(&download)?;
+    run(cmd("apt-get").arg("update").arg("-q"))?;
+    run(cmd("apt-get")
+        .args(["download", "-q", "prometheus"])
+        .current_dir(&download))?;
+    let deb = std::fs::read_dir(&download)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("prometheus_") && n.ends_with(".deb"))
+        })
+        .context("apt-get download prometheus left no .deb")?;
+    run(cmd("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    let _ = std::fs::remove_dir_all(&download);
+    if !promtool.exists() {
+        bail!("{} has no usr/bin/promtool", deb.display());
+    }
+    Ok(promtool)
 }
 
 /// Makes sure the eBPF crate can be built, installing what is missing when allowed.

@@ -6,6 +6,17 @@
 //! never holds up the agent's loop. Datapath counters live in per-CPU maps; the sampler adds
 //! their increase since the last scrape to its own counters, so the exported series are
 //! ordinary monotonic counters (a map that restarts from zero is counted from zero).
+//!
+//! Every series whose label values are known in advance exists from the start, at 0: the
+//! datapath's counters (one per `nodeport_common::Counter`), the sync failure reasons, the
+//! collector's maps, the kinds of skipped objects. A rate over a counter that appears with its
+//! first event would miss that event. `/metrics` serves OpenMetrics or the Prometheus text
+//! format by the scraper's `Accept` header ([`exposition`]), and the `process_*` metrics
+//! ([`process`]).
+
+pub mod exposition;
+pub mod latency;
+pub mod process;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -17,9 +28,12 @@ use std::{
 };
 
 use aya::maps::IterableMap as _;
-use nodeport_common::{DatapathConfig, SvcName, SvcStats, counters::CounterKind};
+use nodeport_common::{
+    DatapathConfig, SvcName, SvcStats,
+    counters::{Counter as DatapathCounter, CounterKind},
+};
 use prometheus_client::{
-    encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet, text::encode},
+    encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet},
     metrics::{
         MetricType,
         counter::Counter,
@@ -39,11 +53,29 @@ use crate::{
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PathLabels {
-    /// What happened to the packets (nodeport_common::Counter labels).
-    pub path: String,
+pub struct PacketLabels {
+    /// What happened to the packets, and why (nodeport_common::Counter labels): the drop
+    /// reason of a dropped packet.
+    pub reason: String,
     /// forwarded, passed, fallback or dropped.
     pub kind: String,
+}
+
+impl PacketLabels {
+    /// The labels of a packet fate; `None` for a connection event.
+    fn of(counter: DatapathCounter) -> Option<Self> {
+        let kind = match counter.kind() {
+            CounterKind::Forwarded => "forwarded",
+            CounterKind::Passed => "passed",
+            CounterKind::Fallback => "fallback",
+            CounterKind::Dropped => "dropped",
+            CounterKind::Event => return None,
+        };
+        Some(Self {
+            reason: counter.label().into(),
+            kind: kind.into(),
+        })
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -99,6 +131,9 @@ pub struct VersionLabels {
 #[derive(Clone)]
 pub struct Metrics {
     pub sync_seconds: Histogram,
+    /// From a change in the cluster (an EndpointSlice's trigger time) to the maps
+    /// ([`latency`]).
+    pub programming_seconds: Histogram,
     pub sync_failures: Family<ReasonLabels, Counter>,
     pub last_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub services: Gauge,
@@ -117,6 +152,7 @@ impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
             sync_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            programming_seconds: Histogram::new(latency::buckets()),
             sync_failures: Family::default(),
             last_sync: Gauge::default(),
             services: Gauge::default(),
@@ -127,6 +163,18 @@ impl Metrics {
             gc_seconds: Gauge::default(),
             gc_last: Gauge::default(),
         };
+        registry.register_collector(Box::new(process::ProcessCollector));
+        for reason in SYNC_FAILURE_REASONS {
+            m.sync_failures.get_or_create_owned(&ReasonLabels {
+                reason: reason.into(),
+            });
+        }
+        for table in [datapath::CtTable::Established, datapath::CtTable::Handshake] {
+            m.gc_deleted.get_or_create_owned(&MapLabels {
+                map: table.map_name().into(),
+            });
+        }
+        m.set_notices(&BTreeMap::new());
         let r = registry.sub_registry_with_prefix("nodeport");
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info
@@ -139,6 +187,14 @@ impl Metrics {
             "sync_duration_seconds",
             "Time to bring the maps to a new desired state",
             m.sync_seconds.clone(),
+        );
+        r.register(
+            "network_programming_duration_seconds",
+            "Time from a change in the cluster to the maps holding it: from the \
+             last-change-trigger-time annotation of a new or changed EndpointSlice (the pod \
+             change the EndpointSlice controller stamped) to the end of the round that \
+             programmed its Service, as kube-proxy's kubeproxy_network_programming_duration_seconds",
+            m.programming_seconds.clone(),
         );
         r.register(
             "sync_failures",
@@ -209,7 +265,11 @@ impl Metrics {
     pub fn record_sync(&self, report: &SyncReport, seconds: f64) {
         self.sync_seconds.observe(seconds);
         for (_, e) in &report.failed {
-            let reason = if e.is_full() { "map_full" } else { "error" };
+            let reason = if e.is_full() {
+                SYNC_FAILURE_REASONS[0]
+            } else {
+                SYNC_FAILURE_REASONS[1]
+            };
             self.sync_failures
                 .get_or_create(&ReasonLabels {
                     reason: reason.into(),
@@ -233,6 +293,9 @@ impl Metrics {
     }
 }
 
+/// The `reason` label values of `nodeport_sync_failures_total`: a full map, any other error.
+pub const SYNC_FAILURE_REASONS: [&str; 2] = ["map_full", "error"];
+
 fn unix_seconds() -> f64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -242,7 +305,7 @@ fn unix_seconds() -> f64 {
 /// Series read at scrape time.
 #[derive(Clone, Default)]
 struct Sampled {
-    datapath_packets: Family<PathLabels, Counter>,
+    datapath_packets: Family<PacketLabels, Counter>,
     conntrack_events: Family<EventLabels, Counter>,
     services: ServiceSeries,
     conntrack_entries: Family<TableStateLabels, Gauge>,
@@ -260,13 +323,28 @@ struct Sampled {
 }
 
 impl Sampled {
-    fn register(registry: &mut Registry) -> Self {
+    /// Registers the scrape-time series; the per-service ones only with `per_service`.
+    fn register(registry: &mut Registry, per_service: bool) -> Self {
         let m = Self::default();
+        // Every counter of the datapath from the start, at 0.
+        for &counter in DatapathCounter::ALL {
+            match PacketLabels::of(counter) {
+                Some(labels) => {
+                    m.datapath_packets.get_or_create_owned(&labels);
+                }
+                None => {
+                    m.conntrack_events.get_or_create_owned(&EventLabels {
+                        event: counter.label().into(),
+                    });
+                }
+            }
+        }
         let r = registry.sub_registry_with_prefix("nodeport");
         r.register(
             "datapath_packets",
-            "Packets seen by the datapath, by what happened to them (kind=\"dropped\": drops by \
-             reason)",
+            "Packets seen by the datapath, by what happened to them (reason) and its kind \
+             (forwarded, passed, fallback, dropped): the drops by reason are those of kind \
+             dropped",
             m.datapath_packets.clone(),
         );
         r.register(
@@ -275,22 +353,24 @@ impl Sampled {
              besides them), by event",
             m.conntrack_events.clone(),
         );
-        r.register(
-            "service_packets",
-            "Packets per service port and direction",
-            ServiceFamily {
-                series: m.services.clone(),
-                of: ServiceCount::Packets,
-            },
-        );
-        r.register(
-            "service_bytes",
-            "Bytes (IP length) per service port and direction",
-            ServiceFamily {
-                series: m.services.clone(),
-                of: ServiceCount::Bytes,
-            },
-        );
+        if per_service {
+            r.register(
+                "service_packets",
+                "Packets per service port and direction",
+                ServiceFamily {
+                    series: m.services.clone(),
+                    of: ServiceCount::Packets,
+                },
+            );
+            r.register(
+                "service_bytes",
+                "Bytes (IP length) per service port and direction",
+                ServiceFamily {
+                    series: m.services.clone(),
+                    of: ServiceCount::Bytes,
+                },
+            );
+        }
         r.register(
             "conntrack_entries",
             "Connection tracking entries (both directions) by map (NP_CT established, \
@@ -370,6 +450,8 @@ pub struct Sampler {
     snapshots: SnapshotReceiver,
     node_port_range: ledger::NodePortRange,
     series: Sampled,
+    /// Whether the per-service series are exported (`--metrics-per-service`).
+    per_service: bool,
     ledger: ledger::metrics::LedgerMetrics,
     /// Last sampled totals of the global counters, to turn map totals into increments.
     last: BTreeMap<&'static str, u64>,
@@ -380,7 +462,9 @@ pub struct Sampler {
 
 impl Sampler {
     /// Registers the scrape-time series. `maps` are handles of their own on the datapath's
-    /// maps (`Maps::share`).
+    /// maps (`Maps::share`). Without `per_service`, the per-service series
+    /// (`nodeport_service_packets_total`, `nodeport_service_bytes_total`: four per service
+    /// port) are neither registered nor read.
     pub fn register(
         registry: &mut Registry,
         maps: Maps,
@@ -388,6 +472,7 @@ impl Sampler {
         source: SourceStats,
         snapshots: SnapshotReceiver,
         node_port_range: ledger::NodePortRange,
+        per_service: bool,
     ) -> Self {
         Self {
             maps,
@@ -395,7 +480,8 @@ impl Sampler {
             source,
             snapshots,
             node_port_range,
-            series: Sampled::register(registry),
+            series: Sampled::register(registry, per_service),
+            per_service,
             ledger: ledger::metrics::LedgerMetrics::register(registry),
             last: BTreeMap::new(),
             ledger_revision: None,
@@ -413,34 +499,17 @@ impl Sampler {
     pub fn sample(&mut self) {
         let series = self.series.clone();
         for (counter, total) in dump::counter_values(&self.maps) {
-            let kind = match counter.kind() {
-                CounterKind::Forwarded => "forwarded",
-                CounterKind::Passed => "passed",
-                CounterKind::Fallback => "fallback",
-                CounterKind::Dropped => "dropped",
-                CounterKind::Event => {
-                    let labels = EventLabels {
-                        event: counter.label().into(),
-                    };
-                    self.add(
-                        counter.label(),
-                        total,
-                        &series.conntrack_events.get_or_create(&labels),
-                    );
-                    continue;
-                }
+            let exported = match PacketLabels::of(counter) {
+                Some(labels) => series.datapath_packets.get_or_create_owned(&labels),
+                None => series.conntrack_events.get_or_create_owned(&EventLabels {
+                    event: counter.label().into(),
+                }),
             };
-            let labels = PathLabels {
-                path: counter.label().into(),
-                kind: kind.into(),
-            };
-            self.add(
-                counter.label(),
-                total,
-                &series.datapath_packets.get_or_create(&labels),
-            );
+            self.add(counter.label(), total, &exported);
         }
-        self.sample_services(&series);
+        if self.per_service {
+            self.sample_services(&series);
+        }
         self.sample_fill(&series);
         let totals = self.source.totals();
         self.add("source errors", totals.errors, &series.source_errors);
@@ -736,7 +805,8 @@ impl EncodeMetric for ServiceFamily {
 }
 
 /// Serves `/metrics` until the task is dropped. Each scrape first has `sampler` read the maps
-/// (on a blocking thread), then encodes.
+/// (on a blocking thread), then encodes, in OpenMetrics or the Prometheus text format as the
+/// scraper's `Accept` header asks ([`exposition::Format::negotiate`]).
 ///
 /// Concurrent scrapes share one sample: a scrape that waited for another one's sample to
 /// finish serves that one instead of reading the maps again (a full connection table takes
@@ -746,10 +816,15 @@ pub async fn serve(
     registry: Arc<Registry>,
     sampler: Arc<Sampling>,
 ) -> std::io::Result<()> {
-    use axum::{Router, http::header, response::IntoResponse, routing::get};
+    use axum::{
+        Router,
+        http::{HeaderMap, header},
+        response::IntoResponse,
+        routing::get,
+    };
     let app = Router::new().route(
         "/metrics",
-        get(move || {
+        get(move |headers: HeaderMap| {
             let registry = registry.clone();
             let sampler = sampler.clone();
             async move {
@@ -757,16 +832,10 @@ pub async fn serve(
                 if let Err(e) = sampled {
                     tracing::error!(error = %e, "metrics: sampling the maps failed");
                 }
-                let mut body = String::new();
-                let _ = encode(&mut body, &registry);
-                (
-                    [(
-                        header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    body,
-                )
-                    .into_response()
+                let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+                let format = exposition::Format::negotiate(accept);
+                let body = exposition::render(&registry, format);
+                ([(header::CONTENT_TYPE, format.content_type())], body).into_response()
             }
         }),
     );
@@ -775,6 +844,8 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
+    use prometheus_client::encoding::text::encode;
+
     use super::*;
     use crate::datapath::{
         SnatCensus,
@@ -802,10 +873,181 @@ mod tests {
         }
     }
 
+    fn text(registry: &Registry) -> String {
+        let mut s = String::new();
+        encode(&mut s, registry).unwrap();
+        s
+    }
+
+    /// Every metric the agent registers without the maps, with a series in each family
+    /// whose series come and go (services, SNAT), as a scrape of a busy agent shows them.
+    fn full_registry() -> Registry {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        metrics.programming_seconds.observe(0.3);
+        let series = Sampled::register(&mut registry, true);
+        let mut counts = ServiceCounts::default();
+        counts.add([3, 300, 2, 200]);
+        series.services.write().insert(
+            ServicePortKey {
+                namespace: "shop".into(),
+                name: "web".into(),
+                port_name: "".into(),
+                protocol: Protocol::Tcp,
+            },
+            counts,
+        );
+        SnatExported::default().set(&series, &census(&[("10.2.0.1:8080", 7)]));
+        ledger::metrics::LedgerMetrics::register(&mut registry);
+        registry
+    }
+
+    /// The series every scrape has from the start, before anything happened: the datapath's
+    /// counters by the enum, not by a list kept by hand.
+    #[test]
+    fn counters_exist_at_zero_from_the_start() {
+        let mut registry = Registry::default();
+        Metrics::register(&mut registry);
+        Sampled::register(&mut registry, true);
+        let text = text(&registry);
+        let mut expected: Vec<String> = DatapathCounter::ALL
+            .iter()
+            .map(|&c| match PacketLabels::of(c) {
+                Some(l) => format!(
+                    "nodeport_datapath_packets_total{{reason=\"{}\",kind=\"{}\"}} 0",
+                    l.reason, l.kind
+                ),
+                None => format!(
+                    "nodeport_conntrack_events_total{{event=\"{}\"}} 0",
+                    c.label()
+                ),
+            })
+            .collect();
+        expected.extend(
+            SYNC_FAILURE_REASONS
+                .map(|r| format!("nodeport_sync_failures_total{{reason=\"{r}\"}} 0")),
+        );
+        for map in ["NP_CT", "NP_CT_NEW"] {
+            expected.push(format!(
+                "nodeport_conntrack_gc_deleted_entries_total{{map=\"{map}\"}} 0"
+            ));
+        }
+        for kind in NoticeKind::ALL {
+            expected.push(format!("nodeport_skipped{{kind=\"{}\"}} 0", kind.label()));
+        }
+        expected.push("nodeport_network_programming_duration_seconds_count 0".into());
+        for line in &expected {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        }
+        // The drop reasons of docs/operations.md's examples, under `reason`.
+        for line in [
+            "nodeport_datapath_packets_total{reason=\"snat_port_exhausted\",kind=\"dropped\"} 0",
+            "nodeport_conntrack_events_total{event=\"conntrack_promote_failed\"} 0",
+        ] {
+            assert!(expected.iter().any(|l| l == line), "{line}");
+        }
+        assert!(!text.contains("path="), "{text}");
+    }
+
+    #[test]
+    fn per_service_series_can_be_left_out() {
+        for per_service in [true, false] {
+            let mut registry = Registry::default();
+            let series = Sampled::register(&mut registry, per_service);
+            let mut counts = ServiceCounts::default();
+            counts.add([3, 300, 2, 200]);
+            series.services.write().insert(
+                ServicePortKey {
+                    namespace: "shop".into(),
+                    name: "web".into(),
+                    port_name: "http".into(),
+                    protocol: Protocol::Tcp,
+                },
+                counts,
+            );
+            let text = text(&registry);
+            assert_eq!(
+                text.contains("nodeport_service_packets_total{"),
+                per_service,
+                "{text}"
+            );
+            assert_eq!(text.contains("nodeport_service_bytes_total{"), per_service);
+            // The rest stays.
+            assert!(text.contains("nodeport_datapath_packets_total{"), "{text}");
+        }
+    }
+
+    /// Help texts escape nothing (prometheus-client writes them as they are): a quote or a
+    /// backslash would make the OpenMetrics text invalid. Every family has its help and type,
+    /// in both formats, and the process metrics are there.
+    #[test]
+    fn every_family_has_help_and_type_in_both_formats() {
+        let registry = full_registry();
+        for format in [
+            exposition::Format::OpenMetrics,
+            exposition::Format::PrometheusText,
+        ] {
+            let text = exposition::render(&registry, format);
+            let mut helped = HashSet::new();
+            let mut typed = HashMap::new();
+            for line in text.lines() {
+                if let Some(rest) = line.strip_prefix("# HELP ") {
+                    let (name, help) = rest.split_once(' ').unwrap();
+                    assert!(help.len() > 10, "{line}");
+                    assert!(!help.contains(['"', '\\']), "{line}");
+                    helped.insert(name.to_owned());
+                } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                    let (name, kind) = rest.split_once(' ').unwrap();
+                    typed.insert(name.to_owned(), kind.to_owned());
+                } else if !line.starts_with('#') {
+                    let sample = line.split(['{', ' ']).next().unwrap();
+                    let family = match format {
+                        exposition::Format::OpenMetrics => {
+                            ["_total", "_bucket", "_sum", "_count", ""]
+                                .iter()
+                                .find_map(|s| {
+                                    sample.strip_suffix(s).filter(|f| typed.contains_key(*f))
+                                })
+                        }
+                        exposition::Format::PrometheusText => {
+                            ["_bucket", "_sum", "_count", ""].iter().find_map(|s| {
+                                sample.strip_suffix(s).filter(|f| typed.contains_key(*f))
+                            })
+                        }
+                    };
+                    let family = family.unwrap_or_else(|| panic!("{format:?}: {line}: no TYPE"));
+                    assert!(helped.contains(family), "{format:?}: {line}: no HELP");
+                    if format == exposition::Format::PrometheusText && typed[family] == "counter" {
+                        assert!(family.ends_with("_total"), "{line}");
+                    }
+                }
+            }
+            for name in [
+                "process_cpu_seconds",
+                "process_resident_memory_bytes",
+                "process_open_fds",
+                "process_start_time_seconds",
+                "nodeport_network_programming_duration_seconds",
+                "nodeport_sync_duration_seconds",
+            ] {
+                let name = match (format, name) {
+                    (exposition::Format::PrometheusText, "process_cpu_seconds") => {
+                        "process_cpu_seconds_total"
+                    }
+                    _ => name,
+                };
+                assert!(typed.contains_key(name), "{format:?}: no {name} in\n{text}");
+            }
+        }
+    }
+
     #[test]
     fn service_series_are_counters_per_port_and_direction() {
         let mut registry = Registry::default();
-        let series = Sampled::register(&mut registry);
+        let series = Sampled::register(&mut registry, true);
         let text = |registry: &Registry| {
             let mut s = String::new();
             encode(&mut s, registry).unwrap();
@@ -851,7 +1093,7 @@ mod tests {
     #[test]
     fn snat_series_follow_the_census_and_drop_what_went() {
         let mut registry = Registry::default();
-        let series = Sampled::register(&mut registry);
+        let series = Sampled::register(&mut registry, true);
         let mut exported = SnatExported::default();
         let text = |registry: &Registry| {
             let mut s = String::new();
