@@ -1465,6 +1465,9 @@ fn the_metrics_pass_promtool_and_hold_what_the_monitoring_reads() -> Result<()> 
         without.0
     );
     monitoring::check_metrics(&without.0)?;
+    Ok(())
+}
+
 /// Case 23: a Service without endpoints refuses at once, as kube-proxy's REJECT rules make it
 /// (an ICMP port unreachable): curl fails to connect, a connected UDP socket gets
 /// ECONNREFUSED; the answers are counted.
