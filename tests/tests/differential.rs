@@ -34,8 +34,11 @@ const PODS: [(&str, usize, u8); 6] = [
     ("x", 2, 14),
 ];
 
-/// (name, node port, protocol, endpoint pod, its node); no pod: no endpoints.
-const SERVICES: [(&str, u16, &str, Option<(&str, &str)>); 10] = [
+/// An endpoint: pod address, its node.
+type Endpoint = (&'static str, &'static str);
+
+/// (name, node port, protocol, endpoint); no endpoint: a Service without endpoints.
+const SERVICES: [(&str, u16, &str, Option<Endpoint>); 10] = [
     ("udp-local", 30300, "UDP", Some(("198.18.1.10", "node-1"))),
     ("udp-remote", 30301, "UDP", Some(("198.18.2.10", "node-2"))),
     (
