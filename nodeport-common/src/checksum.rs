@@ -120,38 +120,79 @@ pub fn rst_headers(
 /// (RFC 792's minimum; Linux quotes more, but a receiver matches its socket by these).
 pub const ICMP_QUOTE_LEN: usize = 28;
 
-/// ICMP "destination unreachable", code "port unreachable".
-pub const ICMP_PORT_UNREACHABLE: (u8, u8) = (3, 3);
-/// ICMP "time exceeded", code "TTL exceeded in transit".
-pub const ICMP_TTL_EXCEEDED: (u8, u8) = (11, 0);
+/// What an ICMP error says: its type and code, and for "fragmentation needed" the next-hop
+/// MTU (RFC 1191; 0 otherwise).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IcmpKind {
+    pub kind: u8,
+    pub code: u8,
+    pub mtu: u16,
+}
 
-/// The IPv4 and ICMP headers (checksums filled in) of an ICMP error (`kind`: type and code)
-/// that answers `quoted`, as Linux's `icmp_send` builds it (for iptables' `REJECT
-/// --reject-with icmp-port-unreachable`, or a router's TTL exceeded): from the address the
-/// packet was sent to, TOS `IPTOS_PREC_INTERNETCONTROL` plus the packet's TOS bits, no DF.
-/// `from`/`to` are network order; the message is `20 + 8 + ICMP_QUOTE_LEN` bytes.
+/// "Destination unreachable", code "port unreachable".
+pub const ICMP_PORT_UNREACHABLE: IcmpKind = IcmpKind {
+    kind: 3,
+    code: 3,
+    mtu: 0,
+};
+/// "Time exceeded", code "TTL exceeded in transit".
+pub const ICMP_TTL_EXCEEDED: IcmpKind = IcmpKind {
+    kind: 11,
+    code: 0,
+    mtu: 0,
+};
+
+/// "Destination unreachable", code "fragmentation needed and DF set", with the MTU of the
+/// next hop.
 #[inline(always)]
-pub fn icmp_error_headers(
-    (kind, code): (u8, u8),
+pub const fn icmp_frag_needed(mtu: u16) -> IcmpKind {
+    IcmpKind {
+        kind: 3,
+        code: 4,
+        mtu,
+    }
+}
+
+/// The IPv4 header's TOS of an ICMP error about a packet of TOS `quoted_tos`, as Linux's
+/// `icmp_send` sets it: `IPTOS_PREC_INTERNETCONTROL` plus the packet's TOS bits.
+#[inline(always)]
+pub const fn icmp_error_tos(quoted_tos: u8) -> u8 {
+    0xc0 | (quoted_tos & 0x1e)
+}
+
+/// Total length of an ICMP error quoting [`ICMP_QUOTE_LEN`] bytes.
+pub const ICMP_ERROR_LEN: u16 = (20 + 8 + ICMP_QUOTE_LEN) as u16;
+/// The TTL of the ICMP errors the datapath sends.
+pub const ICMP_ERROR_TTL: u8 = 64;
+
+/// The checksums (as stored: native words) of an ICMP error of `kind` from `from` to `to`
+/// (network order), quoting bytes whose one's complement sum of native 16-bit words is
+/// `quote_sum`, laid out as Linux's `icmp_send` lays it out for iptables' `REJECT
+/// --reject-with icmp-port-unreachable` or a router's TTL exceeded or fragmentation needed:
+/// an IPv4 header without options (`tos`, [`ICMP_ERROR_LEN`], id 0, no DF,
+/// [`ICMP_ERROR_TTL`], ICMP), then type, code, checksum and, for fragmentation needed, the
+/// next-hop MTU in the last two bytes of the ICMP header. Returns (IPv4, ICMP). Computed from
+/// the fields, without building the headers: the datapath writes them in place.
+#[inline(always)]
+pub fn icmp_error_checksums(
+    kind: IcmpKind,
     from: u32,
     to: u32,
-    quoted: &[u8; ICMP_QUOTE_LEN],
-) -> ([u8; 20], [u8; 8]) {
-    let total = (20 + 8 + ICMP_QUOTE_LEN) as u16;
-    let tos = 0xc0 | (quoted[1] & 0x1e);
-    let ip = ipv4_header(from, to, 1, total, tos, false);
-    let mut icmp = [0u8; 8];
-    icmp[0] = kind;
-    icmp[1] = code;
-    let mut sum = u16::from_ne_bytes([icmp[0], icmp[1]]) as u32;
-    let mut i = 0;
-    while i < ICMP_QUOTE_LEN {
-        sum += u16::from_ne_bytes([quoted[i], quoted[i + 1]]) as u32;
-        i += 2;
-    }
-    let check = !fold(sum);
-    icmp[2..4].copy_from_slice(&check.to_ne_bytes());
-    (ip, icmp)
+    tos: u8,
+    quote_sum: u32,
+) -> (u16, u16) {
+    let word = |hi: u8, lo: u8| u16::from_ne_bytes([hi, lo]) as u32;
+    let len = ICMP_ERROR_LEN.to_be_bytes();
+    let ip_sum = word(0x45, tos)
+        + word(len[0], len[1])
+        + word(ICMP_ERROR_TTL, 1)
+        + (from & 0xffff)
+        + (from >> 16)
+        + (to & 0xffff)
+        + (to >> 16);
+    let mtu = kind.mtu.to_be_bytes();
+    let icmp_sum = word(kind.kind, kind.code) + word(mtu[0], mtu[1]) + fold(quote_sum) as u32;
+    (!fold(ip_sum), !fold(icmp_sum))
 }
 
 /// Full checksum of `data` (used by userspace tests and tools, not per packet).
@@ -200,21 +241,43 @@ mod tests {
     }
 
     #[test]
-    fn the_icmp_error_headers_carry_valid_checksums() {
+    fn the_icmp_error_checksums_match_the_headers_laid_out() {
         let from = u32::from_ne_bytes([198, 18, 0, 1]);
         let to = u32::from_ne_bytes([198, 18, 0, 100]);
         let mut quoted = [0u8; ICMP_QUOTE_LEN];
         quoted[..20].copy_from_slice(&header([198, 18, 0, 100], [198, 18, 0, 1]));
         quoted[1] = 0x10;
         quoted[20..].copy_from_slice(&[0x9c, 0x40, 0x75, 0x80, 0, 12, 0xab, 0xcd]);
-        let (ip, icmp) = icmp_error_headers(ICMP_PORT_UNREACHABLE, from, to, &quoted);
-        assert_eq!(compute(&ip), 0, "IPv4 header checksum");
-        assert_eq!(&ip[2..4], &56u16.to_be_bytes());
-        assert_eq!((ip[1], ip[6], ip[9]), (0xd0, 0, 1), "TOS, no DF, ICMP");
-        let mut message = icmp.to_vec();
-        message.extend_from_slice(&quoted);
-        assert_eq!(compute(&message), 0, "ICMP checksum");
-        assert_eq!(&icmp[..2], &[3, 3], "port unreachable");
+        let quote_sum = quoted
+            .chunks_exact(2)
+            .map(|w| u16::from_ne_bytes([w[0], w[1]]) as u32)
+            .sum();
+        for kind in [
+            ICMP_PORT_UNREACHABLE,
+            ICMP_TTL_EXCEEDED,
+            icmp_frag_needed(1400),
+        ] {
+            let tos = icmp_error_tos(quoted[1]);
+            assert_eq!(tos, 0xd0);
+            let (ip_check, icmp_check) = icmp_error_checksums(kind, from, to, tos, quote_sum);
+            // The layout the datapath writes, independently.
+            let mut ip = [0u8; 20];
+            ip[0] = 0x45;
+            ip[1] = tos;
+            ip[2..4].copy_from_slice(&56u16.to_be_bytes());
+            ip[8] = 64;
+            ip[9] = 1;
+            ip[10..12].copy_from_slice(&ip_check.to_ne_bytes());
+            ip[12..16].copy_from_slice(&from.to_ne_bytes());
+            ip[16..20].copy_from_slice(&to.to_ne_bytes());
+            assert_eq!(compute(&ip), 0, "IPv4 header checksum of {kind:?}");
+            let mut message = [0u8; 8 + ICMP_QUOTE_LEN];
+            message[..2].copy_from_slice(&[kind.kind, kind.code]);
+            message[2..4].copy_from_slice(&icmp_check.to_ne_bytes());
+            message[6..8].copy_from_slice(&kind.mtu.to_be_bytes());
+            message[8..].copy_from_slice(&quoted);
+            assert_eq!(compute(&message), 0, "ICMP checksum of {kind:?}");
+        }
     }
 
     /// An IPv4 header with a valid checksum (from RFC 1071's worked example style).

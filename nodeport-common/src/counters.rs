@@ -87,6 +87,9 @@ counters! {
     /// TTL would reach zero on a packet the TC hooks translate (a pod's reply), or on an ICMP
     /// error: the kernel stack answers (or drops it), about the packet as the sender sent it.
     FallbackTtlExceeded = 23, Fallback, "ttl_exceeded";
+    /// A local pod's reply larger than the egress MTU with DF set: handed to the kernel
+    /// untranslated, which tells the pod (fragmentation needed, about its own packet).
+    FallbackFragNeeded = 24, Fallback, "frag_needed_to_kernel";
 
     /// No backend at all for the service.
     DroppedNoBackend = 30, Dropped, "no_backend";
@@ -139,6 +142,14 @@ counters! {
     AnsweredTtlExceeded = 47, Dropped, "ttl_exceeded_answered";
     /// As ttl_exceeded_answered, past the answer budget or with IPv4 options: dropped.
     DroppedTtlExceeded = 48, Dropped, "ttl_exceeded_dropped";
+    /// A packet nodeport would forward is larger than the route's MTU and has DF set:
+    /// answered with an ICMP fragmentation needed (with the MTU) from its destination, quoting
+    /// it as it was sent, as the kernel's forwarding answers, so its sender's path MTU
+    /// discovery works. Same budget as no_backend_rejected.
+    AnsweredFragNeeded = 49, Dropped, "frag_needed_answered";
+    /// As frag_needed_answered, past the answer budget or with IPv4 options: dropped.
+    /// (Index 60: 30-49 are taken.)
+    DroppedFragNeeded = 60, Dropped, "frag_needed_dropped";
 
     /// A connection completed its handshake but the established table was full: it stays in
     /// the handshake table (where a flood may evict it). Size --conntrack-size up.

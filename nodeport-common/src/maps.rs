@@ -440,9 +440,12 @@ pub struct CtEntry {
     /// Last packet in this direction, in jiffies. A connection lives while either of its two
     /// entries does.
     pub last_seen: u64,
-    /// When (jiffies) the cached next hop below was last confirmed by a FIB lookup; 0: none.
-    /// A FIB lookup costs more than the rest of the path together, so a connection repeats it
-    /// at most once a second (docs/datapath.md).
+    /// When (jiffies, the low 48 bits; 0: never) the cached next hop below was last confirmed
+    /// by a FIB lookup, and the route's MTU then (the high 16 bits; 0: not known), packed into
+    /// one field so the entry keeps its layout: a datapath that knows no MTU here reads a
+    /// packed value as a check long ago and looks the route up anew. A FIB lookup costs more
+    /// than the rest of the path together, so a connection repeats it at most once a second
+    /// (docs/datapath.md); [`CtEntry::route_check`] and [`CtEntry::route_mtu`] unpack it.
     pub route_checked: u64,
     pub new_saddr_be: u32,
     pub new_daddr_be: u32,
@@ -501,7 +504,38 @@ pub const fn seq_after(a: u32, b: u32) -> bool {
 /// of 1 MiB without knowing the scale, so a blind guess hits it once in 4,096 tries at most.
 pub const SEQ_WINDOW: u32 = 1 << 20;
 
+/// The bits of [`CtEntry::route_checked`] that hold the time of the check.
+const ROUTE_CHECK_TIME: u64 = (1 << 48) - 1;
+
 impl CtEntry {
+    /// When the cached next hop was last confirmed (jiffies, 48 bits; 0: never).
+    #[inline(always)]
+    pub const fn route_check(&self) -> u64 {
+        self.route_checked & ROUTE_CHECK_TIME
+    }
+
+    /// The cached route's MTU (0: not known).
+    #[inline(always)]
+    pub const fn route_mtu(&self) -> u16 {
+        (self.route_checked >> 48) as u16
+    }
+
+    /// Records a FIB lookup at `now` (jiffies) that found a route of MTU `mtu`.
+    #[inline(always)]
+    pub const fn set_route_check(&mut self, now: u64, mtu: u16) {
+        self.route_checked = (now & ROUTE_CHECK_TIME) | ((mtu as u64) << 48);
+    }
+
+    /// Whether the cached next hop is due for a FIB lookup at `now`: never checked, its MTU
+    /// not known, or checked `recheck` jiffies ago or more.
+    #[inline(always)]
+    pub const fn route_stale(&self, now: u64, recheck: u64) -> bool {
+        let checked = self.route_check();
+        checked == 0
+            || self.route_mtu() == 0
+            || (now & ROUTE_CHECK_TIME).wrapping_sub(checked) & ROUTE_CHECK_TIME >= recheck
+    }
+
     /// Whether this direction's sequence numbers are known (a packet of it was seen).
     #[inline(always)]
     pub const fn seq_known(&self) -> bool {
@@ -723,6 +757,23 @@ mod tests {
     const FWD: u8 = CT_DIR_FORWARD;
     const REP: u8 = CT_DIR_REPLY;
     const SYN_ACK: u8 = TCP_SYN | TCP_ACK;
+
+    #[test]
+    fn the_route_check_packs_its_time_and_mtu_and_an_unpacked_one_is_stale() {
+        let mut e = CtEntry::default();
+        assert!(e.route_stale(1_000, 250), "never checked");
+        e.set_route_check(1_000, 1400);
+        assert_eq!((e.route_check(), e.route_mtu()), (1_000, 1400));
+        assert!(!e.route_stale(1_249, 250));
+        assert!(e.route_stale(1_250, 250));
+        // A check written by a datapath that knew no MTU: looked up anew.
+        e.route_checked = 1_000;
+        assert!(e.route_stale(1_001, 250), "no MTU known");
+        // Jiffies past 48 bits wrap with the field.
+        e.set_route_check((1 << 48) - 10, 1500);
+        assert!(!e.route_stale(1 << 48, 250));
+        assert!(e.route_stale((1 << 48) + 240, 250));
+    }
 
     fn config() -> DatapathConfig {
         DatapathConfig {

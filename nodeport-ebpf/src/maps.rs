@@ -1,6 +1,7 @@
 //! The maps, one static each. Names match `nodeport_common::names`; sizes here are defaults
 //! that the agent overrides at load time (`EbpfLoader::map_max_entries`).
 
+use crate::fib::Route;
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
@@ -50,10 +51,18 @@ pub static NP_CT: HashMap<CtKey, CtEntry> = HashMap::with_max_entries(capacity::
 pub static NP_CT_NEW: LruHashMap<CtKey, CtEntry> =
     LruHashMap::with_max_entries(capacity::CONNTRACK_NEW, 0);
 
-/// Room for the two entries of a new connection while `np_xdp_new` builds them: 128 bytes
-/// the 512-byte BPF stack cannot spare next to the SNAT port search.
+/// Room for what `np_xdp_new` builds for a new connection: its two entries (144 bytes the
+/// 512-byte BPF stack cannot spare next to the SNAT port search) and the route to its backend
+/// (held here, not on the stack, across that search: the verifier then walks the search once
+/// for every kind of route instead of once per kind).
+pub struct NewScratch {
+    pub forward: CtEntry,
+    pub reply: CtEntry,
+    pub route: Route,
+}
+
 #[map]
-pub static NP_NEW_SCRATCH: PerCpuArray<[CtEntry; 2]> = PerCpuArray::with_max_entries(1, 0);
+pub static NP_NEW_SCRATCH: PerCpuArray<NewScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Programs tail-called from the XDP entry point (see nodeport_common::programs).
 /// Per CPU: the second (in jiffies) of the last RSTs for Services without endpoints, and how

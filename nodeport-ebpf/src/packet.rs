@@ -15,6 +15,7 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 
+const IP_DF: u16 = 0x4000;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET_MASK: u16 = 0x1fff;
 
@@ -115,6 +116,13 @@ impl Flow {
     #[inline(always)]
     pub fn is_tcp(&self) -> bool {
         self.proto == IPPROTO_TCP
+    }
+
+    /// The IPv4 "don't fragment" bit (read from the header: rarely asked).
+    #[inline(always)]
+    pub fn dont_fragment(&self) -> bool {
+        // SAFETY: `ip` is a bounds-checked IPv4 header.
+        u16::from_be(unsafe { (*self.ip).frag_off_be }) & IP_DF != 0
     }
 
     /// A TCP SYN without ACK: the first packet of a connection.

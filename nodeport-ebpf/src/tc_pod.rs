@@ -93,6 +93,12 @@ pub fn process(ctx: &TcContext) -> i32 {
     else {
         return TC_ACT_SHOT;
     };
+    // Too big for the way to the client, DF set: the kernel tells the pod, about the pod's
+    // own packet, if it gets that packet untranslated (it drops it).
+    if route.hop == Hop::FragNeeded && flow.dont_fragment() {
+        count(Counter::FallbackFragNeeded);
+        return TC_ACT_OK;
+    }
     if rewrite_skb(ctx, &flow, &new).is_err() {
         count(Counter::FallbackRedirect);
         return TC_ACT_OK;
@@ -110,7 +116,7 @@ pub fn process(ctx: &TcContext) -> i32 {
 #[inline(always)]
 fn redirect_out(ctx: &TcContext, route: Route, resolved: Counter, neighbour: Counter) -> i32 {
     let macs = match route.hop {
-        Hop::Unresolved => {
+        Hop::Unresolved | Hop::FragNeeded => {
             count(Counter::FallbackFibLookup);
             return TC_ACT_OK;
         }
@@ -311,6 +317,6 @@ fn reply_route(
     }
     // SAFETY: as above.
     let new = Tuple::from(unsafe { &*entry });
-    let route = fib::next_hop(entry, now, recheck, || lookup(&new));
+    let route = fib::next_hop(entry, now, recheck, 0, || lookup(&new));
     Some((new, route))
 }

@@ -20,14 +20,20 @@ use nodeport_common::{
     BE_F_LOCAL, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_LOCAL, CT_F_PORT_REWRITE, CT_F_SNAT, Counter,
     CtEntry, CtKey, CtState, DatapathConfig, Frontend, FrontendKey, IPPROTO_ICMP, IPPROTO_UDP,
     PROG_SLOT_NEW_CONNECTION, TCP_ACK, TCP_RST, TCP_SYN, XDP_META_F_NEIGH, XDP_META_MAGIC, XdpMeta,
-    checksum::{self, ICMP_PORT_UNREACHABLE, ICMP_QUOTE_LEN, ICMP_TTL_EXCEEDED},
+    checksum::{
+        self, ICMP_ERROR_LEN, ICMP_ERROR_TTL, ICMP_PORT_UNREACHABLE, ICMP_QUOTE_LEN,
+        ICMP_TTL_EXCEEDED, IcmpKind,
+    },
 };
 
 use crate::{
     conntrack::{self, Known, Table, now},
     fib::{self, Hop, Route},
-    icmp,
-    maps::{NP_CONFIG, NP_FRONTENDS, NP_NEW_SCRATCH, NP_PROGS, NP_REJECT_BUDGET, NP_SNAT_ADDRS},
+    icmp::{self, IcmpHdr},
+    maps::{
+        NP_CONFIG, NP_FRONTENDS, NP_NEW_SCRATCH, NP_PROGS, NP_REJECT_BUDGET, NP_SNAT_ADDRS,
+        NewScratch,
+    },
     nat::{Tuple, decrement_ttl_xdp, rewrite_xdp},
     packet::{ETH_HLEN, EthHdr, Flow, Ipv4Hdr, parse, ptr_at},
     select::{self, frontend_port},
@@ -217,25 +223,30 @@ pub fn process_new(ctx: &XdpContext) -> Result<Verdict, Counter> {
     };
     let key = conntrack::key(&flow, CT_DIR_FORWARD);
     let now = now();
-    let (new, route) = match new_connection(ctx, cfg, &flow, &key, &fe, now) {
+    let outcome = new_connection(ctx, cfg, &flow, &key, &fe, now);
+    let answer = match &outcome {
         // No usable endpoint anywhere: kube-proxy's REJECT (iptables' default answer, an ICMP
         // port unreachable, for a TCP SYN as for a datagram), so the client fails at once
         // instead of retrying for a minute. (`new_connection` refused any RST before choosing
         // a backend; other TCP segments are dropped.)
         Err(Counter::DroppedNoBackend) if flow.is_syn_only() || flow.proto == IPPROTO_UDP => {
-            return answer_icmp(
-                ctx,
-                cfg,
-                &flow,
-                now,
+            Some((
                 ICMP_PORT_UNREACHABLE,
                 (Counter::RejectedNoBackend, Counter::DroppedNoBackend),
-            );
+            ))
         }
-        result => result?,
+        // Asked only when nothing was recorded: after the SNAT port search the verifier
+        // then walks no answer.
+        Ok((_, route, false)) => router_answer(&flow, route),
+        _ => None,
     };
+    // One place answers, whatever the reason: the verifier walks it once.
+    if let Some((kind, counters)) = answer {
+        return answer_icmp(ctx, cfg, &flow, now, kind, counters);
+    }
+    let (new, route, _) = outcome?;
     stats::service(fe.svc_id, flow.tot_len, CT_DIR_FORWARD);
-    transmit(ctx, cfg, &flow, &new, route, now)
+    transmit(ctx, &flow, &new, route)
 }
 
 /// Answers per CPU and second to clients nodeport turns away (RSTs and ICMP errors).
@@ -313,11 +324,11 @@ fn answer_rst(
     Ok((xdp_action::XDP_TX, sent))
 }
 
-/// Answers a packet with an ICMP error (`kind`: type and code) from the address it was sent
-/// to, quoting its IPv4 header and the first 8 bytes of its transport header (ports, and a
-/// TCP sequence number), in place, back out of the interface it came in on, as Linux's
-/// `icmp_send` answers: kube-proxy's `-j REJECT` (`--reject-with icmp-port-unreachable` by
-/// default, for a TCP SYN as for a datagram), a router's TTL exceeded. Counted as
+/// Answers a packet with an ICMP error of `kind` from the address it was sent to, quoting
+/// its IPv4 header and the first 8 bytes of its transport header (ports, and a TCP sequence
+/// number), in place, back out of the interface it came in on, as Linux's `icmp_send`
+/// answers: kube-proxy's `-j REJECT` (`--reject-with icmp-port-unreachable` by default, for a
+/// TCP SYN as for a datagram), a router's TTL exceeded or fragmentation needed. Counted as
 /// `counters.0`; past the answer budget, or for a packet with IPv4 options, the packet is
 /// dropped and counted as `counters.1`.
 #[inline(always)]
@@ -326,46 +337,87 @@ fn answer_icmp(
     cfg: &DatapathConfig,
     flow: &Flow,
     now: u64,
-    kind: (u8, u8),
+    kind: IcmpKind,
     (sent, failed): (Counter, Counter),
 ) -> Result<Verdict, Counter> {
     if !plain_ipv4(flow) || !spend_answer(cfg, now) {
         return Err(failed);
     }
+    if !icmp_answer_frame(ctx, flow.daddr_be, flow.saddr_be, kind) {
+        return Err(failed);
+    }
+    Ok((xdp_action::XDP_TX, sent))
+}
+
+/// Turns the frame into the ICMP error of [`answer_icmp`], from `from_be` to `to_be`, field
+/// by field (no header buffers: this runs inline on the established path, whose stack frame
+/// is near the verifier's limit).
+#[inline(always)]
+fn icmp_answer_frame(ctx: &XdpContext, from_be: u32, to_be: u32, kind: IcmpKind) -> bool {
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    let eth: *const EthHdr = ptr_at(data, data_end, 0).ok_or(Counter::DroppedMalformed)?;
-    let quoted: *const [u8; ICMP_QUOTE_LEN] =
-        ptr_at(data, data_end, ETH_HLEN).ok_or(Counter::DroppedMalformed)?;
-    // SAFETY: both bounds-checked just above; copied out before the frame changes.
-    let (client_mac, own_mac, quoted) = unsafe { ((*eth).src, (*eth).dst, *quoted) };
-    let (ip, icmp) = checksum::icmp_error_headers(kind, flow.daddr_be, flow.saddr_be, &quoted);
+    let (Some(eth), Some(quoted)) = (
+        ptr_at::<EthHdr>(data, data_end, 0),
+        ptr_at::<[u16; ICMP_QUOTE_LEN / 2]>(data, data_end, ETH_HLEN),
+    ) else {
+        return false;
+    };
+    // SAFETY: both bounds-checked just above; read before the frame changes.
+    let (client_mac, own_mac, quoted_tos, quote_sum) = unsafe {
+        let mut sum = 0u32;
+        for word in *quoted {
+            sum += u32::from(word);
+        }
+        ((*eth).src, (*eth).dst, (*quoted)[0].to_ne_bytes()[1], sum)
+    };
+    let tos = checksum::icmp_error_tos(quoted_tos);
+    let (ip_check, icmp_check) =
+        checksum::icmp_error_checksums(kind, from_be, to_be, tos, quote_sum);
     // The quote stays where it is: cut what follows it, then open room for the new
     // Ethernet, IPv4 and ICMP headers in front of it.
     let len = (data_end - data) as i32;
     let quote_end = (ETH_HLEN + ICMP_QUOTE_LEN) as i32;
     // SAFETY: shrinking the frame to Ethernet + the quoted bytes.
     if len > quote_end && unsafe { bpf_xdp_adjust_tail(ctx.ctx, quote_end - len) } != 0 {
-        return Err(failed);
+        return false;
     }
     // SAFETY: growing the frame at its head by the new IPv4 and ICMP headers.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -28) } != 0 {
-        return Err(failed);
+        return false;
     }
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    let eth: *mut EthHdr = ptr_at(data, data_end, 0).ok_or(Counter::DroppedMalformed)?;
-    let ip_header: *mut [u8; 20] =
-        ptr_at(data, data_end, ETH_HLEN).ok_or(Counter::DroppedMalformed)?;
-    let icmp_header: *mut [u8; 8] =
-        ptr_at(data, data_end, ETH_HLEN + 20).ok_or(Counter::DroppedMalformed)?;
+    let (Some(eth), Some(ip), Some(icmp)) = (
+        ptr_at::<EthHdr>(data, data_end, 0),
+        ptr_at::<Ipv4Hdr>(data, data_end, ETH_HLEN),
+        ptr_at::<IcmpHdr>(data, data_end, ETH_HLEN + 20),
+    ) else {
+        return false;
+    };
+    let mtu = kind.mtu.to_be_bytes();
     // SAFETY: all three bounds-checked just above.
     unsafe {
         (*eth).src = own_mac;
         (*eth).dst = client_mac;
         (*eth).ether_type_be = 0x0800u16.to_be();
-        *ip_header = ip;
-        *icmp_header = icmp;
+        *ip = Ipv4Hdr {
+            version_ihl: 0x45,
+            tos,
+            tot_len_be: ICMP_ERROR_LEN.to_be(),
+            id_be: 0,
+            frag_off_be: 0,
+            ttl: ICMP_ERROR_TTL,
+            proto: IPPROTO_ICMP,
+            check: ip_check,
+            saddr_be: from_be,
+            daddr_be: to_be,
+        };
+        *icmp = IcmpHdr {
+            kind: kind.kind,
+            code: kind.code,
+            check: icmp_check,
+            rest: u32::from_ne_bytes([0, 0, mtu[0], mtu[1]]),
+        };
     }
-    Ok((xdp_action::XDP_TX, sent))
+    true
 }
 
 /// The route of a translated packet, looked up now (no cache).
@@ -419,14 +471,20 @@ fn known(
         let new = Tuple::from(unsafe { &*entry });
         (
             new,
-            fib::next_hop(entry, now, recheck, || lookup_route(ctx, flow, &new)),
+            fib::next_hop(entry, now, recheck, flow.tot_len, || {
+                lookup_route(ctx, flow, &new)
+            }),
         )
     };
-    transmit(ctx, cfg, flow, &new, route, now)
+    if let Some((kind, counters)) = router_answer(flow, &route) {
+        return answer_icmp(ctx, cfg, flow, now, kind, counters);
+    }
+    transmit(ctx, flow, &new, route)
 }
 
 /// Selects a backend and records both directions of the connection in the handshake table.
-/// Returns the tuple the packet is rewritten to and the route to the backend.
+/// Returns the tuple the packet is rewritten to, the route to the backend, and whether the
+/// connection was recorded (not when a router would answer the packet instead).
 #[inline(always)]
 fn new_connection(
     ctx: &XdpContext,
@@ -435,7 +493,7 @@ fn new_connection(
     forward_key: &CtKey,
     fe: &Frontend,
     now: u64,
-) -> Result<(Tuple, Route), Counter> {
+) -> Result<(Tuple, Route, bool), Counter> {
     if flow.is_tcp() {
         let f = flow.tcp_flags;
         // An RST has nothing to reset and a SYN-ACK answers nothing: neither starts a
@@ -460,13 +518,23 @@ fn new_connection(
         dport_be: backend.port_be,
     };
     let route = lookup_route(ctx, flow, &new);
+    // A packet a router would answer instead (TTL 1, too big with DF) starts nothing: like
+    // netfilter, which never confirms the connection of a packet it did not forward.
+    if router_answer(flow, &route).is_some() {
+        return Ok((new, route, false));
+    }
     let egress = route.ifindex;
     let local = backend.flags & BE_F_LOCAL != 0;
     let scratch = NP_NEW_SCRATCH
         .get_ptr_mut(0)
         .ok_or(Counter::DroppedConntrackFull)?;
     // SAFETY: this CPU's scratch slot, used by this program run alone.
-    let [forward, reply] = unsafe { &mut *scratch };
+    let NewScratch {
+        forward,
+        reply,
+        route: held,
+    } = unsafe { &mut *scratch };
+    *held = route;
     *forward = CtEntry {
         last_seen: now,
         new_saddr_be: new.saddr_be,
@@ -538,33 +606,36 @@ fn new_connection(
         Table::Handshake.remove(&forward.opposite_key(flow.proto, CT_DIR_REPLY));
         return Err(counter);
     }
-    Ok((new, route))
+    Ok((new, *held, true))
 }
 
-/// Rewrites the packet to `new` and sends it on by `route`.
+/// What a router would answer instead of forwarding the packet, about the packet as its
+/// sender sent it: TTL 1, time exceeded (handed to the kernel, a packet to the node's own
+/// address would be delivered locally and get a port unreachable); too big for the route with
+/// DF, fragmentation needed (handed to the kernel translated, the kernel's would quote the
+/// translated packet, which the sender cannot match; without DF, the kernel fragments it).
 #[inline(always)]
-fn transmit(
-    ctx: &XdpContext,
-    cfg: &DatapathConfig,
-    flow: &Flow,
-    new: &Tuple,
-    route: Route,
-    now: u64,
-) -> Result<Verdict, Counter> {
-    // TTL 1: a router's ICMP time exceeded, about the packet as its sender sent it. (Handed
-    // to the kernel, a packet to the node's own address would be delivered locally and get
-    // a port unreachable.)
+fn router_answer(flow: &Flow, route: &Route) -> Option<(IcmpKind, (Counter, Counter))> {
     // SAFETY: flow.ip is a bounds-checked IPv4 header.
     if unsafe { (*flow.ip).ttl } <= 1 {
-        return answer_icmp(
-            ctx,
-            cfg,
-            flow,
-            now,
+        return Some((
             ICMP_TTL_EXCEEDED,
             (Counter::AnsweredTtlExceeded, Counter::DroppedTtlExceeded),
-        );
+        ));
     }
+    if route.hop == Hop::FragNeeded && flow.dont_fragment() {
+        return Some((
+            checksum::icmp_frag_needed(route.mtu),
+            (Counter::AnsweredFragNeeded, Counter::DroppedFragNeeded),
+        ));
+    }
+    None
+}
+
+/// Rewrites the packet to `new` and sends it on by `route` (the caller has asked
+/// [`router_answer`]).
+#[inline(always)]
+fn transmit(ctx: &XdpContext, flow: &Flow, new: &Tuple, route: Route) -> Result<Verdict, Counter> {
     rewrite_xdp(flow, new);
     send(ctx, flow.ip, route)
 }
@@ -575,7 +646,9 @@ fn send(ctx: &XdpContext, ip: *mut Ipv4Hdr, route: Route) -> Result<Verdict, Cou
     let ingress = ingress_ifindex(ctx);
     // The kernel stack routes what the FIB lookup could not decide (and sends any ICMP).
     let (ifindex, flags, smac, dmac) = match route.hop {
-        Hop::Unresolved => return Ok((xdp_action::XDP_PASS, Counter::FallbackFibLookup)),
+        Hop::Unresolved | Hop::FragNeeded => {
+            return Ok((xdp_action::XDP_PASS, Counter::FallbackFibLookup));
+        }
         Hop::Resolved => (route.ifindex, 0, route.smac, route.dmac),
         Hop::NoNeighbour => (route.ifindex, XDP_META_F_NEIGH, [0; 6], [0; 6]),
     };

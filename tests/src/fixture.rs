@@ -48,6 +48,11 @@ fn mac_str(m: Mac) -> String {
         .join(":")
 }
 
+/// A pod address behind a route of MTU 1400.
+pub const NARROW_POD: &str = "198.18.1.20";
+/// A client address behind a device of MTU 1400.
+pub const NARROW_CLIENT: &str = "198.18.5.100";
+
 /// The namespace the programs run in during a test run.
 pub struct Topology {
     pub ns: NetNs,
@@ -84,12 +89,25 @@ impl Topology {
             "neigh add 198.18.0.2 lladdr {} dev ext0 nud permanent",
             mac_str(NODE2_MAC)
         ))?;
-        for pod in ["198.18.1.10", "198.18.1.11"] {
+        // A pod the node reaches over a route of MTU 1400 (path MTU cases); locked, as a
+        // forwarding node reads a route's MTU only then (ip_mtu_from_fib_result).
+        ns.ip(&format!("route add {NARROW_POD}/32 dev pod0 mtu lock 1400"))?;
+        for pod in ["198.18.1.10", "198.18.1.11", NARROW_POD] {
             ns.ip(&format!(
                 "neigh add {pod} lladdr {} dev pod0 nud permanent",
                 mac_str(POD_MAC)
             ))?;
         }
+        // Clients the node reaches through a device of MTU 1400 (path MTU of pod replies).
+        ns.ip("link add ext1 mtu 1400 type veth peer name ext1p mtu 1400")?;
+        for dev in ["ext1", "ext1p"] {
+            ns.ip(&format!("link set {dev} up"))?;
+        }
+        ns.ip(&format!("route add {NARROW_CLIENT}/32 dev ext1"))?;
+        ns.ip(&format!(
+            "neigh add {NARROW_CLIENT} lladdr {} dev ext1 nud permanent",
+            mac_str(CLIENT_MAC)
+        ))?;
         let ext_ifindex = ns.ifindex("ext0")?;
         let pod_ifindex = ns.ifindex("pod0")?;
         Ok(Self {

@@ -77,6 +77,8 @@ pub struct Pkt {
     pub more_fragments: bool,
     /// In 8-byte units.
     pub fragment_offset: u16,
+    /// The "don't fragment" bit of an unfragmented packet (on by default, as Linux sets it).
+    pub dont_fragment: bool,
     /// TCP sequence and acknowledgement numbers. The defaults are one exchange's worth: the
     /// acknowledgement does not go past what a default packet the other way sends, so the
     /// datapath's window checks take them as one connection's.
@@ -106,6 +108,7 @@ impl Pkt {
             ip_id: 0x1234,
             more_fragments: false,
             fragment_offset: 0,
+            dont_fragment: true,
             seq: 1000,
             ack: 1000,
         }
@@ -140,6 +143,12 @@ impl Pkt {
         self
     }
 
+    /// Clears the "don't fragment" bit.
+    pub fn may_fragment(mut self) -> Self {
+        self.dont_fragment = false;
+        self
+    }
+
     pub fn payload(mut self, payload: &[u8]) -> Self {
         self.payload = payload.to_vec();
         self
@@ -163,7 +172,7 @@ impl Pkt {
         ip.options = Ipv4Options::try_from(self.ip_options.as_slice()).expect("valid options");
         ip.total_len = (ip.header_len() + l4_len) as u16;
         ip.identification = self.ip_id;
-        ip.dont_fragment = !self.more_fragments && self.fragment_offset == 0;
+        ip.dont_fragment = self.dont_fragment && !self.more_fragments && self.fragment_offset == 0;
         ip.more_fragments = self.more_fragments;
         ip.fragment_offset = IpFragOffset::try_new(self.fragment_offset).expect("offset");
         ip.header_checksum = ip.calc_header_checksum();

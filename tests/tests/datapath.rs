@@ -146,6 +146,10 @@ const CASES: &[(&str, Case)] = &[
         icmp_errors_translated,
     ),
     (
+        "a packet above the route's MTU with DF gets fragmentation needed, new or established",
+        path_mtu,
+    ),
+    (
         "a lost entry is recreated; one whose tuple was taken drops",
         lost_partner_recreated_or_dropped,
     ),
@@ -2253,5 +2257,111 @@ fn icmp_errors_translated(fx: &mut Fixture, topo: &Topology) -> Result<()> {
         );
         check_counters(fx, &before, &[(Counter::PassedOtherProtocol, 1)])?;
     }
+    Ok(())
+}
+
+fn path_mtu(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    let narrow = format!("{NARROW_POD}:8080");
+    fx.add_service(&local_service(1, vec![local(1, &narrow)]))?;
+    let frag_needed = |mtu| {
+        etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+        )
+    };
+    let big = |sport: u16| {
+        from_client(sport, FRONTEND, ACK)
+            .seq(1001)
+            .payload(&[b'x'; 1460])
+    };
+    // 1. In the handshake: the route's MTU from the FIB lookup. The router's answer, about
+    // the segment as the client sent it, from the frontend; nothing recorded for it.
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?;
+    let segment = big(40000);
+    let run = xdp_counted(
+        fx,
+        topo,
+        &segment,
+        XDP_TX,
+        &[(Counter::AnsweredFragNeeded, 1)],
+    )?;
+    check_icmp_answer(&run.frame, &segment.bytes(), frag_needed(1400))?;
+    // Without DF the kernel fragments it: translated and handed over.
+    let run = xdp_counted(
+        fx,
+        topo,
+        &segment.clone().may_fragment(),
+        XDP_PASS,
+        &[(Counter::FallbackFibLookup, 1)],
+    )?;
+    ensure!(
+        parse_checked(&run.frame)?.dst == sa(&narrow),
+        "not translated"
+    );
+
+    // 2. Established: the route's MTU from the connection's cached next hop.
+    let syn_ack =
+        Pkt::tcp(sa(&narrow), sa("198.18.0.100:40001"), SYN_ACK).macs(POD_MAC, POD_HOST_MAC);
+    xdp_action(fx, topo, &from_client(40001, FRONTEND, SYN), XDP_PASS)?;
+    let (ret, _) = fx.tc_pod(topo, &syn_ack.bytes())?;
+    ensure!(ret == TC_ACT_REDIRECT, "SYN-ACK: tc verdict {ret}");
+    xdp_action(fx, topo, &from_client(40001, FRONTEND, ACK), XDP_PASS)?;
+    ensure!(tables_of(fx, 40001)? == (2, 0), "not established");
+    let small = from_client(40001, FRONTEND, ACK)
+        .seq(1001)
+        .payload(&[b'x'; 1000]);
+    xdp_action(fx, topo, &small, XDP_PASS)?;
+    let segment = big(40001);
+    let run = xdp_counted(
+        fx,
+        topo,
+        &segment,
+        XDP_TX,
+        &[(Counter::AnsweredFragNeeded, 1)],
+    )?;
+    check_icmp_answer(&run.frame, &segment.bytes(), frag_needed(1400))?;
+
+    // 3. A local pod's reply too big for the way to the client: with DF the kernel gets it
+    // untranslated and tells the pod about its own packet; without, it gets it translated
+    // and fragments it.
+    let far_client = format!("{NARROW_CLIENT}:40002");
+    let syn = Pkt::tcp(sa(&far_client), sa(FRONTEND), SYN).macs(CLIENT_MAC, EXT_MAC);
+    xdp_action(fx, topo, &syn, XDP_PASS)?;
+    let reply = Pkt::tcp(sa(&narrow), sa(&far_client), SYN_ACK)
+        .macs(POD_MAC, POD_HOST_MAC)
+        .payload(&[b'y'; 1460]);
+    let before = fx.counters()?;
+    let (ret, out) = fx.tc_pod(topo, &reply.bytes())?;
+    ensure!(ret == TC_ACT_OK, "tc verdict {ret}");
+    ensure!(out == reply.bytes(), "the pod's packet was changed");
+    check_counters(fx, &before, &[(Counter::FallbackFragNeeded, 1)])?;
+    let reply = reply.may_fragment();
+    let (ret, out) = fx.tc_pod(topo, &reply.bytes())?;
+    ensure!(ret == TC_ACT_OK, "tc verdict {ret}");
+    ensure!(parse_checked(&out)?.src == sa(FRONTEND), "not translated");
+
+    // 4. A new connection's first packet: a datagram too big with DF starts nothing.
+    fx.add_service(&ServiceSpec::new(
+        2,
+        FRONTEND,
+        IPPROTO_UDP,
+        vec![local(2, &narrow)],
+    ))?;
+    let datagram = Pkt::udp(sa(CLIENT), sa(FRONTEND))
+        .macs(CLIENT_MAC, EXT_MAC)
+        .payload(&[b'x'; 1472]);
+    let run = xdp_counted(
+        fx,
+        topo,
+        &datagram,
+        XDP_TX,
+        &[(Counter::AnsweredFragNeeded, 1)],
+    )?;
+    check_icmp_answer(&run.frame, &datagram.bytes(), frag_needed(1400))?;
+    ensure!(
+        fx.conntrack()?
+            .iter()
+            .all(|(_, k, _)| k.proto != IPPROTO_UDP),
+        "a connection was recorded for an answered datagram"
+    );
     Ok(())
 }

@@ -148,11 +148,6 @@ const KNOWN_GAPS: &[(&str, &str)] = &[
         "IPv4 fragments are not translated",
     ),
     (
-        "TCP upload 2 MB, local pod, node-1 routes it at MTU 1400",
-        "a translated packet above the egress MTU goes to the kernel, whose fragmentation \
-         needed quotes the translated packet",
-    ),
-    (
         "TCP upload 2 MB, remote pod, client offloads on",
         "XDP rewrites the partial checksums of a veth's offloaded packets as full ones",
     ),
