@@ -2,6 +2,7 @@
 //! health checks and metrics, and reports on the node port range.
 
 pub mod agent;
+pub mod config;
 pub mod datapath;
 pub mod desired;
 pub mod dump;

@@ -7,7 +7,8 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::Parser;
 use nodeport_agent::{
-    agent::{self, RunArgs},
+    agent,
+    config::RunArgs,
     datapath::{self, Maps, PinDir},
     dump::{self, DumpOptions, ServiceFilter},
     ledger::{OutputFormat, PortsArgs, run_ports},

@@ -32,7 +32,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use nodeport_agent::{agent::RunArgs, health::DEFAULT_HEALTHZ_PORT, privileges, source};
+use nodeport_agent::{config::RunArgs, health::DEFAULT_HEALTHZ_PORT, privileges, source};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::{Value, json};
 

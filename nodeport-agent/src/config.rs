@@ -1,0 +1,491 @@
+//! The configuration of `nodeport-agent run`: its flags ([`RunArgs`]), their parsers, and the
+//! checks made before anything is created.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    str::FromStr,
+};
+
+use anyhow::{Context, Result, bail};
+use nodeport_common::{DatapathConfig, capacity};
+
+use crate::{
+    datapath::{self, Sizing, XdpAttachMode},
+    interfaces::Selection,
+    ledger::{self, NodePortRange},
+    model::Ipv4Prefix,
+};
+
+/// The flow-hash seed when none is given; equal on every node, so a flow picks the same
+/// backend whichever node it reaches.
+pub const DEFAULT_HASH_SEED: u32 = 0x6e70_6f72; // "npor"
+
+/// `--snat-port-range`: one or two ranges, "A-B" or "A-B,C-D".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnatPortRanges(pub Vec<NodePortRange>);
+
+/// The default: 33,512 ports, below the node port range (30000-32767) and above the kernel's
+/// default ephemeral ports (net.ipv4.ip_local_port_range 32768-60999). Each remote backend
+/// can then take 33,512 concurrent connections per SNAT address and protocol from one node,
+/// above the ~28,000 MASQUERADE gives with the default ephemeral range.
+pub const DEFAULT_SNAT_PORT_RANGES: &str = "1024-29999,61000-65535";
+
+impl FromStr for SnatPortRanges {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let ranges: Vec<NodePortRange> = s
+            .split(',')
+            .map(|r| r.parse::<NodePortRange>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
+        if ranges.len() > 2 {
+            return Err(format!(
+                "{s:?}: at most two ranges, e.g. {DEFAULT_SNAT_PORT_RANGES}"
+            ));
+        }
+        if let [a, b] = ranges.as_slice()
+            && let Some((lo, hi)) = overlap((a.first, a.last), (b.first, b.last))
+        {
+            return Err(format!("{s:?}: the two ranges overlap on {lo}-{hi}"));
+        }
+        Ok(Self(ranges))
+    }
+}
+
+impl std::fmt::Display for SnatPortRanges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+/// The lowest SNAT port: below it are the privileged ports, which services on the node (and
+/// backends) treat as trusted.
+pub const MIN_SNAT_PORT: u16 = 1024;
+
+/// Ports in net.ipv4.ip_local_reserved_ports ("8080,61000-65535"): the kernel never picks
+/// them as ephemeral ports.
+fn reserved_ports(text: &str) -> Vec<(u16, u16)> {
+    text.trim()
+        .split(',')
+        .filter_map(|part| {
+            let part = part.trim();
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Whether every port of `range` is in one of `reserved`.
+fn all_reserved(range: (u16, u16), reserved: &[(u16, u16)]) -> bool {
+    (range.0..=range.1).all(|p| reserved.iter().any(|(a, b)| (*a..=*b).contains(&p)))
+}
+
+fn overlap(a: (u16, u16), b: (u16, u16)) -> Option<(u16, u16)> {
+    let lo = a.0.max(b.0);
+    let hi = a.1.min(b.1);
+    (lo <= hi).then_some((lo, hi))
+}
+
+/// `off` or an address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+impl FromStr for OptionalAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.is_empty() || s == "off" {
+            return Ok(Self(None));
+        }
+        s.parse()
+            .map(|a| Self(Some(a)))
+            .map_err(|e| format!("{s:?}: {e} (an address:port, or \"off\")"))
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Read Services and EndpointSlices from YAML files in this directory (reloaded when they
+    /// change) instead of the Kubernetes API.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: Option<PathBuf>,
+    /// This node's name, to tell its own endpoints; a DaemonSet passes it from the downward
+    /// API. Defaults to the host name.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// An interface facing clients and other nodes (XDP runs there). Repeat for several.
+    /// Default: the interfaces carrying a default route.
+    #[arg(long = "external-interface", value_name = "IFACE")]
+    pub external_interfaces: Vec<String>,
+    /// Interfaces facing local pods (their replies are translated there), as globs such as
+    /// `veth*,cali*,lxc*`. Default: every other interface that is up.
+    #[arg(long, value_delimiter = ',', value_name = "GLOB")]
+    pub pod_interfaces: Vec<String>,
+    /// Node ports answer only on node addresses inside these CIDRs (kube-proxy's flag).
+    /// Default: every address of the node but loopback.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    pub nodeport_addresses: Vec<String>,
+    /// How XDP runs: native (in the driver; the fast path) or generic (any interface).
+    #[arg(long, value_enum, default_value = "native")]
+    pub xdp_mode: XdpAttachMode,
+    /// Where maps and links are pinned (on a BPF filesystem; mounted at /sys/fs/bpf if needed).
+    #[arg(long, default_value = "/sys/fs/bpf/nodeport")]
+    pub bpffs_dir: PathBuf,
+    /// The node health server (/healthz, /livez), or "off".
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: OptionalAddr,
+    /// Address the health-check node ports of externalTrafficPolicy Local Services listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub health_check_bind_address: IpAddr,
+    /// The Prometheus metrics endpoint (/metrics), or "off". Local only by default; a
+    /// DaemonSet scraped by Prometheus sets 0.0.0.0:9480 (kube-proxy's flag name; alias
+    /// --metrics-addr).
+    #[arg(long, alias = "metrics-addr", default_value = "127.0.0.1:9480")]
+    pub metrics_bind_address: OptionalAddr,
+    /// The cluster's node port range (kube-apiserver --service-node-port-range): checked
+    /// against the SNAT range, and reported on by the range metrics.
+    #[arg(long, default_value = "30000-32767")]
+    pub service_node_port_range: NodePortRange,
+    /// Source ports for connections SNATed to backends on other nodes: one range or two,
+    /// comma-separated. Neither may overlap the node port range or
+    /// net.ipv4.ip_local_port_range, nor go below 1024.
+    #[arg(long, default_value = DEFAULT_SNAT_PORT_RANGES)]
+    pub snat_port_range: SnatPortRanges,
+    /// Apply loadBalancerSourceRanges to node ports as well as to LoadBalancer IPs. kube-proxy
+    /// applies them to LoadBalancer IPs only, so a cloud load balancer that reaches the nodes
+    /// on their node port from other addresses keeps working; this stricter mode (Cilium's
+    /// --bpf-lb-source-range-all-types) also closes the node port to clients outside them.
+    #[arg(long)]
+    pub source_ranges_on_node_ports: bool,
+    /// Slots of each service's Maglev table (a prime; more spreads many backends more evenly).
+    #[arg(long, default_value_t = capacity::MAGLEV_SIZE)]
+    pub maglev_table_size: u32,
+    /// Service ports the datapath can hold (each costs a Maglev table).
+    #[arg(long, default_value_t = capacity::SERVICES)]
+    pub max_services: u32,
+    #[arg(long, default_value_t = capacity::BACKENDS)]
+    pub max_backends: u32,
+    /// Frontends: each node port counts once per node address.
+    #[arg(long, default_value_t = capacity::FRONTENDS)]
+    pub max_frontends: u32,
+    #[arg(long, default_value_t = capacity::SRC_RANGES)]
+    pub max_source_ranges: u32,
+    /// Entries of the established-connection table (two per connection). The datapath never
+    /// evicts from it: when it is full, new connections stay in the handshake table.
+    #[arg(long, default_value_t = capacity::CONNTRACK)]
+    pub conntrack_size: u32,
+    /// Entries of the handshake table (two per connection not yet established: TCP before
+    /// the client's ACK of the SYN-ACK, UDP before a reply). An LRU of its own, so a SYN
+    /// flood churns it and never the established connections.
+    #[arg(long, default_value_t = capacity::CONNTRACK_NEW)]
+    pub conntrack_handshake_size: u32,
+    /// Seconds between two sweeps of the connection tables for expired connections.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub conntrack_gc_interval: u64,
+    #[arg(long, default_value_t = capacity::AFFINITY)]
+    pub affinity_size: u32,
+    #[arg(long, default_value_t = 60)]
+    pub conntrack_tcp_syn_timeout: u32,
+    #[arg(long, default_value_t = 21_600)]
+    pub conntrack_tcp_established_timeout: u32,
+    #[arg(long, default_value_t = 10)]
+    pub conntrack_tcp_closing_timeout: u32,
+    #[arg(long, default_value_t = 60)]
+    pub conntrack_udp_timeout: u32,
+    /// Seed of the flow hash; set the same on every node.
+    #[arg(long, default_value_t = DEFAULT_HASH_SEED)]
+    pub hash_seed: u32,
+    /// This node's pod network (repeat for several): new connections from it (and from the
+    /// node's own addresses) are never taken for outside clients and are dropped. With the
+    /// Kubernetes API, the Node's spec.podCIDRs are added.
+    #[arg(long = "pod-cidr", value_name = "CIDR")]
+    pub pod_cidrs: Vec<Ipv4Prefix>,
+    /// Also handle Services labelled service.kubernetes.io/service-proxy-name=<this>.
+    #[arg(long)]
+    pub service_proxy_name: Option<String>,
+    /// On SIGTERM, remove the datapath (programs, links, maps). By default it stays and keeps
+    /// forwarding until the next agent adopts it.
+    #[arg(long)]
+    pub detach_on_exit: bool,
+}
+
+pub fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return None;
+    }
+    Some(crate::sync::untext(&buf)).filter(|h| !h.is_empty())
+}
+
+impl RunArgs {
+    pub fn sizing(&self) -> Sizing {
+        Sizing {
+            frontends: self.max_frontends,
+            services: self.max_services,
+            backends: self.max_backends,
+            maglev_size: self.maglev_table_size,
+            source_ranges: self.max_source_ranges,
+            conntrack: self.conntrack_size,
+            conntrack_new: self.conntrack_handshake_size,
+            affinity: self.affinity_size,
+        }
+    }
+
+    /// The datapath's configuration, with the per-node `snat_secret` (kept from the pinned
+    /// configuration when adopting: see [`snat_secret`]).
+    pub fn datapath_config(&self, snat_secret: u32) -> DatapathConfig {
+        let ranges = &self.snat_port_range.0;
+        let second = ranges.get(1).map_or((0, 0), |r| (r.first, r.last));
+        DatapathConfig {
+            maglev_size: self.maglev_table_size,
+            hash_seed: self.hash_seed,
+            snat_port_min: ranges[0].first,
+            snat_port_max: ranges[0].last,
+            tcp_syn_timeout_s: self.conntrack_tcp_syn_timeout,
+            tcp_established_timeout_s: self.conntrack_tcp_established_timeout,
+            tcp_closing_timeout_s: self.conntrack_tcp_closing_timeout,
+            udp_timeout_s: self.conntrack_udp_timeout,
+            hz: datapath::kernel_hz(),
+            snat_secret,
+            snat_port_min2: second.0,
+            snat_port_max2: second.1,
+        }
+    }
+
+    /// Refuses settings that would break traffic, before touching anything.
+    pub fn validate(&self) -> Result<()> {
+        let reserved = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports")
+            .map(|t| reserved_ports(&t))
+            .unwrap_or_default();
+        let local =
+            ledger::read_local_port_range(std::path::Path::new(ledger::IP_LOCAL_PORT_RANGE));
+        validate_snat_ranges(
+            &self.snat_port_range,
+            &self.service_node_port_range,
+            local,
+            &reserved,
+        )?;
+        if !datapath::is_prime(self.maglev_table_size) {
+            bail!(
+                "--maglev-table-size {} is not a prime (try 1021, 4093 or 16381)",
+                self.maglev_table_size
+            );
+        }
+        Ok(())
+    }
+
+    pub fn selection(&self) -> Result<Selection> {
+        Ok(Selection {
+            external: self.external_interfaces.clone(),
+            pod_patterns: self.pod_interfaces.clone(),
+            nodeport_prefixes: self
+                .nodeport_addresses
+                .iter()
+                .map(|s| s.parse::<Ipv4Prefix>().map_err(anyhow::Error::msg))
+                .collect::<Result<_>>()
+                .context("--nodeport-addresses")?,
+        })
+    }
+}
+
+/// Checks each SNAT range against the privileged ports, the node port range and the node's
+/// ephemeral ports (`local`, unless the overlap is reserved in ip_local_reserved_ports).
+fn validate_snat_ranges(
+    ranges: &SnatPortRanges,
+    node_ports: &NodePortRange,
+    local: Option<(u16, u16)>,
+    reserved: &[(u16, u16)],
+) -> Result<()> {
+    let np = (node_ports.first, node_ports.last);
+    for range in &ranges.0 {
+        let snat = (range.first, range.last);
+        if range.first < MIN_SNAT_PORT {
+            bail!(
+                "--snat-port-range {ranges}: the range {range} starts below {MIN_SNAT_PORT}: \
+                 privileged ports are not SNAT ports (services trust them); start it at \
+                 {MIN_SNAT_PORT} or above"
+            );
+        }
+        if let Some((a, b)) = overlap(snat, np) {
+            bail!(
+                "--snat-port-range {ranges}: the range {range} overlaps the node port range \
+                 {node_ports} on {a}-{b}: a SNATed connection's reply would look like node port \
+                 traffic; pick a range outside it"
+            );
+        }
+        if let Some(local) = local
+            && let Some((a, b)) = overlap(snat, local).filter(|o| !all_reserved(*o, reserved))
+        {
+            bail!(
+                "--snat-port-range {ranges}: the range {range} overlaps \
+                 net.ipv4.ip_local_port_range {}-{} on {a}-{b}: the node's own connections could \
+                 take the same source ports as SNATed ones. Pick a range outside it, or shrink \
+                 ip_local_port_range, or reserve the range with net.ipv4.ip_local_reserved_ports",
+                local.0,
+                local.1
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    #[test]
+    fn port_ranges() {
+        // One parser for both ranges (the node port range's, kube-apiserver's syntax).
+        assert_eq!(
+            "61000-65535".parse::<NodePortRange>(),
+            Ok(NodePortRange {
+                first: 61000,
+                last: 65535
+            })
+        );
+        assert!("65535-61000".parse::<NodePortRange>().is_err());
+        assert!("0-10".parse::<NodePortRange>().is_err());
+        assert_eq!(overlap((61000, 65535), (32768, 60999)), None);
+        assert_eq!(
+            overlap((30000, 40000), (32768, 60999)),
+            Some((32768, 40000))
+        );
+    }
+    #[test]
+    fn snat_port_ranges() {
+        let default: SnatPortRanges = DEFAULT_SNAT_PORT_RANGES.parse().unwrap();
+        assert_eq!(
+            default.0,
+            [
+                NodePortRange {
+                    first: 1024,
+                    last: 29_999
+                },
+                NodePortRange {
+                    first: 61_000,
+                    last: 65_535
+                }
+            ]
+        );
+        assert_eq!(default.to_string(), DEFAULT_SNAT_PORT_RANGES);
+        assert_eq!("61000-65535".parse::<SnatPortRanges>().unwrap().0.len(), 1);
+        assert!(
+            "1024-2000,3000-4000,5000-6000"
+                .parse::<SnatPortRanges>()
+                .is_err()
+        );
+        let err = "1024-5000,4000-6000".parse::<SnatPortRanges>().unwrap_err();
+        assert!(err.contains("overlap on 4000-5000"), "{err}");
+    }
+    /// `run`'s flags as the command line gives them.
+    pub(crate) fn run_args(args: &[&str]) -> RunArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let argv = std::iter::once("nodeport-agent").chain(args.iter().copied());
+        <Cli as clap::Parser>::try_parse_from(argv)
+            .expect("valid flags")
+            .run
+    }
+    #[test]
+    fn the_default_snat_ranges_give_33512_ports_outside_node_and_ephemeral_ports() {
+        let args = run_args(&[]);
+        validate_snat_ranges(
+            &args.snat_port_range,
+            &args.service_node_port_range,
+            Some((32_768, 60_999)),
+            &[],
+        )
+        .unwrap();
+        let cfg = args.datapath_config(7);
+        assert_eq!(cfg.snat_span(), 33_512);
+        assert_eq!(
+            (
+                cfg.snat_port_min,
+                cfg.snat_port_max,
+                cfg.snat_port_min2,
+                cfg.snat_port_max2,
+                cfg.snat_secret
+            ),
+            (1024, 29_999, 61_000, 65_535, 7)
+        );
+        // One range: the second is empty.
+        let one = run_args(&["--snat-port-range", "61000-65535"]).datapath_config(7);
+        assert_eq!(
+            (one.snat_port_min2, one.snat_port_max2, one.snat_span()),
+            (0, 0, 4536)
+        );
+        // The handshake table's size and the collector's interval.
+        let args = run_args(&[
+            "--conntrack-handshake-size",
+            "1000",
+            "--conntrack-gc-interval",
+            "3",
+        ]);
+        assert_eq!(
+            (args.sizing().conntrack_new, args.conntrack_gc_interval),
+            (1000, 3)
+        );
+        assert_eq!(
+            run_args(&[]).sizing().conntrack_new,
+            capacity::CONNTRACK_NEW
+        );
+    }
+    #[test]
+    fn each_snat_range_is_checked_and_named() {
+        let node_ports = NodePortRange {
+            first: 30_000,
+            last: 32_767,
+        };
+        let check = |ranges: &str, local: Option<(u16, u16)>, reserved: &[(u16, u16)]| {
+            validate_snat_ranges(&ranges.parse().unwrap(), &node_ports, local, reserved)
+                .map_err(|e| e.to_string())
+        };
+        let local = Some((32_768, 60_999));
+        // The second range in the node port range.
+        let err = check("1024-2000,30000-30100", local, &[]).unwrap_err();
+        assert!(
+            err.contains(
+                "the range 30000-30100 overlaps the node port range 30000-32767 on \
+                 30000-30100"
+            ),
+            "{err}"
+        );
+        // The second range in the ephemeral ports, unless reserved.
+        let err = check("61000-65535,40000-40100", local, &[]).unwrap_err();
+        assert!(
+            err.contains(
+                "the range 40000-40100 overlaps net.ipv4.ip_local_port_range \
+                 32768-60999 on 40000-40100"
+            ),
+            "{err}"
+        );
+        check("61000-65535,40000-40100", local, &[(40_000, 40_100)]).unwrap();
+        // Privileged ports.
+        let err = check("1000-2000", local, &[]).unwrap_err();
+        assert!(
+            err.contains("the range 1000-2000 starts below 1024"),
+            "{err}"
+        );
+    }
+    #[test]
+    fn reserved_ports_cover_an_overlap() {
+        let reserved = reserved_ports("8080,60000-60999\n");
+        assert_eq!(reserved, [(8080, 8080), (60000, 60999)]);
+        assert!(all_reserved((60500, 60999), &reserved));
+        assert!(!all_reserved((59999, 60999), &reserved));
+        assert!(reserved_ports("\n").is_empty());
+    }
+    #[test]
+    fn optional_addresses() {
+        assert_eq!("off".parse::<OptionalAddr>(), Ok(OptionalAddr(None)));
+        assert_eq!(
+            "127.0.0.1:9480".parse::<OptionalAddr>(),
+            Ok(OptionalAddr(Some("127.0.0.1:9480".parse().unwrap())))
+        );
+        assert!("9480".parse::<OptionalAddr>().is_err());
+    }
+}
