@@ -180,6 +180,12 @@ struct Agent {
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
+    // What runs, and with what: the keys are the flags' (and a --config file's).
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %serde_json::Value::from_iter(args.effective.clone()),
+        "starting nodeport-agent"
+    );
     // Everything that can be checked is checked before anything is created: a start that
     // stops here leaves the node untouched.
     args.validate()?;
@@ -214,9 +220,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let kube_client = match &args.manifests {
         Some(_) => None,
         None => Some(
-            kube::Client::try_default()
-                .await
-                .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?,
+            crate::config::kube_client(args.kubeconfig.as_deref(), args.context.as_deref())
+                .await?,
         ),
     };
 
@@ -572,7 +577,15 @@ impl Agent {
         let mut addrs: BTreeSet<Ipv4Addr> = self.layout.node_addresses.clone();
         // Addresses the Node object reports (a cloud's external IP, say), within
         // --nodeport-addresses when given.
-        for ip in self.snapshot.node_addresses.iter().flatten() {
+        let node_object_v4 = self
+            .snapshot
+            .node_addresses
+            .iter()
+            .flatten()
+            .filter(|ip| ip.is_ipv4());
+        // `primary`: the Node's first IPv4 address only (kube-proxy's primary node IP).
+        let take = if self.selection.primary_only { 1 } else { usize::MAX };
+        for ip in node_object_v4.take(take) {
             if let IpAddr::V4(v4) = ip {
                 let inside = self.selection.nodeport_prefixes.is_empty()
                     || self

@@ -2,12 +2,13 @@
 //! checks made before anything is created.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     str::FromStr,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use nodeport_common::{DatapathConfig, capacity};
 
 use crate::{
@@ -106,51 +107,78 @@ impl FromStr for OptionalAddr {
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Read Services and EndpointSlices from YAML files in this directory (reloaded when they
-    /// change) instead of the Kubernetes API.
-    #[arg(long, value_name = "DIR")]
+    /// A YAML file of flags (a ConfigMap, say): keys are the flag names without `--`
+    /// (`max-services: 8192`, `external-interface: [eth0]`, `detach-on-exit: true`). Flags and
+    /// environment variables given to the command override the file; an unknown key is an
+    /// error.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Read Services and EndpointSlices from the YAML and JSON files under this directory
+    /// (reloaded when they change) instead of the Kubernetes API.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kubeconfig", "context"])]
     pub manifests: Option<PathBuf>,
-    /// This node's name, to tell its own endpoints; a DaemonSet passes it from the downward
-    /// API. Defaults to the host name.
-    #[arg(long, env = "NODE_NAME")]
+    /// The kubeconfig file to reach the API server with (kube-proxy's flag). Default: the
+    /// in-cluster configuration, else $KUBECONFIG or ~/.kube/config.
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (kubectl's flag). Default: its current-context.
+    #[arg(long, value_name = "NAME")]
+    pub context: Option<String>,
+    /// This node's name, to tell its own endpoints (EndpointSlice endpoints[].nodeName) and to
+    /// find its Node object; a DaemonSet passes it from the downward API. Default: the host
+    /// name. --hostname-override is kube-proxy's name for it.
+    #[arg(
+        long,
+        visible_alias = "hostname-override",
+        value_name = "NAME",
+        env = "NODE_NAME"
+    )]
     pub node_name: Option<String>,
     /// An interface facing clients and other nodes (XDP runs there). Repeat for several.
-    /// Default: the interfaces carrying a default route.
+    /// Default: the interfaces carrying an IPv4 default route.
     #[arg(long = "external-interface", value_name = "IFACE")]
     pub external_interfaces: Vec<String>,
     /// Interfaces facing local pods (their replies are translated there), as globs such as
     /// `veth*,cali*,lxc*`. Default: every other interface that is up.
     #[arg(long, value_delimiter = ',', value_name = "GLOB")]
     pub pod_interfaces: Vec<String>,
-    /// Node ports answer only on node addresses inside these CIDRs (kube-proxy's flag).
+    /// Node ports answer only on node addresses inside these CIDRs, or with `primary` only on
+    /// the node's primary addresses: the first IPv4 address of each external interface and,
+    /// with the Kubernetes API, the Node's first IPv4 address (kube-proxy's flag and values).
     /// Default: every address of the node but loopback.
-    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    #[arg(long, value_delimiter = ',', value_name = "CIDR,...|primary")]
     pub nodeport_addresses: Vec<String>,
-    /// How XDP runs: native (in the driver; the fast path) or generic (any interface).
-    #[arg(long, value_enum, default_value = "native")]
+    /// How XDP runs: native (in the driver; the fast path) or generic (any interface, slower).
+    #[arg(long, value_enum, value_name = "MODE", default_value = "native")]
     pub xdp_mode: XdpAttachMode,
     /// Where maps and links are pinned (on a BPF filesystem; mounted at /sys/fs/bpf if needed).
-    #[arg(long, default_value = "/sys/fs/bpf/nodeport")]
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/nodeport")]
     pub bpffs_dir: PathBuf,
-    /// The node health server (/healthz, /livez), or "off".
-    #[arg(long, default_value = "0.0.0.0:10256")]
+    /// The node health server (/healthz, /livez, /readyz), or "off" (kube-proxy's flag).
+    #[arg(long, value_name = "ADDR:PORT|off", default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: OptionalAddr,
     /// Address the health-check node ports of externalTrafficPolicy Local Services listen on.
-    #[arg(long, default_value = "0.0.0.0")]
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0")]
     pub health_check_bind_address: IpAddr,
     /// The Prometheus metrics endpoint (/metrics), or "off". Local only by default; a
     /// DaemonSet scraped by Prometheus sets 0.0.0.0:9480 (kube-proxy's flag name; alias
     /// --metrics-addr).
-    #[arg(long, alias = "metrics-addr", default_value = "127.0.0.1:9480")]
+    #[arg(
+        long,
+        alias = "metrics-addr",
+        value_name = "ADDR:PORT|off",
+        default_value = "127.0.0.1:9480"
+    )]
     pub metrics_bind_address: OptionalAddr,
-    /// The cluster's node port range (kube-apiserver --service-node-port-range): checked
-    /// against the SNAT range, and reported on by the range metrics.
-    #[arg(long, default_value = "30000-32767")]
+    /// The cluster's node port range (kube-apiserver --service-node-port-range: N-M, N+K or
+    /// N): checked against the SNAT range, node ports outside it are refused, and the range
+    /// metrics report on it.
+    #[arg(long, value_name = "RANGE", default_value = "30000-32767")]
     pub service_node_port_range: NodePortRange,
     /// Source ports for connections SNATed to backends on other nodes: one range or two,
-    /// comma-separated. Neither may overlap the node port range or
+    /// comma-separated (A-B[,C-D]). Neither may overlap the node port range or
     /// net.ipv4.ip_local_port_range, nor go below 1024.
-    #[arg(long, default_value = DEFAULT_SNAT_PORT_RANGES)]
+    #[arg(long, value_name = "A-B[,C-D]", default_value = DEFAULT_SNAT_PORT_RANGES)]
     pub snat_port_range: SnatPortRanges,
     /// Apply loadBalancerSourceRanges to node ports as well as to LoadBalancer IPs. kube-proxy
     /// applies them to LoadBalancer IPs only, so a cloud load balancer that reaches the nodes
@@ -158,56 +186,74 @@ pub struct RunArgs {
     /// --bpf-lb-source-range-all-types) also closes the node port to clients outside them.
     #[arg(long)]
     pub source_ranges_on_node_ports: bool,
-    /// Slots of each service's Maglev table (a prime; more spreads many backends more evenly).
-    #[arg(long, default_value_t = capacity::MAGLEV_SIZE)]
+    /// Slots of each service's Maglev table (a prime, at least the largest number of
+    /// backends of one service; more spreads many backends more evenly). Each slot costs 8
+    /// bytes per service.
+    #[arg(long, value_name = "SLOTS", default_value_t = capacity::MAGLEV_SIZE)]
     pub maglev_table_size: u32,
-    /// Service ports the datapath can hold (each costs a Maglev table).
-    #[arg(long, default_value_t = capacity::SERVICES)]
+    /// Service ports the datapath can hold, plus one (each costs a Maglev table).
+    #[arg(long, value_name = "ENTRIES", default_value_t = capacity::SERVICES)]
     pub max_services: u32,
-    #[arg(long, default_value_t = capacity::BACKENDS)]
+    /// Backends (an endpoint address and port of one service port) the datapath can hold,
+    /// plus one; 16 bytes each.
+    #[arg(long, value_name = "ENTRIES", default_value_t = capacity::BACKENDS)]
     pub max_backends: u32,
-    /// Frontends: each node port counts once per node address.
-    #[arg(long, default_value_t = capacity::FRONTENDS)]
+    /// Frontends (an address, port and protocol; a node port counts once per node address);
+    /// about 88 bytes each.
+    #[arg(long, value_name = "ENTRIES", default_value_t = capacity::FRONTENDS)]
     pub max_frontends: u32,
-    #[arg(long, default_value_t = capacity::SRC_RANGES)]
+    /// IPv4 prefixes of loadBalancerSourceRanges over all Services (allocated as used).
+    #[arg(long, value_name = "ENTRIES", default_value_t = capacity::SRC_RANGES)]
     pub max_source_ranges: u32,
-    /// Entries of the established-connection table (two per connection). The datapath never
-    /// evicts from it: when it is full, new connections stay in the handshake table.
-    #[arg(long, default_value_t = capacity::CONNTRACK)]
+    /// Entries of the established-connection table (two per connection, 144 bytes each). The
+    /// datapath never evicts from it: when it is full, new connections stay in the handshake
+    /// table.
+    #[arg(long, value_name = "ENTRIES", default_value_t = capacity::CONNTRACK)]
     pub conntrack_size: u32,
     /// Entries of the handshake table (two per connection not yet established: TCP before
-    /// the client's ACK of the SYN-ACK, UDP before a reply). An LRU of its own, so a SYN
-    /// flood churns it and never the established connections.
-    #[arg(long, default_value_t = capacity::CONNTRACK_NEW)]
+    /// the client's ACK of the SYN-ACK, UDP before a reply; 144 bytes each). An LRU of its
+    /// own, so a SYN flood churns it and never the established connections.
+    #[arg(long, value_name = "ENTRIES", default_value_t = capacity::CONNTRACK_NEW)]
     pub conntrack_handshake_size: u32,
     /// Seconds between two sweeps of the connection tables for expired connections.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub conntrack_gc_interval: u64,
-    #[arg(long, default_value_t = capacity::AFFINITY)]
+    /// Entries of the sessionAffinity: ClientIP table (one per client and Service, an LRU;
+    /// 88 bytes each).
+    #[arg(long, value_name = "ENTRIES", default_value_t = capacity::AFFINITY)]
     pub affinity_size: u32,
-    #[arg(long, default_value_t = 60)]
+    /// Idle timeout of a TCP connection in its handshake, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub conntrack_tcp_syn_timeout: u32,
-    #[arg(long, default_value_t = 21_600)]
+    /// Idle timeout of an established TCP connection (also half-closed), in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 21_600)]
     pub conntrack_tcp_established_timeout: u32,
-    #[arg(long, default_value_t = 10)]
+    /// Idle timeout of a TCP connection after FINs both ways or an RST, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub conntrack_tcp_closing_timeout: u32,
-    #[arg(long, default_value_t = 60)]
+    /// Idle timeout of a UDP flow, answered or not, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub conntrack_udp_timeout: u32,
-    /// Seed of the flow hash; set the same on every node.
-    #[arg(long, default_value_t = DEFAULT_HASH_SEED)]
+    /// Seed of the flow hash that indexes the Maglev tables; set the same on every node.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_HASH_SEED)]
     pub hash_seed: u32,
     /// This node's pod network (repeat for several): new connections from it (and from the
     /// node's own addresses) are never taken for outside clients and are dropped. With the
     /// Kubernetes API, the Node's spec.podCIDRs are added.
     #[arg(long = "pod-cidr", value_name = "CIDR")]
     pub pod_cidrs: Vec<Ipv4Prefix>,
-    /// Also handle Services labelled service.kubernetes.io/service-proxy-name=<this>.
-    #[arg(long)]
+    /// Also handle Services labelled service.kubernetes.io/service-proxy-name=NAME (Services
+    /// with that label and any other value are always left alone).
+    #[arg(long, value_name = "NAME")]
     pub service_proxy_name: Option<String>,
-    /// On SIGTERM, remove the datapath (programs, links, maps). By default it stays and keeps
-    /// forwarding until the next agent adopts it.
+    /// On SIGTERM or SIGINT, remove the datapath (programs, links, maps). By default it stays
+    /// and keeps forwarding until the next agent adopts it.
     #[arg(long)]
     pub detach_on_exit: bool,
+    /// The effective configuration, flag name -> value, as the start line logs it (filled in
+    /// by [`effective`] after parsing).
+    #[arg(skip)]
+    pub effective: BTreeMap<String, serde_json::Value>,
 }
 
 pub fn hostname() -> Option<String> {
@@ -277,15 +323,30 @@ impl RunArgs {
     }
 
     pub fn selection(&self) -> Result<Selection> {
+        let primary = self.nodeport_addresses.iter().any(|a| a == "primary");
+        if primary && self.nodeport_addresses.len() > 1 {
+            bail!(
+                "--nodeport-addresses {}: `primary` stands alone (CIDRs, or primary)",
+                self.nodeport_addresses.join(",")
+            );
+        }
+        let nodeport_prefixes = if primary {
+            Vec::new()
+        } else {
+            self.nodeport_addresses
+                .iter()
+                .map(|s| {
+                    s.parse::<Ipv4Prefix>().map_err(|e| {
+                        anyhow::anyhow!("--nodeport-addresses {s}: {e} (CIDRs, or primary)")
+                    })
+                })
+                .collect::<Result<_>>()?
+        };
         Ok(Selection {
             external: self.external_interfaces.clone(),
             pod_patterns: self.pod_interfaces.clone(),
-            nodeport_prefixes: self
-                .nodeport_addresses
-                .iter()
-                .map(|s| s.parse::<Ipv4Prefix>().map_err(anyhow::Error::msg))
-                .collect::<Result<_>>()
-                .context("--nodeport-addresses")?,
+            nodeport_prefixes,
+            primary_only: primary,
         })
     }
 }
@@ -329,6 +390,134 @@ fn validate_snat_ranges(
         }
     }
     Ok(())
+}
+
+/// The Kubernetes client of `run` and `ports`: `--kubeconfig` and `--context` when given, else
+/// the in-cluster configuration, else $KUBECONFIG or ~/.kube/config (kube-proxy and kubectl
+/// look in the same places).
+pub async fn kube_client(
+    kubeconfig: Option<&std::path::Path>,
+    context: Option<&str>,
+) -> Result<kube::Client> {
+    use kube::config::{Config, KubeConfigOptions, Kubeconfig};
+    let options = KubeConfigOptions {
+        context: context.map(str::to_owned),
+        ..KubeConfigOptions::default()
+    };
+    let config = match (kubeconfig, context) {
+        (Some(path), _) => {
+            let file = Kubeconfig::read_from(path)
+                .map_err(|e| anyhow::anyhow!("--kubeconfig {}: {e}", path.display()))?;
+            Config::from_custom_kubeconfig(file, &options)
+                .await
+                .map_err(|e| anyhow::anyhow!("--kubeconfig {}: {e}", path.display()))?
+        }
+        (None, Some(name)) => Config::from_kubeconfig(&options)
+            .await
+            .map_err(|e| anyhow::anyhow!("--context {name}: {e}"))?,
+        (None, None) => Config::infer().await.map_err(|e| {
+            anyhow::anyhow!(
+                "no Kubernetes client configuration: {e} (neither in a cluster nor a \
+                 kubeconfig; give --kubeconfig, or --manifests DIR to read files instead)"
+            )
+        })?,
+    };
+    kube::Client::try_from(config).map_err(|e| anyhow::anyhow!("the Kubernetes client: {e}"))
+}
+
+/// `--config FILE`: the file's flags as command-line arguments to append to `run`'s, leaving
+/// out those the command line or the environment gave (they win). `run` is the clap command
+/// of `run`, `given` its matches without the file. Keys are flag names without `--`; an
+/// unknown key, or a value of the wrong shape, is an error naming the file and the key.
+pub fn file_args(
+    run: &clap::Command,
+    given: &clap::ArgMatches,
+    path: &std::path::Path,
+) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
+    let file: BTreeMap<String, serde_norway::Value> = match serde_norway::from_str(&text) {
+        Ok(Some(map)) => map,
+        Ok(None) => BTreeMap::new(),
+        Err(e) => bail!(
+            "--config {}: {e} (expected a mapping of flag names to values)",
+            path.display()
+        ),
+    };
+    let mut args = Vec::new();
+    for (key, value) in file {
+        let place = || format!("--config {}: {key}", path.display());
+        let arg = run
+            .get_arguments()
+            .find(|a| {
+                a.get_long() == Some(key.as_str())
+                    || a.get_all_aliases().into_iter().flatten().any(|n| n == key)
+            })
+            .filter(|a| !matches!(a.get_id().as_str(), "config" | "help" | "version"))
+            .ok_or_else(|| anyhow::anyhow!("{}: not a flag of `nodeport-agent run`", place()))?;
+        let long = arg.get_long().expect("every flag of run is a long one");
+        if matches!(
+            given.value_source(arg.get_id().as_str()),
+            Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+        ) {
+            continue;
+        }
+        let switch = matches!(arg.get_action(), clap::ArgAction::SetTrue);
+        let scalar = |v: &serde_norway::Value| -> Result<String> {
+            match v {
+                serde_norway::Value::String(s) => Ok(s.clone()),
+                serde_norway::Value::Number(n) => Ok(n.to_string()),
+                serde_norway::Value::Bool(b) => Ok(b.to_string()),
+                _ => bail!("{}: expected a string, a number or a boolean", place()),
+            }
+        };
+        match &value {
+            serde_norway::Value::Null => {}
+            serde_norway::Value::Bool(on) if switch => {
+                if *on {
+                    args.push(format!("--{long}"));
+                }
+            }
+            _ if switch => bail!("{}: expected true or false", place()),
+            serde_norway::Value::Sequence(items) => {
+                if !matches!(arg.get_action(), clap::ArgAction::Append) {
+                    bail!("{}: takes one value, not a list", place());
+                }
+                for item in items {
+                    args.push(format!("--{long}={}", scalar(item)?));
+                }
+            }
+            other => args.push(format!("--{long}={}", scalar(other)?)),
+        }
+    }
+    Ok(args)
+}
+
+/// The effective configuration of `run` from its final matches: every flag by name with its
+/// value, defaults included (lists as arrays, switches as booleans), for the start line. The
+/// same keys make a `--config` file.
+pub fn effective(run: &clap::Command, matches: &clap::ArgMatches) -> BTreeMap<String, serde_json::Value> {
+    let mut out = BTreeMap::new();
+    for arg in run.get_arguments() {
+        let id = arg.get_id().as_str();
+        let Some(long) = arg.get_long() else { continue };
+        if matches!(id, "help" | "version") {
+            continue;
+        }
+        let values: Vec<String> = matches
+            .get_raw(id)
+            .into_iter()
+            .flatten()
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        let value = match arg.get_action() {
+            clap::ArgAction::SetTrue => serde_json::Value::Bool(values.iter().any(|v| v == "true")),
+            clap::ArgAction::Append => values.into_iter().map(serde_json::Value::from).collect(),
+            _ => values.into_iter().next().map_or(serde_json::Value::Null, serde_json::Value::from),
+        };
+        out.insert(long.to_owned(), value);
+    }
+    out
 }
 
 #[cfg(test)]

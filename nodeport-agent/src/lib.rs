@@ -15,6 +15,7 @@ pub mod maglev;
 pub mod manifests;
 pub mod metrics;
 pub mod model;
+pub mod output;
 pub mod privileges;
 pub mod source;
 pub mod status;

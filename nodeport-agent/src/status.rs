@@ -69,6 +69,9 @@ pub struct Timeouts {
     pub udp: u32,
 }
 
+/// Entries of a list the table shows before it abridges (`-o wide` shows them all).
+const LIST_LIMIT: usize = 20;
+
 /// Reads the status of the datapath pinned at `pins`.
 pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
     let (maps, _) = Maps::open_pinned(pins)?;
@@ -149,8 +152,8 @@ fn runs_nodeport_agent(pid: u32) -> bool {
 }
 
 impl Status {
-    /// The human-readable form.
-    pub fn render(&self) -> String {
+    /// The human-readable form; `wide` lists every entry of long lists.
+    pub fn render(&self, wide: bool) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "nodeport-agent {} (this binary)", self.version);
         let _ = writeln!(out, "pins       {}", self.bpffs_dir);
@@ -192,8 +195,12 @@ impl Status {
                 "not programmed ({}; the agent's warnings say why)",
                 self.not_programmed.len()
             );
-            for n in &self.not_programmed {
+            let (shown, left_out) = crate::output::abridge(&self.not_programmed, wide, LIST_LIMIT);
+            for n in shown {
                 let _ = writeln!(out, "  {:<26} {}", n.kind, n.object);
+            }
+            if left_out > 0 {
+                let _ = writeln!(out, "  ... and {left_out} more (-o wide lists them all)");
             }
         }
         out.push_str("\nattachments\n");
