@@ -25,6 +25,7 @@ use crate::{
     interfaces::{self, ChangeWatcher, Layout, Selection},
     metrics::{self, Metrics, Sampler},
     model::{Ipv4Prefix, NoticeKind, ServicePortKey},
+    refusals::{Refusals, Refused, ServiceEvents},
     source::{self, Snapshot, SnapshotReceiver, SourceStats},
     sync::{GlobalSettings, Programmed, Syncer},
 };
@@ -107,6 +108,12 @@ impl Health {
     fn set_node_eligible(&self, eligible: bool) {
         self.all().for_each(|h| h.set_node_eligible(eligible));
     }
+    fn heartbeat(&self) {
+        self.all().for_each(HealthServer::heartbeat);
+    }
+    fn set_synced(&self, synced: bool) {
+        self.all().for_each(|h| h.set_synced(synced));
+    }
     async fn shutdown(self) {
         self.services.shutdown().await;
         if let Some(h) = self.node {
@@ -123,6 +130,7 @@ async fn start_health(
         bind,
         node_healthz_port: port,
         health_timeout: crate::health::DEFAULT_HEALTH_TIMEOUT,
+        liveness_timeout: crate::health::DEFAULT_LIVENESS_TIMEOUT,
     };
     let healthz = args.healthz_bind_address.0;
     let shared = healthz
@@ -168,6 +176,15 @@ struct Agent {
     state: AgentState,
     /// Services that failed to program, retried on every round.
     retry: BTreeSet<ServicePortKey>,
+    /// What keeps failing (refused services, unbound health-check node ports), reported once
+    /// per change.
+    refusals: Refusals,
+    /// Events on refused Services, with the Kubernetes API.
+    events: Option<ServiceEvents>,
+    /// The last error writing the datapath's settings, logged once.
+    settings_error: Option<String>,
+    /// The failure markers under the pins were written at least once.
+    failing_recorded: bool,
     notices: BTreeSet<crate::model::Notice>,
     /// `notices` were written under the pins for `status` at least once.
     notices_recorded: bool,
@@ -207,6 +224,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::register(&mut registry);
+    let refusals = Refusals::new();
+    refusals.register(&mut registry);
     // Bind now, so a taken port is an error before the datapath is touched.
     let health = start_health(&args, &mut registry).await?;
     let metrics_listener = match args.metrics_bind_address.0 {
@@ -220,8 +239,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let kube_client = match &args.manifests {
         Some(_) => None,
         None => Some(
-            crate::config::kube_client(args.kubeconfig.as_deref(), args.context.as_deref())
-                .await?,
+            crate::config::kube_client(args.kubeconfig.as_deref(), args.context.as_deref()).await?,
         ),
     };
 
@@ -248,6 +266,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tracing::info!(entries = n, "removed leftovers of an interrupted run");
     }
 
+    let events = kube_client
+        .as_ref()
+        .map(|client| ServiceEvents::new(client.clone(), &node_name));
     // The source of cluster state.
     let (tx, mut rx) = source::channel();
     let source_stats = match (&args.manifests, kube_client) {
@@ -339,6 +360,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
             ..AgentState::default()
         },
         retry: BTreeSet::new(),
+        refusals,
+        events,
+        settings_error: None,
+        failing_recorded: false,
         notices: BTreeSet::new(),
         notices_recorded: false,
         snapshot: Arc::new(Snapshot::default()),
@@ -358,10 +383,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
         external = ?agent.layout.external.keys().collect::<Vec<_>>(),
         "waiting for the first complete list of Services and EndpointSlices"
     );
-    let first = tokio::select! {
-        first = wait_first(&mut rx) => first?,
-        _ = sigterm.recv() => return agent.shutdown().await,
-        _ = sigint.recv() => return agent.shutdown().await,
+    // However long the first list takes (an API server out of reach, RBAC), the loop is
+    // alive: /livez stays 200 while /readyz waits for the first sync.
+    let mut beat = tokio::time::interval(ATTACHMENT_CHECK);
+    let first = loop {
+        agent.health.heartbeat();
+        tokio::select! {
+            first = wait_first(&mut rx) => break first?,
+            _ = beat.tick() => {}
+            _ = sigterm.recv() => return agent.shutdown().await,
+            _ = sigint.recv() => return agent.shutdown().await,
+        }
     };
     agent.snapshot = first;
     agent.reconcile().await;
@@ -375,6 +407,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut check = tokio::time::interval(ATTACHMENT_CHECK);
     check.tick().await;
     loop {
+        // Every round, at least every ATTACHMENT_CHECK: a loop stuck anywhere below turns
+        // /livez to 503 (health::DEFAULT_LIVENESS_TIMEOUT) and the kubelet restarts the agent.
+        agent.health.heartbeat();
         tokio::select! {
             changed = rx.changed() => {
                 if changed.is_err() {
@@ -584,7 +619,11 @@ impl Agent {
             .flatten()
             .filter(|ip| ip.is_ipv4());
         // `primary`: the Node's first IPv4 address only (kube-proxy's primary node IP).
-        let take = if self.selection.primary_only { 1 } else { usize::MAX };
+        let take = if self.selection.primary_only {
+            1
+        } else {
+            usize::MAX
+        };
         for ip in node_object_v4.take(take) {
             if let IpAddr::V4(v4) = ip {
                 let inside = self.selection.nodeport_prefixes.is_empty()
@@ -650,10 +689,7 @@ impl Agent {
         );
         self.metrics
             .record_sync(&report, started.elapsed().as_secs_f64());
-        for (key, e) in &report.failed {
-            tracing::error!(service = %key, error = %e, "could not program the service; it keeps its previous state");
-            self.retry.insert(key.clone());
-        }
+        self.report_refusals(&report, keys);
         if !report.applied.is_empty() || !report.removed.is_empty() {
             tracing::info!(
                 applied = report.applied.len(),
@@ -690,10 +726,21 @@ impl Agent {
             // In the loop, not a task: updates apply in order, and a port that could not be
             // bound is known before the next round retries it.
             let errors = self.health.services.set_services(services).await;
-            for e in &errors {
-                tracing::error!(error = %e, "health-check node port (retried)");
-            }
             self.health_retry = !errors.is_empty();
+            let unserved = errors.iter().map(|e| (e.port(), e.to_string())).collect();
+            let changes = self.refusals.set_ports(unserved);
+            for (port, error) in &changes.refused {
+                tracing::warn!(
+                    port,
+                    %error,
+                    "health-check node port not served; retried on every round, logged again \
+                     only if the cause changes"
+                );
+            }
+            for port in &changes.cleared {
+                tracing::info!(port, "health-check node port served or no longer wanted");
+            }
+            self.record_failing(!changes.refused.is_empty() || !changes.cleared.is_empty());
         }
         if changes.notices {
             let notices = self.reconciler.notices();
@@ -731,8 +778,89 @@ impl Agent {
         if report.failed.is_empty() {
             self.health.updated();
         }
+        // Ready once the datapath holds a complete state, refused Services or not.
+        self.health.set_synced(!report.settings_failed);
         self.record_state(report.failed.is_empty());
         tracing::debug!(revision = self.snapshot.revision, "reconciled");
+    }
+
+    /// Retries what failed, and reports each refusal once per change: a log line, the gauges,
+    /// the markers for `status`, an Event on the Service.
+    fn report_refusals(
+        &mut self,
+        report: &crate::sync::SyncReport,
+        keys: BTreeSet<ServicePortKey>,
+    ) {
+        if report.settings_failed {
+            // Nothing was tried: everything is tried again, and the refusals stand as they were.
+            self.retry.extend(keys);
+            let error = report
+                .failed
+                .first()
+                .map(|(_, e)| e.to_string())
+                .unwrap_or_default();
+            if self.settings_error.as_ref() != Some(&error) {
+                tracing::error!(%error, "could not write the datapath's settings; retried on every round");
+                self.settings_error = Some(error);
+            }
+            return;
+        }
+        if self.settings_error.take().is_some() {
+            tracing::info!("wrote the datapath's settings");
+        }
+        let refused: BTreeMap<ServicePortKey, Refused> = report
+            .failed
+            .iter()
+            .map(|(key, e)| (key.clone(), Refused::from(e)))
+            .collect();
+        self.retry.extend(refused.keys().cloned());
+        let changes = self.refusals.set_services(refused);
+        for (key, error) in &changes.refused {
+            let reason = self.refusals.service(key).map_or("", |r| r.reason);
+            tracing::error!(
+                service = %key,
+                reason,
+                %error,
+                "could not program the service; it keeps its previous state, is retried on \
+                 every round, and is logged again only if the cause changes"
+            );
+            self.publish_event(key, Some(error));
+        }
+        for key in &changes.cleared {
+            if self.programmed.services.contains_key(key) {
+                tracing::info!(service = %key, "programmed the service it had refused");
+                self.publish_event(key, None);
+            } else {
+                tracing::info!(service = %key, "a refused service is gone");
+            }
+        }
+        self.record_failing(!changes.refused.is_empty() || !changes.cleared.is_empty());
+    }
+
+    /// An Event on the Service of `key`, with the Kubernetes API.
+    fn publish_event(&self, key: &ServicePortKey, refused: Option<&str>) {
+        let Some(events) = &self.events else { return };
+        let service = self.snapshot.services.iter().find(|s| {
+            s.metadata.namespace.as_deref().unwrap_or("default") == &*key.namespace
+                && s.metadata.name.as_deref() == Some(&*key.name)
+        });
+        if let Some(service) = service {
+            events.publish(service, key, refused);
+        }
+    }
+
+    /// Writes the failure markers under the pins when they `changed` (and once at first, for
+    /// markers a previous agent left).
+    fn record_failing(&mut self, changed: bool) {
+        if !changed && self.failing_recorded {
+            return;
+        }
+        if let Some(pins) = self.dp.pin_dir()
+            && let Err(e) = datapath::notices::record_failing(&pins.root, &self.refusals.markers())
+        {
+            tracing::warn!(error = %e, "recording what keeps failing for `status`");
+        }
+        self.failing_recorded = true;
     }
 
     /// Writes what this round did to `NP_AGENT`, for `nodeport-agent status`.

@@ -496,7 +496,10 @@ pub fn file_args(
 /// The effective configuration of `run` from its final matches: every flag by name with its
 /// value, defaults included (lists as arrays, switches as booleans), for the start line. The
 /// same keys make a `--config` file.
-pub fn effective(run: &clap::Command, matches: &clap::ArgMatches) -> BTreeMap<String, serde_json::Value> {
+pub fn effective(
+    run: &clap::Command,
+    matches: &clap::ArgMatches,
+) -> BTreeMap<String, serde_json::Value> {
     let mut out = BTreeMap::new();
     for arg in run.get_arguments() {
         let id = arg.get_id().as_str();
@@ -513,7 +516,10 @@ pub fn effective(run: &clap::Command, matches: &clap::ArgMatches) -> BTreeMap<St
         let value = match arg.get_action() {
             clap::ArgAction::SetTrue => serde_json::Value::Bool(values.iter().any(|v| v == "true")),
             clap::ArgAction::Append => values.into_iter().map(serde_json::Value::from).collect(),
-            _ => values.into_iter().next().map_or(serde_json::Value::Null, serde_json::Value::from),
+            _ => values
+                .into_iter()
+                .next()
+                .map_or(serde_json::Value::Null, serde_json::Value::from),
         };
         out.insert(long.to_owned(), value);
     }

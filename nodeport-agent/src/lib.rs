@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod model;
 pub mod output;
 pub mod privileges;
+pub mod refusals;
 pub mod source;
 pub mod status;
 pub mod sync;

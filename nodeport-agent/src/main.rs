@@ -25,7 +25,13 @@ use nodeport_agent::{
 )]
 struct Cli {
     /// Log format on stderr: text, or json (one object per line, the fatal error included).
-    #[arg(long, global = true, value_enum, value_name = "FORMAT", default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        value_name = "FORMAT",
+        default_value = "text"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -91,7 +97,13 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/nodeport")]
         bpffs_dir: PathBuf,
         /// How to print: table (for people), wide (the table with --stats), json or yaml.
-        #[arg(short = 'o', long, value_enum, value_name = "FORMAT", default_value = "table")]
+        #[arg(
+            short = 'o',
+            long,
+            value_enum,
+            value_name = "FORMAT",
+            default_value = "table"
+        )]
         output: OutputFormat,
         /// Also packet counters per service and globally, and the connection table's census.
         #[arg(long)]
@@ -115,7 +127,13 @@ enum Command {
         bpffs_dir: PathBuf,
         /// How to print: table (for people; long lists abridged), wide (everything), json or
         /// yaml.
-        #[arg(short = 'o', long, value_enum, value_name = "FORMAT", default_value = "table")]
+        #[arg(
+            short = 'o',
+            long,
+            value_enum,
+            value_name = "FORMAT",
+            default_value = "table"
+        )]
         output: OutputFormat,
     },
     /// Who uses the node port range, how full it is, and what to change.
@@ -160,7 +178,10 @@ fn parse(argv: Vec<OsString>) -> Result<Cli, clap::Error> {
         };
         let extra = config::file_args(&run_command, run, file)
             .map_err(|e| in_file(output::error_chain(e.as_ref())))?;
-        let merged = argv.iter().cloned().chain(extra.into_iter().map(OsString::from));
+        let merged = argv
+            .iter()
+            .cloned()
+            .chain(extra.into_iter().map(OsString::from));
         matches = Cli::command().try_get_matches_from(merged).map_err(|e| {
             let text = e.render().to_string();
             let first = text.lines().next().unwrap_or_default();
@@ -181,7 +202,8 @@ fn parse(argv: Vec<OsString>) -> Result<Cli, clap::Error> {
 /// Whether the command line asks for JSON logs (read before clap has parsed it, for its
 /// own errors).
 fn wants_json(argv: &[OsString]) -> bool {
-    argv.windows(2).any(|w| w[0] == "--log-format" && w[1] == "json")
+    argv.windows(2)
+        .any(|w| w[0] == "--log-format" && w[1] == "json")
         || argv.iter().any(|a| a == "--log-format=json")
 }
 
@@ -209,7 +231,14 @@ async fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
-            if !json || matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+            if !json
+                || matches!(
+                    e.kind(),
+                    ErrorKind::DisplayHelp
+                        | ErrorKind::DisplayVersion
+                        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                )
+            {
                 e.exit();
             }
             let text = e.render().to_string();

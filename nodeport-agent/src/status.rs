@@ -22,6 +22,10 @@ pub struct Status {
     /// What the agent did not program, as (kind, object): refused frontends, frontends held by
     /// another Service, unsupported protocols (the log says why).
     pub not_programmed: Vec<NotProgrammed>,
+    /// What the agent keeps retrying, as (reason, object): Service ports the datapath refused
+    /// (`too_many_backends`, `map_full`, `map_error`, `io_error`) and health-check node ports
+    /// it cannot bind (`health_check_port_unserved`, the port).
+    pub failing: Vec<NotProgrammed>,
 }
 
 #[derive(Debug, Serialize)]
@@ -98,6 +102,10 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
         maps: fill.maps,
         conntrack: fill.conntrack,
         not_programmed: datapath::notices::read(&pins.root)
+            .into_iter()
+            .map(|(kind, object)| NotProgrammed { kind, object })
+            .collect(),
+        failing: datapath::notices::read_failing(&pins.root)
             .into_iter()
             .map(|(kind, object)| NotProgrammed { kind, object })
             .collect(),
@@ -178,7 +186,7 @@ impl Status {
                     _ => out.push_str("last sync  never completed\n"),
                 }
                 let failing = if a.failing > 0 {
-                    format!(", {} FAILING (see the agent's log)", a.failing)
+                    format!(", {} FAILING (below)", a.failing)
                 } else {
                     String::new()
                 };
@@ -196,6 +204,20 @@ impl Status {
                 self.not_programmed.len()
             );
             let (shown, left_out) = crate::output::abridge(&self.not_programmed, wide, LIST_LIMIT);
+            for n in shown {
+                let _ = writeln!(out, "  {:<26} {}", n.kind, n.object);
+            }
+            if left_out > 0 {
+                let _ = writeln!(out, "  ... and {left_out} more (-o wide lists them all)");
+            }
+        }
+        if !self.failing.is_empty() {
+            let _ = writeln!(
+                out,
+                "failing ({}; retried on every round, the agent's log says why)",
+                self.failing.len()
+            );
+            let (shown, left_out) = crate::output::abridge(&self.failing, wide, LIST_LIMIT);
             for n in shown {
                 let _ = writeln!(out, "  {:<26} {}", n.kind, n.object);
             }

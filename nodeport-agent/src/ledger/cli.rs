@@ -101,7 +101,11 @@ pub async fn run_ports(args: PortsArgs) -> anyhow::Result<ExitCode> {
         LocalPortRangeArg::Given { first, last } => Some((first, last)),
     };
     let ledger = analyze(&args.service_node_port_range, &services, local_port_range);
-    crate::output::print(&args.output.render(&ledger, |wide| ledger.render_text(wide))?)?;
+    crate::output::print(
+        &args
+            .output
+            .render(&ledger, |wide| ledger.render_text(wide))?,
+    )?;
     let failed = args.fail_on.is_some_and(|threshold| {
         ledger
             .worst_severity()
