@@ -200,6 +200,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // What runs, and with what: the keys are the flags' (and a --config file's).
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
+        config_file = args.config.as_ref().map(|f| f.display().to_string()),
         config = %serde_json::Value::from_iter(args.effective.clone()),
         "starting nodeport-agent"
     );

@@ -493,9 +493,9 @@ pub fn file_args(
     Ok(args)
 }
 
-/// The effective configuration of `run` from its final matches: every flag by name with its
-/// value, defaults included (lists as arrays, switches as booleans), for the start line. The
-/// same keys make a `--config` file.
+/// The effective configuration of `run` from its final matches: every flag but `--config` by
+/// name with its value, defaults included (lists as arrays, switches as booleans), for the
+/// start line. It is a valid `--config` file itself.
 pub fn effective(
     run: &clap::Command,
     matches: &clap::ArgMatches,
@@ -504,7 +504,8 @@ pub fn effective(
     for arg in run.get_arguments() {
         let id = arg.get_id().as_str();
         let Some(long) = arg.get_long() else { continue };
-        if matches!(id, "help" | "version") {
+        // The file itself is logged apart: a file cannot name another.
+        if matches!(id, "help" | "version" | "config") {
             continue;
         }
         let values: Vec<String> = matches
@@ -573,6 +574,7 @@ pub(crate) mod tests {
         let err = "1024-5000,4000-6000".parse::<SnatPortRanges>().unwrap_err();
         assert!(err.contains("overlap on 4000-5000"), "{err}");
     }
+
     /// `run`'s flags as the command line gives them.
     pub(crate) fn run_args(args: &[&str]) -> RunArgs {
         #[derive(clap::Parser)]
@@ -585,6 +587,7 @@ pub(crate) mod tests {
             .expect("valid flags")
             .run
     }
+
     #[test]
     fn the_default_snat_ranges_give_33512_ports_outside_node_and_ephemeral_ports() {
         let args = run_args(&[]);
@@ -682,5 +685,180 @@ pub(crate) mod tests {
             Ok(OptionalAddr(Some("127.0.0.1:9480".parse().unwrap())))
         );
         assert!("9480".parse::<OptionalAddr>().is_err());
+    }
+
+    /// `run` as clap sees it, and its matches for `args`.
+    fn run_command() -> clap::Command {
+        use clap::Args as _;
+        RunArgs::augment_args(clap::Command::new("run"))
+    }
+
+    fn matches(args: &[String]) -> clap::ArgMatches {
+        let argv = std::iter::once("run".to_owned()).chain(args.iter().cloned());
+        run_command()
+            .try_get_matches_from(argv)
+            .expect("valid flags")
+    }
+
+    #[test]
+    fn a_config_file_gives_flags_the_command_line_overrides() {
+        let dir = crate::test_support::ScratchDir::new("config-file");
+        let file = dir.path().join("nodeport.yaml");
+        std::fs::write(
+            &file,
+            "# a ConfigMap's data\n\
+             max-services: 8192\n\
+             external-interface: [eth0, eth1]\n\
+             pod-interfaces: veth*,cali*\n\
+             detach-on-exit: true\n\
+             source-ranges-on-node-ports: false\n\
+             metrics-addr: 0.0.0.0:9480\n\
+             conntrack-udp-timeout: 30\n\
+             service-proxy-name: ~\n",
+        )
+        .unwrap();
+        let given: Vec<String> = [
+            "--config",
+            file.to_str().unwrap(),
+            "--conntrack-udp-timeout",
+            "90",
+        ]
+        .map(String::from)
+        .to_vec();
+        let extra = file_args(&run_command(), &matches(&given), &file).unwrap();
+        assert_eq!(
+            extra,
+            [
+                "--detach-on-exit",
+                "--external-interface=eth0",
+                "--external-interface=eth1",
+                "--max-services=8192",
+                "--metrics-bind-address=0.0.0.0:9480",
+                "--pod-interfaces=veth*,cali*",
+            ]
+        );
+        let all: Vec<String> = given.into_iter().chain(extra).collect();
+        let m = matches(&all);
+        let args = <RunArgs as clap::FromArgMatches>::from_arg_matches(&m).unwrap();
+        assert_eq!(args.max_services, 8192);
+        assert_eq!(args.conntrack_udp_timeout, 90, "the command line wins");
+        assert_eq!(args.external_interfaces, ["eth0", "eth1"]);
+        assert_eq!(args.pod_interfaces, ["veth*", "cali*"]);
+        assert!(args.detach_on_exit);
+        assert_eq!(
+            args.metrics_bind_address.0,
+            Some("0.0.0.0:9480".parse().unwrap())
+        );
+
+        // The effective configuration names every flag, defaults included, with the same
+        // keys: it is a config file itself.
+        let effective = effective(&run_command(), &m);
+        assert_eq!(effective["max-services"], "8192");
+        assert_eq!(effective["conntrack-udp-timeout"], "90");
+        assert_eq!(
+            effective["external-interface"],
+            serde_json::json!(["eth0", "eth1"])
+        );
+        assert_eq!(effective["detach-on-exit"], true);
+        assert_eq!(effective["hash-seed"], DEFAULT_HASH_SEED.to_string());
+        assert_eq!(effective["service-proxy-name"], serde_json::Value::Null);
+        let flags = run_command()
+            .get_arguments()
+            .filter(|a| a.get_long().is_some_and(|l| l != "config"))
+            .count();
+        assert_eq!(effective.len(), flags, "every flag: {effective:?}");
+        let copy = dir.path().join("effective.yaml");
+        std::fs::write(&copy, serde_json::to_string(&effective).unwrap()).unwrap();
+        let again = file_args(&run_command(), &matches(&[]), &copy).unwrap();
+        let from_copy = matches(&again);
+        assert_eq!(
+            super::effective(&run_command(), &from_copy)["max-services"],
+            "8192"
+        );
+    }
+
+    #[test]
+    fn a_config_file_with_an_unknown_key_or_a_wrong_shape_is_refused() {
+        let dir = crate::test_support::ScratchDir::new("config-file-bad");
+        let check = |text: &str, expected: &str| {
+            let file = dir.path().join("bad.yaml");
+            std::fs::write(&file, text).unwrap();
+            let err = file_args(&run_command(), &matches(&[]), &file)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+            assert!(
+                err.starts_with(&format!("--config {}", file.display())),
+                "{err}"
+            );
+        };
+        check(
+            "max-service: 10\n",
+            "max-service: not a flag of `nodeport-agent run`",
+        );
+        check("config: other.yaml\n", "config: not a flag");
+        check(
+            "detach-on-exit: yes please\n",
+            "detach-on-exit: expected true or false",
+        );
+        check(
+            "max-services: [1, 2]\n",
+            "max-services: takes one value, not a list",
+        );
+        check(
+            "external-interface: {a: b}\n",
+            "expected a string, a number or a boolean",
+        );
+        check("- a list\n", "expected a mapping of flag names to values");
+        let missing = dir.path().join("missing.yaml");
+        let err = file_args(&run_command(), &matches(&[]), &missing).unwrap_err();
+        assert!(err.to_string().contains("No such file"), "{err}");
+    }
+
+    #[test]
+    fn nodeport_addresses_primary_stands_alone() {
+        let sel = run_args(&["--nodeport-addresses", "primary"])
+            .selection()
+            .unwrap();
+        assert!(sel.primary_only && sel.nodeport_prefixes.is_empty());
+        let sel = run_args(&["--nodeport-addresses", "10.0.0.0/8"])
+            .selection()
+            .unwrap();
+        assert!(!sel.primary_only && sel.nodeport_prefixes.len() == 1);
+        let err = run_args(&["--nodeport-addresses", "primary,10.0.0.0/8"])
+            .selection()
+            .unwrap_err();
+        assert!(err.to_string().contains("`primary` stands alone"), "{err}");
+        let err = run_args(&["--nodeport-addresses", "10.0.0.0/33"])
+            .selection()
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("--nodeport-addresses 10.0.0.0/33: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn kube_proxy_flag_names() {
+        let args = run_args(&[
+            "--hostname-override",
+            "node-7",
+            "--kubeconfig",
+            "/k",
+            "--context",
+            "c",
+        ]);
+        assert_eq!(args.node_name.as_deref(), Some("node-7"));
+        assert_eq!(args.kubeconfig.as_deref(), Some(std::path::Path::new("/k")));
+        assert_eq!(args.context.as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn every_flag_has_help() {
+        for arg in run_command().get_arguments() {
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            assert!(!help.is_empty(), "--{} has no help", arg.get_id());
+        }
     }
 }

@@ -301,3 +301,43 @@ async fn main() -> ExitCode {
         ExitCode::FAILURE
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_flag_of_every_command_has_help() {
+        let cli = Cli::command();
+        let commands = std::iter::once(&cli).chain(cli.get_subcommands());
+        for command in commands {
+            for arg in command.get_arguments() {
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                assert!(
+                    !help.is_empty(),
+                    "{} --{} has no help",
+                    command.get_name(),
+                    arg.get_id()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn output_takes_kubectls_short_flag_and_formats() {
+        for format in ["json", "yaml", "wide", "table"] {
+            for command in ["status", "dump", "ports"] {
+                let argv = ["nodeport-agent", command, "-o", format].map(OsString::from);
+                assert!(parse(argv.to_vec()).is_ok(), "{command} -o {format}");
+            }
+        }
+    }
+
+    #[test]
+    fn json_logs_are_asked_for_either_way() {
+        let argv = |args: &[&str]| args.iter().map(OsString::from).collect::<Vec<_>>();
+        assert!(wants_json(&argv(&["x", "--log-format", "json", "run"])));
+        assert!(wants_json(&argv(&["x", "run", "--log-format=json"])));
+        assert!(!wants_json(&argv(&["x", "run", "--log-format", "text"])));
+    }
+}
