@@ -218,6 +218,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         check_manifests_dir(dir)?;
     }
     current_layout(&selection)?;
+    // The client's configuration (in-cluster, or a kubeconfig): read now, connected later.
+    let kube_client = match &args.manifests {
+        Some(_) => None,
+        None => Some(
+            crate::config::kube_client(args.kubeconfig.as_deref(), args.context.as_deref()).await?,
+        ),
+    };
 
     // One agent per pin directory, for this agent's life (held by `Agent`).
     datapath::bpffs::ensure_mounted(&args.bpffs_dir).context("loading the datapath")?;
@@ -236,12 +243,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 .with_context(|| format!("metrics on {addr}"))?,
         ),
         None => None,
-    };
-    let kube_client = match &args.manifests {
-        Some(_) => None,
-        None => Some(
-            crate::config::kube_client(args.kubeconfig.as_deref(), args.context.as_deref()).await?,
-        ),
     };
 
     // From here on the start creates things; the guard removes them again if it fails before
