@@ -183,6 +183,8 @@ struct Agent {
     events: Option<ServiceEvents>,
     /// The last error writing the datapath's settings, logged once.
     settings_error: Option<String>,
+    /// The last error following the interfaces, logged once.
+    interfaces_error: Option<String>,
     /// The failure markers under the pins were written at least once.
     failing_recorded: bool,
     notices: BTreeSet<crate::model::Notice>,
@@ -365,6 +367,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         refusals,
         events,
         settings_error: None,
+        interfaces_error: None,
         failing_recorded: false,
         notices: BTreeSet::new(),
         notices_recorded: false,
@@ -426,17 +429,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 if let Err(e) = changed {
                     tracing::warn!(error = %e, "link change notifications");
                 }
-                if let Err(e) = agent.rescan_interfaces() {
-                    tracing::error!(error = format!("{e:#}"), "following the node's interfaces");
-                }
+                agent.follow_interfaces();
                 agent.check_attachments();
                 agent.reconcile().await;
             }
             _ = check.tick() => agent.check_attachments(),
             _ = periodic.tick() => {
-                if let Err(e) = agent.rescan_interfaces() {
-                    tracing::error!(error = format!("{e:#}"), "following the node's interfaces");
-                }
+                agent.follow_interfaces();
                 agent.reconcile().await;
             }
             _ = sigterm.recv() => break,
@@ -563,6 +562,29 @@ impl Agent {
         self.layout = layout;
         self.listeners = crate::listeners::read();
         Ok(())
+    }
+
+    /// `rescan_interfaces` in the loop: an error is logged once per change, not on every
+    /// rescan (every 30 seconds and every link event).
+    fn follow_interfaces(&mut self) {
+        match self.rescan_interfaces() {
+            Ok(()) => {
+                if self.interfaces_error.take().is_some() {
+                    tracing::info!("following the node's interfaces again");
+                }
+            }
+            Err(e) => {
+                let error = crate::output::error_chain(e.as_ref());
+                if self.interfaces_error.as_ref() != Some(&error) {
+                    tracing::error!(
+                        %error,
+                        "following the node's interfaces; retried on every rescan, logged \
+                         again only if the cause changes"
+                    );
+                    self.interfaces_error = Some(error);
+                }
+            }
+        }
     }
 
     /// Notices attachments that vanished while their interface stayed (`nodeport-agent
