@@ -7,354 +7,28 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::PathBuf,
-    str::FromStr,
+    net::{IpAddr, Ipv4Addr},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-use nodeport_common::{AgentState, DatapathConfig, capacity};
+use nodeport_common::{AgentState, DatapathConfig};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    datapath::{self, Datapath, InterfaceRole, Sizing, StartGuard, XdpAttachMode},
+    config::{RunArgs, hostname},
+    datapath::{self, Datapath, InterfaceRole, StartGuard},
     desired::{NodeContext, PortGuard, Reconciler},
     gc::Collector,
     health::{HealthConfig, HealthServer, ServiceHealth},
     interfaces::{self, ChangeWatcher, Layout, Selection},
-    ledger::{self, NodePortRange},
     metrics::{self, Metrics, Sampler},
     model::{Ipv4Prefix, NoticeKind, ServicePortKey},
+    refusals::{Refusals, Refused, ServiceEvents},
     source::{self, Snapshot, SnapshotReceiver, SourceStats},
     sync::{GlobalSettings, Programmed, Syncer},
 };
-
-/// The flow-hash seed when none is given; equal on every node, so a flow picks the same
-/// backend whichever node it reaches.
-pub const DEFAULT_HASH_SEED: u32 = 0x6e70_6f72; // "npor"
-
-/// `--snat-port-range`: one or two ranges, "A-B" or "A-B,C-D".
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SnatPortRanges(pub Vec<NodePortRange>);
-
-/// The default: 33,512 ports, below the node port range (30000-32767) and above the kernel's
-/// default ephemeral ports (net.ipv4.ip_local_port_range 32768-60999). Each remote backend
-/// can then take 33,512 concurrent connections per SNAT address and protocol from one node,
-/// above the ~28,000 MASQUERADE gives with the default ephemeral range.
-pub const DEFAULT_SNAT_PORT_RANGES: &str = "1024-29999,61000-65535";
-
-impl FromStr for SnatPortRanges {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let ranges: Vec<NodePortRange> = s
-            .split(',')
-            .map(|r| r.parse::<NodePortRange>())
-            .collect::<Result<_, _>>()
-            .map_err(|e| e.to_string())?;
-        if ranges.len() > 2 {
-            return Err(format!(
-                "{s:?}: at most two ranges, e.g. {DEFAULT_SNAT_PORT_RANGES}"
-            ));
-        }
-        if let [a, b] = ranges.as_slice()
-            && let Some((lo, hi)) = overlap((a.first, a.last), (b.first, b.last))
-        {
-            return Err(format!("{s:?}: the two ranges overlap on {lo}-{hi}"));
-        }
-        Ok(Self(ranges))
-    }
-}
-
-impl std::fmt::Display for SnatPortRanges {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let parts: Vec<String> = self.0.iter().map(ToString::to_string).collect();
-        f.write_str(&parts.join(","))
-    }
-}
-
-/// The lowest SNAT port: below it are the privileged ports, which services on the node (and
-/// backends) treat as trusted.
-pub const MIN_SNAT_PORT: u16 = 1024;
-
-/// Ports in net.ipv4.ip_local_reserved_ports ("8080,61000-65535"): the kernel never picks
-/// them as ephemeral ports.
-fn reserved_ports(text: &str) -> Vec<(u16, u16)> {
-    text.trim()
-        .split(',')
-        .filter_map(|part| {
-            let part = part.trim();
-            let (a, b) = part.split_once('-').unwrap_or((part, part));
-            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
-        })
-        .collect()
-}
-
-/// Whether every port of `range` is in one of `reserved`.
-fn all_reserved(range: (u16, u16), reserved: &[(u16, u16)]) -> bool {
-    (range.0..=range.1).all(|p| reserved.iter().any(|(a, b)| (*a..=*b).contains(&p)))
-}
-
-fn overlap(a: (u16, u16), b: (u16, u16)) -> Option<(u16, u16)> {
-    let lo = a.0.max(b.0);
-    let hi = a.1.min(b.1);
-    (lo <= hi).then_some((lo, hi))
-}
-
-/// `off` or an address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct OptionalAddr(pub Option<SocketAddr>);
-
-impl FromStr for OptionalAddr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        if s.is_empty() || s == "off" {
-            return Ok(Self(None));
-        }
-        s.parse()
-            .map(|a| Self(Some(a)))
-            .map_err(|e| format!("{s:?}: {e} (an address:port, or \"off\")"))
-    }
-}
-
-#[derive(Debug, clap::Args)]
-pub struct RunArgs {
-    /// Read Services and EndpointSlices from YAML files in this directory (reloaded when they
-    /// change) instead of the Kubernetes API.
-    #[arg(long, value_name = "DIR")]
-    pub manifests: Option<PathBuf>,
-    /// This node's name, to tell its own endpoints; a DaemonSet passes it from the downward
-    /// API. Defaults to the host name.
-    #[arg(long, env = "NODE_NAME")]
-    pub node_name: Option<String>,
-    /// An interface facing clients and other nodes (XDP runs there). Repeat for several.
-    /// Default: the interfaces carrying a default route.
-    #[arg(long = "external-interface", value_name = "IFACE")]
-    pub external_interfaces: Vec<String>,
-    /// Interfaces facing local pods (their replies are translated there), as globs such as
-    /// `veth*,cali*,lxc*`. Default: every other interface that is up.
-    #[arg(long, value_delimiter = ',', value_name = "GLOB")]
-    pub pod_interfaces: Vec<String>,
-    /// Node ports answer only on node addresses inside these CIDRs (kube-proxy's flag).
-    /// Default: every address of the node but loopback.
-    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
-    pub nodeport_addresses: Vec<String>,
-    /// How XDP runs: native (in the driver; the fast path) or generic (any interface).
-    #[arg(long, value_enum, default_value = "native")]
-    pub xdp_mode: XdpAttachMode,
-    /// Where maps and links are pinned (on a BPF filesystem; mounted at /sys/fs/bpf if needed).
-    #[arg(long, default_value = "/sys/fs/bpf/nodeport")]
-    pub bpffs_dir: PathBuf,
-    /// The node health server (/healthz, /livez), or "off".
-    #[arg(long, default_value = "0.0.0.0:10256")]
-    pub healthz_bind_address: OptionalAddr,
-    /// Address the health-check node ports of externalTrafficPolicy Local Services listen on.
-    #[arg(long, default_value = "0.0.0.0")]
-    pub health_check_bind_address: IpAddr,
-    /// The Prometheus metrics endpoint (/metrics), or "off". Local only by default; a
-    /// DaemonSet scraped by Prometheus sets 0.0.0.0:9480 (kube-proxy's flag name; alias
-    /// --metrics-addr).
-    #[arg(long, alias = "metrics-addr", default_value = "127.0.0.1:9480")]
-    pub metrics_bind_address: OptionalAddr,
-    /// Export the per-service series (nodeport_service_packets_total and
-    /// nodeport_service_bytes_total, 4 per service port per node: 40,000 at 10,000 service
-    /// ports). `--metrics-per-service=false` leaves them out; the datapath still counts, and
-    /// `nodeport-agent dump --stats` shows the counts.
-    #[arg(
-        long,
-        default_value_t = true,
-        action = clap::ArgAction::Set,
-        value_name = "BOOL"
-    )]
-    pub metrics_per_service: bool,
-    /// The cluster's node port range (kube-apiserver --service-node-port-range): checked
-    /// against the SNAT range, and reported on by the range metrics.
-    #[arg(long, default_value = "30000-32767")]
-    pub service_node_port_range: NodePortRange,
-    /// Source ports for connections SNATed to backends on other nodes: one range or two,
-    /// comma-separated. Neither may overlap the node port range or
-    /// net.ipv4.ip_local_port_range, nor go below 1024.
-    #[arg(long, default_value = DEFAULT_SNAT_PORT_RANGES)]
-    pub snat_port_range: SnatPortRanges,
-    /// Apply loadBalancerSourceRanges to node ports as well as to LoadBalancer IPs. kube-proxy
-    /// applies them to LoadBalancer IPs only, so a cloud load balancer that reaches the nodes
-    /// on their node port from other addresses keeps working; this stricter mode (Cilium's
-    /// --bpf-lb-source-range-all-types) also closes the node port to clients outside them.
-    #[arg(long)]
-    pub source_ranges_on_node_ports: bool,
-    /// Slots of each service's Maglev table (a prime; more spreads many backends more evenly).
-    #[arg(long, default_value_t = capacity::MAGLEV_SIZE)]
-    pub maglev_table_size: u32,
-    /// Service ports the datapath can hold (each costs a Maglev table).
-    #[arg(long, default_value_t = capacity::SERVICES)]
-    pub max_services: u32,
-    #[arg(long, default_value_t = capacity::BACKENDS)]
-    pub max_backends: u32,
-    /// Frontends: each node port counts once per node address.
-    #[arg(long, default_value_t = capacity::FRONTENDS)]
-    pub max_frontends: u32,
-    #[arg(long, default_value_t = capacity::SRC_RANGES)]
-    pub max_source_ranges: u32,
-    /// Entries of the established-connection table (two per connection). The datapath never
-    /// evicts from it: when it is full, new connections stay in the handshake table.
-    #[arg(long, default_value_t = capacity::CONNTRACK)]
-    pub conntrack_size: u32,
-    /// Entries of the handshake table (two per connection not yet established: TCP before
-    /// the client's ACK of the SYN-ACK, UDP before a reply). An LRU of its own, so a SYN
-    /// flood churns it and never the established connections.
-    #[arg(long, default_value_t = capacity::CONNTRACK_NEW)]
-    pub conntrack_handshake_size: u32,
-    /// Seconds between two sweeps of the connection tables for expired connections.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
-    pub conntrack_gc_interval: u64,
-    #[arg(long, default_value_t = capacity::AFFINITY)]
-    pub affinity_size: u32,
-    #[arg(long, default_value_t = 60)]
-    pub conntrack_tcp_syn_timeout: u32,
-    #[arg(long, default_value_t = 21_600)]
-    pub conntrack_tcp_established_timeout: u32,
-    #[arg(long, default_value_t = 10)]
-    pub conntrack_tcp_closing_timeout: u32,
-    #[arg(long, default_value_t = 60)]
-    pub conntrack_udp_timeout: u32,
-    /// Seed of the flow hash; set the same on every node.
-    #[arg(long, default_value_t = DEFAULT_HASH_SEED)]
-    pub hash_seed: u32,
-    /// This node's pod network (repeat for several): new connections from it (and from the
-    /// node's own addresses) are never taken for outside clients and are dropped. With the
-    /// Kubernetes API, the Node's spec.podCIDRs are added.
-    #[arg(long = "pod-cidr", value_name = "CIDR")]
-    pub pod_cidrs: Vec<Ipv4Prefix>,
-    /// Also handle Services labelled service.kubernetes.io/service-proxy-name=<this>.
-    #[arg(long)]
-    pub service_proxy_name: Option<String>,
-    /// On SIGTERM, remove the datapath (programs, links, maps). By default it stays and keeps
-    /// forwarding until the next agent adopts it.
-    #[arg(long)]
-    pub detach_on_exit: bool,
-}
-
-fn hostname() -> Option<String> {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes.
-    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
-        return None;
-    }
-    Some(crate::sync::untext(&buf)).filter(|h| !h.is_empty())
-}
-
-impl RunArgs {
-    fn sizing(&self) -> Sizing {
-        Sizing {
-            frontends: self.max_frontends,
-            services: self.max_services,
-            backends: self.max_backends,
-            maglev_size: self.maglev_table_size,
-            source_ranges: self.max_source_ranges,
-            conntrack: self.conntrack_size,
-            conntrack_new: self.conntrack_handshake_size,
-            affinity: self.affinity_size,
-        }
-    }
-
-    /// The datapath's configuration, with the per-node `snat_secret` (kept from the pinned
-    /// configuration when adopting: see [`snat_secret`]).
-    fn datapath_config(&self, snat_secret: u32) -> DatapathConfig {
-        let ranges = &self.snat_port_range.0;
-        let second = ranges.get(1).map_or((0, 0), |r| (r.first, r.last));
-        DatapathConfig {
-            maglev_size: self.maglev_table_size,
-            hash_seed: self.hash_seed,
-            snat_port_min: ranges[0].first,
-            snat_port_max: ranges[0].last,
-            tcp_syn_timeout_s: self.conntrack_tcp_syn_timeout,
-            tcp_established_timeout_s: self.conntrack_tcp_established_timeout,
-            tcp_closing_timeout_s: self.conntrack_tcp_closing_timeout,
-            udp_timeout_s: self.conntrack_udp_timeout,
-            hz: datapath::kernel_hz(),
-            snat_secret,
-            snat_port_min2: second.0,
-            snat_port_max2: second.1,
-        }
-    }
-
-    /// Refuses settings that would break traffic, before touching anything.
-    fn validate(&self) -> Result<()> {
-        let reserved = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports")
-            .map(|t| reserved_ports(&t))
-            .unwrap_or_default();
-        let local =
-            ledger::read_local_port_range(std::path::Path::new(ledger::IP_LOCAL_PORT_RANGE));
-        validate_snat_ranges(
-            &self.snat_port_range,
-            &self.service_node_port_range,
-            local,
-            &reserved,
-        )?;
-        if !datapath::is_prime(self.maglev_table_size) {
-            bail!(
-                "--maglev-table-size {} is not a prime (try 1021, 4093 or 16381)",
-                self.maglev_table_size
-            );
-        }
-        Ok(())
-    }
-
-    fn selection(&self) -> Result<Selection> {
-        Ok(Selection {
-            external: self.external_interfaces.clone(),
-            pod_patterns: self.pod_interfaces.clone(),
-            nodeport_prefixes: self
-                .nodeport_addresses
-                .iter()
-                .map(|s| s.parse::<Ipv4Prefix>().map_err(anyhow::Error::msg))
-                .collect::<Result<_>>()
-                .context("--nodeport-addresses")?,
-        })
-    }
-}
-
-/// Checks each SNAT range against the privileged ports, the node port range and the node's
-/// ephemeral ports (`local`, unless the overlap is reserved in ip_local_reserved_ports).
-fn validate_snat_ranges(
-    ranges: &SnatPortRanges,
-    node_ports: &NodePortRange,
-    local: Option<(u16, u16)>,
-    reserved: &[(u16, u16)],
-) -> Result<()> {
-    let np = (node_ports.first, node_ports.last);
-    for range in &ranges.0 {
-        let snat = (range.first, range.last);
-        if range.first < MIN_SNAT_PORT {
-            bail!(
-                "--snat-port-range {ranges}: the range {range} starts below {MIN_SNAT_PORT}: \
-                 privileged ports are not SNAT ports (services trust them); start it at \
-                 {MIN_SNAT_PORT} or above"
-            );
-        }
-        if let Some((a, b)) = overlap(snat, np) {
-            bail!(
-                "--snat-port-range {ranges}: the range {range} overlaps the node port range \
-                 {node_ports} on {a}-{b}: a SNATed connection's reply would look like node port \
-                 traffic; pick a range outside it"
-            );
-        }
-        if let Some(local) = local
-            && let Some((a, b)) = overlap(snat, local).filter(|o| !all_reserved(*o, reserved))
-        {
-            bail!(
-                "--snat-port-range {ranges}: the range {range} overlaps \
-                 net.ipv4.ip_local_port_range {}-{} on {a}-{b}: the node's own connections could \
-                 take the same source ports as SNATed ones. Pick a range outside it, or shrink \
-                 ip_local_port_range, or reserve the range with net.ipv4.ip_local_reserved_ports",
-                local.0,
-                local.1
-            );
-        }
-    }
-    Ok(())
-}
 
 /// The per-node secret of the SNAT port hash: the pinned datapath's when adopting one that was
 /// configured (so a restart does not move the SNAT ports of live connections), a new random
@@ -434,6 +108,12 @@ impl Health {
     fn set_node_eligible(&self, eligible: bool) {
         self.all().for_each(|h| h.set_node_eligible(eligible));
     }
+    fn heartbeat(&self) {
+        self.all().for_each(HealthServer::heartbeat);
+    }
+    fn set_synced(&self, synced: bool) {
+        self.all().for_each(|h| h.set_synced(synced));
+    }
     async fn shutdown(self) {
         self.services.shutdown().await;
         if let Some(h) = self.node {
@@ -450,6 +130,7 @@ async fn start_health(
         bind,
         node_healthz_port: port,
         health_timeout: crate::health::DEFAULT_HEALTH_TIMEOUT,
+        liveness_timeout: crate::health::DEFAULT_LIVENESS_TIMEOUT,
     };
     let healthz = args.healthz_bind_address.0;
     let shared = healthz
@@ -497,6 +178,17 @@ struct Agent {
     state: AgentState,
     /// Services that failed to program, retried on every round.
     retry: BTreeSet<ServicePortKey>,
+    /// What keeps failing (refused services, unbound health-check node ports), reported once
+    /// per change.
+    refusals: Refusals,
+    /// Events on refused Services, with the Kubernetes API.
+    events: Option<ServiceEvents>,
+    /// The last error writing the datapath's settings, logged once.
+    settings_error: Option<String>,
+    /// The last error following the interfaces, logged once.
+    interfaces_error: Option<String>,
+    /// The failure markers under the pins were written at least once.
+    failing_recorded: bool,
     notices: BTreeSet<crate::model::Notice>,
     /// `notices` were written under the pins for `status` at least once.
     notices_recorded: bool,
@@ -509,6 +201,13 @@ struct Agent {
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
+    // What runs, and with what: the keys are the flags' (and a --config file's).
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config_file = args.config.as_ref().map(|f| f.display().to_string()),
+        config = %serde_json::Value::from_iter(args.effective.clone()),
+        "starting nodeport-agent"
+    );
     // Everything that can be checked is checked before anything is created: a start that
     // stops here leaves the node untouched.
     args.validate()?;
@@ -523,6 +222,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         check_manifests_dir(dir)?;
     }
     current_layout(&selection)?;
+    // The client's configuration (in-cluster, or a kubeconfig): read now, connected later.
+    let kube_client = match &args.manifests {
+        Some(_) => None,
+        None => Some(
+            crate::config::kube_client(args.kubeconfig.as_deref(), args.context.as_deref()).await?,
+        ),
+    };
 
     // One agent per pin directory, for this agent's life (held by `Agent`).
     datapath::bpffs::ensure_mounted(&args.bpffs_dir).context("loading the datapath")?;
@@ -530,6 +236,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::register(&mut registry);
+    let refusals = Refusals::new();
+    refusals.register(&mut registry);
     // Bind now, so a taken port is an error before the datapath is touched.
     let health = start_health(&args, &mut registry).await?;
     let metrics_listener = match args.metrics_bind_address.0 {
@@ -539,14 +247,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 .with_context(|| format!("metrics on {addr}"))?,
         ),
         None => None,
-    };
-    let kube_client = match &args.manifests {
-        Some(_) => None,
-        None => Some(
-            kube::Client::try_default()
-                .await
-                .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?,
-        ),
     };
 
     // From here on the start creates things; the guard removes them again if it fails before
@@ -572,6 +272,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tracing::info!(entries = n, "removed leftovers of an interrupted run");
     }
 
+    let events = kube_client
+        .as_ref()
+        .map(|client| ServiceEvents::new(client.clone(), &node_name));
     // The source of cluster state.
     let (tx, mut rx) = source::channel();
     let source_stats = match (&args.manifests, kube_client) {
@@ -666,6 +369,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
             ..AgentState::default()
         },
         retry: BTreeSet::new(),
+        refusals,
+        events,
+        settings_error: None,
+        interfaces_error: None,
+        failing_recorded: false,
         notices: BTreeSet::new(),
         notices_recorded: false,
         snapshot: Arc::new(Snapshot::default()),
@@ -685,10 +393,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
         external = ?agent.layout.external.keys().collect::<Vec<_>>(),
         "waiting for the first complete list of Services and EndpointSlices"
     );
-    let first = tokio::select! {
-        first = wait_first(&mut rx) => first?,
-        _ = sigterm.recv() => return agent.shutdown().await,
-        _ = sigint.recv() => return agent.shutdown().await,
+    // However long the first list takes (an API server out of reach, RBAC), the loop is
+    // alive: /livez stays 200 while /readyz waits for the first sync.
+    let mut beat = tokio::time::interval(ATTACHMENT_CHECK);
+    let first = loop {
+        agent.health.heartbeat();
+        tokio::select! {
+            first = wait_first(&mut rx) => break first?,
+            _ = beat.tick() => {}
+            _ = sigterm.recv() => return agent.shutdown().await,
+            _ = sigint.recv() => return agent.shutdown().await,
+        }
     };
     agent.set_snapshot(first);
     agent.reconcile().await;
@@ -702,6 +417,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut check = tokio::time::interval(ATTACHMENT_CHECK);
     check.tick().await;
     loop {
+        // Every round, at least every ATTACHMENT_CHECK: a loop stuck anywhere below turns
+        // /livez to 503 (health::DEFAULT_LIVENESS_TIMEOUT) and the kubelet restarts the agent.
+        agent.health.heartbeat();
         tokio::select! {
             changed = rx.changed() => {
                 if changed.is_err() {
@@ -716,17 +434,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 if let Err(e) = changed {
                     tracing::warn!(error = %e, "link change notifications");
                 }
-                if let Err(e) = agent.rescan_interfaces() {
-                    tracing::error!(error = format!("{e:#}"), "following the node's interfaces");
-                }
+                agent.follow_interfaces();
                 agent.check_attachments();
                 agent.reconcile().await;
             }
             _ = check.tick() => agent.check_attachments(),
             _ = periodic.tick() => {
-                if let Err(e) = agent.rescan_interfaces() {
-                    tracing::error!(error = format!("{e:#}"), "following the node's interfaces");
-                }
+                agent.follow_interfaces();
                 agent.reconcile().await;
             }
             _ = sigterm.recv() => break,
@@ -873,6 +587,29 @@ impl Agent {
         Ok(())
     }
 
+    /// `rescan_interfaces` in the loop: an error is logged once per change, not on every
+    /// rescan (every 30 seconds and every link event).
+    fn follow_interfaces(&mut self) {
+        match self.rescan_interfaces() {
+            Ok(()) => {
+                if self.interfaces_error.take().is_some() {
+                    tracing::info!("following the node's interfaces again");
+                }
+            }
+            Err(e) => {
+                let error = crate::output::error_chain(e.as_ref());
+                if self.interfaces_error.as_ref() != Some(&error) {
+                    tracing::error!(
+                        %error,
+                        "following the node's interfaces; retried on every rescan, logged \
+                         again only if the cause changes"
+                    );
+                    self.interfaces_error = Some(error);
+                }
+            }
+        }
+    }
+
     /// Notices attachments that vanished while their interface stayed (`nodeport-agent
     /// detach`, a link detached by hand) and turns the agent unhealthy instead of attaching
     /// again: removing the datapath is an operator's explicit action, and an agent that
@@ -922,7 +659,19 @@ impl Agent {
         let mut addrs: BTreeSet<Ipv4Addr> = self.layout.node_addresses.clone();
         // Addresses the Node object reports (a cloud's external IP, say), within
         // --nodeport-addresses when given.
-        for ip in self.snapshot.node_addresses.iter().flatten() {
+        let node_object_v4 = self
+            .snapshot
+            .node_addresses
+            .iter()
+            .flatten()
+            .filter(|ip| ip.is_ipv4());
+        // `primary`: the Node's first IPv4 address only (kube-proxy's primary node IP).
+        let take = if self.selection.primary_only {
+            1
+        } else {
+            usize::MAX
+        };
+        for ip in node_object_v4.take(take) {
             if let IpAddr::V4(v4) = ip {
                 let inside = self.selection.nodeport_prefixes.is_empty()
                     || self
@@ -1002,10 +751,7 @@ impl Agent {
             std::time::SystemTime::now(),
             &self.metrics.programming_seconds,
         );
-        for (key, e) in &report.failed {
-            tracing::error!(service = %key, error = %e, "could not program the service; it keeps its previous state");
-            self.retry.insert(key.clone());
-        }
+        self.report_refusals(&report, keys);
         if !report.applied.is_empty() || !report.removed.is_empty() {
             tracing::info!(
                 applied = report.applied.len(),
@@ -1042,10 +788,21 @@ impl Agent {
             // In the loop, not a task: updates apply in order, and a port that could not be
             // bound is known before the next round retries it.
             let errors = self.health.services.set_services(services).await;
-            for e in &errors {
-                tracing::error!(error = %e, "health-check node port (retried)");
-            }
             self.health_retry = !errors.is_empty();
+            let unserved = errors.iter().map(|e| (e.port(), e.to_string())).collect();
+            let changes = self.refusals.set_ports(unserved);
+            for (port, error) in &changes.refused {
+                tracing::warn!(
+                    port,
+                    %error,
+                    "health-check node port not served; retried on every round, logged again \
+                     only if the cause changes"
+                );
+            }
+            for port in &changes.cleared {
+                tracing::info!(port, "health-check node port served or no longer wanted");
+            }
+            self.record_failing(!changes.refused.is_empty() || !changes.cleared.is_empty());
         }
         if changes.notices {
             let notices = self.reconciler.notices();
@@ -1083,8 +840,89 @@ impl Agent {
         if report.failed.is_empty() {
             self.health.updated();
         }
+        // Ready once the datapath holds a complete state, refused Services or not.
+        self.health.set_synced(!report.settings_failed);
         self.record_state(report.failed.is_empty());
         tracing::debug!(revision = self.snapshot.revision, "reconciled");
+    }
+
+    /// Retries what failed, and reports each refusal once per change: a log line, the gauges,
+    /// the markers for `status`, an Event on the Service.
+    fn report_refusals(
+        &mut self,
+        report: &crate::sync::SyncReport,
+        keys: BTreeSet<ServicePortKey>,
+    ) {
+        if report.settings_failed {
+            // Nothing was tried: everything is tried again, and the refusals stand as they were.
+            self.retry.extend(keys);
+            let error = report
+                .failed
+                .first()
+                .map(|(_, e)| e.to_string())
+                .unwrap_or_default();
+            if self.settings_error.as_ref() != Some(&error) {
+                tracing::error!(%error, "could not write the datapath's settings; retried on every round");
+                self.settings_error = Some(error);
+            }
+            return;
+        }
+        if self.settings_error.take().is_some() {
+            tracing::info!("wrote the datapath's settings");
+        }
+        let refused: BTreeMap<ServicePortKey, Refused> = report
+            .failed
+            .iter()
+            .map(|(key, e)| (key.clone(), Refused::from(e)))
+            .collect();
+        self.retry.extend(refused.keys().cloned());
+        let changes = self.refusals.set_services(refused);
+        for (key, error) in &changes.refused {
+            let reason = self.refusals.service(key).map_or("", |r| r.reason);
+            tracing::error!(
+                service = %key,
+                reason,
+                %error,
+                "could not program the service; it keeps its previous state, is retried on \
+                 every round, and is logged again only if the cause changes"
+            );
+            self.publish_event(key, Some(error));
+        }
+        for key in &changes.cleared {
+            if self.programmed.services.contains_key(key) {
+                tracing::info!(service = %key, "programmed the service it had refused");
+                self.publish_event(key, None);
+            } else {
+                tracing::info!(service = %key, "a refused service is gone");
+            }
+        }
+        self.record_failing(!changes.refused.is_empty() || !changes.cleared.is_empty());
+    }
+
+    /// An Event on the Service of `key`, with the Kubernetes API.
+    fn publish_event(&self, key: &ServicePortKey, refused: Option<&str>) {
+        let Some(events) = &self.events else { return };
+        let service = self.snapshot.services.iter().find(|s| {
+            s.metadata.namespace.as_deref().unwrap_or("default") == &*key.namespace
+                && s.metadata.name.as_deref() == Some(&*key.name)
+        });
+        if let Some(service) = service {
+            events.publish(service, key, refused);
+        }
+    }
+
+    /// Writes the failure markers under the pins when they `changed` (and once at first, for
+    /// markers a previous agent left).
+    fn record_failing(&mut self, changed: bool) {
+        if !changed && self.failing_recorded {
+            return;
+        }
+        if let Some(pins) = self.dp.pin_dir()
+            && let Err(e) = datapath::notices::record_failing(&pins.root, &self.refusals.markers())
+        {
+            tracing::warn!(error = %e, "recording what keeps failing for `status`");
+        }
+        self.failing_recorded = true;
     }
 
     /// Writes what this round did to `NP_AGENT`, for `nodeport-agent status`.
@@ -1138,6 +976,8 @@ impl Agent {
 mod tests {
     use super::*;
 
+    use crate::config::tests::run_args;
+
     /// The programming latency is observed for the Services the datapath serves: any port of
     /// the Service, whatever its name and protocol.
     #[test]
@@ -1169,148 +1009,6 @@ mod tests {
         assert!(!serves(&desired, "b", "web"));
         assert!(!serves(&desired, "a", "we"));
         assert!(!serves(&desired, "c", "web"));
-    }
-
-    #[test]
-    fn port_ranges() {
-        // One parser for both ranges (the node port range's, kube-apiserver's syntax).
-        assert_eq!(
-            "61000-65535".parse::<NodePortRange>(),
-            Ok(NodePortRange {
-                first: 61000,
-                last: 65535
-            })
-        );
-        assert!("65535-61000".parse::<NodePortRange>().is_err());
-        assert!("0-10".parse::<NodePortRange>().is_err());
-        assert_eq!(overlap((61000, 65535), (32768, 60999)), None);
-        assert_eq!(
-            overlap((30000, 40000), (32768, 60999)),
-            Some((32768, 40000))
-        );
-    }
-
-    #[test]
-    fn snat_port_ranges() {
-        let default: SnatPortRanges = DEFAULT_SNAT_PORT_RANGES.parse().unwrap();
-        assert_eq!(
-            default.0,
-            [
-                NodePortRange {
-                    first: 1024,
-                    last: 29_999
-                },
-                NodePortRange {
-                    first: 61_000,
-                    last: 65_535
-                }
-            ]
-        );
-        assert_eq!(default.to_string(), DEFAULT_SNAT_PORT_RANGES);
-        assert_eq!("61000-65535".parse::<SnatPortRanges>().unwrap().0.len(), 1);
-        assert!(
-            "1024-2000,3000-4000,5000-6000"
-                .parse::<SnatPortRanges>()
-                .is_err()
-        );
-        let err = "1024-5000,4000-6000".parse::<SnatPortRanges>().unwrap_err();
-        assert!(err.contains("overlap on 4000-5000"), "{err}");
-    }
-
-    /// `run`'s flags as the command line gives them.
-    fn run_args(args: &[&str]) -> RunArgs {
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            run: RunArgs,
-        }
-        let argv = std::iter::once("nodeport-agent").chain(args.iter().copied());
-        <Cli as clap::Parser>::try_parse_from(argv)
-            .expect("valid flags")
-            .run
-    }
-
-    #[test]
-    fn the_default_snat_ranges_give_33512_ports_outside_node_and_ephemeral_ports() {
-        let args = run_args(&[]);
-        validate_snat_ranges(
-            &args.snat_port_range,
-            &args.service_node_port_range,
-            Some((32_768, 60_999)),
-            &[],
-        )
-        .unwrap();
-        let cfg = args.datapath_config(7);
-        assert_eq!(cfg.snat_span(), 33_512);
-        assert_eq!(
-            (
-                cfg.snat_port_min,
-                cfg.snat_port_max,
-                cfg.snat_port_min2,
-                cfg.snat_port_max2,
-                cfg.snat_secret
-            ),
-            (1024, 29_999, 61_000, 65_535, 7)
-        );
-        // One range: the second is empty.
-        let one = run_args(&["--snat-port-range", "61000-65535"]).datapath_config(7);
-        assert_eq!(
-            (one.snat_port_min2, one.snat_port_max2, one.snat_span()),
-            (0, 0, 4536)
-        );
-        // The handshake table's size and the collector's interval.
-        let args = run_args(&[
-            "--conntrack-handshake-size",
-            "1000",
-            "--conntrack-gc-interval",
-            "3",
-        ]);
-        assert_eq!(
-            (args.sizing().conntrack_new, args.conntrack_gc_interval),
-            (1000, 3)
-        );
-        assert_eq!(
-            run_args(&[]).sizing().conntrack_new,
-            capacity::CONNTRACK_NEW
-        );
-    }
-
-    #[test]
-    fn each_snat_range_is_checked_and_named() {
-        let node_ports = NodePortRange {
-            first: 30_000,
-            last: 32_767,
-        };
-        let check = |ranges: &str, local: Option<(u16, u16)>, reserved: &[(u16, u16)]| {
-            validate_snat_ranges(&ranges.parse().unwrap(), &node_ports, local, reserved)
-                .map_err(|e| e.to_string())
-        };
-        let local = Some((32_768, 60_999));
-        // The second range in the node port range.
-        let err = check("1024-2000,30000-30100", local, &[]).unwrap_err();
-        assert!(
-            err.contains(
-                "the range 30000-30100 overlaps the node port range 30000-32767 on \
-                 30000-30100"
-            ),
-            "{err}"
-        );
-        // The second range in the ephemeral ports, unless reserved.
-        let err = check("61000-65535,40000-40100", local, &[]).unwrap_err();
-        assert!(
-            err.contains(
-                "the range 40000-40100 overlaps net.ipv4.ip_local_port_range \
-                 32768-60999 on 40000-40100"
-            ),
-            "{err}"
-        );
-        check("61000-65535,40000-40100", local, &[(40_000, 40_100)]).unwrap();
-        // Privileged ports.
-        let err = check("1000-2000", local, &[]).unwrap_err();
-        assert!(
-            err.contains("the range 1000-2000 starts below 1024"),
-            "{err}"
-        );
     }
 
     #[test]
@@ -1351,7 +1049,6 @@ mod tests {
             .into()
         );
     }
-
     #[test]
     fn the_snat_secret_survives_adoption() {
         let pinned = DatapathConfig {
@@ -1370,24 +1067,5 @@ mod tests {
         assert_ne!(snat_secret(Some(unconfigured)).unwrap(), 0xdead_beef);
         // Random: two fresh ones differ (a 2^-32 chance of a false failure).
         assert_ne!(snat_secret(None).unwrap(), snat_secret(None).unwrap());
-    }
-
-    #[test]
-    fn reserved_ports_cover_an_overlap() {
-        let reserved = reserved_ports("8080,60000-60999\n");
-        assert_eq!(reserved, [(8080, 8080), (60000, 60999)]);
-        assert!(all_reserved((60500, 60999), &reserved));
-        assert!(!all_reserved((59999, 60999), &reserved));
-        assert!(reserved_ports("\n").is_empty());
-    }
-
-    #[test]
-    fn optional_addresses() {
-        assert_eq!("off".parse::<OptionalAddr>(), Ok(OptionalAddr(None)));
-        assert_eq!(
-            "127.0.0.1:9480".parse::<OptionalAddr>(),
-            Ok(OptionalAddr(Some("127.0.0.1:9480".parse().unwrap())))
-        );
-        assert!("9480".parse::<OptionalAddr>().is_err());
     }
 }

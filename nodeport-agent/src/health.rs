@@ -1,5 +1,5 @@
 //! kube-proxy compatible health checking: the per-Service health check node ports and the
-//! node's `/healthz` and `/livez` server.
+//! node's `/healthz`, `/livez` and `/readyz` server.
 //!
 //! - **Service health check node ports.** A Service with `externalTrafficPolicy: Local` has a
 //!   `spec.healthCheckNodePort`; the cloud load balancer probes `http://<node>:<port>/` (any
@@ -7,12 +7,18 @@
 //!   this node has at least one local serving endpoint for the Service and the proxy is
 //!   healthy, 503 otherwise, with kube-proxy's headers and body byte for byte
 //!   (`pkg/proxy/healthcheck/service_health.go`).
-//! - **Node health** (kube-proxy's `--healthz-bind-address`, port 10256): `/healthz` and
-//!   `/livez` (`pkg/proxy/healthcheck/proxier_health.go`). The proxy is healthy while starting
-//!   up (before the first [`HealthServer::updated`]), when everything queued has been applied,
-//!   or when the oldest change not yet applied is younger than the health timeout. `/healthz`
-//!   also needs the node to be eligible (not being deleted, no `ToBeDeletedByClusterAutoscaler`
-//!   taint), which the agent reports with [`HealthServer::set_node_eligible`].
+//! - **Node health** (kube-proxy's `--healthz-bind-address`, port 10256): `/healthz`
+//!   (`pkg/proxy/healthcheck/proxier_health.go`), for load balancers. The proxy is healthy
+//!   while starting up (before the first [`HealthServer::updated`]), when everything queued
+//!   has been applied, or when the oldest change not yet applied is younger than the health
+//!   timeout. `/healthz` also needs the node to be eligible (not being deleted, no
+//!   `ToBeDeletedByClusterAutoscaler` taint), which the agent reports with
+//!   [`HealthServer::set_node_eligible`].
+//! - **The agent's probes** on the same server, for the kubelet: `/livez` answers whether the
+//!   agent's loop still goes round ([`HealthServer::heartbeat`]) and its datapath was not
+//!   removed from under it, nothing else; `/readyz` whether, besides, the datapath holds a
+//!   complete state ([`HealthServer::set_synced`]: after the first sync, Services refused
+//!   one by one or not).
 //!
 //! Every listener is its own task owning its socket and its connections: removing a Service
 //! closes its listener and its open connections at once (kube-proxy calls `http.Server.Close`),
@@ -49,6 +55,10 @@ pub const DEFAULT_HEALTHZ_PORT: u16 = 10256;
 /// kube-proxy's default health timeout: twice its default 30 s sync period.
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long the agent's loop may go without a [`HealthServer::heartbeat`] before `/livez`
+/// fails: the loop beats at least every 5 seconds, so a minute means it is stuck.
+pub const DEFAULT_LIVENESS_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// What one Service's health check node port reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceHealth {
@@ -76,6 +86,8 @@ pub struct HealthConfig {
     pub node_healthz_port: Option<u16>,
     /// How long a queued change may stay unapplied before the proxy counts as unhealthy.
     pub health_timeout: Duration,
+    /// How long the agent's loop may go without a heartbeat before `/livez` fails.
+    pub liveness_timeout: Duration,
 }
 
 impl Default for HealthConfig {
@@ -84,6 +96,7 @@ impl Default for HealthConfig {
             bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             node_healthz_port: Some(DEFAULT_HEALTHZ_PORT),
             health_timeout: DEFAULT_HEALTH_TIMEOUT,
+            liveness_timeout: DEFAULT_LIVENESS_TIMEOUT,
         }
     }
 }
@@ -202,6 +215,7 @@ impl Listener {
 struct Shared {
     clock: Arc<dyn Clock>,
     health_timeout: Duration,
+    liveness_timeout: Duration,
     proxy: Mutex<ProxyState>,
     responses: Family<ResponseLabels, Counter>,
 }
@@ -215,6 +229,14 @@ struct ProxyState {
     /// False once the datapath was removed from under the agent (`nodeport-agent detach`):
     /// the maps may be up to date, but no packet reaches them.
     datapath_attached: bool,
+    /// The last [`HealthServer::heartbeat`] of the agent's loop (the start until the first).
+    heartbeat: SystemTime,
+    /// The datapath holds a complete state: the first snapshot was programmed, and the last
+    /// round wrote the datapath's settings ([`HealthServer::set_synced`]).
+    synced: bool,
+    /// The agent finished a round ([`HealthServer::set_synced`] was called): it is no longer
+    /// starting up, so a change pending since then counts even without an `updated`.
+    started_up: bool,
 }
 
 /// The proxy health at one instant.
@@ -247,22 +269,27 @@ impl HealthServer {
         config: HealthConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, HealthError> {
+        let started = clock.now();
         let shared = Arc::new(Shared {
             clock,
             health_timeout: config.health_timeout,
+            liveness_timeout: config.liveness_timeout,
             proxy: Mutex::new(ProxyState {
                 last_updated: None,
                 oldest_pending: None,
                 // Eligible until the agent learns otherwise, as kube-proxy.
                 node_eligible: true,
                 datapath_attached: true,
+                heartbeat: started,
+                synced: false,
+                started_up: false,
             }),
             responses: Family::default(),
         });
         // The answers that mean something exist from the start, at 0: a rate of 503s then
         // sees the first one. The node endpoints only where this server serves them.
         let endpoints: &[&'static str] = if config.node_healthz_port.is_some() {
-            &["service", "healthz", "livez"]
+            &["service", "healthz", "livez", "readyz"]
         } else {
             &["service"]
         };
@@ -282,7 +309,7 @@ impl HealthServer {
                 .and_then(|socket| Ok((socket.local_addr()?, socket)));
             let (local, socket) =
                 socket.map_err(|cause| HealthError::NodeHealthz { port, addr, cause })?;
-            info!(addr = %local, "serving node /healthz and /livez");
+            info!(addr = %local, "serving node /healthz, /livez and /readyz");
             healthz_addr = Some(local);
             let handler_state = shared.clone();
             listeners.healthz = Some(spawn_listener(socket, move |req| {
@@ -299,7 +326,7 @@ impl HealthServer {
         })
     }
 
-    /// Registers `nodeport_health_responses_total{endpoint="healthz|livez|service",code}`,
+    /// Registers `nodeport_health_responses_total{endpoint="healthz|livez|readyz|service",code}`,
     /// the responses served (kube-proxy's `kubeproxy_healthz_total` and `kubeproxy_livez_total`
     /// plus the Service probes).
     pub fn register(&self, registry: &mut Registry) {
@@ -350,7 +377,7 @@ impl HealthServer {
                 let err = HealthError::ZeroPort {
                     service: service.to_string(),
                 };
-                warn!(error = %err, "not serving a health check node port");
+                debug!(error = %err, "not serving a health check node port");
                 errors.push(err);
                 continue;
             }
@@ -375,7 +402,8 @@ impl HealthServer {
                         service: service.to_string(),
                         cause,
                     };
-                    warn!(error = %err, "health check node port not served, retrying on the next update");
+                    // The caller reports it, once per change (it retries on every round).
+                    debug!(error = %err, "health check node port not served");
                     errors.push(err);
                 }
             }
@@ -406,8 +434,30 @@ impl HealthServer {
         lock(&self.inner.shared.proxy).node_eligible = eligible;
     }
 
-    /// Whether the datapath is attached. While it is not, the proxy is unhealthy: `/healthz`
-    /// and `/livez` answer 503 and the Service probes report `serviceProxyHealthy: false`.
+    /// The agent's loop is alive: it went round (`/livez` fails when it has not for the
+    /// liveness timeout).
+    pub fn heartbeat(&self) {
+        let now = self.inner.shared.clock.now();
+        lock(&self.inner.shared.proxy).heartbeat = now;
+    }
+
+    /// Whether the datapath holds a complete state: true after a round that programmed the
+    /// first snapshot (individual Services refused or not) and wrote the datapath's settings,
+    /// false after a round that could not write the settings. `/readyz` answers 200 only
+    /// while it is true.
+    ///
+    /// The first call also ends the start-up: from then on a change queued and never applied
+    /// fails the proxy health after the health timeout even if nothing was ever applied (an
+    /// agent whose first round refused a Service is not healthy forever).
+    pub fn set_synced(&self, synced: bool) {
+        let mut proxy = lock(&self.inner.shared.proxy);
+        proxy.synced = synced;
+        proxy.started_up = true;
+    }
+
+    /// Whether the datapath is attached. While it is not, the proxy is unhealthy: `/healthz`,
+    /// `/livez` and `/readyz` answer 503 and the Service probes report
+    /// `serviceProxyHealthy: false`.
     pub fn set_datapath_attached(&self, attached: bool) {
         lock(&self.inner.shared.proxy).datapath_attached = attached;
     }
@@ -439,15 +489,17 @@ impl HealthServer {
 }
 
 impl Shared {
-    /// kube-proxy's `isHealthy`: healthy before the first update, when nothing is pending, or
-    /// when the oldest pending change is younger than the timeout.
+    /// kube-proxy's `isHealthy`: healthy while starting up (before the first update or the
+    /// first round), when nothing is pending, or when the oldest pending change is younger
+    /// than the timeout.
     fn proxy_health(&self) -> ProxyHealth {
         let now = self.clock.now();
         let proxy = lock(&self.proxy);
         let in_time = match (proxy.last_updated, proxy.oldest_pending) {
-            (None, _) | (Some(_), None) => true,
+            (None, _) if !proxy.started_up => true,
+            (_, None) => true,
             // A clock that went backwards counts as no time elapsed.
-            (Some(_), Some(oldest)) => {
+            (_, Some(oldest)) => {
                 now.duration_since(oldest).unwrap_or_default() < self.health_timeout
             }
         };
@@ -461,6 +513,21 @@ impl Shared {
 
     fn node_eligible(&self) -> bool {
         lock(&self.proxy).node_eligible
+    }
+
+    /// `/livez`: the agent's loop went round within the liveness timeout, and its datapath
+    /// was not removed from under it (the two states a restart cures). A Service that cannot
+    /// be programmed does not count: a restart would not program it either.
+    fn alive(&self, now: SystemTime) -> bool {
+        let proxy = lock(&self.proxy);
+        let quiet = now.duration_since(proxy.heartbeat).unwrap_or_default();
+        quiet < self.liveness_timeout && proxy.datapath_attached
+    }
+
+    /// `/readyz`: alive, and the datapath holds a complete state.
+    fn ready(&self, now: SystemTime) -> bool {
+        let synced = lock(&self.proxy).synced;
+        synced && self.alive(now)
     }
 
     fn count(&self, endpoint: &'static str, status: StatusCode) {
@@ -577,7 +644,8 @@ fn quote(text: &str) -> String {
     serde_json::Value::from(text).to_string()
 }
 
-/// kube-proxy's healthz mux: `/healthz` and `/livez`, any method; Go's 404 otherwise.
+/// kube-proxy's healthz mux: `/healthz` and `/livez`, any method, plus nodeport's `/readyz`;
+/// Go's 404 otherwise.
 fn node_response(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
     match req.uri().path() {
         "/healthz" => {
@@ -596,12 +664,26 @@ fn node_response(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
         }
         "/livez" => {
             let health = shared.proxy_health();
-            let (status, last_updated) = node_status(&health, health.healthy);
+            let (status, last_updated) = node_status(&health, shared.alive(health.now));
             shared.count("livez", status);
             json_response(
                 status,
                 format!(
                     r#"{{"lastUpdated": "{}","currentTime": "{}"}}"#,
+                    format_time(last_updated),
+                    format_time(Some(health.now)),
+                ),
+            )
+        }
+        "/readyz" => {
+            let health = shared.proxy_health();
+            let ready = shared.ready(health.now);
+            let (status, last_updated) = node_status(&health, ready);
+            shared.count("readyz", status);
+            json_response(
+                status,
+                format!(
+                    r#"{{"lastUpdated": "{}","currentTime": "{}", "ready": {ready}}}"#,
                     format_time(last_updated),
                     format_time(Some(health.now)),
                 ),
@@ -689,6 +771,7 @@ mod tests {
             bind: LOCALHOST,
             node_healthz_port: Some(0),
             health_timeout: Duration::from_secs(60),
+            liveness_timeout: Duration::from_secs(60),
         }
     }
 
@@ -1036,11 +1119,14 @@ mod tests {
                 r#"{{"lastUpdated": "{start_time}","currentTime": "{now}", "nodeEligible": true}}"#
             )
         );
+        // /livez is about the agent's loop, which still goes round: a change that cannot be
+        // applied (a Service refused by a full map) is no reason to restart the agent.
+        server.heartbeat();
         let livez = get(port, "/livez").await;
-        assert_eq!(livez.status, 503);
+        assert_eq!(livez.status, 200);
         assert_eq!(
             livez.body,
-            format!(r#"{{"lastUpdated": "{start_time}","currentTime": "{now}"}}"#)
+            format!(r#"{{"lastUpdated": "{now}","currentTime": "{now}"}}"#)
         );
 
         server.updated();
@@ -1049,6 +1135,82 @@ mod tests {
         assert_eq!(healthz.status, 200);
         assert_eq!(healthz.json()["lastUpdated"], now);
         assert_eq!(get(port, "/livez").await.status, 200);
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn livez_fails_when_the_loop_stops_going_round_and_only_then() {
+        let clock = ManualClock::new();
+        let server = start(&clock).await;
+        let port = healthz_port(&server);
+        // A change pending for two minutes (a refused Service) fails /healthz, not /livez.
+        server.updated();
+        server.queued_update();
+        for _ in 0..24 {
+            clock.advance(Duration::from_secs(5));
+            server.heartbeat();
+        }
+        assert_eq!(get(port, "/healthz").await.status, 503);
+        assert_eq!(get(port, "/livez").await.status, 200);
+        // The loop stops: 59 s are fine, the 60th is not.
+        clock.advance(Duration::from_secs(59));
+        assert_eq!(get(port, "/livez").await.status, 200);
+        clock.advance(Duration::from_secs(1));
+        let livez = get(port, "/livez").await;
+        assert_eq!(livez.status, 503);
+        // It goes round again.
+        server.heartbeat();
+        assert_eq!(get(port, "/livez").await.status, 200);
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn readyz_waits_for_the_first_sync_and_ignores_refused_services() {
+        let clock = ManualClock::new();
+        let server = start(&clock).await;
+        let port = healthz_port(&server);
+        // Starting up, however long the first list takes: healthy as kube-proxy, not ready.
+        server.queued_update();
+        for _ in 0..720 {
+            clock.advance(Duration::from_secs(5));
+            server.heartbeat();
+        }
+        let now = "2024-05-01T11:00:00.500000000Z";
+        let readyz = get(port, "/readyz").await;
+        assert_eq!(readyz.status, 503);
+        assert_eq!(readyz.header("Content-Type"), Some("application/json"));
+        assert_eq!(
+            readyz.body,
+            format!(
+                r#"{{"lastUpdated": "0001-01-01T00:00:00.000000000Z","currentTime": "{now}", "ready": false}}"#
+            )
+        );
+        assert_eq!(get(port, "/healthz").await.status, 200);
+        assert_eq!(get(port, "/livez").await.status, 200);
+
+        // The first round: ready, also with a Service that could not be programmed (no
+        // `updated`, the change stays pending past the health timeout). /healthz fails then
+        // (kube-proxy's rule), although nothing was ever applied: the start-up is over.
+        server.set_synced(true);
+        let readyz = get(port, "/readyz").await;
+        assert_eq!(readyz.status, 200);
+        assert_eq!(readyz.json()["ready"], true);
+        clock.advance(Duration::from_secs(61));
+        server.heartbeat();
+        assert_eq!(get(port, "/readyz").await.status, 200);
+        assert_eq!(get(port, "/healthz").await.status, 503);
+
+        // A round that could not write the datapath's settings, a stuck loop, a removed
+        // datapath: not ready.
+        server.set_synced(false);
+        assert_eq!(get(port, "/readyz").await.status, 503);
+        server.set_synced(true);
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(get(port, "/readyz").await.status, 503);
+        server.heartbeat();
+        assert_eq!(get(port, "/readyz").await.status, 200);
+        server.set_datapath_attached(false);
+        assert_eq!(get(port, "/readyz").await.status, 503);
         server.shutdown().await;
     }
 
@@ -1219,6 +1381,7 @@ mod tests {
         get(healthz_port(&server), "/healthz").await;
         get(healthz_port(&server), "/livez").await;
         get(healthz_port(&server), "/livez").await;
+        get(healthz_port(&server), "/readyz").await;
 
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
@@ -1226,10 +1389,12 @@ mod tests {
             r#"nodeport_health_responses_total{endpoint="service",code="503"} 1"#,
             r#"nodeport_health_responses_total{endpoint="healthz",code="200"} 1"#,
             r#"nodeport_health_responses_total{endpoint="livez",code="200"} 2"#,
+            r#"nodeport_health_responses_total{endpoint="readyz",code="503"} 1"#,
             // Never answered, there from the start.
             r#"nodeport_health_responses_total{endpoint="service",code="200"} 0"#,
             r#"nodeport_health_responses_total{endpoint="healthz",code="503"} 0"#,
             r#"nodeport_health_responses_total{endpoint="livez",code="503"} 0"#,
+            r#"nodeport_health_responses_total{endpoint="readyz",code="200"} 0"#,
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }

@@ -109,6 +109,9 @@ pub struct Selection {
     /// Node ports answer only on addresses in these prefixes (kube-proxy's
     /// --nodeport-addresses); empty: on every address but loopback.
     pub nodeport_prefixes: Vec<Ipv4Prefix>,
+    /// `--nodeport-addresses primary`: node ports answer only on the primary (first) IPv4
+    /// address of each external interface (and the Node object's first IPv4 address).
+    pub primary_only: bool,
 }
 
 /// Who is what, right now.
@@ -161,7 +164,8 @@ impl Selection {
             {
                 layout.snat_addresses.insert(iface.ifindex, *primary);
             }
-            if external_names.contains(iface.name.as_str()) {
+            let external = external_names.contains(iface.name.as_str());
+            if external {
                 layout.external.insert(iface.name.clone(), iface.clone());
             } else if iface.up
                 && !iface.loopback
@@ -170,8 +174,14 @@ impl Selection {
             {
                 layout.pod_facing.insert(iface.name.clone(), iface.clone());
             }
-            for addr in &iface.addresses {
+            for (i, addr) in iface.addresses.iter().enumerate() {
                 layout.all_addresses.insert(*addr);
+                if self.primary_only {
+                    if external && i == 0 && !addr.is_loopback() {
+                        layout.node_addresses.insert(*addr);
+                    }
+                    continue;
+                }
                 // Never loopback, whatever --nodeport-addresses says: frames from the wire to
                 // 127.0.0.1 must not reach a pod (CVE-2020-8558), and the node's own
                 // connections to localhost node ports never pass the external interfaces'
@@ -331,6 +341,7 @@ mod tests {
                 addr: "198.18.0.0".parse().unwrap(),
                 len: 24,
             }],
+            primary_only: false,
         };
         let layout = sel.layout(&machine(), &BTreeSet::new());
         assert_eq!(layout.external.keys().collect::<Vec<_>>(), ["eth0", "eth1"]);
@@ -360,6 +371,7 @@ mod tests {
                     len: 24,
                 },
             ],
+            primary_only: false,
         };
         let layout = sel.layout(&machine(), &BTreeSet::new());
         assert!(
@@ -368,6 +380,28 @@ mod tests {
             layout.node_addresses
         );
         assert!(!layout.node_addresses.is_empty());
+    }
+
+    /// kube-proxy's `--nodeport-addresses primary`: the primary address of each external
+    /// interface, not its secondary ones nor other interfaces'.
+    #[test]
+    fn primary_node_addresses() {
+        let sel = Selection {
+            primary_only: true,
+            ..Selection::default()
+        };
+        let layout = sel.layout(&machine(), &BTreeSet::from(["eth0".to_owned()]));
+        let addrs: Vec<String> = layout
+            .node_addresses
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(addrs, ["198.18.0.1"]);
+        assert_eq!(
+            layout.all_addresses.len(),
+            4,
+            "every address still counts as the node's own"
+        );
     }
 
     #[test]

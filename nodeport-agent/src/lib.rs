@@ -2,6 +2,7 @@
 //! health checks and metrics, and reports on the node port range.
 
 pub mod agent;
+pub mod config;
 pub mod datapath;
 pub mod desired;
 pub mod dump;
@@ -14,7 +15,9 @@ pub mod maglev;
 pub mod manifests;
 pub mod metrics;
 pub mod model;
+pub mod output;
 pub mod privileges;
+pub mod refusals;
 pub mod source;
 pub mod status;
 pub mod sync;

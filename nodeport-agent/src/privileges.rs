@@ -29,7 +29,7 @@ use std::{
 
 use thiserror::Error;
 
-use crate::{agent::RunArgs, datapath::bpffs};
+use crate::{config::RunArgs, datapath::bpffs};
 
 /// The capabilities the agent asks for, by their bit in the kernel's capability sets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

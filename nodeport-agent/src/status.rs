@@ -22,6 +22,10 @@ pub struct Status {
     /// What the agent did not program, as (kind, object): refused frontends, frontends held by
     /// another Service, unsupported protocols (the log says why).
     pub not_programmed: Vec<NotProgrammed>,
+    /// What the agent keeps retrying, as (reason, object): Service ports the datapath refused
+    /// (`too_many_backends`, `map_full`, `map_error`, `io_error`) and health-check node ports
+    /// it cannot bind (`health_check_port_unserved`, the port).
+    pub failing: Vec<NotProgrammed>,
 }
 
 #[derive(Debug, Serialize)]
@@ -69,6 +73,9 @@ pub struct Timeouts {
     pub udp: u32,
 }
 
+/// Entries of a list the table shows before it abridges (`-o wide` shows them all).
+const LIST_LIMIT: usize = 20;
+
 /// Reads the status of the datapath pinned at `pins`.
 pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
     let (maps, _) = Maps::open_pinned(pins)?;
@@ -95,6 +102,10 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
         maps: fill.maps,
         conntrack: fill.conntrack,
         not_programmed: datapath::notices::read(&pins.root)
+            .into_iter()
+            .map(|(kind, object)| NotProgrammed { kind, object })
+            .collect(),
+        failing: datapath::notices::read_failing(&pins.root)
             .into_iter()
             .map(|(kind, object)| NotProgrammed { kind, object })
             .collect(),
@@ -149,8 +160,8 @@ fn runs_nodeport_agent(pid: u32) -> bool {
 }
 
 impl Status {
-    /// The human-readable form.
-    pub fn render(&self) -> String {
+    /// The human-readable form; `wide` lists every entry of long lists.
+    pub fn render(&self, wide: bool) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "nodeport-agent {} (this binary)", self.version);
         let _ = writeln!(out, "pins       {}", self.bpffs_dir);
@@ -175,7 +186,7 @@ impl Status {
                     _ => out.push_str("last sync  never completed\n"),
                 }
                 let failing = if a.failing > 0 {
-                    format!(", {} FAILING (see the agent's log)", a.failing)
+                    format!(", {} FAILING (below)", a.failing)
                 } else {
                     String::new()
                 };
@@ -192,8 +203,26 @@ impl Status {
                 "not programmed ({}; the agent's warnings say why)",
                 self.not_programmed.len()
             );
-            for n in &self.not_programmed {
+            let (shown, left_out) = crate::output::abridge(&self.not_programmed, wide, LIST_LIMIT);
+            for n in shown {
                 let _ = writeln!(out, "  {:<26} {}", n.kind, n.object);
+            }
+            if left_out > 0 {
+                let _ = writeln!(out, "  ... and {left_out} more (-o wide lists them all)");
+            }
+        }
+        if !self.failing.is_empty() {
+            let _ = writeln!(
+                out,
+                "failing ({}; retried on every round, the agent's log says why)",
+                self.failing.len()
+            );
+            let (shown, left_out) = crate::output::abridge(&self.failing, wide, LIST_LIMIT);
+            for n in shown {
+                let _ = writeln!(out, "  {:<26} {}", n.kind, n.object);
+            }
+            if left_out > 0 {
+                let _ = writeln!(out, "  ... and {left_out} more (-o wide lists them all)");
             }
         }
         out.push_str("\nattachments\n");

@@ -205,6 +205,9 @@ pub struct SyncReport {
     pub failed: Vec<(ServicePortKey, SyncError)>,
     /// Entries found in the maps that belonged to no known service, removed.
     pub orphans_removed: usize,
+    /// The datapath's settings (configuration, SNAT addresses, local networks) could not be
+    /// written: nothing else was tried (`failed` holds the error).
+    pub settings_failed: bool,
 }
 
 /// `s` NUL-padded (and cut) to the fixed-size text fields of the maps.
@@ -567,6 +570,7 @@ impl Syncer<'_> {
                 },
                 e,
             ));
+            report.settings_failed = true;
             return report;
         }
         if let Err(e) = self.sync_port_bits(programmed) {

@@ -8,7 +8,7 @@
 //!   NODE_NAME is the variable the flag reads, the capabilities are those privileges.rs requires;
 //! - the ClusterRole allows every request the agent makes (the Kubernetes source of `run` and
 //!   the cluster path of `ports`, both against the fake API server, which records every request)
-//!   and grants nothing beyond get/list/watch on those resources.
+//!   and grants nothing beyond get/list/watch on those resources, and creating Events.
 
 #[expect(
     dead_code,
@@ -32,7 +32,9 @@ use k8s_openapi::{
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use nodeport_agent::{agent::RunArgs, health::DEFAULT_HEALTHZ_PORT, privileges, source};
+use nodeport_agent::{
+    config::RunArgs, health::DEFAULT_HEALTHZ_PORT, privileges, refusals::ServiceEvents, source,
+};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::{Value, json};
 
@@ -273,8 +275,9 @@ fn the_daemon_set_runs_the_agent_with_host_network_node_name_and_probes_from_its
         "a cluster deployment reads the API server"
     );
 
-    // Readiness on /healthz and liveness on /livez, on the agent's node health server, which
-    // must not be kube-proxy's port (it runs next to kube-proxy).
+    // Readiness on /readyz (ready after the first sync) and liveness on /livez (the loop is
+    // alive), on the agent's node health server, which must not be kube-proxy's port (it runs
+    // next to kube-proxy). /healthz is for load balancers.
     let healthz = args
         .healthz_bind_address
         .0
@@ -290,7 +293,7 @@ fn the_daemon_set_runs_the_agent_with_host_network_node_name_and_probes_from_its
          0.0.0.0"
     );
     for (probe, path) in [
-        (&container.readiness_probe, "/healthz"),
+        (&container.readiness_probe, "/readyz"),
         (&container.liveness_probe, "/livez"),
     ] {
         let get = probe
@@ -568,6 +571,22 @@ async fn agent_requests() -> Vec<Recorded> {
         api.wait_for_request("a watch", 0, |r| r.is_watch_of(res))
             .await;
     }
+    // The Event on a Service whose port the datapath refuses (refusals::ServiceEvents).
+    let snapshot = rx.borrow().clone().expect("a snapshot");
+    let events = ServiceEvents::new(api.client(), "node-1");
+    let key = nodeport_agent::model::ServicePortKey {
+        namespace: "default".into(),
+        name: "web".into(),
+        port_name: "".into(),
+        protocol: nodeport_agent::model::Protocol::Tcp,
+    };
+    guard(
+        "the Event",
+        events.publish(&snapshot.services[0], &key, Some("the map is full")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(api.events().len(), 1, "the Event was created");
     task.abort();
 
     let kubeconfig = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
@@ -631,6 +650,12 @@ async fn the_cluster_role_allows_every_request_the_agent_makes_and_nothing_more(
             assert!(made.contains(&request), "no {request:?} among {made:#?}");
         }
     }
+    let create_event = Authorized::Resource {
+        verb: "create",
+        group: "events.k8s.io".to_owned(),
+        resource: "events".to_owned(),
+    };
+    assert!(made.contains(&create_event), "no Event among {made:#?}");
 
     let denied: Vec<&Authorized> = made.iter().filter(|r| !allows(role, r)).collect();
     assert!(
@@ -638,8 +663,10 @@ async fn the_cluster_role_allows_every_request_the_agent_makes_and_nothing_more(
         "the ClusterRole does not allow requests the agent makes: {denied:#?}"
     );
 
-    // Nothing beyond get/list/watch on the resources the agent reads.
+    // Nothing beyond get/list/watch on the resources the agent reads, and creating (patching
+    // a repeat of) Events.
     let read = ["get", "list", "watch"];
+    let events = ("events.k8s.io".to_owned(), "events".to_owned());
     let used: BTreeSet<(String, String)> = made
         .iter()
         .filter_map(|r| match r {
@@ -654,8 +681,12 @@ async fn the_cluster_role_allows_every_request_the_agent_makes_and_nothing_more(
             rule.non_resource_urls.as_ref().is_none_or(Vec::is_empty),
             "no non-resource URLs: {rule:?}"
         );
+        let on_events = rule.api_groups.iter().flatten().all(|g| *g == events.0)
+            && rule.resources.iter().flatten().all(|r| *r == events.1);
         for verb in &rule.verbs {
-            assert!(read.contains(&verb.as_str()), "verb {verb:?} in {rule:?}");
+            let allowed = read.contains(&verb.as_str())
+                || (on_events && ["create", "patch"].contains(&verb.as_str()));
+            assert!(allowed, "verb {verb:?} in {rule:?}");
         }
         for group in rule.api_groups.iter().flatten() {
             for resource in rule.resources.iter().flatten() {

@@ -167,6 +167,7 @@ fn assert_no_unexpected_requests(api: &FakeApi) {
         "{:#?}",
         api.unexpected_requests()
     );
+    assert!(api.events().is_empty(), "the source creates no Events");
 }
 
 /// The channel stays `None` while the Services are listed and watched but the EndpointSlice

@@ -362,6 +362,11 @@ impl AgentProcess {
         self.child.id()
     }
 
+    /// Every log entry so far.
+    pub fn log_entries(&self) -> Vec<serde_json::Value> {
+        self.log.0.lock().expect("not poisoned").clone()
+    }
+
     /// The whole log so far, for messages.
     pub fn log_text(&self) -> String {
         tail(&self.log.0.lock().expect("not poisoned"))
@@ -379,8 +384,7 @@ impl AgentProcess {
         self.wait_exit()
     }
 
-    /// `finish`, with the log as text (an agent refusing to start prints its error last, as
-    /// plain text).
+    /// `finish`, with the log as text (an agent refusing to start prints its error last).
     pub fn exit_log(self) -> Result<(std::process::ExitStatus, String)> {
         let (status, log) = self.finish()?;
         let text = log
@@ -455,6 +459,14 @@ impl Drop for AgentProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The message of the agent's fatal error (the last line of an agent that stops, a JSON
+/// object as its log lines are), if `entry` is that line.
+pub fn fatal_error(entry: &serde_json::Value) -> Option<&str> {
+    (entry["level"] == "ERROR" && entry["target"] == "nodeport_agent")
+        .then(|| entry.pointer("/fields/message").and_then(|m| m.as_str()))
+        .flatten()
 }
 
 /// Whether a JSON log entry has this message.
@@ -673,11 +685,26 @@ impl Lab {
         AgentProcess::spawn(&self.node1, &self.run_args(manifests, extra))
     }
 
+    /// Starts the agent with the Kubernetes API of `kubeconfig` instead of manifests, and
+    /// `extra` flags on top of the lab's, without waiting for anything.
+    pub fn spawn_agent_with_kubeconfig(
+        &self,
+        kubeconfig: &std::path::Path,
+        extra: &[&str],
+    ) -> Result<AgentProcess> {
+        let source = ["--kubeconfig".to_owned(), kubeconfig.display().to_string()];
+        AgentProcess::spawn(&self.node1, &self.args_with_source(&source, extra))
+    }
+
     /// The flags of `run` the lab starts the agent with.
     fn run_args(&self, manifests: &std::path::Path, extra: &[&str]) -> Vec<String> {
-        let mut args = vec![
-            "--manifests".to_owned(),
-            manifests.display().to_string(),
+        let source = ["--manifests".to_owned(), manifests.display().to_string()];
+        self.args_with_source(&source, extra)
+    }
+
+    fn args_with_source(&self, source: &[String], extra: &[&str]) -> Vec<String> {
+        let mut args = source.to_vec();
+        args.extend([
             "--node-name".into(),
             "node-1".into(),
             "--external-interface".into(),
@@ -690,7 +717,7 @@ impl Lab {
             format!("{NODE1}:10256"),
             "--metrics-bind-address".into(),
             format!("{NODE1}:{METRICS_PORT}"),
-        ];
+        ]);
         args.extend(self.extra_agent_args.iter().cloned());
         args.extend(extra.iter().map(|s| s.to_string()));
         args
@@ -896,6 +923,11 @@ impl Lab {
     }
 
     fn agent_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.agent_output(args)?)?)
+    }
+
+    /// What `nodeport-agent ARGS --bpffs-dir PINS` prints (`status -o yaml`, say).
+    pub fn agent_output(&self, args: &[&str]) -> Result<String> {
         let out = Command::new(agent_binary()?)
             .args(args)
             .arg("--bpffs-dir")
@@ -906,7 +938,7 @@ impl Lab {
             "nodeport-agent {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        Ok(serde_json::from_slice(&out.stdout)?)
+        Ok(String::from_utf8(out.stdout)?)
     }
 
     /// Answers of `n` new TCP connections, counted per pod.

@@ -17,7 +17,7 @@ use anyhow::{Context, Result, ensure};
 use nodeport_agent::privileges::{Capability, CapabilitySet, REQUIRED};
 use nodeport_tests::{
     agent::PinDirGuard,
-    lab::AgentProcess,
+    lab::{AgentProcess, fatal_error},
     netns::{NetNs, require_root, unique_name},
 };
 
@@ -248,9 +248,9 @@ fn without_any_one_required_capability_the_agent_stops_at_start_naming_it() -> R
     for (dropped, _) in REQUIRED {
         let rest: Vec<Capability> = required().into_iter().filter(|c| *c != dropped).collect();
         let mut agent = node.start(&rest, Mounts::Host)?;
-        let expected = format!("error: missing capabilities: {dropped} for ");
+        let expected = format!("missing capabilities: {dropped} for ");
         agent.wait_log(&format!("the error naming {dropped}"), |e| {
-            e["raw"].as_str().is_some_and(|l| l.starts_with(&expected))
+            fatal_error(e).is_some_and(|l| l.starts_with(&expected))
         })?;
         let status = agent.wait()?;
         assert_eq!(status.code(), Some(1), "without {dropped}");
@@ -269,8 +269,8 @@ fn without_bpffs_on_the_host_mounting_it_needs_cap_sys_admin_and_is_warned_about
     let node = Node::new("cb")?;
     let mut agent = node.start(&required(), Mounts::PrivateWithoutBpffs)?;
     agent.wait_log("the error naming CAP_SYS_ADMIN", |e| {
-        e["raw"].as_str().is_some_and(|l| {
-            l.starts_with("error: missing capabilities: CAP_SYS_ADMIN for mounting bpffs")
+        fatal_error(e).is_some_and(|l| {
+            l.starts_with("missing capabilities: CAP_SYS_ADMIN for mounting bpffs")
         })
     })?;
     assert_eq!(agent.wait()?.code(), Some(1));

@@ -515,7 +515,7 @@ fn dump_and_status_show_what_the_maps_hold() -> Result<()> {
             && agent.last_sync.as_deref() == Some("2023-11-14T22:13:21Z"),
         "{agent:?}"
     );
-    let text = st.render();
+    let text = st.render(false);
     ensure!(
         text.contains("agent      9.9.9-abc pid")
             && text.contains("programmed 3 service ports, 3 backends")

@@ -25,14 +25,25 @@ const EXIT_FINDINGS: u8 = 3;
 pub struct PortsArgs {
     /// Read Services from the manifest files in DIR instead of the cluster (kubeconfig or
     /// in-cluster config).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kubeconfig", "context"])]
     pub manifests: Option<PathBuf>,
+
+    /// The kubeconfig file to reach the API server with. Default: the in-cluster
+    /// configuration, else $KUBECONFIG or ~/.kube/config.
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// The kubeconfig context to use. Default: its current-context.
+    #[arg(long, value_name = "NAME")]
+    pub context: Option<String>,
 
     /// The API server's --service-node-port-range: N-M, N+K (N..N+K) or N.
     #[arg(long, value_name = "RANGE", default_value = "30000-32767")]
     pub service_node_port_range: NodePortRange,
 
-    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    /// How to print the report: table (for people), wide (the table with each consumer's
+    /// Service ports), json or yaml (the document of docs/ledger.md).
+    #[arg(short = 'o', long, value_enum, value_name = "FORMAT", default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
 
     /// The node's net.ipv4.ip_local_port_range: auto reads /proc/sys/net/ipv4/ip_local_port_range
@@ -41,16 +52,12 @@ pub struct PortsArgs {
     #[arg(long, value_name = "auto|none|A-B", default_value = "auto")]
     pub local_port_range: LocalPortRangeArg,
 
-    /// Exit with status 3 when a finding is at least this severe.
+    /// Exit with status 3 when a finding is at least this severe: info, warning or critical.
     #[arg(long, value_enum, value_name = "SEVERITY")]
     pub fail_on: Option<Severity>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum OutputFormat {
-    Table,
-    Json,
-}
+pub use crate::output::OutputFormat;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LocalPortRangeArg {
@@ -86,7 +93,7 @@ pub async fn run_ports(args: PortsArgs) -> anyhow::Result<ExitCode> {
             .into_iter()
             .map(|(_, service)| std::sync::Arc::unwrap_or_clone(service))
             .collect(),
-        None => list_cluster_services().await?,
+        None => list_cluster_services(args.kubeconfig.as_deref(), args.context.as_deref()).await?,
     };
     let local_port_range = match args.local_port_range {
         LocalPortRangeArg::Auto => read_local_port_range(Path::new(IP_LOCAL_PORT_RANGE)),
@@ -94,10 +101,11 @@ pub async fn run_ports(args: PortsArgs) -> anyhow::Result<ExitCode> {
         LocalPortRangeArg::Given { first, last } => Some((first, last)),
     };
     let ledger = analyze(&args.service_node_port_range, &services, local_port_range);
-    match args.output {
-        OutputFormat::Table => print!("{}", ledger.render_table()),
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&ledger)?),
-    }
+    crate::output::print(
+        &args
+            .output
+            .render(&ledger, |wide| ledger.render_text(wide))?,
+    )?;
     let failed = args.fail_on.is_some_and(|threshold| {
         ledger
             .worst_severity()
@@ -110,11 +118,11 @@ pub async fn run_ports(args: PortsArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn list_cluster_services() -> anyhow::Result<Vec<Service>> {
-    let client = kube::Client::try_default().await.context(
-        "cannot configure a Kubernetes client (kubeconfig or in-cluster config); use \
-         --manifests DIR to read manifest files instead",
-    )?;
+async fn list_cluster_services(
+    kubeconfig: Option<&Path>,
+    context: Option<&str>,
+) -> anyhow::Result<Vec<Service>> {
+    let client = crate::config::kube_client(kubeconfig, context).await?;
     let api: kube::Api<Service> = kube::Api::all(client);
     let mut params = kube::api::ListParams::default().limit(500);
     let mut services = Vec::new();

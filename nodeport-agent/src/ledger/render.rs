@@ -9,10 +9,15 @@ const WIDTH: usize = 100;
 
 impl Ledger {
     pub fn render_table(&self) -> String {
+        self.render_text(false)
+    }
+
+    /// The text report; `wide` adds the Service ports (`spec.ports[].port`) of each consumer.
+    pub fn render_text(&self, wide: bool) -> String {
         let mut out = String::new();
         self.render_header(&mut out);
         self.render_totals(&mut out);
-        self.render_consumers(&mut out);
+        self.render_consumers(&mut out, wide);
         self.render_findings(&mut out);
         out
     }
@@ -102,12 +107,12 @@ impl Ledger {
         );
     }
 
-    fn render_consumers(&self, out: &mut String) {
+    fn render_consumers(&self, out: &mut String, wide: bool) {
         if self.consumers.is_empty() {
             out.push_str("No Service uses a node port.\n\n");
             return;
         }
-        let mut rows = vec![[
+        let mut header = vec![
             "PORT".to_owned(),
             "PROTO".into(),
             "KIND".into(),
@@ -115,9 +120,19 @@ impl Ledger {
             "PORT-NAME".into(),
             "BAND".into(),
             "ALLOCATION".into(),
-        ]];
-        rows.extend(self.consumers.iter().map(consumer_row));
-        write_table(out, &rows, &[false; 7]);
+        ];
+        if wide {
+            header.push("SERVICE-PORT".into());
+        }
+        let mut rows = vec![header];
+        rows.extend(self.consumers.iter().map(|c| {
+            let mut row = consumer_row(c).to_vec();
+            if wide {
+                row.push(service_ports(c));
+            }
+            row
+        }));
+        write_table(out, &rows, &vec![false; rows[0].len()]);
         out.push('\n');
     }
 
@@ -172,6 +187,15 @@ fn consumer_row(consumer: &Consumer) -> [String; 7] {
             .to_owned(),
         consumer.allocation.as_str().to_owned(),
     ]
+}
+
+/// `spec.ports[].port` of the Service ports behind a consumer, `-` for a health check node port.
+fn service_ports(consumer: &Consumer) -> String {
+    if consumer.service_ports.is_empty() {
+        return "-".to_owned();
+    }
+    let ports: Vec<String> = consumer.service_ports.iter().map(i32::to_string).collect();
+    ports.join(",")
 }
 
 fn kind_label(kind: ConsumerKind) -> &'static str {
@@ -238,16 +262,16 @@ fn wrap_into(out: &mut String, text: &str, first: &str, rest: &str) {
 
 /// Left-aligned columns (right-aligned where `right` says), two spaces apart, no trailing
 /// blanks.
-fn write_table<const N: usize>(out: &mut String, rows: &[[String; N]], right: &[bool; N]) {
-    let mut widths = [0usize; N];
+fn write_table<R: AsRef<[String]>>(out: &mut String, rows: &[R], right: &[bool]) {
+    let mut widths = vec![0usize; right.len()];
     for row in rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
+        for (width, cell) in widths.iter_mut().zip(row.as_ref()) {
             *width = (*width).max(cell.chars().count());
         }
     }
     for row in rows {
         let mut line = String::new();
-        for (column, cell) in row.iter().enumerate() {
+        for (column, cell) in row.as_ref().iter().enumerate() {
             if column > 0 {
                 line.push_str("  ");
             }

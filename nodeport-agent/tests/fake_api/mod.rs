@@ -16,6 +16,8 @@
 //!   server's "too old resource version". `timeoutSeconds` is recorded but not enforced.
 //! * `fieldSelector` with `metadata.name`/`metadata.namespace` equality is applied to lists and
 //!   watches; any other field selector, and any label selector, is refused with 400.
+//! * **Events** (`POST /apis/events.k8s.io/v1/namespaces/<ns>/events`): stored as sent and
+//!   echoed back with 201, for [`FakeApi::events`] (the agent's Events on refused Services).
 //! * Everything else gets a 404 `Status` and is reported by [`FakeApi::unexpected_requests`]
 //!   (kube-rs should not call discovery for typed resources).
 //!
@@ -153,6 +155,8 @@ struct World {
 
 struct Shared {
     world: Mutex<World>,
+    /// Events created, as sent.
+    events: Mutex<Vec<Value>>,
     requests: watch::Sender<Vec<Recorded>>,
     /// Connections dropped at accept while `reset_connections` is on.
     resets: watch::Sender<usize>,
@@ -176,6 +180,7 @@ impl FakeApi {
                 next_token: 0,
                 reset_connections: false,
             }),
+            events: Mutex::new(Vec::new()),
             requests: watch::Sender::new(Vec::new()),
             resets: watch::Sender::new(0),
         });
@@ -345,6 +350,11 @@ impl FakeApi {
         guard("connection resets", rx.wait_for(|resets| *resets >= count))
             .await
             .expect("server gone");
+    }
+
+    /// The Events created so far, as sent.
+    pub fn events(&self) -> Vec<Value> {
+        self.shared.events.lock().unwrap().clone()
     }
 
     /// Every request so far, in arrival order.
@@ -527,6 +537,24 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         query,
         at: Instant::now(),
     };
+    let is_event = recorded.method == Method::POST
+        && recorded
+            .path
+            .starts_with("/apis/events.k8s.io/v1/namespaces/")
+        && recorded.path.ends_with("/events");
+    if is_event {
+        api.record(recorded);
+        let body = axum::body::to_bytes(request.into_body(), 1 << 20)
+            .await
+            .unwrap_or_default();
+        let event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        api.events.lock().unwrap().push(event.clone());
+        return Response::builder()
+            .status(StatusCode::CREATED)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(event.to_string()))
+            .unwrap();
+    }
     let Some(res) = recorded.resource.filter(|_| recorded.method == Method::GET) else {
         let path = recorded.path.clone();
         api.record(recorded);

@@ -2,9 +2,10 @@
 //!
 //! It builds the lab of the end-to-end tests (tests/src/lab.rs), starts the agent on the
 //! manifests in examples/, sends requests to the node port from a client, changes endpoints
-//! while traffic flows, kills and restarts the agent under an open connection, prints what the
-//! agent holds, and removes everything (also on Ctrl-C or failure). Exits non-zero when
-//! traffic did not flow as it should.
+//! while traffic flows (tests/demo/web-rollout.yaml replaces examples/web.yaml), kills and
+//! restarts the agent under an open connection, prints what the agent holds, and removes
+//! everything (also on Ctrl-C or failure). Exits non-zero when traffic did not flow as it
+//! should.
 
 use std::{
     collections::BTreeMap,
@@ -34,6 +35,12 @@ fn checkpoint() -> Result<()> {
 
 fn examples() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+/// The demo's own step: the rollout, not an example of its own (it redefines web.yaml's
+/// objects).
+fn rollout_file() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("demo/web-rollout.yaml")
 }
 
 fn step(n: u32, text: &str) {
@@ -68,8 +75,8 @@ fn requests(lab: &Lab, to: SocketAddrV4, n: usize) -> Result<BTreeMap<String, us
 fn run() -> Result<()> {
     let web = std::fs::read_to_string(examples().join("web.yaml"))
         .context("reading examples/web.yaml")?;
-    let rollout = std::fs::read_to_string(examples().join("web-rollout.yaml"))
-        .context("reading examples/web-rollout.yaml")?;
+    let rollout =
+        std::fs::read_to_string(rollout_file()).context("reading tests/demo/web-rollout.yaml")?;
     let to = SocketAddrV4::new(NODE1, 30080);
 
     step(1, "Building a little cluster in network namespaces");
@@ -116,7 +123,7 @@ fn run() -> Result<()> {
 
     step(
         4,
-        "Rollout: examples/web-rollout.yaml marks web-b terminating and adds web-d",
+        "Rollout: tests/demo/web-rollout.yaml marks web-b terminating and adds web-d",
     );
     let mut open = lab.connect(to, None)?;
     let first = open.ask()?;
