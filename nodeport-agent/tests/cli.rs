@@ -115,7 +115,13 @@ fn the_examples_directory_serves_every_documented_command() {
     assert!(String::from_utf8(output.stdout).unwrap().contains("30080"));
     // `nodeport-agent run --manifests ./examples` reads them with the same loader.
     let loaded = nodeport_agent::manifests::load_dir(&examples()).expect("examples load");
-    assert_eq!(loaded.services.len(), 1);
+    let mut names: Vec<_> = loaded
+        .services
+        .iter()
+        .filter_map(|(_, svc)| svc.metadata.name.clone())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["api", "web"]);
 }
 
 #[test]
