@@ -29,6 +29,7 @@ use nodeport_common::{
 use crate::{
     conntrack::{self, Known, Table, now},
     fib::{self, Hop, Route},
+    frag,
     icmp::{self, IcmpHdr},
     maps::{
         NP_CONFIG, NP_FRONTENDS, NP_NEW_SCRATCH, NP_PROGS, NP_REJECT_BUDGET, NP_SNAT_ADDRS,
@@ -61,6 +62,8 @@ pub fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
         Err(Counter::PassedOtherProtocol) => return icmp_error(ctx),
         Err(counter) => return Err(counter),
     };
+    // Every first fragment's ports, for its later fragments (module `frag`).
+    frag::register_first(&flow);
     let dport = u16::from_be(flow.dport_be);
 
     let now = now();
