@@ -129,24 +129,8 @@ const CASES: &[(&str, CaseFn)] = &[
     }),
 ];
 
-/// Cases nodeport does not carry yet, with what is missing (issue #12).
+/// Cases nodeport does not carry yet, with what is missing.
 const KNOWN_GAPS: &[(&str, &str)] = &[
-    (
-        "UDP 3 kB request, local pod",
-        "IPv4 fragments are not translated",
-    ),
-    (
-        "UDP 3 kB request, remote pod",
-        "IPv4 fragments are not translated",
-    ),
-    (
-        "UDP 9 kB request, local pod",
-        "IPv4 fragments are not translated",
-    ),
-    (
-        "UDP 9 kB request, remote pod",
-        "IPv4 fragments are not translated",
-    ),
     (
         "TCP upload 2 MB, remote pod, client offloads on",
         "XDP rewrites the partial checksums of a veth's offloaded packets as full ones",
