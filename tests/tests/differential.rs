@@ -130,12 +130,10 @@ const CASES: &[(&str, CaseFn)] = &[
 ];
 
 /// Cases nodeport does not carry yet, with what is missing.
-const KNOWN_GAPS: &[(&str, &str)] = &[
-    (
-        "TCP upload 2 MB, remote pod, client offloads on",
-        "XDP rewrites the partial checksums of a veth's offloaded packets as full ones",
-    ),
-];
+const KNOWN_GAPS: &[(&str, &str)] = &[(
+    "TCP upload 2 MB, remote pod, client offloads on",
+    "XDP rewrites the partial checksums of a veth's offloaded packets as full ones",
+)];
 
 /// Cases kube-proxy's path does not carry and nodeport does, with why kube-proxy does not
 /// (none now; a case goes here only with the reason).
