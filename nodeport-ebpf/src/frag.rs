@@ -41,7 +41,7 @@ fn register(saddr_be: u32, daddr_be: u32, id_be: u16, proto: u8, ports: u32) {
         seen: now() as u32,
     };
     // An LRU makes room by itself; a failed update leaves the later fragments to be counted.
-    let _ = NP_FRAGS.insert(&key, &value, 0);
+    let _ = NP_FRAGS.insert(key, value, 0);
 }
 
 /// The ports of the first fragment of the datagram, `FOUND` with the source port in the low
@@ -55,7 +55,7 @@ fn lookup(saddr_be: u32, daddr_be: u32, id_be: u16, proto: u8) -> u64 {
         proto,
         _pad: 0,
     };
-    let Some(found) = NP_FRAGS.get_ptr(&key) else {
+    let Some(found) = NP_FRAGS.get_ptr(key) else {
         return 0;
     };
     let hz = NP_CONFIG.get(0).map_or(0, |cfg| cfg.hz);

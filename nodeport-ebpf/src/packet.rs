@@ -131,7 +131,7 @@ impl Flow {
     /// frame a slot it does not have.
     #[inline(always)]
     pub fn later_fragment(&self) -> bool {
-        self.ports as usize == self.ip as usize
+        core::ptr::addr_eq(self.ports, self.ip)
     }
 
     /// The IPv4 "don't fragment" bit (read from the header: rarely asked).

@@ -382,7 +382,10 @@ pub fn sa(s: &str) -> SocketAddrV4 {
 /// all but the last; every header checksum by etherparse. The L4 header (with its checksum
 /// over the whole datagram) is in the first fragment only.
 pub fn fragment(frame: &[u8], chunk: usize) -> Vec<Vec<u8>> {
-    assert!(chunk % 8 == 0 && chunk > 0, "fragment size {chunk}");
+    assert!(
+        chunk.is_multiple_of(8) && chunk > 0,
+        "fragment size {chunk}"
+    );
     let (ip, rest) = Ipv4Header::from_slice(&frame[14..]).expect("an IPv4 frame");
     let payload = &rest[..usize::from(ip.total_len) - ip.header_len()];
     payload
