@@ -104,6 +104,10 @@ const CASES: &[(&str, Case)] = &[
         fragments_remote,
     ),
     (
+        "a fragmented TCP segment follows its connection",
+        fragments_tcp,
+    ),
+    (
         "a local pod's fragmented reply is translated by the pod hook",
         fragments_pod_reply,
     ),
@@ -1320,6 +1324,36 @@ fn fragments_remote(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     )?;
     let stats = fx.svc_stats(1)?;
     ensure!(stats.packets == 3 && stats.reply_packets == 3, "{stats:?}");
+    Ok(())
+}
+
+fn fragments_tcp(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?;
+    let payload: Vec<u8> = (0..120u8).collect();
+    let segment = from_client(40000, FRONTEND, ACK)
+        .seq(1001)
+        .payload(&payload)
+        .may_fragment();
+    let frags = fragment(&segment.bytes(), CHUNK);
+    ensure!(frags.len() == 3);
+    let runs = xdp_fragments(fx, topo, &frags, XDP_PASS, Counter::ForwardedToTc)?;
+    check_fragments(
+        &frames(runs),
+        &segment.clone().addrs(sa(CLIENT), sa(POD_A)).ttl(63),
+    )?;
+    // The sequence is the first fragment's: its TCP header and the 28 bytes of data it holds
+    // (the later fragments have no TCP header and note nothing).
+    let forward = fx
+        .conntrack()?
+        .into_iter()
+        .find(|(_, key, _)| key.dir == CT_DIR_FORWARD)
+        .context("no forward entry")?;
+    ensure!(
+        forward.2.seq_next == 1001 + 28,
+        "seq_next {}",
+        forward.2.seq_next
+    );
     Ok(())
 }
 
