@@ -72,7 +72,8 @@ counters! {
     PassedOtherProtocol = 14, Passed, "other_protocol";
     /// TCP/UDP that matches no frontend and no connection.
     PassedNoFrontend = 15, Passed, "no_frontend";
-    /// A non-first IPv4 fragment: it carries no ports and is left to the kernel.
+    /// A later IPv4 fragment (no ports of its own) of a datagram whose first fragment was
+    /// not nodeport's: it follows its first fragment to the kernel, untouched.
     PassedLaterFragment = 16, Passed, "later_fragment";
 
     /// The FIB lookup could not decide (no route, not forwarding, ...): the packet goes to the
@@ -99,7 +100,8 @@ counters! {
     DroppedSourceRange = 32, Dropped, "source_range_denied";
     /// Truncated or inconsistent headers (the kernel would drop these as well).
     DroppedMalformed = 33, Dropped, "malformed";
-    /// First fragment of a fragmented datagram aimed at a frontend (docs/datapath.md).
+    /// A later IPv4 fragment of a datagram to a frontend whose first fragment started no
+    /// connection (it was dropped or answered): it cannot start one without its ports.
     DroppedFragment = 34, Dropped, "fragment";
     /// The connection tracking table refused a new entry.
     DroppedConntrackFull = 35, Dropped, "conntrack_full";
@@ -150,6 +152,11 @@ counters! {
     /// As frag_needed_answered, past the answer budget or with IPv4 options: dropped.
     /// (Index 60: 30-49 are taken.)
     DroppedFragNeeded = 60, Dropped, "frag_needed_dropped";
+    /// A later IPv4 fragment (no ports of its own) that arrived before its datagram's first
+    /// fragment, or more than 2 s after it: nodeport cannot tell which connection it belongs
+    /// to, nor let it leave untranslated, so it is dropped (as Cilium does); the datagram is
+    /// lost (docs/datapath.md, "Fragments").
+    DroppedFragmentOutOfOrder = 61, Dropped, "fragment_out_of_order";
 
     /// A connection completed its handshake but the established table was full: it stays in
     /// the handshake table (where a flood may evict it). Size --conntrack-size up.

@@ -89,6 +89,8 @@ pub mod capacity {
     pub const LOCAL_NETS: u32 = 1_024;
     pub const AFFINITY: u32 = 65_536;
     pub const SNAT_ADDRS: u32 = 256;
+    /// Fragmented datagrams being followed (`NP_FRAGS`, an LRU; Cilium's default size).
+    pub const FRAGS: u32 = 8_192;
 
     /// Maglev blocks for `services`: one each plus spares, because a changed table is written
     /// into a free block before the frontend switches to it.
@@ -724,6 +726,38 @@ pub struct XdpMeta {
 }
 assert_size!(XdpMeta, 32);
 
+/// Key of `NP_FRAGS` (kernel side only, not pinned): one fragmented IPv4 datagram, as
+/// Cilium's `struct ipv4_frag_id` (bpf/lib/ipv4.h) keys `cilium_ipv4_frag_datagrams`.
+/// The addresses and id are those of the datagram as it arrived, before any translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragKey {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub id_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+assert_size!(FragKey, 12);
+
+/// Value of `NP_FRAGS`: the L4 ports of the datagram's first fragment (Cilium's
+/// `struct ipv4_frag_l4ports`) and when it was seen (low 32 bits of jiffies): later
+/// fragments follow it for [`FRAG_TIMEOUT_S`] seconds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragPorts {
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub seen: u32,
+}
+assert_size!(FragPorts, 8);
+
+/// How long (seconds) the later fragments of a datagram follow its first fragment's ports.
+/// A datagram's fragments are sent back to back, so this is far above any reordering; kept
+/// well below the kernel's 30 s reassembly timeout (ipfrag_time) so that a reused IP id whose
+/// own first fragment was lost rarely meets a stale entry.
+pub const FRAG_TIMEOUT_S: u32 = 2;
+
 /// `XdpMeta::magic`: "NPM1".
 pub const XDP_META_MAGIC: u32 = 0x4e50_4d31;
 /// The neighbour was unknown to the FIB lookup: use bpf_redirect_neigh.
@@ -745,6 +779,8 @@ mod user {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for AgentState {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragPorts {}
     unsafe impl aya::Pod for SvcStats {}
     unsafe impl aya::Pod for SvcName {}
 }

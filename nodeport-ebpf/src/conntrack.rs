@@ -163,7 +163,8 @@ pub fn record(key: &CtKey, entry: *mut CtEntry, flow: &Flow, now: u64) -> CtStat
         e.last_seen = now;
     }
     let mut flags = flow.tcp_flags;
-    if flow.is_tcp() {
+    // A later fragment has no TCP header: nothing to note (its flags are 0).
+    if flow.is_tcp() && !flow.later_fragment() {
         if flags & TCP_RST == 0 {
             e.note_segment(flow.tcp_seq_end, flow.tcp_ack, flags & TCP_ACK != 0);
         } else if !rst_taken(key, e, flow.tcp_seq_end) {

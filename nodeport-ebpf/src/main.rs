@@ -7,6 +7,7 @@
 mod bench;
 mod conntrack;
 mod fib;
+mod frag;
 mod icmp;
 mod maps;
 mod nat;

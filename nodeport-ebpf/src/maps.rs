@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use nodeport_common::{
     AffinityEntry, AffinityKey, AgentState, BPF_F_MMAPABLE, Backend, COUNTER_SLOTS, CtEntry, CtKey,
-    DatapathConfig, FRONTEND_PORT_WORDS, Frontend, FrontendKey, LocalNetKey, MaglevSlot,
-    PROG_SLOTS, SnatAddr, SrcRangeKey, SvcName, SvcStats, capacity,
+    DatapathConfig, FRONTEND_PORT_WORDS, FragKey, FragPorts, Frontend, FrontendKey, LocalNetKey,
+    MaglevSlot, PROG_SLOTS, SnatAddr, SrcRangeKey, SvcName, SvcStats, capacity,
 };
 
 #[map]
@@ -69,6 +69,13 @@ pub static NP_NEW_SCRATCH: PerCpuArray<NewScratch> = PerCpuArray::with_max_entri
 /// many were sent in it. Not pinned: a restart may only reset the budget.
 #[map]
 pub static NP_REJECT_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// The first fragments of fragmented IPv4 datagrams and their ports, for their later fragments
+/// (module `frag`, after Cilium's `cilium_ipv4_frag_datagrams`). Not pinned: a restart only
+/// loses the datagrams in flight.
+#[map]
+pub static NP_FRAGS: LruHashMap<FragKey, FragPorts> =
+    LruHashMap::with_max_entries(capacity::FRAGS, 0);
 
 #[map]
 pub static NP_PROGS: ProgramArray = ProgramArray::with_max_entries(PROG_SLOTS, 0);

@@ -43,8 +43,11 @@ pub fn rewrite_xdp(flow: &Flow, new: &Tuple) {
         let ip = flow.ip;
         let mut ip_check = (*ip).check;
         let mut l4_check = *flow.check;
-        // A UDP checksum of zero means "none" and stays so.
-        let l4_has_check = flow.proto != IPPROTO_UDP || l4_check != 0;
+        // A UDP checksum of zero means "none" and stays so. A later fragment has no L4
+        // header: its first fragment's checksum covers the whole datagram and was updated
+        // for the addresses and ports there.
+        let l4 = !flow.later_fragment();
+        let l4_has_check = l4 && (flow.proto != IPPROTO_UDP || l4_check != 0);
         if new.saddr_be != flow.saddr_be {
             ip_check = checksum::replace4(ip_check, flow.saddr_be, new.saddr_be);
             l4_check = checksum::replace4(l4_check, flow.saddr_be, new.saddr_be);
@@ -55,11 +58,11 @@ pub fn rewrite_xdp(flow: &Flow, new: &Tuple) {
             l4_check = checksum::replace4(l4_check, flow.daddr_be, new.daddr_be);
             (*ip).daddr_be = new.daddr_be;
         }
-        if new.sport_be != flow.sport_be {
+        if l4 && new.sport_be != flow.sport_be {
             l4_check = checksum::replace2(l4_check, flow.sport_be, new.sport_be);
             (*flow.ports).sport_be = new.sport_be;
         }
-        if new.dport_be != flow.dport_be {
+        if l4 && new.dport_be != flow.dport_be {
             l4_check = checksum::replace2(l4_check, flow.dport_be, new.dport_be);
             (*flow.ports).dport_be = new.dport_be;
         }
@@ -87,9 +90,11 @@ pub fn decrement_ttl_xdp(ip: *mut Ipv4Hdr) {
     }
 }
 
-/// Rewrites `flow` to `new` in an skb. Invalidates packet pointers.
+/// Rewrites `flow` to `new` in an skb (only the IPv4 header of a later fragment).
+/// Invalidates packet pointers.
 #[inline(always)]
 pub fn rewrite_skb(ctx: &TcContext, flow: &Flow, new: &Tuple) -> Result<(), i64> {
+    let l4 = !flow.later_fragment();
     let mangled0 = if flow.proto == IPPROTO_UDP {
         u64::from(BPF_F_MARK_MANGLED_0)
     } else {
@@ -99,22 +104,26 @@ pub fn rewrite_skb(ctx: &TcContext, flow: &Flow, new: &Tuple) -> Result<(), i64>
     let ip_check = ETH_HLEN + IP_CHECK_OFF;
     if new.saddr_be != flow.saddr_be {
         let (old, new_addr) = (u64::from(flow.saddr_be), u64::from(new.saddr_be));
-        ctx.l4_csum_replace(flow.check_off, old, new_addr, mangled0 | pseudo | 4)?;
+        if l4 {
+            ctx.l4_csum_replace(flow.check_off, old, new_addr, mangled0 | pseudo | 4)?;
+        }
         ctx.l3_csum_replace(ip_check, old, new_addr, 4)?;
         ctx.store(ETH_HLEN + IP_SADDR_OFF, &new.saddr_be, 0)?;
     }
     if new.daddr_be != flow.daddr_be {
         let (old, new_addr) = (u64::from(flow.daddr_be), u64::from(new.daddr_be));
-        ctx.l4_csum_replace(flow.check_off, old, new_addr, mangled0 | pseudo | 4)?;
+        if l4 {
+            ctx.l4_csum_replace(flow.check_off, old, new_addr, mangled0 | pseudo | 4)?;
+        }
         ctx.l3_csum_replace(ip_check, old, new_addr, 4)?;
         ctx.store(ETH_HLEN + IP_DADDR_OFF, &new.daddr_be, 0)?;
     }
-    if new.sport_be != flow.sport_be {
+    if l4 && new.sport_be != flow.sport_be {
         let (old, new_port) = (u64::from(flow.sport_be), u64::from(new.sport_be));
         ctx.l4_csum_replace(flow.check_off, old, new_port, mangled0 | 2)?;
         ctx.store(flow.l4_off, &new.sport_be, 0)?;
     }
-    if new.dport_be != flow.dport_be {
+    if l4 && new.dport_be != flow.dport_be {
         let (old, new_port) = (u64::from(flow.dport_be), u64::from(new.dport_be));
         ctx.l4_csum_replace(flow.check_off, old, new_port, mangled0 | 2)?;
         ctx.store(flow.l4_off + 2, &new.dport_be, 0)?;

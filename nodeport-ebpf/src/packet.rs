@@ -103,7 +103,7 @@ pub struct Flow {
     pub tcp_seq_end: u32,
     pub tcp_ack: u32,
     /// First fragment of a fragmented datagram (ports present, rest of datagram elsewhere).
-    pub first_fragment: bool,
+    pub first_fragment_flag: bool,
     /// IPv4 total length (host order).
     pub tot_len: u16,
     pub saddr_be: u32,
@@ -116,6 +116,22 @@ impl Flow {
     #[inline(always)]
     pub fn is_tcp(&self) -> bool {
         self.proto == IPPROTO_TCP
+    }
+
+    /// The first fragment of a fragmented datagram.
+    #[inline(always)]
+    pub fn first_fragment(&self) -> bool {
+        self.first_fragment_flag
+    }
+
+    /// A later fragment (module `frag`): no L4 header of its own, its ports are its first
+    /// fragment's. `ports` and `check` then point at the IPv4 header and are never written;
+    /// TCP flags and sequence numbers are 0; only the IPv4 header is rewritten. Told by the
+    /// pointers, which the paths that ask keep anyway: a flag of its own costs the XDP stack
+    /// frame a slot it does not have.
+    #[inline(always)]
+    pub fn later_fragment(&self) -> bool {
+        core::ptr::addr_eq(self.ports, self.ip)
     }
 
     /// The IPv4 "don't fragment" bit (read from the header: rarely asked).
@@ -133,7 +149,9 @@ impl Flow {
 }
 
 /// Parses Ethernet + IPv4 + TCP/UDP. `Err` carries what happened to a packet that is not a
-/// well-formed IPv4 TCP/UDP packet: a `Passed` counter (not ours) or `DroppedMalformed`.
+/// well-formed IPv4 TCP/UDP packet: a `Passed` counter (not ours) or `DroppedMalformed`, or
+/// `DroppedFragmentOutOfOrder` for a later fragment whose first fragment is not known (module
+/// `frag`); a later fragment whose first fragment is known gets that one's ports.
 ///
 /// `frame_len` is the length of the whole frame, which in TC may extend past `data_end`
 /// (non-linear skb); the headers themselves must lie before `data_end`.
@@ -152,12 +170,14 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Flow, Cou
 
     let ip: *mut Ipv4Hdr = ptr_at(data, data_end, ETH_HLEN).ok_or(Counter::DroppedMalformed)?;
     // SAFETY: ptr_at checked the bounds of the fixed header.
-    let (version_ihl, tot_len, frag_off, proto) = unsafe {
+    let (version_ihl, tot_len, frag_off, proto, saddr_be, daddr_be) = unsafe {
         (
             (*ip).version_ihl,
             u16::from_be((*ip).tot_len_be),
             u16::from_be((*ip).frag_off_be),
             (*ip).proto,
+            (*ip).saddr_be,
+            (*ip).daddr_be,
         )
     };
     let ihl = usize::from(version_ihl & 0x0f) * 4;
@@ -170,83 +190,101 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Flow, Cou
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Err(Counter::PassedOtherProtocol);
     }
-    if frag_off & IP_OFFSET_MASK != 0 {
-        return Err(Counter::PassedLaterFragment);
-    }
-    let first_fragment = frag_off & IP_MF != 0;
-
     let l4_off = ETH_HLEN + ihl;
+    let later = frag_off & IP_OFFSET_MASK != 0;
+    let first_fragment = !later && frag_off & IP_MF != 0;
     let l4_len = usize::from(tot_len) - ihl;
-    let (ports, check, check_off, tcp_flags, tcp_payload, tcp_seq_end, tcp_ack) = if proto
-        == IPPROTO_TCP
-    {
-        let tcp: *mut TcpHdr = ptr_at(data, data_end, l4_off).ok_or(Counter::DroppedMalformed)?;
-        // SAFETY: ptr_at checked the bounds.
-        let (data_offset, flags, seq, ack) = unsafe {
+    // One construction of the flow for all three kinds (a second one for later fragments
+    // costs the XDP stack frame 16 bytes it does not have).
+    let (ports, check, check_off, tcp_flags, tcp_payload, tcp_seq_end, tcp_ack, later_ports) =
+        if later {
+            // SAFETY: inside the checked IPv4 header.
+            let id_be = unsafe { (*ip).id_be };
+            let found = crate::frag::later_ports(saddr_be, daddr_be, id_be, proto)
+                .ok_or(Counter::DroppedFragmentOutOfOrder)?;
+            // No L4 header: pointers into the IPv4 header, never written (`Flow::fragment`).
             (
-                (*tcp).data_offset >> 4,
-                (*tcp).flags,
-                u32::from_be((*tcp).seq),
-                u32::from_be((*tcp).ack),
+                ip as *mut Ports,
+                ip as *mut u16,
+                ETH_HLEN,
+                0,
+                false,
+                0,
+                0,
+                Some(found),
+            )
+        } else if proto == IPPROTO_TCP {
+            let tcp: *mut TcpHdr =
+                ptr_at(data, data_end, l4_off).ok_or(Counter::DroppedMalformed)?;
+            // SAFETY: ptr_at checked the bounds.
+            let (data_offset, flags, seq, ack) = unsafe {
+                (
+                    (*tcp).data_offset >> 4,
+                    (*tcp).flags,
+                    u32::from_be((*tcp).seq),
+                    u32::from_be((*tcp).ack),
+                )
+            };
+            let header_len = usize::from(data_offset) * 4;
+            if header_len < 20 || (!first_fragment && header_len > l4_len) {
+                return Err(Counter::DroppedMalformed);
+            }
+            // SAFETY: inside the checked TCP header.
+            let check = unsafe { core::ptr::addr_of_mut!((*tcp).check) };
+            let payload = !first_fragment && l4_len > header_len;
+            let payload_len = (l4_len - header_len.min(l4_len)) as u32;
+            (
+                tcp as *mut Ports,
+                check,
+                l4_off + TCP_CHECK_OFF,
+                flags,
+                payload,
+                tcp_seq_end(seq, payload_len, flags),
+                ack,
+                None,
+            )
+        } else {
+            let udp: *mut UdpHdr =
+                ptr_at(data, data_end, l4_off).ok_or(Counter::DroppedMalformed)?;
+            // SAFETY: ptr_at checked the bounds.
+            let udp_len = usize::from(u16::from_be(unsafe { (*udp).len_be }));
+            // The UDP length covers the whole datagram, which a first fragment does not hold.
+            if udp_len < 8 || (!first_fragment && udp_len > l4_len) {
+                return Err(Counter::DroppedMalformed);
+            }
+            // SAFETY: inside the checked UDP header.
+            let check = unsafe { core::ptr::addr_of_mut!((*udp).check) };
+            (
+                udp as *mut Ports,
+                check,
+                l4_off + UDP_CHECK_OFF,
+                0,
+                false,
+                0,
+                0,
+                None,
             )
         };
-        let header_len = usize::from(data_offset) * 4;
-        if header_len < 20 || (!first_fragment && header_len > l4_len) {
-            return Err(Counter::DroppedMalformed);
-        }
-        // SAFETY: inside the checked TCP header.
-        let check = unsafe { core::ptr::addr_of_mut!((*tcp).check) };
-        let payload = !first_fragment && l4_len > header_len;
-        let payload_len = (l4_len - header_len.min(l4_len)) as u32;
-        (
-            tcp as *mut Ports,
-            check,
-            l4_off + TCP_CHECK_OFF,
-            flags,
-            payload,
-            tcp_seq_end(seq, payload_len, flags),
-            ack,
-        )
-    } else {
-        let udp: *mut UdpHdr = ptr_at(data, data_end, l4_off).ok_or(Counter::DroppedMalformed)?;
-        // SAFETY: ptr_at checked the bounds.
-        let udp_len = usize::from(u16::from_be(unsafe { (*udp).len_be }));
-        // The UDP length covers the whole datagram, which a first fragment does not hold.
-        if udp_len < 8 || (!first_fragment && udp_len > l4_len) {
-            return Err(Counter::DroppedMalformed);
-        }
-        // SAFETY: inside the checked UDP header.
-        let check = unsafe { core::ptr::addr_of_mut!((*udp).check) };
-        (
-            udp as *mut Ports,
-            check,
-            l4_off + UDP_CHECK_OFF,
-            0,
-            false,
-            0,
-            0,
-        )
-    };
 
-    // SAFETY: all of these lie inside headers checked above.
-    unsafe {
-        Ok(Flow {
-            ip,
-            ports,
-            l4_off,
-            check,
-            check_off,
-            proto,
-            tcp_flags,
-            tcp_payload,
-            tcp_seq_end,
-            tcp_ack,
-            first_fragment,
-            tot_len,
-            saddr_be: (*ip).saddr_be,
-            daddr_be: (*ip).daddr_be,
-            sport_be: (*ports).sport_be,
-            dport_be: (*ports).dport_be,
-        })
-    }
+    // SAFETY: inside the L4 header checked above.
+    let (sport_be, dport_be) =
+        later_ports.unwrap_or_else(|| unsafe { ((*ports).sport_be, (*ports).dport_be) });
+    Ok(Flow {
+        ip,
+        ports,
+        l4_off,
+        check,
+        check_off,
+        proto,
+        tcp_flags,
+        tcp_payload,
+        tcp_seq_end,
+        tcp_ack,
+        first_fragment_flag: first_fragment,
+        tot_len,
+        saddr_be,
+        daddr_be,
+        sport_be,
+        dport_be,
+    })
 }

@@ -21,7 +21,7 @@ use nodeport_common::{
 use crate::{
     conntrack::{self, Table, now},
     fib::{self, Hop, Route},
-    icmp,
+    frag, icmp,
     maps::NP_CONFIG,
     nat::{Tuple, decrement_ttl_skb, rewrite_skb},
     packet::{ETH_HLEN, Flow, parse},
@@ -54,18 +54,23 @@ fn ingress_ifindex(ctx: &TcContext) -> u32 {
 
 #[inline(always)]
 pub fn process(ctx: &TcContext) -> i32 {
+    let Some(cfg) = NP_CONFIG.get(0) else {
+        return TC_ACT_UNSPEC;
+    };
     // Not a reply of ours: on to the next TC program, if any (tcx's "next").
     let flow = match parse_skb(ctx) {
         Ok(flow) => flow,
         Err(Counter::PassedOtherProtocol) => return icmp_error(ctx),
+        // A later fragment before its first (module `frag`): it may be a reply's, and must
+        // not leave untranslated.
+        Err(Counter::DroppedFragmentOutOfOrder) => {
+            count(Counter::DroppedFragmentOutOfOrder);
+            return TC_ACT_SHOT;
+        }
         Err(_) => return TC_ACT_UNSPEC,
     };
-    if flow.first_fragment {
-        return TC_ACT_UNSPEC;
-    }
-    let Some(cfg) = NP_CONFIG.get(0) else {
-        return TC_ACT_UNSPEC;
-    };
+    // Every first fragment's ports, for its later fragments.
+    frag::register_first(&flow);
     let key = conntrack::key(&flow, CT_DIR_REPLY);
     let Some((table, entry_ptr)) = conntrack::lookup(&key) else {
         return TC_ACT_UNSPEC;

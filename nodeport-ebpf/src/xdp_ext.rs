@@ -29,6 +29,7 @@ use nodeport_common::{
 use crate::{
     conntrack::{self, Known, Table, now},
     fib::{self, Hop, Route},
+    frag,
     icmp::{self, IcmpHdr},
     maps::{
         NP_CONFIG, NP_FRONTENDS, NP_NEW_SCRATCH, NP_PROGS, NP_REJECT_BUDGET, NP_SNAT_ADDRS,
@@ -61,6 +62,8 @@ pub fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
         Err(Counter::PassedOtherProtocol) => return icmp_error(ctx),
         Err(counter) => return Err(counter),
     };
+    // Every first fragment's ports, for its later fragments (module `frag`).
+    frag::register_first(&flow);
     let dport = u16::from_be(flow.dport_be);
 
     let now = now();
@@ -86,8 +89,9 @@ pub fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
                 Known::Restart => conntrack::forget(table, &key, unsafe { &*entry }),
                 Known::BackendGone => {
                     conntrack::close_for_backend(&key, entry);
-                    // Never an RST for an RST (RFC 793).
-                    if flow.tcp_flags & TCP_RST != 0 {
+                    // Never an RST for an RST (RFC 793), nor for a later fragment (no TCP
+                    // header to answer).
+                    if flow.tcp_flags & TCP_RST != 0 || flow.later_fragment() {
                         return Err(Counter::DroppedBackendGone);
                     }
                     return answer_rst(
@@ -108,7 +112,8 @@ pub fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
                 _pad: 0,
             };
             if NP_FRONTENDS.get_ptr(fe_key).is_some() {
-                if flow.first_fragment {
+                // A later fragment whose first fragment started no connection cannot start one.
+                if flow.later_fragment() {
                     return Err(Counter::DroppedFragment);
                 }
                 // A new connection: on in a program of its own (`np_xdp_new`, below), which
@@ -138,12 +143,12 @@ pub fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
         }
     }
     let Some((table, key, entry)) = known_connection else {
-        return Err(Counter::PassedNoFrontend);
+        return Err(if flow.later_fragment() {
+            Counter::PassedLaterFragment
+        } else {
+            Counter::PassedNoFrontend
+        });
     };
-    // Later fragments carry no ports and could not follow the first one.
-    if flow.first_fragment {
-        return Err(Counter::DroppedFragment);
-    }
     known(ctx, cfg, &flow, table, &key, entry, now)
 }
 
@@ -209,6 +214,10 @@ pub fn process_new(ctx: &XdpContext) -> Result<Verdict, Counter> {
     };
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let flow = parse(data, data_end, data_end - data)?;
+    // Never sent here (`process` drops it), and never walked by the verifier past this.
+    if flow.later_fragment() {
+        return Err(Counter::DroppedFragment);
+    }
     let fe_key = FrontendKey {
         addr_be: flow.daddr_be,
         port_be: flow.dport_be,
@@ -340,7 +349,9 @@ fn answer_icmp(
     kind: IcmpKind,
     (sent, failed): (Counter, Counter),
 ) -> Result<Verdict, Counter> {
-    if !plain_ipv4(flow) || !spend_answer(cfg, now) {
+    // A router answers no later fragment (Linux's icmp_send: only fragment 0), whose quote
+    // would hold no ports anyway.
+    if !plain_ipv4(flow) || flow.later_fragment() || !spend_answer(cfg, now) {
         return Err(failed);
     }
     if !icmp_answer_frame(ctx, flow.daddr_be, flow.saddr_be, kind) {

@@ -1124,8 +1124,8 @@ pub fn mac_of(ns: &NetNs, dev: &str) -> Result<[u8; 6]> {
 }
 
 /// Sends frames from the client's eth0 that are not ordinary node port traffic: an ARP
-/// request, IPv6, ICMP, the first fragment of a TCP segment aimed at the node port, a later
-/// fragment, and an IPv4 header with IHL 4.
+/// request, IPv6, ICMP, the first and a later fragment of a datagram to another port, a later
+/// fragment to the node port whose first never came, and an IPv4 header with IHL 4.
 pub fn send_odd_frames(lab: &Lab, node_port: u16) -> Result<()> {
     use etherparse::PacketBuilder;
     let node_mac = mac_of(&lab.node1, "ext0")?;
@@ -1160,28 +1160,42 @@ pub fn send_odd_frames(lab: &Lab, node_port: u16) -> Result<()> {
         .write(&mut icmp, b"ping")?;
     frames.push(icmp);
 
-    // A TCP SYN to the node port with "more fragments" set: the datapath drops it.
+    // Sets a frame's IPv4 id and fragment word and fixes its header checksum.
+    let fragment = |frame: &mut Vec<u8>, id: u16, frag_word: u16| {
+        frame[14 + 4..14 + 6].copy_from_slice(&id.to_be_bytes());
+        frame[14 + 6..14 + 8].copy_from_slice(&frag_word.to_be_bytes());
+        frame[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+        let c = checksum_ipv4(&frame[14..34]);
+        frame[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    };
+    // The first fragment of a datagram to a port no Service uses (MF set, offset 0), then a
+    // later fragment of it (offset 8 bytes): both passed to the kernel, the later one after
+    // its first (later_fragment), which discards them once its reassembly times out.
+    let other_port = node_port.wrapping_add(1000);
     let mut first = Vec::new();
     PacketBuilder::ethernet2(client_mac, node_mac)
         .ipv4(client, node, 64)
-        .tcp(45000, node_port, 1, 1000)
-        .syn()
-        .write(&mut first, b"")?;
-    first[14 + 6] = 0x20; // flags: MF, offset 0
-    let c = checksum_ipv4(&first[14..34]);
-    first[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+        .udp(45000, other_port)
+        .write(&mut first, b"head")?;
+    fragment(&mut first, 0x5151, 0x2000);
     frames.push(first);
-
-    // A later fragment (offset 800 bytes): passed to the kernel, which discards it.
     let mut later = Vec::new();
     PacketBuilder::ethernet2(client_mac, node_mac)
         .ipv4(client, node, 64)
-        .udp(45001, node_port)
+        .udp(45000, other_port)
         .write(&mut later, b"tail")?;
-    later[14 + 6..14 + 8].copy_from_slice(&100u16.to_be_bytes());
-    let c = checksum_ipv4(&later[14..34]);
-    later[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    fragment(&mut later, 0x5151, 1);
     frames.push(later);
+
+    // A later fragment (offset 800 bytes) of a datagram whose first fragment never came:
+    // dropped (fragment_out_of_order).
+    let mut stray = Vec::new();
+    PacketBuilder::ethernet2(client_mac, node_mac)
+        .ipv4(client, node, 64)
+        .udp(45001, node_port)
+        .write(&mut stray, b"tail")?;
+    fragment(&mut stray, 0x5252, 100);
+    frames.push(stray);
 
     // IHL 4: malformed, dropped.
     let mut bad = Vec::new();

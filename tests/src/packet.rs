@@ -376,3 +376,76 @@ pub fn parse_icmp_error(frame: &[u8]) -> anyhow::Result<SeenIcmp> {
 pub fn sa(s: &str) -> SocketAddrV4 {
     s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
 }
+
+/// Splits a frame's IPv4 datagram into fragments of `chunk` bytes of IPv4 payload (a multiple
+/// of 8), as a sender's IP layer does: same Ethernet header, IP id and TTL, DF cleared, MF on
+/// all but the last; every header checksum by etherparse. The L4 header (with its checksum
+/// over the whole datagram) is in the first fragment only.
+pub fn fragment(frame: &[u8], chunk: usize) -> Vec<Vec<u8>> {
+    assert!(
+        chunk.is_multiple_of(8) && chunk > 0,
+        "fragment size {chunk}"
+    );
+    let (ip, rest) = Ipv4Header::from_slice(&frame[14..]).expect("an IPv4 frame");
+    let payload = &rest[..usize::from(ip.total_len) - ip.header_len()];
+    payload
+        .chunks(chunk)
+        .enumerate()
+        .map(|(i, part)| {
+            let mut header = ip.clone();
+            header.dont_fragment = false;
+            header.more_fragments = (i + 1) * chunk < payload.len();
+            header.fragment_offset = IpFragOffset::try_new((i * chunk / 8) as u16).expect("offset");
+            header.total_len = (header.header_len() + part.len()) as u16;
+            header.header_checksum = header.calc_header_checksum();
+            let mut out = frame[..14].to_vec();
+            header.write(&mut out).expect("write");
+            out.extend_from_slice(part);
+            out
+        })
+        .collect()
+}
+
+/// Reassembles fragments (any order) into one frame, as a receiver's IP layer does, after
+/// checking every fragment's IPv4 header checksum; the result's L4 checksum can then be
+/// verified over the whole datagram with [`parse_checked`]. The Ethernet header and IPv4
+/// fields are the first fragment's.
+pub fn reassemble(frames: &[Vec<u8>]) -> anyhow::Result<Vec<u8>> {
+    use anyhow::{Context, ensure};
+    let mut first = None;
+    let mut parts = Vec::new();
+    for frame in frames {
+        let (ip, rest) = Ipv4Header::from_slice(&frame[14..]).context("an IPv4 fragment")?;
+        ensure!(
+            ip.header_checksum == ip.calc_header_checksum(),
+            "bad IPv4 header checksum in a fragment: {:#06x}, expected {:#06x}",
+            ip.header_checksum,
+            ip.calc_header_checksum()
+        );
+        let offset = usize::from(ip.fragment_offset.value()) * 8;
+        let data = rest[..usize::from(ip.total_len) - ip.header_len()].to_vec();
+        if offset == 0 {
+            first = Some((frame[..14].to_vec(), ip.clone()));
+        }
+        parts.push((offset, ip.more_fragments, data));
+    }
+    parts.sort_by_key(|(offset, _, _)| *offset);
+    let mut payload = Vec::new();
+    for (offset, _, data) in &parts {
+        ensure!(*offset == payload.len(), "a hole or overlap at {offset}");
+        payload.extend_from_slice(data);
+    }
+    ensure!(
+        parts.last().is_some_and(|(_, more, _)| !more),
+        "no last fragment"
+    );
+    let (eth, mut ip) = first.context("no first fragment")?;
+    ip.more_fragments = false;
+    ip.fragment_offset = IpFragOffset::ZERO;
+    ip.total_len = (ip.header_len() + payload.len()) as u16;
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut out = eth;
+    ip.write(&mut out)?;
+    out.extend_from_slice(&payload);
+    Ok(out)
+}

@@ -16,8 +16,8 @@ use nodeport_tests::{
     fixture::*,
     netns::require_root,
     packet::{
-        ACK, FIN_ACK, L4, Pkt, RST, SYN, SYN_ACK, Seen, icmp_error, parse_checked,
-        parse_icmp_error, sa,
+        ACK, FIN_ACK, L4, Mac, Pkt, RST, SYN, SYN_ACK, Seen, fragment, icmp_error, parse_checked,
+        parse_icmp_error, reassemble, sa,
     },
 };
 
@@ -95,7 +95,26 @@ const CASES: &[(&str, Case)] = &[
     ("ARP, IPv6, VLAN and ICMP pass untouched", other_traffic),
     ("malformed packets are dropped, never rewritten", malformed),
     ("IPv4 options are parsed by IHL", ip_options),
-    ("fragments: first dropped, later passed", fragments),
+    (
+        "fragments to a local pod follow their first, in order; later ones before it are dropped",
+        fragments_local,
+    ),
+    (
+        "fragments through a remote backend's SNAT, both ways",
+        fragments_remote,
+    ),
+    (
+        "a fragmented TCP segment follows its connection",
+        fragments_tcp,
+    ),
+    (
+        "a local pod's fragmented reply is translated by the pod hook",
+        fragments_pod_reply,
+    ),
+    (
+        "fragments of others' datagrams pass; those of a datagram that started nothing drop",
+        fragments_not_ours,
+    ),
     ("TTL 1 is answered with ICMP time exceeded", ttl_exceeded),
     ("no route: the kernel routes it (counted)", no_route),
     ("unknown neighbour: TC resolves it", no_neighbour),
@@ -1140,33 +1159,274 @@ fn ip_options(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     Ok(())
 }
 
-fn fragments(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+/// A UDP backend for the fragment cases.
+const UDP_POD: &str = "198.18.1.10:5353";
+const UDP_REMOTE: &str = "198.18.2.20:5353";
+/// IPv4 payload per fragment: a 128-byte datagram (8 + 120) makes three fragments.
+const CHUNK: usize = 48;
+
+/// A UDP datagram the sender lets fragment, large enough for three fragments of `CHUNK`.
+fn big_datagram(src: &str, dst: &str, (from, to): (Mac, Mac)) -> Pkt {
+    let payload: Vec<u8> = (0..120u8).collect();
+    Pkt::udp(sa(src), sa(dst))
+        .macs(from, to)
+        .payload(&payload)
+        .may_fragment()
+}
+
+/// The translated fragments (in fragment order) must be exactly the fragments of `expected`,
+/// the whole datagram as it should leave (etherparse computes every checksum, the first
+/// fragment's UDP checksum over the whole datagram), and reassemble into it with valid
+/// checksums.
+fn check_fragments(outputs: &[Vec<u8>], expected: &Pkt) -> Result<()> {
+    let want = fragment(&expected.bytes(), CHUNK);
+    ensure!(
+        outputs.len() == want.len(),
+        "{} fragments, expected {}",
+        outputs.len(),
+        want.len()
+    );
+    for (i, (got, want)) in outputs.iter().zip(&want).enumerate() {
+        ensure!(
+            got == want,
+            "fragment {i} differs:\n  got  {got:02x?}\n  want {want:02x?}"
+        );
+    }
+    let whole = reassemble(outputs)?;
+    parse_checked(&whole).context("the reassembled datagram")?;
+    ensure!(
+        whole == expected.bytes(),
+        "the reassembled datagram differs"
+    );
+    Ok(())
+}
+
+/// Runs each fragment through XDP expecting `action` and one `counter` each; returns the
+/// output frames.
+fn xdp_fragments(
+    fx: &mut Fixture,
+    topo: &Topology,
+    frags: &[Vec<u8>],
+    action: u32,
+    counter: Counter,
+) -> Result<Vec<XdpRun>> {
+    let mut runs = Vec::new();
+    for (i, frag) in frags.iter().enumerate() {
+        let before = fx.counters()?;
+        let run = fx
+            .xdp(topo, frag)
+            .with_context(|| format!("fragment {i}"))?;
+        ensure!(
+            run.action == action,
+            "fragment {i}: XDP action {}, expected {action}",
+            run.action
+        );
+        check_counters(fx, &before, &[(counter, 1)]).with_context(|| format!("fragment {i}"))?;
+        runs.push(run);
+    }
+    Ok(runs)
+}
+
+fn frames(runs: Vec<XdpRun>) -> Vec<Vec<u8>> {
+    runs.into_iter().map(|run| run.frame).collect()
+}
+
+fn fragments_local(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     fx.add_service(&ServiceSpec::new(
         1,
         FRONTEND,
         IPPROTO_UDP,
-        vec![local(1, "198.18.1.10:5353")],
+        vec![local(1, UDP_POD)],
     ))?;
-    let before = fx.counters()?;
-    let mut first = Pkt::udp(sa(CLIENT), sa(FRONTEND))
-        .macs(CLIENT_MAC, EXT_MAC)
-        .payload(&[7; 64]);
-    first.more_fragments = true;
-    let run = xdp_action(fx, topo, &first, XDP_DROP)?;
-    check_unchanged(&run, &first.bytes())?;
-    let mut later = first.clone();
-    later.more_fragments = false;
-    later.fragment_offset = 9;
-    let run = xdp_action(fx, topo, &later, XDP_PASS)?;
-    check_unchanged(&run, &later.bytes())?;
-    check_counters(
+    // In order: the first fragment starts the connection, the later ones follow it (DNAT of
+    // their IPv4 header only), all handed to TC for pod0.
+    let datagram = big_datagram(CLIENT, FRONTEND, (CLIENT_MAC, EXT_MAC));
+    let frags = fragment(&datagram.bytes(), CHUNK);
+    ensure!(frags.len() == 3);
+    let runs = xdp_fragments(fx, topo, &frags, XDP_PASS, Counter::ForwardedToTc)?;
+    for run in &runs {
+        let meta = run.meta.context("no metadata for the TC hook")?;
+        ensure!(meta.ifindex == topo.pod_ifindex, "egress {}", meta.ifindex);
+    }
+    let translated = |pkt: &Pkt| pkt.clone().addrs(sa(CLIENT), sa(UDP_POD)).ttl(63);
+    check_fragments(&frames(runs), &translated(&datagram))?;
+    ensure!(fx.conntrack()?.len() == 2, "not one connection");
+    let stats = fx.svc_stats(1)?;
+    ensure!(stats.packets == 3, "{stats:?}");
+    // Out of order: the next datagram's later fragments before its first cannot be told
+    // apart from any other traffic's, nor leave untranslated: dropped, untouched, counted.
+    let mut second = datagram.clone();
+    second.ip_id = 0x4321;
+    let frags = fragment(&second.bytes(), CHUNK);
+    let runs = xdp_fragments(
         fx,
-        &before,
-        &[
-            (Counter::DroppedFragment, 1),
-            (Counter::PassedLaterFragment, 1),
-        ],
-    )
+        topo,
+        &frags[1..],
+        XDP_DROP,
+        Counter::DroppedFragmentOutOfOrder,
+    )?;
+    for (run, frag) in runs.iter().zip(&frags[1..]) {
+        check_unchanged(run, frag)?;
+    }
+    // Sent again after their first, they follow it.
+    let runs = xdp_fragments(fx, topo, &frags, XDP_PASS, Counter::ForwardedToTc)?;
+    check_fragments(&frames(runs), &translated(&second))
+}
+
+fn fragments_remote(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&ServiceSpec::new(
+        1,
+        FRONTEND,
+        IPPROTO_UDP,
+        vec![remote(1, UDP_REMOTE)],
+    ))?;
+    let datagram = big_datagram(CLIENT, FRONTEND, (CLIENT_MAC, EXT_MAC));
+    let frags = fragment(&datagram.bytes(), CHUNK);
+    let outputs = frames(xdp_fragments(
+        fx,
+        topo,
+        &frags,
+        XDP_TX,
+        Counter::ForwardedXdpTx,
+    )?);
+    // The SNAT port, from the first fragment's UDP header (after 14 + 20 bytes).
+    let port = u16::from_be_bytes([outputs[0][34], outputs[0][35]]);
+    ensure!(
+        (61000..=61999).contains(&port),
+        "SNAT port {port} outside the range"
+    );
+    let snat = format!("198.18.0.1:{port}");
+    check_fragments(
+        &outputs,
+        &datagram
+            .clone()
+            .addrs(sa(&snat), sa(UDP_REMOTE))
+            .ttl(63)
+            .macs(EXT_MAC, NODE2_MAC),
+    )?;
+    // The backend's fragmented answer to the SNAT port goes back to the client.
+    let answer = big_datagram(UDP_REMOTE, &snat, (NODE2_MAC, EXT_MAC));
+    let frags = fragment(&answer.bytes(), CHUNK);
+    let outputs = frames(xdp_fragments(
+        fx,
+        topo,
+        &frags,
+        XDP_TX,
+        Counter::ForwardedXdpTx,
+    )?);
+    check_fragments(
+        &outputs,
+        &answer
+            .clone()
+            .addrs(sa(FRONTEND), sa(CLIENT))
+            .ttl(63)
+            .macs(EXT_MAC, CLIENT_MAC),
+    )?;
+    let stats = fx.svc_stats(1)?;
+    ensure!(stats.packets == 3 && stats.reply_packets == 3, "{stats:?}");
+    Ok(())
+}
+
+fn fragments_tcp(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
+    xdp_action(fx, topo, &from_client(40000, FRONTEND, SYN), XDP_PASS)?;
+    let payload: Vec<u8> = (0..120u8).collect();
+    let segment = from_client(40000, FRONTEND, ACK)
+        .seq(1001)
+        .payload(&payload)
+        .may_fragment();
+    let frags = fragment(&segment.bytes(), CHUNK);
+    ensure!(frags.len() == 3);
+    let runs = xdp_fragments(fx, topo, &frags, XDP_PASS, Counter::ForwardedToTc)?;
+    check_fragments(
+        &frames(runs),
+        &segment.clone().addrs(sa(CLIENT), sa(POD_A)).ttl(63),
+    )?;
+    // The sequence is the first fragment's: its TCP header and the 28 bytes of data it holds
+    // (the later fragments have no TCP header and note nothing).
+    let forward = fx
+        .conntrack()?
+        .into_iter()
+        .find(|(_, key, _)| key.dir == CT_DIR_FORWARD)
+        .context("no forward entry")?;
+    ensure!(
+        forward.2.seq_next == 1001 + 28,
+        "seq_next {}",
+        forward.2.seq_next
+    );
+    Ok(())
+}
+
+fn fragments_pod_reply(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&ServiceSpec::new(
+        1,
+        FRONTEND,
+        IPPROTO_UDP,
+        vec![local(1, UDP_POD)],
+    ))?;
+    xdp_action(
+        fx,
+        topo,
+        &Pkt::udp(sa(CLIENT), sa(FRONTEND)).macs(CLIENT_MAC, EXT_MAC),
+        XDP_PASS,
+    )?;
+    let reply = big_datagram(UDP_POD, CLIENT, (POD_MAC, POD_HOST_MAC));
+    let frags = fragment(&reply.bytes(), CHUNK);
+    let mut outputs = Vec::new();
+    for (i, frag) in frags.iter().enumerate() {
+        let before = fx.counters()?;
+        let (ret, out) = fx.tc_pod(topo, frag)?;
+        ensure!(ret == TC_ACT_REDIRECT, "fragment {i}: tc verdict {ret}");
+        check_counters(fx, &before, &[(Counter::ForwardedPodReply, 1)])?;
+        outputs.push(out);
+    }
+    check_fragments(
+        &outputs,
+        &reply
+            .clone()
+            .addrs(sa(FRONTEND), sa(CLIENT))
+            .ttl(63)
+            .macs(EXT_MAC, CLIENT_MAC),
+    )?;
+    // A later fragment from the pod before its first may be a reply's: dropped, counted.
+    let mut next = reply.clone();
+    next.ip_id = 0x4321;
+    let frags = fragment(&next.bytes(), CHUNK);
+    let before = fx.counters()?;
+    let (ret, _) = fx.tc_pod(topo, &frags[2])?;
+    ensure!(ret == TC_ACT_SHOT, "tc verdict {ret}");
+    check_counters(fx, &before, &[(Counter::DroppedFragmentOutOfOrder, 1)])
+}
+
+fn fragments_not_ours(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    // A Service without endpoints.
+    fx.add_service(&ServiceSpec::new(2, FRONTEND, IPPROTO_UDP, vec![]))?;
+    // A datagram to a port no frontend uses: its first fragment and then its later ones go
+    // to the kernel untouched (each counted).
+    let other = big_datagram(CLIENT, "198.18.0.1:9999", (CLIENT_MAC, EXT_MAC));
+    let frags = fragment(&other.bytes(), CHUNK);
+    let first = xdp_fragments(fx, topo, &frags[..1], XDP_PASS, Counter::PassedNoFrontend)?;
+    let later = xdp_fragments(
+        fx,
+        topo,
+        &frags[1..],
+        XDP_PASS,
+        Counter::PassedLaterFragment,
+    )?;
+    for (run, frag) in first.iter().chain(&later).zip(&frags) {
+        check_unchanged(run, frag)?;
+    }
+    // A datagram to the Service without endpoints: its first fragment is answered (port
+    // unreachable), the later ones cannot start a connection without ports: dropped.
+    let datagram = big_datagram(CLIENT, FRONTEND, (CLIENT_MAC, EXT_MAC));
+    let frags = fragment(&datagram.bytes(), CHUNK);
+    xdp_fragments(fx, topo, &frags[..1], XDP_TX, Counter::RejectedNoBackend)?;
+    let later = xdp_fragments(fx, topo, &frags[1..], XDP_DROP, Counter::DroppedFragment)?;
+    for (run, frag) in later.iter().zip(&frags[1..]) {
+        check_unchanged(run, frag)?;
+    }
+    ensure!(fx.conntrack()?.is_empty(), "a connection was recorded");
+    Ok(())
 }
 
 fn ttl_exceeded(fx: &mut Fixture, topo: &Topology) -> Result<()> {

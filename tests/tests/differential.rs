@@ -129,29 +129,11 @@ const CASES: &[(&str, CaseFn)] = &[
     }),
 ];
 
-/// Cases nodeport does not carry yet, with what is missing (issue #12).
-const KNOWN_GAPS: &[(&str, &str)] = &[
-    (
-        "UDP 3 kB request, local pod",
-        "IPv4 fragments are not translated",
-    ),
-    (
-        "UDP 3 kB request, remote pod",
-        "IPv4 fragments are not translated",
-    ),
-    (
-        "UDP 9 kB request, local pod",
-        "IPv4 fragments are not translated",
-    ),
-    (
-        "UDP 9 kB request, remote pod",
-        "IPv4 fragments are not translated",
-    ),
-    (
-        "TCP upload 2 MB, remote pod, client offloads on",
-        "XDP rewrites the partial checksums of a veth's offloaded packets as full ones",
-    ),
-];
+/// Cases nodeport does not carry yet, with what is missing.
+const KNOWN_GAPS: &[(&str, &str)] = &[(
+    "TCP upload 2 MB, remote pod, client offloads on",
+    "XDP rewrites the partial checksums of a veth's offloaded packets as full ones",
+)];
 
 /// Cases kube-proxy's path does not carry and nodeport does, with why kube-proxy does not
 /// (none now; a case goes here only with the reason).

@@ -492,8 +492,8 @@ fn odd_traffic_does_not_disturb_established_flows() -> Result<()> {
         "arp",
         "ipv6",
         "other_protocol",
-        "fragment",
         "later_fragment",
+        "fragment_out_of_order",
         "malformed",
     ]
     .into_iter()
