@@ -153,9 +153,11 @@ counters! {
     /// (Index 60: 30-49 are taken.)
     DroppedFragNeeded = 60, Dropped, "frag_needed_dropped";
     /// A later IPv4 fragment (no ports of its own) that arrived before its datagram's first
-    /// fragment, or more than 2 s after it: nodeport cannot tell which connection it belongs
-    /// to, nor let it leave untranslated, so it is dropped (as Cilium does); the datagram is
-    /// lost (docs/datapath.md, "Fragments").
+    /// fragment, or more than 2 s after it, addressed elsewhere than to the node or its pod
+    /// networks: nodeport cannot tell which connection it belongs to, and passed on the kernel
+    /// would forward it untranslated, so it is dropped (as Cilium does); the datagram is lost.
+    /// One addressed to the node or a pod network goes its way untouched (`later_fragment`)
+    /// (docs/datapath.md, "Fragments").
     DroppedFragmentOutOfOrder = 61, Dropped, "fragment_out_of_order";
 
     /// A connection completed its handshake but the established table was full: it stays in

@@ -19,6 +19,7 @@ use crate::{
     conntrack::now,
     maps::{NP_CONFIG, NP_FRAGS},
     packet::Flow,
+    select,
 };
 
 /// `lookup`'s "found" bit, above the two ports.
@@ -56,7 +57,7 @@ fn lookup(saddr_be: u32, daddr_be: u32, id_be: u16, proto: u8) -> u64 {
         _pad: 0,
     };
     let Some(found) = NP_FRAGS.get_ptr(key) else {
-        return 0;
+        return unknown(daddr_be);
     };
     let hz = NP_CONFIG.get(0).map_or(0, |cfg| cfg.hz);
     // SAFETY: points into the map value; copied out.
@@ -66,9 +67,26 @@ fn lookup(saddr_be: u32, daddr_be: u32, id_be: u16, proto: u8) -> u64 {
         seen,
     } = unsafe { *found };
     if (now() as u32).wrapping_sub(seen) > FRAG_TIMEOUT_S * hz {
-        return 0;
+        return unknown(daddr_be);
     }
     FOUND | u64::from(dport_be) << 16 | u64::from(sport_be)
+}
+
+/// `lookup`'s answer for a later fragment whose first was not seen (or is too old). Addressed
+/// to the node or one of its pod networks, it may be the node's own or a pod's traffic, and
+/// the kernel forwards nothing of nodeport's untranslated from there (a datagram nodeport
+/// translates is addressed to a node address, where the kernel holds the fragment until its
+/// reassembly times out): "found" with ports 0, which no frontend, SNAT port or connection
+/// has, so it goes its way untouched like any traffic that is not nodeport's. Addressed
+/// elsewhere (a LoadBalancer IP the node does not hold, a client's address), the kernel would
+/// forward it untranslated: 0, dropped.
+#[inline(always)]
+fn unknown(daddr_be: u32) -> u64 {
+    if select::local_address(daddr_be) {
+        FOUND
+    } else {
+        0
+    }
 }
 
 /// Registers `flow`'s ports if it is a first fragment.
@@ -82,7 +100,8 @@ pub fn register_first(flow: &Flow) {
     }
 }
 
-/// The ports of a later fragment's datagram, (source, destination), as in its first fragment.
+/// The ports of a later fragment's datagram, (source, destination), as in its first fragment
+/// (ports 0 for one whose first was not seen, addressed to the node: see `unknown`).
 #[inline(always)]
 pub fn later_ports(saddr_be: u32, daddr_be: u32, id_be: u16, proto: u8) -> Option<(u16, u16)> {
     let found = lookup(saddr_be, daddr_be, id_be, proto);

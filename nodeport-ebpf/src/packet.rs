@@ -150,8 +150,9 @@ impl Flow {
 
 /// Parses Ethernet + IPv4 + TCP/UDP. `Err` carries what happened to a packet that is not a
 /// well-formed IPv4 TCP/UDP packet: a `Passed` counter (not ours) or `DroppedMalformed`, or
-/// `DroppedFragmentOutOfOrder` for a later fragment whose first fragment is not known (module
-/// `frag`); a later fragment whose first fragment is known gets that one's ports.
+/// `DroppedFragmentOutOfOrder` for a later fragment whose first fragment is not known and
+/// that is not addressed to the node (module `frag`); a later fragment whose first fragment
+/// is known gets that one's ports.
 ///
 /// `frame_len` is the length of the whole frame, which in TC may extend past `data_end`
 /// (non-linear skb); the headers themselves must lie before `data_end`.

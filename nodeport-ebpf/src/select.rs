@@ -30,8 +30,16 @@ pub fn martian_source(saddr_be: u32) -> bool {
     if first_octet == 0 || first_octet == 127 || first_octet >= 224 {
         return true;
     }
+    local_address(saddr_be)
+}
+
+/// Whether `addr_be` is one of the node's own addresses or in its pod networks
+/// (`NP_LOCAL_NETS`). A function of its own (a BPF subprogram): its key stays off the
+/// caller's stack frame, which on the established path is at the verifier's limit.
+#[inline(never)]
+pub fn local_address(addr_be: u32) -> bool {
     NP_LOCAL_NETS
-        .get(Key::new(32, LocalNetKey { addr_be: saddr_be }))
+        .get(Key::new(32, LocalNetKey { addr_be }))
         .is_some()
 }
 

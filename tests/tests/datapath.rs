@@ -1254,7 +1254,8 @@ fn fragments_local(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     let stats = fx.svc_stats(1)?;
     ensure!(stats.packets == 3, "{stats:?}");
     // Out of order: the next datagram's later fragments before its first cannot be told
-    // apart from any other traffic's, nor leave untranslated: dropped, untouched, counted.
+    // apart from any other traffic's. To an address the node does not hold (here: none is
+    // listed yet), the kernel would forward them untranslated: dropped, untouched, counted.
     let mut second = datagram.clone();
     second.ip_id = 0x4321;
     let frags = fragment(&second.bytes(), CHUNK);
@@ -1266,6 +1267,31 @@ fn fragments_local(fx: &mut Fixture, topo: &Topology) -> Result<()> {
         Counter::DroppedFragmentOutOfOrder,
     )?;
     for (run, frag) in runs.iter().zip(&frags[1..]) {
+        check_unchanged(run, frag)?;
+    }
+    // To the node's own address (as the agent lists it), they may be the node's own traffic:
+    // passed untouched, the kernel's (which forwards nothing untranslated from there).
+    fx.dp.maps.local_nets.insert(
+        &aya::maps::lpm_trie::Key::new(
+            32,
+            nodeport_common::LocalNetKey {
+                addr_be: u32::from(*sa(FRONTEND).ip()).to_be(),
+            },
+        ),
+        1,
+        0,
+    )?;
+    let mut third = datagram.clone();
+    third.ip_id = 0x5432;
+    let third_frags = fragment(&third.bytes(), CHUNK);
+    let runs = xdp_fragments(
+        fx,
+        topo,
+        &third_frags[1..],
+        XDP_PASS,
+        Counter::PassedLaterFragment,
+    )?;
+    for (run, frag) in runs.iter().zip(&third_frags[1..]) {
         check_unchanged(run, frag)?;
     }
     // Sent again after their first, they follow it.
