@@ -1187,11 +1187,13 @@ pub fn send_odd_frames(lab: &Lab, node_port: u16) -> Result<()> {
     fragment(&mut later, 0x5151, 1);
     frames.push(later);
 
-    // A later fragment (offset 800 bytes) of a datagram whose first fragment never came:
-    // dropped (fragment_out_of_order).
+    // A later fragment (offset 800 bytes) of a datagram whose first fragment never came, to an
+    // address the node does not hold (a LoadBalancer IP of another node's, say): the kernel
+    // would forward it, so it is dropped (fragment_out_of_order). (One to the node's own
+    // address would be passed, as later_fragment.)
     let mut stray = Vec::new();
     PacketBuilder::ethernet2(client_mac, node_mac)
-        .ipv4(client, node, 64)
+        .ipv4(client, [198, 18, 0, 250], 64)
         .udp(45001, node_port)
         .write(&mut stray, b"tail")?;
     fragment(&mut stray, 0x5252, 100);
