@@ -1005,13 +1005,17 @@ fn a_replaced_manifests_directory_is_followed() -> Result<()> {
     lab.start_agent(&manifests::join(&base))?;
     let mut open = lab.connect(np(30080), None)?;
     ensure!(open.ask()?.pod == "a");
-    // The directory replaced under the agent, with one more Service in it.
+    // The directory replaced under the agent by one with one more Service in it, written
+    // beside it first (an empty directory in its place, seen before the file is written,
+    // would rightly be applied as no Services at all).
     let old = RemoveDir(lab.manifests.with_extension("old"));
-    std::fs::rename(&lab.manifests, &old.0)?;
-    std::fs::create_dir(&lab.manifests)?;
+    let new = RemoveDir(lab.manifests.with_extension("new"));
+    std::fs::create_dir(&new.0)?;
     let late = manifests::service("late", 30095, &["TCP"], "", &[ready(POD_C, "node-2")]);
     let replaced = manifests::join(&[base[0].clone(), late]);
-    std::fs::write(lab.manifests.join("all.yaml"), &replaced)?;
+    std::fs::write(new.0.join("all.yaml"), &replaced)?;
+    std::fs::rename(&lab.manifests, &old.0)?;
+    std::fs::rename(&new.0, &lab.manifests)?;
     lab.wait_applied()?;
     ensure!(
         lab.ask_tcp(np(30095))?.pod == "c",
