@@ -26,7 +26,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use nodeport_tests::lab::{Lab, NODE1, manifests as yaml};
+use nodeport_tests::{
+    kube_proxy::{self, Proxied},
+    lab::{Lab, NODE1, manifests as yaml},
+};
 
 const MIXED_PORT: u16 = 30080;
 const FAR_PORT: u16 = 30081;
@@ -287,60 +290,23 @@ fn flood_case(lab: &Lab, duration: Duration) -> Result<Flood> {
     Ok(out)
 }
 
-/// kube-proxy's iptables mode for the two Services, reduced to what a packet from outside
-/// walks: node port -> KUBE-EXT (mark for masquerade) -> KUBE-SVC (random) -> KUBE-SEP (DNAT),
-/// and KUBE-POSTROUTING's MASQUERADE of marked packets.
+/// kube-proxy's iptables mode for the two Services (nodeport_tests::kube_proxy).
 fn kube_proxy_rules() -> String {
-    let mut r = String::from(
-        "*nat\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n",
-    );
-    let services: [(&str, u16, &[&str]); 2] = [
-        (
-            "MIXED",
-            MIXED_PORT,
-            &["198.18.1.10:8080", "198.18.1.11:8080", "198.18.2.10:8080"],
-        ),
-        ("FAR", FAR_PORT, &["198.18.2.10:8080"]),
-    ];
-    for (name, _, eps) in &services {
-        let _ = writeln!(r, ":KUBE-EXT-{name} - [0:0]\n:KUBE-SVC-{name} - [0:0]");
-        for i in 0..eps.len() {
-            let _ = writeln!(r, ":KUBE-SEP-{name}{i} - [0:0]");
-        }
-    }
-    r.push_str(
-        "-A PREROUTING -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n\
-         -A POSTROUTING -j KUBE-POSTROUTING\n\
-         -A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n\
-         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
-         -A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n\
-         -A KUBE-POSTROUTING -j MASQUERADE --random-fully\n",
-    );
-    for (name, port, eps) in &services {
-        let _ = writeln!(
-            r,
-            "-A KUBE-NODEPORTS -p tcp -m tcp --dport {port} -j KUBE-EXT-{name}\n\
-             -A KUBE-EXT-{name} -j KUBE-MARK-MASQ\n-A KUBE-EXT-{name} -j KUBE-SVC-{name}"
-        );
-        let n = eps.len();
-        for (i, ep) in eps.iter().enumerate() {
-            if i + 1 < n {
-                let _ = writeln!(
-                    r,
-                    "-A KUBE-SVC-{name} -m statistic --mode random --probability {:.11} -j KUBE-SEP-{name}{i}",
-                    1.0 / (n - i) as f64
-                );
-            } else {
-                let _ = writeln!(r, "-A KUBE-SVC-{name} -j KUBE-SEP-{name}{i}");
-            }
-            let _ = writeln!(
-                r,
-                "-A KUBE-SEP-{name}{i} -p tcp -m tcp -j DNAT --to-destination {ep}"
-            );
-        }
-    }
-    r.push_str("COMMIT\n");
-    r
+    let eps = |list: &[&str]| list.iter().map(|e| e.parse().expect("address")).collect();
+    kube_proxy::rules(&[
+        Proxied {
+            name: "MIXED",
+            node_port: MIXED_PORT,
+            protocol: "tcp",
+            endpoints: eps(&["198.18.1.10:8080", "198.18.1.11:8080", "198.18.2.10:8080"]),
+        },
+        Proxied {
+            name: "FAR",
+            node_port: FAR_PORT,
+            protocol: "tcp",
+            endpoints: eps(&["198.18.2.10:8080"]),
+        },
+    ])
 }
 
 fn manifests() -> String {
