@@ -48,33 +48,6 @@ pub fn sum20(data: &[u8; 20]) -> u32 {
     sum
 }
 
-/// An IPv4 header without options (checksum filled in) from `from` to `to` (network order),
-/// TTL 64, protocol `proto`, `total_len` bytes in all.
-#[inline(always)]
-fn ipv4_header(
-    from: u32,
-    to: u32,
-    proto: u8,
-    total_len: u16,
-    tos: u8,
-    dont_fragment: bool,
-) -> [u8; 20] {
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[1] = tos;
-    ip[2..4].copy_from_slice(&total_len.to_be_bytes());
-    if dont_fragment {
-        ip[6] = 0x40;
-    }
-    ip[8] = 64;
-    ip[9] = proto;
-    ip[12..16].copy_from_slice(&from.to_ne_bytes());
-    ip[16..20].copy_from_slice(&to.to_ne_bytes());
-    let ip_check = !fold(sum20(&ip));
-    ip[10..12].copy_from_slice(&ip_check.to_ne_bytes());
-    ip
-}
-
 /// The IPv4 and TCP headers (20 bytes each, checksums filled in) of the RST that answers a
 /// segment nobody can take, as Linux's `tcp_v4_send_reset` builds it (RFC 793, "Reset
 /// Generation"): a segment with ACK gets `<SEQ=SEG.ACK><CTL=RST>`, one without (a SYN)
@@ -88,7 +61,16 @@ pub fn rst_headers(
     segment_ack: Option<u32>,
     segment_seq_end: u32,
 ) -> ([u8; 20], [u8; 20]) {
-    let ip = ipv4_header(from.0, to.0, 6, 40, 0, true);
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[6] = 0x40; // don't fragment
+    ip[8] = 64;
+    ip[9] = 6; // TCP
+    ip[12..16].copy_from_slice(&from.0.to_ne_bytes());
+    ip[16..20].copy_from_slice(&to.0.to_ne_bytes());
+    let ip_check = !fold(sum20(&ip));
+    ip[10..12].copy_from_slice(&ip_check.to_ne_bytes());
     let mut tcp = [0u8; 20];
     tcp[0..2].copy_from_slice(&from.1.to_ne_bytes());
     tcp[2..4].copy_from_slice(&to.1.to_ne_bytes());

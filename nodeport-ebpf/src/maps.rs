@@ -64,9 +64,9 @@ pub struct NewScratch {
 #[map]
 pub static NP_NEW_SCRATCH: PerCpuArray<NewScratch> = PerCpuArray::with_max_entries(1, 0);
 
-/// Programs tail-called from the XDP entry point (see nodeport_common::programs).
-/// Per CPU: the second (in jiffies) of the last RSTs for Services without endpoints, and how
-/// many were sent in it. Not pinned: a restart may only reset the budget.
+/// Per CPU: the second (in jiffies) of the last answers the datapath sent (ICMP errors for
+/// Services without endpoints, TTL 1 and packets too big, RSTs for connections whose endpoint
+/// left), and how many were sent in it. Not pinned: a restart may only reset the budget.
 #[map]
 pub static NP_REJECT_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
@@ -77,6 +77,7 @@ pub static NP_REJECT_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entri
 pub static NP_FRAGS: LruHashMap<FragKey, FragPorts> =
     LruHashMap::with_max_entries(capacity::FRAGS, 0);
 
+/// Programs tail-called from the XDP entry point (see nodeport_common::programs).
 #[map]
 pub static NP_PROGS: ProgramArray = ProgramArray::with_max_entries(PROG_SLOTS, 0);
 

@@ -182,7 +182,7 @@ fn icmp_error(ctx: &XdpContext) -> Result<Verdict, Counter> {
     if unsafe { (*err.outer).ttl } <= 1 {
         return Ok((xdp_action::XDP_PASS, Counter::FallbackTtlExceeded));
     }
-    // SAFETY: points into the map value; copied out.
+    // SAFETY: points into the map value.
     icmp::translate(&err, &key, unsafe { &*entry });
     stats::count(Counter::EventIcmpErrorTranslated);
     // SAFETY: as above.

@@ -90,14 +90,20 @@ pub fn rules(services: &[Proxied]) -> String {
 /// Loads `rules` into `node`'s namespace with `iptables-legacy-restore --noflush` (the legacy
 /// backend: see the bench's `NODEPORT_BENCH_IPTABLES` for why).
 pub fn load(node: &NetNs, rules: &str) -> Result<()> {
+    restore(node, "iptables-legacy-restore", rules)
+}
+
+/// Runs `program` (an `iptables-*-restore`) with `--noflush`, kube-proxy's way, on `rules` in
+/// `node`'s namespace.
+pub fn restore(node: &NetNs, program: &str, rules: &str) -> Result<()> {
     let mut child = node
-        .command("iptables-legacy-restore")
+        .command(program)
         .args(["-w", "--noflush"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .context("starting iptables-legacy-restore")?;
+        .with_context(|| format!("starting {program}"))?;
     child
         .stdin
         .take()
@@ -107,7 +113,7 @@ pub fn load(node: &NetNs, rules: &str) -> Result<()> {
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!(
-            "iptables-restore failed: {}\n{rules}",
+            "{program} failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }

@@ -838,8 +838,13 @@ fn fin_marks_closing(fx: &mut Fixture, topo: &Topology) -> Result<()> {
 
 /// SYN, the pod's SYN-ACK, the client's ACK: an established connection to POD_A.
 fn establish_local(fx: &mut Fixture, topo: &Topology, sport: u16) -> Result<()> {
+    establish_with(fx, topo, sport, POD_A)
+}
+
+/// A connection from the client's `sport` to FRONTEND, answered by the local pod `pod`.
+fn establish_with(fx: &mut Fixture, topo: &Topology, sport: u16, pod: &str) -> Result<()> {
     xdp_action(fx, topo, &from_client(sport, FRONTEND, SYN), XDP_PASS)?;
-    let syn_ack = Pkt::tcp(sa(POD_A), sa(&format!("198.18.0.100:{sport}")), SYN_ACK)
+    let syn_ack = Pkt::tcp(sa(pod), sa(&format!("198.18.0.100:{sport}")), SYN_ACK)
         .macs(POD_MAC, POD_HOST_MAC);
     let (ret, _) = fx.tc_pod(topo, &syn_ack.bytes())?;
     ensure!(ret == TC_ACT_REDIRECT, "SYN-ACK: tc verdict {ret}");
@@ -2585,12 +2590,7 @@ fn path_mtu(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     );
 
     // 2. Established: the route's MTU from the connection's cached next hop.
-    let syn_ack =
-        Pkt::tcp(sa(&narrow), sa("198.18.0.100:40001"), SYN_ACK).macs(POD_MAC, POD_HOST_MAC);
-    xdp_action(fx, topo, &from_client(40001, FRONTEND, SYN), XDP_PASS)?;
-    let (ret, _) = fx.tc_pod(topo, &syn_ack.bytes())?;
-    ensure!(ret == TC_ACT_REDIRECT, "SYN-ACK: tc verdict {ret}");
-    xdp_action(fx, topo, &from_client(40001, FRONTEND, ACK), XDP_PASS)?;
+    establish_with(fx, topo, 40001, &narrow)?;
     ensure!(tables_of(fx, 40001)? == (2, 0), "not established");
     let small = from_client(40001, FRONTEND, ACK)
         .seq(1001)

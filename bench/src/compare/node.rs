@@ -2,9 +2,8 @@
 //! agent (the real binary, started in the node's network namespace on manifests).
 
 use std::{
-    io::Write as _,
     path::PathBuf,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -41,29 +40,8 @@ pub fn iptables_variant() -> Result<&'static str> {
 pub fn iptables_restore(node: &NetNs, rules: &str) -> Result<Duration> {
     let program = format!("iptables-{}-restore", iptables_variant()?);
     let started = Instant::now();
-    let mut child = node
-        .command(&program)
-        .args(["-w", "--noflush"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting iptables-restore")?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(rules.as_bytes())
-        .context("writing to iptables-restore")?;
-    let out = child.wait_with_output()?;
-    let took = started.elapsed();
-    if !out.status.success() {
-        bail!(
-            "iptables-restore failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(took)
+    nodeport_tests::kube_proxy::restore(node, &program, rules)?;
+    Ok(started.elapsed())
 }
 
 /// Removes every rule and chain kube-proxy's rules added to the node's namespace, so the
