@@ -550,12 +550,15 @@ impl Agent {
                 continue;
             }
             let result = match role {
-                InterfaceRole::External => self.dp.attach_external(name, self.args.xdp_mode),
-                InterfaceRole::Pod => self.dp.attach_pod(name),
+                InterfaceRole::External => self
+                    .dp
+                    .attach_external(name, self.args.xdp_mode, self.args.external_hook)
+                    .map(|hook| hook.label()),
+                InterfaceRole::Pod => self.dp.attach_pod(name).map(|()| "tc"),
             };
             match (result, role) {
-                (Ok(()), _) => {
-                    tracing::info!(interface = %name, role = ?role, "attached");
+                (Ok(hook), _) => {
+                    tracing::info!(interface = %name, role = ?role, hook, "attached");
                     self.attached.insert((name.clone(), *role), *ifindex);
                     if let Some(start) = &mut self.start {
                         start.attached(name, *role);
@@ -626,10 +629,13 @@ impl Agent {
             if interfaces::ifindex_of(name) != Some(*ifindex) {
                 continue;
             }
-            match self
-                .dp
-                .attachment_intact(name, *role, self.args.xdp_mode, *ifindex)
-            {
+            match self.dp.attachment_intact(
+                name,
+                *role,
+                self.args.xdp_mode,
+                self.args.external_hook,
+                *ifindex,
+            ) {
                 Ok(true) => {}
                 Ok(false) => missing.push(format!("{name} ({role:?})")),
                 Err(e) => tracing::warn!(interface = %name, error = %e, "checking the attachment"),

@@ -12,7 +12,7 @@ use anyhow::{Result, bail};
 use nodeport_common::{DatapathConfig, capacity};
 
 use crate::{
-    datapath::{self, Sizing, XdpAttachMode},
+    datapath::{self, ExternalHook, Sizing, XdpAttachMode},
     interfaces::Selection,
     ledger::{self, NodePortRange},
     model::Ipv4Prefix,
@@ -148,6 +148,11 @@ pub struct RunArgs {
     /// Default: every address of the node but loopback.
     #[arg(long, value_delimiter = ',', value_name = "CIDR,...|primary")]
     pub nodeport_addresses: Vec<String>,
+    /// Which hook runs the datapath on external interfaces: xdp (the fast path), tc (TC
+    /// ingress: correct for packets with partial checksums and GRO/GSO packets, as a veth
+    /// peer with transmit offloads sends them), or auto (tc on veth interfaces, xdp elsewhere).
+    #[arg(long, value_enum, value_name = "HOOK", default_value = "auto")]
+    pub external_hook: ExternalHook,
     /// How XDP runs: native (in the driver; the fast path) or generic (any interface, slower).
     #[arg(long, value_enum, value_name = "MODE", default_value = "native")]
     pub xdp_mode: XdpAttachMode,

@@ -59,6 +59,11 @@ counters! {
     /// Translated in XDP and passed with metadata to the TC hook of the same device, because
     /// it leaves through another device (counted again there as tc_redirect*).
     ForwardedToTc = 5, Forwarded, "xdp_to_tc";
+    /// Translated in TC (`--external-hook tc`) and redirected to the egress device (the
+    /// ingress device included).
+    ForwardedTcNat = 6, Forwarded, "tc_nat_redirect";
+    /// As above, the neighbour unknown: redirected with bpf_redirect_neigh.
+    ForwardedTcNatNeigh = 7, Forwarded, "tc_nat_redirect_neigh";
 
     /// Not IPv4 and not IPv6 or ARP (other ethertypes).
     PassedOtherEthertype = 10, Passed, "other_ethertype";
@@ -91,6 +96,10 @@ counters! {
     /// A local pod's reply larger than the egress MTU with DF set: handed to the kernel
     /// untranslated, which tells the pod (fragmentation needed, about its own packet).
     FallbackFragNeeded = 24, Fallback, "frag_needed_to_kernel";
+    /// In TC (`--external-hook tc`), a packet nodeport would answer itself in XDP (TTL 1, too
+    /// big with DF, no endpoint, endpoint gone): left untranslated to the kernel, whose
+    /// forwarding and kube-proxy's rules answer it as they would without nodeport.
+    FallbackKernelAnswers = 25, Fallback, "kernel_answers";
 
     /// No backend at all for the service.
     DroppedNoBackend = 30, Dropped, "no_backend";

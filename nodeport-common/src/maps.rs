@@ -20,6 +20,7 @@ pub mod names {
     pub const CONNTRACK_NEW: &str = "NP_CT_NEW";
     pub const LOCAL_NETS: &str = "NP_LOCAL_NETS";
     pub const PROGRAMS: &str = "NP_PROGS";
+    pub const TC_PROGRAMS: &str = "NP_TC_PROGS";
     pub const AFFINITY: &str = "NP_AFFINITY";
     pub const SVC_STATS: &str = "NP_SVC_STATS";
     pub const COUNTERS: &str = "NP_COUNTERS";
@@ -39,6 +40,7 @@ pub mod names {
         CONNTRACK_NEW,
         LOCAL_NETS,
         PROGRAMS,
+        TC_PROGRAMS,
         AFFINITY,
         SVC_STATS,
         COUNTERS,
@@ -59,6 +61,12 @@ pub mod programs {
     pub const TC_EXTERNAL: &str = "np_tc_ext";
     /// TC ingress on pod-facing interfaces: reverse NAT of replies from local backends.
     pub const TC_POD: &str = "np_tc_pod";
+    /// TC ingress on the external interfaces instead of XDP (`--external-hook tc`): the
+    /// external path itself, in TC.
+    pub const TC_EXTERNAL_NAT: &str = "np_tc_ext_nat";
+    /// A new connection's first packet in TC, tail-called from `np_tc_ext_nat` (slot
+    /// [`super::PROG_SLOT_NEW_CONNECTION`] of `NP_TC_PROGS`).
+    pub const TC_NEW_CONNECTION: &str = "np_tc_new";
     /// A bare XDP_PASS program, the baseline of `cargo xtask bench`.
     pub const XDP_PASS: &str = "np_xdp_pass";
 }

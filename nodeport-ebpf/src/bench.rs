@@ -64,7 +64,7 @@ pub fn np_bench_ext(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn np_bench_new(ctx: XdpContext) -> u32 {
     restore(&ctx);
-    crate::xdp_verdict(crate::xdp_ext::process_new(&ctx))
+    <XdpContext as crate::frame::Frame>::verdict(crate::ext::process_new(&ctx))
 }
 
 #[xdp]

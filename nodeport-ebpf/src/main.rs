@@ -3,11 +3,14 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 #![cfg_attr(not(target_arch = "bpf"), allow(dead_code, unused_imports))]
 
+mod answer;
 #[cfg(feature = "bench")]
 mod bench;
 mod conntrack;
+mod ext;
 mod fib;
 mod frag;
+mod frame;
 mod icmp;
 mod maps;
 mod nat;
@@ -17,14 +20,13 @@ mod snat;
 mod stats;
 mod tc_ext;
 mod tc_pod;
-mod xdp_ext;
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{TC_ACT_UNSPEC, xdp_action},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use nodeport_common::counters::CounterKind;
+use frame::Frame;
 
 /// XDP on external interfaces.
 #[xdp]
@@ -35,32 +37,35 @@ pub fn np_xdp_ext(ctx: XdpContext) -> u32 {
 /// A new connection's first packet, tail-called from `np_xdp_ext`.
 #[xdp]
 pub fn np_xdp_new(ctx: XdpContext) -> u32 {
-    xdp_verdict(xdp_ext::process_new(&ctx))
+    XdpContext::verdict(ext::process_new(&ctx))
 }
 
-/// Runs the external path and counts the packet's fate.
+/// Runs the external path in XDP and counts the packet's fate.
 #[inline(always)]
 fn xdp_ext_verdict(ctx: &XdpContext) -> u32 {
-    xdp_verdict(xdp_ext::process(ctx))
+    XdpContext::verdict(ext::process(ctx))
 }
 
-/// Counts a packet's fate, exactly once (a tail call leaves its caller's counting to the
-/// program it went to): the one place where an outcome becomes an action.
-#[inline(always)]
-fn xdp_verdict(outcome: Result<xdp_ext::Verdict, nodeport_common::Counter>) -> u32 {
-    let (action, counter) = match outcome {
-        Ok(verdict) => verdict,
-        Err(counter) if counter.kind() == CounterKind::Dropped => (xdp_action::XDP_DROP, counter),
-        Err(counter) => (xdp_action::XDP_PASS, counter),
-    };
-    stats::count(counter);
-    action
-}
-
-/// TC ingress on external interfaces.
+/// TC ingress on external interfaces beside XDP: redirects what XDP translated.
 #[classifier]
 pub fn np_tc_ext(ctx: TcContext) -> i32 {
-    tc_ext::process(&ctx)
+    tc_ext::redirect_translated(&ctx).unwrap_or(TC_ACT_UNSPEC)
+}
+
+/// TC ingress on external interfaces without XDP (`--external-hook tc`): the external path
+/// itself, and what an XDP program still attached translated (while the hooks change over).
+#[classifier]
+pub fn np_tc_ext_nat(ctx: TcContext) -> i32 {
+    match tc_ext::redirect_translated(&ctx) {
+        Some(action) => action,
+        None => TcContext::verdict(ext::process(&ctx)) as i32,
+    }
+}
+
+/// A new connection's first packet, tail-called from `np_tc_ext_nat`.
+#[classifier]
+pub fn np_tc_new(ctx: TcContext) -> i32 {
+    TcContext::verdict(ext::process_new(&ctx)) as i32
 }
 
 /// TC ingress on pod-facing interfaces.

@@ -81,6 +81,11 @@ pub static NP_FRAGS: LruHashMap<FragKey, FragPorts> =
 #[map]
 pub static NP_PROGS: ProgramArray = ProgramArray::with_max_entries(PROG_SLOTS, 0);
 
+/// The new-connection program of the TC external path (`np_tc_new`): a program array holds
+/// programs of one type, so TC's has its own. Pinned as `NP_PROGS` is.
+#[map]
+pub static NP_TC_PROGS: ProgramArray = ProgramArray::with_max_entries(PROG_SLOTS, 0);
+
 /// Prefixes that are never an outside client: the node's addresses and pod networks.
 #[map]
 pub static NP_LOCAL_NETS: LpmTrie<LocalNetKey, u32> =

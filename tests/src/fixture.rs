@@ -456,6 +456,18 @@ impl Fixture {
         run_xdp(prog, &topo.ns, ingress, frame, 1)
     }
 
+    /// Runs the external TC program (`--external-hook tc`) on `frame` as if it arrived on
+    /// ext0, a GSO packet of segments of `gso_size` payload bytes if not 0.
+    pub fn tc_ext(
+        &mut self,
+        topo: &Topology,
+        frame: &[u8],
+        gso_size: u32,
+    ) -> Result<(i32, Vec<u8>)> {
+        let prog = self.dp.tc_program(programs::TC_EXTERNAL_NAT)?;
+        run_tc(prog, topo, topo.ext_ifindex, frame, gso_size)
+    }
+
     /// Runs the pod-facing TC program on `frame` as if it arrived on pod0.
     pub fn tc_pod(&mut self, topo: &Topology, frame: &[u8]) -> Result<(i32, Vec<u8>)> {
         self.tc_pod_on(topo, topo.pod_ifindex, frame)
@@ -469,22 +481,35 @@ impl Fixture {
         frame: &[u8],
     ) -> Result<(i32, Vec<u8>)> {
         let prog = self.dp.tc_program(programs::TC_POD)?;
-        topo.ns.run(|| {
-            let mut ctx = [0u8; 192];
-            // struct __sk_buff: ingress_ifindex at 36, ifindex at 40.
-            ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
-            ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-            let mut out = vec![0u8; frame.len() + 256];
-            let result = prog.test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::default()
-            })?;
-            out.truncate(result.data_size_out as usize);
-            Ok((result.return_value as i32, out))
-        })?
+        run_tc(prog, topo, ifindex, frame, 0)
     }
+}
+
+/// BPF_PROG_TEST_RUN of a TC program with `ifindex` as the receiving device, `gso_size` as
+/// the skb's. Returns the verdict and the frame.
+fn run_tc(
+    prog: &mut aya::programs::SchedClassifier,
+    topo: &Topology,
+    ifindex: u32,
+    frame: &[u8],
+    gso_size: u32,
+) -> Result<(i32, Vec<u8>)> {
+    topo.ns.run(|| {
+        let mut ctx = [0u8; 192];
+        // struct __sk_buff: ingress_ifindex at 36, ifindex at 40, gso_size at 176.
+        ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::default()
+        })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value as i32, out))
+    })?
 }
 
 /// BPF_PROG_TEST_RUN of an XDP program with `ingress` as the receiving device, `repeat` times.

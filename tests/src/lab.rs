@@ -720,6 +720,11 @@ impl Lab {
         ]);
         args.extend(self.extra_agent_args.iter().cloned());
         args.extend(extra.iter().map(|s| s.to_string()));
+        // ext0 is a veth, where the agent would choose TC by itself: the lab runs XDP unless
+        // a test chooses the hook.
+        if !args.iter().any(|a| a.starts_with("--external-hook")) {
+            args.extend(["--external-hook".into(), "xdp".into()]);
+        }
         args
     }
 

@@ -143,6 +143,9 @@ impl Node {
             "ext0",
             "--pod-interfaces",
             "pod0",
+            // A veth: XDP only when asked for.
+            "--external-hook",
+            "xdp",
             "--bpffs-dir",
             &self.pins.path().display().to_string(),
             "--healthz-bind-address",

@@ -208,6 +208,14 @@ const CASES: &[(&str, Case)] = &[
         "frames from the wire to loopback on a node port are dropped",
         loopback_destinations_dropped,
     ),
+    (
+        "the TC hook translates as XDP does: local DNAT, remote SNAT and its reply, both ways",
+        tc_hook_translates,
+    ),
+    (
+        "the TC hook leaves what XDP answers to the kernel, and sizes a GSO packet by its segments",
+        tc_hook_kernel_answers_and_gso,
+    ),
 ];
 
 #[test]
@@ -2649,5 +2657,145 @@ fn path_mtu(fx: &mut Fixture, topo: &Topology) -> Result<()> {
             .all(|(_, k, _)| k.proto != IPPROTO_UDP),
         "a connection was recorded for an answered datagram"
     );
+    Ok(())
+}
+
+// ---- the TC hook (`--external-hook tc`) ----------------------------------------------------
+
+/// Runs `pkt` through the external TC program (a GSO packet if `gso_size` is not 0),
+/// expecting `verdict` and exactly the counter changes `counted`. Returns the frame.
+fn tc_ext_counted(
+    fx: &mut Fixture,
+    topo: &Topology,
+    pkt: &Pkt,
+    gso_size: u32,
+    verdict: i32,
+    counted: &[(Counter, u64)],
+) -> Result<Vec<u8>> {
+    let before = fx.counters()?;
+    let (ret, out) = fx.tc_ext(topo, &pkt.bytes(), gso_size)?;
+    ensure!(ret == verdict, "tc verdict {ret}, expected {verdict}");
+    check_counters(fx, &before, counted)?;
+    Ok(out)
+}
+
+fn tc_hook_translates(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    const REMOTE_FRONTEND: &str = "198.18.0.1:30081";
+    fx.add_service(&local_service(1, vec![local(1, POD_A)]))?;
+    fx.add_service(&ServiceSpec::new(
+        2,
+        REMOTE_FRONTEND,
+        IPPROTO_TCP,
+        vec![remote(2, REMOTE_A)],
+    ))?;
+    let forwarded = [(Counter::ForwardedTcNat, 1)];
+    // A local pod: DNAT, TTL decremented, Ethernet for the pod's device, redirected there.
+    let syn = from_client(40000, FRONTEND, SYN);
+    let out = tc_ext_counted(fx, topo, &syn, 0, TC_ACT_REDIRECT, &forwarded)?;
+    check_frame(
+        &out,
+        &syn.clone()
+            .addrs(sa(CLIENT), sa(POD_A))
+            .ttl(63)
+            .macs(POD_HOST_MAC, POD_MAC),
+    )?;
+    let syn_ack = Pkt::tcp(sa(POD_A), sa(CLIENT), SYN_ACK).macs(POD_MAC, POD_HOST_MAC);
+    let (ret, _) = fx.tc_pod(topo, &syn_ack.bytes())?;
+    ensure!(ret == TC_ACT_REDIRECT, "SYN-ACK: tc verdict {ret}");
+    let ack = from_client(40000, FRONTEND, ACK);
+    let out = tc_ext_counted(fx, topo, &ack, 0, TC_ACT_REDIRECT, &forwarded)?;
+    check_frame(
+        &out,
+        &ack.clone()
+            .addrs(sa(CLIENT), sa(POD_A))
+            .ttl(63)
+            .macs(POD_HOST_MAC, POD_MAC),
+    )?;
+    ensure!(tables_of(fx, 40000)? == (2, 0), "not established");
+
+    // A remote backend: SNAT to the node, out of ext0 again; its reply back to the client.
+    let syn = from_client(40001, REMOTE_FRONTEND, SYN);
+    let out = tc_ext_counted(fx, topo, &syn, 0, TC_ACT_REDIRECT, &forwarded)?;
+    let port = parse_checked(&out)?.src.port();
+    ensure!(
+        (61000..=61999).contains(&port),
+        "SNAT port {port} outside the range"
+    );
+    check_frame(
+        &out,
+        &syn.clone()
+            .addrs(sa(&format!("198.18.0.1:{port}")), sa(REMOTE_A))
+            .ttl(63)
+            .macs(EXT_MAC, NODE2_MAC),
+    )?;
+    let reply =
+        Pkt::tcp(sa(REMOTE_A), sa(&format!("198.18.0.1:{port}")), SYN_ACK).macs(NODE2_MAC, EXT_MAC);
+    let out = tc_ext_counted(fx, topo, &reply, 0, TC_ACT_REDIRECT, &forwarded)?;
+    check_frame(
+        &out,
+        &reply
+            .clone()
+            .addrs(sa(REMOTE_FRONTEND), sa("198.18.0.100:40001"))
+            .ttl(63)
+            .macs(EXT_MAC, CLIENT_MAC),
+    )?;
+    // Not nodeport's: untouched, on to the stack.
+    let other = from_client(40002, "198.18.0.1:22", SYN);
+    let out = tc_ext_counted(
+        fx,
+        topo,
+        &other,
+        0,
+        TC_ACT_UNSPEC,
+        &[(Counter::PassedNoFrontend, 1)],
+    )?;
+    ensure!(out == other.bytes(), "a packet not nodeport's was changed");
+    Ok(())
+}
+
+fn tc_hook_kernel_answers_and_gso(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    const EMPTY: &str = "198.18.0.1:30082";
+    let narrow = format!("{NARROW_POD}:8080");
+    fx.add_service(&local_service(1, vec![local(1, &narrow)]))?;
+    fx.add_service(&ServiceSpec::new(2, EMPTY, IPPROTO_TCP, vec![]))?;
+    let kernel_answers = [(Counter::FallbackKernelAnswers, 1)];
+    // No endpoint: the SYN goes to the kernel as the client sent it, where kube-proxy's
+    // REJECT answers it.
+    let syn = from_client(40000, EMPTY, SYN);
+    let out = tc_ext_counted(fx, topo, &syn, 0, TC_ACT_UNSPEC, &kernel_answers)?;
+    ensure!(out == syn.bytes(), "the refused SYN was changed");
+
+    // Too big for the route (MTU 1400) with DF: the kernel's forwarding answers, about the
+    // segment as the client sent it.
+    let syn = from_client(40001, FRONTEND, SYN);
+    tc_ext_counted(
+        fx,
+        topo,
+        &syn,
+        0,
+        TC_ACT_REDIRECT,
+        &[(Counter::ForwardedTcNat, 1)],
+    )?;
+    let big = from_client(40001, FRONTEND, ACK)
+        .seq(1001)
+        .payload(&[b'x'; 2920]);
+    let out = tc_ext_counted(fx, topo, &big, 0, TC_ACT_UNSPEC, &kernel_answers)?;
+    ensure!(out == big.bytes(), "the too big segment was changed");
+    // The same bytes as a GSO packet of 1000-byte segments (GRO's work on a veth): each
+    // segment fits, so it is translated and sent on whole (segmented on the way out).
+    let out = tc_ext_counted(
+        fx,
+        topo,
+        &big,
+        1000,
+        TC_ACT_REDIRECT,
+        &[(Counter::ForwardedTcNat, 1)],
+    )?;
+    ensure!(
+        parse_checked(&out)?.dst == sa(&narrow),
+        "the GSO packet was not translated"
+    );
+    // Segments above the MTU are still too big.
+    tc_ext_counted(fx, topo, &big, 1400, TC_ACT_UNSPEC, &kernel_answers)?;
     Ok(())
 }

@@ -53,6 +53,37 @@ impl XdpAttachMode {
     }
 }
 
+/// Which hook runs the external path on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExternalHook {
+    /// TC on veth interfaces (kind, containerlab and other veth-based nodes), XDP elsewhere.
+    Auto,
+    /// XDP (in the mode of --xdp-mode), with a TC hook that redirects what XDP translated.
+    Xdp,
+    /// TC ingress alone: sees the kernel's skb, so packets with partial checksums (a veth
+    /// peer's transmit checksum offload) and GRO/GSO packets are translated correctly.
+    Tc,
+}
+
+impl ExternalHook {
+    /// The hook for `interface`: `Auto` resolved by its driver.
+    pub fn resolve(self, interface: &str) -> Self {
+        match self {
+            Self::Auto if super::ethtool::driver(interface).is_ok_and(|d| d == "veth") => Self::Tc,
+            Self::Auto => Self::Xdp,
+            chosen => chosen,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Xdp => "xdp",
+            Self::Tc => "tc",
+        }
+    }
+}
+
 /// What an interface is to the datapath.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum InterfaceRole {
@@ -106,8 +137,28 @@ fn tcx_supported() -> bool {
 }
 
 impl Datapath {
-    /// Attaches XDP and the TC ingress hook to an external interface.
-    pub fn attach_external(&mut self, interface: &str, mode: XdpAttachMode) -> Result<()> {
+    /// Attaches the external path to an interface: XDP and the TC ingress hook that redirects
+    /// what XDP translated, or (`ExternalHook::Tc`) the TC ingress hook alone. Returns the
+    /// hook it chose. Changing hooks on an attached interface leaves no moment without a
+    /// translating program: the TC program of either hook redirects what an XDP program still
+    /// attached translated.
+    pub fn attach_external(
+        &mut self,
+        interface: &str,
+        mode: XdpAttachMode,
+        hook: ExternalHook,
+    ) -> Result<ExternalHook> {
+        let hook = hook.resolve(interface);
+        if hook == ExternalHook::Tc {
+            self.attach_tc(interface, programs::TC_EXTERNAL_NAT, TC_EXT)?;
+            for xdp in [XDP_NATIVE, XDP_GENERIC] {
+                if let Some(old) = self.link_pin(xdp, interface).filter(|p| p.exists()) {
+                    tracing::info!(interface, "the external hook changed from XDP to TC");
+                    remove_link(&old)?;
+                }
+            }
+            return Ok(hook);
+        }
         // Before XDP: from then on, frames of other VLANs keep their tag and pass.
         use super::vlan_offload::{self, RxVlanOffload};
         match vlan_offload::disable_rx_offload(interface) {
@@ -130,7 +181,8 @@ impl Datapath {
             ),
         }
         self.attach_xdp(interface, mode)?;
-        self.attach_tc(interface, programs::TC_EXTERNAL, TC_EXT)
+        self.attach_tc(interface, programs::TC_EXTERNAL, TC_EXT)?;
+        Ok(hook)
     }
 
     /// Attaches the reply hook to a pod-facing interface.
@@ -255,15 +307,17 @@ impl Datapath {
         interface: &str,
         role: InterfaceRole,
         mode: XdpAttachMode,
+        hook: ExternalHook,
         ifindex: u32,
     ) -> Result<bool> {
         // Without pins the links live in this process: nothing else can remove them.
         let Some(pins) = &self.pins else {
             return Ok(true);
         };
-        let hooks: &[&str] = match role {
-            InterfaceRole::External => &[mode.hook(), TC_EXT],
-            InterfaceRole::Pod => &[TC_POD],
+        let hooks: &[&str] = match (role, hook.resolve(interface)) {
+            (InterfaceRole::External, ExternalHook::Tc) => &[TC_EXT],
+            (InterfaceRole::External, _) => &[mode.hook(), TC_EXT],
+            (InterfaceRole::Pod, _) => &[TC_POD],
         };
         for hook in hooks {
             let pin = pins.links().join(pin_name(hook, interface));

@@ -11,6 +11,7 @@ pub mod bpffs;
 pub mod census;
 mod clock;
 pub mod conntrack;
+pub mod ethtool;
 mod lock;
 mod maps;
 mod mmap;
@@ -25,7 +26,9 @@ use aya::{Ebpf, EbpfLoader, VerifierLogLevel};
 use nodeport_common::{capacity, names};
 use thiserror::Error;
 
-pub use attach::{AttachedInterface, InterfaceRole, LinkDetail, XdpAttachMode, link_details};
+pub use attach::{
+    AttachedInterface, ExternalHook, InterfaceRole, LinkDetail, XdpAttachMode, link_details,
+};
 pub use census::{ConntrackCensus, Fill, MapFill, SnatCensus, TableCensus};
 pub use clock::{jiffies_now, kernel_hz};
 pub use conntrack::{CtRecord, CtTable};
@@ -216,7 +219,7 @@ impl Datapath {
 
     fn load_programs(&mut self) -> Result<()> {
         use aya::programs::{SchedClassifier, Xdp};
-        use nodeport_common::programs as p;
+        use nodeport_common::{names, programs as p};
         for name in [p::XDP_EXTERNAL, p::XDP_NEW_CONNECTION, p::XDP_PASS] {
             let prog: &mut Xdp = self.program_mut(name)?;
             prog.load().map_err(|source| DatapathError::Program {
@@ -224,47 +227,43 @@ impl Datapath {
                 source,
             })?;
         }
-        // The slot the external program tail-calls for a new connection. NP_PROGS is pinned
-        // with the maps, so an attached program keeps finding it across agent restarts; a
-        // new agent puts its own program in.
-        let new_connection = self
-            .program_mut::<Xdp>(p::XDP_NEW_CONNECTION)?
-            .fd()
-            .map_err(|source| DatapathError::Program {
-                program: p::XDP_NEW_CONNECTION,
-                source,
-            })?
-            .try_clone()
-            .map_err(|source| DatapathError::Io {
-                context: format!("duplicating the fd of {}", p::XDP_NEW_CONNECTION),
-                source,
-            })?;
-        // NP_PROGS stays in the object (it is only written here, and pinned by the loader).
-        let programs = self.ebpf.map_mut(nodeport_common::names::PROGRAMS).ok_or(
-            DatapathError::MissingMap {
-                name: nodeport_common::names::PROGRAMS,
-            },
-        )?;
-        aya::maps::ProgramArray::try_from(programs)
-            .map_err(|source| DatapathError::Map {
-                name: nodeport_common::names::PROGRAMS,
-                source,
-            })?
-            .set(
-                nodeport_common::PROG_SLOT_NEW_CONNECTION,
-                &new_connection,
-                0,
-            )
-            .map_err(|source| DatapathError::Map {
-                name: nodeport_common::names::PROGRAMS,
-                source,
-            })?;
-        for name in [p::TC_EXTERNAL, p::TC_POD] {
+        for name in [
+            p::TC_EXTERNAL,
+            p::TC_EXTERNAL_NAT,
+            p::TC_NEW_CONNECTION,
+            p::TC_POD,
+        ] {
             let prog: &mut SchedClassifier = self.program_mut(name)?;
             prog.load().map_err(|source| DatapathError::Program {
                 program: name,
                 source,
             })?;
+        }
+        // The slot each external program tail-calls for a new connection (one array per
+        // program type). The arrays are pinned with the maps, so an attached program keeps
+        // finding its new-connection program across agent restarts; a new agent puts its own in.
+        let xdp_new = self.program_mut::<Xdp>(p::XDP_NEW_CONNECTION)?.fd();
+        let xdp_new = program_fd(p::XDP_NEW_CONNECTION, xdp_new)?;
+        let tc_new = self
+            .program_mut::<SchedClassifier>(p::TC_NEW_CONNECTION)?
+            .fd();
+        let tc_new = program_fd(p::TC_NEW_CONNECTION, tc_new)?;
+        for (array, program) in [(names::PROGRAMS, xdp_new), (names::TC_PROGRAMS, tc_new)] {
+            // The arrays stay in the object (only written here, and pinned by the loader).
+            let map = self
+                .ebpf
+                .map_mut(array)
+                .ok_or(DatapathError::MissingMap { name: array })?;
+            aya::maps::ProgramArray::try_from(map)
+                .map_err(|source| DatapathError::Map {
+                    name: array,
+                    source,
+                })?
+                .set(nodeport_common::PROG_SLOT_NEW_CONNECTION, &program, 0)
+                .map_err(|source| DatapathError::Map {
+                    name: array,
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -318,6 +317,19 @@ impl Datapath {
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (later ones to the memory cgroup);
 /// lift it as libbpf does. Best effort: without permission the map creation error says more.
+/// An owned copy of a loaded program's fd (for a program array).
+fn program_fd(
+    program: &'static str,
+    fd: std::result::Result<&aya::programs::ProgramFd, aya::programs::ProgramError>,
+) -> Result<aya::programs::ProgramFd> {
+    fd.map_err(|source| DatapathError::Program { program, source })?
+        .try_clone()
+        .map_err(|source| DatapathError::Io {
+            context: format!("duplicating the fd of {program}"),
+            source,
+        })
+}
+
 fn raise_memlock_limit() {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,

@@ -13,26 +13,20 @@
 //! The legacy ethtool flags interface (ETHTOOL_GFLAGS/SFLAGS) is used: its RXVLAN flag is
 //! `NETIF_F_HW_VLAN_CTAG_RX`, and it needs no feature-name lookup.
 
-use std::{ffi::c_void, io, os::fd::FromRawFd, os::fd::OwnedFd};
+use std::io;
 
-const SIOCETHTOOL: libc::c_ulong = 0x8946;
+use super::ethtool::{self, ethtool};
+
 const ETHTOOL_GFLAGS: u32 = 0x25;
 const ETHTOOL_SFLAGS: u32 = 0x26;
 /// `ETH_FLAG_RXVLAN`: receive VLAN offload (`NETIF_F_HW_VLAN_CTAG_RX`).
 const ETH_FLAG_RXVLAN: u32 = 1 << 8;
 
+/// `struct ethtool_value`.
 #[repr(C)]
 struct EthtoolValue {
     cmd: u32,
     data: u32,
-}
-
-/// `struct ifreq` with its `ifr_data` member (40 bytes on 64-bit).
-#[repr(C)]
-struct IfreqData {
-    name: [libc::c_char; libc::IFNAMSIZ],
-    data: *mut c_void,
-    _pad: [u8; 16],
 }
 
 /// What `disable_rx_offload` found or did.
@@ -46,35 +40,9 @@ pub enum RxVlanOffload {
     Fixed,
 }
 
-fn ethtool(fd: &OwnedFd, interface: &str, value: &mut EthtoolValue) -> io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    let mut req = IfreqData {
-        name: [0; libc::IFNAMSIZ],
-        data: (value as *mut EthtoolValue).cast(),
-        _pad: [0; 16],
-    };
-    if interface.len() >= libc::IFNAMSIZ {
-        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
-    }
-    for (dst, src) in req.name.iter_mut().zip(interface.bytes()) {
-        *dst = src as libc::c_char;
-    }
-    // SAFETY: SIOCETHTOOL reads the ifreq and the ethtool_value it points to, both alive here.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), SIOCETHTOOL, &mut req) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Turns receive VLAN offload off on `interface` (needs CAP_NET_ADMIN).
 pub fn disable_rx_offload(interface: &str) -> io::Result<RxVlanOffload> {
-    // SAFETY: plain socket(2); the descriptor is owned from here on.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = ethtool::socket()?;
     let mut flags = EthtoolValue {
         cmd: ETHTOOL_GFLAGS,
         data: 0,

@@ -1,63 +1,44 @@
-//! XDP on the node's external interfaces: everything that arrives from outside.
+//! The external path: everything that arrives at the node's external interfaces from outside,
+//! in XDP (`np_xdp_ext`, the fast path) or in TC ingress (`np_tc_ext_nat`, module `frame`).
 //!
 //! - A packet to a frontend (node address or VIP, port, protocol) is DNATed to a backend
 //!   (and SNATed when the backend is on another node), as recorded in conntrack.
 //! - A reply from a remote backend to a SNAT port is translated back to the client.
 //! - Everything else passes untouched.
 //!
-//! The translated packet leaves through XDP_TX when its route points back out of the same
-//! interface; otherwise it is handed to the TC hook of this interface (`tc_ext`), which
-//! redirects it to the egress device. Neither path enters netfilter.
+//! In XDP the translated packet leaves through XDP_TX when its route points back out of the
+//! same interface; otherwise it is handed to the TC hook of this interface (`tc_ext`), which
+//! redirects it to the egress device. In TC it is redirected at once. Neither path enters
+//! netfilter.
 
-use core::{ffi::c_void, mem::size_of};
-
-use aya_ebpf::{
-    bindings::{BPF_ANY, xdp_action},
-    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta, bpf_xdp_adjust_tail},
-    programs::XdpContext,
-};
+use aya_ebpf::bindings::BPF_ANY;
 use nodeport_common::{
     BE_F_LOCAL, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_LOCAL, CT_F_PORT_REWRITE, CT_F_SNAT, Counter,
     CtEntry, CtKey, CtState, DatapathConfig, Frontend, FrontendKey, IPPROTO_ICMP, IPPROTO_UDP,
-    PROG_SLOT_NEW_CONNECTION, TCP_ACK, TCP_RST, TCP_SYN, XDP_META_F_NEIGH, XDP_META_MAGIC, XdpMeta,
-    checksum::{
-        self, ICMP_ERROR_LEN, ICMP_ERROR_TTL, ICMP_PORT_UNREACHABLE, ICMP_QUOTE_LEN,
-        ICMP_TTL_EXCEEDED, IcmpKind,
-    },
+    TCP_ACK, TCP_RST, TCP_SYN,
+    checksum::{self, ICMP_PORT_UNREACHABLE, ICMP_TTL_EXCEEDED, IcmpKind},
 };
 
 use crate::{
     conntrack::{self, Known, Table, now},
     fib::{self, Hop, Route},
     frag,
-    icmp::{self, IcmpHdr},
-    maps::{
-        NP_CONFIG, NP_FRONTENDS, NP_NEW_SCRATCH, NP_PROGS, NP_REJECT_BUDGET, NP_SNAT_ADDRS,
-        NewScratch,
-    },
-    nat::{Tuple, decrement_ttl_xdp, rewrite_xdp},
-    packet::{ETH_HLEN, EthHdr, Flow, Ipv4Hdr, parse, ptr_at},
+    frame::{Frame, Verdict},
+    icmp,
+    maps::{NP_CONFIG, NP_FRONTENDS, NP_NEW_SCRATCH, NP_SNAT_ADDRS, NewScratch},
+    nat::Tuple,
+    packet::Flow,
     select::{self, frontend_port},
     snat, stats,
 };
 
-/// The action and the counter that records it.
-pub type Verdict = (u32, Counter);
-
 #[inline(always)]
-fn ingress_ifindex(ctx: &XdpContext) -> u32 {
-    // SAFETY: ctx.ctx is the kernel's xdp_md.
-    unsafe { (*ctx.ctx).ingress_ifindex }
-}
-
-#[inline(always)]
-pub fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
+pub fn process<C: Frame>(ctx: &C) -> Result<Verdict, Counter> {
     let cfg = match NP_CONFIG.get(0) {
         Some(cfg) if cfg.maglev_size != 0 => cfg,
         _ => return Err(Counter::PassedNoFrontend),
     };
-    let (data, data_end) = (ctx.data(), ctx.data_end());
-    let flow = match parse(data, data_end, data_end - data) {
+    let flow = match ctx.parse() {
         Ok(flow) => flow,
         Err(Counter::PassedOtherProtocol) => return icmp_error(ctx),
         Err(counter) => return Err(counter),
@@ -94,8 +75,7 @@ pub fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
                     if flow.tcp_flags & TCP_RST != 0 || flow.later_fragment() {
                         return Err(Counter::DroppedBackendGone);
                     }
-                    return answer_rst(
-                        ctx,
+                    return ctx.answer_rst(
                         cfg,
                         &flow,
                         now,
@@ -118,8 +98,7 @@ pub fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
                 }
                 // A new connection: on in a program of its own (`np_xdp_new`, below), which
                 // counts the packet's fate. The tail call returns only when it failed.
-                // SAFETY: a tail call into a program of this object.
-                unsafe { NP_PROGS.tail_call(ctx, PROG_SLOT_NEW_CONNECTION) };
+                ctx.tail_call_new();
                 return Err(Counter::DroppedNoNewConnectionProgram);
             }
         }
@@ -132,7 +111,7 @@ pub fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
             // guessed a SNAT port, or spoofs a backend from elsewhere, gets nothing in.
             // SAFETY: points into the map value.
             let (flags, bound) = unsafe { ((*entry).flags, (*entry).bound_ifindex) };
-            if flags & CT_F_SNAT == 0 || bound != ingress_ifindex(ctx) {
+            if flags & CT_F_SNAT == 0 || bound != ctx.ingress_ifindex() {
                 return Err(Counter::DroppedReplyWrongInterface);
             }
             // SAFETY: as above.
@@ -158,7 +137,11 @@ pub fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
 /// packet sent to a remote backend (from it or a router on its way, to the SNAT address) goes
 /// to the client. Anything else is the kernel's.
 #[inline(always)]
-fn icmp_error(ctx: &XdpContext) -> Result<Verdict, Counter> {
+fn icmp_error<C: Frame>(ctx: &C) -> Result<Verdict, Counter> {
+    // Rewritten in place: its headers must be at hand.
+    if !ctx.pull_icmp_error() {
+        return Err(Counter::PassedOtherProtocol);
+    }
     let err = icmp::parse_error(ctx.data(), ctx.data_end()).ok_or(Counter::PassedOtherProtocol)?;
     if !err.to_sender() {
         return Err(Counter::PassedOtherProtocol);
@@ -172,7 +155,7 @@ fn icmp_error(ctx: &XdpContext) -> Result<Verdict, Counter> {
             // As for the replies themselves: only a SNATed connection's, from its device.
             // SAFETY: points into the map value.
             let (flags, bound) = unsafe { ((*entry).flags, (*entry).bound_ifindex) };
-            if flags & CT_F_SNAT == 0 || bound != ingress_ifindex(ctx) {
+            if flags & CT_F_SNAT == 0 || bound != ctx.ingress_ifindex() {
                 return Err(Counter::DroppedReplyWrongInterface);
             }
             (reply, entry)
@@ -180,7 +163,7 @@ fn icmp_error(ctx: &XdpContext) -> Result<Verdict, Counter> {
     };
     // SAFETY: bounds-checked by the parser.
     if unsafe { (*err.outer).ttl } <= 1 {
-        return Ok((xdp_action::XDP_PASS, Counter::FallbackTtlExceeded));
+        return Err(Counter::FallbackTtlExceeded);
     }
     // SAFETY: points into the map value.
     icmp::translate(&err, &key, unsafe { &*entry });
@@ -194,26 +177,25 @@ fn icmp_error(ctx: &XdpContext) -> Result<Verdict, Counter> {
         )
     };
     let route = fib::lookup(
-        ctx.ctx as *mut c_void,
-        ingress_ifindex(ctx),
+        ctx.raw(),
+        ctx.ingress_ifindex(),
         IPPROTO_ICMP,
         tot_len,
         saddr_be,
         daddr_be,
     );
-    send(ctx, err.outer, route)
+    ctx.send(err.outer, route)
 }
 
 /// The first packet of a new connection, tail-called from [`process`] once it found no
 /// connection for the packet and a frontend for its destination.
 #[inline(always)]
-pub fn process_new(ctx: &XdpContext) -> Result<Verdict, Counter> {
+pub fn process_new<C: Frame>(ctx: &C) -> Result<Verdict, Counter> {
     let cfg = match NP_CONFIG.get(0) {
         Some(cfg) if cfg.maglev_size != 0 => cfg,
         _ => return Err(Counter::PassedNoFrontend),
     };
-    let (data, data_end) = (ctx.data(), ctx.data_end());
-    let flow = parse(data, data_end, data_end - data)?;
+    let flow = ctx.parse()?;
     // Never sent here (`process` drops it), and never walked by the verifier past this.
     if flow.later_fragment() {
         return Err(Counter::DroppedFragment);
@@ -251,194 +233,21 @@ pub fn process_new(ctx: &XdpContext) -> Result<Verdict, Counter> {
     };
     // One place answers, whatever the reason: the verifier walks it once.
     if let Some((kind, counters)) = answer {
-        return answer_icmp(ctx, cfg, &flow, now, kind, counters);
+        return ctx.answer_icmp(cfg, &flow, now, kind, counters);
     }
     let (new, route, _) = outcome?;
     stats::service(fe.svc_id, flow.tot_len, CT_DIR_FORWARD);
-    transmit(ctx, &flow, &new, route)
-}
-
-/// Answers per CPU and second to clients nodeport turns away (RSTs and ICMP errors).
-const ANSWERS_PER_SECOND: u64 = 100;
-
-/// Whether this CPU may answer once more this second, as Linux limits the ICMP errors and
-/// RSTs it sends (net.ipv4.icmp_msgs_per_sec): a flood gets no amplifier here. Spends one.
-#[inline(always)]
-fn spend_answer(cfg: &DatapathConfig, now: u64) -> bool {
-    let Some(budget) = NP_REJECT_BUDGET.get_ptr_mut(0) else {
-        return false;
-    };
-    // SAFETY: this CPU's slot.
-    let [second, sent] = unsafe { &mut *budget };
-    if now.wrapping_sub(*second) >= u64::from(cfg.hz) {
-        *second = now;
-        *sent = 0;
-    }
-    if *sent >= ANSWERS_PER_SECOND {
-        return false;
-    }
-    *sent += 1;
-    true
-}
-
-/// Whether the packet's IPv4 header has no options: the answers below are built for that.
-#[inline(always)]
-fn plain_ipv4(flow: &Flow) -> bool {
-    // SAFETY: flow.ip is a bounds-checked IPv4 header.
-    unsafe { (*flow.ip).version_ihl == 0x45 }
-}
-
-/// Answers a TCP segment with an RST from its destination, in place, back out of the
-/// interface it came in on, as Linux's `tcp_v4_send_reset` builds one. Counted as
-/// `counters.0`; past the answer budget, or for a packet with IPv4 options, the packet is
-/// dropped and counted as `counters.1`.
-#[inline(always)]
-fn answer_rst(
-    ctx: &XdpContext,
-    cfg: &DatapathConfig,
-    flow: &Flow,
-    now: u64,
-    (sent, failed): (Counter, Counter),
-) -> Result<Verdict, Counter> {
-    if !plain_ipv4(flow) || !spend_answer(cfg, now) {
-        return Err(failed);
-    }
-    let segment_ack = (flow.tcp_flags & TCP_ACK != 0).then_some(flow.tcp_ack);
-    let (ip, tcp) = nodeport_common::checksum::rst_headers(
-        (flow.daddr_be, flow.dport_be),
-        (flow.saddr_be, flow.sport_be),
-        segment_ack,
-        flow.tcp_seq_end,
-    );
-    let len = (ctx.data_end() - ctx.data()) as i32;
-    let want = (ETH_HLEN + 40) as i32;
-    // SAFETY: shrinking the frame to Ethernet + IPv4 + TCP without options.
-    if len > want && unsafe { bpf_xdp_adjust_tail(ctx.ctx, want - len) } != 0 {
-        return Err(failed);
-    }
-    let (data, data_end) = (ctx.data(), ctx.data_end());
-    let eth: *mut EthHdr = ptr_at(data, data_end, 0).ok_or(Counter::DroppedMalformed)?;
-    let ip_header: *mut [u8; 20] =
-        ptr_at(data, data_end, ETH_HLEN).ok_or(Counter::DroppedMalformed)?;
-    let tcp_header: *mut [u8; 20] =
-        ptr_at(data, data_end, ETH_HLEN + 20).ok_or(Counter::DroppedMalformed)?;
-    // SAFETY: all three bounds-checked just above.
-    unsafe {
-        let (src, dst) = ((*eth).src, (*eth).dst);
-        (*eth).src = dst;
-        (*eth).dst = src;
-        *ip_header = ip;
-        *tcp_header = tcp;
-    }
-    Ok((xdp_action::XDP_TX, sent))
-}
-
-/// Answers a packet with an ICMP error of `kind` from the address it was sent to, quoting
-/// its IPv4 header and the first 8 bytes of its transport header (ports, and a TCP sequence
-/// number), in place, back out of the interface it came in on, as Linux's `icmp_send`
-/// answers: kube-proxy's `-j REJECT` (`--reject-with icmp-port-unreachable` by default, for a
-/// TCP SYN as for a datagram), a router's TTL exceeded or fragmentation needed. Counted as
-/// `counters.0`; past the answer budget, or for a packet with IPv4 options, the packet is
-/// dropped and counted as `counters.1`.
-#[inline(always)]
-fn answer_icmp(
-    ctx: &XdpContext,
-    cfg: &DatapathConfig,
-    flow: &Flow,
-    now: u64,
-    kind: IcmpKind,
-    (sent, failed): (Counter, Counter),
-) -> Result<Verdict, Counter> {
-    // A router answers no later fragment (Linux's icmp_send: only fragment 0), whose quote
-    // would hold no ports anyway.
-    if !plain_ipv4(flow) || flow.later_fragment() || !spend_answer(cfg, now) {
-        return Err(failed);
-    }
-    if !icmp_answer_frame(ctx, flow.daddr_be, flow.saddr_be, kind) {
-        return Err(failed);
-    }
-    Ok((xdp_action::XDP_TX, sent))
-}
-
-/// Turns the frame into the ICMP error of [`answer_icmp`], from `from_be` to `to_be`, field
-/// by field (no header buffers: this runs inline on the established path, whose stack frame
-/// is near the verifier's limit).
-#[inline(always)]
-fn icmp_answer_frame(ctx: &XdpContext, from_be: u32, to_be: u32, kind: IcmpKind) -> bool {
-    let (data, data_end) = (ctx.data(), ctx.data_end());
-    let (Some(eth), Some(quoted)) = (
-        ptr_at::<EthHdr>(data, data_end, 0),
-        ptr_at::<[u16; ICMP_QUOTE_LEN / 2]>(data, data_end, ETH_HLEN),
-    ) else {
-        return false;
-    };
-    // SAFETY: both bounds-checked just above; read before the frame changes.
-    let (client_mac, own_mac, quoted_tos, quote_sum) = unsafe {
-        let mut sum = 0u32;
-        for word in *quoted {
-            sum += u32::from(word);
-        }
-        ((*eth).src, (*eth).dst, (*quoted)[0].to_ne_bytes()[1], sum)
-    };
-    let tos = checksum::icmp_error_tos(quoted_tos);
-    let (ip_check, icmp_check) =
-        checksum::icmp_error_checksums(kind, from_be, to_be, tos, quote_sum);
-    // The quote stays where it is: cut what follows it, then open room for the new
-    // Ethernet, IPv4 and ICMP headers in front of it.
-    let len = (data_end - data) as i32;
-    let quote_end = (ETH_HLEN + ICMP_QUOTE_LEN) as i32;
-    // SAFETY: shrinking the frame to Ethernet + the quoted bytes.
-    if len > quote_end && unsafe { bpf_xdp_adjust_tail(ctx.ctx, quote_end - len) } != 0 {
-        return false;
-    }
-    // SAFETY: growing the frame at its head by the new IPv4 and ICMP headers.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -28) } != 0 {
-        return false;
-    }
-    let (data, data_end) = (ctx.data(), ctx.data_end());
-    let (Some(eth), Some(ip), Some(icmp)) = (
-        ptr_at::<EthHdr>(data, data_end, 0),
-        ptr_at::<Ipv4Hdr>(data, data_end, ETH_HLEN),
-        ptr_at::<IcmpHdr>(data, data_end, ETH_HLEN + 20),
-    ) else {
-        return false;
-    };
-    let mtu = kind.mtu.to_be_bytes();
-    // SAFETY: all three bounds-checked just above.
-    unsafe {
-        (*eth).src = own_mac;
-        (*eth).dst = client_mac;
-        (*eth).ether_type_be = 0x0800u16.to_be();
-        *ip = Ipv4Hdr {
-            version_ihl: 0x45,
-            tos,
-            tot_len_be: ICMP_ERROR_LEN.to_be(),
-            id_be: 0,
-            frag_off_be: 0,
-            ttl: ICMP_ERROR_TTL,
-            proto: IPPROTO_ICMP,
-            check: ip_check,
-            saddr_be: from_be,
-            daddr_be: to_be,
-        };
-        *icmp = IcmpHdr {
-            kind: kind.kind,
-            code: kind.code,
-            check: icmp_check,
-            rest: u32::from_ne_bytes([0, 0, mtu[0], mtu[1]]),
-        };
-    }
-    true
+    ctx.transmit(&flow, &new, route)
 }
 
 /// The route of a translated packet, looked up now (no cache).
 #[inline(always)]
-fn lookup_route(ctx: &XdpContext, flow: &Flow, new: &Tuple) -> Route {
+fn lookup_route<C: Frame>(ctx: &C, flow: &Flow, new: &Tuple) -> Route {
     fib::lookup(
-        ctx.ctx as *mut c_void,
-        ingress_ifindex(ctx),
+        ctx.raw(),
+        ctx.ingress_ifindex(),
         flow.proto,
-        flow.tot_len,
+        ctx.wire_len(flow),
         new.saddr_be,
         new.daddr_be,
     )
@@ -447,8 +256,8 @@ fn lookup_route(ctx: &XdpContext, flow: &Flow, new: &Tuple) -> Route {
 /// A packet on a known connection, either direction: records it, completes the connection's
 /// handshake or checks its other entry, and sends it on.
 #[inline(always)]
-fn known(
-    ctx: &XdpContext,
+fn known<C: Frame>(
+    ctx: &C,
     cfg: &DatapathConfig,
     flow: &Flow,
     table: Table,
@@ -482,23 +291,23 @@ fn known(
         let new = Tuple::from(unsafe { &*entry });
         (
             new,
-            fib::next_hop(entry, now, recheck, flow.tot_len, || {
+            fib::next_hop(entry, now, recheck, ctx.wire_len(flow), || {
                 lookup_route(ctx, flow, &new)
             }),
         )
     };
     if let Some((kind, counters)) = router_answer(flow, &route) {
-        return answer_icmp(ctx, cfg, flow, now, kind, counters);
+        return ctx.answer_icmp(cfg, flow, now, kind, counters);
     }
-    transmit(ctx, flow, &new, route)
+    ctx.transmit(flow, &new, route)
 }
 
 /// Selects a backend and records both directions of the connection in the handshake table.
 /// Returns the tuple the packet is rewritten to, the route to the backend, and whether the
 /// connection was recorded (not when a router would answer the packet instead).
 #[inline(always)]
-fn new_connection(
-    ctx: &XdpContext,
+fn new_connection<C: Frame>(
+    ctx: &C,
     cfg: &DatapathConfig,
     flow: &Flow,
     forward_key: &CtKey,
@@ -641,60 +450,4 @@ fn router_answer(flow: &Flow, route: &Route) -> Option<(IcmpKind, (Counter, Coun
         ));
     }
     None
-}
-
-/// Rewrites the packet to `new` and sends it on by `route` (the caller has asked
-/// [`router_answer`]).
-#[inline(always)]
-fn transmit(ctx: &XdpContext, flow: &Flow, new: &Tuple, route: Route) -> Result<Verdict, Counter> {
-    rewrite_xdp(flow, new);
-    send(ctx, flow.ip, route)
-}
-
-/// Sends a translated packet (IPv4 header `ip`, TTL above 1) on by `route`.
-#[inline(always)]
-fn send(ctx: &XdpContext, ip: *mut Ipv4Hdr, route: Route) -> Result<Verdict, Counter> {
-    let ingress = ingress_ifindex(ctx);
-    // The kernel stack routes what the FIB lookup could not decide (and sends any ICMP).
-    let (ifindex, flags, smac, dmac) = match route.hop {
-        Hop::Unresolved | Hop::FragNeeded => {
-            return Ok((xdp_action::XDP_PASS, Counter::FallbackFibLookup));
-        }
-        Hop::Resolved => (route.ifindex, 0, route.smac, route.dmac),
-        Hop::NoNeighbour => (route.ifindex, XDP_META_F_NEIGH, [0; 6], [0; 6]),
-    };
-    decrement_ttl_xdp(ip);
-
-    if ifindex == ingress && flags == 0 {
-        let eth: *mut EthHdr =
-            ptr_at(ctx.data(), ctx.data_end(), 0).ok_or(Counter::DroppedMalformed)?;
-        // SAFETY: bounds-checked Ethernet header.
-        unsafe {
-            (*eth).src = smac;
-            (*eth).dst = dmac;
-        }
-        return Ok((xdp_action::XDP_TX, Counter::ForwardedXdpTx));
-    }
-
-    // Another device: the TC hook redirects it (XDP_REDIRECT into a veth would need an XDP
-    // program on the peer). If the driver has no metadata room, the kernel routes the
-    // translated packet (its TTL then drops twice; rare and harmless).
-    // SAFETY: ctx.ctx is the kernel's xdp_md.
-    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(size_of::<XdpMeta>() as i32)) } != 0 {
-        return Ok((xdp_action::XDP_PASS, Counter::FallbackNoMetadata));
-    }
-    let meta: *mut XdpMeta =
-        ptr_at(ctx.metadata(), ctx.data(), 0).ok_or(Counter::FallbackNoMetadata)?;
-    // SAFETY: bounds-checked metadata area.
-    unsafe {
-        *meta = XdpMeta {
-            magic: XDP_META_MAGIC,
-            ifindex,
-            flags,
-            smac,
-            dmac,
-            _pad: [0; 8],
-        };
-    }
-    Ok((xdp_action::XDP_PASS, Counter::ForwardedToTc))
 }

@@ -1,0 +1,355 @@
+//! The hook the external path runs in: XDP (the fast path) or TC ingress (`--external-hook
+//! tc`, for interfaces whose frames XDP cannot translate correctly: a veth's packets with
+//! partial checksums or GSO, see docs/datapath.md "XDP or TC"). Module `ext` is written once
+//! over [`Frame`]; what differs between the hooks is here: how a packet is parsed, rewritten
+//! and sent on, and whether nodeport answers a packet itself.
+
+use core::{ffi::c_void, mem::size_of, ptr::null_mut};
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_meta},
+    programs::{TcContext, XdpContext},
+};
+use nodeport_common::{
+    Counter, DatapathConfig, IPPROTO_TCP, PROG_SLOT_NEW_CONNECTION, XDP_META_F_NEIGH,
+    XDP_META_MAGIC, XdpMeta, checksum::IcmpKind, counters::CounterKind,
+};
+
+use crate::{
+    answer,
+    fib::{Hop, Route},
+    maps::{NP_PROGS, NP_TC_PROGS},
+    nat::{Tuple, decrement_ttl_xdp, rewrite_skb, rewrite_xdp},
+    packet::{ETH_HLEN, EthHdr, Flow, Ipv4Hdr, parse, ptr_at},
+    stats,
+};
+
+/// The action and the counter that records it.
+pub type Verdict = (u32, Counter);
+
+/// A packet on an external interface, in the hook it runs in.
+pub trait Frame {
+    /// The hook's action for a packet nodeport leaves to the kernel, and for a dropped one.
+    const PASS: u32;
+    const DROP: u32;
+
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// The context, for helpers that take either kind (bpf_fib_lookup).
+    fn raw(&self) -> *mut c_void;
+    fn ingress_ifindex(&self) -> u32;
+    /// Parses the packet's headers (TC: pulled into the linear part first).
+    fn parse(&self) -> Result<Flow, Counter>;
+    /// The length one packet of this flow has on the wire, for the route's MTU: the IPv4
+    /// total length, or one segment's for a GSO packet (TC).
+    fn wire_len(&self, flow: &Flow) -> u16;
+    /// Tail-calls the new-connection program of this hook; returns only when that failed.
+    fn tail_call_new(&self);
+    /// Rewrites `flow` to `new` and sends it on by `route` (TTL above 1).
+    fn transmit(&self, flow: &Flow, new: &Tuple, route: Route) -> Result<Verdict, Counter>;
+    /// Sends on by `route` a packet already rewritten in place (IPv4 header `ip`, TTL above 1).
+    fn send(&self, ip: *mut Ipv4Hdr, route: Route) -> Result<Verdict, Counter>;
+    /// Answers the packet with an ICMP error of `kind` (module `answer`), or leaves it to the
+    /// kernel, which answers as a router and kube-proxy's REJECT do.
+    fn answer_icmp(
+        &self,
+        cfg: &DatapathConfig,
+        flow: &Flow,
+        now: u64,
+        kind: IcmpKind,
+        counters: (Counter, Counter),
+    ) -> Result<Verdict, Counter>;
+    /// Answers a TCP segment with an RST (module `answer`), or leaves it to the kernel.
+    fn answer_rst(
+        &self,
+        cfg: &DatapathConfig,
+        flow: &Flow,
+        now: u64,
+        counters: (Counter, Counter),
+    ) -> Result<Verdict, Counter>;
+    /// Makes an ICMP error's headers readable and writable in place (TC: linear).
+    fn pull_icmp_error(&self) -> bool;
+
+    /// Counts a packet's fate, exactly once (a tail call leaves its caller's counting to the
+    /// program it went to): the one place where an outcome becomes the hook's action.
+    #[inline(always)]
+    fn verdict(outcome: Result<Verdict, Counter>) -> u32 {
+        let (action, counter) = match outcome {
+            Ok(verdict) => verdict,
+            Err(counter) if counter.kind() == CounterKind::Dropped => (Self::DROP, counter),
+            Err(counter) => (Self::PASS, counter),
+        };
+        stats::count(counter);
+        action
+    }
+}
+
+impl Frame for XdpContext {
+    const PASS: u32 = xdp_action::XDP_PASS;
+    const DROP: u32 = xdp_action::XDP_DROP;
+
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn raw(&self) -> *mut c_void {
+        self.ctx as *mut c_void
+    }
+
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: ctx is the kernel's xdp_md.
+        unsafe { (*self.ctx).ingress_ifindex }
+    }
+
+    #[inline(always)]
+    fn parse(&self) -> Result<Flow, Counter> {
+        let (data, data_end) = (Frame::data(self), Frame::data_end(self));
+        parse(data, data_end, data_end - data)
+    }
+
+    #[inline(always)]
+    fn wire_len(&self, flow: &Flow) -> u16 {
+        flow.tot_len
+    }
+
+    #[inline(always)]
+    fn tail_call_new(&self) {
+        // SAFETY: a tail call into a program of this object.
+        unsafe { NP_PROGS.tail_call(self, PROG_SLOT_NEW_CONNECTION) };
+    }
+
+    #[inline(always)]
+    fn transmit(&self, flow: &Flow, new: &Tuple, route: Route) -> Result<Verdict, Counter> {
+        rewrite_xdp(flow, new);
+        self.send(flow.ip, route)
+    }
+
+    #[inline(always)]
+    fn send(&self, ip: *mut Ipv4Hdr, route: Route) -> Result<Verdict, Counter> {
+        let ingress = Frame::ingress_ifindex(self);
+        // The kernel stack routes what the FIB lookup could not decide (and sends any ICMP).
+        let (ifindex, flags, smac, dmac) = match route.hop {
+            Hop::Unresolved | Hop::FragNeeded => return Err(Counter::FallbackFibLookup),
+            Hop::Resolved => (route.ifindex, 0, route.smac, route.dmac),
+            Hop::NoNeighbour => (route.ifindex, XDP_META_F_NEIGH, [0; 6], [0; 6]),
+        };
+        decrement_ttl_xdp(ip);
+
+        if ifindex == ingress && flags == 0 {
+            let eth: *mut EthHdr = ptr_at(Frame::data(self), Frame::data_end(self), 0)
+                .ok_or(Counter::DroppedMalformed)?;
+            // SAFETY: bounds-checked Ethernet header.
+            unsafe {
+                (*eth).src = smac;
+                (*eth).dst = dmac;
+            }
+            return Ok((xdp_action::XDP_TX, Counter::ForwardedXdpTx));
+        }
+
+        // Another device: the TC hook redirects it (XDP_REDIRECT into a veth would need an XDP
+        // program on the peer). If the driver has no metadata room, the kernel routes the
+        // translated packet (its TTL then drops twice; rare and harmless).
+        // SAFETY: ctx is the kernel's xdp_md.
+        if unsafe { bpf_xdp_adjust_meta(self.ctx, -(size_of::<XdpMeta>() as i32)) } != 0 {
+            return Err(Counter::FallbackNoMetadata);
+        }
+        let meta: *mut XdpMeta =
+            ptr_at(self.metadata(), Frame::data(self), 0).ok_or(Counter::FallbackNoMetadata)?;
+        // SAFETY: bounds-checked metadata area.
+        unsafe {
+            *meta = XdpMeta {
+                magic: XDP_META_MAGIC,
+                ifindex,
+                flags,
+                smac,
+                dmac,
+                _pad: [0; 8],
+            };
+        }
+        Ok((xdp_action::XDP_PASS, Counter::ForwardedToTc))
+    }
+
+    #[inline(always)]
+    fn answer_icmp(
+        &self,
+        cfg: &DatapathConfig,
+        flow: &Flow,
+        now: u64,
+        kind: IcmpKind,
+        counters: (Counter, Counter),
+    ) -> Result<Verdict, Counter> {
+        answer::icmp(self, cfg, flow, now, kind, counters)
+    }
+
+    #[inline(always)]
+    fn answer_rst(
+        &self,
+        cfg: &DatapathConfig,
+        flow: &Flow,
+        now: u64,
+        counters: (Counter, Counter),
+    ) -> Result<Verdict, Counter> {
+        answer::rst(self, cfg, flow, now, counters)
+    }
+
+    #[inline(always)]
+    fn pull_icmp_error(&self) -> bool {
+        true
+    }
+}
+
+/// Enough for Ethernet + IPv4 with options + a TCP header with options.
+pub const HEADERS_MAX: u32 = 14 + 60 + 60;
+
+impl Frame for TcContext {
+    // TC_ACT_UNSPEC: on to the next TC program if any, then the stack (tcx's "next").
+    const PASS: u32 = TC_ACT_UNSPEC as u32;
+    const DROP: u32 = TC_ACT_SHOT as u32;
+
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn raw(&self) -> *mut c_void {
+        self.skb.skb as *mut c_void
+    }
+
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: skb is the kernel's __sk_buff.
+        unsafe { (*self.skb.skb).ingress_ifindex }
+    }
+
+    #[inline(always)]
+    fn parse(&self) -> Result<Flow, Counter> {
+        // A frame of a VLAN: the kernel took its tag off before TC (into the skb) and hands
+        // it to the VLAN device next; it is that device's, as in XDP (module `packet`).
+        // SAFETY: skb is the kernel's __sk_buff.
+        if unsafe { (*self.skb.skb).vlan_present } != 0 {
+            return Err(Counter::PassedVlan);
+        }
+        let len = self.len() as usize;
+        match parse(Frame::data(self), Frame::data_end(self), len) {
+            // Headers not in the linear part yet: pull them in and parse again.
+            Err(Counter::DroppedMalformed) if len > Frame::data_end(self) - Frame::data(self) => {
+                self.skb
+                    .pull_data(HEADERS_MAX.min(len as u32))
+                    .map_err(|_| Counter::DroppedMalformed)?;
+                parse(Frame::data(self), Frame::data_end(self), len)
+            }
+            result => result,
+        }
+    }
+
+    #[inline(always)]
+    fn wire_len(&self, flow: &Flow) -> u16 {
+        // SAFETY: skb is the kernel's __sk_buff.
+        let gso_size = unsafe { (*self.skb.skb).gso_size };
+        if gso_size == 0 || flow.later_fragment() {
+            return flow.tot_len;
+        }
+        // A GSO packet leaves as segments of gso_size bytes of payload, each with the headers.
+        let l4_header = if flow.proto == IPPROTO_TCP {
+            self.load::<u8>(flow.l4_off + 12)
+                .map_or(20, |doff| usize::from(doff >> 4) * 4)
+        } else {
+            8
+        };
+        let headers = flow.l4_off - ETH_HLEN + l4_header;
+        let segment = headers + gso_size as usize;
+        if segment < usize::from(flow.tot_len) {
+            segment as u16
+        } else {
+            flow.tot_len
+        }
+    }
+
+    #[inline(always)]
+    fn tail_call_new(&self) {
+        // SAFETY: a tail call into a program of this object.
+        unsafe { NP_TC_PROGS.tail_call(self, PROG_SLOT_NEW_CONNECTION) };
+    }
+
+    #[inline(always)]
+    fn transmit(&self, flow: &Flow, new: &Tuple, route: Route) -> Result<Verdict, Counter> {
+        // The skb helpers keep a partial checksum partial (the device or the receiver
+        // completes it) and a complete one complete: what XDP cannot do.
+        rewrite_skb(self, flow, new).map_err(|_| Counter::FallbackRedirect)?;
+        // The helpers invalidated the packet pointers.
+        let ip: *mut Ipv4Hdr = ptr_at(Frame::data(self), Frame::data_end(self), ETH_HLEN)
+            .ok_or(Counter::FallbackRedirect)?;
+        self.send(ip, route)
+    }
+
+    #[inline(always)]
+    fn send(&self, ip: *mut Ipv4Hdr, route: Route) -> Result<Verdict, Counter> {
+        let ifindex = route.ifindex;
+        let macs = match route.hop {
+            Hop::Unresolved | Hop::FragNeeded => return Err(Counter::FallbackFibLookup),
+            Hop::Resolved => Some((route.smac, route.dmac)),
+            Hop::NoNeighbour => None,
+        };
+        // A direct write: the header checksum compensates, so a complete checksum of the
+        // packet stays true.
+        decrement_ttl_xdp(ip);
+        let Some((smac, dmac)) = macs else {
+            // SAFETY: no neighbour parameters: the helper resolves the next hop itself.
+            let action = unsafe { bpf_redirect_neigh(ifindex, null_mut(), 0, 0) };
+            return Ok((action as u32, Counter::ForwardedTcNatNeigh));
+        };
+        let eth: *mut EthHdr =
+            ptr_at(Frame::data(self), Frame::data_end(self), 0).ok_or(Counter::FallbackRedirect)?;
+        // SAFETY: bounds-checked Ethernet header.
+        unsafe {
+            (*eth).src = smac;
+            (*eth).dst = dmac;
+        }
+        // SAFETY: plain helper call; to the egress of `ifindex`, the ingress device included.
+        let action = unsafe { bpf_redirect(ifindex, 0) };
+        Ok((action as u32, Counter::ForwardedTcNat))
+    }
+
+    #[inline(always)]
+    fn answer_icmp(
+        &self,
+        _cfg: &DatapathConfig,
+        _flow: &Flow,
+        _now: u64,
+        _kind: IcmpKind,
+        _counters: (Counter, Counter),
+    ) -> Result<Verdict, Counter> {
+        Err(Counter::FallbackKernelAnswers)
+    }
+
+    #[inline(always)]
+    fn answer_rst(
+        &self,
+        _cfg: &DatapathConfig,
+        _flow: &Flow,
+        _now: u64,
+        _counters: (Counter, Counter),
+    ) -> Result<Verdict, Counter> {
+        Err(Counter::FallbackKernelAnswers)
+    }
+
+    #[inline(always)]
+    fn pull_icmp_error(&self) -> bool {
+        self.skb.pull_data(HEADERS_MAX.min(self.len())).is_ok()
+    }
+}
