@@ -37,6 +37,9 @@ use crate::{agent::PinDirGuard, netns::NetNs};
 pub const NODE1: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const NODE2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+/// The router of `Lab::add_router`, on the LAN, and the client behind it.
+pub const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+pub const FAR_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 4, 100);
 /// A second client address, outside 198.18.0.96/30 (used by source range tests).
 pub const CLIENT2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 101);
 /// The port every pod server listens on (TCP and UDP).
@@ -77,7 +80,8 @@ impl Pod {
 }
 
 /// A TCP and UDP server in a pod's namespace that answers every line or datagram with
-/// "<pod name> <client address as the pod sees it>".
+/// "<pod name> <client address as the pod sees it>"; a TCP line "download N" gets N bytes
+/// before its answer.
 struct PodServer {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -142,7 +146,15 @@ async fn serve(
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();
                 let mut lines = tokio::io::BufReader::new(read).lines();
-                while let Ok(Some(_)) = lines.next_line().await {
+                while let Ok(Some(line)) = lines.next_line().await {
+                    // "download N": N bytes first, then the answer line.
+                    if let Some(n) = line
+                        .strip_prefix("download ")
+                        .and_then(|n| n.trim().parse::<usize>().ok())
+                        && write.write_all(&vec![b'y'; n]).await.is_err()
+                    {
+                        break;
+                    }
                     if write
                         .write_all(format!("{name} {peer}\n").as_bytes())
                         .await
@@ -481,7 +493,16 @@ pub fn field_u64(entry: &serde_json::Value, field: &str) -> Option<u64> {
         .and_then(|v| v.as_u64())
 }
 
-/// The lab. Fields drop in order: agent, pins, pods, the peer program, nodes, client, lan.
+/// A router on the LAN and a client behind it (`Lab::add_router`).
+pub struct Router {
+    pub ns: NetNs,
+    /// The client behind the router.
+    pub far: NetNs,
+    mtu: u32,
+}
+
+/// The lab. Fields drop in order: agent, pins, pods, the peer program, nodes, client, router,
+/// lan.
 pub struct Lab {
     pub agent: Option<AgentProcess>,
     pub pins: PinDirGuard,
@@ -491,6 +512,8 @@ pub struct Lab {
     pub node1: NetNs,
     pub node2: NetNs,
     pub client: NetNs,
+    /// A router on the LAN and a client behind it (`add_router`).
+    pub router: Option<Router>,
     pub lan: NetNs,
     pub manifests: PathBuf,
     /// The last manifests revision the agent applied.
@@ -522,6 +545,7 @@ impl Lab {
             node1,
             node2,
             client,
+            router: None,
             lan,
             manifests,
             applied: 0,
@@ -576,6 +600,73 @@ impl Lab {
         self.lan
             .run(|| prog.attach("l1", aya::programs::XdpMode::Driver).map(drop))??;
         self.peer_xdp = Some(dp);
+        Ok(())
+    }
+
+    /// Adds a router on the LAN (ROUTER) with a link to node-2 and a client behind it
+    /// (FAR_CLIENT), whose routes to the far client and to the pods named with
+    /// `route_via_router` have MTU `mtu` (locked): a hop where path MTU discovery must work.
+    pub fn add_router(&mut self, tag: &str, mtu: u32) -> Result<()> {
+        let router = NetNs::new(&format!("{tag}r"))?;
+        let far = NetNs::new(&format!("{tag}f"))?;
+        router.ip(&format!(
+            "link add eth0 type veth peer name lr netns {}",
+            self.lan.name
+        ))?;
+        self.lan.ip("link set lr master br0 up")?;
+        router.ip(&format!(
+            "link add n2 type veth peer name rt0 netns {}",
+            self.node2.name
+        ))?;
+        router.ip(&format!(
+            "link add fc type veth peer name eth0 netns {}",
+            far.name
+        ))?;
+        for dev in ["eth0", "n2", "fc"] {
+            router.ip(&format!("link set {dev} up"))?;
+        }
+        router.ip(&format!("addr add {ROUTER}/24 dev eth0"))?;
+        router.ip("addr add 198.18.3.1/30 dev n2")?;
+        router.ip("addr add 198.18.4.1/24 dev fc")?;
+        router.ip(&format!("route add {FAR_CLIENT}/32 dev fc mtu lock {mtu}"))?;
+        router.ip("route add 198.18.2.0/24 via 198.18.3.2 dev n2")?;
+        router.sysctl("net.ipv4.ip_forward=1")?;
+        router.sysctl("net.ipv4.conf.all.rp_filter=0")?;
+        router.sysctl("net.ipv4.conf.default.rp_filter=0")?;
+        self.node2.ip("addr add 198.18.3.2/30 dev rt0")?;
+        self.node2.ip("link set rt0 up")?;
+        far.ip(&format!("addr add {FAR_CLIENT}/24 dev eth0"))?;
+        far.ip("link set eth0 up")?;
+        far.ip("route add default via 198.18.4.1")?;
+        self.node1
+            .ip(&format!("route add 198.18.4.0/24 via {ROUTER} dev ext0"))?;
+        // Full checksums towards node-1's XDP (see the module doc).
+        ethtool(&far, "eth0", &["tx", "off"])?;
+        ethtool(&router, "eth0", &["tx", "off"])?;
+        self.router = Some(Router {
+            ns: router,
+            far,
+            mtu,
+        });
+        Ok(())
+    }
+
+    /// Routes node-1's traffic to the pod `name` on node-2, and the pod's traffic back, through
+    /// the router (`add_router`), whose route to the pod has the router's MTU.
+    pub fn route_via_router(&mut self, name: &str) -> Result<()> {
+        let router = self.router.as_ref().context("add_router first")?;
+        let addr = self.pod(name).addr;
+        ensure!(self.pod(name).node == 2, "{name} is not on node-2");
+        router.ns.ip(&format!(
+            "route add {addr}/32 via 198.18.3.2 dev n2 mtu lock {}",
+            router.mtu
+        ))?;
+        self.node1
+            .ip(&format!("route add {addr}/32 via {ROUTER} dev ext0"))?;
+        // The pod's packets leave node-2 through the router too (source routing).
+        self.node2.ip(&format!("rule add from {addr} lookup 100"))?;
+        self.node2
+            .ip("route add default via 198.18.3.1 dev rt0 table 100")?;
         Ok(())
     }
 

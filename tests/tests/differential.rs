@@ -21,24 +21,27 @@ use nodeport_tests::{
         Lab, NODE1, POD_PORT,
         manifests::{self, ready},
     },
+    netns::NetNs,
 };
 
-/// Pods: answering, without a server (closed ports), behind a link of MTU 1400; on node-1
-/// (local to the node the traffic enters) and on node-2 (remote: SNAT / MASQUERADE).
-const PODS: [(&str, usize, u8); 6] = [
+/// Pods: answering, without a server (closed ports), behind a link of MTU 1400, behind a
+/// router whose route to it has MTU 1280; on node-1 (local to the node the traffic enters) and
+/// on node-2 (remote: SNAT / MASQUERADE).
+const PODS: [(&str, usize, u8); 7] = [
     ("a", 1, 10),
     ("z", 1, 12),
     ("m", 1, 14),
     ("c", 2, 10),
     ("y", 2, 12),
     ("x", 2, 14),
+    ("w", 2, 16),
 ];
 
 /// An endpoint: pod address, its node.
 type Endpoint = (&'static str, &'static str);
 
 /// (name, node port, protocol, endpoint); no endpoint: a Service without endpoints.
-const SERVICES: [(&str, u16, &str, Option<Endpoint>); 10] = [
+const SERVICES: [(&str, u16, &str, Option<Endpoint>); 11] = [
     ("udp-local", 30300, "UDP", Some(("198.18.1.10", "node-1"))),
     ("udp-remote", 30301, "UDP", Some(("198.18.2.10", "node-2"))),
     (
@@ -69,6 +72,12 @@ const SERVICES: [(&str, u16, &str, Option<Endpoint>); 10] = [
     ("udp-empty", 30307, "UDP", None),
     ("tcp-local", 30308, "TCP", Some(("198.18.1.10", "node-1"))),
     ("tcp-remote", 30309, "TCP", Some(("198.18.2.10", "node-2"))),
+    (
+        "tcp-routed-remote",
+        30310,
+        "TCP",
+        Some(("198.18.2.16", "node-2")),
+    ),
 ];
 
 fn np(port: u16) -> SocketAddrV4 {
@@ -121,22 +130,59 @@ const CASES: &[(&str, CaseFn)] = &[
         "TCP upload 2 MB, remote pod, node-2 routes it at MTU 1400",
         |lab| upload(lab, 30305, "x"),
     ),
+    ("TCP download 2 MB, local pod", |lab| {
+        download(lab, &lab.client, 30308, "a")
+    }),
+    ("TCP download 2 MB, remote pod", |lab| {
+        download(lab, &lab.client, 30309, "c")
+    }),
+    (
+        "TCP download 2 MB, local pod, client behind a router at MTU 1280",
+        |lab| download(lab, far_client(lab), 30308, "a"),
+    ),
+    (
+        "TCP download 2 MB, remote pod, client behind a router at MTU 1280",
+        |lab| download(lab, far_client(lab), 30309, "c"),
+    ),
+    (
+        "TCP upload 2 MB, remote pod, a router at MTU 1280 between the nodes",
+        |lab| upload(lab, 30310, "w"),
+    ),
+    (
+        "TCP download 2 MB, remote pod, a router at MTU 1280 between the nodes",
+        |lab| download(lab, &lab.client, 30310, "w"),
+    ),
     ("TCP upload 2 MB, local pod, client offloads on", |lab| {
         with_client_offloads(lab, |lab| upload(lab, 30308, "a"))
     }),
     ("TCP upload 2 MB, remote pod, client offloads on", |lab| {
         with_client_offloads(lab, |lab| upload(lab, 30309, "c"))
     }),
+    ("TCP download 2 MB, local pod, client offloads on", |lab| {
+        with_client_offloads(lab, |lab| download(lab, &lab.client, 30308, "a"))
+    }),
+    ("TCP download 2 MB, remote pod, client offloads on", |lab| {
+        with_client_offloads(lab, |lab| download(lab, &lab.client, 30309, "c"))
+    }),
 ];
 
 /// Cases an arm of nodeport does not carry, with why.
-const KNOWN_GAPS: &[(Arm, &str, &str)] = &[(
-    Arm::NodeportXdp,
-    "TCP upload 2 MB, remote pod, client offloads on",
-    "XDP cannot see that a veth's packet carries a partial checksum and rewrites it as a full \
-     one; on a veth the agent runs the TC hook instead (--external-hook auto, the default: the \
-     next arm), this arm forces XDP",
-)];
+const KNOWN_GAPS: &[(Arm, &str, &str)] = &[
+    (
+        Arm::NodeportXdp,
+        "TCP upload 2 MB, remote pod, client offloads on",
+        XDP_ON_VETH,
+    ),
+    (
+        Arm::NodeportXdp,
+        "TCP download 2 MB, remote pod, client offloads on",
+        XDP_ON_VETH,
+    ),
+];
+
+const XDP_ON_VETH: &str = "XDP cannot see that a veth's packet carries a partial checksum \
+    and rewrites it as a full one, so the SYN dies at the remote node; on a veth the agent runs \
+    the TC hook instead (--external-hook auto, the default: the next arm), this arm forces XDP";
 
 /// Cases where an arm of nodeport hands packets to the kernel, untranslated, for the kernel's
 /// forwarding and kube-proxy's rules to answer them as they do without nodeport.
@@ -273,6 +319,39 @@ fn upload(lab: &Lab, port: u16, pod: &str) -> Result<()> {
     Ok(())
 }
 
+/// 2 MB from the pod `pod` to a client in `from`, then the pod's answer line.
+fn download(lab: &Lab, from: &NetNs, port: u16, pod: &str) -> Result<()> {
+    const SIZE: usize = 2 << 20;
+    let _ = lab;
+    let answer = from.run(|| -> Result<String> {
+        let stream = TcpStream::connect_timeout(&SocketAddr::V4(np(port)), WAIT)?;
+        stream.set_read_timeout(Some(WAIT * 2))?;
+        (&stream).write_all(format!("download {SIZE}\n").as_bytes())?;
+        let mut reader = BufReader::new(&stream);
+        let mut data = vec![0u8; SIZE];
+        std::io::Read::read_exact(&mut reader, &mut data).context("downloading")?;
+        ensure!(
+            data.iter().all(|&b| b == b'y'),
+            "the download was corrupted"
+        );
+        let mut line = String::new();
+        reader
+            .read_line(&mut line)
+            .context("waiting for the pod's answer")?;
+        Ok(line)
+    })??;
+    ensure!(
+        answer.starts_with(&format!("{pod} ")),
+        "answered {answer:?}"
+    );
+    Ok(())
+}
+
+/// The client behind the router.
+fn far_client(lab: &Lab) -> &NetNs {
+    &lab.router.as_ref().expect("lab_for adds the router").far
+}
+
 /// Runs `case` with transmit checksum offload, TSO, GSO and GRO on at the client, as on kind
 /// or containerlab nodes (the lab turns checksum offload off: see tests/src/lab.rs).
 fn with_client_offloads(lab: &Lab, case: CaseFn) -> Result<()> {
@@ -329,6 +408,17 @@ fn lab_for(arm: Arm) -> Result<Lab> {
     for (pod, node) in [("m", &lab.node1), ("x", &lab.node2)] {
         node.ip(&format!("link set p-{pod} mtu 1400"))?;
     }
+    // A router on the LAN with a client behind it, and pod w's way from node-1 through it; its
+    // routes to both have MTU 1280.
+    lab.add_router(
+        match arm {
+            Arm::KubeProxy => "dkr",
+            Arm::NodeportXdp => "dxr",
+            Arm::NodeportAuto => "dar",
+        },
+        1280,
+    )?;
+    lab.route_via_router("w")?;
     // kube-proxy runs next to nodeport, as deployed: its rules are in every arm, and nodeport's
     // arms must leave them nothing but what the TC hook hands to the kernel to answer
     // (`KERNEL_ANSWERED`; checked by `kube_proxy_saw`).
@@ -402,6 +492,19 @@ fn run_arm(arm: Arm) -> Result<Vec<Result<(), String>>> {
         }
         outcomes.push(outcome);
     }
+    // The agent's own choice on the lab's veths is the TC hook, and the XDP arm is XDP.
+    if arm == Arm::KubeProxy {
+        return Ok(outcomes);
+    }
+    let hooks = (
+        lab.counter("tc_nat_redirect")?,
+        lab.counter("xdp_tx")? + lab.counter("xdp_to_tc")?,
+    );
+    match arm {
+        Arm::KubeProxy => unreachable!("returned above"),
+        Arm::NodeportXdp => ensure!(hooks.0 == 0 && hooks.1 > 0, "XDP arm: {hooks:?}"),
+        Arm::NodeportAuto => ensure!(hooks.0 > 0 && hooks.1 == 0, "auto arm: {hooks:?}"),
+    }
     Ok(outcomes)
 }
 
@@ -420,7 +523,7 @@ fn whatever_kube_proxy_delivers_nodeport_delivers() -> Result<()> {
     let mut failures = Vec::new();
     let titles = Arm::ALL.map(Arm::title);
     eprintln!(
-        "{:<58} {:<14} {:<14} {:<14}",
+        "{:<72} {:<14} {:<14} {:<14}",
         "case", titles[0], titles[1], titles[2]
     );
     for (i, (name, _)) in CASES.iter().enumerate() {
@@ -469,7 +572,7 @@ fn whatever_kube_proxy_delivers_nodeport_delivers() -> Result<()> {
             format!("  ({})", notes.join("; "))
         };
         eprintln!(
-            "{name:<58} {:<14} {:<14} {:<14}{note}",
+            "{name:<72} {:<14} {:<14} {:<14}{note}",
             mark(&outcomes[0][i]),
             mark(&outcomes[1][i]),
             mark(&outcomes[2][i])
