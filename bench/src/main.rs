@@ -33,7 +33,7 @@
 //! - `NODEPORT_BENCH_OBJECT`: the bench build of the eBPF object (datapath part);
 //! - `NODEPORT_EBPF_OBJECT`: the plain eBPF object (agent and comparison parts);
 //! - `NODEPORT_AGENT_BIN`: the agent binary the comparison starts;
-//! - `NODEPORT_BENCH_ONLY=agent`, `=datapath`, `=loader`, `=snat` or `=compare`: run only that
+//! - `NODEPORT_BENCH_ONLY=agent`, `=datapath`, `=loader`, `=snat`, `=offloads` or `=compare`: run only that
 //!   part (default: all), e.g. `NODEPORT_BENCH_ONLY=compare cargo xtask bench`; `=memory`:
 //!   only the agent part's memory rows (the agent process's RSS), to
 //!   `<out dir>/<date>-agent-memory.md`;
@@ -59,6 +59,7 @@
 mod agent;
 mod compare;
 mod loader;
+mod offloads;
 mod snat;
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf};
@@ -614,6 +615,7 @@ enum Parts {
     Memory,
     Compare,
     Snat,
+    Offloads,
 }
 
 fn main() -> Result<()> {
@@ -632,10 +634,11 @@ fn main() -> Result<()> {
         Ok("memory") => Parts::Memory,
         Ok("compare") => Parts::Compare,
         Ok("snat") => Parts::Snat,
+        Ok("offloads") => Parts::Offloads,
         Ok(other) => {
             anyhow::bail!(
-                "NODEPORT_BENCH_ONLY={other}: expected agent, memory, datapath, loader, snat or \
-                 compare"
+                "NODEPORT_BENCH_ONLY={other}: expected agent, memory, datapath, loader, snat, \
+                 offloads or compare"
             )
         }
     };
@@ -687,6 +690,19 @@ fn main() -> Result<()> {
         };
         std::fs::write(&name, &md)?;
         println!("{md}\nbench: results written to {}", name.display());
+    }
+    if runs(Parts::Offloads) {
+        let results = offloads::run(quick())?;
+        eprintln!("bench: offloads: {}", offloads::summary(&results));
+        let md = offloads::render(&results, &date, &machine())?;
+        if quick() {
+            // A quick run is for development: it never overwrites published results.
+            let name = std::env::temp_dir().join(format!("{date}-offloads.md"));
+            std::fs::write(&name, &md)?;
+            println!("{md}\nbench: results written to {}", name.display());
+        } else {
+            write_results(&out_dir, &format!("{date}-offloads.md"), &md)?;
+        }
     }
     if runs(Parts::Compare) {
         let cfg = compare::Config::from_env()?;

@@ -133,6 +133,8 @@ fn bench() -> Result<()> {
     }
     let toolchain = prereqs::ensure()?;
     prereqs::ensure_iptables()?;
+    // iperf3 for the offloads part.
+    prereqs::ensure_test_clients()?;
     let datapath = ebpf::build(&toolchain, ebpf::Flavour::Datapath)?;
     let bench_object = ebpf::build(&toolchain, ebpf::Flavour::Bench)?;
     // The comparison runs the agent binary: the release build, with the datapath embedded.
