@@ -1264,3 +1264,65 @@ async fn the_cluster_role_allows_every_request_the_agent_makes_and_nothing_more(
         }
     }
 }
+
+/// The image's final stage puts the agent in a directory on its PATH and runs it from there,
+/// so `kubectl exec ds/nodeport -- nodeport-agent status` works; and no document tells an
+/// operator to run it from where it is not.
+#[test]
+fn the_image_has_the_agent_on_its_path() {
+    let dockerfile = std::fs::read_to_string(deploy_dir().join("Dockerfile")).unwrap();
+    let lines: Vec<&str> = dockerfile.lines().collect();
+    let last_from = lines
+        .iter()
+        .rposition(|l| l.starts_with("FROM "))
+        .expect("a FROM");
+    let stage = &lines[last_from..];
+    let instruction = |name: &str| -> Vec<&str> {
+        stage
+            .iter()
+            .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .collect()
+    };
+    let copies = instruction("COPY");
+    assert_eq!(copies.len(), 1, "the binary alone: {copies:?}");
+    let installed = Path::new(copies[0].split_whitespace().last().unwrap());
+    assert_eq!(installed.file_name().unwrap(), "nodeport-agent");
+    let path = instruction("ENV")
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .expect("ENV PATH=... in the final stage (scratch has none)")
+        .to_owned();
+    assert!(
+        path.split(':')
+            .any(|dir| Path::new(dir) == installed.parent().unwrap()),
+        "{} is not on PATH={path}",
+        installed.display()
+    );
+    let entrypoint = instruction("ENTRYPOINT");
+    assert_eq!(
+        entrypoint,
+        [format!("[\"{}\"]", installed.display())],
+        "the entrypoint runs the installed binary"
+    );
+
+    let root = deploy_dir().join("..");
+    let mut texts = vec![root.join("README.md")];
+    for entry in std::fs::read_dir(root.join("docs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "md") {
+            texts.push(path);
+        }
+    }
+    for file in texts {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            assert!(
+                !line.contains("-- /nodeport-agent"),
+                "{}:{}: the image has the agent at {}, on PATH: `-- nodeport-agent ...`",
+                file.display(),
+                n + 1,
+                installed.display()
+            );
+        }
+    }
+}
