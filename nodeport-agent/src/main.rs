@@ -45,7 +45,9 @@ enum LogFormat {
 
 const RUN_EXAMPLES: &str = "\
 Examples:
-  # On a node of a cluster (what deploy/nodeport.yaml runs):
+  # On a node of a cluster (what deploy/base's DaemonSet runs; NODE_NAME from the env):
+  nodeport-agent run --config /etc/nodeport/config.yaml
+  # The same flags on the command line:
   nodeport-agent run --node-name \"$NODE_NAME\" --healthz-bind-address 0.0.0.0:10266
   # On one machine, from manifests, XDP on eth0 only, pod veths named veth*:
   nodeport-agent run --manifests ./examples --external-interface eth0 --pod-interfaces 'veth*'

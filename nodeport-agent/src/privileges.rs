@@ -71,7 +71,7 @@ impl fmt::Display for Capability {
     }
 }
 
-/// What every run needs, and why. deploy/nodeport.yaml adds exactly these (a test checks it).
+/// What every run needs, and why. deploy/base/daemonset.yaml adds exactly these (a test checks it).
 pub const REQUIRED: [(Capability, &str); 3] = [
     (
         Capability::Bpf,

@@ -218,3 +218,38 @@ fn help_says_the_units() {
         assert!(help.contains(expected), "{expected} not in:\n{help}");
     }
 }
+
+/// `--version` prints the workspace version, which CHANGELOG.md's newest entry is, with its
+/// pinned-map layout line (CHANGELOG.md, "Versions").
+#[test]
+fn the_version_is_the_changelogs_newest() {
+    let out = run(&["--version"]);
+    assert!(out.status.success());
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        printed.trim(),
+        format!("nodeport-agent {}", env!("CARGO_PKG_VERSION"))
+    );
+    let changelog =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../CHANGELOG.md"))
+            .unwrap();
+    let mut entries = changelog
+        .split("\n## ")
+        .skip(1)
+        .filter(|e| e.starts_with(|c: char| c.is_ascii_digit()));
+    let newest = entries.next().expect("a version entry");
+    let heading = newest.lines().next().unwrap();
+    assert_eq!(
+        heading.split_whitespace().next(),
+        Some(env!("CARGO_PKG_VERSION")),
+        "CHANGELOG.md's newest entry, {heading:?}, is not the version the binary prints: add \
+         an entry for it"
+    );
+    for entry in std::iter::once(newest).chain(entries) {
+        assert!(
+            entry.contains("\nPinned-map layout: version "),
+            "CHANGELOG.md, {:?}: no `Pinned-map layout: version N` line",
+            entry.lines().next().unwrap()
+        );
+    }
+}

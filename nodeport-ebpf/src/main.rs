@@ -89,7 +89,9 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
 
+// The crate's license (MIT OR GPL-2.0-only), in the words the kernel takes for GPL-compatible:
+// GPL-only helpers stay available, as with "GPL".
 #[cfg(target_arch = "bpf")]
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

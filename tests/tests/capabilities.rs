@@ -1,4 +1,4 @@
-//! The agent with exactly the capabilities deploy/nodeport.yaml grants
+//! The agent with exactly the capabilities deploy/base/daemonset.yaml grants
 //! (`privileges::REQUIRED`), the way a container with `capabilities: {drop: [ALL], add: [...]}`
 //! runs it: uid 0 with every other capability out of its bounding set (setpriv). It loads and
 //! attaches XDP and TC, pins its maps on the host's bpffs and serves /healthz. Without any one of
@@ -22,7 +22,7 @@ use nodeport_tests::{
 };
 
 const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-/// deploy/nodeport.yaml's node health port.
+/// The node health port of deploy/base's config.yaml.
 const HEALTHZ_PORT: u16 = 10266;
 
 const MANIFESTS: &str = "\
@@ -185,7 +185,7 @@ impl Node {
     }
 }
 
-/// bpffs at /sys/fs/bpf on the host, as deploy/nodeport.yaml requires of a node (and as every
+/// bpffs at /sys/fs/bpf on the host, as deploy/base/daemonset.yaml requires of a node (and as every
 /// agent started with full privileges by the other root tests does on this machine).
 fn mount_host_bpffs() -> Result<()> {
     let out = std::process::Command::new("stat")

@@ -238,8 +238,9 @@ fn documents(path: &std::path::Path) -> Result<Vec<Value>> {
 #[test]
 fn the_pod_monitor_scrapes_the_daemon_sets_metrics_port() -> Result<()> {
     let deploy = monitoring::dir().join("..");
-    let ds = documents(&deploy.join("nodeport.yaml"))?
-        .into_iter()
+    let installed = documents(&deploy.join("nodeport.yaml"))?;
+    let ds = installed
+        .iter()
         .find(|d| d["kind"] == "DaemonSet")
         .context("the DaemonSet")?;
     let namespace = ds["metadata"]["namespace"].as_str().context("namespace")?;
@@ -253,13 +254,20 @@ fn the_pod_monitor_scrapes_the_daemon_sets_metrics_port() -> Result<()> {
         .iter()
         .filter_map(|p| Some((p["name"].as_str()?, p["containerPort"].as_u64()?)))
         .collect();
-    let metrics_flag = container["args"]
-        .as_array()
-        .context("args")?
+    // The agent's flags are in the ConfigMap's config.yaml (`run --config`; the deploy tests of
+    // nodeport-agent check the file is the one mounted where --config points).
+    let config_map = installed
         .iter()
-        .filter_map(Value::as_str)
-        .find_map(|a| a.strip_prefix("--metrics-bind-address="))
-        .context("the DaemonSet sets --metrics-bind-address")?;
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "nodeport")
+        .context("the ConfigMap nodeport")?;
+    let config: Value = serde_norway::from_str(
+        config_map["data"]["config.yaml"]
+            .as_str()
+            .context("config.yaml")?,
+    )?;
+    let metrics_flag = config["metrics-bind-address"]
+        .as_str()
+        .context("config.yaml sets metrics-bind-address")?;
     let (address, port) = metrics_flag.rsplit_once(':').context("address:port")?;
     ensure!(
         address == "0.0.0.0",

@@ -40,6 +40,9 @@ enum Task {
     /// bench/plots/. NODEPORT_BENCH_ONLY=datapath|agent|snat|compare runs one part,
     /// NODEPORT_BENCH_QUICK=1 a short pass (see bench/src/main.rs).
     Bench,
+    /// Render deploy/nodeport.yaml from deploy/overlays/next-to-kube-proxy with `kubectl
+    /// kustomize` (the deploy tests fail while it differs).
+    Manifests,
     /// Show nodeport at work: a little cluster in network namespaces, the agent on
     /// examples/, real traffic, a live endpoint change and an agent restart (needs root).
     Demo,
@@ -53,6 +56,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::Test { skip_lint, filter } => test(skip_lint, filter),
+        Task::Manifests => manifests(),
         Task::Bench => bench(),
         Task::Demo => demo(),
     }
@@ -92,6 +96,7 @@ fn test(skip_lint: bool, filter: Option<String>) -> Result<()> {
     prereqs::ensure_iptables()?;
     prereqs::ensure_test_clients()?;
     let promtool = prereqs::ensure_promtool()?;
+    let kubectl = prereqs::ensure_kubectl()?;
     let object = ebpf::build(&toolchain, ebpf::Flavour::Datapath)?;
     if !skip_lint {
         println!("xtask: cargo fmt --check");
@@ -118,12 +123,39 @@ fn test(skip_lint: bool, filter: Option<String>) -> Result<()> {
             target_dir().join("debug/nodeport-agent"),
         )
         // The monitoring tests check the alerts, the dashboard and /metrics with it.
-        .env("NODEPORT_PROMTOOL", &promtool);
+        .env("NODEPORT_PROMTOOL", &promtool)
+        // The deploy tests render deploy/overlays with `kubectl kustomize`.
+        .env("NODEPORT_KUBECTL", &kubectl);
     if let Some(filter) = filter {
         test.arg(filter);
     }
     run(&mut test)?;
     println!("xtask: all tests passed");
+    Ok(())
+}
+
+/// The head of deploy/nodeport.yaml; the rest is `kubectl kustomize`'s output, which keeps no
+/// comments (deploy/base has them).
+const MANIFESTS_HEADER: &str = "\
+# nodeport, the default installation (next to kube-proxy) in one file, for `kubectl apply -f`.
+# Generated from deploy/overlays/next-to-kube-proxy by `cargo xtask manifests`: do not edit;
+# change deploy/base (whose comments explain every field) and run it again. docs/deploying.md
+# has the walkthrough.
+#
+#   kubectl apply -f deploy/nodeport.yaml
+";
+
+fn manifests() -> Result<()> {
+    let kubectl = prereqs::ensure_kubectl()?;
+    let root = workspace_root();
+    let rendered = util::stdout_of(
+        std::process::Command::new(kubectl)
+            .arg("kustomize")
+            .arg(root.join("deploy/overlays/next-to-kube-proxy")),
+    )?;
+    let out = root.join("deploy/nodeport.yaml");
+    std::fs::write(&out, format!("{MANIFESTS_HEADER}---\n{rendered}"))?;
+    println!("xtask: wrote {}", out.display());
     Ok(())
 }
 

@@ -185,6 +185,46 @@ pub fn ensure_promtool() -> Result<PathBuf> {
     Ok(promtool)
 }
 
+/// kubectl, for `kubectl kustomize`: the deploy tests render every overlay of deploy/overlays
+/// with it (nodeport-agent/tests/deploy_manifests.rs), and `cargo xtask manifests` renders
+/// deploy/nodeport.yaml. The kustomizations use kustomize v4+ syntax (directories under
+/// `resources:`, `patches:`), which kubectl embeds from 1.21 on. Debian's own package,
+/// `kubernetes-client`, is kubectl 1.20 with kustomize v2.0.3 (bookworm), which cannot read
+/// them, so it is no fallback: a kubectl on the PATH is required (the project's machines have
+/// one). Returns its path, which the tests read from NODEPORT_KUBECTL.
+pub fn ensure_kubectl() -> Result<PathBuf> {
+    const HOW: &str = "install kubectl 1.21 or newer (kubectl's own packages; Debian bookworm's \
+                       kubernetes-client is kubectl 1.20, whose kustomize v2.0.3 cannot read \
+                       deploy/overlays) and run again";
+    let path = stdout_of(cmd("sh").args(["-c", "command -v kubectl"]))
+        .ok()
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .with_context(|| {
+            format!("the deploy tests render deploy/ with `kubectl kustomize`: {HOW}")
+        })?;
+    let version = stdout_of(cmd(&path).args(["version", "--client"]))?;
+    match kustomize_major(&version) {
+        Some(major) if major >= 4 => Ok(PathBuf::from(path)),
+        _ => bail!(
+            "{path} embeds no kustomize v4 or newer (`kubectl version --client` says: {}): {HOW}",
+            version.trim()
+        ),
+    }
+}
+
+/// The major version of the kustomize a `kubectl version --client` names ("Kustomize Version:
+/// v5.5.0" -> 5); None for kubectl before 1.24, which does not say.
+fn kustomize_major(version: &str) -> Option<u32> {
+    version
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Kustomize Version: v"))?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Makes sure the eBPF crate can be built, installing what is missing when allowed.
 pub fn ensure() -> Result<BpfToolchain> {
     if std::env::var("NODEPORT_BPF_TOOLCHAIN").as_deref() == Ok("nightly") {
@@ -261,4 +301,18 @@ fn ensure_debian_toolchain() -> Result<()> {
              llvm-{llvm} feature, Debian's rustc moved to a newer LLVM: see docs/building.md"
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kustomize_major;
+
+    #[test]
+    fn kustomize_version_from_kubectl() {
+        let modern = "Client Version: v1.32.4\nKustomize Version: v5.5.0\n";
+        assert_eq!(kustomize_major(modern), Some(5));
+        // kubectl 1.20 (Debian bookworm's kubernetes-client) names no kustomize.
+        let old = "Client Version: version.Info{Major:\"1\", Minor:\"20\"}\n";
+        assert_eq!(kustomize_major(old), None);
+    }
 }
