@@ -38,6 +38,15 @@ pub fn np_xdp_new(ctx: XdpContext) -> u32 {
     xdp_verdict(xdp_ext::process_new(&ctx))
 }
 
+/// In `np_xdp_new`'s slot while the datapath drains (`--datapath-switch` off): a new
+/// connection's first packet goes to the kernel, where kube-proxy's rules take it. Swapping the
+/// slot leaves the established path (and its stack) as it is.
+#[xdp]
+pub fn np_xdp_drain(_ctx: XdpContext) -> u32 {
+    stats::count(nodeport_common::Counter::PassedDraining);
+    xdp_action::XDP_PASS
+}
+
 /// Runs the external path and counts the packet's fate.
 #[inline(always)]
 fn xdp_ext_verdict(ctx: &XdpContext) -> u32 {
