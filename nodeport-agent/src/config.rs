@@ -261,6 +261,18 @@ pub struct RunArgs {
     /// and keeps forwarding until the next agent adopts it.
     #[arg(long)]
     pub detach_on_exit: bool,
+    /// The off-switch: a file holding `on` or `off` (a ConfigMap key; re-read when it
+    /// changes, at least every 2 s). `off` stops taking new connections (kube-proxy's rules
+    /// take them), lets the established ones finish, then removes the datapath and idles,
+    /// ready; `on` attaches and programs it again. No flag, or no file: `on`. Anything else
+    /// is reported and changes nothing.
+    #[arg(long, value_name = "FILE")]
+    pub datapath_switch: Option<PathBuf>,
+    /// How long `off` waits for the connections nodeport carries to finish before removing
+    /// the datapath anyway (seconds; those still open are then cut, or taken up mid-stream by
+    /// kube-proxy's conntrack).
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub drain_timeout: u64,
     /// The effective configuration, flag name -> value, as the start line logs it (filled in
     /// by [`effective`] after parsing).
     #[arg(skip)]
