@@ -198,3 +198,74 @@ fn switching_off_drains_detaches_and_back_on_leaves_kube_proxys_connections() ->
     ensure!(lab.node_health("/readyz")? == 200);
     Ok(())
 }
+
+/// A sizing flag changed under a running datapath (issue 15): the new agent does not exit
+/// (a DaemonSet pod would crash-loop), touches nothing, stays alive and not ready with the
+/// reason, `status` says what to do; the old datapath keeps forwarding, the established
+/// connection included. Removing the old datapath (`nodeport-agent detach`) ends the refusing
+/// agent, so the kubelet starts it afresh.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn a_sizing_change_is_refused_while_the_old_datapath_forwards() -> Result<()> {
+    let mut lab = Lab::new("sz")?;
+    lab.add_pod("a", 1, 10)?;
+    let a = lab.pod("a").addr.to_string();
+    let yaml = manifests::service("web", NODE_PORT, &["TCP"], "", &[ready(&a, "node-1")]);
+    lab.start_agent(&yaml)?;
+    let frontend = SocketAddrV4::new(NODE1, NODE_PORT);
+    let mut established = lab.connect(frontend, None)?;
+    ensure!(established.ask()?.pod == "a");
+    let status = lab.take_agent()?.terminate()?;
+    ensure!(status.success(), "the first agent exited with {status}");
+
+    // Another --conntrack-size than the pinned NP_CT's.
+    let pinned = lab.status()?["maps"]
+        .as_array()
+        .context("maps in status")?
+        .iter()
+        .find(|m| m["name"] == "NP_CT")
+        .and_then(|m| m["capacity"].as_u64())
+        .context("NP_CT's capacity in status")?;
+    let other = (pinned * 2).to_string();
+    let manifests = lab.manifests.clone();
+    let mut agent = lab.spawn_agent(&yaml, &manifests, &["--conntrack-size", &other])?;
+    agent.wait_log("the refusal", |e| {
+        message_is(
+            e,
+            "not adopting the pinned datapath: it keeps forwarding untouched; this agent stays \
+             up and not ready until it is restarted with matching flags, or the old datapath \
+             is detached",
+        )
+    })?;
+    let (code, body) = lab.http_get(SocketAddrV4::new(NODE1, 10256), "/readyz")?;
+    ensure!(code == 503, "/readyz answered {code}");
+    let reason: serde_json::Value = serde_json::from_str(&body)?;
+    let reason = reason["reason"].as_str().unwrap_or_default();
+    ensure!(
+        reason.starts_with("pinned datapath incompatible: NP_CT: max entries")
+            && reason.contains(&format!("expected {other}")),
+        "/readyz reason: {reason:?}"
+    );
+    ensure!(lab.node_health("/livez")? == 200, "not alive");
+    let status = lab.agent_output(&["status"])?;
+    ensure!(
+        status.contains("pinned datapath incompatible: NP_CT: max entries")
+            && status.contains("nodeport-agent detach --bpffs-dir"),
+        "status:\n{status}"
+    );
+    // The old datapath forwards: the established connection and new ones (no kube-proxy
+    // here: only nodeport answers on the node port).
+    ensure!(established.ask()?.pod == "a", "the established connection");
+    ensure!(lab.ask_tcp(frontend)?.pod == "a", "a new connection");
+    let still = lab.status()?;
+    ensure!(
+        still["incompatible"].as_array().is_some_and(|d| !d.is_empty()),
+        "{still}"
+    );
+
+    // The documented way out: detach; the refusing agent then exits by itself.
+    lab.agent_output(&["detach"])?;
+    let (exit, log) = agent.exit_log()?;
+    ensure!(exit.success(), "the refusing agent exited with {exit}:\n{log}");
+    Ok(())
+}
