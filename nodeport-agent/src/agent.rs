@@ -427,9 +427,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     agent.metrics.set_datapath_state(agent.datapath_state);
     agent.record_switch();
     if switched_off {
-        tracing::info!(
-            "the datapath switch is off: draining (new connections go to kube-proxy)"
-        );
+        tracing::info!("the datapath switch is off: draining (new connections go to kube-proxy)");
     }
     let switch_watch = switch::Watch::new(agent.args.datapath_switch.as_deref());
     let watcher = ChangeWatcher::new().context("subscribing to link and address changes")?;
@@ -732,8 +730,7 @@ impl Agent {
             if interfaces::ifindex_of(name) != Some(*ifindex) {
                 continue;
             }
-            match dp.attachment_intact(name, *role, self.args.xdp_mode, *ifindex)
-            {
+            match dp.attachment_intact(name, *role, self.args.xdp_mode, *ifindex) {
                 Ok(true) => {}
                 Ok(false) => missing.push(format!("{name} ({role:?})")),
                 Err(e) => tracing::warn!(interface = %name, error = %e, "checking the attachment"),
@@ -1106,7 +1103,9 @@ impl Agent {
                 }
                 self.drain_since = None;
                 self.set_datapath_state(DatapathState::On);
-                tracing::info!("datapath switched on again before the drain ended: taking new connections");
+                tracing::info!(
+                    "datapath switched on again before the drain ended: taking new connections"
+                );
             }
             Step::Detach => self.detach_datapath().await,
             Step::Attach => match self.attach_datapath().await {

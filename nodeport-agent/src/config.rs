@@ -801,6 +801,32 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_datapath_switch_comes_from_a_flag_or_the_config_file() {
+        let dir = crate::test_support::ScratchDir::new("config-switch");
+        let file = dir.path().join("nodeport.yaml");
+        std::fs::write(
+            &file,
+            "datapath-switch: /etc/nodeport/datapath\ndrain-timeout: 60\n",
+        )
+        .unwrap();
+        let given: Vec<String> = ["--config", file.to_str().unwrap()]
+            .map(String::from)
+            .to_vec();
+        let extra = file_args(&run_command(), &matches(&given), &file).unwrap();
+        let all: Vec<String> = given.into_iter().chain(extra).collect();
+        let args = <RunArgs as clap::FromArgMatches>::from_arg_matches(&matches(&all)).unwrap();
+        assert_eq!(
+            args.datapath_switch.as_deref(),
+            Some(std::path::Path::new("/etc/nodeport/datapath"))
+        );
+        assert_eq!(args.drain_timeout, 60);
+        // Defaults: no switch (on), a 300 s drain.
+        let args = <RunArgs as clap::FromArgMatches>::from_arg_matches(&matches(&[])).unwrap();
+        assert_eq!(args.datapath_switch, None);
+        assert_eq!(args.drain_timeout, 300);
+    }
+
+    #[test]
     fn a_config_file_with_an_unknown_key_or_a_wrong_shape_is_refused() {
         let dir = crate::test_support::ScratchDir::new("config-file-bad");
         let check = |text: &str, expected: &str| {

@@ -268,18 +268,18 @@ async fn main() -> ExitCode {
             // The switch's record goes too: nothing of nodeport's is left.
             nodeport_agent::switch::remove(&bpffs_dir);
             datapath::detach(&bpffs_dir)
-            .map_err(anyhow::Error::from)
-            .and_then(|removed| {
-                let mut text = String::new();
-                if removed.is_empty() {
-                    text = format!("nothing pinned at {}\n", bpffs_dir.display());
-                }
-                for r in removed {
-                    text.push_str(&format!("removed {r}\n"));
-                }
-                output::print(&text)?;
-                Ok(ExitCode::SUCCESS)
-            })
+                .map_err(anyhow::Error::from)
+                .and_then(|removed| {
+                    let mut text = String::new();
+                    if removed.is_empty() {
+                        text = format!("nothing pinned at {}\n", bpffs_dir.display());
+                    }
+                    for r in removed {
+                        text.push_str(&format!("removed {r}\n"));
+                    }
+                    output::print(&text)?;
+                    Ok(ExitCode::SUCCESS)
+                })
         }
         Command::Dump {
             bpffs_dir,

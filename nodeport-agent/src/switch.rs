@@ -259,11 +259,20 @@ mod tests {
     fn the_record_holds_one_state() {
         let dir = crate::test_support::ScratchDir::new("switch-record");
         assert_eq!(recorded(dir.path()), None);
-        for s in [DatapathState::On, DatapathState::Draining, DatapathState::Off] {
+        for s in [
+            DatapathState::On,
+            DatapathState::Draining,
+            DatapathState::Off,
+        ] {
             record(dir.path(), s).unwrap();
             record(dir.path(), s).unwrap();
             assert_eq!(recorded(dir.path()), Some(s));
-            assert_eq!(std::fs::read_dir(dir.path().join("switch")).unwrap().count(), 1);
+            assert_eq!(
+                std::fs::read_dir(dir.path().join("switch"))
+                    .unwrap()
+                    .count(),
+                1
+            );
         }
         remove(dir.path());
         assert_eq!(recorded(dir.path()), None);

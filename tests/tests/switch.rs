@@ -17,8 +17,9 @@ use anyhow::{Context, Result, bail, ensure};
 use nodeport_tests::{
     kube_proxy::{self, Proxied},
     lab::{
-        Lab, NODE1, PATIENCE, message_is,
+        Lab, NODE1, PATIENCE,
         manifests::{self, ready},
+        message_is,
     },
     netns::unique_name,
 };
@@ -116,7 +117,10 @@ fn switching_off_drains_detaches_and_back_on_leaves_kube_proxys_connections() ->
         &[ready(&a, "node-1")],
     ))?;
     let frontend = SocketAddrV4::new(NODE1, NODE_PORT);
-    ensure!(lab.ask_tcp(frontend)?.pod == "a", "nodeport serves the port");
+    ensure!(
+        lab.ask_tcp(frontend)?.pod == "a",
+        "nodeport serves the port"
+    );
     ensure!(datapath_state(&lab)?.as_deref() == Some("on"));
     ensure!(state_gauge(&lab, "on")? == 1.0);
 
@@ -259,13 +263,18 @@ fn a_sizing_change_is_refused_while_the_old_datapath_forwards() -> Result<()> {
     ensure!(lab.ask_tcp(frontend)?.pod == "a", "a new connection");
     let still = lab.status()?;
     ensure!(
-        still["incompatible"].as_array().is_some_and(|d| !d.is_empty()),
+        still["incompatible"]
+            .as_array()
+            .is_some_and(|d| !d.is_empty()),
         "{still}"
     );
 
     // The documented way out: detach; the refusing agent then exits by itself.
     lab.agent_output(&["detach"])?;
     let (exit, log) = agent.exit_log()?;
-    ensure!(exit.success(), "the refusing agent exited with {exit}:\n{log}");
+    ensure!(
+        exit.success(),
+        "the refusing agent exited with {exit}:\n{log}"
+    );
     Ok(())
 }

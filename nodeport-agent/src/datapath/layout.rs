@@ -196,10 +196,7 @@ mod tests {
     #[test]
     fn nothing_pinned_is_fresh_whatever_is_recorded() {
         for recorded in [None, Some(LAYOUT_VERSION), Some(LAYOUT_VERSION + 1)] {
-            assert_eq!(
-                decide(recorded, &PinComparison::default()),
-                Adoption::Fresh
-            );
+            assert_eq!(decide(recorded, &PinComparison::default()), Adoption::Fresh);
         }
     }
 
@@ -229,7 +226,10 @@ mod tests {
         assert!(matches!(r, Refusal::Sizing { .. }), "{r:?}");
         assert_eq!(r.differences().len(), 2);
         let e = r.into_error(Path::new("/sys/fs/bpf/nodeport")).to_string();
-        assert!(e.contains("NP_CT: max entries 524288, expected 262144"), "{e}");
+        assert!(
+            e.contains("NP_CT: max entries 524288, expected 262144"),
+            "{e}"
+        );
         assert!(
             e.contains("nodeport-agent detach --bpffs-dir /sys/fs/bpf/nodeport"),
             "{e}"
@@ -265,7 +265,10 @@ mod tests {
         }
         // The version decides before the maps do.
         assert!(matches!(
-            decide(Some(LAYOUT_VERSION + 1), &pins(&[], &["NP_CT: max entries 1, expected 2"], &[])),
+            decide(
+                Some(LAYOUT_VERSION + 1),
+                &pins(&[], &["NP_CT: max entries 1, expected 2"], &[])
+            ),
             Adoption::Refuse(Refusal::Version { .. })
         ));
     }
