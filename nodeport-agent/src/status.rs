@@ -45,7 +45,7 @@ pub struct SwitchedOff {
 impl SwitchedOff {
     pub fn render(&self) -> String {
         format!(
-            "nodeport-agent {} (this binary)\npins       {}\ndatapath   off (--datapath-switch): \
+            "nodeport-agent {} (this binary)\npins       {}\nswitch     off (--datapath-switch): \
              detached, kube-proxy carries the node ports; switch it \"on\" to attach it again\n",
             self.version, self.bpffs_dir
         )
@@ -206,11 +206,11 @@ impl Status {
         let _ = writeln!(out, "pins       {}", self.bpffs_dir);
         match self.datapath_switch.as_deref() {
             Some("draining") => out.push_str(
-                "datapath   draining (--datapath-switch off): established connections only, \
+                "switch     draining (--datapath-switch off): established connections only, \
                  new ones go to kube-proxy; detached when none is left\n",
             ),
             Some(state) => {
-                let _ = writeln!(out, "datapath   {state}");
+                let _ = writeln!(out, "switch     {state}");
             }
             None => {}
         }
