@@ -66,10 +66,14 @@ impl Drop for Server {
 
 /// Gbit/s of one iperf3 run through `port` (`reverse`: the pod sends), None when it failed.
 fn iperf(lab: &Lab, port: u16, reverse: bool, seconds: u32) -> Result<Option<f64>> {
+    // A transfer that stalls never ends by itself (iperf3 waits for its results): bounded.
+    let bound = (seconds + 15).to_string();
     let seconds = seconds.to_string();
     let port = port.to_string();
     let node = NODE1.to_string();
     let mut args = vec![
+        bound.as_str(),
+        "iperf3",
         "-c",
         &node,
         "-p",
@@ -83,7 +87,7 @@ fn iperf(lab: &Lab, port: u16, reverse: bool, seconds: u32) -> Result<Option<f64
     if reverse {
         args.push("-R");
     }
-    let out = lab.client.command("iperf3").args(&args).output()?;
+    let out = lab.client.command("timeout").args(&args).output()?;
     if !out.status.success() {
         return Ok(None);
     }

@@ -27,6 +27,7 @@ use crate::{
     model::{Ipv4Prefix, NoticeKind, ServicePortKey},
     refusals::{Refusals, Refused, ServiceEvents},
     source::{self, Snapshot, SnapshotReceiver, SourceStats},
+    switch::{self, DatapathState, Step},
     sync::{GlobalSettings, Programmed, Syncer},
 };
 
@@ -158,7 +159,15 @@ struct Agent {
     /// The conntrack collector's thread; stopped on shutdown.
     gc: Option<Collector>,
     node_name: String,
-    dp: Datapath,
+    /// `None` while the datapath is switched off (`--datapath-switch`): detached.
+    dp: Option<Datapath>,
+    /// Where the datapath is, and since when it drains.
+    datapath_state: DatapathState,
+    drain_since: Option<Instant>,
+    /// The last error reading the switch file, logged once.
+    switch_error: Option<String>,
+    /// The metrics sampler, handed new maps when the datapath is attached again.
+    sampling: Option<Arc<metrics::Sampling>>,
     programmed: Programmed,
     reconciler: Reconciler,
     selection: Selection,
@@ -253,8 +262,29 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // the first sync (an earlier run's datapath stays).
     let start = StartGuard::new(&args.bpffs_dir);
     // The datapath: adopt what a previous agent pinned, if anything.
-    let mut dp =
-        Datapath::load(&args.sizing(), Some(&args.bpffs_dir)).context("loading the datapath")?;
+    let mut dp = match Datapath::load(&args.sizing(), Some(&args.bpffs_dir)) {
+        Ok(dp) => dp,
+        // Another sizing or layout: no exit (a DaemonSet pod would crash-loop), the old
+        // datapath keeps forwarding, and the agent says what to do until it is restarted.
+        Err(e) if e.is_incompatible_pins() => {
+            start.disarm();
+            return refuse(&args, health, e).await;
+        }
+        Err(e) => return Err(anyhow::Error::from(e).context("loading the datapath")),
+    };
+    // Switched off: no new connection is taken, from the first packet on (an adopted
+    // datapath's connections drain; a fresh one is removed after the first sync).
+    let switched_off = match switch::read(args.datapath_switch.as_deref()) {
+        Ok(wanted) => wanted == switch::Wanted::Off,
+        Err(e) => {
+            tracing::error!(error = %e, "reading the datapath switch; starting on");
+            false
+        }
+    };
+    if switched_off {
+        dp.set_new_connections(false)
+            .context("switching new connections to the kernel")?;
+    }
     let pinned_config = dp.maps.config.get(&0, 0).ok();
     let config = args.datapath_config(snat_secret(pinned_config)?);
     let (programmed, orphans) =
@@ -307,6 +337,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     };
 
+    let mut sampling = None;
     if let Some(listener) = metrics_listener {
         // The sampler reads the maps at scrape time through handles of its own, sharing the
         // memory-mapped arrays with the syncer's (mapped once: they are most of the RSS).
@@ -322,6 +353,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         );
         let registry = Arc::new(registry);
         let sampler = Arc::new(metrics::Sampling::new(sampler));
+        sampling = Some(sampler.clone());
         let addr = listener.local_addr()?;
         tokio::spawn(async move {
             if let Err(e) = metrics::serve(listener, registry, sampler).await {
@@ -351,7 +383,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
         gc: Some(gc),
         reconciler,
         node_name,
-        dp,
+        dp: Some(dp),
+        datapath_state: if switched_off {
+            DatapathState::Draining
+        } else {
+            DatapathState::On
+        },
+        drain_since: switched_off.then(Instant::now),
+        switch_error: None,
+        sampling,
         programmed,
         selection,
         layout: Layout::default(),
@@ -384,6 +424,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     agent
         .rescan_interfaces()
         .context("attaching the datapath")?;
+    agent.metrics.set_datapath_state(agent.datapath_state);
+    agent.record_switch();
+    if switched_off {
+        tracing::info!("the datapath switch is off: draining (new connections go to kube-proxy)");
+    }
+    let switch_watch = switch::Watch::new(agent.args.datapath_switch.as_deref());
     let watcher = ChangeWatcher::new().context("subscribing to link and address changes")?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -416,6 +462,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     periodic.tick().await;
     let mut check = tokio::time::interval(ATTACHMENT_CHECK);
     check.tick().await;
+    let mut switch_poll = tokio::time::interval(SWITCH_POLL);
+    switch_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // Every round, at least every ATTACHMENT_CHECK: a loop stuck anywhere below turns
         // /livez to 503 (health::DEFAULT_LIVENESS_TIMEOUT) and the kubelet restarts the agent.
@@ -439,6 +487,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 agent.reconcile().await;
             }
             _ = check.tick() => agent.check_attachments(),
+            _ = switch_watch.changed.notified() => agent.follow_switch().await,
+            _ = switch_poll.tick() => agent.follow_switch().await,
             _ = periodic.tick() => {
                 agent.follow_interfaces();
                 agent.reconcile().await;
@@ -448,6 +498,51 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     }
     agent.shutdown().await
+}
+
+/// Stays up beside a pinned datapath this agent will not adopt: logs once, records why for
+/// `status`, answers `/readyz` 503 with the reason (`/livez` 200: a restart would not help),
+/// touches nothing. Ends on a signal, or when the pins are removed (`nodeport-agent detach`),
+/// so that the kubelet starts the agent afresh.
+async fn refuse(args: &RunArgs, health: Health, error: datapath::DatapathError) -> Result<()> {
+    let root = &args.bpffs_dir;
+    let differences = datapath::refusal(&args.sizing(), root)
+        .map(|r| r.differences())
+        .unwrap_or_else(|| vec![error.to_string()]);
+    tracing::error!(
+        %error,
+        "not adopting the pinned datapath: it keeps forwarding untouched; this agent stays up \
+         and not ready until it is restarted with matching flags, or the old datapath is \
+         detached"
+    );
+    if let Err(e) = datapath::layout::record_refusal(root, &differences) {
+        tracing::warn!(error = %e, "recording the refusal for `status`");
+    }
+    let reason = format!("pinned datapath incompatible: {}", differences.join("; "));
+    health
+        .all()
+        .for_each(|h| h.set_not_ready_reason(Some(reason.clone())));
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut beat = tokio::time::interval(ATTACHMENT_CHECK);
+    loop {
+        health.heartbeat();
+        tokio::select! {
+            _ = beat.tick() => {
+                if !datapath::anything_pinned(root) {
+                    tracing::info!(
+                        "the refused datapath was removed: exiting, to start afresh when restarted"
+                    );
+                    break;
+                }
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    datapath::layout::remove_refusal(root);
+    health.shutdown().await;
+    Ok(())
 }
 
 /// Whether `desired` has a port of the Service `namespace`/`name`.
@@ -467,6 +562,10 @@ fn serves(
         .next()
         .is_some_and(|(k, _)| &*k.namespace == namespace && &*k.name == name)
 }
+
+/// How often the agent re-reads the switch file (besides inotify) and, while draining, counts
+/// the connections left: a batched read of the connection tables.
+const SWITCH_POLL: Duration = Duration::from_secs(2);
 
 /// How often the agent checks that its attachments are still in place (`nodeport-agent
 /// detach` sends no event). A few syscalls per interface.
@@ -528,6 +627,10 @@ impl Agent {
             tracing::debug!("the datapath was removed: not following the interfaces");
             return Ok(());
         }
+        let Some(dp) = self.dp.as_mut() else {
+            // Switched off: nothing to attach.
+            return Ok(());
+        };
         let layout = current_layout(&self.selection)?;
         let mut wanted: Attached = Attached::new();
         for (name, iface) in &layout.external {
@@ -538,10 +641,10 @@ impl Agent {
         }
         // Pins of an earlier run for interfaces that are gone or changed role.
         if self.attached.is_empty() {
-            for a in self.dp.attached_interfaces()? {
+            for a in dp.attached_interfaces()? {
                 if !wanted.contains_key(&(a.name.clone(), a.role)) {
                     tracing::info!(interface = a.name, role = ?a.role, "removing a stale attachment");
-                    self.dp.detach_interface(&a.name, a.role)?;
+                    dp.detach_interface(&a.name, a.role)?;
                 }
             }
         }
@@ -550,11 +653,10 @@ impl Agent {
                 continue;
             }
             let result = match role {
-                InterfaceRole::External => self
-                    .dp
+                InterfaceRole::External => dp
                     .attach_external(name, self.args.xdp_mode, self.args.external_hook)
                     .map(|hook| hook.label()),
-                InterfaceRole::Pod => self.dp.attach_pod(name).map(|()| "tc"),
+                InterfaceRole::Pod => dp.attach_pod(name).map(|()| "tc"),
             };
             match (result, role) {
                 (Ok(hook), _) => {
@@ -581,7 +683,7 @@ impl Agent {
             .collect();
         for (name, role) in gone {
             self.attached.remove(&(name.clone(), role));
-            if let Err(e) = self.dp.detach_interface(&name, role) {
+            if let Err(e) = dp.detach_interface(&name, role) {
                 tracing::warn!(interface = %name, error = %e, "detaching");
             }
         }
@@ -622,6 +724,7 @@ impl Agent {
         if self.removed_under_us {
             return;
         }
+        let Some(dp) = &self.dp else { return };
         let mut missing = Vec::new();
         for ((name, role), ifindex) in &self.attached {
             // Gone or re-created interfaces took their links with them; rescan_interfaces
@@ -629,7 +732,7 @@ impl Agent {
             if interfaces::ifindex_of(name) != Some(*ifindex) {
                 continue;
             }
-            match self.dp.attachment_intact(
+            match dp.attachment_intact(
                 name,
                 *role,
                 self.args.xdp_mode,
@@ -718,6 +821,12 @@ impl Agent {
     /// Brings desired state, maps, health checks and notices up to date.
     async fn reconcile(&mut self) {
         let started = Instant::now();
+        if self.dp.is_none() {
+            // Switched off: kube-proxy programs the node; desired state is worked out afresh
+            // when the datapath is attached again. Healthy and ready meanwhile.
+            self.health.updated();
+            return;
+        }
         self.health.queued_update();
         if let Some(eligible) = self.snapshot.node_eligible {
             self.health.set_node_eligible(eligible);
@@ -737,9 +846,10 @@ impl Agent {
             snat_addrs: self.layout.snat_addresses.clone(),
             local_nets: self.local_nets(),
         };
-        let sizing = self.dp.sizing.clone();
+        let dp = self.dp.as_mut().expect("checked above");
+        let sizing = dp.sizing.clone();
         let report = Syncer {
-            maps: &mut self.dp.maps,
+            maps: &mut dp.maps,
             sizing: &sizing,
         }
         .apply_changes(
@@ -824,7 +934,7 @@ impl Agent {
         }
         // Also on the first round: markers a previous agent left may be stale.
         if changes.notices || !self.notices_recorded {
-            if let Some(pins) = self.dp.pin_dir()
+            if let Some(pins) = self.dp.as_ref().and_then(Datapath::pin_dir)
                 && let Err(e) = datapath::notices::record(&pins.root, &self.notices)
             {
                 tracing::warn!(error = %e, "recording what was not programmed for `status`");
@@ -923,7 +1033,7 @@ impl Agent {
         if !changed && self.failing_recorded {
             return;
         }
-        if let Some(pins) = self.dp.pin_dir()
+        if let Some(pins) = self.dp.as_ref().and_then(Datapath::pin_dir)
             && let Err(e) = datapath::notices::record_failing(&pins.root, &self.refusals.markers())
         {
             tracing::warn!(error = %e, "recording what keeps failing for `status`");
@@ -947,8 +1057,196 @@ impl Agent {
             .map(|s| s.backends.len() as u32)
             .sum();
         self.state.failing = self.retry.len() as u32;
-        if let Err(e) = self.dp.maps.agent.set(0, self.state, 0) {
+        let Some(dp) = self.dp.as_mut() else { return };
+        if let Err(e) = dp.maps.agent.set(0, self.state, 0) {
             tracing::warn!(error = %e, "recording the agent's state for `status`");
+        }
+    }
+
+    /// Reads the switch file and takes the datapath one step towards what it asks for: a
+    /// line per transition, the gauge, the record for `status`.
+    async fn follow_switch(&mut self) {
+        let wanted = match switch::read(self.args.datapath_switch.as_deref()) {
+            Ok(wanted) => {
+                if self.switch_error.take().is_some() {
+                    tracing::info!("the datapath switch reads \"on\" or \"off\" again");
+                }
+                wanted
+            }
+            Err(e) => {
+                let error = e.to_string();
+                if self.switch_error.as_ref() != Some(&error) {
+                    tracing::error!(%error, "datapath switch");
+                    self.switch_error = Some(error);
+                }
+                return;
+            }
+        };
+        let drained = self.datapath_state == DatapathState::Draining
+            && wanted == switch::Wanted::Off
+            && self.drained();
+        match switch::step(self.datapath_state, wanted, drained) {
+            Step::Stay => {}
+            Step::StartDrain => {
+                if let Some(dp) = self.dp.as_mut()
+                    && let Err(e) = dp.set_new_connections(false)
+                {
+                    tracing::error!(error = %e, "switching new connections to the kernel; retried");
+                    return;
+                }
+                self.drain_since = Some(Instant::now());
+                self.set_datapath_state(DatapathState::Draining);
+                tracing::info!(
+                    drain_timeout_s = self.args.drain_timeout,
+                    "datapath switched off: draining; new connections go to kube-proxy, \
+                     established ones stay until they end or --drain-timeout"
+                );
+            }
+            Step::Resume => {
+                if let Some(dp) = self.dp.as_mut()
+                    && let Err(e) = dp.set_new_connections(true)
+                {
+                    tracing::error!(error = %e, "taking new connections again; retried");
+                    return;
+                }
+                self.drain_since = None;
+                self.set_datapath_state(DatapathState::On);
+                tracing::info!(
+                    "datapath switched on again before the drain ended: taking new connections"
+                );
+            }
+            Step::Detach => self.detach_datapath().await,
+            Step::Attach => match self.attach_datapath().await {
+                Ok(()) => {}
+                Err(e) => {
+                    let error = crate::output::error_chain(e.as_ref());
+                    if self.switch_error.as_ref() != Some(&error) {
+                        tracing::error!(%error, "attaching the datapath again; retried every 2 s");
+                        self.switch_error = Some(error);
+                    }
+                }
+            },
+        }
+    }
+
+    /// Whether the drain is over: no live connection left in the connection tables, or
+    /// --drain-timeout passed.
+    fn drained(&self) -> bool {
+        let Some(dp) = &self.dp else { return true };
+        let now = datapath::jiffies_now(self.config.hz);
+        let left = match datapath::census::conntrack(&dp.maps, &self.config, now) {
+            Ok(c) => c.connections,
+            Err(e) => {
+                tracing::warn!(error = %e, "counting the connections left to drain");
+                u64::MAX
+            }
+        };
+        if left == 0 {
+            return true;
+        }
+        let waited = self.drain_since.map_or(Duration::ZERO, |t| t.elapsed());
+        if waited >= Duration::from_secs(self.args.drain_timeout) {
+            tracing::warn!(
+                connections = left,
+                drain_timeout_s = self.args.drain_timeout,
+                "the drain timed out: removing the datapath under the connections left"
+            );
+            return true;
+        }
+        tracing::debug!(connections = left, "draining");
+        false
+    }
+
+    /// Removes the datapath (as `nodeport-agent detach`) and releases the health-check node
+    /// ports (kube-proxy binds them on its next sync). The agent idles, ready.
+    async fn detach_datapath(&mut self) {
+        if let Some(gc) = self.gc.take() {
+            gc.stop();
+        }
+        // Our link fds go first: a link lives while anyone holds it.
+        self.dp = None;
+        self.attached.clear();
+        // The record first: it keeps the pin directory (and the lock held on it) in place.
+        self.set_datapath_state(DatapathState::Off);
+        match datapath::detach(&self.args.bpffs_dir) {
+            Ok(removed) => tracing::info!(
+                removed = removed.len(),
+                "datapath switched off: drained and detached; kube-proxy carries the node ports"
+            ),
+            Err(e) => tracing::error!(
+                error = %e,
+                "datapath switched off, but removing it failed: run `nodeport-agent detach`"
+            ),
+        }
+        let errors = self.health.services.set_services(BTreeMap::new()).await;
+        for e in errors {
+            tracing::warn!(error = %e, "releasing a health-check node port");
+        }
+        self.metrics.health_checks.set(0);
+        self.drain_since = None;
+    }
+
+    /// Loads, attaches and programs the datapath as at start.
+    async fn attach_datapath(&mut self) -> Result<()> {
+        let mut dp = Datapath::load(&self.args.sizing(), Some(&self.args.bpffs_dir))
+            .context("loading the datapath")?;
+        let (programmed, orphans) =
+            Programmed::adopt(&dp.maps, &dp.sizing).context("reading the pinned maps")?;
+        if !orphans.is_empty() {
+            let sizing = dp.sizing.clone();
+            Syncer {
+                maps: &mut dp.maps,
+                sizing: &sizing,
+            }
+            .remove_orphans(orphans);
+        }
+        let gc = Collector::spawn(
+            dp.maps
+                .share()
+                .context("opening the maps for the conntrack collector")?,
+            Duration::from_secs(self.args.conntrack_gc_interval),
+            self.metrics.clone(),
+        )
+        .context("starting the conntrack collector")?;
+        if let Some(sampling) = &self.sampling {
+            sampling.replace_maps(dp.maps.share().context("opening the maps for metrics")?);
+        }
+        let mut reconciler = Reconciler::new(NodeContext::default());
+        reconciler.set_incumbents(programmed.frontend_holders());
+        self.reconciler = reconciler;
+        self.programmed = programmed;
+        self.dp = Some(dp);
+        self.gc = Some(gc);
+        self.attached.clear();
+        self.retry.clear();
+        self.notices.clear();
+        self.notices_recorded = false;
+        self.failing_recorded = false;
+        self.health_retry = true;
+        if let Err(e) = self.rescan_interfaces() {
+            // Back to off: nothing half attached stays.
+            self.detach_datapath().await;
+            return Err(e.context("attaching the datapath"));
+        }
+        self.set_datapath_state(DatapathState::On);
+        self.reconcile().await;
+        tracing::info!(
+            services = self.programmed.services.len(),
+            "datapath switched on: attached and programmed"
+        );
+        Ok(())
+    }
+
+    fn set_datapath_state(&mut self, state: DatapathState) {
+        self.datapath_state = state;
+        self.metrics.set_datapath_state(state);
+        self.record_switch();
+    }
+
+    /// Records where the datapath is under the pin directory, for `status`.
+    fn record_switch(&self) {
+        if let Err(e) = switch::record(&self.args.bpffs_dir, self.datapath_state) {
+            tracing::warn!(error = %e, "recording the datapath's state for `status`");
         }
     }
 
@@ -966,6 +1264,7 @@ impl Agent {
         let detach = self.args.detach_on_exit;
         drop(self.dp);
         if detach {
+            switch::remove(&dir);
             let removed = datapath::detach(&dir).context("removing the datapath")?;
             tracing::info!(
                 removed = removed.len(),

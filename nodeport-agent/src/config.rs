@@ -266,6 +266,18 @@ pub struct RunArgs {
     /// and keeps forwarding until the next agent adopts it.
     #[arg(long)]
     pub detach_on_exit: bool,
+    /// The off-switch: a file holding `on` or `off` (a ConfigMap key; re-read when it
+    /// changes, at least every 2 s). `off` stops taking new connections (kube-proxy's rules
+    /// take them), lets the established ones finish, then removes the datapath and idles,
+    /// ready; `on` attaches and programs it again. No flag, or no file: `on`. Anything else
+    /// is reported and changes nothing.
+    #[arg(long, value_name = "FILE")]
+    pub datapath_switch: Option<PathBuf>,
+    /// How long `off` waits for the connections nodeport carries to finish before removing
+    /// the datapath anyway (seconds; those still open are then cut, or taken up mid-stream by
+    /// kube-proxy's conntrack).
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub drain_timeout: u64,
     /// The effective configuration, flag name -> value, as the start line logs it (filled in
     /// by [`effective`] after parsing).
     #[arg(skip)]
@@ -791,6 +803,32 @@ pub(crate) mod tests {
             super::effective(&run_command(), &from_copy)["max-services"],
             "8192"
         );
+    }
+
+    #[test]
+    fn the_datapath_switch_comes_from_a_flag_or_the_config_file() {
+        let dir = crate::test_support::ScratchDir::new("config-switch");
+        let file = dir.path().join("nodeport.yaml");
+        std::fs::write(
+            &file,
+            "datapath-switch: /etc/nodeport/datapath\ndrain-timeout: 60\n",
+        )
+        .unwrap();
+        let given: Vec<String> = ["--config", file.to_str().unwrap()]
+            .map(String::from)
+            .to_vec();
+        let extra = file_args(&run_command(), &matches(&given), &file).unwrap();
+        let all: Vec<String> = given.into_iter().chain(extra).collect();
+        let args = <RunArgs as clap::FromArgMatches>::from_arg_matches(&matches(&all)).unwrap();
+        assert_eq!(
+            args.datapath_switch.as_deref(),
+            Some(std::path::Path::new("/etc/nodeport/datapath"))
+        );
+        assert_eq!(args.drain_timeout, 60);
+        // Defaults: no switch (on), a 300 s drain.
+        let args = <RunArgs as clap::FromArgMatches>::from_arg_matches(&matches(&[])).unwrap();
+        assert_eq!(args.datapath_switch, None);
+        assert_eq!(args.drain_timeout, 300);
     }
 
     #[test]

@@ -237,6 +237,9 @@ struct ProxyState {
     /// The agent finished a round ([`HealthServer::set_synced`] was called): it is no longer
     /// starting up, so a change pending since then counts even without an `updated`.
     started_up: bool,
+    /// Why the agent will not become ready by itself (a pinned datapath it refused to adopt),
+    /// reported by `/readyz` ([`HealthServer::set_not_ready_reason`]).
+    not_ready_reason: Option<String>,
 }
 
 /// The proxy health at one instant.
@@ -282,6 +285,7 @@ impl HealthServer {
                 datapath_attached: true,
                 heartbeat: started,
                 synced: false,
+                not_ready_reason: None,
                 started_up: false,
             }),
             responses: Family::default(),
@@ -455,6 +459,12 @@ impl HealthServer {
         proxy.started_up = true;
     }
 
+    /// Why the agent is not ready and will not be by itself: `/readyz` answers 503 with it
+    /// (`"reason"`) until it is cleared.
+    pub fn set_not_ready_reason(&self, reason: Option<String>) {
+        lock(&self.inner.shared.proxy).not_ready_reason = reason;
+    }
+
     /// Whether the datapath is attached. While it is not, the proxy is unhealthy: `/healthz`,
     /// `/livez` and `/readyz` answer 503 and the Service probes report
     /// `serviceProxyHealthy: false`.
@@ -526,8 +536,15 @@ impl Shared {
 
     /// `/readyz`: alive, and the datapath holds a complete state.
     fn ready(&self, now: SystemTime) -> bool {
-        let synced = lock(&self.proxy).synced;
-        synced && self.alive(now)
+        let (synced, refused) = {
+            let proxy = lock(&self.proxy);
+            (proxy.synced, proxy.not_ready_reason.is_some())
+        };
+        synced && !refused && self.alive(now)
+    }
+
+    fn not_ready_reason(&self) -> Option<String> {
+        lock(&self.proxy).not_ready_reason.clone()
     }
 
     fn count(&self, endpoint: &'static str, status: StatusCode) {
@@ -680,10 +697,14 @@ fn node_response(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
             let ready = shared.ready(health.now);
             let (status, last_updated) = node_status(&health, ready);
             shared.count("readyz", status);
+            let reason = shared
+                .not_ready_reason()
+                .map(|r| format!(r#", "reason": {}"#, quote(&r)))
+                .unwrap_or_default();
             json_response(
                 status,
                 format!(
-                    r#"{{"lastUpdated": "{}","currentTime": "{}", "ready": {ready}}}"#,
+                    r#"{{"lastUpdated": "{}","currentTime": "{}", "ready": {ready}{reason}}}"#,
                     format_time(last_updated),
                     format_time(Some(health.now)),
                 ),
@@ -1211,6 +1232,16 @@ mod tests {
         assert_eq!(get(port, "/readyz").await.status, 200);
         server.set_datapath_attached(false);
         assert_eq!(get(port, "/readyz").await.status, 503);
+        server.set_datapath_attached(true);
+        assert_eq!(get(port, "/readyz").await.status, 200);
+        server.set_not_ready_reason(Some("pinned datapath incompatible".into()));
+        let refused = get(port, "/readyz").await;
+        assert_eq!(refused.status, 503);
+        assert_eq!(refused.json()["reason"], "pinned datapath incompatible");
+        assert_eq!(get(port, "/livez").await.status, 200);
+        server.set_not_ready_reason(None);
+        assert_eq!(get(port, "/readyz").await.status, 200);
+        server.set_datapath_attached(false);
         server.shutdown().await;
     }
 

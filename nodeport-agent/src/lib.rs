@@ -20,6 +20,7 @@ pub mod privileges;
 pub mod refusals;
 pub mod source;
 pub mod status;
+pub mod switch;
 pub mod sync;
 #[cfg(test)]
 mod test_support;

@@ -158,7 +158,13 @@ fn dump_maps(
 }
 
 fn show_status(bpffs_dir: PathBuf, output: OutputFormat) -> anyhow::Result<ExitCode> {
-    let view = status::read(&PinDir::new(&bpffs_dir))
+    let pins = PinDir::new(&bpffs_dir);
+    // Switched off: no pin is left, and that is the state to report.
+    if let Some(off) = status::switched_off(&pins) {
+        output::print(&output.render(&off, |_| off.render())?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let view = status::read(&pins)
         .with_context(|| format!("no nodeport datapath pinned at {}", bpffs_dir.display()))?;
     output::print(&output.render(&view, |wide| view.render(wide))?)?;
     Ok(ExitCode::SUCCESS)
@@ -260,19 +266,23 @@ async fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Run(args) => agent::run(*args).await.map(|()| ExitCode::SUCCESS),
-        Command::Detach { bpffs_dir } => datapath::detach(&bpffs_dir)
-            .map_err(anyhow::Error::from)
-            .and_then(|removed| {
-                let mut text = String::new();
-                if removed.is_empty() {
-                    text = format!("nothing pinned at {}\n", bpffs_dir.display());
-                }
-                for r in removed {
-                    text.push_str(&format!("removed {r}\n"));
-                }
-                output::print(&text)?;
-                Ok(ExitCode::SUCCESS)
-            }),
+        Command::Detach { bpffs_dir } => {
+            // The switch's record goes too: nothing of nodeport's is left.
+            nodeport_agent::switch::remove(&bpffs_dir);
+            datapath::detach(&bpffs_dir)
+                .map_err(anyhow::Error::from)
+                .and_then(|removed| {
+                    let mut text = String::new();
+                    if removed.is_empty() {
+                        text = format!("nothing pinned at {}\n", bpffs_dir.display());
+                    }
+                    for r in removed {
+                        text.push_str(&format!("removed {r}\n"));
+                    }
+                    output::print(&text)?;
+                    Ok(ExitCode::SUCCESS)
+                })
+        }
         Command::Dump {
             bpffs_dir,
             output,

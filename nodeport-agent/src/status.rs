@@ -26,6 +26,43 @@ pub struct Status {
     /// (`too_many_backends`, `map_full`, `map_error`, `io_error`) and health-check node ports
     /// it cannot bind (`health_check_port_unserved`, the port).
     pub failing: Vec<NotProgrammed>,
+    /// Where the running agent's `--datapath-switch` has the datapath: `on`, or `draining`
+    /// (established connections only; new ones go to kube-proxy). `None`: not recorded.
+    pub datapath_switch: Option<String>,
+    /// Why the running agent refused to adopt this datapath (other sizing flags, another
+    /// layout), one difference each; empty when it did not. The datapath keeps forwarding.
+    pub incompatible: Vec<String>,
+}
+
+/// `status` while the datapath is switched off: detached, nothing pinned but the record.
+#[derive(Debug, Serialize)]
+pub struct SwitchedOff {
+    pub version: &'static str,
+    pub bpffs_dir: String,
+    pub datapath_switch: &'static str,
+}
+
+impl SwitchedOff {
+    pub fn render(&self) -> String {
+        format!(
+            "nodeport-agent {} (this binary)\npins       {}\nswitch     off (--datapath-switch): \
+             detached, kube-proxy carries the node ports; switch it \"on\" to attach it again\n",
+            self.version, self.bpffs_dir
+        )
+    }
+}
+
+/// The switched-off status, when the agent recorded `off` and no map is pinned.
+pub fn switched_off(pins: &PinDir) -> Option<SwitchedOff> {
+    let off = crate::switch::recorded(&pins.root) == Some(crate::switch::DatapathState::Off);
+    let pinned = nodeport_common::names::ALL
+        .iter()
+        .any(|name| pins.map(name).exists());
+    (off && !pinned).then(|| SwitchedOff {
+        version: env!("CARGO_PKG_VERSION"),
+        bpffs_dir: pins.root.display().to_string(),
+        datapath_switch: "off",
+    })
 }
 
 #[derive(Debug, Serialize)]
@@ -109,6 +146,8 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
             .into_iter()
             .map(|(kind, object)| NotProgrammed { kind, object })
             .collect(),
+        datapath_switch: crate::switch::recorded(&pins.root).map(|s| s.label().to_owned()),
+        incompatible: datapath::layout::refusal(&pins.root),
     })
 }
 
@@ -165,6 +204,27 @@ impl Status {
         let mut out = String::new();
         let _ = writeln!(out, "nodeport-agent {} (this binary)", self.version);
         let _ = writeln!(out, "pins       {}", self.bpffs_dir);
+        match self.datapath_switch.as_deref() {
+            Some("draining") => out.push_str(
+                "switch     draining (--datapath-switch off): established connections only, \
+                 new ones go to kube-proxy; detached when none is left\n",
+            ),
+            Some(state) => {
+                let _ = writeln!(out, "switch     {state}");
+            }
+            None => {}
+        }
+        if !self.incompatible.is_empty() {
+            let _ = writeln!(
+                out,
+                "REFUSED    pinned datapath incompatible: {}; it keeps forwarding, the agent \
+                 programs nothing. To apply: `nodeport-agent detach --bpffs-dir {}` (cuts the \
+                 connections through it; the agent then restarts and creates the datapath anew), \
+                 or restart the agent with the flags the datapath was created with",
+                self.incompatible.join("; "),
+                self.bpffs_dir
+            );
+        }
         match &self.agent {
             None => out.push_str("agent      none has synced this datapath yet\n"),
             Some(a) => {

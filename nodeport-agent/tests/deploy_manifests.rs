@@ -771,21 +771,15 @@ fn check_packaging(m: &Manifests) {
         "{}: the ConfigMap's datapath key installs the datapath on",
         m.origin
     );
-    // Once the agent has the flag that watches it (another change, see configmap.yaml's
-    // TODO), config.yaml must point it at that file; until then the agent refuses the key.
-    let has_switch = run_command()
-        .get_arguments()
-        .any(|a| a.get_long() == Some("datapath-switch"));
-    if has_switch {
-        let expected = file.mount.join("datapath");
-        assert_eq!(
-            keys.get("datapath-switch").and_then(Value::as_str),
-            expected.to_str(),
-            "{}: the agent has --datapath-switch: config.yaml must set datapath-switch: {}",
-            m.origin,
-            expected.display()
-        );
-    }
+    // config.yaml points the agent's watcher at that file.
+    let expected = file.mount.join("datapath");
+    assert_eq!(
+        keys.get("datapath-switch").and_then(Value::as_str),
+        expected.to_str(),
+        "{}: config.yaml must set datapath-switch: {}",
+        m.origin,
+        expected.display()
+    );
 
     // The image: named nodeport-agent, tagged with this agent's version.
     let image = container.image.as_deref().expect("an image");

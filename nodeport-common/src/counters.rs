@@ -80,6 +80,13 @@ counters! {
     /// A later IPv4 fragment (no ports of its own) of a datagram whose first fragment was
     /// not nodeport's: it follows its first fragment to the kernel, untouched.
     PassedLaterFragment = 16, Passed, "later_fragment";
+    /// A TCP segment to a frontend that belongs to no nodeport connection and is not a SYN
+    /// (an ACK, data, a FIN, an RST, a SYN-ACK): only a SYN starts a connection, so one
+    /// kube-proxy carries (opened while the datapath was off) stays with the kernel.
+    PassedNotSyn = 17, Passed, "not_syn";
+    /// The first packet of a new connection while the datapath drains (`--datapath-switch`
+    /// off): left to the kernel, where kube-proxy's rules take it.
+    PassedDraining = 18, Passed, "draining";
 
     /// The FIB lookup could not decide (no route, not forwarding, ...): the packet goes to the
     /// kernel stack, which will route it or answer with ICMP. Translated, except the first

@@ -69,6 +69,12 @@ pub mod programs {
     pub const TC_NEW_CONNECTION: &str = "np_tc_new";
     /// A bare XDP_PASS program, the baseline of `cargo xtask bench`.
     pub const XDP_PASS: &str = "np_xdp_pass";
+    /// Put in [`super::PROG_SLOT_NEW_CONNECTION`] instead of [`XDP_NEW_CONNECTION`] while the
+    /// datapath drains: a new connection's first packet goes to the kernel (counted
+    /// `draining`), established connections carry on untouched.
+    pub const XDP_DRAIN: &str = "np_xdp_drain";
+    /// The same for the TC hook, instead of [`TC_NEW_CONNECTION`] in `NP_TC_PROGS`.
+    pub const TC_DRAIN: &str = "np_tc_drain";
 }
 
 /// Slot of `NP_PROGS` (a program array) holding [`programs::XDP_NEW_CONNECTION`].

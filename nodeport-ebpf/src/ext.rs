@@ -314,13 +314,12 @@ fn new_connection<C: Frame>(
     fe: &Frontend,
     now: u64,
 ) -> Result<(Tuple, Route, bool), Counter> {
-    if flow.is_tcp() {
-        let f = flow.tcp_flags;
-        // An RST has nothing to reset and a SYN-ACK answers nothing: neither starts a
-        // connection (nf_conntrack calls them INVALID, and kube-proxy drops INVALID).
-        if f & TCP_RST != 0 || (f & TCP_SYN != 0 && f & TCP_ACK != 0) {
-            return Err(Counter::DroppedCtInvalid);
-        }
+    // Only a SYN starts a TCP connection. Any other segment without an entry (an ACK, data,
+    // a FIN, an RST, a SYN-ACK) is the kernel's: a connection kube-proxy carries (opened while
+    // the datapath was off, or before it was attached) stays with kube-proxy's nf_conntrack,
+    // and what nobody knows is INVALID there, which kube-proxy drops.
+    if flow.is_tcp() && flow.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN {
+        return Err(Counter::PassedNotSyn);
     }
     if select::martian_source(flow.saddr_be) {
         return Err(Counter::DroppedMartianSource);

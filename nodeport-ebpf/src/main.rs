@@ -40,6 +40,15 @@ pub fn np_xdp_new(ctx: XdpContext) -> u32 {
     XdpContext::verdict(ext::process_new(&ctx))
 }
 
+/// In `np_xdp_new`'s slot while the datapath drains (`--datapath-switch` off): a new
+/// connection's first packet goes to the kernel, where kube-proxy's rules take it. Swapping the
+/// slot leaves the established path (and its stack) as it is.
+#[xdp]
+pub fn np_xdp_drain(_ctx: XdpContext) -> u32 {
+    stats::count(nodeport_common::Counter::PassedDraining);
+    xdp_action::XDP_PASS
+}
+
 /// Runs the external path in XDP and counts the packet's fate.
 #[inline(always)]
 fn xdp_ext_verdict(ctx: &XdpContext) -> u32 {
@@ -66,6 +75,13 @@ pub fn np_tc_ext_nat(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn np_tc_new(ctx: TcContext) -> i32 {
     TcContext::verdict(ext::process_new(&ctx)) as i32
+}
+
+/// `np_xdp_drain` for the TC hook, in `np_tc_new`'s slot while the datapath drains.
+#[classifier]
+pub fn np_tc_drain(_ctx: TcContext) -> i32 {
+    stats::count(nodeport_common::Counter::PassedDraining);
+    TC_ACT_UNSPEC
 }
 
 /// TC ingress on pod-facing interfaces.

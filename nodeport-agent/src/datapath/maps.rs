@@ -139,9 +139,10 @@ impl Maps {
         };
         if sizing.maglev_blocks() * maglev_size != maglev_slots {
             return Err(DatapathError::IncompatiblePin {
-                path: pins.map(names::MAGLEV),
+                root: pins.root.clone(),
                 difference: format!(
-                    "{maglev_slots} slots do not fit {services} services of {maglev_size}"
+                    "{}: {maglev_slots} slots do not fit {services} services of {maglev_size}",
+                    names::MAGLEV
                 ),
             });
         }
@@ -312,49 +313,43 @@ impl MapSpec {
     }
 }
 
-/// Checks every pinned map under `pins` against `specs` before anything is created or changed.
-/// A pinned datapath of another map layout (an older version: `NP_CT` an LRU of 56-byte
-/// values, no `NP_CT_NEW`, ...) is refused with every difference named and the way out; one
-/// that differs only in max entries was made with other sizing flags.
-pub fn check_pins(specs: &[MapSpec], pins: &super::PinDir) -> Result<()> {
-    let mut layout_changed = false;
-    // Every map's differences, for the old-layout error.
-    let mut all = Vec::new();
-    let mut missing = Vec::new();
-    let mut present = 0;
-    let mut first_sizing = None;
+/// How the maps pinned under a directory compare with this agent's specs.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PinComparison {
+    /// Maps pinned.
+    pub present: usize,
+    /// Maps of this agent not pinned (while others are).
+    pub missing: Vec<&'static str>,
+    /// Per map, type, key or value size or flags that differ: another version's layout.
+    pub layout: Vec<String>,
+    /// Per map, max entries that differ: other sizing flags (or another version's defaults).
+    pub sizing: Vec<String>,
+}
+
+/// Compares every pinned map under `pins` with `specs`, before anything is created or changed.
+pub fn compare_pins(specs: &[MapSpec], pins: &super::PinDir) -> Result<PinComparison> {
+    let mut c = PinComparison::default();
     for spec in specs {
-        let path = pins.map(spec.name);
-        match spec.pin_differences(&path)? {
+        match spec.pin_differences(&pins.map(spec.name))? {
             // A program array holds no state: one an older datapath did not have is created
             // (NP_TC_PROGS, new with the TC external hook).
             None if spec.map_type == MapType::ProgramArray => {}
-            None => missing.push(spec.name),
+            None => c.missing.push(spec.name),
             Some(d) => {
-                present += 1;
-                layout_changed |= !d.layout.is_empty();
-                let both = [d.layout, d.sizing.clone()].concat();
-                if !both.is_empty() {
-                    all.push(format!("{}: {}", spec.name, both.join(", ")));
+                c.present += 1;
+                if !d.layout.is_empty() {
+                    c.layout
+                        .push(format!("{}: {}", spec.name, d.layout.join(", ")));
                 }
-                if !d.sizing.is_empty() && first_sizing.is_none() {
-                    first_sizing = Some((path, d.sizing.join(", ")));
+                if !d.sizing.is_empty() {
+                    c.sizing
+                        .push(format!("{}: {}", spec.name, d.sizing.join(", ")));
                 }
             }
         }
     }
-    if present > 0 && !missing.is_empty() {
-        layout_changed = true;
-        all.push(format!("no {}", missing.join(", ")));
+    if c.present == 0 {
+        c.missing.clear();
     }
-    if layout_changed {
-        return Err(DatapathError::OldLayout {
-            root: pins.root.clone(),
-            differences: all.join("; "),
-        });
-    }
-    if let Some((path, difference)) = first_sizing {
-        return Err(DatapathError::IncompatiblePin { path, difference });
-    }
-    Ok(())
+    Ok(c)
 }

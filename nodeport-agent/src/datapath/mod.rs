@@ -12,6 +12,7 @@ pub mod census;
 mod clock;
 pub mod conntrack;
 pub mod ethtool;
+pub mod layout;
 mod lock;
 mod maps;
 mod mmap;
@@ -33,7 +34,7 @@ pub use census::{ConntrackCensus, Fill, MapFill, SnatCensus, TableCensus};
 pub use clock::{jiffies_now, kernel_hz};
 pub use conntrack::{CtRecord, CtTable};
 pub use lock::{LockError, PinLock};
-pub use maps::{MapSpec, Maps, map_specs};
+pub use maps::{MapSpec, Maps, PinComparison, compare_pins, map_specs};
 pub use mmap::MmapArray;
 pub use start::StartGuard;
 
@@ -89,13 +90,28 @@ pub enum DatapathError {
     #[error("bpffs: {0}")]
     Bpffs(String),
     #[error(
-        "the pinned map {path} does not match this agent: {difference}. It was created by another \
-         version or with other sizing flags (--max-services, --max-backends, --max-frontends, \
+        "the datapath pinned at {root} has other map sizes than this agent's flags ({difference}). \
+         It was created with other sizing flags (--max-services, --max-backends, --max-frontends, \
          --max-source-ranges, --conntrack-size, --conntrack-handshake-size, --affinity-size, \
-         --maglev-table-size): start with the sizing it was created with, or run \
-         `nodeport-agent detach` to remove the old datapath (this drops established connections)"
+         --maglev-table-size) or another version's defaults. Nothing was changed: the old \
+         datapath keeps forwarding. To apply the new sizing, run `nodeport-agent detach \
+         --bpffs-dir {root}` on the node, then restart the agent (connections through the old \
+         datapath are cut; new ones go to kube-proxy until the agent has programmed the node); \
+         or start the agent with the sizing the datapath was created with"
     )]
-    IncompatiblePin { path: PathBuf, difference: String },
+    IncompatiblePin { root: PathBuf, difference: String },
+    #[error(
+        "the datapath pinned at {root} has map layout version {found}; this agent writes \
+         version {expected} and migrates none. Nothing was changed: the old datapath keeps \
+         forwarding. To switch, run `nodeport-agent detach --bpffs-dir {root}` on the node, then \
+         restart the agent (connections through the old datapath are cut; new ones go to \
+         kube-proxy until the agent has programmed the node)"
+    )]
+    LayoutVersion {
+        root: PathBuf,
+        found: u32,
+        expected: u32,
+    },
     #[error(
         "the datapath pinned at {root} was created by an older nodeport version with another \
          map layout ({differences}); this agent cannot adopt it. Nothing was changed: the old \
@@ -128,6 +144,17 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl DatapathError {
+    /// A pinned datapath this agent will not adopt (other sizing, layout or layout version):
+    /// it is left forwarding, and the agent keeps running, not ready, saying what to do.
+    pub fn is_incompatible_pins(&self) -> bool {
+        matches!(
+            self,
+            Self::IncompatiblePin { .. } | Self::OldLayout { .. } | Self::LayoutVersion { .. }
+        )
+    }
 }
 
 pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
@@ -190,7 +217,12 @@ impl Datapath {
             bpffs::ensure_mounted(&pins.root)?;
             create_dir(&pins.maps())?;
             create_dir(&pins.links())?;
-            maps::check_pins(&specs, pins)?;
+            let found = compare_pins(&specs, pins)?;
+            if let layout::Adoption::Refuse(refusal) =
+                layout::decide(layout::recorded(&pins.root), &found)
+            {
+                return Err(refusal.into_error(&pins.root));
+            }
         }
 
         let mut loader = EbpfLoader::new();
@@ -214,13 +246,24 @@ impl Datapath {
             pins,
         };
         datapath.load_programs()?;
+        if let Some(pins) = &datapath.pins {
+            layout::record(&pins.root).map_err(|source| DatapathError::Io {
+                context: format!("recording the layout version under {}", pins.root.display()),
+                source,
+            })?;
+        }
         Ok(datapath)
     }
 
     fn load_programs(&mut self) -> Result<()> {
         use aya::programs::{SchedClassifier, Xdp};
-        use nodeport_common::{names, programs as p};
-        for name in [p::XDP_EXTERNAL, p::XDP_NEW_CONNECTION, p::XDP_PASS] {
+        use nodeport_common::programs as p;
+        for name in [
+            p::XDP_EXTERNAL,
+            p::XDP_NEW_CONNECTION,
+            p::XDP_PASS,
+            p::XDP_DRAIN,
+        ] {
             let prog: &mut Xdp = self.program_mut(name)?;
             prog.load().map_err(|source| DatapathError::Program {
                 program: name,
@@ -231,6 +274,7 @@ impl Datapath {
             p::TC_EXTERNAL,
             p::TC_EXTERNAL_NAT,
             p::TC_NEW_CONNECTION,
+            p::TC_DRAIN,
             p::TC_POD,
         ] {
             let prog: &mut SchedClassifier = self.program_mut(name)?;
@@ -242,13 +286,24 @@ impl Datapath {
         // The slot each external program tail-calls for a new connection (one array per
         // program type). The arrays are pinned with the maps, so an attached program keeps
         // finding its new-connection program across agent restarts; a new agent puts its own in.
-        let xdp_new = self.program_mut::<Xdp>(p::XDP_NEW_CONNECTION)?.fd();
-        let xdp_new = program_fd(p::XDP_NEW_CONNECTION, xdp_new)?;
-        let tc_new = self
-            .program_mut::<SchedClassifier>(p::TC_NEW_CONNECTION)?
-            .fd();
-        let tc_new = program_fd(p::TC_NEW_CONNECTION, tc_new)?;
-        for (array, program) in [(names::PROGRAMS, xdp_new), (names::TC_PROGRAMS, tc_new)] {
+        self.set_new_connections(true)?;
+        Ok(())
+    }
+
+    /// Whether new connections start here (`np_xdp_new`, `np_tc_new` in the tail-call slots)
+    /// or go to the kernel (`np_xdp_drain`, `np_tc_drain`, while draining). Established
+    /// connections are not affected.
+    pub fn set_new_connections(&mut self, take: bool) -> Result<()> {
+        use aya::programs::{SchedClassifier, Xdp};
+        use nodeport_common::{names, programs as p};
+        let (xdp, tc) = if take {
+            (p::XDP_NEW_CONNECTION, p::TC_NEW_CONNECTION)
+        } else {
+            (p::XDP_DRAIN, p::TC_DRAIN)
+        };
+        let xdp_fd = program_fd(xdp, self.program_mut::<Xdp>(xdp)?.fd())?;
+        let tc_fd = program_fd(tc, self.program_mut::<SchedClassifier>(tc)?.fd())?;
+        for (array, program) in [(names::PROGRAMS, xdp_fd), (names::TC_PROGRAMS, tc_fd)] {
             // The arrays stay in the object (only written here, and pinned by the loader).
             let map = self
                 .ebpf
@@ -341,6 +396,22 @@ fn raise_memlock_limit() {
     }
 }
 
+/// Why this agent (with `sizing`) would refuse the datapath pinned under `root`, if it would.
+pub fn refusal(sizing: &Sizing, root: &Path) -> Option<layout::Refusal> {
+    let pins = PinDir::new(root);
+    let found = compare_pins(&map_specs(sizing), &pins).ok()?;
+    match layout::decide(layout::recorded(root), &found) {
+        layout::Adoption::Refuse(r) => Some(r),
+        _ => None,
+    }
+}
+
+/// Whether any map of the datapath is pinned under `root`.
+pub fn anything_pinned(root: &Path) -> bool {
+    let pins = PinDir::new(root);
+    names::ALL.iter().any(|name| pins.map(name).exists())
+}
+
 /// Removes everything pinned under `root`: links first (which detaches the programs from the
 /// interfaces), then the maps. Missing pieces are not an error: detach is idempotent.
 pub fn detach(root: &Path) -> Result<Vec<String>> {
@@ -360,6 +431,8 @@ pub fn detach(root: &Path) -> Result<Vec<String>> {
         }
     }
     notices::remove(&pins.root);
+    layout::remove(&pins.root);
+    layout::remove_refusal(&pins.root);
     for dir in [pins.maps(), pins.links(), pins.root.clone()] {
         // Only empty directories go; anything else someone put there stays.
         let _ = std::fs::remove_dir(dir);

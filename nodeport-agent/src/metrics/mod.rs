@@ -146,6 +146,8 @@ pub struct Metrics {
     pub gc_seconds: Gauge<f64, AtomicU64>,
     /// When the last sweep finished (Unix time).
     pub gc_last: Gauge<f64, AtomicU64>,
+    /// Where the datapath is (`--datapath-switch`): 1 for the current state.
+    pub datapath_state: Family<StateLabels, Gauge>,
 }
 
 impl Metrics {
@@ -162,6 +164,7 @@ impl Metrics {
             gc_deleted: Family::default(),
             gc_seconds: Gauge::default(),
             gc_last: Gauge::default(),
+            datapath_state: Family::default(),
         };
         registry.register_collector(Box::new(process::ProcessCollector));
         for reason in SYNC_FAILURE_REASONS {
@@ -175,6 +178,7 @@ impl Metrics {
             });
         }
         m.set_notices(&BTreeMap::new());
+        m.set_datapath_state(crate::switch::DatapathState::On);
         let r = registry.sub_registry_with_prefix("nodeport");
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info
@@ -239,11 +243,30 @@ impl Metrics {
             m.gc_seconds.clone(),
         );
         r.register(
+            "datapath_state",
+            "Where the datapath is (--datapath-switch): 1 for the current state, 0 for the \
+             others. on: attached; draining: attached, established connections only, new ones \
+             go to kube-proxy; off: detached, kube-proxy carries the node ports",
+            m.datapath_state.clone(),
+        );
+        r.register(
             "conntrack_gc_last_sweep_timestamp_seconds",
             "When the last sweep of the connection tables finished (Unix time)",
             m.gc_last.clone(),
         );
         m
+    }
+
+    /// Sets `nodeport_datapath_state`: 1 for `state`, 0 for the others (every state has a
+    /// series, so a query never finds none).
+    pub fn set_datapath_state(&self, state: crate::switch::DatapathState) {
+        for s in crate::switch::DatapathState::ALL {
+            self.datapath_state
+                .get_or_create(&StateLabels {
+                    state: s.label().into(),
+                })
+                .set(i64::from(s == state));
+        }
     }
 
     /// Records a sweep of the conntrack collector.
@@ -693,6 +716,11 @@ impl Sampling {
             sampler: Mutex::new(sampler),
             completed: AtomicU64::new(0),
         }
+    }
+
+    /// Reads `maps` from now on (the datapath was attached again: new maps).
+    pub fn replace_maps(&self, maps: Maps) {
+        self.sampler.lock().expect("not poisoned").maps = maps;
     }
 
     /// Samples, unless another scrape's sample completed while this one waited for it.
