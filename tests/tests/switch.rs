@@ -85,7 +85,37 @@ fn maps_pinned(pins: &Path) -> bool {
 #[test]
 #[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
 fn switching_off_drains_detaches_and_back_on_leaves_kube_proxys_connections() -> Result<()> {
-    let mut lab = Lab::new("sw")?;
+    round_trip("xdp")
+}
+
+/// The same with the TC hook (the agent's choice on a veth node).
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn switching_off_and_on_works_with_the_tc_hook_too() -> Result<()> {
+    round_trip("tc")
+}
+
+/// The external program attached to ext0, as `status` reads it from the kernel's links.
+fn ext0_program(lab: &Lab) -> Result<Option<String>> {
+    let status = lab.status()?;
+    Ok(status["attachments"]
+        .as_array()
+        .context("attachments")?
+        .iter()
+        .filter(|a| a["interface"] == "ext0")
+        .filter_map(|a| a["program"].as_str())
+        .find(|p| p.starts_with("np_xdp") || *p == "np_tc_ext_nat")
+        .map(str::to_owned))
+}
+
+fn round_trip(hook: &str) -> Result<()> {
+    let program = if hook == "xdp" {
+        "np_xdp_ext"
+    } else {
+        "np_tc_ext_nat"
+    };
+    let mut lab = Lab::new(&format!("sw{}", &hook[..1]))?;
+    lab.agent_args(&["--external-hook", hook]);
     lab.add_pod("a", 1, 10)?;
     lab.add_pod("decoy", 1, 11)?;
     let decoy = lab.pod("decoy").endpoint();
@@ -156,7 +186,7 @@ fn switching_off_drains_detaches_and_back_on_leaves_kube_proxys_connections() ->
         "the established connection moved"
     );
     // It is still open: the datapath is still attached.
-    ensure!(maps_pinned(lab.pins.path()) && lab.node1_xdp_program()?.is_some());
+    ensure!(maps_pinned(lab.pins.path()) && ext0_program(&lab)?.as_deref() == Some(program));
 
     // The last nodeport connection closes: the datapath goes, the agent stays, ready.
     drop(long_lived);
@@ -168,8 +198,8 @@ fn switching_off_drains_detaches_and_back_on_leaves_kube_proxys_connections() ->
     })?;
     ensure!(!maps_pinned(lab.pins.path()), "maps still pinned");
     ensure!(
-        lab.node1_xdp_program()?.is_none(),
-        "XDP still attached to ext0"
+        lab.node1_xdp_program()?.is_none() && !lab.pins.path().join("links").exists(),
+        "the datapath is still attached to ext0"
     );
     ensure!(datapath_state(&lab)?.as_deref() == Some("off"));
     ensure!(state_gauge(&lab, "off")? == 1.0 && state_gauge(&lab, "draining")? == 0.0);
