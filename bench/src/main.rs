@@ -67,7 +67,7 @@ use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf};
 use anyhow::{Context, Result, ensure};
 use nodeport_agent::datapath::{Datapath, Sizing, conntrack::CtTable};
 use nodeport_common::{
-    CT_DIR_FORWARD, Counter, CtEntry, CtKey, DatapathConfig, IPPROTO_TCP,
+    CT_DIR_FORWARD, Counter, CtEntry, CtKey, DatapathConfig, IPPROTO_TCP, IPPROTO_UDP,
     bench::{BenchTemplate, FRAME_LEN, TEMPLATE_MAP, programs as bench_programs},
     programs,
 };
@@ -110,6 +110,15 @@ struct Row {
     new_flow_local_direct: f64,
     /// A new client every repetition to a remote backend (SNAT port search), LRU churning.
     new_flow_remote: f64,
+    /// The TC hook (`np_tc_ext_nat`) on the same established connections: its cost beyond the
+    /// TC restore-only program (which is what a bare TC program plus the restore costs).
+    tc_established_remote: f64,
+    tc_established_local: f64,
+    tc_restore: f64,
+    /// A UDP flow to a local pod, unfragmented, and the two fragments of one of its datagrams.
+    udp_local: f64,
+    first_fragment_local: f64,
+    later_fragment_local: f64,
     /// The action the remote new flows ended with (XDP_TX, or XDP_DROP once SNAT ports ran out).
     new_flow_remote_action: u32,
     /// The share of those SYNs dropped for want of a SNAT port.
@@ -190,6 +199,10 @@ fn vip(i: u32) -> String {
 
 const CLIENT_PORT: u16 = 40000;
 const LOCAL_POD: &str = "198.18.1.10:8080";
+const LOCAL_UDP_POD: &str = "198.18.1.10:5353";
+/// TC verdicts as BPF_PROG_TEST_RUN reports them: TC_ACT_UNSPEC (-1) and TC_ACT_REDIRECT.
+const TC_PASS: u32 = u32::MAX;
+const TC_REDIRECT: u32 = TC_ACT_REDIRECT as u32;
 
 fn remote_backend(i: u32) -> String {
     format!("198.18.2.{}:8080", 1 + i % 250)
@@ -223,6 +236,8 @@ struct Scenario {
     repeat: u32,
     /// Empty the handshake table (`NP_CT_NEW`) before each run.
     clear_handshake: bool,
+    /// A TC program (BPF_PROG_TEST_RUN of an skb) rather than XDP.
+    tc: bool,
 }
 
 impl Scenario {
@@ -234,6 +249,15 @@ impl Scenario {
             expect: Some(expect),
             repeat: REPEAT,
             clear_handshake: false,
+            tc: false,
+        }
+    }
+
+    /// A TC program behind the TC entry point that restores `frame` first.
+    fn tc_restored(program: &'static str, frame: &[u8], expect: u32) -> Self {
+        Self {
+            tc: true,
+            ..Self::restored(program, frame, false, expect)
         }
     }
 
@@ -306,8 +330,14 @@ fn measure_all(
                 clear_handshake(fx)?;
             }
             let before = snat_drops(fx)?;
-            let prog = fx.dp.xdp_program(s.program)?;
-            let run = run_xdp(prog, &topo.ns, topo.ext_ifindex, &s.frame, s.repeat)?;
+            let (action, duration) = if s.tc {
+                let prog = fx.dp.tc_program(s.program)?;
+                run_tc(prog, topo, &s.frame, s.repeat)?
+            } else {
+                let prog = fx.dp.xdp_program(s.program)?;
+                let run = run_xdp(prog, &topo.ns, topo.ext_ifindex, &s.frame, s.repeat)?;
+                (run.action, run.duration)
+            };
             // The first round fills the tables: the share is that of the rounds after it.
             if round > 0 {
                 drops[i] += snat_drops(fx)? - before;
@@ -317,14 +347,13 @@ fn measure_all(
                 && std::env::var_os("NODEPORT_BENCH_ANY_ACTION").is_none()
             {
                 ensure!(
-                    run.action == expect,
-                    "{}: action {} (expected {expect})",
+                    action == expect,
+                    "{}: action {action} (expected {expect})",
                     s.program,
-                    run.action,
                 );
             }
-            actions[i] = run.action;
-            samples[i].push(run.duration.as_nanos() as f64);
+            actions[i] = action;
+            samples[i].push(duration.as_nanos() as f64);
         }
     }
     Ok(samples
@@ -339,6 +368,56 @@ fn measure_all(
                 / (f64::from(s.repeat) * rounds().saturating_sub(1).max(1) as f64),
         })
         .collect())
+}
+
+/// BPF_PROG_TEST_RUN of a TC program on `frame` as received on ext0, `repeat` times: its
+/// verdict and the kernel's mean time per repetition.
+fn run_tc(
+    prog: &mut aya::programs::SchedClassifier,
+    topo: &Topology,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<(u32, std::time::Duration)> {
+    use aya::programs::{TestRun, TestRunOptions};
+    let ifindex = topo.ext_ifindex;
+    topo.ns.run(|| {
+        let mut ctx = [0u8; 192];
+        // struct __sk_buff: ingress_ifindex at 36, ifindex at 40.
+        ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..TestRunOptions::default()
+        })?;
+        Ok((result.return_value, result.duration))
+    })?
+}
+
+/// A UDP datagram to a local pod's frontend, 64 bytes on the wire, and the two fragments of a
+/// longer one, each padded to 64 bytes (Ethernet padding: the IPv4 total length is shorter).
+fn udp_frames(frontend: &str) -> Result<[Vec<u8>; 3]> {
+    let datagram = |len: usize| {
+        Pkt::udp(sa("198.18.0.100:40000"), sa(frontend))
+            .macs(CLIENT_MAC, EXT_MAC)
+            .payload(&vec![b'u'; len])
+            .may_fragment()
+            .bytes()
+    };
+    let whole = datagram(FRAME_LEN - 42);
+    let fragments = nodeport_tests::packet::fragment(&datagram(40), 24);
+    ensure!(fragments.len() == 2, "{} fragments", fragments.len());
+    let pad = |mut f: Vec<u8>| {
+        f.resize(FRAME_LEN, 0);
+        f
+    };
+    let mut it = fragments.into_iter();
+    let first = pad(it.next().expect("two"));
+    let later = pad(it.next().expect("two"));
+    Ok([whole, first, later])
 }
 
 /// The production SNAT ranges (the agent's default `--snat-port-range`): 33,512 ports.
@@ -459,6 +538,18 @@ fn bench_at(object: &[u8], topo: &Topology, n: u32) -> Result<Row> {
     ] {
         dp.load_extra_xdp(p)?;
     }
+    for p in [bench_programs::TC_EXTERNAL, bench_programs::TC_RESTORE_ONLY] {
+        dp.load_extra_tc(p)?;
+    }
+    // The TC entry points tail-call the production program (slot 0) and a trivial one (1).
+    let tc_programs = dp
+        .take_extra_map(nodeport_common::bench::TC_PROGRAMS_MAP)
+        .context("the bench object has no TC program array")?;
+    let mut tc_programs = aya::maps::ProgramArray::try_from(tc_programs)?;
+    for (slot, name) in [(0, programs::TC_EXTERNAL_NAT), (1, programs::TC_DRAIN)] {
+        let fd = dp.tc_program(name)?.fd()?.try_clone()?;
+        tc_programs.set(slot, &fd, 0)?;
+    }
     let map = dp
         .take_extra_map(TEMPLATE_MAP)
         .context("the bench object has no template map")?;
@@ -476,14 +567,23 @@ fn bench_at(object: &[u8], topo: &Topology, n: u32) -> Result<Row> {
         IPPROTO_TCP,
         vec![local(n + 1, LOCAL_POD)],
     ))?;
+    // A UDP service with a local pod, for datagrams and fragments.
+    fx.add_service(&ServiceSpec::new(
+        n + 1,
+        &vip(n + 1),
+        IPPROTO_UDP,
+        vec![local(n + 2, LOCAL_UDP_POD)],
+    ))?;
+    let [udp_frame, first_fragment, later_fragment] = udp_frames(&vip(n + 1))?;
 
     // Established: opened by a handshake, so in NP_CT; the repetitions are data packets.
     let remote_frame = frame(CLIENT_PORT, &vip(n / 2), ACK);
     let local_frame = frame(CLIENT_PORT, &vip(n), ACK);
     establish(&mut fx, topo, &vip(n / 2), &remote_backend(n / 2), false)?;
     establish(&mut fx, topo, &vip(n), LOCAL_POD, true)?;
-    // A connection whose first packet was a lone ACK: never answered, it stays in NP_CT_NEW.
-    let unanswered_frame = frame(CLIENT_PORT + 1, &vip(n), ACK);
+    // A connection whose SYN the backend never answered: it stays in NP_CT_NEW, and the
+    // repetitions are its retransmitted SYN. (A lone ACK starts no connection: `not_syn`.)
+    let unanswered_frame = frame(CLIENT_PORT + 1, &vip(n), SYN);
     fx.xdp(topo, &unanswered_frame)?;
     let new_local = frame(CLIENT_PORT, &vip(n), SYN);
     let new_remote = frame(CLIENT_PORT, &vip(n / 2), SYN);
@@ -545,6 +645,24 @@ fn bench_at(object: &[u8], topo: &Topology, n: u32) -> Result<Row> {
             repeat: REMOTE_NEW_REPEAT,
             ..Scenario::restored(bench_programs::XDP_EXTERNAL, &new_remote, true, XDP_TX)
         },
+        // The TC hook on the same established connections, and its restore-only baseline.
+        Scenario::tc_restored(bench_programs::TC_RESTORE_ONLY, &remote_frame, TC_PASS),
+        Scenario::tc_restored(bench_programs::TC_EXTERNAL, &remote_frame, TC_REDIRECT),
+        Scenario::tc_restored(bench_programs::TC_EXTERNAL, &local_frame, TC_REDIRECT),
+        // UDP to a local pod: a whole datagram, a first fragment, a later fragment.
+        Scenario::restored(bench_programs::XDP_EXTERNAL, &udp_frame, false, XDP_PASS),
+        Scenario::restored(
+            bench_programs::XDP_EXTERNAL,
+            &first_fragment,
+            false,
+            XDP_PASS,
+        ),
+        Scenario::restored(
+            bench_programs::XDP_EXTERNAL,
+            &later_fragment,
+            false,
+            XDP_PASS,
+        ),
     ];
     let t = measure_all(&mut fx, &mut template, topo, &scenarios)?;
     let (bare, no_service, restore, restore_vary) = (t[0].ns, t[1].ns, t[2].ns, t[3].ns);
@@ -565,6 +683,12 @@ fn bench_at(object: &[u8], topo: &Topology, n: u32) -> Result<Row> {
         new_flow_local_direct: t[9].ns - overhead_vary,
         new_flow_remote: t[10].ns - overhead_vary,
         new_flow_local_empty: new_flow_local_empty + bare,
+        tc_restore: t[11].ns,
+        tc_established_remote: t[12].ns - t[11].ns,
+        tc_established_local: t[13].ns - t[11].ns,
+        udp_local: t[14].ns - overhead,
+        first_fragment_local: t[15].ns - overhead,
+        later_fragment_local: t[16].ns - overhead,
         new_flow_remote_action: t[10].action,
         new_flow_remote_drops: t[10].snat_drop_share,
     })
@@ -861,9 +985,9 @@ fn datapath(date: &str) -> Result<(Vec<Row>, String)> {
         writeln!(
             md,
             "Columns: *established* connections were opened by SYN, SYN-ACK, ACK and live in `NP_CT`; \
-             *unanswered* is a connection whose first packet was a lone ACK and that the backend never \
-             answered, so it stays in `NP_CT_NEW` (how the previous bench opened its \"established\" \
-             connections); *new flow* has a new client address every repetition (a spoofed SYN flood \
+             *unanswered* is a connection whose SYN the backend never answered, so it stays in \
+             `NP_CT_NEW`, measured on its retransmitted SYN (the previous bench opened its \
+             \"established\" connections with a lone ACK, which starts none now); *new flow* has a new client address every repetition (a spoofed SYN flood \
              as the XDP program sees it): *churning* 1,000,000 SYNs through the handshake LRU (full \
              after the first 32,768, every insert evicts), *held* {HOLD_REPEAT} SYNs into the emptied \
              handshake table, *direct* the churning case run through `np_xdp_new` itself, without the \
@@ -918,6 +1042,28 @@ fn datapath(date: &str) -> Result<(Vec<Row>, String)> {
                 now(r.established_remote),
                 now(r.established_local),
                 now(r.new_flow_local)
+            )?;
+        }
+        writeln!(
+            md,
+            "\n## Fragments and the TC hook\n\nThe same tables and connections. *UDP*: a flow to a local pod (Service on its own VIP), a 64-byte datagram; the first and the later fragment of one of its datagrams (24 bytes of IPv4 payload each, padded to 64 bytes), each repeated: the first fragment's cost includes remembering its ports (`NP_FRAGS`), the later one's finding them. *TC*: `np_tc_ext_nat` (`--external-hook tc`) on the established connections above, reached by a tail call from a TC entry point that restores the packet; its figures are over the same entry point tail-calling a trivial program (*TC baseline*: restore, tail call, a bare TC program).\n"
+        )?;
+        writeln!(
+            md,
+            "| services | UDP datagram, local pod (XDP) | first fragment (XDP) | later fragment (XDP) | TC baseline | TC established, remote SNAT (over baseline) | TC established, local pod (over baseline) |"
+        )?;
+        writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|")?;
+        for r in &rows {
+            writeln!(
+                md,
+                "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                r.services,
+                r.udp_local,
+                r.first_fragment_local,
+                r.later_fragment_local,
+                r.tc_restore,
+                r.tc_established_remote,
+                r.tc_established_local
             )?;
         }
         // Target 1, row by row: each row's established paths against its own bare figure.

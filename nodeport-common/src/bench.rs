@@ -6,6 +6,8 @@
 use bytemuck::{Pod, Zeroable};
 
 pub const TEMPLATE_MAP: &str = "NP_BENCH";
+/// The program array of the TC entry points.
+pub const TC_PROGRAMS_MAP: &str = "NP_BENCH_TC_PROGS";
 /// The benchmark frames are exactly this long.
 pub const FRAME_LEN: usize = 64;
 
@@ -29,4 +31,10 @@ pub mod programs {
     pub const XDP_NEW_CONNECTION: &str = "np_bench_new";
     /// Template restore, then XDP_PASS: the cost of the restore itself.
     pub const RESTORE_ONLY: &str = "np_bench_restore";
+    /// Template restore, then a tail call into the production TC external path
+    /// (`np_tc_ext_nat`, slot 0 of [`super::TC_PROGRAMS_MAP`]).
+    pub const TC_EXTERNAL: &str = "np_bench_tc_ext";
+    /// Template restore, then the same tail call into a trivial program (`np_tc_drain`,
+    /// slot 1): the baseline of the TC figures.
+    pub const TC_RESTORE_ONLY: &str = "np_bench_tc_restore";
 }

@@ -2,11 +2,11 @@
 //! same code as production. See nodeport_common::bench for why.
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{TC_ACT_SHOT, xdp_action},
     helpers::bpf_xdp_adjust_meta,
-    macros::{map, xdp},
-    maps::{Array, PerCpuArray},
-    programs::XdpContext,
+    macros::{classifier, map, xdp},
+    maps::{Array, PerCpuArray, ProgramArray},
+    programs::{TcContext, XdpContext},
 };
 use nodeport_common::bench::{BenchTemplate, FRAME_LEN};
 
@@ -71,4 +71,41 @@ pub fn np_bench_new(ctx: XdpContext) -> u32 {
 pub fn np_bench_restore(ctx: XdpContext) -> u32 {
     restore(&ctx);
     xdp_action::XDP_PASS
+}
+
+/// The TC programs the TC entry points go on to (set by the bench): a tail call, so the
+/// production program keeps its own code (inlined into a second entry point, its stack frame
+/// would change and could pass the verifier's limit).
+#[map]
+static NP_BENCH_TC_PROGS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
+/// The TC hook's restore: the template back into the skb (linear in BPF_PROG_TEST_RUN).
+#[inline(always)]
+fn restore_skb(ctx: &TcContext) {
+    let Some(template) = NP_BENCH.get(0) else {
+        return;
+    };
+    let Some(frame) = ptr_at::<[u8; FRAME_LEN]>(ctx.data(), ctx.data_end(), 0) else {
+        return;
+    };
+    // SAFETY: bounds-checked above.
+    unsafe { *frame = template.frame };
+}
+
+/// Template restore, then the production TC external path (`np_tc_ext_nat`, slot 0).
+#[classifier]
+pub fn np_bench_tc_ext(ctx: TcContext) -> i32 {
+    restore_skb(&ctx);
+    // SAFETY: a tail call into a program of this object.
+    unsafe { NP_BENCH_TC_PROGS.tail_call(&ctx, 0) };
+    TC_ACT_SHOT
+}
+
+/// Template restore, then a trivial TC program (`np_tc_drain`, slot 1) by the same tail call.
+#[classifier]
+pub fn np_bench_tc_restore(ctx: TcContext) -> i32 {
+    restore_skb(&ctx);
+    // SAFETY: as above.
+    unsafe { NP_BENCH_TC_PROGS.tail_call(&ctx, 1) };
+    TC_ACT_SHOT
 }

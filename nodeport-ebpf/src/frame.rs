@@ -245,16 +245,15 @@ impl Frame for TcContext {
             return Err(Counter::PassedVlan);
         }
         let len = self.len() as usize;
-        match parse(Frame::data(self), Frame::data_end(self), len) {
-            // Headers not in the linear part yet: pull them in and parse again.
-            Err(Counter::DroppedMalformed) if len > Frame::data_end(self) - Frame::data(self) => {
-                self.skb
-                    .pull_data(HEADERS_MAX.min(len as u32))
-                    .map_err(|_| Counter::DroppedMalformed)?;
-                parse(Frame::data(self), Frame::data_end(self), len)
-            }
-            result => result,
+        // Headers not all in the linear part: pull them in first (one parse, one Flow on the
+        // stack: this program's frame is near the verifier's limit).
+        let want = HEADERS_MAX.min(len as u32);
+        if Frame::data_end(self) - Frame::data(self) < want as usize {
+            self.skb
+                .pull_data(want)
+                .map_err(|_| Counter::DroppedMalformed)?;
         }
+        parse(Frame::data(self), Frame::data_end(self), len)
     }
 
     #[inline(always)]
@@ -265,11 +264,12 @@ impl Frame for TcContext {
             return flow.tot_len;
         }
         // A GSO packet leaves as segments of gso_size bytes of payload, each with the headers.
-        let l4_header = if flow.proto == IPPROTO_TCP {
-            self.load::<u8>(flow.l4_off + 12)
-                .map_or(20, |doff| usize::from(doff >> 4) * 4)
-        } else {
-            8
+        // The TCP header is in the linear part (parsed); a direct read needs no stack buffer.
+        let doff = ptr_at::<u8>(Frame::data(self), Frame::data_end(self), flow.l4_off + 12);
+        let l4_header = match doff {
+            // SAFETY: bounds-checked data offset byte.
+            Some(doff) if flow.proto == IPPROTO_TCP => usize::from(unsafe { *doff } >> 4) * 4,
+            _ => 8,
         };
         let headers = flow.l4_off - ETH_HLEN + l4_header;
         let segment = headers + gso_size as usize;

@@ -100,6 +100,10 @@ const CASES: &[(&str, Case)] = &[
         fragments_local,
     ),
     (
+        "overlapping and duplicate fragments are translated like the rest, none leaves untranslated",
+        fragments_overlapping,
+    ),
+    (
         "fragments through a remote backend's SNAT, both ways",
         fragments_remote,
     ),
@@ -1312,6 +1316,57 @@ fn fragments_local(fx: &mut Fixture, topo: &Topology) -> Result<()> {
     // Sent again after their first, they follow it.
     let runs = xdp_fragments(fx, topo, &frags, XDP_PASS, Counter::ForwardedToTc)?;
     check_fragments(&frames(runs), &translated(&second))
+}
+
+/// Overlapping and repeated fragments (a retransmission with other fragment boundaries, or an
+/// attack on reassembly): each is translated exactly like its non-overlapping counterpart, its
+/// IPv4 header only for a later one; what the overlap means is the receiver's reassembly's
+/// call (Linux drops a datagram whose fragments overlap), never a fragment left untranslated.
+fn fragments_overlapping(fx: &mut Fixture, topo: &Topology) -> Result<()> {
+    fx.add_service(&ServiceSpec::new(
+        1,
+        FRONTEND,
+        IPPROTO_UDP,
+        vec![local(1, UDP_POD)],
+    ))?;
+    let datagram = big_datagram(CLIENT, FRONTEND, (CLIENT_MAC, EXT_MAC));
+    let translated = datagram.clone().addrs(sa(CLIENT), sa(UDP_POD)).ttl(63);
+    let (by48, want48) = (
+        fragment(&datagram.bytes(), CHUNK),
+        fragment(&translated.bytes(), CHUNK),
+    );
+    let (by24, want24) = (
+        fragment(&datagram.bytes(), CHUNK / 2),
+        fragment(&translated.bytes(), CHUNK / 2),
+    );
+    // The first fragment twice; a fragment at offset 24, inside the first; the second; one
+    // at offset 72, inside the second; the last.
+    let sequence = [
+        (&by48[0], &want48[0]),
+        (&by48[0], &want48[0]),
+        (&by24[1], &want24[1]),
+        (&by48[1], &want48[1]),
+        (&by24[3], &want24[3]),
+        (&by48[2], &want48[2]),
+    ];
+    for (i, (input, want)) in sequence.into_iter().enumerate() {
+        let before = fx.counters()?;
+        let run = fx.xdp(topo, input)?;
+        ensure!(
+            run.action == XDP_PASS,
+            "fragment {i}: action {}",
+            run.action
+        );
+        check_counters(fx, &before, &[(Counter::ForwardedToTc, 1)])
+            .with_context(|| format!("fragment {i}"))?;
+        ensure!(
+            run.frame == *want,
+            "fragment {i}: got {:02x?}, want {want:02x?}",
+            run.frame
+        );
+    }
+    ensure!(fx.conntrack()?.len() == 2, "not one connection");
+    Ok(())
 }
 
 fn fragments_remote(fx: &mut Fixture, topo: &Topology) -> Result<()> {

@@ -2,7 +2,7 @@
 //! NodePort rules as its iptables mode writes them (nat PREROUTING -> KUBE-SERVICES ->
 //! KUBE-NODEPORTS -> DNAT), all pointing at a decoy pod. Connections from outside to a node port
 //! nodeport programmed reach nodeport's backends, and the KUBE-NODEPORTS rule counts nothing: XDP
-//! and TC took them before PREROUTING. A node port nodeport does not program, and hairpin
+//! and TC took them before PREROUTING (or the TC hook alone, `--external-hook tc`). A node port nodeport does not program, and hairpin
 //! traffic from a local pod to a programmed one, reach the decoy through the same rules: what
 //! nodeport does not take, kube-proxy still serves. Needs root: run by `cargo xtask test`.
 
@@ -95,13 +95,25 @@ fn kube_proxys_node_port_rules_never_see_what_nodeport_takes_in_generic_xdp() ->
     check("generic")
 }
 
-fn check(xdp_mode: &str) -> Result<()> {
-    let mut lab = Lab::new(&format!("k{}", &xdp_mode[..1]))?;
+/// The TC hook (the agent's choice on a veth node) runs at TC ingress, still before netfilter.
+#[test]
+#[ignore = "needs root, the eBPF datapath and network namespaces: run `cargo xtask test`"]
+fn kube_proxys_node_port_rules_never_see_what_nodeport_takes_with_the_tc_hook() -> Result<()> {
+    check("tc")
+}
+
+/// `mode`: native or generic XDP, or the TC hook.
+fn check(mode: &str) -> Result<()> {
+    let mut lab = Lab::new(&format!("k{}", &mode[..1]))?;
     lab.add_pod("a", 1, 10)?;
     lab.add_pod("b", 1, 11)?;
     lab.add_pod("c", 2, 10)?;
     install_kube_proxy_rules(&lab)?;
-    lab.agent_args(&["--xdp-mode", xdp_mode]);
+    if mode == "tc" {
+        lab.agent_args(&["--external-hook", "tc"]);
+    } else {
+        lab.agent_args(&["--xdp-mode", mode]);
+    }
     let a = lab.pod("a").addr.to_string();
     let c = lab.pod("c").addr.to_string();
     lab.start_agent(&manifests::service(
@@ -133,7 +145,8 @@ fn check(xdp_mode: &str) -> Result<()> {
     );
     ensure!(kube_nodeports_packets(&lab, NOT_PROGRAMMED)? == 1);
 
-    // Hairpin: a local pod to the programmed node port never meets XDP; kube-proxy's.
+    // Hairpin: a local pod to the programmed node port never meets the external hook;
+    // kube-proxy's.
     let hairpin = ask_from_pod(&lab, "a", SocketAddrV4::new(NODE1, PROGRAMMED))?;
     ensure!(hairpin == "b", "hairpin answered by {hairpin}");
     ensure!(kube_nodeports_packets(&lab, PROGRAMMED)? == 1);

@@ -360,6 +360,16 @@ impl Datapath {
         })
     }
 
+    /// Loads a TC program of the object that is not one of the datapath's own (the bench
+    /// build's entry points).
+    pub fn load_extra_tc(&mut self, name: &'static str) -> Result<()> {
+        let prog: &mut aya::programs::SchedClassifier = self.program_mut(name)?;
+        prog.load().map_err(|source| DatapathError::Program {
+            program: name,
+            source,
+        })
+    }
+
     /// A map of the object that is not one of the datapath's own (the bench build's).
     pub fn take_extra_map(&mut self, name: &str) -> Option<aya::maps::Map> {
         self.ebpf.take_map(name)
@@ -370,8 +380,6 @@ impl Datapath {
     }
 }
 
-/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (later ones to the memory cgroup);
-/// lift it as libbpf does. Best effort: without permission the map creation error says more.
 /// An owned copy of a loaded program's fd (for a program array).
 fn program_fd(
     program: &'static str,
@@ -385,6 +393,8 @@ fn program_fd(
         })
 }
 
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (later ones to the memory cgroup);
+/// lift it as libbpf does. Best effort: without permission the map creation error says more.
 fn raise_memlock_limit() {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
