@@ -74,7 +74,7 @@ use nodeport_common::{
 use nodeport_tests::{
     fixture::{
         CLIENT_MAC, EXT_MAC, Fixture, NODE2_MAC, POD_HOST_MAC, POD_MAC, ServiceSpec,
-        TC_ACT_REDIRECT, Topology, XDP_DROP, XDP_PASS, XDP_TX, local, remote, run_xdp,
+        TC_ACT_REDIRECT, Topology, XDP_DROP, XDP_PASS, XDP_TX, local, remote, run_tc, run_xdp,
     },
     netns::require_root,
     packet::{ACK, Pkt, SYN, SYN_ACK, parse_checked, sa},
@@ -332,7 +332,8 @@ fn measure_all(
             let before = snat_drops(fx)?;
             let (action, duration) = if s.tc {
                 let prog = fx.dp.tc_program(s.program)?;
-                run_tc(prog, topo, &s.frame, s.repeat)?
+                let run = run_tc(prog, topo, topo.ext_ifindex, &s.frame, 0, s.repeat)?;
+                (run.ret as u32, run.duration)
             } else {
                 let prog = fx.dp.xdp_program(s.program)?;
                 let run = run_xdp(prog, &topo.ns, topo.ext_ifindex, &s.frame, s.repeat)?;
@@ -368,33 +369,6 @@ fn measure_all(
                 / (f64::from(s.repeat) * rounds().saturating_sub(1).max(1) as f64),
         })
         .collect())
-}
-
-/// BPF_PROG_TEST_RUN of a TC program on `frame` as received on ext0, `repeat` times: its
-/// verdict and the kernel's mean time per repetition.
-fn run_tc(
-    prog: &mut aya::programs::SchedClassifier,
-    topo: &Topology,
-    frame: &[u8],
-    repeat: u32,
-) -> Result<(u32, std::time::Duration)> {
-    use aya::programs::{TestRun, TestRunOptions};
-    let ifindex = topo.ext_ifindex;
-    topo.ns.run(|| {
-        let mut ctx = [0u8; 192];
-        // struct __sk_buff: ingress_ifindex at 36, ifindex at 40.
-        ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
-        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = prog.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            repeat,
-            ..TestRunOptions::default()
-        })?;
-        Ok((result.return_value, result.duration))
-    })?
 }
 
 /// A UDP datagram to a local pod's frontend, 64 bytes on the wire, and the two fragments of a

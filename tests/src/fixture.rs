@@ -465,7 +465,8 @@ impl Fixture {
         gso_size: u32,
     ) -> Result<(i32, Vec<u8>)> {
         let prog = self.dp.tc_program(programs::TC_EXTERNAL_NAT)?;
-        run_tc(prog, topo, topo.ext_ifindex, frame, gso_size)
+        let run = run_tc(prog, topo, topo.ext_ifindex, frame, gso_size, 1)?;
+        Ok((run.ret, run.frame))
     }
 
     /// Runs the pod-facing TC program on `frame` as if it arrived on pod0.
@@ -481,19 +482,29 @@ impl Fixture {
         frame: &[u8],
     ) -> Result<(i32, Vec<u8>)> {
         let prog = self.dp.tc_program(programs::TC_POD)?;
-        run_tc(prog, topo, ifindex, frame, 0)
+        let run = run_tc(prog, topo, ifindex, frame, 0, 1)?;
+        Ok((run.ret, run.frame))
     }
 }
 
+/// What a TC program did in BPF_PROG_TEST_RUN.
+pub struct TcRun {
+    pub ret: i32,
+    pub frame: Vec<u8>,
+    /// The kernel's mean time per repetition.
+    pub duration: std::time::Duration,
+}
+
 /// BPF_PROG_TEST_RUN of a TC program with `ifindex` as the receiving device, `gso_size` as
-/// the skb's. Returns the verdict and the frame.
-fn run_tc(
+/// the skb's, `repeat` times.
+pub fn run_tc(
     prog: &mut aya::programs::SchedClassifier,
     topo: &Topology,
     ifindex: u32,
     frame: &[u8],
     gso_size: u32,
-) -> Result<(i32, Vec<u8>)> {
+    repeat: u32,
+) -> Result<TcRun> {
     topo.ns.run(|| {
         let mut ctx = [0u8; 192];
         // struct __sk_buff: ingress_ifindex at 36, ifindex at 40, gso_size at 176.
@@ -505,10 +516,15 @@ fn run_tc(
             data_in: Some(frame),
             data_out: Some(&mut out),
             ctx_in: Some(&ctx),
+            repeat,
             ..TestRunOptions::default()
         })?;
         out.truncate(result.data_size_out as usize);
-        Ok((result.return_value as i32, out))
+        Ok(TcRun {
+            ret: result.return_value as i32,
+            frame: out,
+            duration: result.duration,
+        })
     })?
 }
 
