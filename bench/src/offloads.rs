@@ -169,12 +169,7 @@ fn run_arm(arm: Arm, seconds: u32) -> Result<Figures> {
             lab.start_agent(&yaml::join(&manifests))?;
         }
     }
-    lab.client.exec(
-        "ethtool",
-        &[
-            "-K", "eth0", "tx", "on", "tso", "on", "gso", "on", "gro", "on",
-        ],
-    )?;
+    lab.client_offloads_on()?;
     let figures = Figures {
         arm,
         upload_local: iperf(&lab, 30090, false, seconds)?,

@@ -244,16 +244,7 @@ impl Frame for TcContext {
         if unsafe { (*self.skb.skb).vlan_present } != 0 {
             return Err(Counter::PassedVlan);
         }
-        let len = self.len() as usize;
-        // Headers not all in the linear part: pull them in first (one parse, one Flow on the
-        // stack: this program's frame is near the verifier's limit).
-        let want = HEADERS_MAX.min(len as u32);
-        if Frame::data_end(self) - Frame::data(self) < want as usize {
-            self.skb
-                .pull_data(want)
-                .map_err(|_| Counter::DroppedMalformed)?;
-        }
-        parse(Frame::data(self), Frame::data_end(self), len)
+        parse_skb(self)
     }
 
     #[inline(always)]
@@ -291,38 +282,20 @@ impl Frame for TcContext {
         // The skb helpers keep a partial checksum partial (the device or the receiver
         // completes it) and a complete one complete: what XDP cannot do.
         rewrite_skb(self, flow, new).map_err(|_| Counter::FallbackRedirect)?;
-        // The helpers invalidated the packet pointers.
-        let ip: *mut Ipv4Hdr = ptr_at(Frame::data(self), Frame::data_end(self), ETH_HLEN)
-            .ok_or(Counter::FallbackRedirect)?;
-        self.send(ip, route)
+        self.send(null_mut(), route)
     }
 
+    /// `_ip` unused: `redirect_skb` finds the header again (the skb helpers of `transmit`
+    /// invalidated the pointers).
     #[inline(always)]
-    fn send(&self, ip: *mut Ipv4Hdr, route: Route) -> Result<Verdict, Counter> {
-        let ifindex = route.ifindex;
-        let macs = match route.hop {
-            Hop::Unresolved | Hop::FragNeeded => return Err(Counter::FallbackFibLookup),
-            Hop::Resolved => Some((route.smac, route.dmac)),
-            Hop::NoNeighbour => None,
+    fn send(&self, _ip: *mut Ipv4Hdr, route: Route) -> Result<Verdict, Counter> {
+        let (action, neighbour) = redirect_skb(self, route)?;
+        let counter = if neighbour {
+            Counter::ForwardedTcNatNeigh
+        } else {
+            Counter::ForwardedTcNat
         };
-        // A direct write: the header checksum compensates, so a complete checksum of the
-        // packet stays true.
-        decrement_ttl_xdp(ip);
-        let Some((smac, dmac)) = macs else {
-            // SAFETY: no neighbour parameters: the helper resolves the next hop itself.
-            let action = unsafe { bpf_redirect_neigh(ifindex, null_mut(), 0, 0) };
-            return Ok((action as u32, Counter::ForwardedTcNatNeigh));
-        };
-        let eth: *mut EthHdr =
-            ptr_at(Frame::data(self), Frame::data_end(self), 0).ok_or(Counter::FallbackRedirect)?;
-        // SAFETY: bounds-checked Ethernet header.
-        unsafe {
-            (*eth).src = smac;
-            (*eth).dst = dmac;
-        }
-        // SAFETY: plain helper call; to the egress of `ifindex`, the ingress device included.
-        let action = unsafe { bpf_redirect(ifindex, 0) };
-        Ok((action as u32, Counter::ForwardedTcNat))
+        Ok((action as u32, counter))
     }
 
     #[inline(always)]
@@ -352,4 +325,59 @@ impl Frame for TcContext {
     fn pull_icmp_error(&self) -> bool {
         self.skb.pull_data(HEADERS_MAX.min(self.len())).is_ok()
     }
+}
+
+/// Parses an skb's headers, pulled into the linear part first when they are not all there
+/// (one parse, one Flow on the stack: the TC programs' frames are near the verifier's limit).
+#[inline(always)]
+pub fn parse_skb(ctx: &TcContext) -> Result<Flow, Counter> {
+    let len = ctx.len() as usize;
+    let want = HEADERS_MAX.min(len as u32);
+    if ctx.data_end() - ctx.data() < want as usize {
+        ctx.skb
+            .pull_data(want)
+            .map_err(|_| Counter::DroppedMalformed)?;
+    }
+    parse(ctx.data(), ctx.data_end(), len)
+}
+
+/// Sends a translated skb on by `route`, as a router: its TTL decremented, to the next hop's
+/// MAC address (`bpf_redirect`), or through the kernel's neighbour resolution
+/// (`bpf_redirect_neigh`, then the bool is true). Err: the counter of why the kernel stack
+/// gets it instead (no route decided, TTL 1, headers gone).
+#[inline(always)]
+pub fn redirect_skb(ctx: &TcContext, route: Route) -> Result<(i64, bool), Counter> {
+    let macs = match route.hop {
+        Hop::Unresolved | Hop::FragNeeded => return Err(Counter::FallbackFibLookup),
+        Hop::Resolved => Some((route.smac, route.dmac)),
+        Hop::NoNeighbour => None,
+    };
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let (Some(eth), Some(ip)) = (
+        ptr_at::<EthHdr>(data, data_end, 0),
+        ptr_at::<Ipv4Hdr>(data, data_end, ETH_HLEN),
+    ) else {
+        return Err(Counter::FallbackRedirect);
+    };
+    // SAFETY: bounds-checked IPv4 header.
+    if unsafe { (*ip).ttl } <= 1 {
+        return Err(Counter::FallbackTtlExceeded);
+    }
+    // A direct write: the header checksum compensates, so a complete checksum of the packet
+    // stays true.
+    decrement_ttl_xdp(ip);
+    let Some((smac, dmac)) = macs else {
+        // SAFETY: no neighbour parameters: the helper resolves the next hop itself.
+        return Ok((
+            unsafe { bpf_redirect_neigh(route.ifindex, null_mut(), 0, 0) },
+            true,
+        ));
+    };
+    // SAFETY: bounds-checked Ethernet header.
+    unsafe {
+        (*eth).src = smac;
+        (*eth).dst = dmac;
+    }
+    // SAFETY: plain helper call; to the egress of `ifindex`, the ingress device included.
+    Ok((unsafe { bpf_redirect(route.ifindex, 0) }, false))
 }

@@ -130,22 +130,3 @@ pub fn rewrite_skb(ctx: &TcContext, flow: &Flow, new: &Tuple) -> Result<(), i64>
     }
     Ok(())
 }
-
-/// TTL decrement for an skb. Returns Ok(false) when the TTL would reach zero.
-#[inline(always)]
-pub fn decrement_ttl_skb(ctx: &TcContext) -> Result<bool, i64> {
-    let word: u16 = ctx.load(ETH_HLEN + IP_TTL_OFF)?;
-    let bytes = word.to_ne_bytes();
-    if bytes[0] <= 1 {
-        return Ok(false);
-    }
-    let new_word = u16::from_ne_bytes([bytes[0] - 1, bytes[1]]);
-    ctx.l3_csum_replace(
-        ETH_HLEN + IP_CHECK_OFF,
-        u64::from(word),
-        u64::from(new_word),
-        2,
-    )?;
-    ctx.store(ETH_HLEN + IP_TTL_OFF, &new_word, 0)?;
-    Ok(true)
-}

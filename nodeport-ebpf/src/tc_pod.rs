@@ -7,11 +7,10 @@
 //! veth, whatever the CNI's layout): another pod that spoofs the backend's address gets
 //! nothing into the connection, nor does any packet matching a SNATed connection's entry.
 
-use core::{ffi::c_void, ptr::null_mut};
+use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use nodeport_common::{
@@ -21,36 +20,14 @@ use nodeport_common::{
 use crate::{
     conntrack::{self, Table, now},
     fib::{self, Hop, Route},
-    frag, icmp,
+    frag,
+    frame::{Frame as _, HEADERS_MAX, parse_skb, redirect_skb},
+    icmp,
     maps::NP_CONFIG,
-    nat::{Tuple, decrement_ttl_skb, rewrite_skb},
-    packet::{ETH_HLEN, Flow, parse},
+    nat::{Tuple, rewrite_skb},
+    packet::{ETH_HLEN, Flow},
     stats::count,
 };
-
-/// Enough for Ethernet + IPv4 with options + a TCP header with options.
-const HEADERS_MAX: u32 = 14 + 60 + 60;
-
-#[inline(always)]
-fn parse_skb(ctx: &TcContext) -> Result<Flow, Counter> {
-    let len = ctx.len() as usize;
-    match parse(ctx.data(), ctx.data_end(), len) {
-        // Headers not in the linear part yet: pull them in and parse again.
-        Err(Counter::DroppedMalformed) if len > ctx.data_end() - ctx.data() => {
-            ctx.skb
-                .pull_data(HEADERS_MAX.min(len as u32))
-                .map_err(|_| Counter::DroppedMalformed)?;
-            parse(ctx.data(), ctx.data_end(), len)
-        }
-        result => result,
-    }
-}
-
-#[inline(always)]
-fn ingress_ifindex(ctx: &TcContext) -> u32 {
-    // SAFETY: ctx.skb.skb is the kernel's __sk_buff.
-    unsafe { (*ctx.skb.skb).ingress_ifindex }
-}
 
 #[inline(always)]
 pub fn process(ctx: &TcContext) -> i32 {
@@ -75,7 +52,7 @@ pub fn process(ctx: &TcContext) -> i32 {
     let Some((table, entry_ptr)) = conntrack::lookup(&key) else {
         return TC_ACT_UNSPEC;
     };
-    let ingress = ingress_ifindex(ctx);
+    let ingress = ctx.ingress_ifindex();
     // SAFETY: points into the map value.
     let (flags, bound) = unsafe { ((*entry_ptr).flags, (*entry_ptr).bound_ifindex) };
     if flags & CT_F_LOCAL == 0 || (bound != 0 && bound != ingress) {
@@ -116,37 +93,18 @@ pub fn process(ctx: &TcContext) -> i32 {
     )
 }
 
-/// Sends a translated packet on by `route`, its TTL decremented, counted as `resolved` or
-/// `neighbour` (bpf_redirect_neigh); to the kernel stack when that cannot be done.
+/// Sends a translated packet on by `route` (`frame::redirect_skb`), counted as `resolved` or
+/// `neighbour` (bpf_redirect_neigh); to the kernel stack, counted, when that cannot be done.
 #[inline(always)]
 fn redirect_out(ctx: &TcContext, route: Route, resolved: Counter, neighbour: Counter) -> i32 {
-    let macs = match route.hop {
-        Hop::Unresolved | Hop::FragNeeded => {
-            count(Counter::FallbackFibLookup);
-            return TC_ACT_OK;
+    match redirect_skb(ctx, route) {
+        Ok((action, by_neighbour)) => {
+            count(if by_neighbour { neighbour } else { resolved });
+            action as i32
         }
-        Hop::Resolved => Some((route.smac, route.dmac)),
-        Hop::NoNeighbour => None,
-    };
-    let ifindex = route.ifindex;
-    if !decrement_ttl_skb(ctx).unwrap_or(false) {
-        count(Counter::FallbackTtlExceeded);
-        return TC_ACT_OK;
-    }
-    match macs {
-        Some((smac, dmac)) => {
-            if ctx.store(0, &dmac, 0).is_err() || ctx.store(6, &smac, 0).is_err() {
-                count(Counter::FallbackRedirect);
-                return TC_ACT_OK;
-            }
-            count(resolved);
-            // SAFETY: plain helper call.
-            unsafe { bpf_redirect(ifindex, 0) as i32 }
-        }
-        None => {
-            count(neighbour);
-            // SAFETY: no neighbour parameters: the helper resolves the next hop itself.
-            unsafe { bpf_redirect_neigh(ifindex, null_mut(), 0, 0) as i32 }
+        Err(counter) => {
+            count(counter);
+            TC_ACT_OK
         }
     }
 }
@@ -173,7 +131,7 @@ fn icmp_error(ctx: &TcContext) -> i32 {
     let Some((_, entry)) = conntrack::lookup(&key) else {
         return TC_ACT_UNSPEC;
     };
-    let ingress = ingress_ifindex(ctx);
+    let ingress = ctx.ingress_ifindex();
     // SAFETY: points into the map value.
     let (flags, bound) = unsafe { ((*entry).flags, (*entry).bound_ifindex) };
     let device_ok = if bound == 0 {

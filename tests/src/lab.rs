@@ -603,6 +603,16 @@ impl Lab {
         Ok(())
     }
 
+    /// Turns transmit checksum offload, TSO, GSO and GRO on at the client, as on kind or
+    /// containerlab nodes (the lab starts with checksum offload off: see the module doc).
+    pub fn client_offloads_on(&self) -> Result<()> {
+        ethtool(
+            &self.client,
+            "eth0",
+            &["tx", "on", "tso", "on", "gso", "on", "gro", "on"],
+        )
+    }
+
     /// Adds a router on the LAN (ROUTER) with a link to node-2 and a client behind it
     /// (FAR_CLIENT), whose routes to the far client and to the pods named with
     /// `route_via_router` have MTU `mtu` (locked): a hop where path MTU discovery must work.
