@@ -509,12 +509,8 @@ async fn refuse(args: &RunArgs, health: Health, error: datapath::DatapathError) 
     let differences = datapath::refusal(&args.sizing(), root)
         .map(|r| r.differences())
         .unwrap_or_else(|| vec![error.to_string()]);
-    tracing::error!(
-        %error,
-        "not adopting the pinned datapath: it keeps forwarding untouched; this agent stays up \
-         and not ready until it is restarted with matching flags, or the old datapath is \
-         detached"
-    );
+    // Recorded for `status` and `/readyz` before the log line says so: whoever reads the log
+    // finds both in place.
     if let Err(e) = datapath::layout::record_refusal(root, &differences) {
         tracing::warn!(error = %e, "recording the refusal for `status`");
     }
@@ -522,6 +518,12 @@ async fn refuse(args: &RunArgs, health: Health, error: datapath::DatapathError) 
     health
         .all()
         .for_each(|h| h.set_not_ready_reason(Some(reason.clone())));
+    tracing::error!(
+        %error,
+        "not adopting the pinned datapath: it keeps forwarding untouched; this agent stays up \
+         and not ready until it is restarted with matching flags, or the old datapath is \
+         detached"
+    );
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut beat = tokio::time::interval(ATTACHMENT_CHECK);
@@ -1168,7 +1170,15 @@ impl Agent {
         self.attached.clear();
         // The record first: it keeps the pin directory (and the lock held on it) in place.
         self.set_datapath_state(DatapathState::Off);
-        match datapath::detach(&self.args.bpffs_dir) {
+        let detached = datapath::detach(&self.args.bpffs_dir);
+        let errors = self.health.services.set_services(BTreeMap::new()).await;
+        for e in errors {
+            tracing::warn!(error = %e, "releasing a health-check node port");
+        }
+        self.metrics.health_checks.set(0);
+        self.drain_since = None;
+        // Logged once all of it is done: whoever follows the log finds it so.
+        match detached {
             Ok(removed) => tracing::info!(
                 removed = removed.len(),
                 "datapath switched off: drained and detached; kube-proxy carries the node ports"
@@ -1178,12 +1188,6 @@ impl Agent {
                 "datapath switched off, but removing it failed: run `nodeport-agent detach`"
             ),
         }
-        let errors = self.health.services.set_services(BTreeMap::new()).await;
-        for e in errors {
-            tracing::warn!(error = %e, "releasing a health-check node port");
-        }
-        self.metrics.health_checks.set(0);
-        self.drain_since = None;
     }
 
     /// Loads, attaches and programs the datapath as at start.
