@@ -29,6 +29,13 @@ pub mod programs {
     pub const XDP_EXTERNAL: &str = "np_bench_ext";
     /// Template restore, then the new-connection program (`np_xdp_new`) without the tail call.
     pub const XDP_NEW_CONNECTION: &str = "np_bench_new";
+    /// Template restore, then only the conntrack operations every new connection needs (the
+    /// forward key looked up in both tables, the reply key in the established one, two
+    /// inserts into the handshake table): the floor under the new-flow figure.
+    pub const CONNTRACK_FLOOR: &str = "np_bench_ct_floor";
+    /// Template restore, then the forward and the reply key looked up in the established
+    /// table alone (both absent).
+    pub const ESTABLISHED_ABSENT: &str = "np_bench_ct_absent";
     /// Template restore, then XDP_PASS: the cost of the restore itself.
     pub const RESTORE_ONLY: &str = "np_bench_restore";
     /// Template restore, then a tail call into the production TC external path

@@ -10,7 +10,12 @@ use aya_ebpf::{
 };
 use nodeport_common::bench::{BenchTemplate, FRAME_LEN};
 
-use crate::packet::{ETH_HLEN, IP_SADDR_OFF, ptr_at};
+use nodeport_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CtEntry, CtKey};
+
+use crate::{
+    maps::{NP_CT, NP_CT_NEW},
+    packet::{ETH_HLEN, IP_SADDR_OFF, ptr_at},
+};
 
 #[map]
 static NP_BENCH: Array<BenchTemplate> = Array::with_max_entries(1, 0);
@@ -65,6 +70,61 @@ pub fn np_bench_ext(ctx: XdpContext) -> u32 {
 pub fn np_bench_new(ctx: XdpContext) -> u32 {
     restore(&ctx);
     <XdpContext as crate::frame::Frame>::verdict(crate::ext::process_new(&ctx))
+}
+
+/// The forward and reply keys of the template's (new) connection, taken from the packet as
+/// restored: the source varies per repetition. The reply key is the forward key reversed,
+/// which no connection of the bench holds either.
+#[inline(always)]
+fn floor_keys(ctx: &XdpContext) -> Option<(CtKey, CtKey)> {
+    let flow = <XdpContext as crate::frame::Frame>::parse(ctx).ok()?;
+    let forward = crate::conntrack::key(&flow, CT_DIR_FORWARD);
+    let reply = CtKey {
+        saddr_be: forward.daddr_be,
+        daddr_be: forward.saddr_be,
+        sport_be: forward.dport_be,
+        dport_be: forward.sport_be,
+        dir: CT_DIR_REPLY,
+        ..forward
+    };
+    Some((forward, reply))
+}
+
+#[xdp]
+pub fn np_bench_ct_floor(ctx: XdpContext) -> u32 {
+    restore(&ctx);
+    let Some((forward, reply)) = floor_keys(&ctx) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    if NP_CT.get_ptr(&forward).is_some()
+        || NP_CT_NEW.get_ptr(&forward).is_some()
+        || NP_CT.get_ptr(&reply).is_some()
+    {
+        return xdp_action::XDP_DROP;
+    }
+    let entry = CtEntry {
+        last_seen: crate::conntrack::now(),
+        ..CtEntry::default()
+    };
+    let noexist = u64::from(aya_ebpf::bindings::BPF_NOEXIST);
+    if NP_CT_NEW.insert(&reply, &entry, noexist).is_err()
+        || NP_CT_NEW.insert(&forward, &entry, 0).is_err()
+    {
+        return xdp_action::XDP_DROP;
+    }
+    xdp_action::XDP_PASS
+}
+
+#[xdp]
+pub fn np_bench_ct_absent(ctx: XdpContext) -> u32 {
+    restore(&ctx);
+    let Some((forward, reply)) = floor_keys(&ctx) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    if NP_CT.get_ptr(&forward).is_some() || NP_CT.get_ptr(&reply).is_some() {
+        return xdp_action::XDP_DROP;
+    }
+    xdp_action::XDP_PASS
 }
 
 #[xdp]

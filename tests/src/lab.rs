@@ -733,6 +733,11 @@ impl Lab {
             .extend(args.iter().map(|s| s.to_string()));
     }
 
+    /// Forgets the flags of [`Lab::agent_args`]: the next agent starts with the lab's own.
+    pub fn clear_agent_args(&mut self) {
+        self.extra_agent_args.clear();
+    }
+
     /// Writes the manifests (one file, replaced atomically).
     fn write_manifests(&self, yaml: &str) -> Result<()> {
         let tmp = self.manifests.join(".all.yaml.tmp");
@@ -897,6 +902,16 @@ impl Lab {
         Ok(xdp["prog"]["id"]
             .as_u64()
             .or_else(|| xdp["attached"][0]["prog"]["id"].as_u64()))
+    }
+
+    /// Every non-zero datapath counter and event from the dump, by name.
+    pub fn counters(&self) -> Result<BTreeMap<String, u64>> {
+        let dump = self.dump()?;
+        Ok(["counters", "events"]
+            .iter()
+            .flat_map(|list| dump[list].as_array().cloned().unwrap_or_default())
+            .filter_map(|c| Some((c[0].as_str()?.to_owned(), c[1].as_u64()?)))
+            .collect())
     }
 
     /// A datapath counter's value from the dump (0 when absent).
