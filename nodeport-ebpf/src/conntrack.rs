@@ -87,15 +87,44 @@ impl Table {
 }
 
 /// Finds the entry for `key`, in the established table first: a packet of an established
-/// connection costs one lookup.
+/// connection costs one lookup. When neither table has it, the established table is asked once
+/// more: another CPU may have promoted the connection in between (`promote` inserts into
+/// `NP_CT`, then removes from `NP_CT_NEW`), and a packet that missed it in both would be taken
+/// for one of no connection and answered with an RST by the kernel.
 #[inline(always)]
 pub fn lookup(key: &CtKey) -> Option<(Table, *mut CtEntry)> {
+    lookup_once(key).or_else(|| {
+        NP_CT
+            .get_ptr_mut(key)
+            .map(|entry| (Table::Established, entry))
+    })
+}
+
+/// [`lookup`] without the second look, for a client's SYN that may start a new connection (the
+/// new-flow path must not pay a third lookup): a retransmitted SYN that races its own
+/// connection's promotion goes on to `snat::claim`, which finds the connection's reply entry
+/// there and takes the SYN for that connection's.
+#[inline(always)]
+pub fn lookup_once(key: &CtKey) -> Option<(Table, *mut CtEntry)> {
     if let Some(entry) = NP_CT.get_ptr_mut(key) {
         return Some((Table::Established, entry));
     }
     NP_CT_NEW
         .get_ptr_mut(key)
         .map(|entry| (Table::Handshake, entry))
+}
+
+/// Whether a connection holds the tuple `key`, asked in the order a promotion cannot slip
+/// through (the handshake table, then the established one) with two lookups: for the claim of
+/// a new connection's reply tuple, which must never be given to two live connections.
+#[inline(always)]
+pub fn lookup_holder(key: &CtKey) -> Option<(Table, *mut CtEntry)> {
+    if let Some(entry) = NP_CT_NEW.get_ptr_mut(key) {
+        return Some((Table::Handshake, entry));
+    }
+    NP_CT
+        .get_ptr_mut(key)
+        .map(|entry| (Table::Established, entry))
 }
 
 /// The other direction's entry of the connection of `entry` (under `key`), if it is there

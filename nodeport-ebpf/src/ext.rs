@@ -57,8 +57,14 @@ pub fn process<C: Frame>(ctx: &C) -> Result<Verdict, Counter> {
             return Err(Counter::DroppedMartianDestination);
         }
         let key = conntrack::key(&flow, CT_DIR_FORWARD);
-        // An established connection needs one lookup; its entry knows its service.
-        if let Some((table, entry)) = conntrack::lookup(&key) {
+        // An established connection needs one lookup; its entry knows its service. A SYN
+        // that finds none starts one without a second look (`conntrack::lookup_once`).
+        let found = if flow.is_syn_only() {
+            conntrack::lookup_once(&key)
+        } else {
+            conntrack::lookup(&key)
+        };
+        if let Some((table, entry)) = found {
             // SAFETY: points into the map value.
             match conntrack::on_forward(cfg, &key, unsafe { &*entry }, &flow, now) {
                 Known::Continue => known_connection = Some((table, key, entry)),

@@ -41,7 +41,7 @@ pub fn claim(forward_key: &CtKey, reply_key: &CtKey, reply: &CtEntry, now: u64) 
     let Some(cfg) = NP_CONFIG.get(0) else {
         return false;
     };
-    if let Some((table, existing)) = conntrack::lookup(reply_key) {
+    if let Some((table, existing)) = conntrack::lookup_holder(reply_key) {
         // SAFETY: points into a conntrack map value, read before anything is removed.
         let existing = unsafe { &*existing };
         let ours = existing
@@ -146,7 +146,7 @@ fn probe(forward_key: &CtKey, base: &CtKey, reply: &CtEntry, port: u16, takeover
         dport_be: port.to_be(),
         ..*base
     };
-    let Some((table, existing)) = conntrack::lookup(&key) else {
+    let Some((table, existing)) = conntrack::lookup_holder(&key) else {
         return Table::Handshake.insert(&key, reply, BPF_NOEXIST).is_ok();
     };
     // SAFETY: points into a conntrack map value.
