@@ -102,6 +102,7 @@ fn node() -> NodeContext {
         node_name: NODE_NAME.into(),
         zone: String::new(),
         node_addresses: vec![NODE_IP],
+        node_addresses_v6: Vec::new(),
         proxy_name: None,
         guard: Default::default(),
         source_ranges_on_node_ports: false,

@@ -7,7 +7,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -73,6 +73,48 @@ fn local_nets(
     nets.extend(pod_cidrs.iter().copied());
     nets.extend(snapshot.pod_cidrs.iter().flatten().copied());
     nets
+}
+
+/// Where node ports answer, per family: the interfaces' addresses `layout` chose, and the
+/// Node object's addresses (a cloud's external IP, say) within --nodeport-addresses when given
+/// (`selection`); with `primary`, the Node's first address of each family only (kube-proxy's
+/// primary node IPs). Never loopback, nor IPv6 link-local.
+fn node_addresses(
+    layout: &Layout,
+    snapshot: &Snapshot,
+    selection: &Selection,
+) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+    let mut addrs: BTreeSet<Ipv4Addr> = layout.node_addresses.clone();
+    let mut addrs_v6: BTreeSet<Ipv6Addr> = layout.node_addresses_v6.clone();
+    let node_object = snapshot.node_addresses.iter().flatten();
+    let take = if selection.primary_only {
+        1
+    } else {
+        usize::MAX
+    };
+    let prefixes = &selection.nodeport_prefixes;
+    let v4 = node_object.clone().filter_map(|ip| match ip {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    });
+    for v4 in v4.take(take) {
+        let inside = prefixes.is_empty() || prefixes.iter().any(|p| p.contains(v4));
+        if inside && !v4.is_loopback() {
+            addrs.insert(v4);
+        }
+    }
+    let prefixes_v6 = &selection.nodeport_prefixes_v6;
+    let v6 = node_object.filter_map(|ip| match ip {
+        IpAddr::V6(v6) => Some(*v6),
+        IpAddr::V4(_) => None,
+    });
+    for v6 in v6.take(take) {
+        let inside = prefixes_v6.is_empty() || prefixes_v6.iter().any(|p| p.contains(v6));
+        if inside && interfaces::ipv6_frontend_address(&v6) {
+            addrs_v6.insert(v6);
+        }
+    }
+    (addrs.into_iter().collect(), addrs_v6.into_iter().collect())
 }
 
 fn unix_ms() -> u64 {
@@ -767,38 +809,12 @@ impl Agent {
     }
 
     fn node_context(&self) -> NodeContext {
-        let mut addrs: BTreeSet<Ipv4Addr> = self.layout.node_addresses.clone();
-        // Addresses the Node object reports (a cloud's external IP, say), within
-        // --nodeport-addresses when given.
-        let node_object_v4 = self
-            .snapshot
-            .node_addresses
-            .iter()
-            .flatten()
-            .filter(|ip| ip.is_ipv4());
-        // `primary`: the Node's first IPv4 address only (kube-proxy's primary node IP).
-        let take = if self.selection.primary_only {
-            1
-        } else {
-            usize::MAX
-        };
-        for ip in node_object_v4.take(take) {
-            if let IpAddr::V4(v4) = ip {
-                let inside = self.selection.nodeport_prefixes.is_empty()
-                    || self
-                        .selection
-                        .nodeport_prefixes
-                        .iter()
-                        .any(|p| p.contains(*v4));
-                if inside && !v4.is_loopback() {
-                    addrs.insert(*v4);
-                }
-            }
-        }
+        let (addrs, addrs_v6) = node_addresses(&self.layout, &self.snapshot, &self.selection);
         NodeContext {
             node_name: self.node_name.clone(),
             zone: self.snapshot.node_zone.clone().unwrap_or_default(),
-            node_addresses: addrs.into_iter().collect(),
+            node_addresses: addrs,
+            node_addresses_v6: addrs_v6,
             proxy_name: self.args.service_proxy_name.clone(),
             guard: PortGuard {
                 node_port_range: Some(self.args.service_node_port_range),
@@ -924,9 +940,22 @@ impl Agent {
         }
         if changes.notices {
             let notices = self.reconciler.notices();
+            // IPv6 is no refusal: said once per service port, at info (its counts change with
+            // its endpoints); everything else is a warning, once per change.
+            let ipv6_before: BTreeSet<&str> = self
+                .notices
+                .iter()
+                .filter(|n| n.kind == NoticeKind::Ipv6ToKernel)
+                .map(|n| n.object.as_str())
+                .collect();
             for n in notices.difference(&self.notices) {
-                tracing::warn!(object = %n.object, kind = n.kind.label(), "{}", n.detail);
+                if n.kind != NoticeKind::Ipv6ToKernel {
+                    tracing::warn!(object = %n.object, kind = n.kind.label(), "{}", n.detail);
+                } else if !ipv6_before.contains(n.object.as_str()) {
+                    tracing::info!(object = %n.object, kind = n.kind.label(), "{}", n.detail);
+                }
             }
+            self.metrics.set_ipv6(&notices);
             let mut counts: BTreeMap<NoticeKind, usize> = BTreeMap::new();
             for n in &notices {
                 *counts.entry(n.kind).or_default() += 1;
@@ -1358,6 +1387,68 @@ mod tests {
             .into()
         );
     }
+    /// The Node object's addresses join the interfaces' in their own family, each family
+    /// within its own --nodeport-addresses prefixes; `primary` takes its first of each family.
+    #[test]
+    fn the_node_objects_addresses_join_by_family() {
+        let layout = Layout {
+            node_addresses: ["198.18.0.1".parse().unwrap()].into(),
+            node_addresses_v6: ["fd00:18::1".parse().unwrap()].into(),
+            ..Layout::default()
+        };
+        let snapshot = Snapshot {
+            node_addresses: Some(
+                [
+                    "10.0.0.5",
+                    "fd00:5::5",
+                    "203.0.113.5",
+                    "2001:db8::5",
+                    "fe80::5",
+                ]
+                .map(|a| a.parse().unwrap())
+                .to_vec(),
+            ),
+            ..Snapshot::default()
+        };
+        let strings = |(v4, v6): (Vec<Ipv4Addr>, Vec<Ipv6Addr>)| {
+            let v4: Vec<String> = v4.iter().map(ToString::to_string).collect();
+            let v6: Vec<String> = v6.iter().map(ToString::to_string).collect();
+            (v4, v6)
+        };
+        let all = Selection::default();
+        assert_eq!(
+            strings(node_addresses(&layout, &snapshot, &all)),
+            (
+                vec!["10.0.0.5".into(), "198.18.0.1".into(), "203.0.113.5".into()],
+                vec![
+                    "2001:db8::5".into(),
+                    "fd00:5::5".into(),
+                    "fd00:18::1".into()
+                ]
+            ),
+            "link-local never"
+        );
+        let v6_prefix = Selection {
+            nodeport_prefixes_v6: vec!["fd00::/8".parse().unwrap()],
+            ..Selection::default()
+        };
+        assert_eq!(
+            strings(node_addresses(&layout, &snapshot, &v6_prefix)).1,
+            ["fd00:5::5", "fd00:18::1"]
+        );
+        let primary = Selection {
+            primary_only: true,
+            ..Selection::default()
+        };
+        assert_eq!(
+            strings(node_addresses(&layout, &snapshot, &primary)),
+            (
+                vec!["10.0.0.5".into(), "198.18.0.1".into()],
+                vec!["fd00:5::5".into(), "fd00:18::1".into()]
+            )
+        );
+    }
+
     #[test]
     fn the_snat_secret_survives_adoption() {
         let pinned = DatapathConfig {

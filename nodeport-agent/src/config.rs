@@ -15,7 +15,7 @@ use crate::{
     datapath::{self, ExternalHook, Sizing, XdpAttachMode},
     interfaces::Selection,
     ledger::{self, NodePortRange},
-    model::Ipv4Prefix,
+    model::{Ipv4Prefix, Ipv6Prefix},
 };
 
 /// The flow-hash seed when none is given; equal on every node, so a flow picks the same
@@ -142,10 +142,11 @@ pub struct RunArgs {
     /// `veth*,cali*,lxc*`. Default: every other interface that is up.
     #[arg(long, value_delimiter = ',', value_name = "GLOB")]
     pub pod_interfaces: Vec<String>,
-    /// Node ports answer only on node addresses inside these CIDRs, or with `primary` only on
-    /// the node's primary addresses: the first IPv4 address of each external interface and,
-    /// with the Kubernetes API, the Node's first IPv4 address (kube-proxy's flag and values).
-    /// Default: every address of the node but loopback.
+    /// Node ports answer only on node addresses inside these CIDRs (of either family; a family
+    /// without a CIDR keeps all its addresses, as in kube-proxy), or with `primary` only on the
+    /// node's primary addresses: the first address of each family of each external interface
+    /// and, with the Kubernetes API, the Node's first address of each family (kube-proxy's flag
+    /// and values). Default: every address of the node but loopback (and IPv6 link-local).
     #[arg(long, value_delimiter = ',', value_name = "CIDR,...|primary")]
     pub nodeport_addresses: Vec<String>,
     /// Which hook runs the datapath on external interfaces: xdp (the fast path), tc (TC
@@ -358,22 +359,26 @@ impl RunArgs {
                 self.nodeport_addresses.join(",")
             );
         }
-        let nodeport_prefixes = if primary {
-            Vec::new()
-        } else {
-            self.nodeport_addresses
-                .iter()
-                .map(|s| {
-                    s.parse::<Ipv4Prefix>().map_err(|e| {
-                        anyhow::anyhow!("--nodeport-addresses {s}: {e} (CIDRs, or primary)")
-                    })
-                })
-                .collect::<Result<_>>()?
-        };
+        let mut nodeport_prefixes = Vec::new();
+        let mut nodeport_prefixes_v6 = Vec::new();
+        for s in self.nodeport_addresses.iter().filter(|_| !primary) {
+            // Each CIDR goes to its family's list; kube-proxy's proxier of a family reads only
+            // that family's CIDRs (`NewNodePortAddresses`).
+            if s.contains(':') {
+                nodeport_prefixes_v6.push(s.parse::<Ipv6Prefix>().map_err(|e| {
+                    anyhow::anyhow!("--nodeport-addresses {s}: {e} (CIDRs, or primary)")
+                })?);
+            } else {
+                nodeport_prefixes.push(s.parse::<Ipv4Prefix>().map_err(|e| {
+                    anyhow::anyhow!("--nodeport-addresses {s}: {e} (CIDRs, or primary)")
+                })?);
+            }
+        }
         Ok(Selection {
             external: self.external_interfaces.clone(),
             pod_patterns: self.pod_interfaces.clone(),
             nodeport_prefixes,
+            nodeport_prefixes_v6,
             primary_only: primary,
         })
     }
@@ -883,6 +888,35 @@ pub(crate) mod tests {
             .selection()
             .unwrap_err();
         assert!(err.to_string().contains("`primary` stands alone"), "{err}");
+        // CIDRs of both families, each to its own family (an IPv6 one stopped the agent).
+        let sel = run_args(&["--nodeport-addresses", "10.0.0.0/8,fd00::/8"])
+            .selection()
+            .unwrap();
+        assert_eq!(
+            (
+                sel.nodeport_prefixes
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>(),
+                sel.nodeport_prefixes_v6
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+            ),
+            (vec!["10.0.0.0/8".to_owned()], vec!["fd00::/8".to_owned()])
+        );
+        let sel = run_args(&["--nodeport-addresses", "2001:db8::/32"])
+            .selection()
+            .unwrap();
+        assert!(sel.nodeport_prefixes.is_empty() && sel.nodeport_prefixes_v6.len() == 1);
+        let err = run_args(&["--nodeport-addresses", "fd00::/129"])
+            .selection()
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("--nodeport-addresses fd00::/129: "),
+            "{err}"
+        );
         let err = run_args(&["--nodeport-addresses", "10.0.0.0/33"])
             .selection()
             .unwrap_err();

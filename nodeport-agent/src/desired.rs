@@ -3,20 +3,22 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     sync::Arc,
 };
 
 use k8s_openapi::api::{
-    core::v1::{Service, ServicePort},
+    core::v1::{Service, ServicePort, ServiceSpec},
     discovery::v1::{Endpoint, EndpointHints, EndpointSlice},
 };
 
 use crate::ledger::NodePortRange;
 use crate::listeners::Listener;
 use crate::model::{
-    BackendState, Desired, DesiredService, Frontend, FrontendKind, HealthCheck, Ipv4Prefix, Notice,
-    NoticeKind, Protocol, ServicePortKey, parse_ip_sloppy, parse_ipv4_sloppy,
+    BackendState, Desired, DesiredService, DesiredService6, Frontend, FrontendKind, HealthCheck,
+    IpFamily, Ipv4Prefix, Ipv6Prefix, LocalEndpoints, Notice, NoticeCounts, NoticeKind, Protocol,
+    ServicePortKey, parse_ip_sloppy,
 };
 
 /// The label that names a Service's proxy; kube-proxy leaves such Services to that proxy.
@@ -44,6 +46,9 @@ pub struct NodeContext {
     pub zone: String,
     /// Node ports answer on each of these.
     pub node_addresses: Vec<Ipv4Addr>,
+    /// The same for IPv6 (never link-local): the IPv6 node ports of Services with the IPv6
+    /// family.
+    pub node_addresses_v6: Vec<Ipv6Addr>,
     /// With a name, Services labelled with it are ours too (like another proxy's name).
     pub proxy_name: Option<String>,
     /// Ports no frontend may take.
@@ -70,28 +75,124 @@ pub struct PortGuard {
 
 impl PortGuard {
     /// Why a frontend on node address `addr` (one of the node's) cannot be programmed.
-    fn refuse_on_node(&self, protocol: Protocol, addr: Ipv4Addr, port: u16) -> Option<Notice> {
+    fn refuse_on_node(&self, protocol: Protocol, addr: IpAddr, port: u16) -> Option<Notice> {
+        let frontend = SocketAddr::new(addr, port);
         if let Some(snat) = self.snat_ports.iter().find(|r| r.contains(port)) {
             return Some(Notice {
                 kind: NoticeKind::FrontendInSnatRange,
                 object: String::new(),
                 detail: format!(
-                    "{addr}:{port}/{protocol} not programmed: port {port} is in the SNAT port \
+                    "{frontend}/{protocol} not programmed: port {port} is in the SNAT port \
                      range {snat} (--snat-port-range), where replies of SNATed connections arrive"
                 ),
+                counts: None,
             });
         }
         let listener = self
             .listeners
             .iter()
-            .find(|l| l.covers(protocol, addr, port))?;
+            .find(|l| l.covers_ip(protocol, addr, port))?;
         Some(Notice {
             kind: NoticeKind::FrontendOnHostListener,
             object: String::new(),
             detail: format!(
-                "{addr}:{port}/{protocol} not programmed: {listener} would lose its traffic"
+                "{frontend}/{protocol} not programmed: {listener} would lose its traffic"
             ),
+            counts: None,
         })
+    }
+}
+
+/// An address family as the computation sees it. Frontends, endpoints and backends are worked
+/// out by one generic code path for both families (kube-proxy runs the same proxier code once
+/// per family); `V4` feeds the datapath, `V6` the IPv6 desired state.
+trait Family {
+    type Addr: Copy + Ord + Into<IpAddr>;
+    type Socket: Copy + Ord + Into<SocketAddr> + fmt::Display;
+    /// The EndpointSlice `addressType` of this family.
+    const ADDRESS_TYPE: &'static str;
+    fn of(ip: IpAddr) -> Option<Self::Addr>;
+    fn socket(addr: Self::Addr, port: u16) -> Self::Socket;
+    /// Where this family's node ports answer.
+    fn node_addresses(node: &NodeContext) -> &[Self::Addr];
+}
+
+struct V4;
+struct V6;
+
+impl Family for V4 {
+    type Addr = Ipv4Addr;
+    type Socket = SocketAddrV4;
+    const ADDRESS_TYPE: &'static str = "IPv4";
+    fn of(ip: IpAddr) -> Option<Ipv4Addr> {
+        match ip {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        }
+    }
+    fn socket(addr: Ipv4Addr, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(addr, port)
+    }
+    fn node_addresses(node: &NodeContext) -> &[Ipv4Addr] {
+        &node.node_addresses
+    }
+}
+
+impl Family for V6 {
+    type Addr = Ipv6Addr;
+    type Socket = SocketAddrV6;
+    const ADDRESS_TYPE: &'static str = "IPv6";
+    fn of(ip: IpAddr) -> Option<Ipv6Addr> {
+        match ip {
+            IpAddr::V6(v6) => Some(v6),
+            IpAddr::V4(_) => None,
+        }
+    }
+    fn socket(addr: Ipv6Addr, port: u16) -> SocketAddrV6 {
+        SocketAddrV6::new(addr, port, 0, 0)
+    }
+    fn node_addresses(node: &NodeContext) -> &[Ipv6Addr] {
+        &node.node_addresses_v6
+    }
+}
+
+/// The families a Service has, as kube-proxy decides which of its per-family proxiers takes
+/// it: a proxier takes a Service with a clusterIP of its family (`serviceToServiceMap` in
+/// pkg/proxy/servicechangetracker.go, through `GetClusterIPByFamily`), which is
+/// `spec.ipFamilies` (the API server fills it in with the clusterIPs), else the family of
+/// `spec.clusterIP` for objects from before dual-stack. Manifest files may leave things out
+/// that the API server fills in: `RequireDualStack` means both families whatever
+/// `ipFamilies` lists (the API server adds the second), `PreferDualStack` without
+/// `ipFamilies` both too (what a dual-stack cluster gives), and no family at all IPv4, as
+/// before dual-stack.
+pub fn service_families(spec: &ServiceSpec) -> BTreeSet<IpFamily> {
+    let both = || BTreeSet::from([IpFamily::Ipv4, IpFamily::Ipv6]);
+    if spec.ip_family_policy.as_deref() == Some("RequireDualStack") {
+        return both();
+    }
+    let listed: BTreeSet<IpFamily> = spec
+        .ip_families
+        .iter()
+        .flatten()
+        .filter_map(|f| match f.as_str() {
+            "IPv4" => Some(IpFamily::Ipv4),
+            "IPv6" => Some(IpFamily::Ipv6),
+            _ => None,
+        })
+        .collect();
+    if !listed.is_empty() {
+        return listed;
+    }
+    if spec.ip_family_policy.as_deref() == Some("PreferDualStack") {
+        return both();
+    }
+    let cluster_ip = spec
+        .cluster_ip
+        .as_deref()
+        .filter(|ip| !ip.is_empty() && *ip != "None");
+    match cluster_ip.and_then(parse_ip_sloppy) {
+        Some(ip) => [IpFamily::of(ip)].into(),
+        None => [IpFamily::Ipv4].into(),
     }
 }
 
@@ -146,24 +247,24 @@ fn conditions(ep: &Endpoint) -> Conditions {
     }
 }
 
-struct Candidate<'a> {
-    addr: SocketAddrV4,
+struct Candidate<'a, A> {
+    addr: A,
     local: bool,
     cond: Conditions,
     hints: Option<&'a EndpointHints>,
 }
 
-/// Endpoints of one Service port from its slices: the slice port with the Service port's name
-/// and protocol gives the target port (a named targetPort is resolved per slice).
-fn candidates<'a>(
+/// Endpoints of one Service port from its slices of family `F` (`addressType`): the slice
+/// port with the Service port's name and protocol gives the target port (a named targetPort
+/// is resolved per slice).
+fn candidates<'a, F: Family>(
     key: &ServicePortKey,
     slices: &[&'a EndpointSlice],
     node: &NodeContext,
-    notices: &mut BTreeSet<Notice>,
-) -> Vec<Candidate<'a>> {
+) -> Vec<Candidate<'a, F::Socket>> {
     let mut out = Vec::new();
-    let mut ipv6 = 0usize;
-    for slice in slices {
+    // Other families' slices are another proxier's; FQDN slices route nowhere.
+    for slice in slices.iter().filter(|s| s.address_type == F::ADDRESS_TYPE) {
         let Some(port) = slice.ports.iter().flatten().find(|p| {
             p.name.as_deref().unwrap_or("") == &*key.port_name
                 && protocol(p.protocol.as_deref()) == Some(key.protocol)
@@ -173,34 +274,24 @@ fn candidates<'a>(
         let Some(target) = port.port.and_then(port_u16) else {
             continue;
         };
-        match slice.address_type.as_str() {
-            "IPv4" => {}
-            "IPv6" => {
-                ipv6 += slice.endpoints.iter().flatten().count();
-                continue;
-            }
-            _ => continue, // FQDN: nothing to route to
-        }
         for ep in slice.endpoints.iter().flatten() {
             let local = ep.node_name.as_deref() == Some(node.node_name.as_str());
             // An endpoint is its first address, as for kube-proxy (endpointslicecache.go).
-            let Some(ip) = ep.addresses.first().and_then(|a| parse_ipv4_sloppy(a)) else {
+            let Some(ip) = ep
+                .addresses
+                .first()
+                .and_then(|a| parse_ip_sloppy(a))
+                .and_then(F::of)
+            else {
                 continue;
             };
             out.push(Candidate {
-                addr: SocketAddrV4::new(ip, target),
+                addr: F::socket(ip, target),
                 local,
                 cond: conditions(ep),
                 hints: ep.hints.as_ref(),
             });
         }
-    }
-    if ipv6 > 0 {
-        notices.insert(Notice {
-            kind: NoticeKind::Ipv6Skipped,
-            object: key.to_string(),
-            detail: format!("{ipv6} IPv6 endpoint(s) skipped: IPv6 is not supported yet"),
-        });
     }
     out
 }
@@ -217,14 +308,14 @@ enum TopologyMode {
 }
 
 /// An endpoint's node hints (`hints.forNodes[*].name`).
-fn node_hints<'a>(c: &Candidate<'a>) -> &'a [k8s_openapi::api::discovery::v1::ForNode] {
+fn node_hints<'a, A>(c: &Candidate<'a, A>) -> &'a [k8s_openapi::api::discovery::v1::ForNode] {
     c.hints
         .and_then(|h| h.for_nodes.as_deref())
         .unwrap_or_default()
 }
 
 /// An endpoint's zone hints (`hints.forZones[*].name`).
-fn zone_hints<'a>(c: &Candidate<'a>) -> &'a [k8s_openapi::api::discovery::v1::ForZone] {
+fn zone_hints<'a, A>(c: &Candidate<'a, A>) -> &'a [k8s_openapi::api::discovery::v1::ForZone] {
     c.hints
         .and_then(|h| h.for_zones.as_deref())
         .unwrap_or_default()
@@ -241,7 +332,11 @@ fn zone_hints<'a>(c: &Candidate<'a>) -> &'a [k8s_openapi::api::discovery::v1::Fo
 /// `service.kubernetes.io/topology-mode` annotation: the EndpointSlice controller writes
 /// hints only for Services that ask for them, and hints written by another controller (or by
 /// hand in a manifest) count as well.
-fn topology_mode(candidates: &[Candidate], node_name: &str, zone: &str) -> Option<TopologyMode> {
+fn topology_mode<A>(
+    candidates: &[Candidate<A>],
+    node_name: &str,
+    zone: &str,
+) -> Option<TopologyMode> {
     let mut has_ready = false;
     let (mut all_node_hints, mut for_node) = (true, false);
     let (mut all_zone_hints, mut for_zone) = (true, false);
@@ -273,8 +368,8 @@ fn topology_mode(candidates: &[Candidate], node_name: &str, zone: &str) -> Optio
 
 /// kube-proxy's `availableForTopology`: whether this node may send new connections to the
 /// endpoint under `mode`.
-fn available_for_topology(
-    c: &Candidate,
+fn available_for_topology<A>(
+    c: &Candidate<A>,
     mode: Option<TopologyMode>,
     node_name: &str,
     zone: &str,
@@ -301,12 +396,12 @@ fn available_for_topology(
 /// Endpoints that are not serving never take new connections. An endpoint that hints send
 /// elsewhere stays a backend (its established connections go on, as kube-proxy leaves their
 /// conntrack entries alone) without taking new ones.
-fn backends(
-    candidates: Vec<Candidate>,
+fn backends<A: Ord>(
+    candidates: Vec<Candidate<A>>,
     local_only: bool,
     node: &NodeContext,
-) -> BTreeMap<SocketAddrV4, BackendState> {
-    let usable: Vec<Candidate> = candidates
+) -> BTreeMap<A, BackendState> {
+    let usable: Vec<Candidate<A>> = candidates
         .into_iter()
         .filter(|c| c.local || !local_only)
         .collect();
@@ -315,7 +410,7 @@ fn backends(
     } else {
         topology_mode(&usable, &node.node_name, &node.zone)
     };
-    let preferred = |c: &Candidate| {
+    let preferred = |c: &Candidate<A>| {
         c.cond.ready && available_for_topology(c, topology, &node.node_name, &node.zone)
     };
     let any_preferred = usable.iter().any(preferred);
@@ -351,18 +446,21 @@ fn service_port_of(port: &ServicePort) -> u16 {
     port_u16(port.port).unwrap_or_default()
 }
 
-fn frontends(
+/// The frontends of family `F` of one Service port: its node port on this family's node
+/// addresses, and the LoadBalancer ingress IPs and externalIPs of this family (kube-proxy's
+/// proxier of a family takes only that family's VIPs: `newBaseServiceInfo` in
+/// pkg/proxy/serviceport.go maps them by family).
+fn frontends<F: Family>(
     svc: &Service,
     port: &ServicePort,
     key: &ServicePortKey,
     node: &NodeContext,
     has_source_ranges: bool,
     notices: &mut BTreeSet<Notice>,
-) -> BTreeSet<Frontend> {
+) -> BTreeSet<Frontend<F::Socket>> {
     let spec = svc.spec.as_ref().expect("checked by is_ours");
     let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
     let mut out = BTreeSet::new();
-    let mut ipv6 = Vec::new();
     let guard = &node.guard;
     let mut refuse = |mut notice: Notice| {
         notice.object = key.to_string();
@@ -385,6 +483,7 @@ fn frontends(
                         ", and outside the node port range {range} (--service-node-port-range)"
                     )),
                 ),
+                counts: None,
             }),
             (None, Some(range)) => refuse(Notice {
                 kind: NoticeKind::NodePortOutsideRange,
@@ -394,15 +493,16 @@ fn frontends(
                      {range} (--service-node-port-range)",
                     key.protocol
                 ),
+                counts: None,
             }),
             (None, None) => {
-                for addr in &node.node_addresses {
-                    if let Some(n) = guard.refuse_on_node(key.protocol, *addr, node_port) {
+                for addr in F::node_addresses(node) {
+                    if let Some(n) = guard.refuse_on_node(key.protocol, (*addr).into(), node_port) {
                         refuse(n);
                         continue;
                     }
                     out.insert(Frontend {
-                        addr: SocketAddrV4::new(*addr, node_port),
+                        addr: F::socket(*addr, node_port),
                         kind: FrontendKind::NodePort,
                         source_ranges: has_source_ranges && node.source_ranges_on_node_ports,
                     });
@@ -413,11 +513,11 @@ fn frontends(
     // A LoadBalancer IP or externalIP uses the Service port: the node port range does not
     // apply, and a VIP the node does not own shares no socket or SNAT reply with it. One that
     // is a node address gets the node's checks.
-    let mut vip_allowed = |ip: Ipv4Addr| {
-        if !node.node_addresses.contains(&ip) {
+    let mut vip_allowed = |ip: F::Addr| {
+        if !F::node_addresses(node).contains(&ip) {
             return true;
         }
-        match guard.refuse_on_node(key.protocol, ip, service_port_of(port)) {
+        match guard.refuse_on_node(key.protocol, ip.into(), service_port_of(port)) {
             Some(n) => {
                 refuse(n);
                 false
@@ -439,41 +539,28 @@ fn frontends(
             if ing.ip_mode.as_deref() == Some("Proxy") {
                 continue;
             }
-            match ing.ip.as_deref().map(parse_ip_sloppy) {
-                Some(Some(IpAddr::V4(ip))) if vip_allowed(ip) => {
-                    out.insert(Frontend {
-                        addr: SocketAddrV4::new(ip, service_port),
-                        kind: FrontendKind::LoadBalancer,
-                        source_ranges: has_source_ranges,
-                    });
-                }
-                Some(Some(IpAddr::V6(ip))) => ipv6.push(ip.to_string()),
-                _ => {}
+            let ip = ing.ip.as_deref().and_then(parse_ip_sloppy).and_then(F::of);
+            if let Some(ip) = ip
+                && vip_allowed(ip)
+            {
+                out.insert(Frontend {
+                    addr: F::socket(ip, service_port),
+                    kind: FrontendKind::LoadBalancer,
+                    source_ranges: has_source_ranges,
+                });
             }
         }
     }
     for ip in spec.external_ips.iter().flatten() {
-        match parse_ip_sloppy(ip) {
-            Some(IpAddr::V4(ip)) if vip_allowed(ip) => {
-                out.insert(Frontend {
-                    addr: SocketAddrV4::new(ip, service_port),
-                    kind: FrontendKind::ExternalIp,
-                    source_ranges: false,
-                });
-            }
-            Some(IpAddr::V6(ip)) => ipv6.push(ip.to_string()),
-            Some(IpAddr::V4(_)) | None => {}
+        if let Some(ip) = parse_ip_sloppy(ip).and_then(F::of)
+            && vip_allowed(ip)
+        {
+            out.insert(Frontend {
+                addr: F::socket(ip, service_port),
+                kind: FrontendKind::ExternalIp,
+                source_ranges: false,
+            });
         }
-    }
-    if !ipv6.is_empty() {
-        notices.insert(Notice {
-            kind: NoticeKind::Ipv6Skipped,
-            object: key.to_string(),
-            detail: format!(
-                "IPv6 frontend(s) {} skipped: IPv6 is not supported yet",
-                ipv6.join(", ")
-            ),
-        });
     }
     out
 }
@@ -484,8 +571,41 @@ struct ServiceOutput {
     order: ClaimOrder,
     /// Shared with the desired state when every frontend is won (the usual case).
     ports: Vec<(ServicePortKey, Arc<DesiredService>)>,
+    /// The IPv6 service ports, likewise.
+    ports_v6: Vec<(ServicePortKey, Arc<DesiredService6>)>,
     health: Option<(u16, HealthCheck)>,
     notices: Vec<Notice>,
+}
+
+impl ServiceOutput {
+    /// The frontends this Service wants, of both families, with the port wanting each.
+    fn claims(&self) -> impl Iterator<Item = (&ServicePortKey, FrontendId)> {
+        let v4 = self.ports.iter().flat_map(|(pkey, ds)| {
+            ds.frontends
+                .iter()
+                .map(move |f| (pkey, (SocketAddr::from(f.addr), pkey.protocol)))
+        });
+        let v6 = self.ports_v6.iter().flat_map(|(pkey, ds)| {
+            ds.frontends
+                .iter()
+                .map(move |f| (pkey, (SocketAddr::from(f.addr), pkey.protocol)))
+        });
+        v4.chain(v6)
+    }
+}
+
+/// A service port's entry with only the frontends it `wins`: the Service's own output (shared)
+/// when it wins them all, nothing when it wins none.
+fn keep_won<A: Copy + Ord + Into<SocketAddr>, P: Clone>(
+    ds: Arc<DesiredService<A, P>>,
+    wins: impl Fn(SocketAddr) -> bool,
+) -> Option<Arc<DesiredService<A, P>>> {
+    if ds.frontends.iter().all(|f| wins(f.addr.into())) {
+        return Some(ds);
+    }
+    let mut ds = DesiredService::clone(&ds);
+    ds.frontends.retain(|f| wins(f.addr.into()));
+    (!ds.frontends.is_empty()).then(|| Arc::new(ds))
 }
 
 /// Who gets a frontend that has no holder (see `Reconciler::holders`): the older Service (as
@@ -498,8 +618,9 @@ type ClaimOrder = (
     Arc<str>,
 );
 
-/// One frontend: address, port and protocol.
-pub type FrontendId = (SocketAddrV4, Protocol);
+/// One frontend: address, port and protocol. Either family: two Services claiming one IPv6
+/// frontend are settled as for IPv4.
+pub type FrontendId = (SocketAddr, Protocol);
 
 fn compute_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext) -> ServiceOutput {
     let spec = svc.spec.as_ref().expect("is_ours checked the spec");
@@ -527,26 +648,21 @@ fn compute_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext)
             .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
     });
     let mut source_ranges = BTreeSet::new();
+    let mut source_ranges_v6 = BTreeSet::new();
     // An entry that is no CIDR at all leaves the filter on (with the valid entries, or with
-    // none: nobody gets in): a typo must never open a load balancer to everyone. An IPv6
-    // entry only does not apply to IPv4 frontends, as kube-proxy filters per family.
+    // none: nobody gets in): a typo must never open a load balancer to everyone. Entries of
+    // one family do not apply to the other family's frontends, as kube-proxy filters per
+    // family (`newBaseServiceInfo` maps them by family).
     let mut invalid_range = false;
     for range in spec.load_balancer_source_ranges.iter().flatten() {
-        match Ipv4Prefix::parse(range) {
-            Some(p) => {
+        match (Ipv4Prefix::parse(range), Ipv6Prefix::parse(range)) {
+            (Some(p), _) => {
                 source_ranges.insert(p);
             }
-            None if range.contains(':') => {
-                notices.insert(Notice {
-                    kind: NoticeKind::Ipv6Skipped,
-                    object: format!("{ns}/{name}"),
-                    detail: format!(
-                        "loadBalancerSourceRanges entry {range:?} is IPv6; it applies to no \
-                         IPv4 frontend"
-                    ),
-                });
+            (None, Some(p)) => {
+                source_ranges_v6.insert(p);
             }
-            None => {
+            (None, None) => {
                 invalid_range = true;
                 notices.insert(Notice {
                     kind: NoticeKind::InvalidSourceRange,
@@ -556,12 +672,15 @@ fn compute_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext)
                          stays on with the other entries (with none, no client gets in) until \
                          it is fixed"
                     ),
+                    counts: None,
                 });
             }
         }
     }
 
+    let families = service_families(spec);
     let mut ports = Vec::with_capacity(spec.ports.as_ref().map_or(0, Vec::len));
+    let mut ports_v6 = Vec::new();
     for port in spec.ports.iter().flatten() {
         let port_name = port.name.clone().unwrap_or_default();
         let Some(protocol) = protocol(port.protocol.as_deref()) else {
@@ -572,6 +691,7 @@ fn compute_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext)
                     "protocol {} is not supported yet",
                     port.protocol.as_deref().unwrap_or("?")
                 ),
+                counts: None,
             });
             continue;
         };
@@ -581,50 +701,84 @@ fn compute_service(svc: &Service, slices: &[&EndpointSlice], node: &NodeContext)
             port_name: port_name.into(),
             protocol,
         };
-        let fronts = frontends(
-            svc,
-            port,
-            &key,
-            node,
-            !source_ranges.is_empty() || invalid_range,
-            &mut notices,
-        );
-        if fronts.is_empty() {
-            continue;
+        // Each family as kube-proxy's proxier of that family computes it; a port without
+        // frontends of a family gets nothing of it.
+        if families.contains(&IpFamily::Ipv4) {
+            let has_ranges = !source_ranges.is_empty() || invalid_range;
+            let fronts = frontends::<V4>(svc, port, &key, node, has_ranges, &mut notices);
+            if !fronts.is_empty() {
+                let backends = backends(candidates::<V4>(&key, slices, node), local_only, node);
+                ports.push((
+                    key.clone(),
+                    Arc::new(DesiredService {
+                        frontends: fronts,
+                        backends,
+                        local_only,
+                        affinity_timeout_s,
+                        source_ranges: source_ranges.clone(),
+                    }),
+                ));
+            }
         }
-        let backends = backends(
-            candidates(&key, slices, node, &mut notices),
-            local_only,
-            node,
-        );
-        ports.push((
-            key,
-            Arc::new(DesiredService {
-                frontends: fronts,
-                backends,
-                local_only,
-                affinity_timeout_s,
-                source_ranges: source_ranges.clone(),
-            }),
-        ));
+        if families.contains(&IpFamily::Ipv6) {
+            let has_ranges = !source_ranges_v6.is_empty() || invalid_range;
+            let fronts = frontends::<V6>(svc, port, &key, node, has_ranges, &mut notices);
+            if !fronts.is_empty() {
+                let backends = backends(candidates::<V6>(&key, slices, node), local_only, node);
+                let counts = NoticeCounts {
+                    frontends: fronts.len(),
+                    endpoints: backends.len(),
+                };
+                notices.insert(Notice {
+                    kind: NoticeKind::Ipv6ToKernel,
+                    object: key.to_string(),
+                    detail: format!(
+                        "{} IPv6 frontend(s) and {} IPv6 endpoint(s) carried by the kernel \
+                         (kube-proxy) until the datapath supports IPv6",
+                        counts.frontends, counts.endpoints
+                    ),
+                    counts: Some(counts),
+                });
+                ports_v6.push((
+                    key,
+                    Arc::new(DesiredService6 {
+                        frontends: fronts,
+                        backends,
+                        local_only,
+                        affinity_timeout_s,
+                        source_ranges: source_ranges_v6.clone(),
+                    }),
+                ));
+            }
+        }
     }
     // Kept for the Service's life: no spare capacity (ports without frontends were skipped).
     ports.shrink_to_fit();
+    ports_v6.shrink_to_fit();
 
     let health = (local_only && spec.type_.as_deref() == Some("LoadBalancer"))
         .then(|| spec.health_check_node_port.and_then(port_u16))
         .flatten()
         .map(|hc_port| {
+            let count = |family| {
+                families
+                    .contains(&family)
+                    .then(|| local_ready_endpoints(slices, node, family))
+            };
             let check = HealthCheck {
                 namespace: ns.to_owned(),
                 name: name.to_owned(),
-                local_endpoints: local_ready_endpoints(slices, node),
+                local_endpoints: LocalEndpoints {
+                    ipv4: count(IpFamily::Ipv4),
+                    ipv6: count(IpFamily::Ipv6),
+                },
             };
             (hc_port, check)
         });
     ServiceOutput {
         order,
         ports,
+        ports_v6,
         health,
         notices: notices.into_iter().collect(),
     }
@@ -905,6 +1059,7 @@ impl Reconciler {
         if node.node_name == self.node.node_name
             && node.zone == self.node.zone
             && node.node_addresses == self.node.node_addresses
+            && node.node_addresses_v6 == self.node.node_addresses_v6
             && node.proxy_name == self.node.proxy_name
             && node.guard == self.node.guard
         {
@@ -1038,17 +1193,14 @@ impl Reconciler {
         let mut touched: BTreeSet<FrontendId> = BTreeSet::new();
         let mut reassemble: BTreeSet<ServicePortKey> = BTreeSet::new();
         if let Some(old) = &old {
-            for (pkey, ds) in &old.output.ports {
-                for f in &ds.frontends {
-                    let claim = (f.addr, pkey.protocol);
-                    if let Some(set) = self.claims.get_mut(&claim) {
-                        set.remove(&(old.output.order.clone(), pkey.clone()));
-                        if set.is_empty() {
-                            self.claims.remove(&claim);
-                        }
+            for (pkey, claim) in old.output.claims() {
+                if let Some(set) = self.claims.get_mut(&claim) {
+                    set.remove(&(old.output.order.clone(), pkey.clone()));
+                    if set.is_empty() {
+                        self.claims.remove(&claim);
                     }
-                    touched.insert(claim);
                 }
+                touched.insert(claim);
                 reassemble.insert(pkey.clone());
             }
             if let Some((port, _)) = &old.output.health {
@@ -1058,15 +1210,12 @@ impl Reconciler {
             changes.notices |= !old.output.notices.is_empty();
         }
         if let Some(new) = new {
-            for (pkey, ds) in &new.output.ports {
-                for f in &ds.frontends {
-                    let claim = (f.addr, pkey.protocol);
-                    self.claims
-                        .entry(claim)
-                        .or_default()
-                        .insert((new.output.order.clone(), pkey.clone()));
-                    touched.insert(claim);
-                }
+            for (pkey, claim) in new.output.claims() {
+                self.claims
+                    .entry(claim)
+                    .or_default()
+                    .insert((new.output.order.clone(), pkey.clone()));
+                touched.insert(claim);
                 reassemble.insert(pkey.clone());
             }
             if let Some((port, check)) = &new.output.health {
@@ -1088,44 +1237,55 @@ impl Reconciler {
         }
     }
 
-    /// Recomputes one service port's entry of the desired state from its Service's output,
-    /// keeping only the frontends it wins.
+    /// Recomputes one service port's entries of the desired state (each family) from its
+    /// Service's output, keeping only the frontends it wins.
     fn reassemble(&mut self, pkey: &ServicePortKey, changes: &mut Changes) {
         let owner = self
             .cache
             .get(&(pkey.namespace.to_string(), pkey.name.to_string()));
-        let wanted = owner.and_then(|c| {
-            c.output
-                .ports
+        fn find<T: Clone>(ports: &[(ServicePortKey, T)], pkey: &ServicePortKey) -> Option<T> {
+            ports
                 .iter()
                 .find(|(k, _)| k == pkey)
-                .map(|(_, ds)| ds)
-        });
-        let wins = |f: &Frontend| self.winner(&(f.addr, pkey.protocol)) == Some(pkey);
-        let assembled = wanted.and_then(|ds| {
-            if ds.frontends.iter().all(wins) {
-                // Every frontend won: the Service's own output, shared.
-                return Some(ds.clone());
-            }
-            let mut ds = DesiredService::clone(ds);
-            ds.frontends.retain(wins);
-            (!ds.frontends.is_empty()).then(|| Arc::new(ds))
-        });
-        let conflicts = wanted.is_some_and(|ds| {
-            ds.frontends.iter().any(|f| {
-                self.winner(&(f.addr, pkey.protocol))
-                    .is_some_and(|w| w != pkey)
-            })
-        });
+                .map(|(_, ds)| ds.clone())
+        }
+        let wanted = owner.and_then(|c| find(&c.output.ports, pkey));
+        let wanted_v6 = owner.and_then(|c| find(&c.output.ports_v6, pkey));
+        let winner = |f: SocketAddr| self.winner(&(f, pkey.protocol));
+        let conflicts = {
+            let lost = |f: SocketAddr| winner(f).is_some_and(|w| w != pkey);
+            wanted
+                .iter()
+                .flat_map(|ds| ds.frontends.iter().map(|f| SocketAddr::from(f.addr)))
+                .chain(
+                    wanted_v6
+                        .iter()
+                        .flat_map(|ds| ds.frontends.iter().map(|f| SocketAddr::from(f.addr))),
+                )
+                .any(lost)
+        };
+        let wins = |f: SocketAddr| winner(f) == Some(pkey);
+        let assembled = wanted.and_then(|ds| keep_won(ds, wins));
+        let assembled_v6 = wanted_v6.and_then(|ds| keep_won(ds, wins));
         if conflicts {
             changes.notices = true;
         }
-        let current = self.desired.services.get(pkey);
-        if current != assembled.as_ref() {
+        let mut changed = false;
+        if self.desired.services.get(pkey) != assembled.as_ref() {
             match assembled {
                 Some(ds) => self.desired.services.insert(pkey.clone(), ds),
                 None => self.desired.services.remove(pkey),
             };
+            changed = true;
+        }
+        if self.desired.services_v6.get(pkey) != assembled_v6.as_ref() {
+            match assembled_v6 {
+                Some(ds) => self.desired.services_v6.insert(pkey.clone(), ds),
+                None => self.desired.services_v6.remove(pkey),
+            };
+            changed = true;
+        }
+        if changed {
             changes.services.insert(pkey.clone());
         }
     }
@@ -1150,6 +1310,7 @@ impl Reconciler {
                         "{} {} not programmed: already served by {winner}, which keeps it",
                         claim.0, claim.1
                     ),
+                    counts: None,
                 });
             }
         }
@@ -1192,12 +1353,14 @@ pub fn desired_state_held(
 /// nothing, and an endpoint stands for its first address only (endpointslicecache.go). Terminating
 /// endpoints do not count, so a node whose only endpoints are terminating fails the check and
 /// the load balancer drains it.
-fn local_ready_endpoints(slices: &[&EndpointSlice], node: &NodeContext) -> usize {
+///
+/// kube-proxy counts per family, each proxier over its own family's slices: `family` says
+/// which.
+fn local_ready_endpoints(slices: &[&EndpointSlice], node: &NodeContext, family: IpFamily) -> usize {
     let mut addrs = BTreeSet::new();
-    // IPv4 only: that is what this node serves.
-    let counted = slices
-        .iter()
-        .filter(|s| s.address_type == "IPv4" && s.ports.as_ref().is_some_and(|p| !p.is_empty()));
+    let counted = slices.iter().filter(|s| {
+        s.address_type == family.label() && s.ports.as_ref().is_some_and(|p| !p.is_empty())
+    });
     for slice in counted {
         for ep in slice.endpoints.iter().flatten() {
             if ep.node_name.as_deref() == Some(node.node_name.as_str()) && conditions(ep).ready {

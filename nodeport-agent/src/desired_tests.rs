@@ -14,6 +14,7 @@ fn node() -> NodeContext {
         node_name: NODE.into(),
         zone: String::new(),
         node_addresses: vec!["198.18.0.1".parse().unwrap(), "198.18.0.5".parse().unwrap()],
+        node_addresses_v6: vec!["fd00:18::1".parse().unwrap()],
         proxy_name: None,
         guard: Default::default(),
         source_ranges_on_node_ports: false,
@@ -67,7 +68,7 @@ fn holders(
         .flat_map(|(k, ds)| {
             ds.frontends
                 .iter()
-                .map(move |f| ((f.addr, k.protocol), k.clone()))
+                .map(move |f| ((f.addr.into(), k.protocol), k.clone()))
         })
         .collect()
 }
@@ -195,8 +196,10 @@ status:
             ("203.0.113.10:443".into(), FrontendKind::LoadBalancer),
         ]
     );
+    // The IPv6 ingress IP is for kube-proxy's IPv6 proxier, which does not take an IPv4
+    // Service: nobody serves it, and it is nothing of this Service's.
     assert!(
-        d.notices.iter().any(|n| n.kind == NoticeKind::Ipv6Skipped),
+        d.services_v6.is_empty() && d.notices.is_empty(),
         "{:?}",
         d.notices
     );
@@ -296,7 +299,7 @@ spec: { type: NodePort, ports: [ { port: 80, nodePort: 30001 } ] }
 }
 
 #[test]
-fn sctp_ports_and_ipv6_endpoints_are_skipped_with_a_notice() {
+fn sctp_ports_are_skipped_and_an_ipv4_service_has_no_ipv6_endpoints() {
     let d = compute(
         r#"
 kind: Service
@@ -329,11 +332,10 @@ endpoints: [ { addresses: [10.0.1.1], nodeName: node-a } ]
         svc.backends.keys().collect::<Vec<_>>(),
         [&sa("10.0.1.1:8080")]
     );
+    // The IPv6 slice is an IPv6 proxier's, which does not take this IPv4 Service.
+    assert!(d.services_v6.is_empty());
     let kinds: Vec<NoticeKind> = d.notices.iter().map(|n| n.kind).collect();
-    assert!(
-        kinds.contains(&NoticeKind::SctpSkipped) && kinds.contains(&NoticeKind::Ipv6Skipped),
-        "{kinds:?}"
-    );
+    assert_eq!(kinds, [NoticeKind::SctpSkipped]);
 }
 
 #[test]
@@ -505,7 +507,7 @@ fn external_traffic_policy_local_uses_local_endpoints_only_and_serves_a_health_c
             HealthCheck {
                 namespace: "default".into(),
                 name: "web".into(),
-                local_endpoints: 1
+                local_endpoints: LocalEndpoints::ipv4(1)
             }
         )])
     );
@@ -529,7 +531,10 @@ endpoints:
         )
     };
     // A ready local endpoint in a slice without ports: not counted.
-    assert_eq!(compute(&yaml("")).health_checks[&32000].local_endpoints, 1);
+    assert_eq!(
+        compute(&yaml("")).health_checks[&32000].local_endpoints,
+        LocalEndpoints::ipv4(1)
+    );
     // A second address of an endpoint: not counted either.
     let two_addresses = "---
 kind: EndpointSlice
@@ -542,14 +547,17 @@ endpoints:
 ";
     assert_eq!(
         compute(&yaml(two_addresses)).health_checks[&32000].local_endpoints,
-        2
+        LocalEndpoints::ipv4(2)
     );
 }
 
 #[test]
 fn only_terminating_local_endpoints_fail_the_health_check_but_still_serve() {
     let d = compute(&LOCAL_LB.replace("- { addresses: [10.0.1.1], nodeName: node-a }\n", ""));
-    assert_eq!(d.health_checks[&32000].local_endpoints, 0);
+    assert_eq!(
+        d.health_checks[&32000].local_endpoints,
+        LocalEndpoints::ipv4(0)
+    );
     let svc = &d.services[&key("default", "web", "", Protocol::Tcp)];
     // No ready endpoint anywhere it may use: the serving-terminating one takes over.
     assert_eq!(
@@ -567,7 +575,10 @@ fn a_node_without_local_endpoints_gets_an_empty_local_service() {
     let d = compute_on(LOCAL_LB, &other);
     let svc = &d.services[&key("default", "web", "", Protocol::Tcp)];
     assert!(svc.backends.is_empty() && svc.local_only);
-    assert_eq!(d.health_checks[&32000].local_endpoints, 0);
+    assert_eq!(
+        d.health_checks[&32000].local_endpoints,
+        LocalEndpoints::ipv4(0)
+    );
 }
 
 #[test]
@@ -648,11 +659,9 @@ status: { loadBalancer: { ingress: [ { ip: 203.0.113.10 } ] } }
             };
             assert_eq!(f.source_ranges, filtered, "{f:?}");
         }
+        // The IPv6 range is for IPv6 frontends, which an IPv4 Service has none of.
         let kinds: Vec<NoticeKind> = d.notices.iter().map(|n| n.kind).collect();
-        assert_eq!(
-            kinds,
-            [NoticeKind::Ipv6Skipped, NoticeKind::InvalidSourceRange]
-        );
+        assert_eq!(kinds, [NoticeKind::InvalidSourceRange]);
     }
 }
 
@@ -1380,10 +1389,10 @@ status: {{ loadBalancer: {{ ingress: [ {{ ip: 203.0.113.10 }} ] }} }}
 "#
         )
     };
-    for (ranges, filtered, notice) in [
-        ("[not-a-cidr]", true, NoticeKind::InvalidSourceRange),
-        ("[10.0.0.0/33]", true, NoticeKind::InvalidSourceRange),
-        (r#"["2001:db8::/32"]"#, false, NoticeKind::Ipv6Skipped),
+    for (ranges, filtered, notices) in [
+        ("[not-a-cidr]", true, &[NoticeKind::InvalidSourceRange][..]),
+        ("[10.0.0.0/33]", true, &[NoticeKind::InvalidSourceRange]),
+        (r#"["2001:db8::/32"]"#, false, &[]),
     ] {
         let d = compute(&lb(ranges));
         let svc = &d.services[&key("default", "web", "", Protocol::Tcp)];
@@ -1395,7 +1404,7 @@ status: {{ loadBalancer: {{ ingress: [ {{ ip: 203.0.113.10 }} ] }} }}
             .expect("the LoadBalancer IP");
         assert_eq!(vip.source_ranges, filtered, "{ranges}");
         let kinds: Vec<NoticeKind> = d.notices.iter().map(|n| n.kind).collect();
-        assert_eq!(kinds, [notice], "{ranges}");
+        assert_eq!(kinds, notices, "{ranges}");
     }
 }
 
@@ -1870,5 +1879,314 @@ fn the_topology_example_prefers_node_1s_zone() {
     assert_eq!(
         table(&without_the_node),
         ["198.18.1.20:8080", "198.18.2.20:8080", "198.18.3.20:8080"]
+    );
+}
+
+// ---- IPv6 and dual-stack (issue #14) -------------------------------------------------------
+
+/// Frontends of an IPv6 service port as (address, kind).
+fn frontend_addrs_v6(svc: &DesiredService6) -> Vec<(String, FrontendKind)> {
+    svc.frontends
+        .iter()
+        .map(|f| (f.addr.to_string(), f.kind))
+        .collect()
+}
+
+/// Backends of an IPv6 service port as `addr -> (local, in_table)`.
+fn backend_view_v6(svc: &DesiredService6) -> BTreeMap<String, (bool, bool)> {
+    svc.backends
+        .iter()
+        .map(|(a, b)| (a.to_string(), (b.local, b.in_table)))
+        .collect()
+}
+
+/// An ETP Local LoadBalancer of the `families` given (`spec.ipFamilies`), with VIPs and
+/// endpoints of both families: a local and a remote pod of each.
+fn lb_of(families: &str) -> String {
+    format!(
+        r#"
+kind: Service
+apiVersion: v1
+metadata: {{ name: web, namespace: shop }}
+spec:
+  type: LoadBalancer
+  ipFamilies: {families}
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  externalIPs: [198.51.100.7, "2001:db8:7::7"]
+  loadBalancerSourceRanges: [10.0.0.0/8, "2001:db8::/32"]
+  ports: [ {{ name: http, port: 80, nodePort: 30080 }} ]
+status:
+  loadBalancer:
+    ingress: [ {{ ip: 203.0.113.10 }}, {{ ip: "2001:db8:10::10" }} ]
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: {{ name: web-v4, namespace: shop, labels: {{ kubernetes.io/service-name: web }} }}
+addressType: IPv4
+ports: [ {{ name: http, port: 8080 }} ]
+endpoints:
+- {{ addresses: [10.0.1.1], nodeName: node-a }}
+- {{ addresses: [10.0.2.1], nodeName: node-b }}
+---
+kind: EndpointSlice
+apiVersion: discovery.k8s.io/v1
+metadata: {{ name: web-v6, namespace: shop, labels: {{ kubernetes.io/service-name: web }} }}
+addressType: IPv6
+ports: [ {{ name: http, port: 8080 }} ]
+endpoints:
+- {{ addresses: ["fd00:1::1"], nodeName: node-a }}
+- {{ addresses: ["fd00:2::1"], nodeName: node-b }}
+"#
+    )
+}
+
+/// kube-proxy's IPv4 proxier does not take an IPv6-only Service (no IPv4 clusterIP): it has no
+/// IPv4 node ports, and its VIPs, endpoints and source ranges are all IPv6. The agent used to
+/// give it IPv4 node-port frontends without a backend.
+#[test]
+fn an_ipv6_only_service_gets_ipv6_frontends_and_endpoints_only() {
+    let d = compute(&lb_of("[IPv6]"));
+    let key = key("shop", "web", "http", Protocol::Tcp);
+    assert!(d.services.is_empty(), "no IPv4 frontend: {:?}", d.services);
+    let svc = &d.services_v6[&key];
+    assert_eq!(
+        frontend_addrs_v6(svc),
+        vec![
+            ("[2001:db8:7::7]:80".into(), FrontendKind::ExternalIp),
+            ("[2001:db8:10::10]:80".into(), FrontendKind::LoadBalancer),
+            ("[fd00:18::1]:30080".into(), FrontendKind::NodePort),
+        ]
+    );
+    // ETP Local: the local IPv6 pod only.
+    assert_eq!(
+        backend_view_v6(svc),
+        BTreeMap::from([("[fd00:1::1]:8080".into(), (true, true))])
+    );
+    assert!(svc.local_only);
+    let ranges: Vec<String> = svc.source_ranges.iter().map(ToString::to_string).collect();
+    assert_eq!(ranges, ["2001:db8::/32"]);
+    // One notice for the service port, with what the kernel carries.
+    let notices: Vec<&Notice> = d.notices.iter().collect();
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert_eq!(notices[0].kind, NoticeKind::Ipv6ToKernel);
+    assert_eq!(notices[0].object, "shop/web:http/TCP");
+    assert_eq!(
+        notices[0].counts,
+        Some(crate::model::NoticeCounts {
+            frontends: 3,
+            endpoints: 1
+        })
+    );
+    assert!(
+        notices[0]
+            .detail
+            .contains("carried by the kernel (kube-proxy)")
+    );
+}
+
+/// Each of kube-proxy's proxiers takes its own family's part of a dual-stack Service: node
+/// ports on the node's addresses of each family, each VIP by its own family, each family's
+/// EndpointSlices, and each family's loadBalancerSourceRanges. The IPv4 part is exactly the
+/// IPv4-only Service's.
+#[test]
+fn a_dual_stack_service_splits_by_family() {
+    let dual = compute(&lb_of("[IPv4, IPv6]"));
+    let v4_only = compute(&lb_of("[IPv4]"));
+    let key = key("shop", "web", "http", Protocol::Tcp);
+    assert_eq!(
+        dual.services, v4_only.services,
+        "the IPv4 part is unchanged"
+    );
+    let svc = &dual.services[&key];
+    assert_eq!(
+        frontend_addrs(svc),
+        vec![
+            ("198.18.0.1:30080".into(), FrontendKind::NodePort),
+            ("198.18.0.5:30080".into(), FrontendKind::NodePort),
+            ("198.51.100.7:80".into(), FrontendKind::ExternalIp),
+            ("203.0.113.10:80".into(), FrontendKind::LoadBalancer),
+        ]
+    );
+    assert_eq!(
+        backend_view(svc),
+        BTreeMap::from([("10.0.1.1:8080".into(), (true, true))])
+    );
+    let ranges: Vec<String> = svc.source_ranges.iter().map(ToString::to_string).collect();
+    assert_eq!(ranges, ["10.0.0.0/8"]);
+    let svc6 = &dual.services_v6[&key];
+    assert_eq!(svc6.frontends.len(), 3);
+    assert_eq!(
+        backend_view_v6(svc6),
+        BTreeMap::from([("[fd00:1::1]:8080".into(), (true, true))])
+    );
+    assert!(v4_only.services_v6.is_empty() && v4_only.notices.is_empty());
+    let kinds: Vec<NoticeKind> = dual.notices.iter().map(|n| n.kind).collect();
+    assert_eq!(kinds, [NoticeKind::Ipv6ToKernel]);
+}
+
+/// Which families a Service has: `ipFamilies`, else its clusterIP's family, else IPv4 (an old
+/// manifest); the policies a manifest may give without `ipFamilies` stand for what the API
+/// server would fill in.
+#[test]
+fn families_follow_ip_families_then_the_cluster_ip_then_ipv4() {
+    let families = |spec: &str| -> Vec<IpFamily> {
+        let spec: ServiceSpec = serde_norway::from_str(spec).unwrap();
+        service_families(&spec).into_iter().collect()
+    };
+    use IpFamily::{Ipv4, Ipv6};
+    for (spec, expected) in [
+        ("{}", &[Ipv4][..]),
+        ("{clusterIP: 10.96.0.10}", &[Ipv4]),
+        ("{clusterIP: 'fd00:96::10'}", &[Ipv6]),
+        ("{ipFamilies: [IPv6]}", &[Ipv6]),
+        (
+            "{ipFamilies: [IPv6, IPv4], clusterIP: 'fd00:96::10'}",
+            &[Ipv4, Ipv6],
+        ),
+        // The API server's answer on a single-stack cluster.
+        (
+            "{ipFamilyPolicy: PreferDualStack, ipFamilies: [IPv4]}",
+            &[Ipv4],
+        ),
+        ("{ipFamilyPolicy: PreferDualStack}", &[Ipv4, Ipv6]),
+        (
+            "{ipFamilyPolicy: RequireDualStack, ipFamilies: [IPv6]}",
+            &[Ipv4, Ipv6],
+        ),
+        ("{ipFamilyPolicy: SingleStack}", &[Ipv4]),
+    ] {
+        assert_eq!(families(spec), expected, "{spec}");
+    }
+}
+
+/// kube-proxy's proxier of each family counts its own family's local endpoints for the
+/// health check. An IPv6-only Service with a local IPv6 endpoint is healthy on this node (the
+/// agent answered 503: it counted IPv4 slices only).
+#[test]
+fn the_health_check_counts_the_local_endpoints_of_each_family_of_the_service() {
+    let v6 = compute(&lb_of("[IPv6]"));
+    let check = &v6.health_checks[&32000].local_endpoints;
+    assert_eq!(
+        *check,
+        LocalEndpoints {
+            ipv4: None,
+            ipv6: Some(1)
+        }
+    );
+    assert_eq!(check.for_probe(IpFamily::Ipv6), 1);
+    assert_eq!(
+        check.for_probe(IpFamily::Ipv4),
+        1,
+        "an IPv4 probe of an IPv6-only Service"
+    );
+    // Dual-stack, the local pod in the IPv4 slice only: each family answers for itself.
+    let yaml =
+        lb_of("[IPv4, IPv6]").replace("- { addresses: [\"fd00:1::1\"], nodeName: node-a }\n", "");
+    let dual = compute(&yaml);
+    let check = &dual.health_checks[&32000].local_endpoints;
+    assert_eq!(
+        *check,
+        LocalEndpoints {
+            ipv4: Some(1),
+            ipv6: Some(0)
+        }
+    );
+    assert_eq!(check.for_probe(IpFamily::Ipv4), 1);
+    assert_eq!(check.for_probe(IpFamily::Ipv6), 0);
+}
+
+/// Two Services claiming one IPv6 frontend are settled as for IPv4: the older keeps it, the
+/// newcomer is told.
+#[test]
+fn a_contested_ipv6_frontend_goes_to_the_older_service() {
+    let service = |name: &str, created: &str| {
+        format!(
+            "---\nkind: Service\napiVersion: v1\nmetadata: {{ name: {name}, namespace: default, creationTimestamp: \"{created}\" }}\nspec: {{ ipFamilies: [IPv6], externalIPs: [\"2001:db8:7::7\"], ports: [ {{ port: 80 }} ] }}\n"
+        )
+    };
+    let d = compute(&format!(
+        "{}{}",
+        service("newer", "2026-01-02T00:00:00Z"),
+        service("older", "2026-01-01T00:00:00Z")
+    ));
+    assert_eq!(
+        d.services_v6.keys().collect::<Vec<_>>(),
+        [&key("default", "older", "", Protocol::Tcp)]
+    );
+    let conflict: Vec<&Notice> = d
+        .notices
+        .iter()
+        .filter(|n| n.kind == NoticeKind::FrontendConflict)
+        .collect();
+    assert_eq!(conflict.len(), 1, "{:?}", d.notices);
+    assert_eq!(conflict[0].object, "default/newer/TCP");
+    assert!(
+        conflict[0].detail.starts_with("[2001:db8:7::7]:80 TCP"),
+        "{}",
+        conflict[0].detail
+    );
+}
+
+/// The IPv6 node ports move with the node's IPv6 addresses, and refusals apply to them as to
+/// IPv4 ones (a wildcard listener of the node takes both families).
+#[test]
+fn ipv6_node_ports_follow_the_nodes_ipv6_addresses_and_its_listeners() {
+    let (services, slices) = objects(&lb_of("[IPv4, IPv6]"));
+    let services: Vec<Arc<Service>> = services.into_iter().map(Arc::new).collect();
+    let slices: Vec<Arc<EndpointSlice>> = slices.into_iter().map(Arc::new).collect();
+    let mut reconciler = Reconciler::new(node());
+    reconciler.update(&services, &slices);
+    let key = key("shop", "web", "http", Protocol::Tcp);
+    let node_ports = |r: &Reconciler| -> Vec<String> {
+        r.desired().services_v6[&key]
+            .frontends
+            .iter()
+            .filter(|f| f.kind == FrontendKind::NodePort)
+            .map(|f| f.addr.to_string())
+            .collect()
+    };
+    assert_eq!(node_ports(&reconciler), ["[fd00:18::1]:30080"]);
+    let moved = NodeContext {
+        node_addresses_v6: vec!["fd00:18::9".parse().unwrap()],
+        ..node()
+    };
+    let changes = reconciler.set_node(moved.clone());
+    assert_eq!(changes.services, [key.clone()].into());
+    assert_eq!(node_ports(&reconciler), ["[fd00:18::9]:30080"]);
+    let guarded = NodeContext {
+        guard: PortGuard {
+            listeners: [crate::listeners::Listener {
+                protocol: Protocol::Tcp,
+                addr: None,
+                port: 30080,
+            }]
+            .into(),
+            ..PortGuard::default()
+        },
+        ..moved
+    };
+    reconciler.set_node(guarded);
+    assert!(node_ports(&reconciler).is_empty());
+    assert!(
+        reconciler
+            .notices()
+            .iter()
+            .any(|n| n.kind == NoticeKind::FrontendOnHostListener
+                && n.detail.starts_with("[fd00:18::9]:30080/TCP")),
+        "{:?}",
+        reconciler.notices()
+    );
+}
+
+/// An IPv4 Service's IPv6 slices, VIPs and ranges are kube-proxy's IPv6 proxier's, which does
+/// not take the Service: they make no IPv6 part, and the IPv4 part is as without them.
+#[test]
+fn an_ipv4_service_ignores_ipv6_addresses() {
+    let d = compute(&lb_of("[IPv4]"));
+    assert!(d.services_v6.is_empty() && d.notices.is_empty());
+    assert_eq!(
+        d.health_checks[&32000].local_endpoints,
+        LocalEndpoints::ipv4(1)
     );
 }

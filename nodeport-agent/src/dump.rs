@@ -15,7 +15,7 @@ use crate::{
         self, ConntrackCensus, CtTable, Maps, Sizing,
         conntrack::{self, Connections},
     },
-    model::{Ipv4Prefix, ServicePortKey},
+    model::{IPV6_TO_KERNEL, IpFamily, Ipv4Prefix, ServicePortKey},
     sync::{Programmed, SyncError},
 };
 
@@ -69,6 +69,19 @@ impl ServiceFilter {
             && *key.name == *self.name
             && self.port.as_ref().is_none_or(|p| **p == *key.port_name)
     }
+
+    /// [`ServiceFilter::matches`] for a service port written as `ServicePortKey` displays it
+    /// (`namespace/name[:port]/PROTOCOL`).
+    pub fn matches_label(&self, label: &str) -> bool {
+        let Some(rest) = label.strip_prefix(&format!("{}/{}", self.namespace, self.name)) else {
+            return false;
+        };
+        match &self.port {
+            None => rest.starts_with(':') || rest.starts_with('/'),
+            Some(port) if port.is_empty() => rest.starts_with('/'),
+            Some(port) => rest.starts_with(&format!(":{port}/")),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -84,6 +97,9 @@ pub struct DumpService {
 
 #[derive(Debug, Serialize)]
 pub struct DumpFrontend {
+    /// IPv4: what the datapath carries (IPv6 frontends are the kernel's, see
+    /// `Dump::ipv6_to_kernel`).
+    pub family: IpFamily,
     pub address: String,
     pub protocol: String,
     pub backends_in_table: u16,
@@ -94,6 +110,7 @@ pub struct DumpFrontend {
 
 #[derive(Debug, Serialize)]
 pub struct DumpBackend {
+    pub family: IpFamily,
     pub id: u32,
     pub address: String,
     pub local: bool,
@@ -115,6 +132,9 @@ pub struct DumpStats {
 #[derive(Debug, Serialize)]
 pub struct Dump {
     pub services: Vec<DumpService>,
+    /// Service ports with IPv6 frontends, which the kernel carries (kube-proxy) until the
+    /// datapath supports IPv6: what the agent recorded under the pins (`with_ipv6`).
+    pub ipv6_to_kernel: Vec<datapath::notices::Ipv6Port>,
     /// Global packet counters by name (non-zero ones), with `stats`.
     pub counters: Vec<(String, u64)>,
     /// Connection events by name (non-zero ones), with `stats`: not packet fates, counted
@@ -159,6 +179,7 @@ pub fn read(maps: &Maps, sizing: &Sizing, options: &DumpOptions) -> Result<Dump,
             .frontends
             .iter()
             .map(|(k, v)| DumpFrontend {
+                family: IpFamily::Ipv4,
                 address: format!(
                     "{}:{}",
                     Ipv4Addr::from(u32::from_be(k.addr_be)),
@@ -175,6 +196,7 @@ pub fn read(maps: &Maps, sizing: &Sizing, options: &DumpOptions) -> Result<Dump,
             .backends
             .iter()
             .map(|(addr, (id, state))| DumpBackend {
+                family: IpFamily::Ipv4,
                 id: *id,
                 address: addr.to_string(),
                 local: state.local,
@@ -247,6 +269,7 @@ pub fn read(maps: &Maps, sizing: &Sizing, options: &DumpOptions) -> Result<Dump,
     }
     Ok(Dump {
         services,
+        ipv6_to_kernel: Vec::new(),
         counters,
         events,
         conntrack: census,
@@ -334,6 +357,22 @@ pub fn counter_values(maps: &Maps) -> Vec<(Counter, u64)> {
 }
 
 impl Dump {
+    /// Adds the IPv6 service ports the agent recorded under `root` (the pins), those of
+    /// `options.service` only when it names one.
+    pub fn with_ipv6(mut self, root: &std::path::Path, options: &DumpOptions) -> Self {
+        let recorded = datapath::notices::read(root);
+        self.ipv6_to_kernel = datapath::notices::ipv6_ports(&recorded)
+            .into_iter()
+            .filter(|p| {
+                options
+                    .service
+                    .as_ref()
+                    .is_none_or(|f| f.matches_label(&p.service))
+            })
+            .collect();
+        self
+    }
+
     /// The human-readable form.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -386,6 +425,12 @@ impl Dump {
                 );
             }
         }
+        if !self.ipv6_to_kernel.is_empty() {
+            let _ = writeln!(out, "{IPV6_TO_KERNEL}");
+            for port in &self.ipv6_to_kernel {
+                let _ = writeln!(out, "{}", port.render());
+            }
+        }
         if let Some(c) = &self.conntrack {
             out.push_str(&c.render("conntrack "));
         }
@@ -425,5 +470,29 @@ impl Dump {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `dump --service` picks the IPv6 service ports by their label as it picks the others
+    /// by key.
+    #[test]
+    fn a_service_filter_matches_labels_as_it_matches_keys() {
+        let filter = |s: &str| s.parse::<ServiceFilter>().unwrap();
+        for (f, label, expected) in [
+            ("shop/web", "shop/web:http/TCP", true),
+            ("shop/web", "shop/web/UDP", true),
+            ("shop/web", "shop/webby/TCP", false),
+            ("shop/web:http", "shop/web:http/TCP", true),
+            ("shop/web:http", "shop/web:https/TCP", false),
+            ("shop/web:", "shop/web/TCP", true),
+            ("shop/web:", "shop/web:http/TCP", false),
+            ("shop/we", "shop/web/TCP", false),
+        ] {
+            assert_eq!(filter(f).matches_label(label), expected, "{f} {label}");
+        }
     }
 }

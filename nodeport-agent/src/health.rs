@@ -6,7 +6,9 @@
 //!   path, any method) and sends traffic only to nodes answering 200. The answer is 200 when
 //!   this node has at least one local serving endpoint for the Service and the proxy is
 //!   healthy, 503 otherwise, with kube-proxy's headers and body byte for byte
-//!   (`pkg/proxy/healthcheck/service_health.go`).
+//!   (`pkg/proxy/healthcheck/service_health.go`). The endpoints counted are those of the
+//!   family the probe arrived over, as kube-proxy's per-family health servers answer
+//!   ([`LocalEndpoints::for_probe`]).
 //! - **Node health** (kube-proxy's `--healthz-bind-address`, port 10256): `/healthz`
 //!   (`pkg/proxy/healthcheck/proxier_health.go`), for load balancers. The proxy is healthy
 //!   while starting up (before the first [`HealthServer::updated`]), when everything queued
@@ -20,6 +22,9 @@
 //!   complete state ([`HealthServer::set_synced`]: after the first sync, Services refused
 //!   one by one or not).
 //!
+//! A listener on the wildcard address (`0.0.0.0` or `::`) takes both families on one socket,
+//! as Go's wildcard listen does for kube-proxy ([`listen`]).
+//!
 //! Every listener is its own task owning its socket and its connections: removing a Service
 //! closes its listener and its open connections at once (kube-proxy calls `http.Server.Close`),
 //! and [`HealthServer::set_services`] returns only once every removed port is free and every
@@ -31,7 +36,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -49,6 +54,8 @@ use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, warn};
 
+use crate::model::{IpFamily, LocalEndpoints};
+
 /// kube-proxy's default `--healthz-bind-address` port.
 pub const DEFAULT_HEALTHZ_PORT: u16 = 10256;
 
@@ -64,8 +71,8 @@ pub const DEFAULT_LIVENESS_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct ServiceHealth {
     pub namespace: String,
     pub name: String,
-    /// Serving endpoints of the Service on this node.
-    pub local_endpoints: usize,
+    /// Ready endpoints of the Service on this node, per family of the Service.
+    pub local_endpoints: LocalEndpoints,
 }
 
 impl fmt::Display for ServiceHealth {
@@ -78,8 +85,9 @@ impl fmt::Display for ServiceHealth {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthConfig {
     /// Address of every listener, the health check node ports and the node healthz port.
-    /// `0.0.0.0` (the default) listens on every IPv4 address of the node; `::` listens on
-    /// every address of both families on Linux with the default `net.ipv6.bindv6only=0`.
+    /// `0.0.0.0` (the default) and `::` listen on every address of both families (IPv4 alone
+    /// when the kernel has no IPv6), as kube-proxy's `0.0.0.0` does; another address on that
+    /// address only.
     pub bind: IpAddr,
     /// Port of the node `/healthz` and `/livez` server; `None` disables it, `Some(0)` picks a
     /// free port (see [`HealthServer::local_addr_of_healthz`]).
@@ -308,15 +316,13 @@ impl HealthServer {
         let mut healthz_addr = None;
         if let Some(port) = config.node_healthz_port {
             let addr = SocketAddr::new(config.bind, port);
-            let socket = TcpListener::bind(addr)
-                .await
-                .and_then(|socket| Ok((socket.local_addr()?, socket)));
+            let socket = listen(addr).and_then(|socket| Ok((socket.local_addr()?, socket)));
             let (local, socket) =
                 socket.map_err(|cause| HealthError::NodeHealthz { port, addr, cause })?;
             info!(addr = %local, "serving node /healthz, /livez and /readyz");
             healthz_addr = Some(local);
             let handler_state = shared.clone();
-            listeners.healthz = Some(spawn_listener(socket, move |req| {
+            listeners.healthz = Some(spawn_listener(socket, move |req, _family| {
                 node_response(&handler_state, req)
             }));
         }
@@ -371,7 +377,7 @@ impl HealthServer {
             if let Some(existing) = listeners.services.get(&port) {
                 let mut current = lock(&existing.service);
                 if *current != service {
-                    debug!(port, %service, local_endpoints = service.local_endpoints,
+                    debug!(port, %service, local_endpoints = ?service.local_endpoints,
                         "health check node port updated");
                     *current = service;
                 }
@@ -386,14 +392,14 @@ impl HealthServer {
                 continue;
             }
             let addr = SocketAddr::new(self.inner.bind, port);
-            match TcpListener::bind(addr).await {
+            match listen(addr) {
                 Ok(socket) => {
-                    info!(port, %service, local_endpoints = service.local_endpoints,
+                    info!(port, %service, local_endpoints = ?service.local_endpoints,
                         "serving health check node port");
                     let service = Arc::new(Mutex::new(service));
                     let (shared, reported) = (self.inner.shared.clone(), service.clone());
-                    let listener = spawn_listener(socket, move |_req| {
-                        service_response(&shared, &lock(&reported))
+                    let listener = spawn_listener(socket, move |_req, family| {
+                        service_response(&shared, &lock(&reported), family)
                     });
                     listeners
                         .services
@@ -560,11 +566,63 @@ impl Shared {
     }
 }
 
-/// Accepts connections on `socket` until stopped, serving each with `handler`. On stop the
-/// socket is closed first, then every connection, then the task ends.
+/// A listening socket on `addr`. The wildcard (`0.0.0.0` or `::`) gets one socket for both
+/// families (`IPV6_V6ONLY` off, whatever `net.ipv6.bindv6only` says), as Go's `net.Listen`
+/// gives kube-proxy for `0.0.0.0` ("It doesn't matter whether we listen on "0.0.0.0", "::",
+/// or ""; go treats them all the same", `newServiceHealthServer` in
+/// pkg/proxy/healthcheck/service_health.go); on a kernel without IPv6, IPv4 alone.
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    if !addr.ip().is_unspecified() {
+        return bind(addr, false);
+    }
+    let any6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), addr.port());
+    match bind(any6, true) {
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            debug!("no IPv6 in this kernel: listening on IPv4 only");
+            bind(
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port()),
+                false,
+            )
+        }
+        result => result,
+    }
+}
+
+/// `bind(2)` and `listen(2)` with `SO_REUSEADDR`, as tokio's `TcpListener::bind`; with
+/// `dual_stack`, an IPv6 socket that takes IPv4 too.
+fn bind(addr: SocketAddr, dual_stack: bool) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    if dual_stack {
+        let off: libc::c_int = 0;
+        // SAFETY: setsockopt on a socket we own, with an int option value of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                std::ptr::from_ref(&off).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Accepts connections on `socket` until stopped, serving each with `handler`, which is told
+/// the family of the address the connection came to (an IPv4 client of a dual-stack socket
+/// counts as IPv4). On stop the socket is closed first, then every connection, then the task
+/// ends.
 fn spawn_listener<F>(socket: TcpListener, handler: F) -> Listener
 where
-    F: Fn(&Request<Incoming>) -> Response<Body> + Clone + Send + Sync + 'static,
+    F: Fn(&Request<Incoming>, IpFamily) -> Response<Body> + Clone + Send + Sync + 'static,
 {
     let (stop, mut stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -579,9 +637,12 @@ where
                 accepted = socket.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let handler = handler.clone();
+                        let family = IpFamily::of(
+                            stream.local_addr().map_or(peer.ip(), |local| local.ip()),
+                        );
                         connections.spawn(async move {
                             let service = service_fn(move |req: Request<Incoming>| {
-                                let response = handler(&req);
+                                let response = handler(&req, family);
                                 async move { Ok::<_, Infallible>(response) }
                             });
                             let served = hyper::server::conn::http1::Builder::new()
@@ -627,17 +688,18 @@ fn json_response(status: StatusCode, body: String) -> Response<Body> {
     response
 }
 
-/// kube-proxy's `hcHandler`: the same answer for every path and method.
-fn service_response(shared: &Shared, service: &ServiceHealth) -> Response<Body> {
+/// kube-proxy's `hcHandler`: the same answer for every path and method, from the endpoints of
+/// the family the probe came over (`LocalEndpoints::for_probe`).
+fn service_response(shared: &Shared, service: &ServiceHealth, family: IpFamily) -> Response<Body> {
     let healthy = shared.proxy_health().healthy;
-    let count = service.local_endpoints;
+    let count = service.local_endpoints.for_probe(family);
     let status = if count != 0 && healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     shared.count("service", status);
-    let mut response = json_response(status, service_body(service, healthy));
+    let mut response = json_response(status, service_body(service, count, healthy));
     response
         .headers_mut()
         .insert("x-load-balancing-endpoint-weight", HeaderValue::from(count));
@@ -645,12 +707,12 @@ fn service_response(shared: &Shared, service: &ServiceHealth) -> Response<Body> 
 }
 
 /// The Service probe body: kube-proxy's dedented template, tab indented, no final newline.
-fn service_body(service: &ServiceHealth, proxy_healthy: bool) -> String {
+fn service_body(service: &ServiceHealth, local_endpoints: usize, proxy_healthy: bool) -> String {
     format!(
         "{{\n\t\"service\": {{\n\t\t\"namespace\": {},\n\t\t\"name\": {}\n\t}},\n\t\"localEndpoints\": {},\n\t\"serviceProxyHealthy\": {}\n}}",
         quote(&service.namespace),
         quote(&service.name),
-        service.local_endpoints,
+        local_endpoints,
         proxy_healthy,
     )
 }
@@ -815,7 +877,7 @@ mod tests {
         ServiceHealth {
             namespace: "default".into(),
             name: "web".into(),
-            local_endpoints,
+            local_endpoints: LocalEndpoints::ipv4(local_endpoints),
         }
     }
 
@@ -849,9 +911,11 @@ mod tests {
 
     impl Client {
         async fn connect(port: u16) -> io::Result<Self> {
-            Ok(Self(BufReader::new(
-                TcpStream::connect((LOCALHOST, port)).await?,
-            )))
+            Self::connect_to(SocketAddr::new(LOCALHOST, port)).await
+        }
+
+        async fn connect_to(addr: SocketAddr) -> io::Result<Self> {
+            Ok(Self(BufReader::new(TcpStream::connect(addr).await?)))
         }
 
         async fn get(&mut self, path: &str) -> io::Result<Reply> {
@@ -896,6 +960,26 @@ mod tests {
             .await
             .unwrap()
             .get(path)
+            .await
+            .unwrap()
+    }
+
+    /// One request to `ip`, on a fresh connection.
+    async fn get_at(ip: IpAddr, port: u16, path: &str) -> Reply {
+        Client::connect_to(SocketAddr::new(ip, port))
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {ip} port {port}: {e}"))
+            .get(path)
+            .await
+            .unwrap()
+    }
+
+    const LOCALHOST_V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
+
+    /// A server listening on the wildcard `bind` (0.0.0.0 or ::).
+    async fn start_on(bind: IpAddr) -> HealthServer {
+        let config = HealthConfig { bind, ..config() };
+        HealthServer::start_with_clock(config, ManualClock::new())
             .await
             .unwrap()
     }
@@ -1451,5 +1535,95 @@ mod tests {
             .duration_since(before)
             .unwrap_or_else(|err| err.duration());
         assert!(gap < Duration::from_secs(5), "{gap:?}");
+    }
+
+    /// kube-proxy's `0.0.0.0` is Go's wildcard, which takes both families: the agent's too,
+    /// for the node health server and the health check node ports alike, whichever wildcard
+    /// is configured.
+    #[tokio::test]
+    async fn the_wildcard_listens_on_both_families() {
+        for bind in [Ipv4Addr::UNSPECIFIED.into(), Ipv6Addr::UNSPECIFIED.into()] {
+            let server = start_on(bind).await;
+            let port = healthz_port(&server);
+            let service_port = free_port();
+            assert!(
+                server
+                    .set_services(services(&[(service_port, web(1))]))
+                    .await
+                    .is_empty()
+            );
+            for ip in [LOCALHOST, LOCALHOST_V6] {
+                assert_eq!(
+                    get_at(ip, port, "/healthz").await.status,
+                    200,
+                    "{bind} {ip}"
+                );
+                assert_eq!(
+                    get_at(ip, service_port, "/").await.status,
+                    200,
+                    "{bind} {ip}"
+                );
+            }
+            server.shutdown().await;
+        }
+    }
+
+    /// An IPv6-only Service with a local IPv6 endpoint is healthy on this node, whichever
+    /// family the load balancer probes over (kube-proxy's IPv6 proxier alone serves the port,
+    /// on Go's dual-stack wildcard). The agent answered 503: it counted IPv4 endpoints only.
+    #[tokio::test]
+    async fn an_ipv6_only_service_with_a_local_ipv6_endpoint_answers_200() {
+        let server = start_on(Ipv6Addr::UNSPECIFIED.into()).await;
+        let port = free_port();
+        let service = ServiceHealth {
+            local_endpoints: LocalEndpoints {
+                ipv4: None,
+                ipv6: Some(1),
+            },
+            ..web(0)
+        };
+        assert!(
+            server
+                .set_services(services(&[(port, service)]))
+                .await
+                .is_empty()
+        );
+        for ip in [LOCALHOST_V6, LOCALHOST] {
+            let reply = get_at(ip, port, "/").await;
+            assert_eq!(reply.status, 200, "over {ip}");
+            assert_eq!(reply.body, WEB_OK, "over {ip}");
+            assert_eq!(reply.header("X-Load-Balancing-Endpoint-Weight"), Some("1"));
+        }
+        server.shutdown().await;
+    }
+
+    /// A dual-stack Service answers each family's probes from that family's endpoints, as
+    /// kube-proxy's two health servers (one per proxier) do: a node whose local pod has no
+    /// IPv6 address is out of the IPv6 load balancer and in the IPv4 one.
+    #[tokio::test]
+    async fn a_dual_stack_service_answers_each_family_from_its_own_endpoints() {
+        let server = start_on(Ipv4Addr::UNSPECIFIED.into()).await;
+        let port = free_port();
+        let service = ServiceHealth {
+            local_endpoints: LocalEndpoints {
+                ipv4: Some(2),
+                ipv6: Some(0),
+            },
+            ..web(0)
+        };
+        assert!(
+            server
+                .set_services(services(&[(port, service)]))
+                .await
+                .is_empty()
+        );
+        let v4 = get_at(LOCALHOST, port, "/").await;
+        assert_eq!(v4.status, 200);
+        assert_eq!(v4.json()["localEndpoints"], 2);
+        assert_eq!(v4.header("X-Load-Balancing-Endpoint-Weight"), Some("2"));
+        let v6 = get_at(LOCALHOST_V6, port, "/").await;
+        assert_eq!(v6.status, 503);
+        assert_eq!(v6.json()["localEndpoints"], 0);
+        server.shutdown().await;
     }
 }

@@ -1,20 +1,22 @@
 //! The node's interfaces and addresses: which interfaces face clients (external: XDP), which
 //! face pods (the reply hook), and which addresses node ports answer on.
 //!
-//! Read with getifaddrs(3); a netlink socket subscribed to link and address changes wakes the
-//! agent when something changes, so a new pod's veth gets its hook at once.
+//! Read with getifaddrs(3), and /proc/net/if_inet6 for the state of IPv6 addresses (a
+//! tentative, deprecated or duplicate address is no frontend); a netlink socket subscribed to
+//! link and address changes of both families wakes the agent when something changes, so a new
+//! pod's veth gets its hook at once.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::CStr,
     io,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
 use tokio::io::unix::AsyncFd;
 
-use crate::model::Ipv4Prefix;
+use crate::model::{Ipv4Prefix, Ipv6Prefix};
 
 /// An interface and its IPv4 addresses (primary first).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,6 +26,46 @@ pub struct Interface {
     pub up: bool,
     pub loopback: bool,
     pub addresses: Vec<Ipv4Addr>,
+    /// Its IPv6 addresses that may be used (link-local included; tentative, deprecated and
+    /// duplicate ones left out), in the kernel's order.
+    pub addresses_v6: Vec<Ipv6Addr>,
+}
+
+/// IPv6 address flags (`IFA_F_*`, linux/if_addr.h) that make an address unusable as a
+/// frontend: a duplicate (DAD failed), one whose DAD has not finished (tentative: the kernel
+/// does not accept packets for it yet), and a deprecated one (its preferred lifetime is over,
+/// it is on its way out).
+const IFA_F_DADFAILED: u8 = 0x08;
+const IFA_F_DEPRECATED: u8 = 0x20;
+const IFA_F_TENTATIVE: u8 = 0x40;
+
+/// The IPv6 addresses of /proc/net/if_inet6 that are not usable (see `IFA_F_TENTATIVE`), as
+/// (interface, address). Each line is `address ifindex prefix_len scope flags name`, the
+/// address as 32 hex digits and the flags as the low byte of the address's flags, in hex.
+pub fn unusable_ipv6(if_inet6: &str) -> BTreeSet<(String, Ipv6Addr)> {
+    if_inet6
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [addr, _, _, _, flags, name] = fields.as_slice() else {
+                return None;
+            };
+            let addr = Ipv6Addr::from(u128::from_str_radix(addr, 16).ok()?);
+            let flags = u8::from_str_radix(flags, 16).ok()?;
+            (flags & (IFA_F_DADFAILED | IFA_F_DEPRECATED | IFA_F_TENTATIVE) != 0)
+                .then(|| ((*name).to_owned(), addr))
+        })
+        .collect()
+}
+
+/// Whether an IPv6 address can be a node address frontends answer on: not loopback, not
+/// link-local (fe80::/10: one per link, the same prefix on every link, never a Service
+/// address), not unspecified or multicast.
+pub fn ipv6_frontend_address(addr: &Ipv6Addr) -> bool {
+    !(addr.is_loopback()
+        || addr.is_unspecified()
+        || addr.is_multicast()
+        || addr.is_unicast_link_local())
 }
 
 /// Every interface, by name.
@@ -53,6 +95,7 @@ pub fn scan() -> io::Result<BTreeMap<String, Interface>> {
                 up: false,
                 loopback: false,
                 addresses: Vec::new(),
+                addresses_v6: Vec::new(),
             }
         });
         entry.up |= flags & libc::IFF_UP as u32 != 0;
@@ -66,12 +109,28 @@ pub fn scan() -> io::Result<BTreeMap<String, Interface>> {
                 entry
                     .addresses
                     .push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            } else if family == libc::AF_INET6 {
+                // SAFETY: AF_INET6 means sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                entry
+                    .addresses_v6
+                    .push(Ipv6Addr::from(sin6.sin6_addr.s6_addr));
             }
         }
     }
     // SAFETY: freeing what getifaddrs allocated.
     unsafe { libc::freeifaddrs(head) };
     out.retain(|_, i| i.ifindex != 0);
+    // getifaddrs does not say which IPv6 addresses are tentative or deprecated; the kernel's
+    // table does (no such file: IPv6 is off, and there are no IPv6 addresses either).
+    let unusable = std::fs::read_to_string("/proc/net/if_inet6")
+        .map(|text| unusable_ipv6(&text))
+        .unwrap_or_default();
+    for iface in out.values_mut() {
+        iface
+            .addresses_v6
+            .retain(|a| !unusable.contains(&(iface.name.clone(), *a)));
+    }
     Ok(out)
 }
 
@@ -83,11 +142,11 @@ pub fn ifindex_of(name: &str) -> Option<u32> {
     (index != 0).then_some(index)
 }
 
-/// Interfaces that carry an IPv4 default route (from /proc/net/route): the external ones when
-/// the operator names none.
+/// Interfaces that carry a default route (from /proc/net/route, and /proc/net/ipv6_route for
+/// IPv6-only nodes): the external ones when the operator names none.
 pub fn default_route_interfaces() -> io::Result<BTreeSet<String>> {
     let table = std::fs::read_to_string("/proc/net/route")?;
-    Ok(table
+    let mut out: BTreeSet<String> = table
         .lines()
         .skip(1)
         .filter_map(|line| {
@@ -96,7 +155,35 @@ pub fn default_route_interfaces() -> io::Result<BTreeSet<String>> {
             let destination = cols.next()?;
             (destination == "00000000").then(|| iface.to_owned())
         })
-        .collect())
+        .collect();
+    // Absent when IPv6 is off.
+    if let Ok(table) = std::fs::read_to_string("/proc/net/ipv6_route") {
+        out.extend(ipv6_default_route_interfaces(&table));
+    }
+    Ok(out)
+}
+
+/// `RTF_REJECT` (linux/route.h): the kernel's own `unreachable` default routes on `lo`.
+const RTF_REJECT: u32 = 0x0200;
+
+/// The interfaces of the IPv6 default routes in /proc/net/ipv6_route: lines of `destination
+/// prefix_len source prefix_len next_hop metric refcount use flags name`, in hex.
+pub fn ipv6_default_route_interfaces(ipv6_route: &str) -> BTreeSet<String> {
+    ipv6_route
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [destination, len, .., flags, name] = fields.as_slice() else {
+                return None;
+            };
+            let default = fields.len() == 10
+                && destination.bytes().all(|b| b == b'0')
+                && *len == "00"
+                && u32::from_str_radix(flags, 16).is_ok_and(|f| f & RTF_REJECT == 0)
+                && *name != "lo";
+            default.then(|| (*name).to_owned())
+        })
+        .collect()
 }
 
 /// How to tell the interfaces apart, from the agent's flags.
@@ -106,11 +193,16 @@ pub struct Selection {
     pub external: Vec<String>,
     /// Glob patterns of pod-facing interfaces; empty: every other interface that is up.
     pub pod_patterns: Vec<String>,
-    /// Node ports answer only on addresses in these prefixes (kube-proxy's
+    /// IPv4 node ports answer only on addresses in these prefixes (kube-proxy's
     /// --nodeport-addresses); empty: on every address but loopback.
     pub nodeport_prefixes: Vec<Ipv4Prefix>,
-    /// `--nodeport-addresses primary`: node ports answer only on the primary (first) IPv4
-    /// address of each external interface (and the Node object's first IPv4 address).
+    /// The same for IPv6, independently: empty means every IPv6 address (but loopback and
+    /// link-local), even when IPv4 prefixes are given, as kube-proxy's `NewNodePortAddresses`
+    /// (pkg/proxy/util/nodeport_addresses.go) takes `::/0` for a family given no CIDR.
+    pub nodeport_prefixes_v6: Vec<Ipv6Prefix>,
+    /// `--nodeport-addresses primary`: node ports answer only on the primary (first) address
+    /// of each family of each external interface (and the Node object's first address of each
+    /// family).
     pub primary_only: bool,
 }
 
@@ -121,6 +213,8 @@ pub struct Layout {
     pub pod_facing: BTreeMap<String, Interface>,
     /// Addresses node ports answer on.
     pub node_addresses: BTreeSet<Ipv4Addr>,
+    /// IPv6 addresses IPv6 node ports answer on (never link-local).
+    pub node_addresses_v6: BTreeSet<Ipv6Addr>,
     /// Every IPv4 address of every interface, whatever --nodeport-addresses says: sources
     /// that are never an outside client.
     pub all_addresses: BTreeSet<Ipv4Addr>,
@@ -193,12 +287,30 @@ impl Selection {
                     layout.node_addresses.insert(*addr);
                 }
             }
+            let mut frontend_v6 = iface
+                .addresses_v6
+                .iter()
+                .filter(|a| ipv6_frontend_address(a));
+            if self.primary_only {
+                if external && let Some(primary) = frontend_v6.next() {
+                    layout.node_addresses_v6.insert(*primary);
+                }
+                continue;
+            }
+            for addr in frontend_v6 {
+                if self.nodeport_prefixes_v6.is_empty()
+                    || self.nodeport_prefixes_v6.iter().any(|p| p.contains(*addr))
+                {
+                    layout.node_addresses_v6.insert(*addr);
+                }
+            }
         }
         layout
     }
 }
 
-/// Wakes up when links or IPv4 addresses change (RTMGRP_LINK | RTMGRP_IPV4_IFADDR).
+/// Wakes up when links or addresses change (RTMGRP_LINK | RTMGRP_IPV4_IFADDR |
+/// RTMGRP_IPV6_IFADDR; an IPv6 address whose DAD completes is announced anew).
 pub struct ChangeWatcher {
     fd: AsyncFd<OwnedFd>,
 }
@@ -221,7 +333,8 @@ impl ChangeWatcher {
         // SAFETY: sockaddr_nl is plain data; zero is a valid start.
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         addr.nl_family = libc::AF_NETLINK as u16;
-        addr.nl_groups = (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR) as u32;
+        addr.nl_groups =
+            (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
         // SAFETY: binding our socket to a valid sockaddr_nl.
         let rc = unsafe {
             libc::bind(
@@ -284,6 +397,7 @@ mod tests {
             up: true,
             loopback: name == "lo",
             addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            addresses_v6: Vec::new(),
         }
     }
 
@@ -341,6 +455,7 @@ mod tests {
                 addr: "198.18.0.0".parse().unwrap(),
                 len: 24,
             }],
+            nodeport_prefixes_v6: Vec::new(),
             primary_only: false,
         };
         let layout = sel.layout(&machine(), &BTreeSet::new());
@@ -371,6 +486,7 @@ mod tests {
                     len: 24,
                 },
             ],
+            nodeport_prefixes_v6: Vec::new(),
             primary_only: false,
         };
         let layout = sel.layout(&machine(), &BTreeSet::new());
@@ -401,6 +517,110 @@ mod tests {
             layout.all_addresses.len(),
             4,
             "every address still counts as the node's own"
+        );
+    }
+
+    fn machine_v6() -> BTreeMap<String, Interface> {
+        let v6 = |name: &str, addrs: &[&str]| {
+            let mut i = machine()[name].clone();
+            i.addresses_v6 = addrs.iter().map(|a| a.parse().unwrap()).collect();
+            (i.name.clone(), i)
+        };
+        let mut m = machine();
+        m.extend([
+            v6("lo", &["::1"]),
+            v6("eth0", &["fd00:18::1", "2001:db8:18::1", "fe80::1"]),
+            v6("eth1", &["fd00:1::5", "fe80::2"]),
+        ]);
+        m
+    }
+
+    fn v6_addresses(layout: &Layout) -> Vec<String> {
+        layout
+            .node_addresses_v6
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    /// IPv6 node ports answer on every global and unique-local address, never on link-local
+    /// or loopback ones; IPv4 prefixes of --nodeport-addresses do not restrict IPv6 (kube-proxy
+    /// takes ::/0 for a family given no CIDR), IPv6 prefixes do.
+    #[test]
+    fn ipv6_node_addresses_skip_link_local_and_follow_their_own_prefixes() {
+        let routes = BTreeSet::from(["eth0".to_owned()]);
+        let all = Selection::default().layout(&machine_v6(), &routes);
+        assert_eq!(
+            v6_addresses(&all),
+            ["2001:db8:18::1", "fd00:1::5", "fd00:18::1"]
+        );
+        let v4_only = Selection {
+            nodeport_prefixes: vec!["198.18.0.0/24".parse().unwrap()],
+            ..Selection::default()
+        };
+        let layout = v4_only.layout(&machine_v6(), &routes);
+        assert_eq!(layout.node_addresses.len(), 2);
+        assert_eq!(v6_addresses(&layout), v6_addresses(&all));
+        let v6_too = Selection {
+            nodeport_prefixes_v6: vec!["fd00::/8".parse().unwrap(), "fe80::/10".parse().unwrap()],
+            ..v4_only
+        };
+        let layout = v6_too.layout(&machine_v6(), &routes);
+        assert_eq!(layout.node_addresses.len(), 2);
+        assert_eq!(
+            v6_addresses(&layout),
+            ["fd00:1::5", "fd00:18::1"],
+            "inside the prefixes, link-local never"
+        );
+        let primary = Selection {
+            primary_only: true,
+            ..Selection::default()
+        };
+        let layout = primary.layout(&machine_v6(), &routes);
+        assert_eq!(v6_addresses(&layout), ["fd00:18::1"]);
+    }
+
+    /// /proc/net/if_inet6 says which addresses are not usable yet (tentative: duplicate
+    /// address detection running) or any more (deprecated, DAD failed).
+    #[test]
+    fn tentative_deprecated_and_duplicate_ipv6_addresses_are_unusable() {
+        let text = "\
+00000000000000000000000000000001 01 80 10 80       lo
+fe8000000000000000fc00fffe000001 04 40 20 80     eth0
+fd000000000000000000000000000002 04 40 00 82     eth0
+fd000000000000000000000000000003 04 40 00 c0     eth0
+fd000000000000000000000000000004 04 40 00 20     eth0
+fd000000000000000000000000000005 04 40 00 08     eth0
+20010db8000000000000000000000006 04 40 00 01     eth0
+";
+        let unusable: Vec<String> = unusable_ipv6(text)
+            .into_iter()
+            .map(|(name, addr)| format!("{name} {addr}"))
+            .collect();
+        assert_eq!(unusable, ["eth0 fd00::3", "eth0 fd00::4", "eth0 fd00::5"]);
+        // This machine's own table parses (whatever it holds).
+        if let Ok(text) = std::fs::read_to_string("/proc/net/if_inet6") {
+            let lines = text.lines().count();
+            let parsed = text
+                .lines()
+                .filter(|l| l.split_whitespace().count() == 6)
+                .count();
+            assert_eq!(lines, parsed, "{text}");
+        }
+    }
+
+    /// An IPv6-only node's external interface is the one with the IPv6 default route; the
+    /// kernel's `unreachable` default on lo is none.
+    #[test]
+    fn ipv6_default_routes_name_their_interface() {
+        let text = "\
+fd000000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 fd000000000000000000000000000001 00000400 00000003 00000000 00000003     eth0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo
+";
+        assert_eq!(
+            ipv6_default_route_interfaces(text),
+            BTreeSet::from(["eth0".to_owned()])
         );
     }
 

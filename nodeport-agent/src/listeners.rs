@@ -27,6 +27,18 @@ impl Listener {
     pub fn covers(&self, protocol: Protocol, addr: Ipv4Addr, port: u16) -> bool {
         self.protocol == protocol && self.port == port && self.addr.is_none_or(|a| a == addr)
     }
+
+    /// [`Listener::covers`] for an address of either family. Only wildcard listeners are known
+    /// to cover IPv6 addresses: sockets bound to one IPv6 address are not read (`parse`), which
+    /// a datapath that carries IPv6 will have to add.
+    pub fn covers_ip(&self, protocol: Protocol, addr: std::net::IpAddr, port: u16) -> bool {
+        match addr {
+            std::net::IpAddr::V4(v4) => self.covers(protocol, v4, port),
+            std::net::IpAddr::V6(_) => {
+                self.protocol == protocol && self.port == port && self.addr.is_none()
+            }
+        }
+    }
 }
 
 impl std::fmt::Display for Listener {

@@ -152,7 +152,7 @@ fn dump_maps(
         .with_context(|| format!("no nodeport datapath pinned at {}", bpffs_dir.display()))?;
     // Wide: the table with everything it can show.
     options.stats |= output == OutputFormat::Wide;
-    let view = dump::read(&maps, &sizing, &options)?;
+    let view = dump::read(&maps, &sizing, &options)?.with_ipv6(&bpffs_dir, &options);
     output::print(&output.render(&view, |_| view.render())?)?;
     Ok(ExitCode::SUCCESS)
 }

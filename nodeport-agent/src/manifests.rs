@@ -707,6 +707,45 @@ fn validate_service(service: &Service, location: &ObjectLocation) -> Result<(), 
             format!("{port} is not a port number (1-65535, or 0 to have one allocated)"),
         ));
     }
+    // The families decide which frontends a Service gets (`desired::service_families`).
+    let families = spec.ip_families.as_deref().unwrap_or_default();
+    for (index, family) in families.iter().enumerate() {
+        if !matches!(family.as_str(), "IPv4" | "IPv6") {
+            return Err(invalid(
+                format!("spec.ipFamilies[{index}]"),
+                format!("unsupported value {family:?}: expected \"IPv4\" or \"IPv6\""),
+            ));
+        }
+        if families[..index].contains(family) {
+            return Err(invalid(
+                format!("spec.ipFamilies[{index}]"),
+                format!("{family} is listed twice"),
+            ));
+        }
+    }
+    if let Some(policy) = &spec.ip_family_policy {
+        match policy.as_str() {
+            "PreferDualStack" | "RequireDualStack" => {}
+            "SingleStack" if families.len() > 1 => {
+                return Err(invalid(
+                    "spec.ipFamilyPolicy".to_owned(),
+                    "SingleStack with two spec.ipFamilies: one family, or PreferDualStack or \
+                     RequireDualStack"
+                        .to_owned(),
+                ));
+            }
+            "SingleStack" => {}
+            _ => {
+                return Err(invalid(
+                    "spec.ipFamilyPolicy".to_owned(),
+                    format!(
+                        "unsupported value {policy:?}: expected \"SingleStack\", \
+                         \"PreferDualStack\" or \"RequireDualStack\""
+                    ),
+                ));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -1045,6 +1084,27 @@ metadata: {name: cm}
                 "apiVersion: v1\nkind: Service\nmetadata: {name: neg}\nspec: {type: LoadBalancer, healthCheckNodePort: -1}\n",
                 "a.yaml: document 1 (Service default/neg): spec.healthCheckNodePort: -1 is not a \
                  port number (1-65535, or 0 to have one allocated)",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: fam}\nspec: {ipFamilies: [IPv4, IPv5]}\n",
+                "a.yaml: document 1 (Service default/fam): spec.ipFamilies[1]: unsupported value \
+                 \"IPv5\": expected \"IPv4\" or \"IPv6\"",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: twice}\nspec: {ipFamilies: [IPv6, IPv6]}\n",
+                "a.yaml: document 1 (Service default/twice): spec.ipFamilies[1]: IPv6 is listed \
+                 twice",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: single}\nspec: {ipFamilyPolicy: SingleStack, ipFamilies: [IPv4, IPv6]}\n",
+                "a.yaml: document 1 (Service default/single): spec.ipFamilyPolicy: SingleStack \
+                 with two spec.ipFamilies: one family, or PreferDualStack or RequireDualStack",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: pol}\nspec: {ipFamilyPolicy: DualStack}\n",
+                "a.yaml: document 1 (Service default/pol): spec.ipFamilyPolicy: unsupported value \
+                 \"DualStack\": expected \"SingleStack\", \"PreferDualStack\" or \
+                 \"RequireDualStack\"",
             ),
             (
                 "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: {port: 80}}\n",

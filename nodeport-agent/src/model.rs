@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     sync::Arc,
 };
 
@@ -68,14 +68,18 @@ pub enum FrontendKind {
     ExternalIp,
 }
 
-/// An address and port a service answers on.
+/// An address and port a service answers on: IPv4 (`Frontend`, what the datapath takes) or
+/// IPv6 (`Frontend6`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct Frontend {
-    pub addr: SocketAddrV4,
+pub struct Frontend<A = SocketAddrV4> {
+    pub addr: A,
     pub kind: FrontendKind,
     /// loadBalancerSourceRanges apply to this frontend.
     pub source_ranges: bool,
 }
+
+/// An IPv6 frontend.
+pub type Frontend6 = Frontend<SocketAddrV6>;
 
 /// A backend of a service and what it may be used for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -153,20 +157,113 @@ impl fmt::Display for Ipv4Prefix {
     }
 }
 
+/// An IPv6 prefix: of loadBalancerSourceRanges, or of `--nodeport-addresses`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Ipv6Prefix {
+    pub addr: Ipv6Addr,
+    pub len: u8,
+}
+
+impl Ipv6Prefix {
+    /// An IPv6 CIDR ("fd00::/8"), or a bare address as a /128. Host bits are cleared.
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, l.parse::<u8>().ok()?),
+            None => (s, 128),
+        };
+        let addr: Ipv6Addr = addr.parse().ok()?;
+        if len > 128 {
+            return None;
+        }
+        Some(Self {
+            addr: Ipv6Addr::from(u128::from(addr) & Self::mask(len)),
+            len,
+        })
+    }
+
+    fn mask(len: u8) -> u128 {
+        if len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(len.min(128)))
+        }
+    }
+
+    pub fn contains(&self, addr: Ipv6Addr) -> bool {
+        let mask = Self::mask(self.len);
+        u128::from(addr) & mask == u128::from(self.addr) & mask
+    }
+}
+
+impl std::str::FromStr for Ipv6Prefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse(s)
+            .ok_or_else(|| format!("{s:?}: expected an IPv6 address or CIDR like fd00::/8"))
+    }
+}
+
+impl fmt::Display for Ipv6Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// The IP families of a Service (`spec.ipFamilies`), of a frontend or of a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum IpFamily {
+    #[serde(rename = "IPv4")]
+    Ipv4,
+    #[serde(rename = "IPv6")]
+    Ipv6,
+}
+
+impl IpFamily {
+    pub fn of(addr: std::net::IpAddr) -> Self {
+        match addr {
+            std::net::IpAddr::V4(_) => Self::Ipv4,
+            // A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d.
+            std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => Self::Ipv4,
+            std::net::IpAddr::V6(_) => Self::Ipv6,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ipv4 => "IPv4",
+            Self::Ipv6 => "IPv6",
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// One service port of one family: `DesiredService` is IPv4, what the datapath programs;
+/// `DesiredService6` is IPv6, computed the same way and carried by the kernel (kube-proxy's
+/// ip6tables rules) until the datapath supports IPv6.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct DesiredService {
-    pub frontends: BTreeSet<Frontend>,
-    pub backends: BTreeMap<SocketAddrV4, BackendState>,
+pub struct DesiredService<A = SocketAddrV4, P = Ipv4Prefix> {
+    pub frontends: BTreeSet<Frontend<A>>,
+    pub backends: BTreeMap<A, BackendState>,
     /// externalTrafficPolicy Local: only local backends, client address kept.
     pub local_only: bool,
     /// sessionAffinity ClientIP timeout, when set.
     pub affinity_timeout_s: Option<u32>,
-    pub source_ranges: BTreeSet<Ipv4Prefix>,
+    /// loadBalancerSourceRanges of this family (kube-proxy filters them per family).
+    pub source_ranges: BTreeSet<P>,
 }
 
-impl DesiredService {
+/// An IPv6 service port.
+pub type DesiredService6 = DesiredService<SocketAddrV6, Ipv6Prefix>;
+
+impl<A, P> DesiredService<A, P> {
     /// Backends taking new connections.
-    pub fn table_backends(&self) -> impl Iterator<Item = (&SocketAddrV4, &BackendState)> {
+    pub fn table_backends(&self) -> impl Iterator<Item = (&A, &BackendState)> {
         self.backends.iter().filter(|(_, b)| b.in_table)
     }
 }
@@ -176,8 +273,41 @@ impl DesiredService {
 pub struct HealthCheck {
     pub namespace: String,
     pub name: String,
-    /// Ready endpoints on this node (distinct addresses), as kube-proxy counts them.
-    pub local_endpoints: usize,
+    /// Ready endpoints on this node, per family of the Service.
+    pub local_endpoints: LocalEndpoints,
+}
+
+/// Ready endpoints on this node (distinct addresses) of each family a Service has, as each of
+/// kube-proxy's proxiers (one per family) counts them for its health server; `None` for a
+/// family the Service does not have, which that family's proxier does not see.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LocalEndpoints {
+    pub ipv4: Option<usize>,
+    pub ipv6: Option<usize>,
+}
+
+impl LocalEndpoints {
+    /// An IPv4-only Service's count.
+    pub const fn ipv4(count: usize) -> Self {
+        Self {
+            ipv4: Some(count),
+            ipv6: None,
+        }
+    }
+
+    /// What a probe arriving over `family` is answered with. kube-proxy runs one health server
+    /// per family (`newServiceHealthServer` in pkg/proxy/healthcheck/service_health.go, one
+    /// per proxier of the metaproxier), each answering from its own family's endpoints
+    /// (`hcHandler.ServeHTTP`): a probe over a family the Service has gets that family's count.
+    /// A single-stack Service has one server, on Go's dual-stack wildcard, so a probe over the
+    /// other family gets the Service's own family's count.
+    pub fn for_probe(&self, family: IpFamily) -> usize {
+        let (same, other) = match family {
+            IpFamily::Ipv4 => (self.ipv4, self.ipv6),
+            IpFamily::Ipv6 => (self.ipv6, self.ipv4),
+        };
+        same.or(other).unwrap_or(0)
+    }
 }
 
 /// Something in the input the agent did not program, and why.
@@ -187,6 +317,16 @@ pub struct Notice {
     /// `namespace/name` (and port) of the object concerned.
     pub object: String,
     pub detail: String,
+    /// What the notice is about, counted (`Ipv6ToKernel`: the service port's IPv6 frontends
+    /// and endpoints); recorded with it for `status` and `dump`.
+    pub counts: Option<NoticeCounts>,
+}
+
+/// The frontends and endpoints a notice is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct NoticeCounts {
+    pub frontends: usize,
+    pub endpoints: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -194,8 +334,9 @@ pub struct Notice {
 pub enum NoticeKind {
     /// SCTP ports are not supported yet.
     SctpSkipped,
-    /// IPv6 frontends or endpoints are not supported yet.
-    Ipv6Skipped,
+    /// IPv6 frontends and endpoints of a service port: computed, not programmed (the datapath
+    /// carries IPv4 only); the kernel (kube-proxy's ip6tables rules) carries them.
+    Ipv6ToKernel,
     /// A loadBalancerSourceRanges entry that is not an IPv4 CIDR.
     InvalidSourceRange,
     /// Two services claim the same frontend; the older one keeps it.
@@ -209,10 +350,14 @@ pub enum NoticeKind {
     FrontendOnHostListener,
 }
 
+/// What `status`, `dump`, the log and the metrics say of IPv6 (`NoticeKind::Ipv6ToKernel`).
+pub const IPV6_TO_KERNEL: &str =
+    "IPv6 frontends carried by the kernel (kube-proxy) until the datapath supports IPv6";
+
 impl NoticeKind {
     pub const ALL: [NoticeKind; 7] = [
         Self::SctpSkipped,
-        Self::Ipv6Skipped,
+        Self::Ipv6ToKernel,
         Self::InvalidSourceRange,
         Self::FrontendConflict,
         Self::NodePortOutsideRange,
@@ -223,7 +368,7 @@ impl NoticeKind {
     pub fn label(self) -> &'static str {
         match self {
             Self::SctpSkipped => "sctp_skipped",
-            Self::Ipv6Skipped => "ipv6_skipped",
+            Self::Ipv6ToKernel => "ipv6_to_kernel",
             Self::InvalidSourceRange => "invalid_source_range",
             Self::FrontendConflict => "frontend_conflict",
             Self::NodePortOutsideRange => "node_port_outside_range",
@@ -239,6 +384,9 @@ pub struct Desired {
     /// Shared (`Arc`) with the per-Service computation it was assembled from and with the
     /// programmed maps' record of it, rather than copied into each.
     pub services: BTreeMap<ServicePortKey, Arc<DesiredService>>,
+    /// The IPv6 half of dual-stack Services and IPv6-only Services, ready for a datapath that
+    /// carries IPv6; not programmed (the kernel carries them, see `NoticeKind::Ipv6ToKernel`).
+    pub services_v6: BTreeMap<ServicePortKey, Arc<DesiredService6>>,
     pub health_checks: BTreeMap<u16, HealthCheck>,
     pub notices: BTreeSet<Notice>,
 }

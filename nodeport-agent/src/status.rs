@@ -7,6 +7,7 @@ use nodeport_common::{AgentState, DatapathConfig};
 use serde::Serialize;
 
 use crate::datapath::{self, ConntrackCensus, LinkDetail, MapFill, Maps, PinDir, census};
+use crate::model::{IPV6_TO_KERNEL, NoticeKind};
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -22,6 +23,9 @@ pub struct Status {
     /// What the agent did not program, as (kind, object): refused frontends, frontends held by
     /// another Service, unsupported protocols (the log says why).
     pub not_programmed: Vec<NotProgrammed>,
+    /// Service ports with IPv6 frontends: computed by the agent, carried by the kernel
+    /// (kube-proxy) until the datapath supports IPv6, with how many frontends and endpoints.
+    pub ipv6_to_kernel: Vec<datapath::notices::Ipv6Port>,
     /// What the agent keeps retrying, as (reason, object): Service ports the datapath refused
     /// (`too_many_backends`, `map_full`, `map_error`, `io_error`) and health-check node ports
     /// it cannot bind (`health_check_port_unserved`, the port).
@@ -119,6 +123,7 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
     let cfg: DatapathConfig = maps.config.get(&0, 0)?;
     let fill = census::fill(&maps, &cfg, datapath::jiffies_now(cfg.hz))?;
     let state: AgentState = maps.agent.get(&0, 0)?;
+    let notices = datapath::notices::read(&pins.root);
     Ok(Status {
         version: env!("CARGO_PKG_VERSION"),
         bpffs_dir: pins.root.display().to_string(),
@@ -138,10 +143,15 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
         },
         maps: fill.maps,
         conntrack: fill.conntrack,
-        not_programmed: datapath::notices::read(&pins.root)
-            .into_iter()
-            .map(|(kind, object)| NotProgrammed { kind, object })
+        not_programmed: notices
+            .iter()
+            .filter(|n| n.kind != NoticeKind::Ipv6ToKernel.label())
+            .map(|n| NotProgrammed {
+                kind: n.kind.clone(),
+                object: n.object.clone(),
+            })
             .collect(),
+        ipv6_to_kernel: datapath::notices::ipv6_ports(&notices),
         failing: datapath::notices::read_failing(&pins.root)
             .into_iter()
             .map(|(kind, object)| NotProgrammed { kind, object })
@@ -266,6 +276,20 @@ impl Status {
             let (shown, left_out) = crate::output::abridge(&self.not_programmed, wide, LIST_LIMIT);
             for n in shown {
                 let _ = writeln!(out, "  {:<26} {}", n.kind, n.object);
+            }
+            if left_out > 0 {
+                let _ = writeln!(out, "  ... and {left_out} more (-o wide lists them all)");
+            }
+        }
+        if !self.ipv6_to_kernel.is_empty() {
+            let _ = writeln!(
+                out,
+                "{IPV6_TO_KERNEL} ({} service ports)",
+                self.ipv6_to_kernel.len()
+            );
+            let (shown, left_out) = crate::output::abridge(&self.ipv6_to_kernel, wide, LIST_LIMIT);
+            for port in shown {
+                let _ = writeln!(out, "{}", port.render());
             }
             if left_out > 0 {
                 let _ = writeln!(out, "  ... and {left_out} more (-o wide lists them all)");

@@ -189,7 +189,7 @@ impl Programmed {
                     u16::from_be(k.port_be),
                 );
                 (owner.protocol.number() == k.proto)
-                    .then(|| ((addr, owner.protocol), owner.clone()))
+                    .then(|| ((addr.into(), owner.protocol), owner.clone()))
             })
             .collect()
     }

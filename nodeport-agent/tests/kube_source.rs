@@ -724,6 +724,107 @@ async fn node_addresses_follow_the_node_object() {
     assert_no_unexpected_requests(&api);
 }
 
+/// Services as the API server writes them on a dual-stack cluster (`ipFamilies`,
+/// `ipFamilyPolicy`, `clusterIPs`) and EndpointSlices of both address types reach the desired
+/// state by family: a dual-stack Service gets frontends of both families, each with its own
+/// family's endpoints, and an IPv6-only Service IPv6 ones only.
+#[tokio::test]
+async fn services_of_both_families_reach_the_desired_state_by_family() {
+    let api = FakeApi::start().await;
+    let with_families = |name: &str, port: u16, families: &[&str], cluster_ips: &[&str]| {
+        let mut svc = service("default", name, port);
+        svc["spec"]["ipFamilies"] = json!(families);
+        svc["spec"]["ipFamilyPolicy"] = json!(if families.len() == 2 {
+            "RequireDualStack"
+        } else {
+            "SingleStack"
+        });
+        svc["spec"]["clusterIP"] = json!(cluster_ips[0]);
+        svc["spec"]["clusterIPs"] = json!(cluster_ips);
+        svc
+    };
+    api.apply(
+        Res::Services,
+        with_families(
+            "dual",
+            80,
+            &["IPv6", "IPv4"],
+            &["fd00:96::10", "10.96.0.10"],
+        ),
+    );
+    api.apply(
+        Res::Services,
+        with_families("v6", 81, &["IPv6"], &["fd00:96::11"]),
+    );
+    api.apply(
+        Res::EndpointSlices,
+        slice("default", "dual-v4", "dual", "10.1.0.1"),
+    );
+    for (name, service, ip) in [
+        ("dual-v6", "dual", "fd00:1::1"),
+        ("v6-v6", "v6", "fd00:1::2"),
+    ] {
+        let mut v6 = slice("default", name, service, ip);
+        v6["addressType"] = json!("IPv6");
+        api.apply(Res::EndpointSlices, v6);
+    }
+    let mut source = start(&api, None);
+    let snapshot = source.wait_for("the first snapshot", |_| true).await;
+    let services: Vec<Service> = snapshot.services.iter().map(|s| (**s).clone()).collect();
+    let slices: Vec<_> = snapshot
+        .endpoint_slices
+        .iter()
+        .map(|s| (**s).clone())
+        .collect();
+    let node = nodeport_agent::desired::NodeContext {
+        node_name: "node-a".into(),
+        node_addresses: vec!["198.18.0.1".parse().unwrap()],
+        node_addresses_v6: vec!["fd00:18::1".parse().unwrap()],
+        ..Default::default()
+    };
+    let desired = nodeport_agent::desired::desired_state(&services, &slices, &node);
+    let view = |frontends: Vec<String>, backends: Vec<String>| (frontends, backends);
+    let key = |name: &str| nodeport_agent::model::ServicePortKey {
+        namespace: "default".into(),
+        name: name.into(),
+        port_name: "".into(),
+        protocol: nodeport_agent::model::Protocol::Tcp,
+    };
+    let v4 = &desired.services[&key("dual")];
+    assert_eq!(
+        view(
+            v4.frontends.iter().map(|f| f.addr.to_string()).collect(),
+            v4.backends.keys().map(ToString::to_string).collect()
+        ),
+        (
+            vec!["198.18.0.1:30080".into()],
+            vec!["10.1.0.1:8080".into()]
+        )
+    );
+    for (name, backend, node_port) in [
+        ("dual", "[fd00:1::1]:8080", 30080),
+        ("v6", "[fd00:1::2]:8080", 30081),
+    ] {
+        let v6 = &desired.services_v6[&key(name)];
+        assert_eq!(
+            view(
+                v6.frontends.iter().map(|f| f.addr.to_string()).collect(),
+                v6.backends.keys().map(ToString::to_string).collect()
+            ),
+            (
+                vec![format!("[fd00:18::1]:{node_port}")],
+                vec![backend.to_owned()]
+            ),
+            "{name}"
+        );
+    }
+    assert!(
+        !desired.services.contains_key(&key("v6")),
+        "an IPv6-only Service has no IPv4 frontend"
+    );
+    assert_no_unexpected_requests(&api);
+}
+
 /// The node's zone label is published with the snapshot and follows the Node (topology hints
 /// are matched against it); a change to another label publishes nothing.
 #[tokio::test]

@@ -40,6 +40,7 @@ pub fn desired(yaml: &str, node_name: &str, node_addresses: &[Ipv4Addr]) -> Desi
         node_name: node_name.into(),
         zone: String::new(),
         node_addresses: node_addresses.to_vec(),
+        node_addresses_v6: Vec::new(),
         proxy_name: None,
         guard: Default::default(),
         source_ranges_on_node_ports: false,

@@ -351,6 +351,38 @@ fn mixed_consumers_are_listed_and_counted() {
     );
 }
 
+/// Node ports are family-less: a dual-stack Service's node port is one port of the range
+/// (the API server allocates one per Service port, whatever `ipFamilies`), its health check
+/// node port too, and an IPv6-only Service's node ports count like an IPv4 one's.
+#[test]
+fn a_dual_stack_service_counts_once() {
+    let dir = ScratchDir::new("ledger-dual-stack");
+    dir.write(
+        "services.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: dual, namespace: shop}\nspec:\n  \
+         type: LoadBalancer\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  \
+         externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  ports:\n  - {name: \
+         http, port: 80, nodePort: 30080}\n---\napiVersion: v1\nkind: Service\nmetadata: \
+         {name: v6, namespace: shop}\nspec:\n  type: NodePort\n  ipFamilies: [IPv6]\n  ports:\n  \
+         - {name: http, port: 80, nodePort: 30081}\n",
+    );
+    let ledger = analyze(&NodePortRange::DEFAULT, &load(dir.path()), None);
+    assert_eq!(
+        consumer_rows(&ledger),
+        [
+            "30080 TCP load_balancer_node_port shop/dual static",
+            "30081 TCP node_port shop/v6 static",
+            "32000 TCP health_check_node_port shop/dual dynamic",
+        ]
+    );
+    assert_eq!(ledger.totals.all.used, 3);
+    assert!(
+        ledger.findings_of(FindingKind::Conflict).next().is_none(),
+        "{:?}",
+        kinds(&ledger)
+    );
+}
+
 #[test]
 fn cluster_ip_and_external_name_services_are_ignored() {
     let ledger = analyze_fixture("mixed");

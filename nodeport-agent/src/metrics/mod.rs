@@ -140,6 +140,9 @@ pub struct Metrics {
     pub backends: Gauge,
     pub health_checks: Gauge,
     pub notices: Family<KindLabels, Gauge>,
+    /// IPv6 frontends and endpoints of Services, which the kernel carries.
+    pub ipv6_frontends: Gauge,
+    pub ipv6_endpoints: Gauge,
     /// Entries the conntrack collector deleted, by map.
     pub gc_deleted: Family<MapLabels, Counter>,
     /// How long the last sweep took.
@@ -161,6 +164,8 @@ impl Metrics {
             backends: Gauge::default(),
             health_checks: Gauge::default(),
             notices: Family::default(),
+            ipv6_frontends: Gauge::default(),
+            ipv6_endpoints: Gauge::default(),
             gc_deleted: Family::default(),
             gc_seconds: Gauge::default(),
             gc_last: Gauge::default(),
@@ -228,8 +233,23 @@ impl Metrics {
         );
         r.register(
             "skipped",
-            "Things in the cluster state not programmed, by kind",
+            "Things in the cluster state not programmed, by kind (ipv6_to_kernel: service \
+             ports with IPv6 frontends carried by the kernel (kube-proxy) until the datapath \
+             supports IPv6)",
             m.notices.clone(),
+        );
+        r.register(
+            "ipv6_frontends",
+            "IPv6 frontends of Services (node ports on the node's IPv6 addresses, IPv6 \
+             LoadBalancer IPs and externalIPs) carried by the kernel (kube-proxy) until the \
+             datapath supports IPv6",
+            m.ipv6_frontends.clone(),
+        );
+        r.register(
+            "ipv6_endpoints",
+            "IPv6 endpoints behind those frontends (per service port), carried by the kernel \
+             (kube-proxy) until the datapath supports IPv6",
+            m.ipv6_endpoints.clone(),
         );
         r.register(
             "conntrack_gc_deleted_entries",
@@ -302,6 +322,22 @@ impl Metrics {
         if report.failed.is_empty() {
             self.last_sync.set(unix_seconds());
         }
+    }
+
+    /// Sets `nodeport_ipv6_frontends` and `nodeport_ipv6_endpoints` from the `ipv6_to_kernel`
+    /// notices' counts.
+    pub fn set_ipv6(&self, notices: &std::collections::BTreeSet<crate::model::Notice>) {
+        let (mut frontends, mut endpoints) = (0, 0);
+        for c in notices
+            .iter()
+            .filter(|n| n.kind == NoticeKind::Ipv6ToKernel)
+            .filter_map(|n| n.counts)
+        {
+            frontends += c.frontends;
+            endpoints += c.endpoints;
+        }
+        self.ipv6_frontends.set(frontends as i64);
+        self.ipv6_endpoints.set(endpoints as i64);
     }
 
     pub fn set_notices(&self, counts: &BTreeMap<NoticeKind, usize>) {
