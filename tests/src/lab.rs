@@ -958,8 +958,8 @@ impl Lab {
         })?
     }
 
-    /// An HTTP GET from the client; (status, body).
-    pub fn http_get(&self, to: SocketAddrV4, path: &str) -> Result<(u16, String)> {
+    /// An HTTP GET from the client, over either family; (status, body).
+    pub fn http_get(&self, to: impl Into<SocketAddr>, path: &str) -> Result<(u16, String)> {
         let (status, _, body) = self.http_get_with(to, path, &[])?;
         Ok((status, body))
     }
@@ -967,12 +967,14 @@ impl Lab {
     /// An HTTP GET from the client with `headers`; (status, response headers, body).
     pub fn http_get_with(
         &self,
-        to: SocketAddrV4,
+        to: impl Into<SocketAddr>,
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<(u16, String, String)> {
+        let to: SocketAddr = to.into();
         self.client.run(|| -> Result<(u16, String, String)> {
-            let mut s = TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_secs(3))?;
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))
+                .with_context(|| format!("connecting to {to}"))?;
             s.set_read_timeout(Some(Duration::from_secs(3)))?;
             let extra: String = headers
                 .iter()

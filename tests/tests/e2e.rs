@@ -1841,30 +1841,6 @@ fn bad_input_is_refused_before_anything_is_created() -> Result<()> {
     Ok(())
 }
 
-/// An HTTP GET from the lab's client over IPv6; (status, body).
-fn http_get_v6(lab: &Lab, to: SocketAddrV6, path: &str) -> Result<(u16, String)> {
-    use std::io::{Read, Write};
-    lab.client.run(|| -> Result<(u16, String)> {
-        let mut s =
-            std::net::TcpStream::connect_timeout(&to.into(), std::time::Duration::from_secs(3))
-                .with_context(|| format!("connecting to {to}"))?;
-        s.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .context("no status")?;
-        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        Ok((status, body.to_owned()))
-    })?
-}
-
 /// Case 26 (issue #14): IPv6 and dual-stack Services while the datapath carries IPv4 only.
 /// The health-check node port of an IPv6-only externalTrafficPolicy Local Service with a
 /// local IPv6 endpoint answers 200, over IPv6 and over IPv4 (the agent answered 503, and over
@@ -1921,16 +1897,10 @@ fn ipv6_and_dual_stack_services_are_answered_for_each_family() -> Result<()> {
 
     let node1_v6 = |port| SocketAddrV6::new("fd00:18::1".parse().unwrap(), port, 0, 0);
     let answers = [
-        (
-            "IPv6-only over IPv6",
-            http_get_v6(&lab, node1_v6(32096), "/")?,
-        ),
+        ("IPv6-only over IPv6", lab.http_get(node1_v6(32096), "/")?),
         ("IPv6-only over IPv4", lab.http_get(np(32096), "/")?),
         ("dual-stack over IPv4", lab.http_get(np(32097), "/")?),
-        (
-            "dual-stack over IPv6",
-            http_get_v6(&lab, node1_v6(32097), "/")?,
-        ),
+        ("dual-stack over IPv6", lab.http_get(node1_v6(32097), "/")?),
     ];
     let expected = [(200, 1), (200, 1), (200, 1), (503, 0)];
     for ((what, (status, body)), (code, local)) in answers.iter().zip(expected) {
