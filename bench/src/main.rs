@@ -619,12 +619,7 @@ fn bench_at(object: &[u8], topo: &Topology, n: u32) -> Result<Row> {
         ),
         // The floor under the new-flow figure: the conntrack operations alone, churning the
         // same handshake LRU; and the two lookups in the full established table alone.
-        Scenario::restored(
-            bench_programs::CONNTRACK_FLOOR,
-            &new_local,
-            true,
-            XDP_PASS,
-        ),
+        Scenario::restored(bench_programs::CONNTRACK_FLOOR, &new_local, true, XDP_PASS),
         Scenario::restored(
             bench_programs::ESTABLISHED_ABSENT,
             &new_local,

@@ -522,7 +522,12 @@ pub fn run(quick: bool) -> Result<Results> {
 
     eprintln!("bench: snat: iptables arm ...");
     crate::compare::node::iptables_restore(&lab.node1, &kube_proxy_rules())?;
-    let mut arms = vec![run_arm(&mut lab, "iptables (kube-proxy)", false, sustained)?];
+    let mut arms = vec![run_arm(
+        &mut lab,
+        "iptables (kube-proxy)",
+        false,
+        sustained,
+    )?];
     crate::compare::node::flush_rules(&lab.node1)?;
 
     // Experiments: other agent flags (e.g. timeouts), `NODEPORT_BENCH_SNAT_AGENT_ARGS`.
