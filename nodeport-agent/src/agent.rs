@@ -24,7 +24,7 @@ use crate::{
     health::{HealthConfig, HealthServer, ServiceHealth},
     interfaces::{self, ChangeWatcher, Layout, Selection},
     metrics::{self, Metrics, Sampler},
-    model::{Ipv4Prefix, NoticeKind, ServicePortKey},
+    model::{IpPrefix, Ipv4Prefix, NoticeKind, ServicePortKey},
     refusals::{Refusals, Refused, ServiceEvents},
     source::{self, Snapshot, SnapshotReceiver, SourceStats},
     switch::{self, DatapathState, Step},
@@ -57,7 +57,7 @@ fn snat_secret(pinned: Option<DatapathConfig>) -> Result<u32> {
 fn local_nets(
     layout: &Layout,
     snapshot: &Snapshot,
-    pod_cidrs: &[Ipv4Prefix],
+    pod_cidrs: &[IpPrefix],
 ) -> BTreeSet<Ipv4Prefix> {
     let mut nets: BTreeSet<Ipv4Prefix> = layout
         .all_addresses
@@ -70,7 +70,7 @@ fn local_nets(
             nets.insert(Ipv4Prefix::host(*v4));
         }
     }
-    nets.extend(pod_cidrs.iter().copied());
+    nets.extend(pod_cidrs.iter().filter_map(|p| p.v4()));
     nets.extend(snapshot.pod_cidrs.iter().flatten().copied());
     nets
 }
@@ -1371,7 +1371,15 @@ mod tests {
             pod_cidrs: Some(vec![p("10.244.1.0/24")]),
             ..Snapshot::default()
         };
-        let args = run_args(&["--pod-cidr", "10.245.0.0/16", "--pod-cidr", "10.246.0.0/16"]);
+        // An IPv6 pod network is taken (it stopped the agent) and applies to no IPv4 source.
+        let args = run_args(&[
+            "--pod-cidr",
+            "10.245.0.0/16",
+            "--pod-cidr",
+            "fd00:10:244::/56",
+            "--pod-cidr",
+            "10.246.0.0/16",
+        ]);
         assert_eq!(
             local_nets(&layout, &snapshot, &args.pod_cidrs),
             [

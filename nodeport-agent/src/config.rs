@@ -15,7 +15,7 @@ use crate::{
     datapath::{self, ExternalHook, Sizing, XdpAttachMode},
     interfaces::Selection,
     ledger::{self, NodePortRange},
-    model::{Ipv4Prefix, Ipv6Prefix},
+    model::{IpPrefix, Ipv4Prefix, Ipv6Prefix},
 };
 
 /// The flow-hash seed when none is given; equal on every node, so a flow picks the same
@@ -254,11 +254,12 @@ pub struct RunArgs {
     /// Seed of the flow hash that indexes the Maglev tables; set the same on every node.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_HASH_SEED)]
     pub hash_seed: u32,
-    /// This node's pod network (repeat for several): new connections from it (and from the
-    /// node's own addresses) are never taken for outside clients and are dropped. With the
-    /// Kubernetes API, the Node's spec.podCIDRs are added.
+    /// This node's pod network (repeat for several, either family): new connections from it
+    /// (and from the node's own addresses) are never taken for outside clients and are
+    /// dropped. With the Kubernetes API, the Node's spec.podCIDRs are added. IPv6 ones apply
+    /// once the datapath carries IPv6 (until then, IPv6 is the kernel's).
     #[arg(long = "pod-cidr", value_name = "CIDR")]
-    pub pod_cidrs: Vec<Ipv4Prefix>,
+    pub pod_cidrs: Vec<IpPrefix>,
     /// Also handle Services labelled service.kubernetes.io/service-proxy-name=NAME (Services
     /// with that label and any other value are always left alone).
     #[arg(long, value_name = "NAME")]

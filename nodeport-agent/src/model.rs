@@ -210,6 +210,43 @@ impl fmt::Display for Ipv6Prefix {
     }
 }
 
+/// A prefix of either family (`--pod-cidr`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum IpPrefix {
+    V4(Ipv4Prefix),
+    V6(Ipv6Prefix),
+}
+
+impl IpPrefix {
+    /// The IPv4 prefix, if this is one.
+    pub const fn v4(self) -> Option<Ipv4Prefix> {
+        match self {
+            Self::V4(p) => Some(p),
+            Self::V6(_) => None,
+        }
+    }
+}
+
+impl std::str::FromStr for IpPrefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.contains(':') {
+            s.parse().map(Self::V6)
+        } else {
+            s.parse().map(Self::V4)
+        }
+    }
+}
+
+impl fmt::Display for IpPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::V4(p) => p.fmt(f),
+            Self::V6(p) => p.fmt(f),
+        }
+    }
+}
+
 /// The IP families of a Service (`spec.ipFamilies`), of a frontend or of a backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum IpFamily {
