@@ -29,6 +29,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
+use nodeport_common::counters::CounterKind;
 use nodeport_tests::{
     kube_proxy::{self, Proxied},
     lab::{Lab, NODE1, manifests as yaml},
@@ -474,14 +475,11 @@ fn run_arm(lab: &mut Lab, name: &str, nodeport: bool, sustained: Duration) -> Re
     if nodeport {
         for (name, value) in lab.counters()? {
             let grew = value - counters_before.get(&name).copied().unwrap_or(0);
-            let loss = nodeport_common::Counter::ALL.iter().any(|c| {
-                c.label() == name
-                    && matches!(
-                        c.kind(),
-                        nodeport_common::counters::CounterKind::Dropped
-                            | nodeport_common::counters::CounterKind::Fallback
-                    )
-            });
+            let kind = nodeport_common::Counter::ALL
+                .iter()
+                .find(|c| c.label() == name)
+                .map(|c| c.kind());
+            let loss = matches!(kind, Some(CounterKind::Dropped | CounterKind::Fallback));
             if loss && grew > 0 {
                 losses.insert(name, grew);
             }

@@ -907,6 +907,7 @@ impl Lab {
     /// Every non-zero datapath counter and event from the dump, by name.
     pub fn counters(&self) -> Result<BTreeMap<String, u64>> {
         let dump = self.dump()?;
+        // Packet fates under "counters", connection events under "events".
         Ok(["counters", "events"]
             .iter()
             .flat_map(|list| dump[list].as_array().cloned().unwrap_or_default())
@@ -916,14 +917,7 @@ impl Lab {
 
     /// A datapath counter's value from the dump (0 when absent).
     pub fn counter(&self, name: &str) -> Result<u64> {
-        let dump = self.dump()?;
-        // Packet fates under "counters", connection events under "events".
-        Ok(["counters", "events"]
-            .iter()
-            .flat_map(|list| dump[list].as_array().cloned().unwrap_or_default())
-            .find(|c| c[0] == name)
-            .and_then(|c| c[1].as_u64())
-            .unwrap_or(0))
+        Ok(self.counters()?.get(name).copied().unwrap_or(0))
     }
 
     /// A new TCP connection from the client (from `from`, default the client's first address).
